@@ -1,0 +1,5 @@
+import sys
+
+from rpo_app.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""`python -m rpo_app <command>`: serve | import | export | stats | generate | train | merge | bench.
+
+Heavy libraries (torch, transformers, gradio) are imported inside the command that
+needs them, so `--help` and `stats` answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="data folder (default: $RPO_APP_DATA_DIR, else ./data)")
+
+
+def _serve_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--model", default=None,
+                   help="Hugging Face id or local folder (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--auth", action="append", default=[],
+                   help="user:password, or a file with one user:password per line (repeatable)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model's own Python code to run (off by default)")
+
+
+def _import_args(p):
+    _data_dir_arg(p)
+    p.add_argument("files", nargs="+", help="JSONL, JSON, CSV or Parquet files")
+    p.add_argument("--annotator", default="import",
+                   help="annotator name recorded on imported judgments (default: import)")
+
+
+def _export_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--format", required=True, choices=["trl-dpo", "trl-kto", "full"],
+                   help="trl-dpo: prompt/chosen/rejected; trl-kto: prompt/completion/label; "
+                        "full: every judgment with provenance")
+    p.add_argument("--out", required=True, help="output file; .jsonl, .csv or .parquet")
+    p.add_argument("--include-retracted", action="store_true",
+                   help="full format only: also list undone judgments")
+
+
+def _stats_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _generate_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--n", type=int, default=2, help="answers per prompt (default 2)")
+    p.add_argument("--adapter", default=None, help="generate with this trained adapter")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompts", default=None, help="file of prompts to answer (import formats)")
+    src.add_argument("--all-unanswered", action="store_true",
+                     help="every prompt with fewer than --n answers (the default)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per forward pass (default 16)")
+
+
+def _merge_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format) or adapter name")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--model", default=None, help="base model (default: the adapter's own)")
+
+
+def _bench_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--out", default="bench-results", help="folder for the JSON results")
+    p.add_argument("--only", choices=["train", "generate"], default=None)
+    p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
+
+
+def _train_args(p):
+    from rpo_app.train import add_train_args
+
+    add_train_args(p)
+
+
+COMMANDS = {
+    "serve": ("start the web app", _serve_args, "rpo_app.ui.app:main_from_args"),
+    "import": ("import prompts, preference pairs or thumbs from files", _import_args,
+               "rpo_app.io:cli_import"),
+    "export": ("export judgments for TRL or with full provenance", _export_args,
+               "rpo_app.io:cli_export"),
+    "stats": ("count prompts, responses, judgments and annotators", _stats_args,
+              "rpo_app.io:cli_stats"),
+    "generate": ("generate candidate answers to judge", _generate_args,
+                 "rpo_app.generate:cli_generate"),
+    "train": ("fine-tune with LoRA + RPO (or DPO, IPO, KTO)", _train_args,
+              "rpo_app.train:main_from_args"),
+    "merge": ("merge an adapter into the base model (plain safetensors folder)", _merge_args,
+              "rpo_app.adapters:cli_merge"),
+    "bench": ("speed benchmarks: training vs TRL, batched vs one-by-one generation",
+              _bench_args, "rpo_app.bench:cli_bench"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rpo_app", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+    for name, (help_text, add_args, _target) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "--verbose"):
+        argv = ["serve", *argv]  # `python app.py --port 8000` means serve
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["serve", *argv])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module_name, func_name = COMMANDS[args.command][2].split(":")
+    import importlib
+
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

