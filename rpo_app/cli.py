@@ -34,6 +34,9 @@ def _import_args(p):
     p.add_argument("files", nargs="+", help="JSONL, JSON, CSV or Parquet files")
     p.add_argument("--annotator", default="import",
                    help="annotator name recorded on imported judgments (default: import)")
+    p.add_argument("--multi-turn", choices=["refuse", "last"], default="refuse",
+                   help="multi-turn conversations: refuse them (default) or keep only the "
+                        "last user turn as the prompt")
 
 
 def _export_args(p):
@@ -109,12 +112,15 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Only the chosen command's arguments are built: `train`'s import torch."""
     parser = argparse.ArgumentParser(prog="python -m rpo_app", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
     for name, (help_text, add_args, _target) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            add_args(p)
     return parser
 
 
@@ -122,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "--verbose"):
         argv = ["serve", *argv]  # `python app.py --port 8000` means serve
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     if args.command is None:
-        args = build_parser().parse_args(["serve", *argv])
+        args = build_parser("serve").parse_args(["serve", *argv])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module_name, func_name = COMMANDS[args.command][2].split(":")

@@ -1,0 +1,253 @@
+"""What to show an annotator next, and turning a click into a stored judgment.
+
+Shared by the Label tab and the scripted API, so both follow the same rules:
+unlabeled items first, spread over prompt families, one annotator per item at a time
+(leases), sides randomised, and every submission idempotent through the item's token.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from rpo_app.store import Store
+
+MODES = ("paired", "cross", "unpaired", "mixed")
+UI_VERDICTS = ("left", "right", "tie", "both_bad", "up", "down")
+_SCAN = 40  # candidates read per look-up; enough to find a fresh family
+
+
+@dataclass
+class Item:
+    """One thing on screen. `left`/`right` are response dicts (right is None for thumbs)."""
+
+    kind: str
+    token: str
+    left: dict
+    right: dict | None
+    lease_keys: list[str]
+    shown_at: float = field(default_factory=time.time)
+
+    @property
+    def family(self) -> str | None:
+        return self.left.get("family")
+
+    def public(self) -> dict:
+        """The JSON the UI and API clients see."""
+        def side(r):
+            if r is None:
+                return None
+            return {"response_id": r["id"], "prompt_id": r["prompt_id"], "prompt": r["prompt"],
+                    "text": r["text"]}
+        return {"kind": self.kind, "token": self.token, "left": side(self.left),
+                "right": side(self.right), "shown_at": self.shown_at}
+
+
+class LabelQueue:
+    def __init__(self, store: Store, index=None, seed: int | None = None):
+        self.store = store
+        self.index = index  # PromptIndex or None (then cross-prompt items are unavailable)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._items: dict[str, Item] = {}  # token -> item handed out and not yet judged
+        self._current: dict[str, str] = {}  # annotator -> token on their screen
+        self._recent_families: dict[str, deque] = {}
+
+    # -- choosing -----------------------------------------------------------------------
+    def next_item(self, annotator: str, mode: str = "paired") -> Item | None:
+        """The item on the annotator's screen if still open (reload resumes), else a new one."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        annotator = _check_annotator(annotator)
+        with self._lock:
+            token = self._current.get(annotator)
+            item = self._items.get(token) if token else None
+            if item is not None and (mode == "mixed" or item.kind == mode):
+                return item
+            if item is not None:
+                self._drop(item, annotator)
+        kinds = [mode] if mode != "mixed" else self._rng.sample(["paired", "cross", "unpaired"], 3)
+        for kind in kinds:
+            item = {"paired": self._next_paired, "cross": self._next_cross,
+                    "unpaired": self._next_thumb}[kind](annotator)
+            if item is not None:
+                with self._lock:
+                    self._items[item.token] = item
+                    self._current[annotator] = item.token
+                    self._recent(annotator).append(item.family)
+                return item
+        return None
+
+    def _recent(self, annotator: str) -> deque:
+        return self._recent_families.setdefault(annotator, deque(maxlen=6))
+
+    def _prefer_fresh_family(self, annotator: str, rows: list[dict]) -> list[dict]:
+        recent = set(self._recent(annotator))
+        return sorted(rows, key=lambda r: r.get("family") in recent and r.get("family") is not None)
+
+    def _scan(self, fetch, top: int) -> list[dict]:
+        """Rows from a random starting id, wrapping round once."""
+        start = self._rng.randint(1, max(top, 1))
+        rows = fetch(start)
+        if len(rows) < _SCAN and start > 1:
+            rows += [r for r in fetch(1) if r["id"] < start]
+        return rows
+
+    def _next_paired(self, annotator: str) -> Item | None:
+        for unjudged_only in (True, False):
+            rows = self._scan(lambda s: self.store.next_prompts_for_pairs(
+                annotator, s, _SCAN, unjudged_only), self.store.max_prompt_id())
+            for prompt in self._prefer_fresh_family(annotator, rows):
+                pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]))
+                if pair is None:
+                    continue
+                key = f"prompt:{prompt['id']}"
+                if self.store.try_lease(key, annotator):
+                    left, right = self._shuffle(*pair)
+                    return Item("paired", _token(), left, right, [key])
+        return None
+
+    def _open_pair(self, responses: list[dict]) -> tuple[dict, dict] | None:
+        """A pair of responses to one prompt that nobody has judged yet."""
+        if len(responses) < 2:
+            return None
+        done = self.store.judged_pairs([r["id"] for r in responses])
+        pairs = [(a, b) for i, a in enumerate(responses) for b in responses[i + 1:]
+                 if (a["id"], b["id"]) not in done]
+        return self._rng.choice(pairs) if pairs else None
+
+    def _next_cross(self, annotator: str) -> Item | None:
+        if self.index is None:
+            return None
+        rows = self._scan(lambda s: self.store.next_responses_for_thumbs(
+            annotator, s, _SCAN, False), self.store.max_response_id())
+        for first in self._prefer_fresh_family(annotator, rows):
+            for prompt_id, _score in self.index.related(first["prompt_id"], k=5):
+                others = self.store.responses_for_prompt(prompt_id)
+                if not others:
+                    continue
+                done = self.store.judged_pairs([first["id"]] + [o["id"] for o in others])
+                fresh = [o for o in others if tuple(sorted((first["id"], o["id"]))) not in done]
+                if not fresh:
+                    continue
+                second = self._rng.choice(fresh)
+                keys = [f"cross:{first['id']}", f"cross:{second['id']}"]
+                if all(self.store.try_lease(k, annotator) for k in keys):
+                    left, right = self._shuffle(first, second)
+                    return Item("cross", _token(), left, right, keys)
+        return None
+
+    def _next_thumb(self, annotator: str) -> Item | None:
+        rows = self._scan(lambda s: self.store.next_responses_for_thumbs(
+            annotator, s, _SCAN, True), self.store.max_response_id())
+        for resp in self._prefer_fresh_family(annotator, rows):
+            key = f"resp:{resp['id']}"
+            if self.store.try_lease(key, annotator):
+                return Item("unpaired", _token(), resp, None, [key])
+        return None
+
+    def _shuffle(self, a: dict, b: dict) -> tuple[dict, dict]:
+        return (a, b) if self._rng.random() < 0.5 else (b, a)
+
+    # -- acting -------------------------------------------------------------------------
+    def item(self, token: str) -> Item | None:
+        with self._lock:
+            return self._items.get(token)
+
+    def submit(self, token: str, verdict: str, annotator: str, strength: str | None = None,
+               seconds_spent: float | None = None, source: str = "label") -> dict:
+        """Store the judgment for this item. Repeating a token returns the first result."""
+        annotator = _check_annotator(annotator)
+        if verdict not in UI_VERDICTS:
+            raise ValueError(f"unknown verdict {verdict!r}; expected one of {UI_VERDICTS}")
+        item = self.item(token)
+        if item is None:
+            # Already judged (double click, retried request) or unknown: idempotent answer.
+            existing = self.store.judgment_by_request(token)
+            if existing is None:
+                raise ValueError("this item is no longer open; fetch the next one")
+            return {"judgment_id": existing["id"], "created": False}
+        if item.kind == "unpaired":
+            if verdict not in ("up", "down"):
+                raise ValueError("a single answer takes 'up' or 'down'")
+            a, b, stored, a_side = item.left["id"], None, verdict, None
+        else:
+            if verdict not in ("left", "right", "tie", "both_bad"):
+                raise ValueError("a pair takes 'left', 'right', 'tie' or 'both_bad'")
+            # Canonical order (lower id is A) so the same pair is one key whichever side
+            # it was shown on; a_side keeps where A actually appeared.
+            left_id, right_id = item.left["id"], item.right["id"]
+            a, b = min(left_id, right_id), max(left_id, right_id)
+            a_side = "left" if a == left_id else "right"
+            stored = {"left": "a" if a_side == "left" else "b",
+                      "right": "b" if a_side == "left" else "a"}.get(verdict, verdict)
+        if seconds_spent is None:
+            seconds_spent = round(time.time() - item.shown_at, 3)
+        jid, created = self.store.add_judgment(
+            item.kind, a, b, stored, annotator, source=source,
+            strength=strength if item.kind != "unpaired" and stored in ("a", "b") else None,
+            a_side=a_side, seconds_spent=seconds_spent, request_id=token)
+        with self._lock:
+            self._items.pop(token, None)
+            if self._current.get(annotator) == token:
+                del self._current[annotator]
+        return {"judgment_id": jid, "created": created}
+
+    def skip(self, token: str, annotator: str) -> None:
+        """Skip is not a judgment: nothing is learned from it, the item leaves this
+        annotator's queue only."""
+        annotator = _check_annotator(annotator)
+        item = self.item(token)
+        if item is None:
+            return
+        for key in item.lease_keys:
+            self.store.record_skip(annotator, key)
+        with self._lock:
+            self._drop(item, annotator)
+
+    def undo(self, annotator: str) -> dict | None:
+        """Retract the annotator's last judgment and put that item back on their screen."""
+        annotator = _check_annotator(annotator)
+        undone = self.store.undo_last(annotator)
+        if undone is None:
+            return None
+        left = self.store.response(undone["response_a"])
+        right = self.store.response(undone["response_b"]) if undone["response_b"] else None
+        if right is not None and undone["a_side"] == "right":
+            left, right = right, left
+        keys = ([f"resp:{left['id']}"] if right is None else
+                [f"prompt:{left['prompt_id']}"] if undone["kind"] == "paired" else
+                [f"cross:{left['id']}", f"cross:{right['id']}"])
+        for key in keys:
+            self.store.try_lease(key, annotator)
+        item = Item(undone["kind"], _token(), left, right, keys)
+        with self._lock:
+            old = self._current.get(annotator)
+            if old in self._items:
+                self._drop(self._items[old], annotator)
+            self._items[item.token] = item
+            self._current[annotator] = item.token
+        return {"undone": undone, "item": item}
+
+    def _drop(self, item: Item, annotator: str) -> None:
+        """Caller holds the lock."""
+        self._items.pop(item.token, None)
+        if self._current.get(annotator) == item.token:
+            del self._current[annotator]
+
+
+def _token() -> str:
+    return uuid.uuid4().hex
+
+
+def _check_annotator(name: str) -> str:
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("enter your name (annotator) before judging")
+    if len(name) > 64:
+        raise ValueError("annotator name is longer than 64 characters")
+    return name
+

@@ -1,0 +1,99 @@
+"""Builds the Gradio app from the tab modules and serves it."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from rpo_app.config import ServeConfig, resolve_data_dir
+from rpo_app.ui import chat as chat_tab
+from rpo_app.ui import data as data_tab
+from rpo_app.ui import label as label_tab
+from rpo_app.ui import train as train_tab
+from rpo_app.ui.context import AppContext
+
+log = logging.getLogger(__name__)
+
+CSS = """
+#lbl-status, #gen-status, #data-status {min-height: 1.5em}
+#lbl-progress {text-align: right; font-size: 0.9em}
+footer {display: none !important}
+"""
+
+
+def build_app(ctx: AppContext) -> gr.Blocks:
+    with gr.Blocks(title="rpo_app: label, fine-tune, chat") as demo:
+        with gr.Row(equal_height=True):
+            gr.Markdown("## rpo_app · label preferences → fine-tune with RPO → chat",
+                        elem_id="app-title")
+            annotator = gr.Textbox(label="Your name (annotator)", scale=0, min_width=220,
+                                   placeholder="e.g. ada", elem_id="annotator-name",
+                                   interactive=not ctx.cfg.auth)
+            model_info = gr.Markdown(_model_line(ctx), elem_id="model-line")
+        remembered = gr.BrowserState("", storage_key="rpo_app_annotator")
+        with gr.Tabs():
+            with gr.Tab("Label", id="label"):
+                label = label_tab.build(ctx, annotator)
+            with gr.Tab("Train", id="train"):
+                train = train_tab.build(ctx)
+            with gr.Tab("Chat", id="chat"):
+                chat = chat_tab.build(ctx, annotator)
+            with gr.Tab("Data", id="data"):
+                data = data_tab.build(ctx)
+
+        def on_load(saved, request: gr.Request):
+            user = getattr(request, "username", None)
+            name = user or saved or ""
+            return name, _model_line(ctx)
+
+        demo.load(on_load, remembered, [annotator, model_info], api_name=False).then(
+            label["show_next"], label["inputs"], label["view"], api_name=False).then(
+            data["refresh"], None, data["outputs"], api_name=False).then(
+            train["load"], None, train["load_outputs"], api_name=False).then(
+            chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
+        annotator.change(lambda name: name, annotator, remembered, api_name=False)
+        timer = gr.Timer(3.0)
+        timer.tick(lambda: _model_line(ctx), None, model_info, api_name=False,
+                   show_progress="hidden")
+    return demo
+
+
+def _model_line(ctx: AppContext) -> str:
+    name = ctx.cfg.model or "SmolLM2-135M-Instruct (bundled)"
+    return f"**Model:** {name} · {ctx.model_status()}"
+
+
+def parse_auth(values: list[str]) -> list[tuple[str, str]]:
+    """--auth user:pass (repeatable) or --auth FILE with one user:pass per line."""
+    pairs = []
+    for value in values or []:
+        path = Path(value)
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else [value]
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, sep, password = line.partition(":")
+            if not sep or not user or not password:
+                raise SystemExit(f"--auth: expected user:password, got {line!r}")
+            pairs.append((user, password))
+    return pairs
+
+
+def main_from_args(args) -> int:
+    cfg = ServeConfig(data_dir=resolve_data_dir(args.data_dir), model=args.model,
+                      device=args.device, host=args.host, port=args.port,
+                      auth=parse_auth(args.auth), trust_remote_code=args.trust_remote_code)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth:
+        print(f"WARNING: serving on {cfg.host} without --auth: anyone who can reach this "
+              "machine can read and change your data. Add --auth user:password.",
+              file=sys.stderr)
+    ctx = AppContext(cfg)
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=cfg.host, server_port=cfg.port, auth=cfg.auth or None,
+                theme=gr.themes.Soft(), css=CSS, head=label_tab.KEYBOARD_JS,
+                show_error=True, footer_links=[])
+    return 0

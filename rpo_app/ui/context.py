@@ -1,0 +1,137 @@
+"""What every tab shares: the store, the label queue, the model host and the prompt index.
+
+The model and the embedder load in a background thread so the page is up in
+seconds; a tab that needs them waits on `host()` / `index()`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime
+
+import gradio as gr
+
+from rpo_app.config import DataLayout, ServeConfig
+from rpo_app.labelqueue import LabelQueue
+from rpo_app.runs import RunManager
+from rpo_app.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class _Loader:
+    """Runs a loader once in a thread; get() waits for it and re-raises its error."""
+
+    def __init__(self, name: str, fn):
+        self.name = name
+        self._done = threading.Event()
+        self._value = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"load-{name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._value = fn()
+        except BaseException as err:  # surfaced to the user by get()
+            log.exception("loading %s failed", self.name)
+            self._error = err
+        finally:
+            self._done.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def get(self, timeout: float | None = 600):
+        if not self._done.wait(timeout):
+            raise gr.Error(f"the {self.name} is still loading; try again in a moment")
+        if self._error is not None:
+            raise gr.Error(f"the {self.name} failed to load: {self._error}")
+        return self._value
+
+
+class AppContext:
+    def __init__(self, cfg: ServeConfig, load_model: bool = True):
+        from rpo_app import io
+
+        self.cfg = cfg
+        self.layout = DataLayout(cfg.data_dir)
+        self.store = Store(self.layout.db)
+        seeded = io.seed_if_empty(self.store)
+        if seeded:
+            log.info("loaded %d seed prompts", seeded)
+        self.queue = LabelQueue(self.store)
+        self.runs = RunManager(self.store, self.layout)
+        # transformers resolves its classes lazily, and two threads importing through it
+        # at once can fail ("cannot import name AutoModelForCausalLM"): import up front.
+        import sentence_transformers  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        self._index = _Loader("prompt embedder", self._load_index)
+        self._host = _Loader("model", self._load_host) if load_model else None
+
+    def _load_index(self):
+        from rpo_app.embed import Embedder, PromptIndex
+
+        index = PromptIndex(self.store, Embedder())
+        index.refresh()
+        self.queue.index = index
+        return index
+
+    def _load_host(self):
+        from rpo_app.generate import ModelHost
+
+        host = ModelHost(self.cfg.model, data_dir=self.layout.root, device=self.cfg.device,
+                         trust_remote_code=self.cfg.trust_remote_code)
+        for adapter in self.store.adapters():
+            try:
+                host.load_adapter(adapter["name"], adapter["path"])
+            except Exception as err:  # one broken adapter must not take the app down
+                log.warning("adapter %s not loaded: %s", adapter["name"], err)
+        return host
+
+    def index(self, timeout: float | None = 600):
+        return self._index.get(timeout)
+
+    def host(self, timeout: float | None = 600):
+        if self._host is None:
+            raise gr.Error("this app was started without a model")
+        return self._host.get(timeout)
+
+    def sync_adapters(self) -> None:
+        """Load adapters that appeared in the store (a run just finished) into the host."""
+        if self._host is None or not self._host.ready:
+            return
+        host = self._host.get()
+        loaded = set(host.adapter_names())
+        for adapter in self.store.adapters():
+            if adapter["name"] not in loaded:
+                try:
+                    host.load_adapter(adapter["name"], adapter["path"])
+                except Exception as err:
+                    log.warning("adapter %s not loaded: %s", adapter["name"], err)
+
+    def model_status(self) -> str:
+        if self._host is None:
+            return "no model"
+        if self._host.error is not None:
+            return f"model failed to load: {self._host.error}"
+        return "model ready" if self._host.ready else "model loading..."
+
+    def annotator(self, request: gr.Request | None, typed: str | None) -> str:
+        """The login name when --auth is on, else the name typed in the page."""
+        user = getattr(request, "username", None) if request is not None else None
+        name = (user or typed or "").strip()
+        if not name:
+            raise gr.Error("Enter your name (top of the Label tab) before judging.")
+        return name
+
+
+def start_of_today() -> float:
+    now = datetime.now()
+    return now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()

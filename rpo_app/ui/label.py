@@ -1,0 +1,283 @@
+"""The Label tab: paired, cross-prompt and unpaired judgments, keyboard-first.
+
+A judgment is acknowledged ("Saved #id") only after the store has committed it. Each
+item carries a token used as the request id, so a double click stores it once.
+"""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+import pandas as pd
+
+from rpo_app.labelqueue import MODES
+from rpo_app.ui.context import AppContext, start_of_today
+
+MODE_CHOICES = [("Paired (same prompt)", "paired"), ("Cross-prompt (related prompts)", "cross"),
+                ("Unpaired (thumbs)", "unpaired"), ("Mixed", "mixed")]
+STRENGTH_CHOICES = [("no strength", "none"), ("slightly", "slightly"), ("clearly", "clearly")]
+VERDICT_WORDS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad",
+                 "up": "thumbs up", "down": "thumbs down"}
+
+KEYBOARD_JS = """
+<script>
+(() => {
+  const keys = {'1': ['lbl-left', 'lbl-up'], '2': ['lbl-right', 'lbl-down'], '3': ['lbl-tie'],
+                '4': ['lbl-bothbad'], 's': ['lbl-skip'], 'z': ['lbl-undo']};
+  document.addEventListener('keydown', (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const t = e.target;
+    const tag = ((t && t.tagName) || '').toLowerCase();
+    // Typing in a text box must never judge; read-only answer boxes are fine.
+    if ((tag === 'input' || tag === 'textarea' || tag === 'select') && !t.readOnly) return;
+    if (t && t.isContentEditable) return;
+    const ids = keys[(e.key || '').toLowerCase()];
+    if (!ids) return;
+    for (const id of ids) {
+      const el = document.getElementById(id);
+      const btn = el && (el.tagName === 'BUTTON' ? el : el.querySelector('button'));
+      if (btn && btn.offsetParent !== null && !btn.disabled) {
+        e.preventDefault();
+        btn.click();
+        return;
+      }
+    }
+  });
+})();
+</script>
+"""
+
+
+def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
+    """Lay out the tab inside the current Blocks; return components others wire to."""
+    token = gr.State(None)
+    with gr.Row():
+        mode = gr.Radio(MODE_CHOICES, value="paired", label="What to judge", scale=3,
+                        elem_id="lbl-mode")
+        progress = gr.Markdown("", elem_id="lbl-progress")
+    with gr.Row():
+        with gr.Column(scale=4):
+            prompt = gr.Textbox(label="Prompt", interactive=False, lines=2, max_lines=8,
+                                elem_id="lbl-prompt")
+            with gr.Row(equal_height=True):
+                with gr.Column():
+                    left_prompt = gr.Textbox(label="Prompt A", interactive=False, lines=2,
+                                             visible=False, elem_id="lbl-left-prompt")
+                    left = gr.Textbox(label="Answer A", interactive=False, lines=10,
+                                      max_lines=24, elem_id="lbl-left-text")
+                with gr.Column() as right_col:
+                    right_prompt = gr.Textbox(label="Prompt B", interactive=False, lines=2,
+                                              visible=False, elem_id="lbl-right-prompt")
+                    right = gr.Textbox(label="Answer B", interactive=False, lines=10,
+                                       max_lines=24, elem_id="lbl-right-text")
+            question = gr.Markdown("**Which answer is better?**", elem_id="lbl-question")
+            with gr.Row(visible=True) as pair_row:
+                b_left = gr.Button("A is better  [1]", variant="primary", elem_id="lbl-left")
+                b_right = gr.Button("B is better  [2]", variant="primary", elem_id="lbl-right")
+                b_tie = gr.Button("Tie  [3]", elem_id="lbl-tie")
+                b_bad = gr.Button("Both bad  [4]", elem_id="lbl-bothbad")
+            with gr.Row(visible=False) as thumb_row:
+                b_up = gr.Button("Good answer  [1]", variant="primary", elem_id="lbl-up")
+                b_down = gr.Button("Bad answer  [2]", variant="stop", elem_id="lbl-down")
+            with gr.Row():
+                strength = gr.Radio(STRENGTH_CHOICES, value="none", label="Strength (optional)",
+                                    scale=3, elem_id="lbl-strength")
+                b_skip = gr.Button("Skip  [S]", size="sm", elem_id="lbl-skip")
+                b_undo = gr.Button("Undo last  [Z]", size="sm", elem_id="lbl-undo")
+            status = gr.Markdown("", elem_id="lbl-status")
+        with gr.Column(scale=2):
+            related = gr.Dataframe(headers=["similarity", "related prompt"], label="Related prompts",
+                                   interactive=False, wrap=True, elem_id="lbl-related")
+            history = gr.Dataframe(headers=["#", "kind", "verdict", "prompt"],
+                                   label="Your last judgments", interactive=False, wrap=True,
+                                   elem_id="lbl-history")
+            gr.Markdown("Keys: **1** A or good · **2** B or bad · **3** tie · **4** both bad · "
+                        "**S** skip · **Z** undo. Keys are ignored while typing in a box. "
+                        "Skip stores nothing; tie and both-bad are judgments.")
+
+    view = [token, prompt, left_prompt, left, right_prompt, right, right_col, question,
+            pair_row, thumb_row, related, history, progress, status]
+
+    def render(annotator: str | None, item, message: str = ""):
+        hist, prog = _history_and_progress(ctx, annotator)
+        if item is None:
+            empty = ("Nothing left to judge in this mode. Generate more answers in the "
+                     "**Data** tab, import a file, or switch mode.")
+            return [None, gr.update(value="", visible=True), gr.update(visible=False), "",
+                    gr.update(visible=False), "", gr.update(visible=True),
+                    empty, gr.update(visible=False), gr.update(visible=False),
+                    _empty_related(), hist, prog, message]
+        cross = item.kind == "cross"
+        thumbs = item.kind == "unpaired"
+        q = ("**Which answer answers its own prompt better?**" if cross else
+             "**Is this a good answer?**" if thumbs else "**Which answer is better?**")
+        return [item.token,
+                gr.update(value=item.left["prompt"], visible=not cross),
+                gr.update(value=item.left["prompt"], visible=cross),
+                gr.update(value=item.left["text"], label="Answer" if thumbs else "Answer A"),
+                gr.update(value=item.right["prompt"] if cross else "", visible=cross),
+                item.right["text"] if item.right else "",
+                gr.update(visible=not thumbs), q,
+                gr.update(visible=not thumbs), gr.update(visible=thumbs),
+                _related(ctx, item.left["prompt_id"]), hist, prog, message]
+
+    def show_next(mode_value, typed, request: gr.Request, message=""):
+        name = _maybe_annotator(ctx, request, typed)
+        if name is None:
+            return render(None, None, "Enter your name above to start judging.")
+        return render(name, ctx.queue.next_item(name, mode_value), message)
+
+    def judge(verdict):
+        def handler(tok, mode_value, strength_value, typed, request: gr.Request):
+            name = ctx.annotator(request, typed)
+            if not tok:
+                return show_next(mode_value, typed, request, "Nothing on screen to judge.")
+            try:
+                result = ctx.queue.submit(tok, verdict, name,
+                                          strength=None if strength_value == "none" else strength_value)
+            except ValueError as err:
+                raise gr.Error(str(err))
+            msg = (f"Saved judgment #{result['judgment_id']} ({_verdict_word(verdict)})."
+                   if result["created"] else
+                   f"Already saved as #{result['judgment_id']} (not stored twice).")
+            return show_next(mode_value, typed, request, msg)
+        return handler
+
+    def skip(tok, mode_value, typed, request: gr.Request):
+        name = ctx.annotator(request, typed)
+        if tok:
+            ctx.queue.skip(tok, name)
+        return show_next(mode_value, typed, request, "Skipped (nothing stored).")
+
+    def undo(mode_value, typed, request: gr.Request):
+        name = ctx.annotator(request, typed)
+        out = ctx.queue.undo(name)
+        if out is None:
+            return show_next(mode_value, typed, request, "Nothing to undo.")
+        j = out["undone"]
+        return render(name, out["item"],
+                      f"Undid judgment #{j['id']} ({shown_verdict(j)}); it is back "
+                      "on screen. The retracted row stays in the history of the store.")
+
+    base_inputs = [mode, annotator_box]
+    for button, verdict, api in [(b_left, "left", "label_left"), (b_right, "right", "label_right"),
+                                 (b_tie, "tie", "label_tie"), (b_bad, "both_bad", "label_both_bad"),
+                                 (b_up, "up", "label_up"), (b_down, "down", "label_down")]:
+        button.click(judge(verdict), [token, mode, strength, annotator_box], view, api_name=api,
+                     concurrency_limit=None)
+    b_skip.click(skip, [token, *base_inputs], view, api_name="label_skip", concurrency_limit=None)
+    b_undo.click(undo, base_inputs, view, api_name="label_undo", concurrency_limit=None)
+    mode.change(show_next, base_inputs, view, api_name="label_mode", concurrency_limit=None)
+    annotator_box.submit(show_next, base_inputs, view, api_name=False)
+    _register_api(ctx)
+    return {"view": view, "show_next": show_next, "inputs": base_inputs}
+
+
+def _maybe_annotator(ctx, request, typed) -> str | None:
+    try:
+        return ctx.annotator(request, typed)
+    except gr.Error:
+        return None
+
+
+def shown_verdict(judgment: dict) -> str:
+    """The verdict as the annotator saw it: A is whatever was on the left."""
+    verdict, a_side = judgment["verdict"], judgment.get("a_side")
+    if verdict in ("a", "b") and a_side:
+        left_won = (verdict == "a") == (a_side == "left")
+        return "A better" if left_won else "B better"
+    return VERDICT_WORDS[verdict]
+
+
+def _verdict_word(verdict: str) -> str:
+    return {"left": "A better", "right": "B better", "tie": "tie", "both_bad": "both bad",
+            "up": "thumbs up", "down": "thumbs down"}[verdict]
+
+
+def _empty_related() -> pd.DataFrame:
+    return pd.DataFrame({"similarity": [], "related prompt": []})
+
+
+def _related(ctx: AppContext, prompt_id: int) -> pd.DataFrame:
+    try:
+        index = ctx.index(timeout=0.01)
+    except gr.Error:
+        return pd.DataFrame({"similarity": ["..."], "related prompt": ["(embedder loading)"]})
+    hits = index.related(prompt_id, k=6)
+    texts = {p["id"]: p["text"] for p in ctx.store.prompts(ids=[h[0] for h in hits])}
+    return pd.DataFrame({"similarity": [round(s, 3) for _, s in hits],
+                         "related prompt": [texts.get(i, "") for i, _ in hits]})
+
+
+def _history_and_progress(ctx: AppContext, annotator: str | None):
+    if not annotator:
+        return pd.DataFrame(columns=["#", "kind", "verdict", "prompt"]), ""
+    rows = ctx.store.judgments(annotator=annotator, limit=8, newest_first=True)
+    hist = pd.DataFrame({
+        "#": [r["id"] for r in rows], "kind": [r["kind"] for r in rows],
+        "verdict": [shown_verdict(r) + (f" ({r['strength']})" if r["strength"] else "")
+                    for r in rows],
+        "prompt": [_short(r["prompt_a"]) for r in rows]})
+    today = ctx.store.annotator_counts(annotator, start_of_today())
+    stats = ctx.store.stats()
+    total_by_kind = {k: sum(v.values()) for k, v in stats["by_kind"].items()}
+    prog = (f"**{annotator}** · today: **{sum(today.values())}** judged "
+            f"(paired {today.get('paired', 0)} · cross {today.get('cross', 0)} · "
+            f"thumbs {today.get('unpaired', 0)}) · all annotators: {stats['judgments']} judgments "
+            f"(paired {total_by_kind['paired']} · cross {total_by_kind['cross']} · "
+            f"thumbs {total_by_kind['unpaired']}) on {stats['prompts']} prompts")
+    return hist, prog
+
+
+def _short(text: str | None, n: int = 60) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _register_api(ctx: AppContext) -> None:
+    """Plain-JSON endpoints for scripts and LLM-as-judge annotators (gradio_client)."""
+
+    def next_item(annotator: str, mode: str = "paired") -> dict:
+        """The next item for this annotator: {kind, token, left, right}; {} when none."""
+        if mode not in MODES:
+            raise gr.Error(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        try:
+            item = ctx.queue.next_item(annotator, mode)
+        except ValueError as err:
+            raise gr.Error(str(err))
+        return item.public() if item else {}
+
+    def submit_judgment(token: str, verdict: str, annotator: str, strength: str = "",
+                        seconds_spent: float = -1.0) -> dict:
+        """Judge the item with this token. verdict: left|right|tie|both_bad (pairs), up|down
+        (single answers). Returns {judgment_id, created}; repeating a token stores nothing new."""
+        try:
+            return ctx.queue.submit(token, verdict, annotator, strength=strength or None,
+                                    seconds_spent=None if seconds_spent < 0 else seconds_spent)
+        except ValueError as err:
+            raise gr.Error(str(err))
+
+    def skip_item(token: str, annotator: str) -> dict:
+        """Skip the item (nothing stored; it leaves this annotator's queue)."""
+        try:
+            ctx.queue.skip(token, annotator)
+        except ValueError as err:
+            raise gr.Error(str(err))
+        return {"skipped": token}
+
+    def undo_last(annotator: str) -> dict:
+        """Retract this annotator's last judgment; returns it and the item to re-judge."""
+        try:
+            out = ctx.queue.undo(annotator)
+        except ValueError as err:
+            raise gr.Error(str(err))
+        if out is None:
+            return {}
+        return {"undone_id": out["undone"]["id"], "item": out["item"].public()}
+
+    def label_stats() -> dict:
+        """Counts of prompts, responses and judgments by kind, verdict and annotator."""
+        return ctx.store.stats(since=time.time() - 86400)
+
+    for fn in (next_item, submit_judgment, skip_item, undo_last, label_stats):
+        gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
