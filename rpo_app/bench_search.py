@@ -1,0 +1,91 @@
+"""Related-prompt search at scale: load time and per-query latency of PromptIndex.
+
+The store is filled with synthetic prompts and *random* unit vectors written straight
+through ``store.save_embeddings``: embedding 100k texts with MiniLM would take the
+better part of an hour on 2 CPU cores and measures the embedder, not the search. The
+search cost (one 100k x 384 matvec + a partial sort) does not depend on what the
+vectors mean.
+
+    python -m rpo_app.bench_search [--n 100000] [--queries 200]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rpo_app.embed import EMBEDDER_NAME, PromptIndex
+from rpo_app.store import Store
+
+DIM = 384
+
+
+class _VectorsOnly:
+    """Stands in for Embedder: every prompt already has a vector, so refresh() only
+    loads from the store and never encodes."""
+
+    name = EMBEDDER_NAME
+    dim = DIM
+
+    def encode(self, texts, **_):  # pragma: no cover - not reached in the benchmark
+        raise RuntimeError("the search benchmark embeds nothing")
+
+
+def bench_related_search(n_prompts: int = 100_000, queries: int = 200, k: int = 5,
+                         seed: int = 0, data_dir: str | Path | None = None) -> dict:
+    """Fill a temp store with n prompts and vectors, then time PromptIndex load and related()."""
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(prefix="rpo-bench-search-", dir=data_dir) as tmp:
+        store = Store(Path(tmp))
+        t0 = time.perf_counter()
+        ids, _ = store.add_prompts(
+            [{"prompt": f"synthetic prompt {i}", "family": f"family/{i % 1000}"}
+             for i in range(n_prompts)], "bench")
+        for start in range(0, n_prompts, 10_000):
+            chunk = ids[start:start + 10_000]
+            vecs = rng.standard_normal((len(chunk), DIM)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            store.save_embeddings(EMBEDDER_NAME, chunk, vecs)
+        fill_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        index = PromptIndex(store, _VectorsOnly())
+        embedded = index.refresh()
+        load_s = time.perf_counter() - t0
+        assert embedded == 0 and len(index) == n_prompts
+
+        picks = rng.choice(np.asarray(ids), size=queries, replace=queries > len(ids))
+        index.related(int(picks[0]), k=k)  # warm-up
+        times_ms = []
+        for pid in picks:
+            t = time.perf_counter()
+            hits = index.related(int(pid), k=k)
+            times_ms.append((time.perf_counter() - t) * 1000)
+            assert len(hits) == min(k, n_prompts - 1)
+        store.close()
+    times = np.asarray(times_ms)
+    return {
+        "n_prompts": n_prompts, "queries": queries, "k": k, "dim": DIM,
+        "fill_s": round(fill_s, 3), "load_s": round(load_s, 3),
+        "p50_ms": round(float(np.percentile(times, 50)), 3),
+        "p95_ms": round(float(np.percentile(times, 95)), 3),
+        "mean_ms": round(float(times.mean()), 3),
+        "max_ms": round(float(times.max()), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--queries", type=int, default=200)
+    args = p.parse_args(argv)
+    print(json.dumps(bench_related_search(args.n, args.queries), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,876 @@
+"""Import and export of prompts and judgments: JSONL, JSON, CSV and Parquet.
+
+Import shapes, detected from the columns (a ``family`` column is allowed in all):
+
+========================  ===============================================  ==================
+columns                   values                                           becomes
+========================  ===============================================  ==================
+prompt                    text                                             prompts
+prompt, chosen, rejected  text, or conversational message lists (TRL)      ``paired`` a > b
+chosen, rejected          Anthropic-HH transcripts ("\\n\\nHuman: ..."),    ``paired`` a > b
+                          or message lists with the prompt inside (TRL
+                          "implicit prompt")
+prompt, completion,       text / message lists, ``label`` true or false    ``unpaired`` up/down
+label
+========================  ===============================================  ==================
+
+Rules (documented choices):
+
+* Multi-turn conversations are refused by default: rpo_app stores single-turn prompts
+  (one user message), and silently keeping only the last user turn would train on
+  prompts stripped of their context. ``multi_turn="last"`` keeps the last user turn
+  instead (the Python API; the CLI has no flag yet). System messages count as
+  multi-turn context and are refused the same way.
+* Leading and trailing whitespace of every text is removed.
+* Unknown columns are refused (drop them first), so a typo never imports half a row.
+* CSV has no types: texts are plain strings there (no message lists) and ``label`` is
+  one of true/false/1/0/yes/no. JSON/JSONL ``label`` must be a JSON boolean.
+* Each file is validated completely before anything is written, then written in one
+  transaction: a bad row 900 leaves the store untouched.
+* Idempotent: each judgment gets ``request_id = "import:" + sha256(kind, prompt,
+  answers, label)``, so importing the same file again (under any annotator name) adds
+  nothing. Prompts are unique by text and responses by (prompt, text).
+
+Errors name the file, the place and the problem: ``line N`` (1-based) for JSONL, and
+for JSON syntax errors; ``item N`` (1-based) for the objects of a JSON array; ``row N``
+for CSV and Parquet, counting data rows from 1 (the CSV header is not a row).
+
+Export formats: ``trl-dpo`` (prompt/chosen/rejected, TRL's standard preference
+format), ``trl-kto`` (prompt/completion/label, TRL's standard unpaired preference
+format) and ``full`` (every judgment with its provenance). The output format follows
+the file's extension: .jsonl, .json, .csv or .parquet. Files are written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+# Longest text accepted in any field: far above any real prompt or answer, low enough
+# that a mis-parsed file (a whole document in one cell) is caught.
+MAX_FIELD_CHARS = 100_000
+MAX_FAMILY_CHARS = 200
+IMPORT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
+                     ".parquet": "parquet"}
+EXPORT_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+EXPORT_FORMATS = ("trl-dpo", "trl-kto", "full")
+MULTI_TURN_POLICIES = ("refuse", "last")
+SEED_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
+
+# Column sets (family aside) -> shape name.
+SHAPES = {
+    frozenset({"prompt"}): "prompts",
+    frozenset({"prompt", "chosen", "rejected"}): "preference",
+    frozenset({"chosen", "rejected"}): "implicit-preference",
+    frozenset({"prompt", "completion", "label"}): "unpaired",
+}
+KNOWN_COLUMNS = {"prompt", "family", "chosen", "rejected", "completion", "label"}
+SHAPES_HELP = ("prompt [+ family] | prompt, chosen, rejected | chosen, rejected "
+               "(Anthropic-HH transcripts) | prompt, completion, label")
+_ROLES = ("system", "user", "assistant")
+_HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_LABEL_STRINGS = {"true": True, "false": False, "1": True, "0": False, "yes": True,
+                  "no": False}
+
+
+class ImportFileError(ValueError):
+    """An import file was refused; the message names the file, the row and the problem.
+    Nothing from that file was written."""
+
+
+class ExportError(ValueError):
+    """An export was refused (unknown format or extension); nothing was written."""
+
+
+# -- reports --------------------------------------------------------------------------
+
+
+@dataclass
+class ImportReport:
+    file: str | None = None
+    shape: str | None = None
+    rows: int = 0
+    prompts_added: int = 0
+    prompts_duplicate: int = 0
+    responses_added: int = 0
+    responses_duplicate: int = 0
+    judgments_added: int = 0
+    judgments_duplicate: int = 0
+
+    @property
+    def added(self) -> dict[str, int]:
+        return {"prompts": self.prompts_added, "responses": self.responses_added,
+                "judgments": self.judgments_added}
+
+    @property
+    def duplicates(self) -> dict[str, int]:
+        return {"prompts": self.prompts_duplicate, "responses": self.responses_duplicate,
+                "judgments": self.judgments_duplicate}
+
+    def summary(self) -> str:
+        head = f"{self.file or 'input'} ({self.shape or 'empty'}, {self.rows} rows)"
+        added = ", ".join(f"{n} {what}" for what, n in self.added.items())
+        dups = ", ".join(f"{n} {what}" for what, n in self.duplicates.items())
+        return f"{head}: added {added}; skipped as duplicates: {dups}"
+
+
+@dataclass
+class ExportReport:
+    fmt: str
+    out_path: str
+    rows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = f"wrote {self.rows} rows ({self.fmt}) to {self.out_path}"
+        if self.skipped:
+            parts = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+            text += f"; skipped {sum(self.skipped.values())} judgments: {parts}"
+        return text
+
+
+# -- reading files --------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    where: str  # "line 3", "row 3", "item 3"
+    values: dict
+
+
+@dataclass
+class _Record:
+    """One validated row, ready to write."""
+
+    where: str
+    kind: str  # "prompt" | "pair" | "unpaired"
+    prompt: str
+    family: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    completion: str | None = None
+    label: bool | None = None
+
+    def request_id(self) -> str:
+        if self.kind == "pair":
+            key = ["paired", self.prompt, self.chosen, self.rejected]
+        else:
+            key = ["unpaired", self.prompt, self.completion, self.label]
+        blob = json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return "import:" + hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class ParsedFile:
+    """A validated import file: nothing written yet."""
+
+    name: str  # as the user gave it (for messages)
+    shape: str
+    records: list[_Record]
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ImportFileError(
+            f"{path}: line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}); save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+def _to_python(value: Any) -> Any:
+    """numpy/pandas scalars and arrays (from Parquet) -> plain Python; NaN/NA -> None."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return [_to_python(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_python(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if value is not None and not isinstance(value, (str, bool, int, float, list, dict)):
+        import pandas as pd
+
+        if value is pd.NA or value is pd.NaT:
+            return None
+    return value
+
+
+def _read_rows(path: Path) -> tuple[list[_Row], dict[str, str]]:
+    """Rows of the file and, for every column, where it first appears."""
+    ext = path.suffix.lower()
+    kind = IMPORT_EXTENSIONS.get(ext)
+    if kind is None:
+        raise ImportFileError(
+            f"{path}: unknown file type {ext or '(no extension)'!r}; use one of "
+            f"{', '.join(IMPORT_EXTENSIONS)}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImportFileError(f"{path}: no such file") from None
+    except OSError as err:
+        raise ImportFileError(f"{path}: cannot read: {err.strerror or err}") from None
+    if not data.strip():
+        raise ImportFileError(f"{path}: the file is empty")
+
+    rows: list[_Row] = []
+    if kind == "jsonl":
+        text = _decode(path, data)
+        # split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON
+        # strings may contain raw.
+        for n, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ImportFileError(
+                    f"{path}: line {n}: malformed JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise ImportFileError(
+                    f"{path}: line {n}: expected a JSON object, got {_json_type(obj)}")
+            rows.append(_Row(f"line {n}", obj))
+    elif kind == "json":
+        text = _decode(path, data)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ImportFileError(f"{path}: line {err.lineno} column {err.colno}: "
+                                  f"malformed JSON: {err.msg}") from None
+        if not isinstance(obj, list):
+            raise ImportFileError(
+                f"{path}: expected a JSON array of objects, got {_json_type(obj)} "
+                "(for one object per line use .jsonl)")
+        for n, item in enumerate(obj, start=1):
+            if not isinstance(item, dict):
+                raise ImportFileError(
+                    f"{path}: item {n}: expected a JSON object, got {_json_type(item)}")
+            rows.append(_Row(f"item {n}", item))
+    elif kind == "csv":
+        import pandas as pd
+
+        text = _decode(path, data)
+        try:
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+            raise ImportFileError(
+                f"{path}: malformed CSV: {str(err).strip().splitlines()[-1]}") from None
+        rows = [_Row(f"row {n}", {k: _to_python(v) for k, v in rec.items()})
+                for n, rec in enumerate(df.to_dict("records"), start=1)]
+        if not rows:
+            raise ImportFileError(f"{path}: no data rows (only a header)")
+        return rows, {c: "the header" for c in df.columns}
+    else:  # parquet
+        import pandas as pd
+
+        try:
+            df = pd.read_parquet(io.BytesIO(data))
+        except Exception as err:  # pyarrow raises several unrelated types here
+            raise ImportFileError(f"{path}: not a readable Parquet file: "
+                                  f"{str(err).strip().splitlines()[0]}") from None
+        rows = [_Row(f"row {n}", {str(k): _to_python(v) for k, v in rec.items()})
+                for n, rec in enumerate(df.to_dict("records"), start=1)]
+        if not rows:
+            raise ImportFileError(f"{path}: no data rows")
+        return rows, {str(c): "the schema" for c in df.columns}
+    if not rows:
+        raise ImportFileError(f"{path}: no data rows")
+    first_seen: dict[str, str] = {}
+    for row in rows:
+        for key in row.values:
+            first_seen.setdefault(key, row.where)
+    return rows, first_seen
+
+
+def _json_type(obj) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             type(None): "null", int: "a number", float: "a number"}
+    return names.get(type(obj), type(obj).__name__)
+
+
+def _detect_shape(path: Path, columns: dict[str, str]) -> str:
+    unknown = [c for c in columns if c not in KNOWN_COLUMNS]
+    if unknown:
+        first = columns[unknown[0]]
+        raise ImportFileError(
+            f"{path}: {first}: unknown column(s) {', '.join(repr(c) for c in unknown)}; "
+            f"rpo_app imports these shapes: {SHAPES_HELP} (plus an optional 'family'); "
+            "drop the other columns first")
+    cols = frozenset(columns) - {"family"}
+    shape = SHAPES.get(cols)
+    if shape:
+        return shape
+    # Name what is missing for the shape the columns come closest to.
+    if cols & {"completion", "label"}:
+        want = {"prompt", "completion", "label"}
+    elif cols & {"chosen", "rejected"}:
+        want = {"chosen", "rejected"} | ({"prompt"} if "prompt" in cols else set())
+    else:
+        want = {"prompt"}
+    missing = sorted(want - cols)
+    extra = sorted(cols - want)
+    problem = f"missing column(s) {', '.join(repr(c) for c in missing)}" if missing else (
+        f"column(s) {', '.join(repr(c) for c in extra)} do not fit together")
+    raise ImportFileError(f"{path}: {problem}; rpo_app imports these shapes: {SHAPES_HELP}")
+
+
+class _RowError(Exception):
+    pass
+
+
+def _check_len(value: str, column: str) -> None:
+    if len(value) > MAX_FIELD_CHARS:
+        raise _RowError(f"column {column!r} is {len(value):,} characters long; the limit is "
+                        f"{MAX_FIELD_CHARS:,}")
+
+
+def _text(value, column: str) -> str:
+    if value is None:
+        raise _RowError(f"column {column!r} is missing or null")
+    if not isinstance(value, str):
+        raise _RowError(f"column {column!r} must be text, got {_json_type(value)}")
+    _check_len(value, column)
+    if "\x00" in value:
+        raise _RowError(f"column {column!r} contains a NUL character")
+    value = value.strip()
+    if not value:
+        raise _RowError(f"column {column!r} is empty")
+    return value
+
+
+def _messages(value, column: str) -> list[dict]:
+    out = []
+    if not value:
+        raise _RowError(f"column {column!r} is an empty message list")
+    for i, msg in enumerate(value, start=1):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise _RowError(f"column {column!r}: message {i} must be an object with 'role' "
+                            "and 'content'")
+        role = msg["role"]
+        if role not in _ROLES:
+            raise _RowError(f"column {column!r}: message {i} has role {role!r}; expected one "
+                            f"of {', '.join(_ROLES)}")
+        if not isinstance(msg["content"], str):
+            raise _RowError(f"column {column!r}: message {i} content must be text, got "
+                            f"{_json_type(msg['content'])}")
+        out.append({"role": role, "content": _text(msg["content"], f"{column}[{i}].content")})
+    return out
+
+
+def _answer_and_context(value, column: str) -> tuple[str, list[dict]]:
+    """A completion given as a message list: (last assistant text, messages before it)."""
+    msgs = _messages(value, column)
+    if msgs[-1]["role"] != "assistant":
+        raise _RowError(f"column {column!r}: the last message must be the assistant's answer, "
+                        f"got role {msgs[-1]['role']!r}")
+    return msgs[-1]["content"], msgs[:-1]
+
+
+def _context_prompt(context: list[dict], multi_turn: str, column: str = "prompt") -> str:
+    if not context or context[-1]["role"] != "user":
+        raise _RowError(f"the conversation before the answer must end with a user message "
+                        f"({column!r})")
+    if len(context) > 1 and multi_turn == "refuse":
+        users = sum(m["role"] == "user" for m in context)
+        system = " and a system message" if any(m["role"] == "system" for m in context) else ""
+        raise _RowError(
+            f"multi-turn conversation ({users} user turn{'s' if users != 1 else ''}{system}); "
+            "rpo_app keeps single-turn prompts: filter the file to single-turn rows, or import "
+            "with multi_turn='last' to keep only the last user message")
+    return context[-1]["content"]
+
+
+def _family(value) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise _RowError(f"column 'family' must be text, got {_json_type(value)}")
+    if len(value) > MAX_FAMILY_CHARS:
+        raise _RowError(f"column 'family' is longer than {MAX_FAMILY_CHARS} characters")
+    return value.strip()
+
+
+def _label(value, csv: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if csv and isinstance(value, str) and value.strip().lower() in _LABEL_STRINGS:
+        return _LABEL_STRINGS[value.strip().lower()]
+    if value is None or value == "":
+        raise _RowError("column 'label' is missing or null")
+    allowed = "true/false (also 1/0, yes/no in CSV)" if csv else "true or false (a boolean)"
+    raise _RowError(f"column 'label' must be {allowed}, got {value!r}")
+
+
+def _parse_hh(chosen: str, rejected: str, multi_turn: str) -> tuple[str, str, str]:
+    """(prompt, chosen answer, rejected answer) from two Anthropic-HH transcripts."""
+    parts = []
+    for column, text in (("chosen", chosen), ("rejected", rejected)):
+        _check_len(text, column)
+        idx = text.rfind(_HH_ASSISTANT)
+        if idx < 0:
+            raise _RowError(f"column {column!r} is not a Human/Assistant transcript "
+                            "(no '\\n\\nAssistant:' turn)")
+        answer = text[idx + len(_HH_ASSISTANT):]
+        if "\n\nHuman:" in answer:
+            raise _RowError(f"column {column!r}: the transcript ends with a Human turn, "
+                            "not an Assistant answer")
+        parts.append((text[:idx], answer))
+    (prefix, chosen_answer), (prefix_r, rejected_answer) = parts
+    if prefix != prefix_r:
+        raise _RowError("chosen and rejected differ before their final '\\n\\nAssistant:' "
+                        "turn, so they do not answer the same prompt")
+    body = prefix.lstrip()
+    if not body.startswith("Human:"):
+        raise _RowError("the transcript must start with 'Human:'")
+    pieces = _HH_TURN.split("\n\n" + body)
+    turns = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+             for role, content in zip(pieces[1::2], pieces[2::2])]
+    for turn in turns:
+        if not turn["content"]:
+            raise _RowError(f"the transcript has an empty {turn['role']} turn")
+    prompt = _context_prompt(turns, multi_turn, column="chosen")
+    return (prompt, _text(chosen_answer, "chosen (final Assistant turn)"),
+            _text(rejected_answer, "rejected (final Assistant turn)"))
+
+
+def _record(shape: str, row: _Row, multi_turn: str, csv: bool) -> _Record:
+    v = row.values
+    family = _family(v.get("family"))
+    for column in ("prompt", "chosen", "rejected", "completion"):
+        if column in v and isinstance(v[column], str):
+            _check_len(v[column], column)
+    if shape == "prompts":
+        return _Record(row.where, "prompt", _text(v.get("prompt"), "prompt"), family)
+
+    def prompt_context() -> list[dict]:
+        value = v.get("prompt")
+        if isinstance(value, list) and not csv:
+            return _messages(value, "prompt")
+        return [{"role": "user", "content": _text(value, "prompt")}]
+
+    def answer(column: str, context: list[dict] | None) -> tuple[str, list[dict] | None]:
+        value = v.get(column)
+        if isinstance(value, list) and not csv:
+            text, extra = _answer_and_context(value, column)
+            if context and extra[:len(context)] == context:
+                return text, extra  # the list repeats the prompt (ultrafeedback style)
+            return text, (context or []) + extra
+        if value is not None and not isinstance(value, str):
+            raise _RowError(f"column {column!r} must be text or a list of messages, got "
+                            f"{_json_type(value)}")
+        return _text(value, column), context
+
+    if shape == "unpaired":
+        label = _label(v.get("label"), csv)
+        text, context = answer("completion", prompt_context())
+        return _Record(row.where, "unpaired", _context_prompt(context, multi_turn), family,
+                       completion=text, label=label)
+
+    chosen_v, rejected_v = v.get("chosen"), v.get("rejected")
+    if isinstance(chosen_v, list) != isinstance(rejected_v, list):
+        raise _RowError("chosen and rejected must both be text or both be message lists")
+    if shape == "implicit-preference" and not isinstance(chosen_v, list):
+        prompt, chosen, rejected = _parse_hh(_text(chosen_v, "chosen"),
+                                             _text(rejected_v, "rejected"), multi_turn)
+    else:
+        base = prompt_context() if shape == "preference" else []
+        chosen, ctx_c = answer("chosen", base)
+        rejected, ctx_r = answer("rejected", base)
+        if ctx_c != ctx_r:
+            raise _RowError("chosen and rejected continue different conversations, so they do "
+                            "not answer the same prompt")
+        prompt = _context_prompt(ctx_c, multi_turn)
+    if chosen == rejected:
+        raise _RowError("chosen and rejected are the same text")
+    return _Record(row.where, "pair", prompt, family, chosen=chosen, rejected=rejected)
+
+
+def read_import_file(path: str | os.PathLike, multi_turn: str = "refuse") -> ParsedFile:
+    """Read and validate a whole file; raise ImportFileError on the first problem."""
+    if multi_turn not in MULTI_TURN_POLICIES:
+        raise ValueError(f"multi_turn is one of {MULTI_TURN_POLICIES}, got {multi_turn!r}")
+    path = Path(path)
+    rows, columns = _read_rows(path)
+    shape = _detect_shape(path, columns)
+    csv = path.suffix.lower() == ".csv"
+    records = []
+    for row in rows:
+        try:
+            records.append(_record(shape, row, multi_turn, csv))
+        except _RowError as err:
+            raise ImportFileError(f"{path}: {row.where}: {err}") from None
+    return ParsedFile(str(path), shape, records)
+
+
+# -- writing imports ------------------------------------------------------------------
+
+
+def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
+                 import_file: str | None = None) -> ImportReport:
+    """Write a validated file in one transaction (all or nothing)."""
+    from rpo_app.store import StoreError
+
+    annotator = (annotator or "").strip()
+    if not annotator:
+        raise ImportFileError(f"{parsed.name}: the annotator name is empty")
+    import_file = import_file or Path(parsed.name).name
+    report = ImportReport(file=parsed.name, shape=parsed.shape, rows=len(parsed.records))
+    record = None
+    try:
+        with store.transaction():
+            for record in parsed.records:
+                prompt_id, created = store.add_prompt(record.prompt, "import", record.family)
+                report.prompts_added += created
+                report.prompts_duplicate += not created
+                if record.kind == "prompt":
+                    continue
+                answers = ([record.chosen, record.rejected] if record.kind == "pair"
+                           else [record.completion])
+                ids = []
+                for text in answers:
+                    rid, created = store.add_response(prompt_id, text, "import",
+                                                      import_file=import_file)
+                    ids.append(rid)
+                    report.responses_added += created
+                    report.responses_duplicate += not created
+                if record.kind == "pair":
+                    _, created = store.add_judgment(
+                        "paired", ids[0], ids[1], "a", annotator, source="import",
+                        request_id=record.request_id())
+                else:
+                    _, created = store.add_judgment(
+                        "unpaired", ids[0], None, "up" if record.label else "down", annotator,
+                        source="import", request_id=record.request_id())
+                report.judgments_added += created
+                report.judgments_duplicate += not created
+    except StoreError as err:
+        where = f"{record.where}: " if record is not None else ""
+        raise ImportFileError(f"{parsed.name}: {where}{err}") from None
+    return report
+
+
+def import_path(store, path: str | os.PathLike, annotator: str = "import",
+                multi_turn: str = "refuse") -> ImportReport:
+    """Import one file (any supported shape and format). Raises ImportFileError."""
+    return write_parsed(store, read_import_file(path, multi_turn), annotator)
+
+
+def add_prompt_texts(store, text: str, source: str = "ui") -> ImportReport:
+    """Pasted prompts: a JSON list (of strings or {"prompt", "family"} objects), or one
+    prompt per non-empty line."""
+    name = "pasted text"
+    items: list[tuple[str, Any]] = []
+    stripped = (text or "").strip()
+    if not stripped:
+        raise ImportFileError(f"{name}: no prompts given")
+    parsed_json = None
+    if stripped.startswith("["):
+        try:
+            parsed_json = json.loads(stripped)
+        except json.JSONDecodeError:
+            parsed_json = None  # a prompt that happens to start with "["
+    if isinstance(parsed_json, list):
+        for n, item in enumerate(parsed_json, start=1):
+            items.append((f"item {n}", item))
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                items.append((f"line {n}", line))
+    records = []
+    for where, item in items:
+        try:
+            if isinstance(item, dict):
+                extra = set(item) - {"prompt", "family"}
+                if extra:
+                    raise _RowError(f"unknown key(s) {sorted(extra)}")
+                records.append((_text(item.get("prompt"), "prompt"), _family(item.get("family"))))
+            else:
+                records.append((_text(item, "prompt"), None))
+        except _RowError as err:
+            raise ImportFileError(f"{name}: {where}: {str(err).replace('column ', '')}") from None
+    report = ImportReport(file=name, shape="prompts", rows=len(records))
+    added, dups = store.add_prompts([{"prompt": t, "family": f} for t, f in records], source)
+    report.prompts_added, report.prompts_duplicate = len(added), dups
+    return report
+
+
+def seed_if_empty(store, path: str | os.PathLike | None = None) -> int:
+    """Load the seed prompts when the store has none yet; return how many were added."""
+    if store.count_prompts():
+        return 0
+    path = Path(path) if path is not None else SEED_PROMPTS
+    if not path.exists():
+        log.warning("seed prompts not found at %s; starting with an empty store", path)
+        return 0
+    parsed = read_import_file(path)
+    if parsed.shape != "prompts":
+        raise ImportFileError(f"{path}: seed file must hold prompts only, found {parsed.shape}")
+    added, _ = store.add_prompts(
+        [{"prompt": r.prompt, "family": r.family} for r in parsed.records], "seed")
+    return len(added)
+
+
+# -- export ---------------------------------------------------------------------------
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _count(skipped: dict[str, int], why: str) -> None:
+    skipped[why] = skipped.get(why, 0) + 1
+
+
+def _dpo_rows(judgments: list[dict], skipped: dict[str, int]) -> list[dict]:
+    rows = []
+    for j in judgments:
+        if j["kind"] == "unpaired":
+            _count(skipped, "unpaired (thumbs; export them with trl-kto)")
+        elif j["kind"] == "cross":
+            _count(skipped, "cross-prompt (DPO needs one prompt for both answers)")
+        elif j["verdict"] in ("a", "b"):
+            win, lose = ("a", "b") if j["verdict"] == "a" else ("b", "a")
+            rows.append({"prompt": j["prompt_a"], "chosen": j[f"response_{win}_text"],
+                         "rejected": j[f"response_{lose}_text"]})
+        else:
+            _count(skipped, f"{j['verdict']} (no preferred answer)")
+    return rows
+
+
+def _kto_rows(judgments: list[dict], skipped: dict[str, int]) -> list[dict]:
+    rows = []
+    for j in judgments:
+        if j["kind"] == "unpaired":
+            rows.append({"prompt": j["prompt_a"], "completion": j["response_a_text"],
+                         "label": j["verdict"] == "up"})
+            continue
+        labels = {"a": (True, False), "b": (False, True), "both_bad": (False, False)}
+        if j["verdict"] not in labels:
+            _count(skipped, f"{j['verdict']} (neither answer is better or worse)")
+            continue
+        for side, label in zip(("a", "b"), labels[j["verdict"]]):
+            rows.append({"prompt": j[f"prompt_{side}"], "completion": j[f"response_{side}_text"],
+                         "label": label})
+    return rows
+
+
+FULL_COLUMNS = [
+    "judgment_id", "kind", "verdict", "strength", "annotator", "source", "created_at",
+    "seconds_spent", "a_side", "request_id",
+    "prompt_a_id", "prompt_a", "family_a", "response_a_id", "response_a", "response_a_source",
+    "model_a", "adapter_a", "gen_settings_a", "import_file_a",
+    "prompt_b_id", "prompt_b", "family_b", "response_b_id", "response_b", "response_b_source",
+    "model_b", "adapter_b", "gen_settings_b", "import_file_b",
+]
+RETRACTED_COLUMNS = ["retracted", "retracted_at", "retracted_by"]
+
+
+def _full_rows(store, judgments: list[dict], include_retracted: bool) -> list[dict]:
+    prompt_ids = {j[k] for j in judgments for k in ("prompt_a_id", "prompt_b_id")
+                  if j[k] is not None}
+    families = {p["id"]: p["family"] for p in store.prompts(ids=sorted(prompt_ids))}
+    rows = []
+    for j in judgments:
+        row = {
+            "judgment_id": j["id"], "kind": j["kind"], "verdict": j["verdict"],
+            "strength": j["strength"], "annotator": j["annotator"], "source": j["source"],
+            "created_at": _iso(j["created_at"]), "seconds_spent": j["seconds_spent"],
+            "a_side": j["a_side"], "request_id": j["request_id"],
+        }
+        for side in ("a", "b"):
+            row.update({
+                f"prompt_{side}_id": j[f"prompt_{side}_id"], f"prompt_{side}": j[f"prompt_{side}"],
+                f"family_{side}": families.get(j[f"prompt_{side}_id"]),
+                f"response_{side}_id": j[f"response_{side}"],
+                f"response_{side}": j[f"response_{side}_text"],
+                f"response_{side}_source": j[f"response_{side}_source"],
+                f"model_{side}": j[f"model_{side}"], f"adapter_{side}": j[f"adapter_{side}"],
+                f"gen_settings_{side}": j[f"gen_settings_{side}"],
+                f"import_file_{side}": j[f"import_file_{side}"],
+            })
+        if include_retracted:
+            row.update({"retracted": j["retracted_at"] is not None,
+                        "retracted_at": _iso(j["retracted_at"]),
+                        "retracted_by": j["retracted_by"]})
+        rows.append(row)
+    return rows
+
+
+def _write_table(df, out: Path) -> None:
+    """Write by extension into a temp file next to `out`, then os.replace (atomic)."""
+    ext = out.suffix.lower()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if ext in (".jsonl", ".json"):
+            records = [{k: _to_python(v) for k, v in rec.items()}
+                       for rec in df.to_dict("records")]
+            with open(tmp, "w", encoding="utf-8") as f:
+                if ext == ".jsonl":
+                    for rec in records:
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                else:
+                    json.dump(records, f, ensure_ascii=False, indent=1)
+                    f.write("\n")
+        elif ext == ".csv":
+            df.to_csv(tmp, index=False, encoding="utf-8")
+        else:
+            df.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def export(store, fmt: str, out_path: str | os.PathLike,
+           include_retracted: bool = False) -> ExportReport:
+    """Write judgments as a TRL dataset (trl-dpo, trl-kto) or with full provenance (full).
+
+    Retracted judgments are never in the TRL formats; `include_retracted` adds them
+    (with retracted/retracted_at/retracted_by columns) to the full format.
+    """
+    import pandas as pd
+
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out_path)
+    if out.suffix.lower() not in EXPORT_EXTENSIONS:
+        raise ExportError(f"{out}: unknown output type {out.suffix or '(no extension)'!r}; use "
+                          f"one of {', '.join(EXPORT_EXTENSIONS)}")
+    skipped: dict[str, int] = {}
+    if fmt == "full":
+        judgments = store.judgments(include_retracted=include_retracted)
+        columns = FULL_COLUMNS + (RETRACTED_COLUMNS if include_retracted else [])
+        rows = _full_rows(store, judgments, include_retracted)
+    elif fmt == "trl-dpo":
+        columns, rows = ["prompt", "chosen", "rejected"], _dpo_rows(store.judgments(), skipped)
+    else:
+        columns, rows = ["prompt", "completion", "label"], _kto_rows(store.judgments(), skipped)
+    df = pd.DataFrame(rows, columns=columns)
+    for column in columns:
+        if column == "judgment_id" or column.endswith("_id") and column != "request_id":
+            df[column] = df[column].astype("Int64")  # ids stay integers next to nulls
+    if fmt == "trl-kto":
+        df["label"] = df["label"].astype(bool)
+    _write_table(df, out)
+    return ExportReport(fmt, str(out), len(df), skipped)
+
+
+# -- CLI ------------------------------------------------------------------------------
+
+
+def _open_store(args):
+    from rpo_app.config import DataLayout, resolve_data_dir
+    from rpo_app.store import Store
+
+    return Store(DataLayout(resolve_data_dir(getattr(args, "data_dir", None))).db)
+
+
+def cli_import(args) -> int:
+    multi_turn = getattr(args, "multi_turn", None) or "refuse"
+    parsed, errors = [], []
+    for name in args.files:  # validate every file before writing any
+        try:
+            parsed.append(read_import_file(name, multi_turn))
+        except ImportFileError as err:
+            errors.append(str(err))
+    if errors:
+        for message in errors:
+            print(f"error: {message}", file=sys.stderr)
+        print("nothing was imported", file=sys.stderr)
+        return 2
+    store = _open_store(args)
+    try:
+        for p in parsed:
+            try:
+                report = write_parsed(store, p, args.annotator)
+            except ImportFileError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            print(report.summary())
+    finally:
+        store.close()
+    return 0
+
+
+def cli_export(args) -> int:
+    store = _open_store(args)
+    try:
+        if args.include_retracted and args.format != "full":
+            print("note: --include-retracted only applies to --format full; retracted "
+                  "judgments are never in TRL exports", file=sys.stderr)
+        report = export(store, args.format, args.out, include_retracted=args.include_retracted)
+    except (ExportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(report.summary())
+    return 0
+
+
+def format_stats(stats: dict) -> str:
+    lines = [f"{'prompts':<12}{stats['prompts']:>8}",
+             f"{'responses':<12}{stats['responses']:>8}",
+             f"{'judgments':<12}{stats['judgments']:>8}  (active)",
+             f"{'retracted':<12}{stats['retracted']:>8}", ""]
+    lines.append(f"{'kind':<10}{'verdict':<10}{'count':>8}")
+    any_kind = False
+    for kind, verdicts in stats["by_kind"].items():
+        for verdict, n in sorted(verdicts.items()):
+            lines.append(f"{kind:<10}{verdict:<10}{n:>8}")
+            any_kind = True
+    if not any_kind:
+        lines.append("(no judgments)")
+    lines += ["", f"{'annotator':<24}{'judgments':>10}"]
+    for name, n in stats["annotators"].items():
+        lines.append(f"{name:<24}{n:>10}")
+    if not stats["annotators"]:
+        lines.append("(none)")
+    return "\n".join(lines)
+
+
+def cli_stats(args) -> int:
+    store = _open_store(args)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if getattr(args, "json", False):
+        print(json.dumps(stats, indent=2, ensure_ascii=False))
+    else:
+        print(format_stats(stats))
+    return 0
+
+
+__all__: Iterable[str] = [
+    "ImportFileError", "ExportError", "ImportReport", "ExportReport", "read_import_file",
+    "write_parsed", "import_path", "add_prompt_texts", "seed_if_empty", "export",
+    "cli_import", "cli_export", "cli_stats", "format_stats", "MAX_FIELD_CHARS",
+]

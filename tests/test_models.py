@@ -1,0 +1,64 @@
+"""The default model (SmolLM2 from the bundled GGUF, converted once) and model loading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rpo_app.models import (DEFAULT_MODEL_NAME, ModelLoadError, load_model, pick_device,
+                            pick_dtype, resolve_model)
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_folder_is_plain_safetensors_with_chat_template(default_model_dir):
+    assert default_model_dir.name == DEFAULT_MODEL_NAME
+    assert (default_model_dir / "model.safetensors").exists()
+    assert not list(default_model_dir.glob("*.bin"))
+    config = json.loads((default_model_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (default_model_dir / "tokenizer.json").exists()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    assert tok.chat_template
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert "Hi" in text and text.rstrip().endswith("assistant")
+
+
+def test_default_model_answers_a_question(model_cache_dir, default_model_dir):
+    import torch
+
+    model, tok = load_model(None, data_dir=model_cache_dir)
+    assert not getattr(model.config, "quantization_config", None)
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer.strip() and "Paris" in answer, answer
+
+
+def test_unknown_model_offline_raises_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-model-xyz"):
+        load_model("no-such-org/no-such-model-xyz", data_dir=tmp_path)
+    (tmp_path / "empty-folder").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty-folder"), tmp_path)
+
+
+def test_device_and_dtype_on_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only expectations")
+    assert pick_device() == "cpu"
+    assert pick_device("cpu") == "cpu"
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        pick_device("cuda")
+    assert pick_dtype("cpu") == torch.float32
