@@ -13,7 +13,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from rpo_app.store import Store
+from rpo_app.store import Store, StoreError
 
 MODES = ("paired", "cross", "unpaired", "mixed")
 UI_VERDICTS = ("left", "right", "tie", "both_bad", "up", "down")
@@ -85,8 +85,9 @@ class LabelQueue:
         return self._recent_families.setdefault(annotator, deque(maxlen=6))
 
     def _prefer_fresh_family(self, annotator: str, rows: list[dict]) -> list[dict]:
-        recent = set(self._recent(annotator))
-        return sorted(rows, key=lambda r: r.get("family") in recent and r.get("family") is not None)
+        # Least recently shown family first; the family just shown goes last.
+        order = {f: i for i, f in enumerate(self._recent(annotator)) if f is not None}
+        return sorted(rows, key=lambda r: order.get(r.get("family"), -1))
 
     def _scan(self, fetch, top: int) -> list[dict]:
         """Rows from a random starting id, wrapping round once."""
@@ -106,6 +107,10 @@ class LabelQueue:
                     continue
                 key = f"prompt:{prompt['id']}"
                 if self.store.try_lease(key, annotator):
+                    # Look again under the lease: the last holder may have judged it since.
+                    pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]))
+                    if pair is None:
+                        continue
                     left, right = self._shuffle(*pair)
                     return Item("paired", _token(), left, right, [key])
         return None
@@ -130,14 +135,22 @@ class LabelQueue:
                 if not others:
                     continue
                 done = self.store.judged_pairs([first["id"]] + [o["id"] for o in others])
-                fresh = [o for o in others if tuple(sorted((first["id"], o["id"]))) not in done]
+                skipped = self.store.skipped(annotator, [_cross_key(first["id"], o["id"])
+                                                         for o in others])
+                fresh = [o for o in others if tuple(sorted((first["id"], o["id"]))) not in done
+                         and _cross_key(first["id"], o["id"]) not in skipped]
                 if not fresh:
                     continue
                 second = self._rng.choice(fresh)
                 keys = [f"cross:{first['id']}", f"cross:{second['id']}"]
-                if all(self.store.try_lease(k, annotator) for k in keys):
-                    left, right = self._shuffle(first, second)
-                    return Item("cross", _token(), left, right, keys)
+                taken = [k for k in keys if self.store.try_lease(k, annotator)]
+                if len(taken) < len(keys) or self.store.judged_pairs([first["id"], second["id"]]):
+                    # Someone holds half of it, or judged it meanwhile: give back what we took.
+                    for key in taken:
+                        self.store.release_lease(key, annotator)
+                    continue
+                left, right = self._shuffle(first, second)
+                return Item("cross", _token(), left, right, keys)
         return None
 
     def _next_thumb(self, annotator: str) -> Item | None:
@@ -146,7 +159,10 @@ class LabelQueue:
         for resp in self._prefer_fresh_family(annotator, rows):
             key = f"resp:{resp['id']}"
             if self.store.try_lease(key, annotator):
-                return Item("unpaired", _token(), resp, None, [key])
+                # Still unjudged now that we hold the lease? (The last holder may have judged it.)
+                still = self.store.next_responses_for_thumbs(annotator, resp["id"], 1, True)
+                if still and still[0]["id"] == resp["id"]:
+                    return Item("unpaired", _token(), resp, None, [key])
         return None
 
     def _shuffle(self, a: dict, b: dict) -> tuple[dict, dict]:
@@ -186,15 +202,25 @@ class LabelQueue:
                       "right": "b" if a_side == "left" else "a"}.get(verdict, verdict)
         if seconds_spent is None:
             seconds_spent = round(time.time() - item.shown_at, 3)
-        jid, created = self.store.add_judgment(
-            item.kind, a, b, stored, annotator, source=source,
-            strength=strength if item.kind != "unpaired" and stored in ("a", "b") else None,
-            a_side=a_side, seconds_spent=seconds_spent, request_id=token)
+        try:
+            jid, created = self._store_judgment(item, a, b, stored, annotator, source, strength,
+                                                a_side, seconds_spent, token)
+        except StoreError:
+            with self._lock:
+                self._drop(item, annotator)
+            raise
         with self._lock:
             self._items.pop(token, None)
             if self._current.get(annotator) == token:
                 del self._current[annotator]
         return {"judgment_id": jid, "created": created}
+
+    def _store_judgment(self, item, a, b, stored, annotator, source, strength, a_side,
+                        seconds_spent, token):
+        return self.store.add_judgment(
+            item.kind, a, b, stored, annotator, source=source,
+            strength=strength if item.kind != "unpaired" and stored in ("a", "b") else None,
+            a_side=a_side, seconds_spent=seconds_spent, request_id=token, once=True)
 
     def skip(self, token: str, annotator: str) -> None:
         """Skip is not a judgment: nothing is learned from it, the item leaves this
@@ -203,7 +229,9 @@ class LabelQueue:
         item = self.item(token)
         if item is None:
             return
-        for key in item.lease_keys:
+        keys = ([_cross_key(item.left["id"], item.right["id"])] if item.kind == "cross"
+                else item.lease_keys)
+        for key in keys:
             self.store.record_skip(annotator, key)
         with self._lock:
             self._drop(item, annotator)
@@ -233,10 +261,18 @@ class LabelQueue:
         return {"undone": undone, "item": item}
 
     def _drop(self, item: Item, annotator: str) -> None:
-        """Caller holds the lock."""
+        """Caller holds the lock. Frees the item for other annotators at once."""
         self._items.pop(item.token, None)
         if self._current.get(annotator) == item.token:
             del self._current[annotator]
+        for key in item.lease_keys:
+            self.store.release_lease(key, annotator)
+
+
+def _cross_key(first: int, second: int) -> str:
+    """One key per cross-prompt pair, whichever side each answer was on."""
+    lo, hi = sorted((first, second))
+    return f"crosspair:{lo}:{hi}"
 
 
 def _token() -> str:

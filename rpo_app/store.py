@@ -292,11 +292,14 @@ class Store:
     def add_judgment(self, kind: str, response_a: int, response_b: int | None, verdict: str,
                      annotator: str, source: str = "label", strength: str | None = None,
                      a_side: str | None = None, seconds_spent: float | None = None,
-                     request_id: str | None = None) -> tuple[int, bool]:
+                     request_id: str | None = None, once: bool = False) -> tuple[int, bool]:
         """Record a judgment; return (id, created).
 
         request_id makes the write idempotent: a double click or a retried request
         with the same id returns the first judgment instead of adding a second.
+        once=True refuses a second active judgment of the same pair (or single answer):
+        the label queue uses it so an item whose lease expired while someone else
+        judged it is not judged twice.
         """
         _check_judgment(kind, response_a, response_b, verdict, strength, a_side, annotator)
         with self.transaction() as tx:
@@ -317,6 +320,12 @@ class Store:
                 raise StoreError("a cross-prompt judgment needs responses to different prompts")
             if response_a == response_b:
                 raise StoreError("a judgment cannot compare a response with itself")
+            if once and tx.execute(
+                    "SELECT 1 FROM judgments WHERE retracted_at IS NULL AND kind = ? AND "
+                    "((response_a = ? AND response_b IS ?) OR (response_a = ? AND response_b IS ?))",
+                    (kind, response_a, response_b, response_b, response_a)).fetchone():
+                raise StoreError("this item was judged meanwhile by someone else; "
+                                 "here is the next one")
             cur = tx.execute(
                 "INSERT INTO judgments(kind, response_a, response_b, verdict, strength, "
                 "annotator, source, a_side, seconds_spent, created_at, request_id) "
@@ -504,6 +513,19 @@ class Store:
     def release_leases(self, annotator: str) -> None:
         with self.transaction() as tx:
             tx.execute("DELETE FROM leases WHERE annotator = ?", (annotator,))
+
+    def release_lease(self, item_key: str, annotator: str) -> None:
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM leases WHERE item_key = ? AND annotator = ?",
+                       (item_key, annotator))
+
+    def skipped(self, annotator: str, item_keys: list[str]) -> set[str]:
+        if not item_keys:
+            return set()
+        marks = ",".join("?" * len(item_keys))
+        rows = self._read(f"SELECT item_key FROM skips WHERE annotator = ? AND item_key IN ({marks})",
+                          [annotator, *item_keys])
+        return {r[0] for r in rows}
 
     def record_skip(self, annotator: str, item_key: str) -> None:
         with self.transaction() as tx:

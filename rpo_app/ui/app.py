@@ -45,8 +45,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 
         def on_load(saved, request: gr.Request):
             user = getattr(request, "username", None)
-            name = user or saved or ""
-            return name, _model_line(ctx)
+            # Never clear a name typed while the page was still loading.
+            name = user or saved
+            return (name if name else gr.update()), _model_line(ctx)
 
         demo.load(on_load, remembered, [annotator, model_info], api_name=False).then(
             label["show_next"], label["inputs"], label["view"], api_name=False).then(

@@ -72,13 +72,17 @@ class AppContext:
         # at once can fail ("cannot import name AutoModelForCausalLM"): import up front.
         import sentence_transformers  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        # transformers cannot load two models in two threads at once ("Cannot copy out
+        # of meta tensor"), so the loaders take turns.
+        self._load_lock = threading.Lock()
         self._index = _Loader("prompt embedder", self._load_index)
         self._host = _Loader("model", self._load_host) if load_model else None
 
     def _load_index(self):
         from rpo_app.embed import Embedder, PromptIndex
 
-        index = PromptIndex(self.store, Embedder())
+        with self._load_lock:
+            index = PromptIndex(self.store, Embedder())
         index.refresh()
         self.queue.index = index
         return index
@@ -86,8 +90,9 @@ class AppContext:
     def _load_host(self):
         from rpo_app.generate import ModelHost
 
-        host = ModelHost(self.cfg.model, data_dir=self.layout.root, device=self.cfg.device,
-                         trust_remote_code=self.cfg.trust_remote_code)
+        with self._load_lock:
+            host = ModelHost(self.cfg.model, data_dir=self.layout.root, device=self.cfg.device,
+                             trust_remote_code=self.cfg.trust_remote_code)
         for adapter in self.store.adapters():
             try:
                 host.load_adapter(adapter["name"], adapter["path"])

@@ -80,14 +80,16 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                 b_up = gr.Button("Good answer  [1]", variant="primary", elem_id="lbl-up")
                 b_down = gr.Button("Bad answer  [2]", variant="stop", elem_id="lbl-down")
             with gr.Row():
-                strength = gr.Radio(STRENGTH_CHOICES, value="none", label="Strength (optional)",
-                                    scale=3, elem_id="lbl-strength")
+                with gr.Column(scale=3, min_width=200) as strength_col:
+                    strength = gr.Radio(STRENGTH_CHOICES, value="none", label="Strength (optional)",
+                                        elem_id="lbl-strength")
                 b_skip = gr.Button("Skip  [S]", size="sm", elem_id="lbl-skip")
                 b_undo = gr.Button("Undo last  [Z]", size="sm", elem_id="lbl-undo")
             status = gr.Markdown("", elem_id="lbl-status")
         with gr.Column(scale=2):
-            related = gr.Dataframe(headers=["similarity", "related prompt"], label="Related prompts",
-                                   interactive=False, wrap=True, elem_id="lbl-related")
+            related = gr.Dataframe(headers=["sim.", "related prompt"], label="Related prompts",
+                                   interactive=False, wrap=True, column_widths=["64px", "auto"],
+                                   elem_id="lbl-related")
             history = gr.Dataframe(headers=["#", "kind", "verdict", "prompt"],
                                    label="Your last judgments", interactive=False, wrap=True,
                                    elem_id="lbl-history")
@@ -96,7 +98,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                         "Skip stores nothing; tie and both-bad are judgments.")
 
     view = [token, prompt, left_prompt, left, right_prompt, right, right_col, question,
-            pair_row, thumb_row, related, history, progress, status]
+            pair_row, thumb_row, strength_col, related, history, progress, status]
 
     def render(annotator: str | None, item, message: str = ""):
         hist, prog = _history_and_progress(ctx, annotator)
@@ -106,7 +108,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
             return [None, gr.update(value="", visible=True), gr.update(visible=False), "",
                     gr.update(visible=False), "", gr.update(visible=True),
                     empty, gr.update(visible=False), gr.update(visible=False),
-                    _empty_related(), hist, prog, message]
+                    gr.update(visible=False), _empty_related(), hist, prog, message]
         cross = item.kind == "cross"
         thumbs = item.kind == "unpaired"
         q = ("**Which answer answers its own prompt better?**" if cross else
@@ -119,6 +121,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                 item.right["text"] if item.right else "",
                 gr.update(visible=not thumbs), q,
                 gr.update(visible=not thumbs), gr.update(visible=thumbs),
+                gr.update(visible=not thumbs),
                 _related(ctx, item.left["prompt_id"]), hist, prog, message]
 
     def show_next(mode_value, typed, request: gr.Request, message=""):
@@ -135,8 +138,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
             try:
                 result = ctx.queue.submit(tok, verdict, name,
                                           strength=None if strength_value == "none" else strength_value)
-            except ValueError as err:
-                raise gr.Error(str(err))
+            except ValueError as err:  # nothing was stored; say why and move on
+                return show_next(mode_value, typed, request, f"⚠ Not saved: {err}")
             msg = (f"Saved judgment #{result['judgment_id']} ({_verdict_word(verdict)})."
                    if result["created"] else
                    f"Already saved as #{result['judgment_id']} (not stored twice).")
@@ -195,17 +198,17 @@ def _verdict_word(verdict: str) -> str:
 
 
 def _empty_related() -> pd.DataFrame:
-    return pd.DataFrame({"similarity": [], "related prompt": []})
+    return pd.DataFrame({"sim.": [], "related prompt": []})
 
 
 def _related(ctx: AppContext, prompt_id: int) -> pd.DataFrame:
     try:
         index = ctx.index(timeout=0.01)
     except gr.Error:
-        return pd.DataFrame({"similarity": ["..."], "related prompt": ["(embedder loading)"]})
+        return pd.DataFrame({"sim.": ["..."], "related prompt": ["(embedder loading)"]})
     hits = index.related(prompt_id, k=6)
     texts = {p["id"]: p["text"] for p in ctx.store.prompts(ids=[h[0] for h in hits])}
-    return pd.DataFrame({"similarity": [round(s, 3) for _, s in hits],
+    return pd.DataFrame({"sim.": [round(s, 2) for _, s in hits],
                          "related prompt": [texts.get(i, "") for i, _ in hits]})
 
 

@@ -1,0 +1,281 @@
+"""Helpers for tests that drive the real app: start the server, seed a store, open a
+browser, save screenshots. Shared by the API and browser tests.
+
+Everything stays offline: the server gets HF_HUB_OFFLINE=1 and no analytics, and the
+browser is Debian's chromium with background networking off.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / ".artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking",
+                 "--disable-component-update", "--disable-gpu"]
+
+
+# -- the server ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class AppProcess:
+    proc: subprocess.Popen
+    url: str
+    port: int
+    data_dir: Path
+    log_path: Path
+    _log_file: object = field(default=None, repr=False)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in `timeout` seconds."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log_file is not None and not self._log_file.closed:
+            self._log_file.close()
+        return self.proc.returncode
+
+    def wait_for_log(self, text: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if not self.alive:
+                raise RuntimeError(f"app exited (rc {self.proc.returncode}) before logging "
+                                   f"{text!r}:\n{self.log_tail()}")
+            time.sleep(0.25)
+        raise TimeoutError(f"app did not log {text!r} in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def __enter__(self) -> "AppProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# The app is local: never send test traffic (urllib here, httpx in gradio_client) through
+# a proxy that the environment may name.
+_LOCAL = "127.0.0.1,localhost"
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = ",".join(filter(None, [os.environ.get(_var), _LOCAL]))
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with _OPENER.open(url, timeout=timeout) as resp:  # noqa: S310 (localhost)
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, OSError, TimeoutError):
+        return False
+
+
+def start_app(data_dir, port: int | None = None, extra_args=(), env: dict | None = None,
+              timeout: float = 120.0, wait_model: bool = False) -> AppProcess:
+    """Start `python app.py --data-dir DATA --port PORT`; return once / answers 200.
+
+    stdout and stderr go to DATA/app-test-PORT.log (never an undrained pipe). If the
+    process dies or times out, raise with the tail of that log. The model loads in the
+    background after the page is up; `wait_model=True` also waits (in a headless browser)
+    until the page's model line says "model ready".
+    """
+    data_dir = Path(data_dir)
+    port = port or free_port()
+    log_path = data_dir / f"app-test-{port}.log"
+    full_env = dict(os.environ)
+    full_env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "HF_DATASETS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+                     "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    full_env.pop("GRADIO_SERVER_PORT", None)
+    if env:
+        full_env.update(env)
+    log_file = open(log_path, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--data-dir", str(data_dir), "--port", str(port),
+         *extra_args],
+        cwd=REPO, env=full_env, stdin=subprocess.DEVNULL, stdout=log_file,
+        stderr=subprocess.STDOUT)
+    app = AppProcess(proc, f"http://127.0.0.1:{port}", port, data_dir, log_path, log_file)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            app.stop()
+            raise RuntimeError(f"app exited with rc {proc.returncode} while starting:\n"
+                               f"{app.log_tail()}")
+        if _http_ok(app.url + "/"):
+            break
+        if time.monotonic() > deadline:
+            app.stop()
+            raise TimeoutError(f"app not answering on {app.url} after {timeout:.0f} s:\n"
+                               f"{app.log_tail()}")
+        time.sleep(0.3)
+    if wait_model:
+        try:
+            wait_model_ready(app, timeout=timeout)
+        except BaseException:
+            app.stop()
+            raise
+    return app
+
+
+def wait_model_ready(app: AppProcess, timeout: float = 180.0) -> str:
+    """Open the page in a headless browser and wait for "model ready" on the model line
+    (there is no API endpoint for it: the line refreshes through a private timer event)."""
+    with chromium_browser() as b:
+        page = b.new_page()
+        try:
+            page.goto(app.url, timeout=60_000)
+            return wait_model_ready_in_page(page, timeout)
+        finally:
+            page.close()
+
+
+@contextlib.contextmanager
+def running_app(data_dir, **kwargs):
+    app = start_app(data_dir, **kwargs)
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+# -- seeding ------------------------------------------------------------------------------
+def link_default_model(data_dir, default_model_dir) -> Path:
+    """Symlink the converted default model into DATA/models (as conftest's
+    linked_data_dir does), so the app does not convert the GGUF again. For module-scoped
+    fixtures, which cannot use the function-scoped linked_data_dir."""
+    data_dir = Path(data_dir)
+    (data_dir / "models").mkdir(parents=True, exist_ok=True)
+    link = data_dir / "models" / Path(default_model_dir).name
+    if not link.exists():
+        link.symlink_to(default_model_dir)
+    return data_dir
+
+
+FAMILIES = ("cooking", "travel", "coding", "health")
+
+
+def seed_store(data_dir, n_prompts: int = 6, answers_per_prompt: int = 2,
+               families=FAMILIES, prefix: str = "Test prompt") -> dict:
+    """Prompts with fixed synthetic answers (source "test"), written straight to the store
+    so no generation is needed. Returns {"prompts": [ids], "responses": {pid: [ids]}}.
+
+    Calling it on a store that is empty also stops the app from loading the seed prompts.
+    """
+    from rpo_app.store import Store
+
+    store = Store(data_dir)
+    try:
+        out: dict = {"prompts": [], "responses": {}}
+        for i in range(n_prompts):
+            family = families[i % len(families)] if families else None
+            pid, _ = store.add_prompt(f"{prefix} {i} about {family}: what would you suggest?",
+                                      source="test", family=family)
+            out["prompts"].append(pid)
+            out["responses"][pid] = [
+                store.add_response(pid, f"Synthetic answer {k} to {prefix.lower()} {i}. "
+                                        f"Option {'ABCDEFGH'[k % 8]} is what I suggest.",
+                                   source="test", model="test")[0]
+                for k in range(answers_per_prompt)]
+        return out
+    finally:
+        store.close()
+
+
+# -- the browser --------------------------------------------------------------------------
+def require_chromium() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found (install Debian's chromium to run browser tests)")
+
+
+@contextlib.contextmanager
+def chromium_browser(headless: bool = True):
+    """A Playwright chromium (Debian's binary), closed on exit. Skips if it is missing."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=headless,
+                                     args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Module-wide browser fixture; import it into a test module to use it."""
+    with chromium_browser() as b:
+        yield b
+
+
+def wait_model_ready_in_page(page, timeout: float = 180.0) -> str:
+    """Wait until the model line on the page says "model ready" (it loads in the
+    background and the line refreshes every 3 s). Raises if it says it failed."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = page.locator("#model-line").inner_text()
+        if "model ready" in text:
+            return text
+        if "failed" in text:
+            raise RuntimeError(f"model failed to load: {text}")
+        page.wait_for_timeout(500)
+    raise TimeoutError(f"model not ready after {timeout:.0f} s; model line: {text!r}")
+
+
+# -- screenshots --------------------------------------------------------------------------
+def artifacts_dir() -> Path:
+    """tests/.artifacts, created with a .gitignore of its own so nothing in it is committed
+    (the repository's .gitignore does not need to know about it)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    ignore = ARTIFACTS / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# screenshots and reports from the app tests; never committed\n*\n")
+    return ARTIFACTS
+
+
+def screenshot(page, name: str, **kwargs) -> Path:
+    """Save to tests/.artifacts/NAME and, when RPO_SCREENSHOT_DIR is set, copy it there."""
+    path = artifacts_dir() / name
+    page.screenshot(path=str(path), **kwargs)
+    extra = os.environ.get("RPO_SCREENSHOT_DIR")
+    if extra:
+        Path(extra).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(extra) / name)
+    return path
