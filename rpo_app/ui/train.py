@@ -34,6 +34,7 @@ accuracy* is the same on pairs never trained on: the number that says it general
 def build(ctx: AppContext) -> dict:
     defaults = TrainConfig()
     run_id = gr.State(None)
+    drawn = gr.State(None)
     with gr.Row():
         with gr.Column(scale=2):
             device_md = gr.Markdown(_device_line(), elem_id="train-device")
@@ -156,11 +157,13 @@ def build(ctx: AppContext) -> dict:
         rows = ctx.store.runs()
         return rows[0]["id"] if rows else None
 
-    def watch(rid):
+    def watch(rid, drawn=None):
+        """Live view of a run. `drawn` is what this page last drew (run, metric rows,
+        samples); unchanged charts are skipped so the timer never re-renders them."""
         rid = current_run(rid)
         if rid is None:
             return ("No run yet.", _bar(0, 0, None), _empty_plot(), _empty_plot(), _empty_plot(),
-                    _empty_samples(), gr.update(visible=False))
+                    _empty_samples(), gr.update(visible=False), None)
         st = ctx.runs.status(rid)
         metrics = ctx.runs.metrics(rid)
         state = st.get("state", "unknown")
@@ -178,14 +181,19 @@ def build(ctx: AppContext) -> dict:
         if st.get("early_stopped"):
             parts.append("stopped early: held-out accuracy stopped improving")
         if state == "failed":
-            parts.append(f"❌ {html.escape(str(st.get('error') or 'failed'))}")
+            parts.append(f"**failed:** {html.escape(str(st.get('error') or 'failed'))}")
         if st.get("warning"):
-            parts.append(f"⚠ {html.escape(str(st['warning']))}")
+            parts.append(f"**warning:** {html.escape(str(st['warning']))}")
         failed = state == "failed"
+        sample_rows = ctx.runs.samples(rid)
+        key = [rid, len(metrics), len(sample_rows)]
+        same = drawn == key
         return (" · ".join(parts), _bar(step, total, eta, st.get("elapsed_s")),
-                _series(metrics, "loss", "loss"), _series(metrics, "margin", "margin"),
-                _accuracy(metrics), _samples(ctx.runs.samples(rid)),
-                gr.update(visible=failed, value=ctx.runs.log_tail(rid) if failed else ""))
+                gr.skip() if same else _series(metrics, "loss", "loss"),
+                gr.skip() if same else _series(metrics, "margin", "margin"),
+                gr.skip() if same else _accuracy(metrics),
+                gr.skip() if same else _samples(sample_rows),
+                gr.update(visible=failed, value=ctx.runs.log_tail(rid) if failed else ""), key)
 
     def stop_run(rid):
         rid = current_run(rid)
@@ -221,7 +229,7 @@ def build(ctx: AppContext) -> dict:
                     s = m[["step", col]].dropna()
                     frames.append(pd.DataFrame({"step": s["step"], "value": _smooth(s[col]),
                                                 "series": f"{rid} {label}"}))
-        return pd.concat(frames) if frames else _empty_plot()
+        return pd.concat(frames, ignore_index=True) if frames else _empty_plot()
 
     def delete(rid):
         if not rid:
@@ -233,7 +241,7 @@ def build(ctx: AppContext) -> dict:
         gr.Info(f"Deleted {rid}")
         return runs_view()
 
-    live = [status, bar, loss_plot, margin_plot, acc_plot, samples, log_box]
+    live = [status, bar, loss_plot, margin_plot, acc_plot, samples, log_box, drawn]
     runs_outputs = [runs_table, cmp_a, cmp_b, del_pick, annotators]
     for comp in form:
         comp.change(usable_line, form, usable, api_name=False, show_progress="hidden")
@@ -241,7 +249,7 @@ def build(ctx: AppContext) -> dict:
         runs_view, None, runs_outputs, api_name=False)
     stop.click(stop_run, run_id, live, api_name="train_stop")
     timer = gr.Timer(2.0)
-    timer.tick(watch, run_id, live, api_name=False, show_progress="hidden",
+    timer.tick(watch, [run_id, drawn], live, api_name=False, show_progress="hidden",
                concurrency_limit=None)
     cmp_btn.click(compare, [cmp_a, cmp_b], cmp_plot, api_name="train_compare")
     del_btn.click(delete, del_pick, runs_outputs, api_name="train_delete")
@@ -272,11 +280,11 @@ def _device_line() -> str:
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return (f"🟢 **GPU:** {props.name}, {props.total_memory / 2**30:.0f} GiB "
+        return (f"**GPU:** {props.name}, {props.total_memory / 2**30:.0f} GiB "
                 f"({torch.cuda.device_count()} visible) · training uses bf16")
     import os
 
-    return (f"🟡 **No GPU found:** training runs on the CPU ({os.cpu_count()} cores), fp32. "
+    return (f"**No GPU found:** training runs on the CPU ({os.cpu_count()} cores), fp32. "
             "Fine for the bundled 135M model and a few hundred steps.")
 
 
@@ -337,9 +345,10 @@ def _smooth(series: pd.Series, alpha: float = 0.3) -> pd.Series:
     return series.ewm(alpha=alpha, adjust=False).mean()
 
 
-def _empty_plot() -> pd.DataFrame:
-    return pd.DataFrame({"step": pd.Series(dtype=float), "value": pd.Series(dtype=float),
-                         "series": pd.Series(dtype=str)})
+def _empty_plot() -> None:
+    # None, not an empty frame: a chart first drawn from an empty frame keeps an empty
+    # colour domain and then draws no lines at all.
+    return None
 
 
 def _series(metrics: pd.DataFrame, col: str, label: str) -> pd.DataFrame:
@@ -348,16 +357,16 @@ def _series(metrics: pd.DataFrame, col: str, label: str) -> pd.DataFrame:
     s = metrics[["step", col]].dropna()
     return pd.concat([pd.DataFrame({"step": s["step"], "value": s[col], "series": label}),
                       pd.DataFrame({"step": s["step"], "value": _smooth(s[col]),
-                                    "series": f"{label} (smoothed)"})])
+                                    "series": f"{label} (smoothed)"})], ignore_index=True)
 
 
 def _accuracy(metrics: pd.DataFrame) -> pd.DataFrame:
-    frames = [_series(metrics, "accuracy", "train acc")]
+    frames = [f for f in [_series(metrics, "accuracy", "train acc")] if f is not None]
     if "eval/accuracy" in metrics and metrics["eval/accuracy"].notna().any():
         s = metrics[["step", "eval/accuracy"]].dropna()
         frames.append(pd.DataFrame({"step": s["step"], "value": s["eval/accuracy"],
                                     "series": "held-out acc"}))
-    return pd.concat(frames)
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def _empty_samples() -> pd.DataFrame:

@@ -1,0 +1,108 @@
+"""Label -> train -> chat in a real browser (Playwright + Debian's chromium), on a tiny
+random model so a training run takes seconds: label a few pairs, start a short run,
+watch the chart fill and the status reach finished, chat on both sides, cast a blind
+vote and find it in the store."""
+from __future__ import annotations
+
+import pytest
+
+from apptools import chromium_browser, screenshot, seed_store, start_app
+from rpo_app.store import Store
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+TIMEOUT = 30_000
+
+
+def _box(page, elem_id):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def _button(page, elem_id):
+    return page.locator(f"button#{elem_id}, #{elem_id} button").first
+
+
+def _set_number(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_label_train_chat_vote(data_dir, tiny_model_dir):
+    seed_store(data_dir, n_prompts=10, answers_per_prompt=2)
+    app = start_app(data_dir, extra_args=("--model", str(tiny_model_dir)), wait_model=True)
+    try:
+        with chromium_browser() as browser:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url, timeout=60_000)
+            page.wait_for_function("() => document.querySelector('#lbl-status') && "
+                                   "document.querySelector('#lbl-status').innerText.includes('name')",
+                                   timeout=TIMEOUT)
+            _box(page, "annotator-name").fill("grace")
+            _box(page, "annotator-name").press("Enter")
+            # Label eight pairs with the keyboard: the answer ending in "A" always wins.
+            for i in range(8):
+                page.wait_for_function("() => document.querySelector('#lbl-left-text textarea')"
+                                       ".value.length > 0", timeout=TIMEOUT)
+                left = _box(page, "lbl-left-text").input_value()
+                page.evaluate("() => document.activeElement && document.activeElement.blur()")
+                page.keyboard.press("1" if "Option A" in left else "2")
+                page.wait_for_function(
+                    f"() => document.querySelector('#lbl-status').innerText"
+                    f".includes('Saved judgment #{i + 1} ')", timeout=TIMEOUT)
+
+            page.get_by_role("tab", name="Train").click()
+            _set_number(page, "train-steps", 4)
+            _set_number(page, "train-batch", 2)
+            _box(page, "train-previews").fill("Say hi.")
+            page.wait_for_function("() => document.querySelector('#train-usable').innerText"
+                                   ".includes('8 pairs')", timeout=TIMEOUT)
+            _button(page, "train-start").click()
+            page.wait_for_function("() => document.querySelector('#train-status').innerText"
+                                   ".includes('finished')", timeout=300_000)
+            # The loss chart has drawn its points (vega renders marks into svg or canvas).
+            page.wait_for_function("() => document.querySelector('#plot-loss canvas, "
+                                   "#plot-loss svg .mark-line, #plot-loss svg .mark-symbol')",
+                                   timeout=TIMEOUT)
+            assert "tuned" in page.locator("#train-samples").inner_text().lower()
+            screenshot(page, "train-tab.png", full_page=True)
+
+            page.get_by_role("tab", name="Chat").click()
+            page.locator("#chat-settings").get_by_text("Generation settings").click()
+            _set_number(page, "chat-max-new", 16)
+            run_id = Store(data_dir).runs()[0]["id"]
+            right = page.locator("#chat-right-pick input").first
+            right.click()
+            page.get_by_role("option", name=run_id).click()
+            _box(page, "chat-input").fill("Hello there")
+            _button(page, "chat-send").click()
+            for side in ("chat-left", "chat-right"):
+                page.wait_for_function(
+                    f"() => document.querySelectorAll('#{side} .message-row, #{side} "
+                    f"[data-testid=\"bot\"]').length >= 1", timeout=120_000)
+            screenshot(page, "chat-tab.png", full_page=True)
+
+            page.locator("#chat-blind input").check()
+            page.wait_for_function("() => document.querySelector('#chat-reveal').innerText"
+                                   ".includes('Blind mode')", timeout=TIMEOUT)
+            _box(page, "chat-input").fill("Name a colour.")
+            _button(page, "chat-send").click()
+            _button(page, "vote-left").wait_for(state="visible", timeout=120_000)
+            _button(page, "vote-left").click()
+            page.wait_for_function("() => document.querySelector('#chat-reveal').innerText"
+                                   ".includes('Left was')", timeout=TIMEOUT)
+            reveal = page.locator("#chat-reveal").inner_text()
+            assert run_id in reveal and "base model" in reveal
+            assert "tuned" in page.locator("#chat-tally").inner_text()
+    finally:
+        app.stop()
+
+    store = Store(data_dir)
+    votes = [j for j in store.judgments() if j["source"] == "blind-chat"]
+    assert len(votes) == 1
+    vote = votes[0]
+    assert vote["kind"] == "paired" and vote["annotator"] == "grace"
+    assert vote["prompt_a"] == "Name a colour."
+    assert {vote["adapter_a"], vote["adapter_b"]} == {None, run_id}
+    left_won = (vote["verdict"] == "a") == (vote["a_side"] == "left")
+    assert left_won
+    assert len([j for j in store.judgments() if j["source"] == "label"]) == 8

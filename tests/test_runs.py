@@ -1,0 +1,91 @@
+"""Training runs as child processes: stop keeps a loadable checkpoint; a killed run is
+reported as failed (not "running" forever) and resumes to the end."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from apptools import seed_store
+from rpo_app.config import DataLayout
+from rpo_app.runs import RunManager
+from rpo_app.store import Store
+from rpo_app.train import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def manager(data_dir):
+    seeded = seed_store(data_dir, n_prompts=8, answers_per_prompt=2)
+    store = Store(data_dir)
+    for pid in seeded["prompts"]:
+        a, b = seeded["responses"][pid]
+        store.add_judgment("paired", a, b, "a", "tester")
+    yield RunManager(store, DataLayout(data_dir)), store
+    store.close()
+
+
+def _config(tiny_model_dir, steps: int) -> TrainConfig:
+    return TrainConfig(loss="rpo-paired", model=str(tiny_model_dir), max_steps=steps,
+                       batch_size=2, max_length=64, max_prompt_length=32, save_every=1,
+                       eval_every=0, sample_every=0, sample_max_new_tokens=8,
+                       preview_prompts=["Say hi."], eval_fraction=0.0, early_stop_patience=0)
+
+
+def _wait_step(manager, run_id, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = manager.status(run_id)
+        assert st["state"] in ("queued", "running"), st
+        if (st.get("step") or 0) >= step and st["state"] == "running":
+            return st
+        time.sleep(0.3)
+    raise TimeoutError(f"run never reached step {step}: {manager.log_tail(run_id)}")
+
+
+def test_stop_keeps_a_loadable_checkpoint(manager, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    runs, store = manager
+    run_id = runs.start(_config(tiny_model_dir, steps=2000))
+    _wait_step(runs, run_id, 2)
+    assert runs.stop(run_id)
+    st = runs.wait(run_id, timeout=120)
+    assert st["state"] == "stopped", runs.log_tail(run_id)
+    assert store.run(run_id)["state"] == "stopped"
+    ckpts = sorted((runs.layout.run_dir(run_id) / "checkpoints").iterdir())
+    assert ckpts and all(not p.name.endswith(".tmp") for p in ckpts)
+    last = max(ckpts, key=lambda p: int(p.name.split("-")[1]))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, last / "adapter")
+    assert any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_killed_run_is_failed_then_resumes(manager, tiny_model_dir, data_dir):
+    runs, store = manager
+    run_id = runs.start(_config(tiny_model_dir, steps=6))
+    st = _wait_step(runs, run_id, 2)
+    os.kill(st.get("pid") or store.run(run_id)["pid"], signal.SIGKILL)
+    deadline = time.time() + 30
+    while runs.status(run_id)["state"] == "running" and time.time() < deadline:
+        time.sleep(0.2)
+    st = runs.status(run_id)
+    assert st["state"] == "failed" and "died" in st["error"]
+    assert store.run(run_id)["state"] == "failed"
+    run_dir = runs.layout.run_dir(run_id)
+    done = subprocess.run([sys.executable, "-m", "rpo_app", "train", "--out", str(run_dir),
+                           "--resume", "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    st = runs.status(run_id)
+    assert st["state"] == "finished" and st["step"] == 6
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    # A finished run's adapter is registered for chat and generation.
+    assert store.adapter(run_id) is not None
