@@ -13,12 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("rpo-paired", "rpo-unpaired", "dpo", "ipo", "kto")
-WEIGHTINGS = ("embedding", "uniform", "diagonal")
-# Losses that contrast aligned (chosen[i], rejected[i]) pairs; the others take two
-# independent pools of chosen and rejected items.
-PAIR_LOSSES = ("rpo-paired", "dpo", "ipo")
-POOL_LOSSES = ("rpo-unpaired", "kto")
+# The names live in torch-free batches.py so the CLI can list them without importing torch.
+from rpo_app.batches import LOSSES, PAIR_LOSSES, POOL_LOSSES, WEIGHTINGS  # noqa: F401 - re-exported
+
 DIAGONAL_WEIGHT = 0.8  # the paper's RPO-Diagonal ablation
 
 
@@ -30,6 +27,8 @@ def rpo_weights(
     *,
     shape: tuple[int, int] | None = None,
     diagonal_weight: float = DIAGONAL_WEIGHT,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The M x N contrast weights; each row sums to 1; never carries a gradient.
 
@@ -38,6 +37,8 @@ def rpo_weights(
     ``diagonal``: ``diagonal_weight`` on the aligned pair, the rest spread evenly over
     the row (needs M == N; with N == 1 the single weight is 1).
     ``shape`` gives (M, N) when the embeddings are not needed (uniform, diagonal).
+    ``dtype``: at least float32, also when the log-probs come in bf16.
+    ``device``: where uniform/diagonal weights go (default: the embeddings' device, else CPU).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
@@ -49,23 +50,24 @@ def rpo_weights(
         # Weights are a fixed property of the prompts: the policy must not learn by
         # moving them, and the embedder is not being trained.
         with torch.no_grad():
-            a = F.normalize(chosen_prompt_emb.detach().float(), dim=-1)
-            b = F.normalize(rejected_prompt_emb.detach().float(), dim=-1)
+            a = F.normalize(chosen_prompt_emb.detach().to(dtype), dim=-1)
+            b = F.normalize(rejected_prompt_emb.detach().to(dtype), dim=-1)
             return torch.softmax(a @ b.T / temperature, dim=1)
     if shape is None:
         if chosen_prompt_emb is None or rejected_prompt_emb is None:
             raise ValueError("give shape=(M, N) or the prompt embeddings")
         shape = (chosen_prompt_emb.shape[0], rejected_prompt_emb.shape[0])
     m, n = shape
-    device = chosen_prompt_emb.device if chosen_prompt_emb is not None else None
+    if device is None and chosen_prompt_emb is not None:
+        device = chosen_prompt_emb.device
     if weighting == "uniform":
-        return torch.full((m, n), 1.0 / n, device=device)
+        return torch.full((m, n), 1.0 / n, device=device, dtype=dtype)
     if m != n:
         raise ValueError(f"diagonal weighting needs as many chosen as rejected items, got {m} and {n}")
     if n == 1:
-        return torch.ones((1, 1), device=device)
+        return torch.ones((1, 1), device=device, dtype=dtype)
     off = (1.0 - diagonal_weight) / (n - 1)
-    w = torch.full((n, n), off, device=device)
+    w = torch.full((n, n), off, device=device, dtype=dtype)
     w.fill_diagonal_(diagonal_weight)
     return w
 
@@ -93,9 +95,11 @@ def rpo_loss(
     chosen_r = policy_chosen_logps - ref_chosen_logps
     rejected_r = policy_rejected_logps - ref_rejected_logps
     delta = chosen_r[:, None] - rejected_r[None, :]
+    dtype = torch.promote_types(delta.dtype, torch.float32)
     w = rpo_weights(chosen_prompt_emb, rejected_prompt_emb, temperature, weighting,
-                    shape=tuple(delta.shape), diagonal_weight=diagonal_weight)
-    return -F.logsigmoid(beta * w.to(delta.dtype) * delta).mean()
+                    shape=tuple(delta.shape), diagonal_weight=diagonal_weight, dtype=dtype,
+                    device=delta.device)
+    return -F.logsigmoid(beta * w * delta.to(dtype)).mean()
 
 
 def dpo_loss(

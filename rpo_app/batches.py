@@ -1,0 +1,411 @@
+"""Judgments -> tokenized preference data and length-grouped batches.
+
+Which judgments each loss trains on (ties never carry a preference and are skipped):
+
+| judgment (kind / verdict)      | rpo-paired        | dpo, ipo          | rpo-unpaired, kto               |
+| ------------------------------ | ----------------- | ----------------- | ------------------------------- |
+| paired  a / b                  | pair              | pair              | winner -> chosen, loser -> rejected |
+| paired  tie                    | -                 | -                 | -                               |
+| paired  both_bad               | -                 | -                 | both -> rejected                |
+| cross   a / b                  | pair across two prompts (weighted by prompt similarity) | - | winner -> chosen, loser -> rejected |
+| cross   tie                    | -                 | -                 | -                               |
+| cross   both_bad               | -                 | -                 | both -> rejected                |
+| unpaired up / down             | -                 | -                 | up -> chosen, down -> rejected  |
+
+"pair" losses contrast aligned (chosen, rejected) pairs; "pool" losses draw chosen
+and rejected items independently from the two pools. The held-out preference
+accuracy is measured on held-out pairs (paired and cross) for every loss, so losses
+can be compared on one measure; with no held-out pairs it falls back to the pools.
+
+Text becomes tokens through the model's own chat template: the prompt as a user
+message with the generation prompt, then the response and the end-of-turn token.
+Only response tokens are scored.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+KINDS = ("paired", "cross", "unpaired")
+LOSSES = ("rpo-paired", "rpo-unpaired", "dpo", "ipo", "kto")
+WEIGHTINGS = ("embedding", "uniform", "diagonal")
+# Losses that contrast aligned (chosen[i], rejected[i]) pairs; the others take two
+# independent pools of chosen and rejected items.
+PAIR_LOSSES = ("rpo-paired", "dpo", "ipo")
+POOL_LOSSES = ("rpo-unpaired", "kto")
+# Consecutive batches drawn from one chunk of this many batches are length-sorted;
+# bigger chunks pad less but make batch composition less random.
+GROUP_BATCHES = 16
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    chosen: Item
+    rejected: Item
+    kind: str
+    judgment_id: int | None = None
+
+
+# --- judgments -> pairs and pools ------------------------------------------------------
+
+def filter_judgments(judgments: Iterable[dict], kinds: Sequence[str] | None = None,
+                     annotators: Sequence[str] | None = None) -> list[dict]:
+    """Keep the judgment kinds and annotators asked for (None: all)."""
+    if kinds:
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown judgment kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    return [j for j in judgments
+            if (not kinds or j["kind"] in kinds) and (not annotators or j.get("annotator") in annotators)]
+
+
+def _sides(j: dict) -> tuple[Item, Item | None]:
+    a = Item(j["prompt_a"], j["response_a"])
+    if j["kind"] == "unpaired":
+        return a, None
+    # A paired judgment may leave prompt_b empty: both answers share prompt_a.
+    return a, Item(j.get("prompt_b") or j["prompt_a"], j["response_b"])
+
+
+def judgment_pairs(judgments: Iterable[dict], kinds: Sequence[str] = ("paired", "cross")) -> list[Pair]:
+    """(chosen, rejected) pairs from a/b verdicts of the given kinds."""
+    pairs = []
+    for j in judgments:
+        if j["kind"] not in kinds or j["kind"] == "unpaired" or j["verdict"] not in ("a", "b"):
+            continue
+        a, b = _sides(j)
+        chosen, rejected = (a, b) if j["verdict"] == "a" else (b, a)
+        pairs.append(Pair(chosen, rejected, j["kind"], j.get("judgment_id")))
+    return pairs
+
+
+def judgment_pools(judgments: Iterable[dict]) -> tuple[list[Item], list[Item]]:
+    """Chosen and rejected items from every kind of judgment (see the module table)."""
+    chosen: list[Item] = []
+    rejected: list[Item] = []
+    for j in judgments:
+        a, b = _sides(j)
+        verdict = j["verdict"]
+        if j["kind"] == "unpaired":
+            (chosen if verdict == "up" else rejected).append(a)
+        elif verdict == "a":
+            chosen.append(a)
+            rejected.append(b)
+        elif verdict == "b":
+            chosen.append(b)
+            rejected.append(a)
+        elif verdict == "both_bad":
+            rejected.extend([a, b])
+    return chosen, rejected
+
+
+def pair_kinds_for(loss: str) -> tuple[str, ...]:
+    """Which judgment kinds become training pairs for a pair loss."""
+    return ("paired", "cross") if loss == "rpo-paired" else ("paired",)
+
+
+def count_examples(judgments: list[dict], loss: str) -> tuple[int, int]:
+    """(chosen, rejected) example counts the loss would train on; pair losses give (n, n)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if loss in POOL_LOSSES:
+        chosen, rejected = judgment_pools(judgments)
+        return len(chosen), len(rejected)
+    n = len(judgment_pairs(judgments, pair_kinds_for(loss)))
+    return n, n
+
+
+# --- held-out split --------------------------------------------------------------------
+
+def split_judgments(judgments: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic (train, eval) split in which no prompt is on both sides.
+
+    A cross judgment ties its two prompts together, so prompts are grouped into
+    connected components and whole components go to one side. Components are taken
+    in a seeded random order until the eval side holds about ``eval_fraction`` of the
+    judgments; a component too big to fit is skipped, so one huge component never
+    swallows the eval set.
+    """
+    if eval_fraction <= 0 or not judgments:
+        return list(judgments), []
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for j in judgments:
+        ra = find(j["prompt_a"])
+        if j.get("prompt_b"):
+            rb = find(j["prompt_b"])
+            parent[rb] = ra
+    members: dict[str, list[int]] = {}
+    for idx, j in enumerate(judgments):
+        members.setdefault(find(j["prompt_a"]), []).append(idx)
+    components = sorted(members.values())  # sorted: the seed alone fixes the order
+    random.Random(seed).shuffle(components)
+    target = max(1, int(round(eval_fraction * len(judgments))))
+    eval_idx: set[int] = set()
+    for comp in components:
+        if len(eval_idx) + len(comp) <= target:
+            eval_idx.update(comp)
+    if not eval_idx and len(components) > 1:
+        # Every component overshoots the target: take the smallest rather than hold
+        # out nothing, unless even that would be more than twice the share asked for.
+        smallest = min(components, key=len)
+        if len(smallest) <= 2 * target:
+            eval_idx.update(smallest)
+    train = [j for i, j in enumerate(judgments) if i not in eval_idx]
+    held = [j for i, j in enumerate(judgments) if i in eval_idx]
+    return train, held
+
+
+# --- tokenization ----------------------------------------------------------------------
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with.
+
+    Llama-3-style templates end a turn with a token that is not ``eos`` (<|eot_id|>);
+    a model trained to end with eos would never stop in chat. Render a one-turn chat
+    and take the special token right after the answer; fall back to eos.
+    """
+    marker = "Zq7"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
+    pos = text.rfind(marker)
+    if pos >= 0:
+        tail = tokenizer(text[pos + len(marker):], add_special_tokens=False)["input_ids"]
+        if tail and (tail[0] in set(tokenizer.all_special_ids) or tail[0] == tokenizer.eos_token_id):
+            return int(tail[0])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token and its chat template shows no end-of-turn token")
+    return int(tokenizer.eos_token_id)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt as a user turn plus the assistant header, in the model's template."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    # The template already wrote any BOS; do not let the tokenizer add a second.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def response_ids(tokenizer, response: str, eot_id: int) -> list[int]:
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [eot_id]
+
+
+def truncate(prompt: list[int], response: list[int], max_length: int,
+             max_prompt_length: int) -> tuple[list[int], list[int]]:
+    """Keep the prompt's end (the question and the assistant header are there) and the
+    response's start (its first tokens are what the model will be asked to produce)."""
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
+    return prompt, response[:max(max_length - len(prompt), 0)]
+
+
+@dataclass(frozen=True)
+class Seq:
+    """One tokenized (prompt, response): input_ids[prompt_len:] are the scored tokens."""
+
+    input_ids: tuple[int, ...]
+    prompt_len: int
+    prompt_idx: int  # index into PreferenceData.prompts
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class PreferenceData:
+    """Unique tokenized sequences plus the pairs and pools that point into them.
+
+    A sequence used by several judgments is stored (and scored) once.
+    """
+
+    prompts: list[str] = field(default_factory=list)
+    seqs: list[Seq] = field(default_factory=list)
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (chosen seq, rejected seq)
+    chosen: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)  # items[k] is the text of seqs[k]
+
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.seqs]
+
+    def n_tokens(self, seq_idx: Iterable[int]) -> int:
+        return sum(len(self.seqs[i]) for i in seq_idx)
+
+
+class Encoder:
+    """Tokenizes items once each, with per-prompt caching."""
+
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int):
+        if max_prompt_length >= max_length:
+            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.eot = end_of_turn_id(tokenizer)
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    def encode(self, item: Item, prompt_idx: int) -> Seq:
+        if item.prompt not in self._prompt_cache:
+            self._prompt_cache[item.prompt] = prompt_ids(self.tokenizer, item.prompt)
+        prompt, response = truncate(self._prompt_cache[item.prompt],
+                                    response_ids(self.tokenizer, item.response, self.eot),
+                                    self.max_length, self.max_prompt_length)
+        return Seq(tuple(prompt + response), len(prompt), prompt_idx)
+
+
+def build_data(judgments: list[dict], encoder: Encoder, loss: str, *,
+               for_eval: bool = False) -> PreferenceData:
+    """Tokenize what ``loss`` trains on; for the eval split also every pair (for accuracy)."""
+    data = PreferenceData()
+    seq_index: dict[Item, int] = {}
+    prompt_index: dict[str, int] = {}
+
+    def add(item: Item) -> int:
+        if item not in seq_index:
+            if item.prompt not in prompt_index:
+                prompt_index[item.prompt] = len(data.prompts)
+                data.prompts.append(item.prompt)
+            seq_index[item] = len(data.seqs)
+            data.seqs.append(encoder.encode(item, prompt_index[item.prompt]))
+            data.items.append(item)
+        return seq_index[item]
+
+    pool_loss = loss in POOL_LOSSES
+    if not pool_loss or for_eval:
+        kinds = ("paired", "cross") if for_eval else pair_kinds_for(loss)
+        data.pairs = [(add(p.chosen), add(p.rejected)) for p in judgment_pairs(judgments, kinds)]
+    if pool_loss:
+        chosen, rejected = judgment_pools(judgments)
+        data.chosen = [add(i) for i in chosen]
+        data.rejected = [add(i) for i in rejected]
+    return data
+
+
+# --- batches ---------------------------------------------------------------------------
+
+def length_grouped(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                   drop_last: bool = True) -> list[list[int]]:
+    """Shuffled batches of indices whose members have similar lengths.
+
+    Shuffle, cut into chunks of GROUP_BATCHES batches, sort each chunk by length so
+    neighbours pad little, cut into batches, then shuffle the batch order so long
+    and short batches alternate randomly over the epoch.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if drop_last:
+        order = order[: len(order) // batch_size * batch_size]
+    chunk = batch_size * GROUP_BATCHES
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: -lengths[i])
+        batches.extend(part[k:k + batch_size] for k in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+class BatchPlan:
+    """The whole run's data order as a pure function of (seed, micro-batch number).
+
+    Micro-batch k lives in epoch k // batches_per_epoch; each epoch's order is
+    rebuilt from (seed, epoch), so resuming only needs k. ``batch(k)`` returns
+    (chosen seq indices, rejected seq indices) for the GLOBAL batch of
+    ``batch_size`` examples; each process takes its slice.
+
+    Pair losses: one example is an aligned pair, length-grouped by its longer side.
+    Pool losses: a batch holds ``batch_size`` chosen and ``batch_size`` rejected items;
+    the epoch runs over the larger pool while the smaller one is cycled.
+    """
+
+    def __init__(self, data: PreferenceData, batch_size: int, seed: int, pool: bool):
+        self.data, self.batch_size, self.seed, self.pool = data, batch_size, seed, pool
+        lengths = data.lengths()
+        if pool:
+            self._chosen_len = [lengths[i] for i in data.chosen]
+            self._rejected_len = [lengths[i] for i in data.rejected]
+            longest = max(len(data.chosen), len(data.rejected))
+            self.batches_per_epoch = longest // batch_size if min(len(data.chosen), len(data.rejected)) else 0
+        else:
+            self._pair_len = [max(lengths[c], lengths[r]) for c, r in data.pairs]
+            self.batches_per_epoch = len(data.pairs) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError("fewer training examples than one batch")
+        self._cache: tuple[int, list] | None = None
+
+    def _epoch(self, epoch: int) -> list[tuple[list[int], list[int]]]:
+        if self._cache and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = random.Random(f"{self.seed}:{epoch}")
+        if self.pool:
+            n = self.batches_per_epoch * self.batch_size
+            chosen = self._stream(self.data.chosen, self._chosen_len, n, rng)
+            rejected = self._stream(self.data.rejected, self._rejected_len, n, rng)
+            bs = self.batch_size
+            out = [(chosen[k:k + bs], rejected[k:k + bs]) for k in range(0, n, bs)]
+        else:
+            out = [([self.data.pairs[p][0] for p in b], [self.data.pairs[p][1] for p in b])
+                   for b in length_grouped(self._pair_len, self.batch_size, rng)]
+        self._cache = (epoch, out)
+        return out
+
+    def _stream(self, pool: list[int], lengths: list[int], n: int, rng: random.Random) -> list[int]:
+        """n pool entries in length-grouped order, cycling through the pool as needed."""
+        out: list[int] = []
+        while len(out) < n:
+            for b in length_grouped(lengths, self.batch_size, rng, drop_last=False):
+                out.extend(pool[i] for i in b)
+        return out[:n]
+
+    def batch(self, k: int) -> tuple[list[int], list[int]]:
+        epoch, pos = divmod(k, self.batches_per_epoch)
+        return self._epoch(epoch)[pos]
+
+
+def eval_batches(data: PreferenceData, batch_size: int, pool: bool) -> list[tuple[list[int], list[int]]]:
+    """Fixed, unshuffled batches for the held-out loss (nothing is dropped)."""
+    if pool:
+        if not data.chosen or not data.rejected:
+            return []
+        c = [data.chosen[k:k + batch_size] for k in range(0, len(data.chosen), batch_size)]
+        r = [data.rejected[k:k + batch_size] for k in range(0, len(data.rejected), batch_size)]
+        return [(c[i % len(c)], r[i % len(r)]) for i in range(max(len(c), len(r)))]
+    pairs = data.pairs
+    return [([c for c, _ in pairs[k:k + batch_size]], [r for _, r in pairs[k:k + batch_size]])
+            for k in range(0, len(pairs), batch_size)]
+
+
+def collate(seqs: Sequence[Seq], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-padded tensors for one forward pass.
+
+    ``score_mask[b, t]`` is True where the logits at position t predict a response
+    token (t + 1 is in the response): exactly the positions whose log-probs we sum.
+    """
+    import torch
+
+    longest = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        longest = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), longest), dtype=torch.long)
+    score = torch.zeros((len(seqs), longest), dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        n = len(s)
+        input_ids[b, :n] = torch.tensor(s.input_ids)
+        attention[b, :n] = 1
+        score[b, s.prompt_len - 1:n - 1] = True
+    return {"input_ids": input_ids, "attention_mask": attention, "score_mask": score}

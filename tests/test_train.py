@@ -1,0 +1,296 @@
+"""The training loop: refusals, run folder contents, every loss, stop/resume, early stop."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rpo_app.train import ConfigError, TrainConfig, add_train_args, config_from_args, main
+
+REPO = Path(__file__).resolve().parent.parent
+TOPICS = ["cats", "the ocean", "bread", "lists", "the moon", "coffee", "chess", "rain", "trains", "tea",
+          "snow", "maps", "owls", "clocks", "bridges", "honey"]
+
+
+def make_judgments(n_topics=len(TOPICS)) -> list[dict]:
+    """Paired, cross, both-bad and thumbs judgments over a few prompts."""
+    rows = []
+
+    def add(kind, verdict, pa, ra, pb=None, rb=None):
+        rows.append({"judgment_id": len(rows) + 1, "kind": kind, "verdict": verdict, "strength": None,
+                     "annotator": "tester", "prompt_a": pa, "response_a": ra, "prompt_b": pb,
+                     "response_b": rb, "prompt_a_id": len(rows) + 1, "prompt_b_id": None})
+
+    topics = TOPICS[:n_topics]
+    for k, topic in enumerate(topics):
+        prompt = f"Tell me one short fact about {topic}."
+        good = f"A short fact: {topic} appear in many old stories" + " and songs" * (k % 4) + "."
+        bad = "I do not know."
+        if k % 2:
+            add("paired", "b", prompt, bad, prompt, good)
+        else:
+            add("paired", "a", prompt, good, prompt, bad)
+        add("unpaired", "up" if k % 3 else "down", prompt, good if k % 3 else bad)
+    for a, b in zip(topics[::2], topics[1::2]):
+        add("cross", "a", f"Tell me one short fact about {a}.", f"{a.capitalize()} are well known.",
+            f"Tell me one short fact about {b}.", "No.")
+        add("paired", "both_bad", f"Tell me one short fact about {a}.", "asdf", None, "qwerty")
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def status(out: Path) -> dict:
+    return json.loads((out / "status.json").read_text())
+
+
+@pytest.fixture
+def judgments_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "judgments.jsonl", make_judgments())
+
+
+def tiny_args(out, judgments_file, model_dir, data_dir, **overrides) -> list[str]:
+    settings = {"max-steps": 2, "batch-size": 2, "max-length": 96, "max-prompt-length": 48,
+                "eval-every": 0, "sample-every": 0, "save-every": 0, "sample-max-new-tokens": 4,
+                "weighting": "uniform", "cpu-threads": 1, **overrides}
+    argv = ["--out", str(out), "--judgments", str(judgments_file), "--model", str(model_dir),
+            "--data-dir", str(data_dir), "--device", "cpu"]
+    for k, v in settings.items():
+        argv += [f"--{k}", *([str(x) for x in v] if isinstance(v, list) else [str(v)])]
+    return argv
+
+
+# --- refusals --------------------------------------------------------------------------
+
+def fake_model_dir(tmp_path) -> Path:
+    """A folder that passes the model check; refused runs never get as far as reading it."""
+    path = tmp_path / "model"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import rpo_app.models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not be loaded for a refused run")
+
+    monkeypatch.setattr(rpo_app.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize("rows, overrides, message", [
+    ([], {}, "no judgments"),
+    (make_judgments(3), {"batch-size": 8}, "fewer than one batch"),
+    (None, {"loss": "orpo"}, "unknown loss"),
+    (None, {"beta": 0}, "beta must be > 0"),
+    (None, {"temperature": -0.5}, "temperature must be > 0"),
+    (None, {"model": "/no/such/model-folder"}, "unknown model"),
+    (None, {"model": "no-such-org-zz/no-such-model-zz"}, "unknown model"),
+    ([r for r in make_judgments() if r["kind"] == "unpaired" and r["verdict"] == "up"], {"loss": "kto"},
+     "needs both liked and disliked"),
+    (None, {"weighting": "diagonal", "loss": "rpo-unpaired"}, "diagonal"),
+    (None, {"max-length": 64, "max-prompt-length": 64}, "max_length"),
+])
+def test_bad_settings_refused_before_model_loads(tmp_path, data_dir, no_model_load, rows, overrides, message):
+    jfile = write_jsonl(tmp_path / "j.jsonl", make_judgments() if rows is None else rows)
+    overrides.setdefault("model", str(fake_model_dir(tmp_path)))
+    out = tmp_path / "run"
+    argv = tiny_args(out, jfile, overrides.pop("model"), data_dir, **overrides)
+    assert main(argv) == 2
+    st = status(out)
+    assert st["state"] == "failed" and message in st["error"]
+    assert message in (out / "train.log").read_text()
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_existing_run_needs_resume(tmp_path, judgments_file, data_dir, no_model_load):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
+    (out / "checkpoints" / "step-1" / "trainer_state.json").write_text("{}")
+    assert main(tiny_args(out, judgments_file, fake_model_dir(tmp_path), data_dir)) == 2
+    assert "--resume" in status(out)["error"]
+
+
+def test_config_precedence_and_yaml(tmp_path):
+    import argparse
+
+    cfg_file = tmp_path / "c.yaml"
+    TrainConfig(beta=0.2, lora_r=4, preview_prompts=["hi"], target_modules=["q_proj", "v_proj"]).to_yaml(cfg_file)
+    loaded = TrainConfig.from_yaml(cfg_file)
+    assert loaded.beta == 0.2 and loaded.preview_prompts == ["hi"] and loaded.lora_targets() == ["q_proj", "v_proj"]
+    assert TrainConfig().lora_targets() == "all-linear"
+    parser = add_train_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--config", str(cfg_file), "--beta", "0.3",
+                              "--max-steps", "7", "--kinds", "paired", "cross", "--no-gradient-checkpointing"])
+    cfg = config_from_args(args)
+    assert (cfg.beta, cfg.lora_r, cfg.max_steps, cfg.kinds) == (0.3, 4, 7, ["paired", "cross"])
+    assert cfg.gradient_checkpointing is False
+    cfg_file.write_text("beta: 0.1\nbogus_setting: 3\n")
+    with pytest.raises(ConfigError, match="bogus_setting"):
+        TrainConfig.from_yaml(cfg_file)
+    with pytest.raises(ConfigError, match="lr_scheduler"):
+        TrainConfig(lr_scheduler="sawtooth").validate()
+
+
+# --- real runs -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_short_run_on_default_model_writes_every_file(tmp_path, judgments_file, default_model_dir, data_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    argv = tiny_args(out, judgments_file, default_model_dir, data_dir, **{
+        "max-steps": 3, "batch-size": 2, "max-length": 128, "max-prompt-length": 64, "eval-every": 2,
+        "sample-every": 2, "save-every": 2, "eval-fraction": 0.2, "sample-max-new-tokens": 6,
+        "weighting": "embedding", "learning-rate": 1e-3})
+    assert main(argv) == 0
+
+    st = status(out)
+    assert st["state"] == "finished" and st["step"] == 3 and st["max_steps"] == 3 and st["error"] is None
+    assert st["pid"] == os.getpid() and st["updated_at"] > 0
+    assert TrainConfig.from_yaml(out / "config.yaml").max_steps == 3
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "margin", "accuracy", "lr", "grad_norm",
+                "pairs_per_s", "tokens_per_s", "elapsed_s", "eta_s"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    # the adapter starts as a no-op (LoRA B = 0): policy == reference, loss = log 2
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
+    assert "eval/accuracy" in metrics[1] and "eval/loss" in metrics[1] and "eval/accuracy" in metrics[2]
+    assert "eval/accuracy" not in metrics[0]
+    samples = read_jsonl(out / "samples.jsonl")
+    assert {s["step"] for s in samples} == {2, 3}
+    assert all(s["prompt"] and isinstance(s["base"], str) and isinstance(s["tuned"], str) for s in samples)
+    assert len({s["base"] for s in samples if s["prompt"] == samples[0]["prompt"]}) == 1  # computed once
+    assert "finished at step 3" in (out / "train.log").read_text()
+    assert read_jsonl(out / "judgments.jsonl") == read_jsonl(judgments_file)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-2", "step-3"]  # no .tmp left behind
+    for name in ("adapter/adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pt"):
+        assert (out / "checkpoints" / "step-3" / name).exists(), name
+    assert json.loads((out / "checkpoints" / "step-3" / "trainer_state.json").read_text())["micro_batch"] == 3
+
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # it learned something
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir)
+    tuned = PeftModel.from_pretrained(base, out / "adapter")
+    assert tuned.peft_config["default"].r == 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, start", [
+    ("rpo-paired", math.log(2)), ("rpo-unpaired", math.log(2)), ("dpo", math.log(2)),
+    ("ipo", (1 / (2 * 0.1)) ** 2), ("kto", 0.5)])
+def test_every_loss_trains(tmp_path, judgments_file, tiny_model_dir, data_dir, loss, start):
+    out = tmp_path / loss
+    assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, loss=loss, **{
+        "grad-accum": 2, "eval-every": 1, "early-stop-patience": 0, "weighting": "embedding"})) == 0
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    # step 1 sees the untouched model, so every reward is 0 and the loss is its value at 0
+    assert metrics[0]["loss"] == pytest.approx(start, rel=1e-4)
+    assert 0 <= metrics[1]["eval/accuracy"] <= 1 and math.isfinite(metrics[1]["eval/loss"])
+    assert status(out)["state"] == "finished" and (out / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_early_stopping(tmp_path, judgments_file, tiny_model_dir, data_dir):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **{
+        "max-steps": 40, "eval-every": 1, "early-stop-patience": 2, "eval-fraction": 0.3,
+        "learning-rate": 1e-3})) == 0
+    st = status(out)
+    # held-out accuracy takes few values on a small split, so it cannot rise 40 times in a row
+    assert st["state"] == "finished" and st["early_stopped"] is True and st["step"] < 40
+    metrics = read_jsonl(out / "metrics.jsonl")
+    best = max(m["eval/accuracy"] for m in metrics)
+    assert st["best_eval_accuracy"] == best
+    assert all(m["eval/accuracy"] <= best for m in metrics if m["step"] > st["best_step"])
+    assert len(metrics) == st["step"] == st["best_step"] + 2
+
+
+def run_child(argv, **popen_kw):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "rpo_app.train", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen_kw)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, judgments_file, tiny_model_dir, data_dir):
+    settings = {"max-steps": 60, "grad-accum": 2, "lora-dropout": 0.1, "save-every": 0}
+    whole = tmp_path / "whole"
+    assert main(tiny_args(whole, judgments_file, tiny_model_dir, data_dir, **settings)) == 0
+
+    out = tmp_path / "stopped"
+    child = run_child(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **settings))
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(read_jsonl(out / "metrics.jsonl")) >= 2:
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the child finished before it could be stopped: " + child.stderr.read()[-2000:]
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-2000:]
+    st = status(out)
+    assert st["state"] == "stopped" and 2 <= st["step"] < 60
+    stopped_at = st["step"]
+    ckpt = out / "checkpoints" / f"step-{stopped_at}"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == stopped_at and state["micro_batch"] == 2 * stopped_at
+    assert not (out / "adapter").exists()
+
+    # Labeling goes on while the run is paused; the resumed run still trains on its snapshot.
+    write_jsonl(judgments_file, make_judgments() + make_judgments(4))
+    resumed = run_child(["--out", str(out), "--resume", "--data-dir", str(data_dir)])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert status(out)["state"] == "finished" and status(out)["step"] == 60
+    # Same data order, optimizer, scheduler and dropout RNG: the same losses, step by step.
+    got = read_jsonl(out / "metrics.jsonl")
+    want = read_jsonl(whole / "metrics.jsonl")
+    assert [m["step"] for m in got] == list(range(1, 61))
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-7), g["step"]
+        assert g["lr"] == pytest.approx(w["lr"])
+
+
+def test_bench_settings_and_table():
+    import argparse
+
+    from rpo_app.batches import judgment_pairs
+    from rpo_app.bench_train import QUICK, _complete, format_table, synthetic_judgments
+
+    rows = synthetic_judgments(12, seed=1)
+    assert len(judgment_pairs(rows)) == 12 and rows == synthetic_judgments(12, seed=1)
+    lengths = [len(r["response_a"].split()) for r in rows]
+    assert max(lengths) > 3 * min(lengths)  # spread lengths: what length grouping is for
+    # the `bench` command passes its own namespace: the rest comes from our defaults
+    args = _complete(argparse.Namespace(out="bench-results", data_dir=None, quick=True, only=None))
+    assert (args.pairs, args.steps, args.out, args.threads) == (QUICK["pairs"], QUICK["steps"], "bench-results", 1)
+    result = {"model": "/m/SmolLM2", "device": "cpu", "threads": 1, "batch_size": 8, "max_length": 256,
+              "timed_steps": 4, "loss": "rpo-paired",
+              "ours": {"mean_step_s": 2.0, "pairs_per_s": 4.0, "pairs_per_s_epoch_incl_ref": 3.0,
+                       "ref_precompute_s": 5.0},
+              "trl": {"mean_step_s": 4.0, "pairs_per_s": 2.0}, "speedup": 2.0, "speedup_epoch_incl_ref": 1.5}
+    table = format_table(result)
+    assert "TRL DPOTrainer" in table and "2.00x per step" in table and "1.50x over an epoch" in table
