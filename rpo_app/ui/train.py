@@ -103,7 +103,7 @@ def build(ctx: AppContext) -> dict:
                     ann_v, prev_v) -> TrainConfig:
         cfg = TrainConfig(
             loss=loss_v, beta=float(beta_v or 0), temperature=float(temp_v or 0),
-            learning_rate=float(lr_v or 0), max_steps=int(steps_v or 0),
+            learning_rate=float(lr_v or 0), max_steps=int(steps_v) if steps_v else None,
             batch_size=int(batch_v or 0), lora_r=int(rank_v or 0), max_length=int(len_v or 0),
             kinds=list(kinds_v or []), annotators=list(ann_v or []) or None,
             preview_prompts=[p.strip() for p in (prev_v or "").splitlines() if p.strip()],
@@ -113,7 +113,9 @@ def build(ctx: AppContext) -> dict:
         return cfg
 
     def usable_line(*form_values):
+        """What the current judgments give, and the trainer's own verdict on them."""
         from rpo_app.batches import count_examples
+        from rpo_app.train import check_data
 
         try:
             cfg = make_config(*form_values)
@@ -121,30 +123,28 @@ def build(ctx: AppContext) -> dict:
         except ValueError as err:
             return f"⚠ {err}"
         judgments = ctx.store.training_judgments(cfg.kinds, cfg.annotators)
-        n_pairs, n_items = count_examples(judgments, cfg.loss)
-        need = cfg.batch_size
-        have = n_items if cfg.loss in ("rpo-unpaired", "kto") else n_pairs
-        unit = "chosen/rejected items" if cfg.loss in ("rpo-unpaired", "kto") else "pairs"
-        verdict = ("✔ enough to start" if have >= need else
-                   f"⚠ too few: need at least {need} (one batch); label more or lower the batch size")
-        return (f"Current judgments give **{n_pairs} pairs** and **{n_items} single items**; "
-                f"{cfg.loss} trains on {have} {unit}. {verdict}. "
+        pairs = count_examples(judgments, "dpo" if cfg.loss != "rpo-paired" else cfg.loss)[0]
+        chosen, rejected = count_examples(judgments, "rpo-unpaired")
+        try:
+            train_j, _ = check_data(cfg, judgments, world_size=1)
+            verdict = "✔ enough to start."
+        except ValueError as err:
+            return (f"Current judgments give **{pairs} pairs** and **{chosen} chosen / "
+                    f"{rejected} rejected items**. ⚠ {err}")
+        have = max(count_examples(train_j, cfg.loss))
+        return (f"Current judgments give **{pairs} pairs** and **{chosen} chosen / {rejected} "
+                f"rejected items**; {cfg.loss} trains on {have} of them. {verdict} "
                 f"{_estimate(ctx, cfg, have)}")
 
     def start_run(*form_values):
-        from rpo_app.batches import count_examples
+        from rpo_app.train import check_data
 
         try:
             cfg = make_config(*form_values)
             cfg.validate()
+            check_data(cfg, ctx.store.training_judgments(cfg.kinds, cfg.annotators), world_size=1)
         except ValueError as err:
             raise gr.Error(str(err))
-        judgments = ctx.store.training_judgments(cfg.kinds, cfg.annotators)
-        n_pairs, n_items = count_examples(judgments, cfg.loss)
-        have = n_items if cfg.loss in ("rpo-unpaired", "kto") else n_pairs
-        if have < cfg.batch_size:
-            raise gr.Error(f"too few examples for {cfg.loss}: {have} usable, the batch size is "
-                           f"{cfg.batch_size}. Label more or lower the batch size.")
         try:
             rid = ctx.runs.start(cfg)
         except (RuntimeError, ValueError) as err:
@@ -297,7 +297,8 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, n_examples: int) -> str:
     spf = _seconds_per_token(ctx, host)
     tokens = cfg.batch_size * 2 * min(cfg.max_length, 256)
     per_step = spf * tokens * 3.0
-    total = per_step * cfg.max_steps + spf * n_examples * 2 * min(cfg.max_length, 256)
+    steps = cfg.max_steps or cfg.epochs * max(1, -(-n_examples // cfg.batch_size))
+    total = per_step * steps + spf * n_examples * 2 * min(cfg.max_length, 256)
     return f"Estimated time on this machine: ~{_human(total)} ({per_step:.1f} s/step)."
 
 

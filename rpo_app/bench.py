@@ -1,0 +1,46 @@
+"""`make bench` / `python -m rpo_app bench`: every speed target, measured side by side in
+one run on this machine (ratios, not absolute timings, are what carry across machines).
+
+- train: our RPO step vs TRL's DPOTrainer, same model, LoRA, data, batch and length.
+- generate: batched ModelHost.generate vs plain model.generate one answer at a time.
+- search: related-prompt search over 100k prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cli_bench(args) -> int:
+    from rpo_app.config import resolve_data_dir
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = resolve_data_dir(args.data_dir)
+    parts = [args.only] if args.only else ["search", "generate", "train"]
+    summary: dict = {}
+    if "search" in parts:
+        from rpo_app.bench_search import bench_related_search
+
+        summary["search"] = bench_related_search(n_prompts=10_000 if args.quick else 100_000)
+        (out / "search.json").write_text(json.dumps(summary["search"], indent=1))
+        print(json.dumps(summary["search"], indent=1))
+    if "generate" in parts:
+        from rpo_app.bench_generate import format_table, run_benchmark
+
+        summary["generate"] = run_benchmark(quick=args.quick, data_dir=data_dir)
+        (out / "generate.json").write_text(json.dumps(summary["generate"], indent=1))
+        print(format_table(summary["generate"]))
+    if "train" in parts:
+        from rpo_app import bench_train
+
+        rc = bench_train.main_from_args(argparse.Namespace(
+            out=str(out), data_dir=str(data_dir), quick=args.quick))
+        if rc:
+            return rc
+        summary["train"] = json.loads((out / "bench_train.json").read_text())
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"results in {out}/", file=sys.stderr)
+    return 0
