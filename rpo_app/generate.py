@@ -1,0 +1,719 @@
+"""Candidate generation and streaming chat on one base model with LoRA adapters.
+
+One `ModelHost` holds one base model, its tokenizer and any number of LoRA adapters
+loaded by name. It answers many prompts x samples per forward pass (left padding,
+prompts sorted by length), and runs side-by-side chat where every row of one batch
+may use a different adapter (peft's mixed-batch `adapter_names`, "__base__" for the
+plain base model).
+
+The prompt pass is shared: the chat template's common prefix is run once per batch
+and each distinct prompt once, however many samples it gets (see _shared_prefill).
+On a CPU the prompt pass of a padded batch otherwise costs about as much as the
+answers themselves.
+
+Sampling is seeded per row: each answer draws its random numbers from its own
+generator, seeded from (seed, prompt text, sample index). So the same seed gives the
+same answers whatever batch size, batch order or other prompts the run had.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch (peft/tuners/lora/layer.py)
+Progress = Callable[[int, int], None]
+
+
+class GenerationError(RuntimeError):
+    """Generation could not run; the message says why."""
+
+
+@dataclass
+class GenSettings:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 192
+    seed: int = 0
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def row_seed(seed: int, text: str, index: int) -> int:
+    """A 63-bit seed for one answer: stable across runs, batchings and machines."""
+    digest = hashlib.sha256(f"{seed}\x00{index}\x00{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# -- pieces handed to transformers' generate ---------------------------------------------
+def _row_sampler(seeds: Sequence[int], temperature: float, top_p: float):
+    """A logits processor that samples each row with its own torch.Generator.
+
+    It returns scores that are -inf everywhere except the drawn token, so greedy
+    decoding (do_sample=False) picks exactly that token. One uniform number per row
+    per step, turned into a token by inverse CDF (over the nucleus when top_p < 1).
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    class RowSampler(LogitsProcessor):
+        def __init__(self):
+            self.generators = []
+            for s in seeds:
+                g = torch.Generator(device="cpu")
+                g.manual_seed(int(s))
+                self.generators.append(g)
+
+        def __call__(self, input_ids, scores):
+            probs = torch.softmax(scores.float() / temperature, dim=-1)
+            u = torch.stack([torch.rand((), generator=g, dtype=torch.float64)
+                             for g in self.generators]).to(probs.device, probs.dtype)
+            if top_p >= 1.0:
+                token = _inverse_cdf(probs, u)
+            else:
+                token = _nucleus(probs, u, top_p)
+            out = torch.full_like(scores, float("-inf"))
+            out.scatter_(-1, token.unsqueeze(-1), 0.0)
+            return out
+
+    def _inverse_cdf(probs, u):
+        cdf = probs.cumsum(-1)
+        pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+        return pos.clamp_(max=probs.shape[-1] - 1)
+
+    def _nucleus(probs, u, p):
+        """Sample from the smallest set of top tokens whose mass reaches p.
+
+        A full sort of a 50k vocabulary per row costs more than the forward pass of a
+        small model on a CPU, so look at the top 64 first and widen only the rows
+        whose nucleus is larger (exact either way)."""
+        vocab = probs.shape[-1]
+        token = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+        rows = torch.arange(probs.shape[0], device=probs.device)
+        for k in (64, 1024, vocab):
+            if not rows.numel():
+                break
+            k = min(k, vocab)
+            if k == vocab:
+                top, idx = torch.sort(probs[rows], dim=-1, descending=True)
+            else:
+                top, idx = torch.topk(probs[rows], k, dim=-1)  # sorted, largest first
+            before = top.cumsum(-1) - top
+            fits = (before[:, -1] + top[:, -1] >= p) | (k == vocab)
+            if fits.any():
+                kept = top[fits].masked_fill(before[fits] >= p, 0.0)
+                pos = _inverse_cdf(kept, u[rows[fits]])
+                token[rows[fits]] = idx[fits].gather(-1, pos.unsqueeze(-1)).squeeze(-1)
+            rows = rows[~fits]
+        return token
+
+    return RowSampler()
+
+
+def _stop_flag(event: threading.Event):
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StopOnEvent()
+
+
+def _batch_streamer_class():
+    from transformers.generation.streamers import BaseStreamer
+
+    class BatchTextStreamer(BaseStreamer):
+        """Streams a batch: keeps each row's tokens, stops each row at its own
+        end-of-turn, and calls `on_update(texts)` after every step.
+
+        transformers' TextIteratorStreamer only takes batch size 1.
+        """
+
+        def __init__(self, tokenizer, batch_size: int, stop_ids: set[int],
+                     on_update: Callable[[list[str]], None]):
+            self.tokenizer = tokenizer
+            self.stop_ids = stop_ids
+            self.on_update = on_update
+            self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+            self.done = [False] * batch_size
+            self._prompt_seen = False
+
+        def put(self, value):
+            if not self._prompt_seen:  # the first call carries the prompt ids
+                self._prompt_seen = True
+                return
+            rows = value.reshape(len(self.tokens), -1).tolist()
+            changed = False
+            for i, new in enumerate(rows):
+                for tok in new:
+                    if self.done[i]:
+                        break
+                    if tok in self.stop_ids:
+                        self.done[i] = True
+                    else:
+                        self.tokens[i].append(tok)
+                        changed = True
+            if changed:
+                self.on_update(self.texts(partial=True))
+
+        def end(self):
+            self.on_update(self.texts(partial=False))
+
+        def texts(self, partial: bool) -> list[str]:
+            out = []
+            for toks in self.tokens:
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                if partial:
+                    text = text.rstrip("\ufffd")  # half of a multi-byte character
+                out.append(text.strip())
+            return out
+
+    return BatchTextStreamer
+
+
+# -- the host ----------------------------------------------------------------------------
+class ModelHost:
+    """One base model + tokenizer, with LoRA adapters loaded by name.
+
+    Thread-safe: every use of the model holds `self.lock`.
+    """
+
+    def __init__(self, model: str | None = None, data_dir: str | Path = "data",
+                 device: str | None = None, trust_remote_code: bool = False):
+        from rpo_app.models import DEFAULT_MODEL_NAME, is_default, load_model
+
+        net, tok = load_model(model, data_dir, device=device, trust_remote_code=trust_remote_code)
+        self._setup(net, tok, DEFAULT_MODEL_NAME if is_default(model) else str(model))
+
+    @classmethod
+    def from_loaded(cls, model, tokenizer, name: str) -> "ModelHost":
+        host = cls.__new__(cls)
+        host._setup(model, tokenizer, name)
+        return host
+
+    def _setup(self, model, tokenizer, name: str) -> None:
+        self.base = model
+        self.model = model  # becomes a PeftModel once an adapter is loaded
+        self.tokenizer = tokenizer
+        self.model_name = name
+        self.lock = threading.Lock()
+        self.device = next(model.parameters()).device
+        model.eval()
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id = tokenizer.pad_token_id
+        self.stop_ids = _stop_token_ids(model, tokenizer)
+        self._adapter_paths: dict[str, str] = {}
+        self.share_prefill = True  # see _shared_prefill; off = plain left padding
+
+    # -- adapters ------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return list(self._adapter_paths)
+
+    def adapter_path(self, name: str) -> str | None:
+        return self._adapter_paths.get(name)
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter folder under `name` (replacing one of that name)."""
+        from peft import PeftModel
+
+        from rpo_app.adapters import check_adapter_dir
+        from rpo_app.config import check_name
+
+        name = check_name(name, "adapter name")
+        if name == BASE:
+            raise ValueError(f"{BASE!r} is reserved for the base model")
+        folder = check_adapter_dir(path)
+        with self.lock:
+            if name in self._adapter_paths:
+                self._delete_adapter(name)
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(folder), adapter_name=name,
+                                            torch_device=str(self.device))
+                else:
+                    self.model = PeftModel.from_pretrained(
+                        self.base, str(folder), adapter_name=name, torch_device=str(self.device))
+            except Exception as err:  # peft raises many kinds; name the adapter and the cause
+                if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+                    try:  # drop the half-loaded adapter; the others stay usable
+                        self.model.delete_adapter(name)
+                    except Exception:  # noqa: BLE001 - best effort, the error below matters
+                        log.warning("could not clean up half-loaded adapter %s", name)
+                raise GenerationError(
+                    f"could not load adapter {name!r} from {folder}: "
+                    f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                ) from err
+            self.model.eval()
+            self._adapter_paths[name] = str(folder)
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name not in self._adapter_paths:
+                raise KeyError(f"no adapter named {name!r} is loaded")
+            self._delete_adapter(name)
+
+    def _delete_adapter(self, name: str) -> None:
+        del self._adapter_paths[name]
+        if self._adapter_paths:
+            self.model.delete_adapter(name)
+        else:  # the last one: take the LoRA layers out, back to the plain model
+            self.model = self.model.unload()
+            self.base = self.model
+            self.model.eval()
+
+    @contextmanager
+    def _adapter_mode(self, adapters: Sequence[str | None]):
+        """Set up the model for these per-row adapters; yields extra generate kwargs."""
+        wanted = set(adapters)
+        for a in wanted - {None}:
+            if a not in self._adapter_paths:
+                raise GenerationError(
+                    f"adapter {a!r} is not loaded (loaded: {', '.join(self._adapter_paths) or 'none'})")
+        if not self._adapter_paths:
+            yield {}
+        elif wanted == {None}:
+            with self.model.disable_adapter():
+                yield {}
+        elif len(wanted) == 1:
+            self.model.set_adapter(next(iter(wanted)))
+            yield {}
+        else:
+            yield {"adapter_names": [BASE if a is None else a for a in adapters]}
+
+    # -- prompts -> token ids ------------------------------------------------------------
+    def encode_chat(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if system_prompt and not (msgs and msgs[0]["role"] == "system"):
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> list[int]:
+        return self.encode_chat([{"role": "user", "content": prompt}], system_prompt)
+
+    def _pad_left(self, rows: list[list[int]]):
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _forward_kwargs(self) -> dict:
+        import inspect
+
+        params = inspect.signature(self.base.forward).parameters
+        return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def _shared_prefill(self, rows: list[list[int]]):
+        """Prefill the KV cache without repeating work, for rows on one adapter.
+
+        The rows of a batch share a prefix (the chat template's system turn and user
+        header) and each prompt appears n times (n samples). The prefix is run once,
+        each distinct prompt once, and the cache is then copied out to every row.
+        Row layout: [shared prefix | padding | rest of the prompt]; the attention
+        mask hides the padding and position ids count only real tokens, so each row
+        sees exactly its own prompt. Returns (input_ids, attention_mask, cache) for
+        `generate`, which then runs only the last prompt token of every row.
+        """
+        import torch
+
+        shortest = min(len(r) for r in rows)
+        first = rows[0]
+        p = 0
+        while p < shortest - 1 and all(r[p] == first[p] for r in rows):
+            p += 1
+        width = max(len(r) for r in rows) - p
+        batch = len(rows)
+        ids = torch.full((batch, p + width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, p + width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            rest = r[p:]
+            ids[i, :p] = torch.tensor(r[:p], dtype=torch.long)
+            ids[i, p + width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+            mask[i, :p] = 1
+            mask[i, p + width - len(rest):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        distinct: dict[tuple, int] = {}
+        slot = [distinct.setdefault(tuple(r), len(distinct)) for r in rows]
+        firsts = torch.tensor([slot.index(j) for j in range(len(distinct))], device=self.device)
+        extra = self._forward_kwargs()
+        cache = None
+        if p:
+            cache = self.model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p],
+                               use_cache=True, **extra).past_key_values
+        if width > 1:
+            if cache is not None:
+                cache.batch_repeat_interleave(len(distinct))
+            sub_mask = mask[firsts, :p + width - 1]
+            positions = (sub_mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+            cache = self.model(input_ids=ids[firsts, p:p + width - 1], attention_mask=sub_mask,
+                               position_ids=positions, past_key_values=cache, use_cache=True,
+                               **extra).past_key_values
+            cache.batch_select_indices(torch.tensor(slot, device=self.device))
+        elif cache is not None:
+            cache.batch_repeat_interleave(batch)
+        return ids, mask, cache
+
+    def _generation_config(self, settings: GenSettings):
+        import copy
+
+        from transformers import GenerationConfig
+
+        base = getattr(self.base, "generation_config", None)
+        gc = copy.deepcopy(base) if base is not None else GenerationConfig()
+        # Sampling is done by our own per-row sampler, so transformers decodes greedily.
+        gc.do_sample = False
+        gc.temperature = None
+        gc.top_p = None
+        gc.top_k = None
+        gc.min_p = None
+        gc.num_beams = 1
+        gc.num_return_sequences = 1
+        gc.max_new_tokens = settings.max_new_tokens
+        gc.max_length = None
+        gc.eos_token_id = sorted(self.stop_ids)
+        gc.pad_token_id = self.pad_id
+        return gc
+
+    def _run(self, rows: list[list[int]], seeds: list[int], settings: GenSettings,
+             adapters: Sequence[str | None], streamer=None, stopping=None):
+        """One generate call over left-padded rows; returns the new token ids per row,
+        cut at each row's own end-of-turn (the stop token is kept out)."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        kwargs = {}
+        if not settings.greedy:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_row_sampler(seeds, settings.temperature, settings.top_p)])
+        if stopping is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
+        with self._adapter_mode(adapters) as extra, torch.inference_mode():
+            ids = mask = cache = None
+            if not extra and len(rows) > 1 and self.share_prefill:
+                try:
+                    ids, mask, cache = self._shared_prefill(rows)
+                except Exception as err:  # noqa: BLE001 - an odd architecture: plain path
+                    log.warning("shared prefill failed (%s); using plain padding", err)
+                    self.share_prefill = False
+                    ids = mask = cache = None
+            if ids is None:
+                ids, mask = self._pad_left(rows)
+            if cache is not None:
+                kwargs["past_key_values"] = cache
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      generation_config=self._generation_config(settings),
+                                      streamer=streamer, **extra, **kwargs)
+        new = out[:, ids.shape[1]:].tolist()
+        result = []
+        for toks in new:
+            cut = []
+            for t in toks:
+                if t in self.stop_ids:
+                    break
+                cut.append(t)
+            result.append(cut)
+        return result
+
+    # -- batched candidate generation ----------------------------------------------------
+    def generate_batches(self, prompts: list[str], n: int = 1,
+                         settings: GenSettings | None = None, adapter: str | None = None,
+                         batch_size: int = 16, start_index: int = 0
+                         ) -> Iterator[list[tuple[int, int, str, int]]]:
+        """Yield, per forward batch, (prompt index, sample index, text, tokens) tuples.
+
+        `tokens` counts the generated tokens including the end-of-turn token when one
+        was produced. Sample indices run from start_index to start_index + n - 1 (they
+        seed the sampler, so topping up a prompt draws fresh answers).
+        """
+        settings = settings or GenSettings()
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        encoded = [self.encode_prompt(p, settings.system_prompt) for p in prompts]
+        jobs = [(pi, start_index + k) for pi in range(len(prompts)) for k in range(n)]
+        # Longest first: padding stays small, and running out of memory shows at once.
+        jobs.sort(key=lambda j: (-len(encoded[j[0]]), j[0], j[1]))
+        for b in range(0, len(jobs), batch_size):
+            chunk = jobs[b:b + batch_size]
+            rows = [encoded[pi] for pi, _ in chunk]
+            seeds = [row_seed(settings.seed, prompts[pi], k) for pi, k in chunk]
+            with self.lock:
+                new = self._run(rows, seeds, settings, [adapter] * len(chunk))
+            out = []
+            for (pi, k), toks in zip(chunk, new):
+                n_tok = len(toks) + (1 if len(toks) < settings.max_new_tokens else 0)
+                out.append((pi, k, self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                            n_tok))
+            yield out
+
+    def generate(self, prompts: list[str], n: int = 1, settings: GenSettings | None = None,
+                 adapter: str | None = None, batch_size: int = 16,
+                 progress: Progress | None = None) -> list[list[str]]:
+        """n answers for every prompt, in prompt order: result[i][k] is sample k of prompt i."""
+        out: list[list[str | None]] = [[None] * n for _ in prompts]
+        total, done = len(prompts) * n, 0
+        if progress:
+            progress(0, total)
+        for batch in self.generate_batches(prompts, n, settings, adapter, batch_size):
+            for pi, k, text, _ in batch:
+                out[pi][k] = text
+            done += len(batch)
+            if progress:
+                progress(done, total)
+        return out  # type: ignore[return-value]
+
+    # -- streaming chat, one row per conversation ----------------------------------------
+    def chat_stream(self, conversations: list[list[dict]], adapters: list[str | None],
+                    settings: GenSettings | None = None) -> Iterator[list[str]]:
+        """Yield the partial answer of every row as tokens arrive (the last yield is the
+        final text). Row i uses adapters[i] (None = the base model); all rows run in
+        one batched forward pass."""
+        settings = settings or GenSettings()
+        if len(conversations) != len(adapters):
+            raise ValueError("one adapter (or None) per conversation")
+        if not conversations:
+            return
+        rows = [self.encode_chat(c, settings.system_prompt) for c in conversations]
+        seeds = [row_seed(settings.seed, repr(c), i) for i, c in enumerate(conversations)]
+        updates: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        done = object()
+        streamer = _batch_streamer_class()(self.tokenizer, len(rows), self.stop_ids, updates.put)
+
+        def work():
+            try:
+                with self.lock:
+                    self._run(rows, seeds, settings, adapters, streamer=streamer,
+                              stopping=_stop_flag(stop))
+            except BaseException as err:  # handed to the consumer thread
+                updates.put(err)
+            finally:
+                updates.put(done)
+
+        thread = threading.Thread(target=work, name="chat-stream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                items = [updates.get()]
+                # Coalesce: when the reader is slower than the model, show the newest.
+                while True:
+                    try:
+                        items.append(updates.get_nowait())
+                    except queue.Empty:
+                        break
+                texts = [i for i in items if isinstance(i, list)]
+                if texts:
+                    yield texts[-1]
+                errors = [i for i in items if isinstance(i, BaseException)]
+                if errors:
+                    raise GenerationError(f"chat generation failed: {errors[0]}") from errors[0]
+                if any(i is done for i in items):
+                    break
+        finally:
+            stop.set()  # the reader went away (or finished): let generate end early
+            thread.join(timeout=60)
+
+
+def _stop_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    if not ids:
+        raise GenerationError("the tokenizer has no end-of-sequence token")
+    return ids
+
+
+# -- writing candidates to the store -----------------------------------------------------
+def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
+                        settings: GenSettings | None = None, adapter: str | None = None,
+                        progress: Progress | None = None, batch_size: int = 16,
+                        start_index: int = 0) -> dict:
+    """Generate n answers per prompt and store each batch as soon as it is done."""
+    settings = settings or GenSettings()
+    rows = store.prompts(prompt_ids)
+    if len(rows) != len(set(prompt_ids)):
+        found = {r["id"] for r in rows}
+        missing = sorted(set(prompt_ids) - found)
+        raise ValueError(f"unknown prompt ids: {missing[:10]}")
+    texts = [r["text"] for r in rows]
+    ids = [r["id"] for r in rows]
+    stats = {"prompts": len(ids), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0}
+    total = len(ids) * n
+    t0 = time.perf_counter()
+    if progress:
+        progress(0, total)
+    for batch in host.generate_batches(texts, n, settings, adapter, batch_size, start_index):
+        for pi, _k, text, n_tok in batch:
+            _, created = store.add_response(ids[pi], text, source="model", model=host.model_name,
+                                            adapter=adapter, gen_settings=settings.to_dict())
+            stats["generated"] += 1
+            stats["new" if created else "duplicates"] += 1
+            stats["tokens"] += n_tok
+        if progress:
+            progress(stats["generated"], total)
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"], 1) if stats["seconds"] else 0.0
+    return stats
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def _read_prompt_texts(path: Path) -> list[str]:
+    """Prompt texts from TXT (one per line), JSONL/JSON/CSV/Parquet (a 'prompt' column)."""
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".text", ""):
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    if suffix == ".jsonl":
+        frame = pd.read_json(path, lines=True)
+    elif suffix == ".json":
+        frame = pd.read_json(path)
+    elif suffix == ".csv":
+        frame = pd.read_csv(path)
+    elif suffix in (".parquet", ".pq"):
+        frame = pd.read_parquet(path)
+    else:
+        raise ValueError(f"{path}: unknown prompt file type {suffix!r} "
+                         "(use .txt, .jsonl, .json, .csv or .parquet)")
+    for col in ("prompt", "instruction", "question", "text"):
+        if col in frame.columns:
+            break
+    else:
+        raise ValueError(f"{path}: no 'prompt' column (columns: {', '.join(map(str, frame.columns))})")
+    texts = []
+    for i, value in enumerate(frame[col].tolist(), start=1):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{path}: row {i}: the {col!r} value is empty or not text")
+        texts.append(value)
+    return list(dict.fromkeys(texts))
+
+
+def _prompt_ids_from_file(store, path: Path) -> list[int]:
+    if not path.exists():
+        raise ValueError(f"prompt file {path} does not exist")
+    report = None
+    try:
+        from rpo_app.io import import_path  # the shared importer, when present
+    except ImportError:
+        import_path = None
+    if import_path is not None and path.suffix.lower() not in (".txt", ".text", ""):
+        report = import_path(store, path, "generate")
+        ids = getattr(report, "prompt_ids", None)
+        if ids:
+            return list(dict.fromkeys(int(i) for i in ids))
+    texts = _read_prompt_texts(path)
+    return [store.ensure_prompt(t, source=f"file:{path.name}") for t in texts]
+
+
+def cli_generate(args) -> int:
+    import sys
+
+    from tqdm import tqdm
+
+    from rpo_app.adapters import AdapterError, resolve_adapter
+    from rpo_app.config import DataLayout, resolve_data_dir
+    from rpo_app.models import ModelLoadError
+    from rpo_app.store import Store
+
+    layout = DataLayout(resolve_data_dir(args.data_dir))
+    store = Store(layout.root)
+    try:
+        settings = GenSettings(temperature=args.temperature, top_p=args.top_p,
+                               max_new_tokens=args.max_new_tokens, seed=args.seed)
+        if args.n < 1 or args.batch_size < 1:
+            raise ValueError("--n and --batch-size must be at least 1")
+        adapter_name = adapter_path = None
+        if args.adapter:
+            adapter_name, adapter_path = resolve_adapter(store, layout, args.adapter)
+
+        # How many answers each prompt still needs (from this adapter, when one is given).
+        if args.prompts:
+            ids = _prompt_ids_from_file(store, Path(args.prompts))
+            have = store.response_counts(ids, adapter=adapter_name)
+            todo = [(pid, have.get(pid, 0)) for pid in ids if have.get(pid, 0) < args.n]
+            if args.limit:
+                todo = todo[:args.limit]
+        elif adapter_name:
+            todo = [(r["id"], r["n"]) for r in
+                    store.prompts_with_fewer_adapter_responses(args.n, adapter_name, args.limit)]
+        else:
+            todo = [(r["id"], r["n"]) for r in
+                    store.prompts_with_fewer_responses(args.n, args.limit)]
+        if not todo:
+            print("nothing to do: every selected prompt already has "
+                  f"{args.n} answer(s){' from ' + adapter_name if adapter_name else ''}")
+            return 0
+
+        host = ModelHost(args.model, layout.root, device=args.device)
+        if adapter_name:
+            host.load_adapter(adapter_name, adapter_path)
+    except (ValueError, AdapterError, ModelLoadError, GenerationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # Prompts with the same number of existing answers go together.
+    groups: dict[int, list[int]] = {}
+    for pid, have in todo:
+        groups.setdefault(have, []).append(pid)
+    total = sum((args.n - have) * len(pids) for have, pids in groups.items())
+    totals = {"prompts": len(todo), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0,
+              "seconds": 0.0}
+    with tqdm(total=total, unit="answer", desc="generating", file=sys.stderr) as bar:
+        offset = 0
+        for have, pids in sorted(groups.items()):
+            def progress(done, _total, base=offset):
+                bar.n = base + done
+                bar.refresh()
+
+            stats = generate_candidates(store, host, pids, args.n - have, settings,
+                                        adapter=adapter_name, progress=progress,
+                                        batch_size=args.batch_size, start_index=have)
+            offset += stats["generated"]
+            for key in ("generated", "new", "duplicates", "tokens", "seconds"):
+                totals[key] += stats[key]
+    rate = totals["tokens"] / totals["seconds"] if totals["seconds"] else 0.0
+    print(f"generated {totals['generated']} answers for {totals['prompts']} prompts "
+          f"({totals['new']} new, {totals['duplicates']} duplicates); "
+          f"{totals['tokens']} tokens in {totals['seconds']:.1f} s ({rate:.1f} tokens/s)")
+    return 0
