@@ -38,7 +38,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 label = label_tab.build(ctx, annotator)
             with gr.Tab("Train", id="train"):
                 train = train_tab.build(ctx)
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_page:
                 chat = chat_tab.build(ctx, annotator)
             with gr.Tab("Data", id="data"):
                 data = data_tab.build(ctx)
@@ -55,6 +55,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             train["load"], None, train["load_outputs"], api_name=False).then(
             chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
         annotator.change(lambda name: name, annotator, remembered, api_name=False)
+        # A run may have finished since the page loaded: offer its adapter at once.
+        chat_page.select(chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
         timer = gr.Timer(3.0)
         timer.tick(lambda: _model_line(ctx), None, model_info, api_name=False,
                    show_progress="hidden")

@@ -81,6 +81,7 @@ def build(ctx: AppContext) -> dict:
                                    elem_id="plot-acc")
             samples = gr.Dataframe(headers=["step", "prompt", "tuned", "base"], wrap=True,
                                    interactive=False, label="Previews (newest step first)",
+                                   column_widths=["48px", "20%", "40%", "40%"],
                                    max_height=420, elem_id="train-samples")
             log_box = gr.Textbox(label="Log (end)", lines=10, visible=False, interactive=False,
                                  elem_id="train-log")
