@@ -240,8 +240,13 @@ def _short(text: str | None, n: int = 60) -> str:
 def _register_api(ctx: AppContext) -> None:
     """Plain-JSON endpoints for scripts and LLM-as-judge annotators (gradio_client)."""
 
-    def next_item(annotator: str, mode: str = "paired") -> dict:
+    def who(annotator: str, request: gr.Request | None) -> str:
+        # With --auth the login name is the annotator, whatever the script says.
+        return getattr(request, "username", None) or annotator
+
+    def next_item(annotator: str, mode: str = "paired", request: gr.Request = None) -> dict:
         """The next item for this annotator: {kind, token, left, right}; {} when none."""
+        annotator = who(annotator, request)
         if mode not in MODES:
             raise gr.Error(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         try:
@@ -251,25 +256,28 @@ def _register_api(ctx: AppContext) -> None:
         return item.public() if item else {}
 
     def submit_judgment(token: str, verdict: str, annotator: str, strength: str = "",
-                        seconds_spent: float = -1.0) -> dict:
+                        seconds_spent: float = -1.0, request: gr.Request = None) -> dict:
         """Judge the item with this token. verdict: left|right|tie|both_bad (pairs), up|down
         (single answers). Returns {judgment_id, created}; repeating a token stores nothing new."""
+        annotator = who(annotator, request)
         try:
             return ctx.queue.submit(token, verdict, annotator, strength=strength or None,
                                     seconds_spent=None if seconds_spent < 0 else seconds_spent)
         except ValueError as err:
             raise gr.Error(str(err))
 
-    def skip_item(token: str, annotator: str) -> dict:
+    def skip_item(token: str, annotator: str, request: gr.Request = None) -> dict:
         """Skip the item (nothing stored; it leaves this annotator's queue)."""
+        annotator = who(annotator, request)
         try:
             ctx.queue.skip(token, annotator)
         except ValueError as err:
             raise gr.Error(str(err))
         return {"skipped": token}
 
-    def undo_last(annotator: str) -> dict:
+    def undo_last(annotator: str, request: gr.Request = None) -> dict:
         """Retract this annotator's last judgment; returns it and the item to re-judge."""
+        annotator = who(annotator, request)
         try:
             out = ctx.queue.undo(annotator)
         except ValueError as err:
