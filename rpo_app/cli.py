@@ -69,8 +69,8 @@ def _generate_args(p):
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="sequences per forward pass (default 16)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="sequences per forward pass (default 32)")
 
 
 def _merge_args(p):

@@ -566,7 +566,7 @@ def _stop_token_ids(model, tokenizer) -> set[int]:
 # -- writing candidates to the store -----------------------------------------------------
 def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
                         settings: GenSettings | None = None, adapter: str | None = None,
-                        progress: Progress | None = None, batch_size: int = 16,
+                        progress: Progress | None = None, batch_size: int = 32,
                         start_index: int = 0) -> dict:
     """Generate n answers per prompt and store each batch as soon as it is done."""
     settings = settings or GenSettings()
@@ -646,6 +646,32 @@ def _prompt_ids_from_file(store, path: Path) -> list[int]:
     return [store.ensure_prompt(t, source=f"file:{path.name}") for t in texts]
 
 
+def top_up(store, host: ModelHost, todo: list[tuple[int, int]], n: int,
+           settings: GenSettings | None = None, adapter: str | None = None,
+           batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Bring each (prompt_id, answers it has) up to n answers.
+
+    Prompts with the same count go together so sample indices continue from what
+    exists: a top-up never redraws an earlier sample (which would be a duplicate).
+    """
+    groups: dict[int, list[int]] = {}
+    for pid, have in todo:
+        groups.setdefault(have, []).append(pid)
+    total = sum((n - have) * len(pids) for have, pids in groups.items())
+    totals = {"prompts": len(todo), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0,
+              "seconds": 0.0}
+    for have, pids in sorted(groups.items()):
+        def tick(done, _total, base=totals["generated"]):
+            if progress is not None:
+                progress(base + done, total)
+
+        stats = generate_candidates(store, host, pids, n - have, settings, adapter=adapter,
+                                    progress=tick, batch_size=batch_size, start_index=have)
+        for key in ("generated", "new", "duplicates", "tokens", "seconds"):
+            totals[key] += stats[key]
+    return totals
+
+
 def cli_generate(args) -> int:
     import sys
 
@@ -692,26 +718,14 @@ def cli_generate(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    # Prompts with the same number of existing answers go together.
-    groups: dict[int, list[int]] = {}
-    for pid, have in todo:
-        groups.setdefault(have, []).append(pid)
-    total = sum((args.n - have) * len(pids) for have, pids in groups.items())
-    totals = {"prompts": len(todo), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0,
-              "seconds": 0.0}
+    total = sum(args.n - have for _, have in todo)
     with tqdm(total=total, unit="answer", desc="generating", file=sys.stderr) as bar:
-        offset = 0
-        for have, pids in sorted(groups.items()):
-            def progress(done, _total, base=offset):
-                bar.n = base + done
-                bar.refresh()
+        def progress(done, _total):
+            bar.n = done
+            bar.refresh()
 
-            stats = generate_candidates(store, host, pids, args.n - have, settings,
-                                        adapter=adapter_name, progress=progress,
-                                        batch_size=args.batch_size, start_index=have)
-            offset += stats["generated"]
-            for key in ("generated", "new", "duplicates", "tokens", "seconds"):
-                totals[key] += stats[key]
+        totals = top_up(store, host, todo, args.n, settings, adapter=adapter_name,
+                        batch_size=args.batch_size, progress=progress)
     rate = totals["tokens"] / totals["seconds"] if totals["seconds"] else 0.0
     print(f"generated {totals['generated']} answers for {totals['prompts']} prompts "
           f"({totals['new']} new, {totals['duplicates']} duplicates); "

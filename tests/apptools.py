@@ -279,3 +279,22 @@ def screenshot(page, name: str, **kwargs) -> Path:
         Path(extra).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, Path(extra) / name)
     return path
+
+
+def make_lora_adapter(base_dir: Path, out: Path, seed: int = 1) -> Path:
+    """A LoRA adapter on the tiny model with random (non-zero) B weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

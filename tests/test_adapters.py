@@ -7,28 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from apptools import make_lora_adapter
 from rpo_app import adapters
 from rpo_app.adapters import AdapterError
 from rpo_app.config import DataLayout
-
-
-def make_lora_adapter(base_dir: Path, out: Path, seed: int = 1) -> Path:
-    """A LoRA adapter on the tiny model with random (non-zero) B weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 @pytest.fixture(scope="module")

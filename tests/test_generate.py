@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from apptools import make_lora_adapter
 from rpo_app.adapters import AdapterError
 from rpo_app.generate import (BASE, GenerationError, GenSettings, ModelHost,
                               generate_candidates)
@@ -20,26 +21,6 @@ PROMPTS = [
     "Name a colour.",
 ]
 GREEDY = GenSettings(temperature=0, max_new_tokens=16)
-
-
-def make_lora_adapter(base_dir: Path, out: Path, seed: int = 1) -> Path:
-    """A LoRA adapter on the tiny model whose B weights are random (not zero), so it
-    really changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def _tiny_host(tiny_model_dir) -> ModelHost:
@@ -352,3 +333,25 @@ def test_cli_generate_refuses_bad_adapter(data_dir, capsys):
     assert main(["generate", "--adapter", "missing", "--data-dir", str(data_dir)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "no adapter named 'missing'" in err
+
+
+def test_top_up_continues_samples_and_counts_per_adapter(store, host_with_adapter):
+    """The iterative loop: prompts the base model already answered still get fresh
+    answers from the tuned adapter, and a top-up adds only what is missing."""
+    from rpo_app.generate import top_up
+
+    ids, _ = store.add_prompts(["Name a fruit.", "Name a colour.", "Name a tool."], "test")
+    settings = GenSettings(max_new_tokens=6, seed=3)
+    base = top_up(store, host_with_adapter, [(pid, 0) for pid in ids], 2, settings)
+    assert base["generated"] == 6
+    assert store.prompts_with_fewer_responses(2) == []
+    # One prompt already has a tuned answer: it gets one more, the others two.
+    adapter = host_with_adapter.adapter_names()[0]
+    top_up(store, host_with_adapter, [(ids[0], 0)], 1, settings, adapter=adapter)
+    todo = [(r["id"], r["n"]) for r in store.prompts_with_fewer_adapter_responses(2, adapter)]
+    assert sorted(todo) == sorted([(ids[0], 1), (ids[1], 0), (ids[2], 0)])
+    seen = []
+    tuned = top_up(store, host_with_adapter, todo, 2, settings, adapter=adapter,
+                   progress=lambda done, total: seen.append((done, total)))
+    assert tuned["generated"] == 5 and seen[-1] == (5, 5)
+    assert store.response_counts(ids, adapter=adapter) == {pid: 2 for pid in ids}

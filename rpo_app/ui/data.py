@@ -99,12 +99,17 @@ def build(ctx: AppContext) -> dict:
         return str(out), f"✔ {report.summary()}"
 
     def generate(adapter, n, limit, temp, top_p, max_new, seed, progress=gr.Progress()):
-        from rpo_app.generate import GenSettings, generate_candidates
+        from rpo_app.generate import GenSettings, top_up
 
         progress(0, desc="waiting for the model")
         host = ctx.host()
         adapter = None if adapter in (None, BASE_CHOICE) else adapter
-        todo = ctx.store.prompts_with_fewer_responses(int(n), limit=int(limit or 20))
+        ctx.sync_adapters()
+        # With an adapter, count only its own answers: the iterative loop asks the tuned
+        # model for fresh candidates on prompts the base model already answered.
+        rows = (ctx.store.prompts_with_fewer_adapter_responses(int(n), adapter, int(limit or 20))
+                if adapter else ctx.store.prompts_with_fewer_responses(int(n), int(limit or 20)))
+        todo = [(r["id"], r["n"]) for r in rows]
         if not todo:
             return "Every prompt already has that many answers.", *refresh()
         settings = GenSettings(temperature=float(temp), top_p=float(top_p),
@@ -115,8 +120,7 @@ def build(ctx: AppContext) -> dict:
             eta = (time.time() - t0) / max(done, 1) * (total - done)
             progress(done / max(total, 1), desc=f"{done}/{total} answers · ETA {eta:.0f}s")
 
-        result = generate_candidates(ctx.store, host, [p["id"] for p in todo], int(n), settings,
-                                     adapter=adapter, progress=tick)
+        result = top_up(ctx.store, host, todo, int(n), settings, adapter=adapter, progress=tick)
         return (f"✔ {result['new']} new answers for {len(todo)} prompts in "
                 f"{time.time() - t0:.0f}s ({result.get('duplicates', 0)} duplicates not stored)."
                 , *refresh())
