@@ -193,13 +193,7 @@ class LabelQueue:
         else:
             if verdict not in ("left", "right", "tie", "both_bad"):
                 raise ValueError("a pair takes 'left', 'right', 'tie' or 'both_bad'")
-            # Canonical order (lower id is A) so the same pair is one key whichever side
-            # it was shown on; a_side keeps where A actually appeared.
-            left_id, right_id = item.left["id"], item.right["id"]
-            a, b = min(left_id, right_id), max(left_id, right_id)
-            a_side = "left" if a == left_id else "right"
-            stored = {"left": "a" if a_side == "left" else "b",
-                      "right": "b" if a_side == "left" else "a"}.get(verdict, verdict)
+            a, b, stored, a_side = canonical_pair(item.left["id"], item.right["id"], verdict)
         if seconds_spent is None:
             seconds_spent = round(time.time() - item.shown_at, 3)
         try:
@@ -267,6 +261,19 @@ class LabelQueue:
             del self._current[annotator]
         for key in item.lease_keys:
             self.store.release_lease(key, annotator)
+
+
+def canonical_pair(left_id: int, right_id: int, verdict: str) -> tuple[int, int, str, str]:
+    """(response_a, response_b, stored verdict, a_side) for a pair shown left/right.
+
+    Canonical order (lower id is A) makes the same pair one key whichever side it was
+    shown on; a_side keeps where A actually appeared, and left/right become a/b.
+    """
+    a, b = min(left_id, right_id), max(left_id, right_id)
+    a_side = "left" if a == left_id else "right"
+    left_is_a = a_side == "left"
+    stored = {"left": "a" if left_is_a else "b", "right": "b" if left_is_a else "a"}
+    return a, b, stored.get(verdict, verdict), a_side
 
 
 def _cross_key(first: int, second: int) -> str:

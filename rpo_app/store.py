@@ -443,6 +443,20 @@ class Store:
                 "AND created_at >= ? GROUP BY kind", (since,))}
         return out
 
+    def blind_tally(self, source: str) -> dict:
+        """Active votes from blind chat: wins of an adapter ('tuned') vs the base model."""
+        row = self._one(
+            "SELECT "
+            "SUM(j.verdict IN ('a', 'b') AND (CASE j.verdict WHEN 'a' THEN ra.adapter "
+            "ELSE rb.adapter END) IS NOT NULL), "
+            "SUM(j.verdict IN ('a', 'b') AND (CASE j.verdict WHEN 'a' THEN ra.adapter "
+            "ELSE rb.adapter END) IS NULL), "
+            "SUM(j.verdict = 'tie'), SUM(j.verdict = 'both_bad') "
+            "FROM judgments j JOIN responses ra ON ra.id = j.response_a "
+            "JOIN responses rb ON rb.id = j.response_b "
+            "WHERE j.source = ? AND j.retracted_at IS NULL", (source,))
+        return dict(zip(("tuned", "base", "tie", "both bad"), (int(v or 0) for v in row)))
+
     def annotator_counts(self, annotator: str, since: float) -> dict:
         return {r["kind"]: r["n"] for r in self._read(
             "SELECT kind, COUNT(*) AS n FROM judgments WHERE retracted_at IS NULL "

@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from rpo_app.labelqueue import canonical_pair
 from rpo_app.ui.context import AppContext
 
 BASE = "base model"
@@ -279,25 +280,15 @@ def _store_vote(ctx: AppContext, left_hist, right_hist, pair, verdict, annotator
         ids[side] = rid
     if ids["left"] == ids["right"]:
         raise gr.Error("both answers are identical; nothing to compare")
-    a, b = sorted((ids["left"], ids["right"]))
-    a_side = "left" if a == ids["left"] else "right"
-    stored = {"left": "a" if a_side == "left" else "b", "right": "b" if a_side == "left" else "a"}
-    jid, _ = ctx.store.add_judgment("paired", a, b, stored.get(verdict, verdict), annotator,
+    a, b, stored, a_side = canonical_pair(ids["left"], ids["right"], verdict)
+    jid, _ = ctx.store.add_judgment("paired", a, b, stored, annotator,
                                     source=BLIND_SOURCE, a_side=a_side,
                                     request_id=f"blind:{a}:{b}:{annotator}:{int(time.time())}")
     return jid
 
 
 def _tally(ctx: AppContext) -> str:
-    wins = {"tuned": 0, "base": 0, "tie": 0, "both bad": 0}
-    for j in ctx.store.judgments():
-        if j["source"] != BLIND_SOURCE:
-            continue
-        if j["verdict"] in ("tie", "both_bad"):
-            wins["tie" if j["verdict"] == "tie" else "both bad"] += 1
-            continue
-        winner = j["adapter_a"] if j["verdict"] == "a" else j["adapter_b"]
-        wins["tuned" if winner else "base"] += 1
+    wins = ctx.store.blind_tally(BLIND_SOURCE)
     total = sum(wins.values())
     if not total:
         return "Blind votes so far: none."
