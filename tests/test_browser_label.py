@@ -44,7 +44,13 @@ def _wait_prompt(page, not_equal: str | None = None) -> str:
 
 
 def _status(page) -> str:
-    return page.locator("#lbl-status").inner_text()
+    """The status message alone: Gradio's progress overlay ("processing | 0.4s") sits in
+    the same element while any event that writes it is in flight."""
+    return page.evaluate("""() => {
+        const el = document.querySelector('#lbl-status').cloneNode(true);
+        el.querySelectorAll('[data-testid="status-tracker"]').forEach(t => t.remove());
+        return el.innerText.trim();
+    }""")
 
 
 def _wait_status(page, text: str) -> str:
