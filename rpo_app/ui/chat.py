@@ -86,6 +86,9 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         right_hist = list(right_hist or []) + [{"role": "user", "content": msg}]
         if is_blind and not pair:
             pair = _blind_pair(ctx)
+        # Clear the input once, now: the stream below must not touch it, or a message the
+        # user types while answers stream in would be wiped.
+        yield left_hist, right_hist, pair, gr.update(visible=False), ""
         yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
 
     def regenerate(left_hist, right_hist, left, right, is_blind, pair, *settings):
@@ -239,8 +242,8 @@ def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings):
     for texts in host.chat_stream(convs, adapters, gen):
         left_hist[-1] = {"role": "assistant", "content": texts[0]}
         right_hist[-1] = {"role": "assistant", "content": texts[1]}
-        yield left_hist, right_hist, pair, gr.update(visible=False), ""
-    yield left_hist, right_hist, pair, gr.update(visible=bool(is_blind)), ""
+        yield left_hist, right_hist, pair, gr.update(visible=False), gr.skip()
+    yield left_hist, right_hist, pair, gr.update(visible=bool(is_blind)), gr.skip()
 
 
 def _as_messages(history) -> list[dict]:
