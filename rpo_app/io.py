@@ -56,11 +56,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from rpo_app.store import MAX_TEXT_CHARS, text_problem
+
 log = logging.getLogger(__name__)
 
-# Longest text accepted in any field: far above any real prompt or answer, low enough
-# that a mis-parsed file (a whole document in one cell) is caught.
-MAX_FIELD_CHARS = 100_000
+MAX_FIELD_CHARS = MAX_TEXT_CHARS
 MAX_FAMILY_CHARS = 200
 IMPORT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
                      ".parquet": "parquet"}
@@ -348,13 +348,10 @@ def _text(value, column: str) -> str:
         raise _RowError(f"column {column!r} is missing or null")
     if not isinstance(value, str):
         raise _RowError(f"column {column!r} must be text, got {_json_type(value)}")
-    _check_len(value, column)
-    if "\x00" in value:
-        raise _RowError(f"column {column!r} contains a NUL character")
-    value = value.strip()
-    if not value:
-        raise _RowError(f"column {column!r} is empty")
-    return value
+    problem = text_problem(value, f"column {column!r}")
+    if problem:
+        raise _RowError(problem)
+    return value.strip()
 
 
 def _messages(value, column: str) -> list[dict]:
@@ -447,7 +444,7 @@ def _parse_hh(chosen: str, rejected: str, multi_turn: str) -> tuple[str, str, st
     for turn in turns:
         if not turn["content"]:
             raise _RowError(f"the transcript has an empty {turn['role']} turn")
-    prompt = _context_prompt(turns, multi_turn, column="chosen")
+    prompt = _text(_context_prompt(turns, multi_turn, column="chosen"), "chosen (last Human turn)")
     return (prompt, _text(chosen_answer, "chosen (final Assistant turn)"),
             _text(rejected_answer, "rejected (final Assistant turn)"))
 

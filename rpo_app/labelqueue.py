@@ -13,7 +13,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from rpo_app.store import Store, StoreError
+from rpo_app.store import StorageError, Store, StoreError
 
 MODES = ("paired", "cross", "unpaired", "mixed")
 UI_VERDICTS = ("left", "right", "tie", "both_bad", "up", "down")
@@ -199,6 +199,8 @@ class LabelQueue:
         try:
             jid, created = self._store_judgment(item, a, b, stored, annotator, source, strength,
                                                 a_side, seconds_spent, token)
+        except StorageError:
+            raise  # the disk refused it: keep the item open so the same click can be retried
         except StoreError:
             with self._lock:
                 self._drop(item, annotator)

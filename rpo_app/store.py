@@ -6,6 +6,8 @@ synchronous=FULL, so whatever the UI acknowledges survives a crash or power cut.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
 import threading
 import time
@@ -21,6 +23,12 @@ THUMB_VERDICTS = ("up", "down")
 STRENGTHS = ("slightly", "clearly")
 SIDES = ("left", "right")
 LEASE_SECONDS = 300.0
+# Longest text accepted in any field: far above any real prompt or answer, low enough
+# that a mis-parsed file (a whole document in one cell) is caught.
+MAX_TEXT_CHARS = 100_000
+# C0/C1 control characters other than tab and newlines: never part of a real prompt, and
+# some (ESC, backspace) rewrite what a terminal or log viewer shows.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 # Each entry moves the schema one version up; never edit a released entry.
 MIGRATIONS: list[str] = [
@@ -107,6 +115,31 @@ class StoreError(ValueError):
     """A write was refused; the message says why. Nothing was written."""
 
 
+class StorageError(StoreError):
+    """The disk refused a write (full, read-only, I/O error). Nothing was written; the
+    same call succeeds once the disk is fixed."""
+
+
+# SQLite's messages for a disk that refuses writes, and what to tell the user.
+_DISK_PROBLEMS = (
+    ("disk is full", "the disk is full; free some space and try again"),
+    ("readonly", "the data folder is read-only; make it writable and try again"),
+    ("read-only", "the data folder is read-only; make it writable and try again"),
+    ("unable to open", "the database file cannot be opened (missing or not writable)"),
+    ("disk i/o error", "the disk reported an I/O error (full, read-only or failing)"),
+)
+
+
+def storage_error(err: sqlite3.Error, path: Path) -> StorageError | None:
+    """A StorageError for an SQLite error that comes from the disk, else None."""
+    text = str(err).lower()
+    for needle, advice in _DISK_PROBLEMS:
+        if needle in text:
+            return StorageError(f"could not save to {path}: {advice} ({err}). "
+                                "Nothing was saved; everything saved before is intact.")
+    return None
+
+
 def _now() -> float:
     return time.time()
 
@@ -119,10 +152,21 @@ class Store:
         path = Path(path)
         if path.is_dir() or path.suffix == "":
             path = path / "rpo.sqlite3"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot create the data folder {path.parent}: {err.strerror}") from err
         self.path = path
         self._local = threading.local()
-        self._migrate()
+        if not os.access(path.parent, os.W_OK):  # also False on a read-only mount, even for root
+            raise StorageError(f"the data folder {path.parent} is read-only (or not writable "
+                               "by this user); judgments could not be saved. Make it writable "
+                               "or pass another --data-dir.")
+        try:
+            self._migrate()
+        except sqlite3.Error as err:
+            self.close()
+            raise (storage_error(err, path) or err) from err
 
     # -- connections and transactions -------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -148,7 +192,11 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """All-or-nothing. Nested calls join the outer transaction."""
-        conn = self._conn()
+        try:
+            conn = self._conn()
+        except sqlite3.Error as err:
+            self.close()
+            raise (storage_error(err, self.path) or err) from err
         if self._local.depth:
             self._local.depth += 1
             try:
@@ -156,13 +204,24 @@ class Store:
             finally:
                 self._local.depth -= 1
             return
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as err:
+            raise (storage_error(err, self.path) or err) from err
         self._local.depth = 1
         try:
             yield conn
             conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as err:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (it does on a full disk or I/O error)
+            if isinstance(err, sqlite3.Error):
+                disk = storage_error(err, self.path)
+                if disk is not None:
+                    raise disk from err
             raise
         finally:
             self._local.depth = 0
@@ -259,7 +318,7 @@ class Store:
                      adapter: str | None = None, gen_settings: dict | None = None,
                      import_file: str | None = None) -> tuple[int, bool]:
         """Return (response id, created). The same text for the same prompt is one row."""
-        text = _clean_text(text, "response", allow_empty=True)
+        text = _clean_text(text, "response", allow_empty=True, allow_control=True)
         with self.transaction() as tx:
             cur = tx.execute(
                 "INSERT OR IGNORE INTO responses(prompt_id, text, source, model, adapter, "
@@ -671,13 +730,36 @@ class Store:
         return [dict(r) for r in self._read(sql, params)]
 
 
-def _clean_text(text, what: str, allow_empty: bool = False) -> str:
+def text_problem(text, what: str, allow_empty: bool = False,
+                 allow_control: bool = False) -> str | None:
+    """Why `text` cannot be stored as `what`, or None. Shared with io.py's import checks.
+
+    Model output may hold control characters (it is stored as generated); text people
+    type or import may not."""
     if not isinstance(text, str):
-        raise StoreError(f"{what} must be text, got {type(text).__name__}")
+        return f"{what} must be text, got {type(text).__name__}"
+    if len(text) > MAX_TEXT_CHARS:
+        return f"{what} is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,}"
     if "\x00" in text:
-        raise StoreError(f"{what} contains a NUL character")
+        return f"{what} contains a NUL character"
+    if not allow_control:
+        bad = _CONTROL.search(text)
+        if bad:
+            return (f"{what} contains the control character U+{ord(bad.group()):04X} at "
+                    f"position {bad.start() + 1}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"{what} is not valid Unicode at position {err.start + 1} (a lone surrogate)"
     if not allow_empty and not text.strip():
-        raise StoreError(f"{what} is empty")
+        return f"{what} is empty"
+    return None
+
+
+def _clean_text(text, what: str, allow_empty: bool = False, allow_control: bool = False) -> str:
+    problem = text_problem(text, what, allow_empty, allow_control)
+    if problem:
+        raise StoreError(problem)
     return text
 
 

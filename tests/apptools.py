@@ -105,17 +105,17 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def start_app(data_dir, port: int | None = None, extra_args=(), env: dict | None = None,
-              timeout: float = 120.0, wait_model: bool = False) -> AppProcess:
+              timeout: float = 120.0, wait_model: bool = False, log_dir=None) -> AppProcess:
     """Start `python app.py --data-dir DATA --port PORT`; return once / answers 200.
 
-    stdout and stderr go to DATA/app-test-PORT.log (never an undrained pipe). If the
+    stdout and stderr go to DATA/app-test-PORT.log (or LOG_DIR/; never a pipe). If the
     process dies or times out, raise with the tail of that log. The model loads in the
     background after the page is up; `wait_model=True` also waits (in a headless browser)
     until the page's model line says "model ready".
     """
     data_dir = Path(data_dir)
     port = port or free_port()
-    log_path = data_dir / f"app-test-{port}.log"
+    log_path = Path(log_dir or data_dir) / f"app-test-{port}.log"
     full_env = dict(os.environ)
     full_env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                      "HF_DATASETS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",

@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from rpo_app.config import ServeConfig, resolve_data_dir
+from rpo_app.store import StoreError
 from rpo_app.ui import chat as chat_tab
 from rpo_app.ui import data as data_tab
 from rpo_app.ui import label as label_tab
@@ -93,7 +94,11 @@ def main_from_args(args) -> int:
         print(f"WARNING: serving on {cfg.host} without --auth: anyone who can reach this "
               "machine can read and change your data. Add --auth user:password.",
               file=sys.stderr)
-    ctx = AppContext(cfg)
+    try:
+        ctx = AppContext(cfg)
+    except StoreError as err:  # e.g. a read-only or full data folder: say so, start nothing
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=cfg.host, server_port=cfg.port, auth=cfg.auth or None,
