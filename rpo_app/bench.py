@@ -4,6 +4,9 @@ one run on this machine (ratios, not absolute timings, are what carry across mac
 - train: our RPO step vs TRL's DPOTrainer, same model, LoRA, data, batch and length.
 - generate: batched ModelHost.generate vs plain model.generate one answer at a time.
 - search: related-prompt search over 100k prompts.
+- queue: the label queue's next item and submit with 100k prompts and 200k judgments.
+- load: 20 gradio_client annotators x 50 judgments against the real server during a
+  training run and a chat, beside a bare-Gradio baseline (exactly-once is checked).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ def cli_bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(args.data_dir)
-    parts = [args.only] if args.only else ["search", "generate", "train"]
+    parts = [args.only] if args.only else ["search", "queue", "generate", "train", "load"]
     summary: dict = {}
     if "search" in parts:
         from rpo_app.bench_search import bench_related_search
@@ -27,6 +30,14 @@ def cli_bench(args) -> int:
         summary["search"] = bench_related_search(n_prompts=10_000 if args.quick else 100_000)
         (out / "search.json").write_text(json.dumps(summary["search"], indent=1))
         print(json.dumps(summary["search"], indent=1))
+    if "queue" in parts:
+        from rpo_app.bench_search import bench_label_queue
+
+        summary["queue"] = bench_label_queue(
+            n_prompts=10_000 if args.quick else 100_000,
+            n_judgments=20_000 if args.quick else 200_000)
+        (out / "queue.json").write_text(json.dumps(summary["queue"], indent=1))
+        print(json.dumps(summary["queue"], indent=1))
     if "generate" in parts:
         from rpo_app.bench_generate import format_table, run_benchmark
 
@@ -41,6 +52,17 @@ def cli_bench(args) -> int:
         if rc:
             return rc
         summary["train"] = json.loads((out / "bench_train.json").read_text())
+    if "load" in parts:
+        from rpo_app.bench_load import run as bench_load
+
+        summary["load"] = bench_load(annotators=20, per_annotator=10 if args.quick else 50,
+                                     data_dir=data_dir)
+        (out / "load.json").write_text(json.dumps(summary["load"], indent=1))
+        print(json.dumps(summary["load"], indent=1))
+        checks = summary["load"]["checks"]
+        if checks["lost"] or checks["duplicated_requests"] or summary["load"]["errors"]:
+            print("load: judgments lost or duplicated, or annotators failed", file=sys.stderr)
+            return 1
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"results in {out}/", file=sys.stderr)
     return 0

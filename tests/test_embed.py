@@ -74,3 +74,13 @@ def test_search_benchmark_smoke(tmp_path):
     result = bench_related_search(n_prompts=300, queries=5, data_dir=tmp_path)
     assert result["n_prompts"] == 300 and result["p95_ms"] >= result["p50_ms"] > 0
     assert list(tmp_path.iterdir()) == []  # the temp store is gone
+
+
+def test_queue_benchmark_runs_at_small_scale(tmp_path):
+    from rpo_app.bench_search import bench_label_queue
+
+    result = bench_label_queue(n_prompts=400, n_judgments=600, items=5, data_dir=tmp_path)
+    assert result["n_judgments"] == 600  # in the store before the timed annotator starts
+    assert result["integrity"] == "ok"
+    for mode in ("paired", "cross", "unpaired"):
+        assert result[f"{mode}_next_item"]["p50_ms"] > 0
