@@ -28,10 +28,12 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         tally = gr.Markdown("", elem_id="chat-tally")
     with gr.Row():
         with gr.Column():
-            left_pick = gr.Dropdown([BASE], value=BASE, label="Left", elem_id="chat-left-pick")
+            left_pick = gr.Dropdown([BASE], value=BASE, label="Left", elem_id="chat-left-pick",
+                                    allow_custom_value=True)  # adapters appear after load
             left_bot = gr.Chatbot(label="Left", height=420, buttons=["copy"], elem_id="chat-left")
         with gr.Column():
-            right_pick = gr.Dropdown([BASE], value=BASE, label="Right", elem_id="chat-right-pick")
+            right_pick = gr.Dropdown([BASE], value=BASE, label="Right", elem_id="chat-right-pick",
+                                     allow_custom_value=True)
             right_bot = gr.Chatbot(label="Right", height=420, buttons=["copy"],
                                    elem_id="chat-right")
     with gr.Row():
@@ -58,7 +60,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     with gr.Accordion("Adapters", open=False):
         adapters_table = gr.Dataframe(interactive=False, elem_id="adapters-table")
         with gr.Row():
-            ad_pick = gr.Dropdown([], label="Adapter", scale=2, elem_id="adapter-pick")
+            ad_pick = gr.Dropdown([], label="Adapter", scale=2, elem_id="adapter-pick",
+                                  allow_custom_value=True)  # names are checked by adapters.py
             ad_new = gr.Textbox(label="New name", scale=2)
             ad_rename = gr.Button("Rename", scale=1)
             ad_delete = gr.Button("Delete", variant="stop", scale=1)
@@ -236,6 +239,9 @@ def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings):
     gen = GenSettings(temperature=float(temp), top_p=float(top_p), max_new_tokens=int(max_new),
                       seed=int(seed or 0), system_prompt=(system or "").strip() or None)
     adapters = [None if left == BASE else left, None if right == BASE else right]
+    for name in adapters:
+        if name is not None and name not in host.adapter_names():
+            raise gr.Error(ctx.adapter_problem(name))
     left_hist = list(left_hist) + [{"role": "assistant", "content": ""}]
     right_hist = list(right_hist) + [{"role": "assistant", "content": ""}]
     convs = [_as_messages(left_hist[:-1]), _as_messages(right_hist[:-1])]

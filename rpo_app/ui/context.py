@@ -75,6 +75,7 @@ class AppContext:
         # transformers cannot load two models in two threads at once ("Cannot copy out
         # of meta tensor"), so the loaders take turns.
         self._load_lock = threading.Lock()
+        self._adapter_errors: dict[str, str] = {}  # adapter name -> why it did not load
         self._index = _Loader("prompt embedder", self._load_index)
         self._host = _Loader("model", self._load_host) if load_model else None
 
@@ -94,11 +95,22 @@ class AppContext:
             host = ModelHost(self.cfg.model, data_dir=self.layout.root, device=self.cfg.device,
                              trust_remote_code=self.cfg.trust_remote_code)
         for adapter in self.store.adapters():
-            try:
-                host.load_adapter(adapter["name"], adapter["path"])
-            except Exception as err:  # one broken adapter must not take the app down
-                log.warning("adapter %s not loaded: %s", adapter["name"], err)
+            self._load_adapter(host, adapter)
         return host
+
+    def _load_adapter(self, host, adapter: dict) -> None:
+        try:
+            host.load_adapter(adapter["name"], adapter["path"])
+            self._adapter_errors.pop(adapter["name"], None)
+        except Exception as err:  # one broken adapter must not take the app down
+            log.warning("adapter %s not loaded: %s", adapter["name"], err)
+            self._adapter_errors[adapter["name"]] = str(err)
+
+    def adapter_problem(self, name: str) -> str:
+        """Why an adapter cannot be used, for the user."""
+        if name in self._adapter_errors:
+            return f"adapter {name!r} could not be loaded: {self._adapter_errors[name]}"
+        return f"no adapter named {name!r}; pick one from the list"
 
     def index(self, timeout: float | None = 600):
         return self._index.get(timeout)
@@ -115,11 +127,8 @@ class AppContext:
         host = self._host.get()
         loaded = set(host.adapter_names())
         for adapter in self.store.adapters():
-            if adapter["name"] not in loaded:
-                try:
-                    host.load_adapter(adapter["name"], adapter["path"])
-                except Exception as err:
-                    log.warning("adapter %s not loaded: %s", adapter["name"], err)
+            if adapter["name"] not in loaded and adapter["name"] not in self._adapter_errors:
+                self._load_adapter(host, adapter)
 
     def model_status(self) -> str:
         if self._host is None:
