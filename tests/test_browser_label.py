@@ -288,3 +288,31 @@ def test_prompt_and_answers_are_shown_as_text_not_html(tmp_path_factory, default
         assert page.evaluate("() => window.__xss") is None
         assert page.locator("#lbl-prompt img, #lbl-related img, #lbl-history img, "
                             "#lbl-status img").count() == 0
+
+
+def test_right_to_left_prompts_are_shown_intact_in_their_own_direction(tmp_path_factory,
+                                                                       default_model_dir):
+    rtl = "كيف أتعلم الطبخ في المنزل؟"
+    mixed = "איך ללמוד לבשל? How do I learn to cook?"
+    data = link_default_model(tmp_path_factory.mktemp("browser-rtl") / "data", default_model_dir)
+    from rpo_app.store import Store
+
+    s = Store(data)
+    pid, _ = s.add_prompt(rtl, "test")
+    s.add_response(pid, mixed, "test")
+    s.add_response(pid, "ابدأ بوصفات بسيطة. Start with simple recipes.", "test")
+    s.close()
+    with start_app(data) as app, chromium_browser() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app.url, timeout=60_000)
+        _wait_status(page, "Enter your name")
+        name_box = _box(page, "annotator-name")
+        name_box.fill("rtl-check")
+        name_box.press("Enter")
+        assert _wait_prompt(page) == rtl
+        assert mixed in {_box(page, "lbl-left-text").input_value(),
+                         _box(page, "lbl-right-text").input_value()}
+        bidi = page.evaluate("""() => getComputedStyle(
+            document.querySelector('#lbl-prompt textarea, #lbl-prompt input')).unicodeBidi""")
+        assert bidi == "plaintext"
+        screenshot(page, "label-rtl.png")

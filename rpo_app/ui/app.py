@@ -21,6 +21,9 @@ CSS = """
 #lbl-status, #gen-status, #data-status {min-height: 1.5em}
 #lbl-progress {text-align: right; font-size: 0.9em}
 footer {display: none !important}
+/* Each paragraph takes its direction from its own text: Arabic or Hebrew reads right to
+   left, English beside it left to right, whatever the page direction. */
+textarea, input[type=text], .message, .prose, td {unicode-bidi: plaintext; text-align: start}
 """
 
 
