@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from apptools import artifacts_dir, link_default_model, seed_store, start_app
+from rpo_app.bench_load import percentile
 
 pytestmark = pytest.mark.slow
 
@@ -190,15 +191,6 @@ def _value(out):
     return out.get("value") if isinstance(out, dict) else out
 
 
-def _percentile(values, q):
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def test_six_concurrent_annotators_with_double_clicks(api_app):
     app, data = api_app["app"], api_app["data"]
     n_threads, per_annotator = 6, 15
@@ -297,7 +289,7 @@ def test_six_concurrent_annotators_with_double_clicks(api_app):
     finally:
         store.close()
 
-    p50, p95 = _percentile(latencies, 0.5), _percentile(latencies, 0.95)
+    p50, p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
     report = {"submits_timed": len(latencies), "p50_ms": round(p50 * 1000, 1),
               "p95_ms": round(p95 * 1000, 1), "max_ms": round(max(latencies) * 1000, 1),
               "mean_ms": round(statistics.mean(latencies) * 1000, 1),
