@@ -32,9 +32,12 @@ def _local_only() -> None:
 
 
 def client(url: str, auth: tuple[str, str] | None = None):
+    import logging
+
     from gradio_client import Client
 
     _local_only()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per request skews timing
     return Client(url, auth=auth, verbose=False, download_files=False, analytics_enabled=False)
 
 
