@@ -62,3 +62,51 @@ def test_device_and_dtype_on_cpu():
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         pick_device("cuda")
     assert pick_dtype("cpu") == torch.float32
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _model_folder_without_safetensors(tiny_model_dir, tmp_path, marker):
+    import pickle
+    import shutil
+
+    folder = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model_dir, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Payload(str(marker))}))
+    return folder
+
+
+def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = _model_folder_without_safetensors(tiny_model_dir, tmp_path, marker)
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_model(str(folder), data_dir=tmp_path)
+    assert not marker.exists()
+
+
+def test_model_code_in_a_folder_never_runs_without_the_flag(tiny_model_dir, tmp_path):
+    import shutil
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "custom-code-model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
+                          "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    # Without --trust-remote-code the folder's own Python never runs: transformers builds
+    # its built-in class for the model type and ignores auto_map.
+    model, _ = load_model(str(folder), data_dir=tmp_path)
+    assert type(model).__module__.startswith("transformers.models.llama")
+    assert not marker.exists()
