@@ -213,6 +213,17 @@ BAD_FILES = {
                  ["bad.jsonl", "line 2", "'chosen' is 100,001 characters", "limit"]),
     "nul-char": ("bad.jsonl", _jsonl(dict(GOOD, rejected="a\x00b")),
                  ["bad.jsonl", "line 1", "NUL"]),
+    "megabyte-prompt": ("bad.jsonl", _jsonl(GOOD, dict(GOOD, prompt="p" * (1 << 20))),
+                        ["bad.jsonl", "line 2", "'prompt' is 1,048,576 characters", "limit"]),
+    "control-char": ("bad.jsonl", _jsonl(dict(GOOD, prompt="ring \x07 the bell")),
+                     ["bad.jsonl", "line 1", "'prompt' contains the control character U+0007"]),
+    "escape-in-answer": ("bad.csv", b"prompt,chosen,rejected\na,b\x1b[2Jc,d\n",
+                         ["bad.csv", "row 1", "'chosen' contains the control character U+001B"]),
+    "lone-surrogate": ("bad.jsonl", b'{"prompt": "p", "chosen": "\\ud800", "rejected": "r"}\n',
+                       ["bad.jsonl", "line 1", "'chosen' is not valid Unicode"]),
+    "hh-control-char": ("bad.jsonl", _jsonl({"chosen": hh("a\x1b?", "x"),
+                                             "rejected": hh("a\x1b?", "y")}),
+                        ["bad.jsonl", "line 1", "control character U+001B"]),
     "same-answers": ("bad.jsonl", _jsonl(dict(GOOD, rejected=" Good. ")),
                      ["bad.jsonl", "line 1", "same text"]),
     "bad-encoding": ("bad.jsonl", _jsonl(GOOD) + '{"prompt": "café"}\n'.encode("latin-1"),
@@ -545,3 +556,13 @@ def test_cli_export_and_stats_in_process(tmp_path, capsys):
     assert main(["stats", "--data-dir", str(data_dir)]) == 0
     table = capsys.readouterr().out
     assert "paired" in table and "ann" in table and "prompts" in table
+
+
+def test_right_to_left_text_and_tabs_import_unchanged(store, tmp_path):
+    rows = [{"prompt": "كيف أتعلم الطبخ؟", "chosen": "ابدأ بوصفات بسيطة.\tStep 1.",
+             "rejected": "לא יודע."}]
+    import_path(store, write(tmp_path / "rtl", rows, "jsonl"))
+    (judgment,) = store.judgments()
+    assert store.prompt(judgment["prompt_a_id"])["text"] == rows[0]["prompt"]
+    texts = {store.response(judgment[k])["text"] for k in ("response_a", "response_b")}
+    assert texts == {rows[0]["chosen"], rows[0]["rejected"]}
