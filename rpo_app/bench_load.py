@@ -243,7 +243,7 @@ def run(annotators: int = 20, per_annotator: int = 50, data_dir: str | Path = "d
             src = Path(resolve_model(None, data_dir))  # converts once if it never ran
             (layout.models / src.name).symlink_to(src.resolve())
         store = Store(layout.db)
-        seed_items(store, n_prompts=annotators * per_annotator // 2 + 50)
+        seed_items(store, n_prompts=annotators * per_annotator // 2 + 150)  # 64 go to training
         trainer = None
         if with_training:
             for row in store.prompts(limit=64):
