@@ -55,14 +55,22 @@ def cli_bench(args) -> int:
     if "load" in parts:
         from rpo_app.bench_load import run as bench_load
 
-        summary["load"] = bench_load(annotators=20, per_annotator=10 if args.quick else 50,
-                                     data_dir=data_dir)
+        per = 10 if args.quick else 50
+        # One annotator on a quiet server, twenty on a quiet one, twenty during training
+        # and chat: what the label path costs, and what sharing the cores costs.
+        summary["load"] = {
+            "one_annotator": bench_load(1, per, data_dir, with_training=False, with_chat=False),
+            "twenty_annotators": bench_load(20, per, data_dir, with_training=False,
+                                            with_chat=False),
+            "twenty_during_training_and_chat": bench_load(20, per, data_dir)}
         (out / "load.json").write_text(json.dumps(summary["load"], indent=1))
         print(json.dumps(summary["load"], indent=1))
-        checks = summary["load"]["checks"]
-        if checks["lost"] or checks["duplicated_requests"] or summary["load"]["errors"]:
-            print("load: judgments lost or duplicated, or annotators failed", file=sys.stderr)
-            return 1
+        for name, result in summary["load"].items():
+            checks = result["checks"]
+            if checks["lost"] or checks["duplicated_requests"] or result["errors"]:
+                print(f"load ({name}): judgments lost or duplicated, or annotators failed",
+                      file=sys.stderr)
+                return 1
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"results in {out}/", file=sys.stderr)
     return 0
