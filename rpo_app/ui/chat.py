@@ -107,7 +107,10 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                 raise gr.Error("chat in blind mode first, then vote")
             if left_hist[-1]["role"] != "assistant" or right_hist[-1]["role"] != "assistant":
                 raise gr.Error("wait for both answers before voting")
-            jid = _store_vote(ctx, left_hist, right_hist, pair, verdict, name)
+            try:
+                jid = _store_vote(ctx, left_hist, right_hist, pair, verdict, name)
+            except ValueError as err:  # e.g. a full disk, or a message the store refuses
+                raise gr.Error(str(err))
             return (f"Saved as judgment #{jid}. **Left was {pair['left']}**, "
                     f"**right was {pair['right']}**.", _tally(ctx), None,
                     gr.update(visible=False))
