@@ -1,4 +1,4 @@
-"""`python -m rpo_app <command>`: serve | import | export | stats | generate | train | merge | bench.
+"""`python -m rpo_app <command>`: serve | import | export | stats | generate | train | merge | bench | bench-effect.
 
 Heavy libraries (torch, transformers, gradio) are imported inside the command that
 needs them, so `--help` and `stats` answer at once.
@@ -83,8 +83,14 @@ def _merge_args(p):
 def _bench_args(p):
     _data_dir_arg(p)
     p.add_argument("--out", default="bench-results", help="folder for the JSON results")
-    p.add_argument("--only", choices=["train", "generate"], default=None)
+    p.add_argument("--only", choices=["search", "queue", "generate", "train", "load"], default=None)
     p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
+
+
+def _bench_effect_args(p):
+    from rpo_app.bench_effect import add_args
+
+    add_args(p)
 
 
 def _train_args(p):
@@ -109,6 +115,8 @@ COMMANDS = {
               "rpo_app.adapters:cli_merge"),
     "bench": ("speed benchmarks: training vs TRL, batched vs one-by-one generation",
               _bench_args, "rpo_app.bench:cli_bench"),
+    "bench-effect": ("effect benchmark: simulated annotators, fine-tune, judge tuned vs base",
+                     _bench_effect_args, "rpo_app.bench_effect:main_from_args"),
 }
 
 

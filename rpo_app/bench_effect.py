@@ -1,0 +1,488 @@
+"""`python -m rpo_app bench-effect`: does clicking fine-tune give people the model they
+labeled for?
+
+For every seed: split the seed prompts by family into training and test prompts
+(no family on both sides), sample K candidates per training prompt from the base
+model, and let each simulated annotator (rpo_app.judges) judge them: every pair of
+candidates (A better / B better / tie) and every candidate alone (thumbs up above
+the prompt's median score, down below). Train each loss on the same judgments with
+the product's own trainer, then answer the test prompts greedily with the base
+model and with each tuned adapter, and ask the judge which is better.
+
+Reported per judge x loss: the judge's win rate of tuned over base (ties count
+half), mean judge scores, held-out preference accuracy, training time, and
+degeneration checks next to the base model's own values (mean words, share of
+answers under 3 words, repeated 3-gram share, and the base model's mean per-token
+log-likelihood of the answers, a fluency proxy).
+
+Everything goes through the product's code paths: Store, ModelHost,
+generate_candidates, train.train. One data dir per seed holds the store; each
+judge's judgments carry the annotator ``judge:<name>`` and training picks them with
+the trainer's own annotator filter, so the candidates (which do not depend on the
+judge) are generated once per seed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("rpo_app.bench_effect")
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_PROMPTS = REPO / "data" / "prompts.jsonl"
+DEFAULT_LOSSES = ("rpo-paired", "rpo-unpaired", "dpo")
+EXIT_USAGE = 2
+METRICS = ("win_rate", "score_tuned", "score_base", "heldout_acc", "mean_words", "short_share",
+           "repeat_share", "base_logp", "train_s", "steps")
+
+
+class BenchError(ValueError):
+    """Bad input for the benchmark; the message names it."""
+
+
+# --- pure pieces -----------------------------------------------------------------------
+
+def split_by_family(rows: list[dict], n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, test rows) with no prompt family on both sides.
+
+    Families are shuffled with the seed; whole families go to the test side until it
+    holds n_test prompts, the rest feed the training side. A prompt without a family
+    is its own family.
+    """
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(row.get("family") or f"prompt:{row['prompt']}", []).append(row)
+    names = sorted(families)
+    random.Random(seed).shuffle(names)
+    test: list[dict] = []
+    train: list[dict] = []
+    for name in names:
+        if len(test) < n_test:
+            test.extend(families[name])
+        elif len(train) < n_train:
+            train.extend(families[name])
+    test, train = test[:n_test], train[:n_train]
+    if len(test) < n_test or len(train) < n_train:
+        raise BenchError(f"{len(rows)} prompts in {len(families)} families cannot give {n_train} training and "
+                         f"{n_test} test prompts from disjoint families; ask for fewer")
+    return train, test
+
+
+def judge_candidates(scored: list[tuple[int, float]]) -> list[tuple[str, int, int | None, str]]:
+    """Judgments for one prompt's scored candidates: (kind, response_a, response_b, verdict).
+
+    Every pair becomes a paired judgment (the higher score wins, equal scores are a
+    tie); every candidate alone becomes a thumb, up above the prompt's median score
+    and down below it (at the median: no thumb, the judge has no opinion).
+    """
+    out: list[tuple[str, int, int | None, str]] = []
+    for (ra, sa), (rb, sb) in itertools.combinations(scored, 2):
+        out.append(("paired", ra, rb, "a" if sa > sb else "b" if sb > sa else "tie"))
+    if len(scored) >= 2:
+        median = statistics.median(s for _, s in scored)
+        for rid, s in scored:
+            if s != median:
+                out.append(("unpaired", rid, None, "up" if s > median else "down"))
+    return out
+
+
+def win_rate(tuned: list[float], base: list[float]) -> float:
+    """Share of prompts where the tuned answer scores higher; ties count half."""
+    if len(tuned) != len(base) or not tuned:
+        raise ValueError("need one tuned and one base score per prompt")
+    return sum(1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(tuned, base)) / len(tuned)
+
+
+def aggregate(rows: list[dict], keys: tuple[str, ...] = ("judge", "loss")) -> list[dict]:
+    """Mean and (population) standard deviation over seeds of every metric, per key."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, members in groups.items():
+        entry = dict(zip(keys, key), seeds=len(members))
+        for m in METRICS:
+            vals = [r[m] for r in members if r.get(m) is not None]
+            if vals:
+                entry[m] = statistics.fmean(vals)
+                entry[f"{m}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def format_table(summary: list[dict]) -> str:
+    import pandas as pd
+
+    def pm(entry, m, fmt):
+        if m not in entry:
+            return "-"
+        text = format(entry[m], fmt)
+        return text + (f" ± {format(entry[m + '_std'], fmt)}" if entry.get("seeds", 1) > 1 else "")
+
+    frame = pd.DataFrame([{
+        "judge": e["judge"], "loss": e["loss"], "win rate": pm(e, "win_rate", ".2f"),
+        "score tuned": pm(e, "score_tuned", ".2f"), "score base": pm(e, "score_base", ".2f"),
+        "held-out acc": pm(e, "heldout_acc", ".2f"), "words": pm(e, "mean_words", ".1f"),
+        "<3 words": pm(e, "short_share", ".2f"), "rep. 3-grams": pm(e, "repeat_share", ".3f"),
+        "base logp/tok": pm(e, "base_logp", ".2f"), "train s": pm(e, "train_s", ".0f"),
+    } for e in summary])
+    return frame.to_string(index=False)
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- model work ------------------------------------------------------------------------
+
+def mean_token_logps(host, prompts: list[str], answers: list[str], max_length: int,
+                     batch_size: int = 8) -> list[float]:
+    """Base model's mean log-prob per answer token (adapters off): fluency proxy."""
+    import torch
+    from peft import PeftModel
+
+    from rpo_app.batches import Encoder, Item
+    from rpo_app.train import sequence_logps
+
+    enc = Encoder(host.tokenizer, max_length, max_length // 2)
+    seqs = [enc.encode(Item(p, a), 0) for p, a in zip(prompts, answers)]
+    out: list[float] = []
+    with host.lock, torch.no_grad():
+        net = host.model
+        for k in range(0, len(seqs), batch_size):
+            part = seqs[k:k + batch_size]
+            if isinstance(net, PeftModel):
+                with net.disable_adapter():
+                    sums = sequence_logps(net, part, host.pad_id, host.device, keep_by_mask=False)
+            else:
+                sums = sequence_logps(net, part, host.pad_id, host.device, keep_by_mask=False)
+            out += [float(s) / max(len(q) - q.prompt_len, 1) for s, q in zip(sums.tolist(), part)]
+    return out
+
+
+def _tqdm_progress(desc: str):
+    from tqdm.auto import tqdm
+
+    bar = {"bar": None}
+
+    def progress(done: int, total: int) -> None:
+        if bar["bar"] is None:
+            bar["bar"] = tqdm(total=total, desc=desc, unit="answer", dynamic_ncols=True)
+        bar["bar"].n = done
+        bar["bar"].refresh()
+        if done >= total:
+            bar["bar"].close()
+    return progress
+
+
+def _cached(cache: Path | None, key: str, make):
+    """JSON cache of generations: a sweep over training settings reuses the base
+    model's candidates and test answers instead of sampling them again."""
+    if cache is None:
+        return make()
+    path = cache / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    value = make()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, ensure_ascii=False))
+    tmp.replace(path)
+    return value
+
+
+def _link_model(model: str | None, source_data_dir: Path, data_dir: Path) -> str | None:
+    """Point the fresh data dir at the already-converted default model (no reconversion)."""
+    from rpo_app.models import DEFAULT_MODEL_NAME, is_default, resolve_model
+
+    if not is_default(model):
+        return resolve_model(model, source_data_dir)
+    converted = Path(resolve_model(None, source_data_dir))
+    link = data_dir / "models" / DEFAULT_MODEL_NAME
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(converted, target_is_directory=True)
+    return None
+
+
+def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) -> tuple[list[dict], dict]:
+    """Everything for one seed; returns (rows per judge x loss, base model metrics)."""
+    from rpo_app import degeneration
+    from rpo_app.generate import GenSettings, ModelHost, generate_candidates
+    from rpo_app.judges import score
+    from rpo_app.store import Store
+    from rpo_app.train import TrainConfig, train
+
+    seed_dir = out / f"seed-{seed}"
+    data_dir = seed_dir / "data"
+    if data_dir.exists():
+        import shutil
+
+        shutil.rmtree(data_dir)  # a fresh store: judgments from an earlier run must not leak in
+    data_dir.mkdir(parents=True)
+    model = _link_model(args.model, Path(args.source_data_dir), data_dir)
+    train_rows, test_rows = split_by_family(prompt_rows, args.train_prompts, args.test_prompts, seed)
+    log.info("seed %d: %d training prompts (%d families), %d test prompts (%d families)", seed,
+             len(train_rows), len({r.get('family') for r in train_rows}), len(test_rows),
+             len({r.get('family') for r in test_rows}))
+    store = Store(data_dir)
+    host = ModelHost(model, data_dir, device=args.device)
+    cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else out / "cache"
+    sample = GenSettings(temperature=args.gen_temperature, top_p=args.top_p,
+                         max_new_tokens=args.max_new_tokens, seed=seed)
+    greedy = GenSettings(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=seed)
+
+    store.add_prompts([{"prompt": r["prompt"], "family": r.get("family")} for r in train_rows], "bench-effect")
+    ids = [store.ensure_prompt(r["prompt"], "bench-effect") for r in train_rows]
+    key = _hash("candidates", host.model_name, str(model), [r["prompt"] for r in train_rows],
+                args.candidates, sample.to_dict())
+
+    def make_candidates() -> dict:
+        generate_candidates(store, host, ids, args.candidates, sample,
+                            progress=_tqdm_progress(f"seed {seed}: candidates"))
+        return {str(p): [r["text"] for r in store.responses_for_prompt(p)] for p in ids}
+
+    cached = _cached(cache, key, make_candidates)
+    for pid, texts in zip(ids, [cached[str(p)] for p in ids]):
+        for text in texts:  # a cache hit: the same rows generate_candidates wrote
+            store.add_response(pid, text, source="model", model=host.model_name, gen_settings=sample.to_dict())
+
+    test_prompts = [r["prompt"] for r in test_rows]
+    key = _hash("base-answers", host.model_name, str(model), test_prompts, greedy.to_dict())
+    base_answers = _cached(cache, key, lambda: [a[0] for a in host.generate(
+        test_prompts, 1, greedy, progress=_tqdm_progress(f"seed {seed}: base answers"))])
+    base_logp = mean_token_logps(host, test_prompts, base_answers, args.max_length)
+    base_metrics = {"seed": seed, **degeneration.summarize(base_answers),
+                    "base_logp": statistics.fmean(base_logp), "answers": base_answers,
+                    "test_prompts": test_prompts, "train_prompts": [r["prompt"] for r in train_rows]}
+
+    rows = []
+    for judge_name, judge in judges.items():
+        annotator = f"judge:{judge_name}"
+        counts = {"paired": 0, "tie": 0, "up": 0, "down": 0}
+        for pid in ids:
+            responses = store.responses_for_prompt(pid)
+            scored = [(r["id"], score(judge, judge_name, r["prompt"], r["text"])) for r in responses]
+            for kind, ra, rb, verdict in judge_candidates(scored):
+                store.add_judgment(kind, ra, rb, verdict, annotator=annotator, source="bench-effect")
+                counts["tie" if verdict == "tie" else "paired" if kind == "paired" else verdict] += 1
+        base_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, base_answers)]
+        base_metrics.setdefault("judge_scores", {})[judge_name] = statistics.fmean(base_scores)
+        log.info("judge %s: %s", judge_name, counts)
+        for loss in args.losses:
+            run_dir = seed_dir / judge_name / loss
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            cfg = TrainConfig(
+                loss=loss, beta=args.beta, temperature=args.temperature, learning_rate=args.lr,
+                max_steps=args.steps, batch_size=args.batch_size, lora_r=args.lora_r,
+                lora_alpha=args.lora_alpha, max_length=args.max_length,
+                max_prompt_length=args.max_length // 2, seed=seed, eval_fraction=args.eval_fraction,
+                eval_every=args.eval_every, sample_every=0, save_every=0,
+                sample_max_new_tokens=args.max_new_tokens, annotators=[annotator], model=model,
+                device=args.device, cpu_threads=args.cpu_threads)
+            t0 = time.time()
+            rc = train(cfg, run_dir, data_dir)
+            train_s = time.time() - t0
+            status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+            if rc == 130 or status.get("state") == "stopped":
+                # The trainer caught Ctrl-C / SIGTERM and stopped cleanly: so does the benchmark.
+                raise KeyboardInterrupt
+            row = {"seed": seed, "judge": judge_name, "loss": loss, "train_s": train_s,
+                   "judgments": dict(counts), "rc": rc, "state": status.get("state")}
+            if rc != 0 or not (run_dir / "adapter").exists():
+                row["error"] = status.get("error") or f"training exited with code {rc}"
+                log.error("seed %d %s %s: %s", seed, judge_name, loss, row["error"])
+                rows.append(row)
+                continue
+            name = f"{judge_name}-{loss}"
+            host.load_adapter(name, run_dir / "adapter")
+            try:
+                tuned = [a[0] for a in host.generate(test_prompts, 1, greedy, adapter=name,
+                                                     progress=_tqdm_progress(f"{judge_name}/{loss}: test"))]
+            finally:
+                host.unload_adapter(name)
+            tuned_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, tuned)]
+            evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+            accs = [m["eval/accuracy"] for m in evals if "eval/accuracy" in m]
+            row.update({
+                "win_rate": win_rate(tuned_scores, base_scores),
+                "score_tuned": statistics.fmean(tuned_scores), "score_base": statistics.fmean(base_scores),
+                "heldout_acc": accs[-1] if accs else None,
+                **{k: v for k, v in degeneration.summarize(tuned).items() if k != "n"},
+                "base_logp": statistics.fmean(mean_token_logps(host, test_prompts, tuned, args.max_length)),
+                "steps": status.get("step"), "early_stopped": status.get("early_stopped"),
+                "answers": tuned,
+            })
+            log.info("seed %d %s %s: win rate %.2f, %.1f words (base %.1f)", seed, judge_name, loss,
+                     row["win_rate"], row["mean_words"], base_metrics["mean_words"])
+            rows.append(row)
+    store.close()
+    return rows, base_metrics
+
+
+# --- output ----------------------------------------------------------------------------
+
+def plot(summary: list[dict], base: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judges = list(dict.fromkeys(e["judge"] for e in summary))
+    losses = list(dict.fromkeys(e["loss"] for e in summary))
+    by = {(e["judge"], e["loss"]): e for e in summary}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(len(losses), 1)
+    for k, loss in enumerate(losses):
+        xs = [j + (k - (len(losses) - 1) / 2) * width for j in range(len(judges))]
+        es = [by.get((j, loss), {}) for j in judges]
+        ax1.bar(xs, [e.get("win_rate", 0) for e in es], width, yerr=[e.get("win_rate_std", 0) for e in es],
+                label=loss, capsize=3)
+        ax2.bar(xs, [e.get("mean_words", 0) for e in es], width, label=loss)
+    ax1.axhline(0.5, color="grey", lw=1, ls="--")
+    ax1.axhline(0.7, color="green", lw=1, ls=":", label="target 0.7")
+    ax1.set_ylim(0, 1)
+    ax1.set_ylabel("judge win rate, tuned vs base")
+    ax2.axhline(base["mean_words"], color="black", lw=1, ls="--", label="base model")
+    ax2.set_ylabel("mean words per test answer")
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(judges)), judges)
+        ax.legend(fontsize=8)
+    fig.suptitle("Effect of fine-tuning on simulated annotators (held-out prompt families)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _read_prompts(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict) or not row.get("prompt"):
+                raise BenchError(f"{path} line {n}: need an object with a 'prompt'")
+            rows.append(row)
+    return rows
+
+
+def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from rpo_app.train import TrainConfig  # a plain dataclass module: no torch at import
+
+    d = TrainConfig()
+    p.add_argument("--judge", action="append", default=None,
+                   help="a shipped judge (concise, numbered_list, caveat), module:function or "
+                        "file.py:function; repeatable (default: all shipped judges)")
+    p.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), help="losses to train")
+    p.add_argument("--train-prompts", type=int, default=40)
+    p.add_argument("--test-prompts", type=int, default=30)
+    p.add_argument("--candidates", type=int, default=4, help="answers sampled per training prompt (K)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (0, 1, ...)")
+    p.add_argument("--seed-offset", type=int, default=0, help="first seed")
+    p.add_argument("--out", default="bench-results/effect")
+    p.add_argument("--model", default=None, help="HF id or folder (default: bundled SmolLM2-135M)")
+    p.add_argument("--data-dir", dest="source_data_dir", default=None,
+                   help="data dir holding the converted default model (default: $RPO_APP_DATA_DIR or ./data)")
+    p.add_argument("--prompts", default=str(SEED_PROMPTS), help="JSONL with prompt and family fields")
+    p.add_argument("--device", default=None)
+    p.add_argument("--cpu-threads", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--gen-temperature", type=float, default=0.8, help="sampling temperature of the candidates")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--cache-dir", default=None,
+                   help="where generations are cached (default: OUT/cache); share it between runs "
+                        "that differ only in training settings")
+    p.add_argument("--no-cache", action="store_true", help="sample candidates and base answers again")
+    g = p.add_argument_group("training (defaults: the Train tab's)")
+    g.add_argument("--steps", type=int, default=d.max_steps or 40)
+    g.add_argument("--lr", type=float, default=d.learning_rate)
+    g.add_argument("--beta", type=float, default=d.beta)
+    g.add_argument("--temperature", type=float, default=d.temperature, help="RPO tau")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lora-r", type=int, default=d.lora_r)
+    g.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    g.add_argument("--max-length", type=int, default=320)
+    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
+    g.add_argument("--eval-every", type=int, default=10)
+    return p
+
+
+def _check_args(args) -> dict:
+    from rpo_app.batches import LOSSES
+    from rpo_app.judges import SHIPPED, load_judge
+
+    judges = dict(load_judge(spec) for spec in (args.judge or list(SHIPPED)))
+    bad = [loss for loss in args.losses if loss not in LOSSES]
+    if bad:
+        raise BenchError(f"unknown loss {bad[0]!r}; choose from {', '.join(LOSSES)}")
+    for name in ("train_prompts", "test_prompts", "seeds", "steps", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.candidates < 2:
+        raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise BenchError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
+    return judges
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    from rpo_app.config import resolve_data_dir
+    from rpo_app.judges import JudgeError
+
+    try:
+        judges = _check_args(args)
+        prompt_rows = _read_prompts(Path(args.prompts))
+    except (BenchError, JudgeError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    args.source_data_dir = str(resolve_data_dir(args.source_data_dir))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rows, bases = [], []
+    seeds = range(args.seed_offset, args.seed_offset + args.seeds)
+    try:
+        for seed in seeds:
+            seed_rows, base = run_seed(args, seed, judges, prompt_rows, out)
+            rows += seed_rows
+            bases.append(base)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    ok = [r for r in rows if "error" not in r]
+    summary = aggregate(ok)
+    base_summary = {m: statistics.fmean(b[m] for b in bases)
+                    for m in ("mean_words", "short_share", "repeat_share", "base_logp")}
+    base_summary.update({f"{m}_std": statistics.pstdev(b[m] for b in bases)
+                         for m in ("mean_words", "short_share", "repeat_share", "base_logp")})
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    result = {"config": config, "judges": list(judges), "seconds": time.time() - t0,
+              "summary": summary, "base": base_summary, "per_seed": rows, "base_per_seed": bases,
+              "failed": [r for r in rows if "error" in r]}
+    (out / "effect.json").write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str))
+    table = format_table(summary) if summary else "(no successful runs)"
+    base_line = (f"base model: {base_summary['mean_words']:.1f} words, <3 words {base_summary['short_share']:.2f}, "
+                 f"rep. 3-grams {base_summary['repeat_share']:.3f}, base logp/tok {base_summary['base_logp']:.2f}")
+    (out / "effect.txt").write_text(table + "\n" + base_line + "\n")
+    if summary:
+        plot(summary, base_summary, out / "effect.png")
+    print(table)
+    print(base_line)
+    for r in result["failed"]:
+        print(f"FAILED seed {r['seed']} {r['judge']} {r['loss']}: {r['error']}", file=sys.stderr)
+    print(f"results in {out}/ (effect.json, effect.txt, effect.png)", file=sys.stderr)
+    return 1 if result["failed"] else 0

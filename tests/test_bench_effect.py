@@ -1,0 +1,166 @@
+"""The effect benchmark: simulated judges, the family-disjoint split, the judgments
+it derives, and one end-to-end run on a tiny model."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from rpo_app import bench_effect as be
+from rpo_app import judges
+
+PROMPT = "How can I fall asleep faster?"
+MEDIUM = "Keep a regular bedtime, avoid screens for an hour before bed, and keep the room cool and dark."
+LONG = " ".join([MEDIUM] * 5)
+
+
+# --- judges ------------------------------------------------------------------------
+
+def test_concise_prefers_shorter_but_not_degenerate():
+    c = judges.concise
+    assert c(PROMPT, MEDIUM) > c(PROMPT, LONG)
+    for degenerate in ("", "Sleep.", "Go to bed", "Just sleep more now"):
+        assert c(PROMPT, degenerate) < c(PROMPT, LONG)
+    # Below 12 words the score falls again: a 6-word answer is not the best.
+    assert c(PROMPT, "Sleep more, and avoid late coffee.") < c(PROMPT, "Keep a regular bedtime and avoid late coffee; it helps.")
+    assert c(PROMPT, "one " * 12) == pytest.approx(-12)
+    assert c(PROMPT, "one " * 40) == pytest.approx(-40)
+
+
+def test_numbered_list():
+    nl = judges.numbered_list
+    listed = "Try these:\n1. Keep a regular bedtime.\n2. Avoid screens late.\n3) Keep it cool."
+    assert nl(PROMPT, listed) == pytest.approx(3.5)
+    assert nl(PROMPT, MEDIUM) == 0
+    assert nl(PROMPT, listed) > nl(PROMPT, MEDIUM)
+    # Out-of-order numbers lose the bonus; bare numbers earn nothing.
+    assert nl(PROMPT, "Tips:\n2. Keep a regular bedtime.\n5. Avoid screens late.") == pytest.approx(2)
+    assert nl(PROMPT, "Here are some:\n1.\n2.\n3.\n4. x") == 0
+    assert nl(PROMPT, "1.") < nl(PROMPT, MEDIUM)  # degenerate scores below everything
+    many = "List:\n" + "\n".join(f"{i}. Item number {i}" for i in range(1, 10))
+    assert nl(PROMPT, many) == pytest.approx(6.5)
+
+
+def test_caveat():
+    cv = judges.caveat
+    assert cv(PROMPT, MEDIUM) == 0
+    hedged = MEDIUM + " However, it depends on the person; consult a doctor if it persists."
+    assert cv(PROMPT, hedged) == 3
+    assert cv(PROMPT, MEDIUM + " Note that this may vary.") == 1
+    assert cv(PROMPT, "However.") < cv(PROMPT, MEDIUM)
+
+
+def test_load_judge_specs(tmp_path):
+    assert judges.load_judge("concise") == ("concise", judges.concise)
+    assert judges.load_judge("rpo_app.judges:caveat")[1] is judges.caveat
+    f = tmp_path / "my_judge.py"
+    f.write_text("def loud(prompt, response):\n    return response.count('!')\n")
+    name, fn = judges.load_judge(f"{f}:loud")
+    assert name == "loud" and fn("p", "a! b!") == 2
+    for bad in ("nope", "no_such_module_xyz:f", "rpo_app.judges:missing", f"{tmp_path}/none.py:f",
+                "rpo_app.judges:not-a-name"):
+        with pytest.raises(judges.JudgeError):
+            judges.load_judge(bad)
+    with pytest.raises(judges.JudgeError):
+        judges.score(lambda p, r: "good", "words", "p", "r")
+    with pytest.raises(judges.JudgeError):
+        judges.score(lambda p, r: float("nan"), "nan", "p", "r")
+
+
+def test_bad_judge_exits_2(capsys):
+    from rpo_app.cli import main
+
+    assert main(["bench-effect", "--judge", "foo:bar"]) == 2
+    assert "cannot import module 'foo'" in capsys.readouterr().err
+    assert main(["bench-effect", "--losses", "nope"]) == 2
+    assert main(["bench-effect", "--candidates", "1"]) == 2
+
+
+def test_parser_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys; from rpo_app.cli import build_parser; "
+            "build_parser('bench-effect').parse_args(['bench-effect']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --- pure pieces of the harness ------------------------------------------------------
+
+def _rows():
+    return [{"prompt": f"{fam} question {k}", "family": fam}
+            for fam in ("a", "b", "c", "d", "e", "f", "g") for k in range(3)] + [{"prompt": "lonely"}]
+
+
+def test_split_is_family_disjoint_and_seeded():
+    rows = _rows()
+    for seed in range(5):
+        train, test = be.split_by_family(rows, 8, 6, seed)
+        assert len(train) == 8 and len(test) == 6
+        fam = lambda r: r.get("family") or r["prompt"]  # noqa: E731
+        assert not {fam(r) for r in train} & {fam(r) for r in test}
+        assert be.split_by_family(rows, 8, 6, seed) == (train, test)
+    assert be.split_by_family(rows, 8, 6, 0) != be.split_by_family(rows, 8, 6, 1)
+    with pytest.raises(be.BenchError, match="disjoint families"):
+        be.split_by_family(rows, 20, 6, 0)
+
+
+def test_judge_candidates():
+    out = be.judge_candidates([(1, 3.0), (2, 1.0), (3, 3.0), (4, 0.0)])
+    paired = [j for j in out if j[0] == "paired"]
+    assert len(paired) == 6
+    assert ("paired", 1, 2, "a") in paired and ("paired", 1, 3, "tie") in paired
+    assert ("paired", 2, 3, "b") in paired
+    thumbs = {j[1]: j[3] for j in out if j[0] == "unpaired"}
+    assert thumbs == {1: "up", 3: "up", 2: "down", 4: "down"}  # median 2.0
+    # At the median: no thumb.
+    assert [j for j in be.judge_candidates([(1, 1.0), (2, 2.0), (3, 3.0)]) if j[0] == "unpaired"] == [
+        ("unpaired", 1, None, "down"), ("unpaired", 3, None, "up")]
+
+
+def test_win_rate_and_aggregate():
+    assert be.win_rate([2, 1, 0, 5], [1, 1, 1, 5]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    with pytest.raises(ValueError):
+        be.win_rate([], [])
+    rows = [{"judge": "j", "loss": "dpo", "win_rate": w, "train_s": 10.0} for w in (0.6, 0.8)]
+    (s,) = be.aggregate(rows)
+    assert s["win_rate"] == pytest.approx(0.7) and s["win_rate_std"] == pytest.approx(0.1)
+    assert s["seeds"] == 2 and "heldout_acc" not in s
+    assert "0.70 ± 0.10" in be.format_table([s])
+
+
+# --- end to end on a tiny model ------------------------------------------------------
+
+@pytest.mark.slow
+def test_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
+    from rpo_app.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    out = tmp_path / "effect"
+    rc = main(["bench-effect", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "src"),
+               "--prompts", str(prompts), "--out", str(out), "--judge", "concise",
+               "--judge", "rpo_app.judges:caveat", "--losses", "rpo-paired", "dpo",
+               "--train-prompts", "6", "--test-prompts", "3", "--candidates", "3", "--steps", "2",
+               "--batch-size", "2", "--max-new-tokens", "6", "--eval-fraction", "0.2",
+               "--cpu-threads", "1", "--max-length", "96"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "win rate" in printed and "base model:" in printed
+    result = json.loads((out / "effect.json").read_text())
+    assert (out / "effect.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "effect.txt").exists()
+    assert {(e["judge"], e["loss"]) for e in result["summary"]} == {
+        ("concise", "rpo-paired"), ("concise", "dpo"), ("caveat", "rpo-paired"), ("caveat", "dpo")}
+    for e in result["summary"]:
+        assert 0 <= e["win_rate"] <= 1
+        assert 0 <= e["short_share"] <= 1 and 0 <= e["repeat_share"] <= 1
+        assert e["base_logp"] <= 0 and e["train_s"] > 0
+        assert e.get("heldout_acc") is None or 0 <= e["heldout_acc"] <= 1
+    (row,) = [r for r in result["per_seed"] if r["judge"] == "concise" and r["loss"] == "dpo"]
+    assert len(row["answers"]) == 3 and row["judgments"]["paired"] + row["judgments"]["tie"] == 6 * 3
+    assert (out / "seed-0" / "concise" / "dpo" / "adapter").is_dir()
+    assert result["failed"] == []
+    base = result["base_per_seed"][0]
+    assert not set(base["train_prompts"]) & set(base["test_prompts"])
