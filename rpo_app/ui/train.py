@@ -187,6 +187,9 @@ def build(ctx: AppContext) -> dict:
             parts.append(f"**warning:** {html.escape(str(st['warning']))}")
         failed = state == "failed"
         sample_rows = ctx.runs.samples(rid)
+        collapse = collapse_line(sample_rows)
+        if collapse:
+            parts.append(collapse)
         key = [rid, len(metrics), len(sample_rows)]
         same = drawn == key
         return (" · ".join(parts), _bar(step, total, eta, st.get("elapsed_s")),
@@ -265,6 +268,28 @@ def build(ctx: AppContext) -> dict:
 
     return {"load": on_load, "load_outputs": [device_md, usable, *runs_outputs],
             "watch": watch, "live": live, "run_id": run_id}
+
+
+def collapse_line(sample_rows: list[dict]) -> str | None:
+    """A warning when the newest preview answers drift far from the base model's.
+
+    Held-out accuracy keeps rising while a small model collapses to one-word or
+    looping answers, so the previews are checked against the base answers that the
+    trainer stores next to them (from base_samples.json) at every preview step.
+    """
+    from rpo_app.degeneration import collapse_warning
+
+    steps = [r.get("step") for r in sample_rows if r.get("step") is not None]
+    if not steps:
+        return None
+    newest = [r for r in sample_rows if r.get("step") == max(steps)]
+
+    def text(value) -> str:  # a missing cell comes back from pandas as NaN
+        return value if isinstance(value, str) else ""
+
+    message = collapse_warning([text(r.get("base")) for r in newest],
+                               [text(r.get("tuned")) for r in newest])
+    return f"⚠ **collapse warning:** {html.escape(message)}" if message else None
 
 
 def watch_json(ctx: AppContext, rid: str | None) -> dict:
