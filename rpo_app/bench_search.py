@@ -36,6 +36,19 @@ class _VectorsOnly:
         raise RuntimeError("the search benchmark embeds nothing")
 
 
+def _synthetic_prompts(store, n_prompts: int, rng) -> list[int]:
+    """n prompts in 1000 families, each with a random unit vector as its embedding."""
+    ids, _ = store.add_prompts(
+        [{"prompt": f"synthetic prompt {i}", "family": f"family/{i % 1000}"}
+         for i in range(n_prompts)], "bench")
+    for start in range(0, n_prompts, 10_000):
+        chunk = ids[start:start + 10_000]
+        vecs = rng.standard_normal((len(chunk), DIM)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        store.save_embeddings(EMBEDDER_NAME, chunk, vecs)
+    return ids
+
+
 def bench_related_search(n_prompts: int = 100_000, queries: int = 200, k: int = 5,
                          seed: int = 0, data_dir: str | Path | None = None) -> dict:
     """Fill a temp store with n prompts and vectors, then time PromptIndex load and related()."""
@@ -43,14 +56,7 @@ def bench_related_search(n_prompts: int = 100_000, queries: int = 200, k: int = 
     with tempfile.TemporaryDirectory(prefix="rpo-bench-search-", dir=data_dir) as tmp:
         store = Store(Path(tmp))
         t0 = time.perf_counter()
-        ids, _ = store.add_prompts(
-            [{"prompt": f"synthetic prompt {i}", "family": f"family/{i % 1000}"}
-             for i in range(n_prompts)], "bench")
-        for start in range(0, n_prompts, 10_000):
-            chunk = ids[start:start + 10_000]
-            vecs = rng.standard_normal((len(chunk), DIM)).astype(np.float32)
-            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-            store.save_embeddings(EMBEDDER_NAME, chunk, vecs)
+        ids = _synthetic_prompts(store, n_prompts, rng)
         fill_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -83,19 +89,13 @@ def _fill_judged_store(store, n_prompts: int, n_judgments: int, rng) -> list[int
     """n prompts with 3 answers each (3 pairs per prompt) and n_judgments judgments by
     other annotators, spread so that most prompts are partly or fully judged: the queue
     has to look past them."""
-    ids, _ = store.add_prompts(
-        [{"prompt": f"synthetic prompt {i}", "family": f"family/{i % 1000}"}
-         for i in range(n_prompts)], "bench")
+    ids = _synthetic_prompts(store, n_prompts, rng)
     answers: dict[int, list[int]] = {}
     for start in range(0, n_prompts, 10_000):
         with store.transaction():
             for pid in ids[start:start + 10_000]:
                 answers[pid] = [store.add_response(pid, f"answer {k} to {pid}", "bench")[0]
                                 for k in range(3)]
-        chunk = ids[start:start + 10_000]
-        vecs = rng.standard_normal((len(chunk), DIM)).astype(np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        store.save_embeddings(EMBEDDER_NAME, chunk, vecs)
     pairs = [(a, b) for pid in ids for a, b in ((answers[pid][0], answers[pid][1]),
                                                 (answers[pid][0], answers[pid][2]),
                                                 (answers[pid][1], answers[pid][2]))]
