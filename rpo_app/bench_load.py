@@ -181,11 +181,14 @@ def baseline(annotators: int, calls: int, port: int) -> dict:
 
 # -- the whole benchmark ------------------------------------------------------------------
 def _spawn(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
-    out = open(log, "ab") if log else subprocess.DEVNULL
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                            stderr=subprocess.STDOUT)
+    if log is None:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    with open(log, "ab") as out:  # the child keeps its own copy of the handle
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> str:
