@@ -263,6 +263,14 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
     base_metrics = {"seed": seed, **degeneration.summarize(base_answers),
                     "base_logp": statistics.fmean(base_logp), "answers": base_answers,
                     "test_prompts": test_prompts, "train_prompts": [r["prompt"] for r in train_rows]}
+    # Greedy answers are the base model's own most likely text, so any tuned model that
+    # answers differently scores a lower base log-probability. The sampled candidates
+    # (what the annotator was shown) are the base model's fluency when it does vary.
+    sampled = [(r["prompt"], t) for r, pid in zip(train_rows, ids) for t in cached[str(pid)]]
+    base_metrics["sampled"] = {
+        **{k: v for k, v in degeneration.summarize([t for _, t in sampled]).items() if k != "n"},
+        "base_logp": statistics.fmean(mean_token_logps(host, [p for p, _ in sampled],
+                                                       [t for _, t in sampled], args.max_length))}
 
     rows = []
     for judge_name, judge in judges.items():
@@ -469,14 +477,19 @@ def main_from_args(args: argparse.Namespace) -> int:
                     for m in ("mean_words", "short_share", "repeat_share", "base_logp")}
     base_summary.update({f"{m}_std": statistics.pstdev(b[m] for b in bases)
                          for m in ("mean_words", "short_share", "repeat_share", "base_logp")})
+    base_summary["sampled"] = {m: statistics.fmean(b["sampled"][m] for b in bases)
+                               for m in ("mean_words", "short_share", "repeat_share", "base_logp")}
     config = {k: v for k, v in vars(args).items() if k != "func"}
     result = {"config": config, "judges": list(judges), "seconds": time.time() - t0,
               "summary": summary, "base": base_summary, "per_seed": rows, "base_per_seed": bases,
               "failed": [r for r in rows if "error" in r]}
     (out / "effect.json").write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str))
     table = format_table(summary) if summary else "(no successful runs)"
-    base_line = (f"base model: {base_summary['mean_words']:.1f} words, <3 words {base_summary['short_share']:.2f}, "
-                 f"rep. 3-grams {base_summary['repeat_share']:.3f}, base logp/tok {base_summary['base_logp']:.2f}")
+    base_line = "\n".join(
+        f"{what}: {s['mean_words']:.1f} words, <3 words {s['short_share']:.2f}, "
+        f"rep. 3-grams {s['repeat_share']:.3f}, base logp/tok {s['base_logp']:.2f}"
+        for what, s in (("base model, greedy test answers", base_summary),
+                        (f"base model, sampled candidates (T={args.gen_temperature})", base_summary["sampled"])))
     (out / "effect.txt").write_text(table + "\n" + base_line + "\n")
     if summary:
         plot(summary, base_summary, out / "effect.png")

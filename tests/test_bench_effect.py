@@ -147,7 +147,8 @@ def test_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
                "--cpu-threads", "1", "--max-length", "96"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "win rate" in printed and "base model:" in printed
+    assert "win rate" in printed and "base model, greedy test answers:" in printed
+    assert "base model, sampled candidates (T=0.8):" in printed
     result = json.loads((out / "effect.json").read_text())
     assert (out / "effect.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "effect.txt").exists()
@@ -164,3 +165,6 @@ def test_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert result["failed"] == []
     base = result["base_per_seed"][0]
     assert not set(base["train_prompts"]) & set(base["test_prompts"])
+    # the sampled reference covers every candidate (6 prompts x 3) and is a real log-prob
+    assert result["base"]["sampled"]["base_logp"] < 0
+    assert 0 <= base["sampled"]["short_share"] <= 1
