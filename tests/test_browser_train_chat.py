@@ -106,3 +106,44 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
     left_won = (vote["verdict"] == "a") == (vote["a_side"] == "left")
     assert left_won
     assert len([j for j in store.judgments() if j["source"] == "label"]) == 8
+
+
+def test_collapse_warning_shows_in_train_tab(data_dir, tiny_model_dir):
+    """A run that really overdoes it: "Ok." always beats a careful answer and the
+    learning rate is 100x too high, so the tiny model's previews end up looping. The
+    Train tab's status must say so, next to the accuracy that looks fine."""
+    store = Store(data_dir)
+    try:
+        for i in range(16):
+            pid, _ = store.add_prompt(f"Question {i}: tell me about topic number {i} in detail.",
+                                      source="test", family=f"family {i % 4}")
+            short, _ = store.add_response(pid, "Ok.", source="test", model="test")
+            careful, _ = store.add_response(
+                pid, f"Here is a careful answer about topic {i}, covering its aspects in turn.",
+                source="test", model="test")
+            store.add_judgment("paired", short, careful, "a", annotator="test", source="test")
+    finally:
+        store.close()
+    app = start_app(data_dir, extra_args=("--model", str(tiny_model_dir)), wait_model=True)
+    try:
+        with chromium_browser() as browser:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url, timeout=60_000)
+            page.get_by_role("tab", name="Train").click()
+            _set_number(page, "train-lr", 0.05)
+            _set_number(page, "train-steps", 30)
+            _set_number(page, "train-batch", 4)
+            _box(page, "train-previews").fill("Describe a sunny day.\nExplain how bread is made.")
+            page.wait_for_function("() => document.querySelector('#train-usable').innerText"
+                                   ".includes('16 pairs')", timeout=TIMEOUT)
+            _button(page, "train-start").click()
+            page.wait_for_function("() => document.querySelector('#train-status').innerText"
+                                   ".includes('finished')", timeout=300_000)
+            page.wait_for_function("() => document.querySelector('#train-status').innerText"
+                                   ".includes('collapse warning')", timeout=TIMEOUT)
+            status = page.locator("#train-status").inner_text()
+            assert "repeat themselves" in status and "Lower the learning rate" in status
+            page.evaluate("() => window.scrollTo(0, 0)")
+            screenshot(page, "train-collapse-warning.png")
+    finally:
+        app.stop()

@@ -49,7 +49,7 @@ def build(ctx: AppContext) -> dict:
                                         minimum=0.01,
                                         info="low: only near-identical prompts are contrasted")
             with gr.Row():
-                lr = gr.Number(defaults.learning_rate, label="Learning rate")
+                lr = gr.Number(defaults.learning_rate, label="Learning rate", elem_id="train-lr")
                 steps = gr.Number(defaults.max_steps, precision=0, minimum=1, label="Steps",
                                   elem_id="train-steps")
                 batch = gr.Number(defaults.batch_size, precision=0, minimum=1,
