@@ -27,6 +27,19 @@ def _set_number(page, elem_id, value):
     box.press("Tab")
 
 
+def _train_until_finished(page, pairs: int, previews: str, **numbers) -> None:
+    """Fill the Train tab (numbers: elem id suffix -> value), start and wait for the end."""
+    page.get_by_role("tab", name="Train").click()
+    for name, value in numbers.items():
+        _set_number(page, f"train-{name}", value)
+    _box(page, "train-previews").fill(previews)
+    page.wait_for_function("() => document.querySelector('#train-usable').innerText"
+                           f".includes('{pairs} pairs')", timeout=TIMEOUT)
+    _button(page, "train-start").click()
+    page.wait_for_function("() => document.querySelector('#train-status').innerText"
+                           ".includes('finished')", timeout=300_000)
+
+
 def test_label_train_chat_vote(data_dir, tiny_model_dir):
     seed_store(data_dir, n_prompts=10, answers_per_prompt=2)
     app = start_app(data_dir, extra_args=("--model", str(tiny_model_dir)), wait_model=True)
@@ -50,15 +63,7 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
                     f"() => document.querySelector('#lbl-status').innerText"
                     f".includes('Saved judgment #{i + 1} ')", timeout=TIMEOUT)
 
-            page.get_by_role("tab", name="Train").click()
-            _set_number(page, "train-steps", 4)
-            _set_number(page, "train-batch", 2)
-            _box(page, "train-previews").fill("Say hi.")
-            page.wait_for_function("() => document.querySelector('#train-usable').innerText"
-                                   ".includes('8 pairs')", timeout=TIMEOUT)
-            _button(page, "train-start").click()
-            page.wait_for_function("() => document.querySelector('#train-status').innerText"
-                                   ".includes('finished')", timeout=300_000)
+            _train_until_finished(page, 8, "Say hi.", steps=4, batch=2)
             # The loss chart has drawn its points (vega renders marks into svg or canvas).
             page.wait_for_function("() => document.querySelector('#plot-loss canvas, "
                                    "#plot-loss svg .mark-line, #plot-loss svg .mark-symbol')",
@@ -129,16 +134,8 @@ def test_collapse_warning_shows_in_train_tab(data_dir, tiny_model_dir):
         with chromium_browser() as browser:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(app.url, timeout=60_000)
-            page.get_by_role("tab", name="Train").click()
-            _set_number(page, "train-lr", 0.05)
-            _set_number(page, "train-steps", 30)
-            _set_number(page, "train-batch", 4)
-            _box(page, "train-previews").fill("Describe a sunny day.\nExplain how bread is made.")
-            page.wait_for_function("() => document.querySelector('#train-usable').innerText"
-                                   ".includes('16 pairs')", timeout=TIMEOUT)
-            _button(page, "train-start").click()
-            page.wait_for_function("() => document.querySelector('#train-status').innerText"
-                                   ".includes('finished')", timeout=300_000)
+            _train_until_finished(page, 16, "Describe a sunny day.\nExplain how bread is made.",
+                                  lr=0.05, steps=30, batch=4)
             page.wait_for_function("() => document.querySelector('#train-status').innerText"
                                    ".includes('collapse warning')", timeout=TIMEOUT)
             status = page.locator("#train-status").inner_text()
