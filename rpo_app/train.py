@@ -45,6 +45,25 @@ class ConfigError(ValueError):
 
 # --- settings --------------------------------------------------------------------------
 
+
+def eval_improved(accuracy: float, loss: float | None, best_accuracy: float | None,
+                  best_loss: float | None) -> bool:
+    """Whether an eval beats the best so far: higher held-out accuracy, or the same
+    accuracy with a lower held-out loss.
+
+    A held-out split of a few dozen pairs gives accuracy in coarse steps that often
+    plateau after the first eval; judged on accuracy alone, early stopping would then
+    hand back a nearly untrained adapter while the held-out loss was still falling
+    (measured: `bench-effect`, concise judge, seed 1, step 10 of 60 restored).
+    """
+    if best_accuracy is None:
+        return True
+    if accuracy > best_accuracy + 1e-9:
+        return True
+    return (abs(accuracy - best_accuracy) <= 1e-9 and loss is not None and best_loss is not None
+            and loss < best_loss)
+
+
 @dataclass
 class TrainConfig:
     loss: str = field(default="rpo-paired", metadata={"help": f"one of {', '.join(LOSSES)}"})
@@ -75,7 +94,8 @@ class TrainConfig:
     eval_fraction: float = field(default=0.1, metadata={"help": "share of judgments held out, split by prompt"})
     eval_every: int = field(default=20, metadata={"help": "steps between evals (0: only at the end)"})
     early_stop_patience: int = field(default=5, metadata={
-        "help": "stop after this many evals without a better held-out accuracy (0: never)"})
+        "help": "stop after this many evals without a better held-out accuracy, or the same accuracy "
+                "with a lower held-out loss, and keep the best adapter (0: never)"})
     sample_every: int = field(default=50, metadata={"help": "steps between preview samples (0: only at the end)"})
     preview_prompts: list[str] = field(default_factory=list, metadata={
         "help": "prompts to sample during training (default: a few held-out prompts)"})
@@ -449,7 +469,7 @@ class Trainer:
         self.stop_flag = False
         self.step = 0
         self.elapsed_before = 0.0
-        self.best = {"accuracy": None, "step": None, "bad_evals": 0, "state": None}
+        self.best = {"accuracy": None, "loss": None, "step": None, "bad_evals": 0, "state": None}
         self.ref_seconds = 0.0
         self.t_start = time.time()
         self.step_times: list[float] = []
@@ -774,13 +794,13 @@ class Trainer:
             out["eval/loss"] = sum(losses) / len(losses)
         return out
 
-    def _track_best(self, accuracy: float) -> bool:
+    def _track_best(self, accuracy: float, loss: float | None) -> bool:
         """Update early-stopping state; True when patience has run out."""
         from peft import get_peft_model_state_dict
 
-        if self.best["accuracy"] is None or accuracy > self.best["accuracy"]:
+        if eval_improved(accuracy, loss, self.best["accuracy"], self.best.get("loss")):
             net = self.acc.unwrap_model(self.model)
-            self.best.update(accuracy=accuracy, step=self.step, bad_evals=0,
+            self.best.update(accuracy=accuracy, loss=loss, step=self.step, bad_evals=0,
                              state={k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(net).items()})
             return False
         self.best["bad_evals"] += 1
@@ -858,7 +878,7 @@ class Trainer:
             due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.max_steps
             if due and self.has_eval:
                 record.update(self.evaluate())
-                early = self._track_best(record["eval/accuracy"])
+                early = self._track_best(record["eval/accuracy"], record.get("eval/loss"))
             self.run.metric(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rpo_app.train import ConfigError, TrainConfig, add_train_args, config_from_args, main
+from rpo_app.train import ConfigError, TrainConfig, add_train_args, config_from_args, eval_improved, main
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = ["cats", "the ocean", "bread", "lists", "the moon", "coffee", "chess", "rain", "trains", "tea",
@@ -217,15 +217,30 @@ def test_early_stopping(tmp_path, judgments_file, tiny_model_dir, data_dir):
     out = tmp_path / "run"
     assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **{
         "max-steps": 40, "eval-every": 1, "early-stop-patience": 2, "eval-fraction": 0.3,
-        "learning-rate": 1e-3})) == 0
+        "learning-rate": 1e-2})) == 0
     st = status(out)
-    # held-out accuracy takes few values on a small split, so it cannot rise 40 times in a row
+    # lr 1e-2 overfits the tiny model: held-out accuracy stalls and the held-out loss
+    # turns up, so neither can improve 40 times in a row
     assert st["state"] == "finished" and st["early_stopped"] is True and st["step"] < 40
     metrics = read_jsonl(out / "metrics.jsonl")
     best = max(m["eval/accuracy"] for m in metrics)
     assert st["best_eval_accuracy"] == best
     assert all(m["eval/accuracy"] <= best for m in metrics if m["step"] > st["best_step"])
+    best_loss = next(m["eval/loss"] for m in metrics if m["step"] == st["best_step"])
+    # a tie on accuracy counts as better only with a lower held-out loss
+    assert all(m["eval/loss"] >= best_loss for m in metrics
+               if m["step"] > st["best_step"] and m["eval/accuracy"] == best)
     assert len(metrics) == st["step"] == st["best_step"] + 2
+
+
+def test_eval_improved_breaks_accuracy_ties_with_held_out_loss():
+    assert eval_improved(0.5, 0.7, None, None)
+    assert eval_improved(0.75, 0.9, 0.5, 0.6)          # accuracy up wins, whatever the loss
+    assert not eval_improved(0.5, 0.1, 0.75, 0.6)      # accuracy down loses, whatever the loss
+    assert eval_improved(0.8125, 0.662, 0.8125, 0.689)  # same accuracy, lower loss
+    assert not eval_improved(0.8125, 0.70, 0.8125, 0.689)
+    assert not eval_improved(0.8125, 0.689, 0.8125, 0.689)
+    assert not eval_improved(0.8125, None, 0.8125, 0.689)  # no loss to compare: no better
 
 
 def run_child(argv, **popen_kw):
