@@ -180,7 +180,7 @@ def build(ctx: AppContext) -> dict:
         if "eval/accuracy" in metrics and metrics["eval/accuracy"].notna().any():
             parts.append(f"held-out accuracy **{metrics['eval/accuracy'].dropna().iloc[-1]:.2f}**")
         if st.get("early_stopped"):
-            parts.append("stopped early: held-out accuracy stopped improving")
+            parts.append("stopped early: held-out accuracy and loss stopped improving")
         if state == "failed":
             parts.append(f"**failed:** {html.escape(str(st.get('error') or 'failed'))}")
         if st.get("warning"):
