@@ -143,29 +143,13 @@ def _hash(*parts) -> str:
 
 # --- model work ------------------------------------------------------------------------
 
-def mean_token_logps(host, prompts: list[str], answers: list[str], max_length: int,
-                     batch_size: int = 8) -> list[float]:
+def mean_token_logps(host, prompts: list[str], answers: list[str], max_length: int) -> list[float]:
     """Base model's mean log-prob per answer token (adapters off): fluency proxy."""
-    import torch
-    from peft import PeftModel
+    from rpo_app.train import base_token_logps
 
-    from rpo_app.batches import Encoder, Item
-    from rpo_app.train import sequence_logps
-
-    enc = Encoder(host.tokenizer, max_length, max_length // 2)
-    seqs = [enc.encode(Item(p, a), 0) for p, a in zip(prompts, answers)]
-    out: list[float] = []
-    with host.lock, torch.no_grad():
-        net = host.model
-        for k in range(0, len(seqs), batch_size):
-            part = seqs[k:k + batch_size]
-            if isinstance(net, PeftModel):
-                with net.disable_adapter():
-                    sums = sequence_logps(net, part, host.pad_id, host.device, keep_by_mask=False)
-            else:
-                sums = sequence_logps(net, part, host.pad_id, host.device, keep_by_mask=False)
-            out += [float(s) / max(len(q) - q.prompt_len, 1) for s, q in zip(sums.tolist(), part)]
-    return out
+    with host.lock:
+        return base_token_logps(host.model, host.tokenizer, host.pad_id, host.device, prompts, answers,
+                                max_length)
 
 
 def _tqdm_progress(desc: str):

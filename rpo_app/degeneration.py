@@ -17,6 +17,10 @@ NGRAM = 3
 # around the base model's, or their repeated-n-gram share exceeds the base's by this much.
 LENGTH_BAND = (0.4, 2.5)
 REPEAT_MARGIN = 0.15
+# ... or when the base model finds them this much less likely per token (nats). Measured
+# with bench-effect: fluent tuned answers score 0.1-0.6 below the base's greedy ones,
+# garbled ones ("a poor aarnous spelling") 1.4-2.6 below.
+FLUENCY_MARGIN = 1.0
 
 _WORD = re.compile(r"\S+")
 
@@ -51,8 +55,12 @@ def summarize(texts: Sequence[str]) -> dict:
             "n": len(texts)}
 
 
-def collapse_warning(base: Sequence[str], tuned: Sequence[str]) -> str | None:
-    """A sentence saying how the tuned answers drifted from the base's, or None."""
+def collapse_warning(base: Sequence[str], tuned: Sequence[str], base_logp: float | None = None,
+                     tuned_logp: float | None = None) -> str | None:
+    """A sentence saying how the tuned answers drifted from the base's, or None.
+
+    base_logp / tuned_logp: the base model's mean log-prob per token of each set of
+    answers, when known."""
     if not base or not tuned:
         return None
     b, t = summarize(base), summarize(tuned)
@@ -70,6 +78,9 @@ def collapse_warning(base: Sequence[str], tuned: Sequence[str]) -> str | None:
     if t["repeat_share"] > b["repeat_share"] + REPEAT_MARGIN:
         problems.append(f"answers repeat themselves ({t['repeat_share']:.0%} repeated "
                         f"{NGRAM}-grams vs {b['repeat_share']:.0%} for the base model)")
+    if base_logp is not None and tuned_logp is not None and tuned_logp < base_logp - FLUENCY_MARGIN:
+        problems.append(f"the base model finds the answers far less likely ({tuned_logp:.2f} vs "
+                        f"{base_logp:.2f} log-prob per token): words may be garbled")
     if not problems:
         return None
     return ("the tuned model may be collapsing: " + "; ".join(problems)

@@ -373,6 +373,35 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
 
 
+
+def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],
+                     max_length: int, batch_size: int = 8) -> list[float]:
+    """The base model's mean log-prob per answer token (adapters off), a fluency proxy:
+    garbled or made-up words score far below the base model's own answers."""
+    import contextlib
+
+    import torch
+    from peft import PeftModel
+
+    from rpo_app.batches import Encoder, Item
+
+    enc = Encoder(tokenizer, max_length, max_length // 2)
+    seqs = [enc.encode(Item(p, a), 0) for p, a in zip(prompts, answers)]
+    was_training = net.training
+    net.eval()  # no LoRA dropout while scoring
+    out: list[float] = []
+    try:
+        ctx = net.disable_adapter() if isinstance(net, PeftModel) else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            for k in range(0, len(seqs), batch_size):
+                part = seqs[k:k + batch_size]
+                sums = sequence_logps(net, part, pad_id, device, keep_by_mask=False)
+                out += [float(v) / max(len(q) - q.prompt_len, 1) for v, q in zip(sums.tolist(), part)]
+    finally:
+        net.train(was_training)
+    return out
+
+
 def _chunks_by_length(indices: list[int], lengths: list[int], size: int) -> list[list[int]]:
     order = sorted(indices, key=lambda i: -lengths[i])
     return [order[k:k + size] for k in range(0, len(order), size)]
@@ -812,8 +841,14 @@ class Trainer:
     def write_samples(self) -> None:
         if self.main and self.preview:
             answers = self._generate(self.preview, adapter=True)
-            for prompt, base, tuned in zip(self.preview, self.base_answers, answers):
-                self.run.sample({"step": self.step, "prompt": prompt, "base": base, "tuned": tuned})
+            net = self.acc.unwrap_model(self.model)
+            # both scored by the base model, so the Train tab can warn about garbled answers
+            logps = base_token_logps(net, self.tok, self.pad_id, self.acc.device, self.preview * 2,
+                                     self.base_answers + answers, self.cfg.max_length)
+            n = len(self.preview)
+            for k, (prompt, base, tuned) in enumerate(zip(self.preview, self.base_answers, answers)):
+                self.run.sample({"step": self.step, "prompt": prompt, "base": base, "tuned": tuned,
+                                 "base_logp": round(logps[k], 4), "tuned_logp": round(logps[n + k], 4)})
         self.acc.wait_for_everyone()
 
     # -- the loop --

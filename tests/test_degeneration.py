@@ -72,3 +72,25 @@ def test_train_tab_collapse_line_uses_newest_previews():
     # Only the newest step counts: a recovered run shows no warning.
     recovered = [dict(r, step=150) for r in healthy]
     assert collapse_line(healthy + collapsed + recovered) is None
+
+
+def test_warning_on_garbled_answers_only_with_a_large_fluency_drop():
+    tuned = ["The auskure tipping is a poor aarnous spelling that I can sobify on Monday.",
+             "A 20% rule-of-two environment is a beautiful multi-purpose tool for sleep."]
+    # measured ranges (bench-effect): fluent tuned answers -1.1 to -1.5, garbled -2.4 to -3.6
+    assert dg.collapse_warning(BASE, tuned, base_logp=-1.02, tuned_logp=-1.41) is None
+    msg = dg.collapse_warning(BASE, tuned, base_logp=-1.02, tuned_logp=-3.60)
+    assert msg and "garbled" in msg and "-3.60 vs -1.02" in msg
+    assert dg.collapse_warning(BASE, tuned, base_logp=None, tuned_logp=-3.60) is None
+
+
+def test_train_tab_collapse_line_reads_preview_log_probs():
+    from rpo_app.ui.train import collapse_line
+
+    rows = [{"step": 60, "prompt": "p", "base": BASE[0], "tuned": BASE[1], "base_logp": -1.0, "tuned_logp": -3.2},
+            {"step": 60, "prompt": "q", "base": BASE[1], "tuned": BASE[0], "base_logp": -1.1, "tuned_logp": -3.0}]
+    line = collapse_line(rows)
+    assert line and "garbled" in line and "-3.10 vs -1.05" in line
+    # runs written before the log-probs were recorded (or a NaN cell) fall back to text checks
+    assert collapse_line([dict(r, tuned_logp=float("nan")) for r in rows]) is None
+    assert collapse_line([{k: v for k, v in r.items() if not k.endswith("logp")} for r in rows]) is None

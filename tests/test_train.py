@@ -181,6 +181,10 @@ def test_short_run_on_default_model_writes_every_file(tmp_path, judgments_file, 
     assert {s["step"] for s in samples} == {2, 3}
     assert all(s["prompt"] and isinstance(s["base"], str) and isinstance(s["tuned"], str) for s in samples)
     assert len({s["base"] for s in samples if s["prompt"] == samples[0]["prompt"]}) == 1  # computed once
+    # both answers scored by the base model (adapter off): the same base answer scores the same
+    assert all(s["base_logp"] < 0 and s["tuned_logp"] < 0 for s in samples)
+    first = [s["base_logp"] for s in samples if s["prompt"] == samples[0]["prompt"]]
+    assert max(first) - min(first) < 1e-3
     assert "finished at step 3" in (out / "train.log").read_text()
     assert read_jsonl(out / "judgments.jsonl") == read_jsonl(judgments_file)
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())

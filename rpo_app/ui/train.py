@@ -287,8 +287,15 @@ def collapse_line(sample_rows: list[dict]) -> str | None:
     def text(value) -> str:  # a missing cell comes back from pandas as NaN
         return value if isinstance(value, str) else ""
 
+    def mean_logp(key: str) -> float | None:  # absent in runs from before it was recorded
+        values = [r.get(key) for r in newest]
+        if not values or not all(isinstance(v, (int, float)) and v == v for v in values):
+            return None
+        return sum(values) / len(values)
+
     message = collapse_warning([text(r.get("base")) for r in newest],
-                               [text(r.get("tuned")) for r in newest])
+                               [text(r.get("tuned")) for r in newest],
+                               mean_logp("base_logp"), mean_logp("tuned_logp"))
     return f"⚠ **collapse warning:** {html.escape(message)}" if message else None
 
 
