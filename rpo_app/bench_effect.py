@@ -277,7 +277,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
                 shutil.rmtree(run_dir)
             cfg = TrainConfig(
                 loss=loss, beta=args.beta, temperature=args.temperature, learning_rate=args.lr,
-                max_steps=args.steps, batch_size=args.batch_size, lora_r=args.lora_r,
+                max_steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lora_r=args.lora_r,
                 lora_alpha=args.lora_alpha, max_length=args.max_length,
                 max_prompt_length=args.max_length // 2, seed=seed, eval_fraction=args.eval_fraction,
                 eval_every=args.eval_every, sample_every=0, save_every=0,
@@ -396,7 +396,10 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "that differ only in training settings")
     p.add_argument("--no-cache", action="store_true", help="sample candidates and base answers again")
     g = p.add_argument_group("training (defaults: the Train tab's)")
-    g.add_argument("--steps", type=int, default=d.max_steps or 40)
+    g.add_argument("--steps", type=int, default=d.max_steps,
+                   help="optimizer steps for every judge (default: --epochs over each judge's own pairs)")
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help="epochs when --steps is not given; a judge that decides few pairs then trains few steps")
     g.add_argument("--lr", type=float, default=d.learning_rate)
     g.add_argument("--beta", type=float, default=d.beta)
     g.add_argument("--temperature", type=float, default=d.temperature, help="RPO tau")
@@ -417,8 +420,8 @@ def _check_args(args) -> dict:
     bad = [loss for loss in args.losses if loss not in LOSSES]
     if bad:
         raise BenchError(f"unknown loss {bad[0]!r}; choose from {', '.join(LOSSES)}")
-    for name in ("train_prompts", "test_prompts", "seeds", "steps", "batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("train_prompts", "test_prompts", "seeds", "steps", "epochs", "batch_size", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.candidates < 2:
         raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")

@@ -75,6 +75,8 @@ def test_bad_judge_exits_2(capsys):
     assert "cannot import module 'foo'" in capsys.readouterr().err
     assert main(["bench-effect", "--losses", "nope"]) == 2
     assert main(["bench-effect", "--candidates", "1"]) == 2
+    assert main(["bench-effect", "--epochs", "0"]) == 2
+    assert main(["bench-effect", "--steps", "0"]) == 2
 
 
 def test_parser_does_not_import_torch():
@@ -168,3 +170,27 @@ def test_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
     # the sampled reference covers every candidate (6 prompts x 3) and is a real log-prob
     assert result["base"]["sampled"]["base_logp"] < 0
     assert 0 <= base["sampled"]["short_share"] <= 1
+
+
+def test_without_steps_each_judge_trains_the_default_epochs(tiny_model_dir, tmp_path):
+    """Like the Train tab: no step count, so a run lasts --epochs over its own pairs."""
+    import yaml
+
+    from rpo_app.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    out = tmp_path / "effect"
+    assert main(["bench-effect", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "src"),
+                 "--prompts", str(prompts), "--out", str(out), "--judge", "concise", "--losses", "dpo",
+                 "--train-prompts", "6", "--test-prompts", "3", "--candidates", "3", "--epochs", "1",
+                 "--batch-size", "4", "--max-new-tokens", "6", "--eval-fraction", "0.2",
+                 "--cpu-threads", "1", "--max-length", "96"]) == 0
+    run = out / "seed-0" / "concise" / "dpo"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["max_steps"] is None and cfg["epochs"] == 1
+    status = json.loads((run / "status.json").read_text())
+    # 18 candidate pairs less ties and the held-out prompt, 4 per batch: a handful of steps
+    assert 1 <= status["step"] == status["max_steps"] <= 5
+    (row,) = json.loads((out / "effect.json").read_text())["per_seed"]
+    assert row["steps"] == status["step"]
