@@ -375,7 +375,6 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
 
 
-
 def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],
                      max_length: int, batch_size: int = 8) -> list[float]:
     """The base model's mean log-prob per answer token (adapters off), a fluency proxy:
@@ -572,6 +571,7 @@ class Trainer:
             self._load_checkpoint()
         self.preview = self._preview_prompts()
         self.base_answers = self._base_answers()
+        self.base_logps: list[float] | None = None
 
     def _embed_prompts(self):
         import torch
@@ -844,13 +844,17 @@ class Trainer:
         if self.main and self.preview:
             answers = self._generate(self.preview, adapter=True)
             net = self.acc.unwrap_model(self.model)
-            # both scored by the base model, so the Train tab can warn about garbled answers
-            logps = base_token_logps(net, self.tok, self.pad_id, self.acc.device, self.preview * 2,
-                                     self.base_answers + answers, self.cfg.max_length)
-            n = len(self.preview)
-            for k, (prompt, base, tuned) in enumerate(zip(self.preview, self.base_answers, answers)):
+
+            def score(texts: list[str]) -> list[float]:  # by the base model: the garbled-answer warning
+                return base_token_logps(net, self.tok, self.pad_id, self.acc.device, self.preview, texts,
+                                        self.cfg.max_length)
+
+            if self.base_logps is None:  # the base answers and the base model never change
+                self.base_logps = score(self.base_answers)
+            rows = zip(self.preview, self.base_answers, answers, self.base_logps, score(answers))
+            for prompt, base, tuned, base_lp, tuned_lp in rows:
                 self.run.sample({"step": self.step, "prompt": prompt, "base": base, "tuned": tuned,
-                                 "base_logp": round(logps[k], 4), "tuned_logp": round(logps[n + k], 4)})
+                                 "base_logp": round(base_lp, 4), "tuned_logp": round(tuned_lp, 4)})
         self.acc.wait_for_everyone()
 
     # -- the loop --
