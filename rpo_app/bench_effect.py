@@ -168,8 +168,8 @@ def _tqdm_progress(desc: str):
 
 
 def _cached(cache: Path | None, key: str, make):
-    """JSON cache of generations: a sweep over training settings reuses the base
-    model's candidates and test answers instead of sampling them again."""
+    """JSON cache of generations and their base scores: a sweep over training settings
+    reuses the base model's candidates and test answers instead of sampling them again."""
     if cache is None:
         return make()
     path = cache / f"{key}.json"
@@ -226,15 +226,15 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
 
     store.add_prompts([{"prompt": r["prompt"], "family": r.get("family")} for r in train_rows], "bench-effect")
     ids = [store.ensure_prompt(r["prompt"], "bench-effect") for r in train_rows]
-    key = _hash("candidates", host.model_name, str(model), [r["prompt"] for r in train_rows],
-                args.candidates, sample.to_dict())
+    candidates_key = _hash("candidates", host.model_name, str(model), [r["prompt"] for r in train_rows],
+                           args.candidates, sample.to_dict())
 
     def make_candidates() -> dict:
         generate_candidates(store, host, ids, args.candidates, sample,
                             progress=_tqdm_progress(f"seed {seed}: candidates"))
         return {str(p): [r["text"] for r in store.responses_for_prompt(p)] for p in ids}
 
-    cached = _cached(cache, key, make_candidates)
+    cached = _cached(cache, candidates_key, make_candidates)
     for pid, texts in zip(ids, [cached[str(p)] for p in ids]):
         for text in texts:  # a cache hit: the same rows generate_candidates wrote
             store.add_response(pid, text, source="model", model=host.model_name, gen_settings=sample.to_dict())
@@ -250,11 +250,13 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
     # Greedy answers are the base model's own most likely text, so any tuned model that
     # answers differently scores a lower base log-probability. The sampled candidates
     # (what the annotator was shown) are the base model's fluency when it does vary.
+    # Scoring every candidate costs minutes on a CPU, so it is cached with them.
     sampled = [(r["prompt"], t) for r, pid in zip(train_rows, ids) for t in cached[str(pid)]]
     base_metrics["sampled"] = {
         **{k: v for k, v in degeneration.summarize([t for _, t in sampled]).items() if k != "n"},
-        "base_logp": statistics.fmean(mean_token_logps(host, [p for p, _ in sampled],
-                                                       [t for _, t in sampled], args.max_length))}
+        "base_logp": _cached(cache, _hash("sampled-logp", candidates_key, args.max_length),
+                             lambda: statistics.fmean(mean_token_logps(
+                                 host, [p for p, _ in sampled], [t for _, t in sampled], args.max_length)))}
 
     rows = []
     for judge_name, judge in judges.items():
@@ -277,7 +279,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
                 shutil.rmtree(run_dir)
             cfg = TrainConfig(
                 loss=loss, beta=args.beta, temperature=args.temperature, learning_rate=args.lr,
-                max_steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lora_r=args.lora_r,
+                max_steps=args.steps, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size, lora_r=args.lora_r,
                 lora_alpha=args.lora_alpha, max_length=args.max_length,
                 max_prompt_length=args.max_length // 2, seed=seed, eval_fraction=args.eval_fraction,
                 eval_every=args.eval_every, sample_every=0, save_every=0,
@@ -290,7 +292,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
             if rc == 130 or status.get("state") == "stopped":
                 # The trainer caught Ctrl-C / SIGTERM and stopped cleanly: so does the benchmark.
                 raise KeyboardInterrupt
-            row = {"seed": seed, "judge": judge_name, "loss": loss, "train_s": train_s,
+            row = {"seed": seed, "judge": judge_name, "loss": loss, "beta": cfg.beta, "train_s": train_s,
                    "judgments": dict(counts), "rc": rc, "state": status.get("state")}
             if rc != 0 or not (run_dir / "adapter").exists():
                 row["error"] = status.get("error") or f"training exited with code {rc}"
@@ -397,11 +399,15 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="sample candidates and base answers again")
     g = p.add_argument_group("training (defaults: the Train tab's)")
     g.add_argument("--steps", type=int, default=d.max_steps,
-                   help="optimizer steps for every judge (default: --epochs over each judge's own pairs)")
-    g.add_argument("--epochs", type=int, default=d.epochs,
-                   help="epochs when --steps is not given; a judge that decides few pairs then trains few steps")
+                   help="optimizer steps for every judge (default: --epochs over each judge's own "
+                        "pairs, at least --min-steps)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs when --steps is not given")
+    g.add_argument("--min-steps", type=int, default=d.min_steps,
+                   help="when --steps is not given, at least this many steps even for a judge that "
+                        "decides few pairs (0: no floor)")
     g.add_argument("--lr", type=float, default=d.learning_rate)
-    g.add_argument("--beta", type=float, default=d.beta)
+    g.add_argument("--beta", type=float, default=None,
+                   help="default: each loss's own (RPO 1.0, DPO 0.1; see `train --help`)")
     g.add_argument("--temperature", type=float, default=d.temperature, help="RPO tau")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lora-r", type=int, default=d.lora_r)
@@ -423,6 +429,10 @@ def _check_args(args) -> dict:
     for name in ("train_prompts", "test_prompts", "seeds", "steps", "epochs", "batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.beta is not None and args.beta <= 0:
+        raise BenchError(f"--beta must be > 0, got {args.beta}")
+    if args.min_steps < 0:
+        raise BenchError(f"--min-steps must be >= 0, got {args.min_steps}")
     if args.candidates < 2:
         raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")
     if args.cpu_threads is not None and args.cpu_threads < 1:

@@ -88,7 +88,7 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
     from rpo_app.models import load_model
     from rpo_app.train import TrainConfig
 
-    defaults = TrainConfig()
+    defaults = TrainConfig(loss="dpo")  # TRL trains DPO here
     rows = [{"prompt": [{"role": "user", "content": p.chosen.prompt}],
              "chosen": [{"role": "assistant", "content": p.chosen.response}],
              "rejected": [{"role": "assistant", "content": p.rejected.response}]}

@@ -61,21 +61,36 @@ def eval_improved(accuracy: float, loss: float | None, best_accuracy: float | No
     return accuracy > best_accuracy + 1e-9 or (loss is not None and best_loss is not None and loss < best_loss)
 
 
+# RPO scales each contrast by beta * w_ij, and a row of w sums to 1 over the batch (on
+# the seed prompts at tau 0.5 and batch 8: 0.48 on the diagonal, 0.07 elsewhere), so at
+# DPO's beta its terms barely saturate and the model drifts until its answers garble.
+# The effect benchmark (README) measured RPO-paired at 1.0 as fluent as DPO at 0.1.
+DEFAULT_BETA = {"rpo-paired": 1.0, "rpo-unpaired": 1.0, "dpo": 0.1, "ipo": 0.1, "kto": 0.1}
+
+
 @dataclass
 class TrainConfig:
     loss: str = field(default="rpo-paired", metadata={"help": f"one of {', '.join(LOSSES)}"})
-    beta: float = field(default=0.1, metadata={"help": "strength of the pull away from the base model (> 0)"})
+    beta: float | None = field(default=None, metadata={
+        "help": "how strongly the model is held near the base model (> 0; default: per loss, "
+                "RPO 1.0, the others 0.1)"})
     temperature: float = field(default=0.5, metadata={"help": "RPO softmax temperature over prompt similarity (> 0)"})
     weighting: str = field(default="embedding", metadata={"help": f"RPO contrast weights: {', '.join(WEIGHTINGS)}"})
     # Measured with `python -m rpo_app bench-effect` on the bundled 135M model (README,
     # "Effect benchmark"): 5e-5 does nothing measurable in 30 steps; 5e-4 at batch 8
     # wins 92% but answers start to loop and drift; 3e-4 wins ~70% at 30 steps and
-    # stays close to the base model (3 epochs usually run longer than that). At 60
-    # steps over two seeds every judge is won >= 71%, but RPO-paired garbles words on
-    # two of three judges; 1.5e-4 stayed fluent there (one seed): the next candidate.
+    # stays close to the base model. At 60 steps RPO's garbling came from its beta
+    # (above), not from this rate: 1.5e-4 was fluent but no longer won 70%.
     learning_rate: float = 3e-4
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; unset: run `epochs` epochs"})
-    epochs: int = 3
+    max_steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps; unset: run `epochs` epochs, but at least `min_steps`"})
+    # One pass over a large label set; a few dozen pairs make only a handful of batches,
+    # and the effect benchmark's sparse judges did not move the model in 9-21 steps
+    # (3 epochs) but did in 60. 60 steps is what it measured for every judge.
+    epochs: int = 1
+    min_steps: int = field(default=60, metadata={
+        "help": "when max_steps is unset, train at least this many steps (more passes over a "
+                "small label set; early stopping still ends a run that stops improving). 0: no floor"})
     batch_size: int = field(default=8, metadata={"help": "examples per process per micro-batch"})
     grad_accum: int = 1
     max_length: int = 512
@@ -111,6 +126,16 @@ class TrainConfig:
     cpu_threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores)"})
 
+    def __post_init__(self) -> None:
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.loss)
+
+    def planned_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps a run will take: max_steps, else epochs with the min_steps floor."""
+        if self.max_steps:
+            return self.max_steps
+        return max(1, self.min_steps, math.ceil(self.epochs * batches_per_epoch / self.grad_accum))
+
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad setting."""
         def need(ok: bool, msg: str) -> None:
@@ -121,11 +146,12 @@ class TrainConfig:
         need(self.weighting in WEIGHTINGS, f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         need(self.weighting != "diagonal" or self.loss == "rpo-paired",
              "weighting 'diagonal' needs aligned pairs: use it with loss rpo-paired")
-        need(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        need(self.beta is not None and self.beta > 0, f"beta must be > 0, got {self.beta}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.min_steps >= 0, f"min_steps must be >= 0, got {self.min_steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
@@ -538,7 +564,7 @@ class Trainer:
         # Held-out accuracy needs held-out pairs, or both held-out pools.
         self.has_eval = bool(self.eval_data.pairs) or bool(self.eval_data.chosen and self.eval_data.rejected)
         self.plan = BatchPlan(self.train_data, cfg.batch_size * self.world, cfg.seed, pool=self.pool)
-        self.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.plan.batches_per_epoch / cfg.grad_accum))
+        self.max_steps = cfg.planned_steps(self.plan.batches_per_epoch)
         log.info("train: %d sequences, %d pairs, %d chosen, %d rejected; eval: %d pairs, %d chosen, %d rejected",
                  len(self.train_data.seqs), len(self.train_data.pairs), len(self.train_data.chosen),
                  len(self.train_data.rejected), len(self.eval_data.pairs), len(self.eval_data.chosen),

@@ -77,6 +77,8 @@ def test_bad_judge_exits_2(capsys):
     assert main(["bench-effect", "--candidates", "1"]) == 2
     assert main(["bench-effect", "--epochs", "0"]) == 2
     assert main(["bench-effect", "--steps", "0"]) == 2
+    assert main(["bench-effect", "--min-steps", "-1"]) == 2
+    assert main(["bench-effect", "--beta", "0"]) == 2
 
 
 def test_parser_does_not_import_torch():
@@ -173,7 +175,8 @@ def test_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
 
 
 def test_without_steps_each_judge_trains_the_default_epochs(tiny_model_dir, tmp_path):
-    """Like the Train tab: no step count, so a run lasts --epochs over its own pairs."""
+    """Like the Train tab: no step count, so a run lasts --epochs over its own pairs,
+    raised to --min-steps when the judge decides only a few pairs."""
     import yaml
 
     from rpo_app.cli import main
@@ -184,13 +187,15 @@ def test_without_steps_each_judge_trains_the_default_epochs(tiny_model_dir, tmp_
     assert main(["bench-effect", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "src"),
                  "--prompts", str(prompts), "--out", str(out), "--judge", "concise", "--losses", "dpo",
                  "--train-prompts", "6", "--test-prompts", "3", "--candidates", "3", "--epochs", "1",
-                 "--batch-size", "4", "--max-new-tokens", "6", "--eval-fraction", "0.2",
+                 "--min-steps", "7", "--batch-size", "4", "--max-new-tokens", "6", "--eval-fraction", "0.2",
                  "--cpu-threads", "1", "--max-length", "96"]) == 0
     run = out / "seed-0" / "concise" / "dpo"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["max_steps"] is None and cfg["epochs"] == 1
+    assert cfg["max_steps"] is None and cfg["epochs"] == 1 and cfg["min_steps"] == 7
     status = json.loads((run / "status.json").read_text())
-    # 18 candidate pairs less ties and the held-out prompt, 4 per batch: a handful of steps
-    assert 1 <= status["step"] == status["max_steps"] <= 5
+    # 18 candidate pairs less ties and the held-out prompt, 4 per batch: at most 5 steps
+    # an epoch, so the floor sets the length
+    assert status["step"] == status["max_steps"] == 7
     (row,) = json.loads((out / "effect.json").read_text())["per_seed"]
     assert row["steps"] == status["step"]
+    assert row["beta"] == cfg["beta"] == 0.1  # DPO's own default, not RPO's

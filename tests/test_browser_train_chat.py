@@ -134,8 +134,18 @@ def test_collapse_warning_shows_in_train_tab(data_dir, tiny_model_dir):
         with chromium_browser() as browser:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(app.url, timeout=60_000)
+            # Each loss brings its own beta: RPO spreads it over the batch and needs more.
+            page.get_by_role("tab", name="Train").click()
+            beta = page.locator("#train-beta input").first
+            assert float(beta.input_value()) == 1.0
+            for label, value in (("DPO (same-prompt pairs)", 0.1), ("RPO, paired (same + related prompts)", 1.0)):
+                page.locator("#train-loss input").first.click()
+                page.get_by_role("option", name=label).click()
+                page.wait_for_function(f"() => parseFloat(document.querySelector('#train-beta input')"
+                                       f".value) === {value}", timeout=TIMEOUT)
+            # RPO at DPO's beta barely saturates: with this learning rate it collapses fast.
             _train_until_finished(page, 16, "Describe a sunny day.\nExplain how bread is made.",
-                                  lr=0.05, steps=30, batch=4)
+                                  beta=0.1, lr=0.05, steps=30, batch=4)
             page.wait_for_function("() => document.querySelector('#train-status').innerText"
                                    ".includes('collapse warning')", timeout=TIMEOUT)
             status = page.locator("#train-status").inner_text()

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from rpo_app.train import ConfigError, TrainConfig, add_train_args, config_from_args, eval_improved, main
+from rpo_app.batches import LOSSES
+from rpo_app.train import (DEFAULT_BETA, ConfigError, TrainConfig, add_train_args, config_from_args,
+                           eval_improved, main)
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = ["cats", "the ocean", "bread", "lists", "the moon", "coffee", "chess", "rain", "trains", "tea",
@@ -106,6 +108,7 @@ def no_model_load(monkeypatch):
      "needs both liked and disliked"),
     (None, {"weighting": "diagonal", "loss": "rpo-unpaired"}, "diagonal"),
     (None, {"max-length": 64, "max-prompt-length": 64}, "max_length"),
+    (None, {"min-steps": -1}, "min_steps must be >= 0"),
 ])
 def test_bad_settings_refused_before_model_loads(tmp_path, data_dir, no_model_load, rows, overrides, message):
     jfile = write_jsonl(tmp_path / "j.jsonl", make_judgments() if rows is None else rows)
@@ -236,6 +239,23 @@ def test_early_stopping(tmp_path, judgments_file, tiny_model_dir, data_dir):
     later = [m for m in metrics if m["step"] > st["best_step"]]
     assert all(m["eval/accuracy"] <= best_acc and m["eval/loss"] >= best_loss for m in later)
     assert len(metrics) == st["step"] == st["best_step"] + 2
+
+
+def test_beta_defaults_per_loss_unless_given():
+    assert set(DEFAULT_BETA) == set(LOSSES)
+    assert TrainConfig().beta == DEFAULT_BETA["rpo-paired"] == 1.0
+    assert TrainConfig(loss="dpo").beta == 0.1
+    assert TrainConfig(loss="dpo", beta=0.3).beta == 0.3
+    assert TrainConfig.from_dict({"loss": "kto"}).beta == DEFAULT_BETA["kto"]
+
+
+def test_planned_steps_epochs_with_a_floor():
+    cfg = TrainConfig(epochs=2, min_steps=60)
+    assert cfg.planned_steps(4) == 60       # 30 pairs at batch 8: the floor
+    assert cfg.planned_steps(45) == 90      # 360 pairs: the epochs
+    assert TrainConfig(epochs=2, min_steps=0).planned_steps(4) == 8
+    assert TrainConfig(epochs=1, min_steps=0, grad_accum=4).planned_steps(10) == 3
+    assert TrainConfig(max_steps=5, min_steps=60).planned_steps(45) == 5  # asked for: exact
 
 
 def test_eval_improved_counts_either_held_out_metric():

@@ -11,7 +11,7 @@ import time
 import gradio as gr
 import pandas as pd
 
-from rpo_app.train import TrainConfig
+from rpo_app.train import DEFAULT_BETA, TrainConfig
 from rpo_app.runs import ACTIVE_STATES
 from rpo_app.ui.context import AppContext
 
@@ -43,15 +43,18 @@ def build(ctx: AppContext) -> dict:
                                     "the batch, weighted by how similar their prompts are.",
                                elem_id="train-loss")
             with gr.Row():
-                beta = gr.Number(defaults.beta, label="β (beta)", minimum=0.001,
-                                 info="how far the model may move from the base; smaller = further")
+                beta = gr.Number(defaults.beta, label="β (beta)", minimum=0.001, elem_id="train-beta",
+                                 info="how far the model may move from the base; smaller = further. "
+                                      "Set per loss: RPO spreads β over the batch, so it needs more")
                 temperature = gr.Number(defaults.temperature, label="τ (RPO temperature)",
                                         minimum=0.01,
                                         info="low: only near-identical prompts are contrasted")
             with gr.Row():
                 lr = gr.Number(defaults.learning_rate, label="Learning rate", elem_id="train-lr")
                 steps = gr.Number(defaults.max_steps, precision=0, minimum=1, label="Steps",
-                                  elem_id="train-steps")
+                                  elem_id="train-steps",
+                                  info=f"blank: {defaults.epochs} epoch{'s' if defaults.epochs > 1 else ''}, "
+                                       f"at least {defaults.min_steps} steps")
                 batch = gr.Number(defaults.batch_size, precision=0, minimum=1,
                                   label="Batch size (pairs)", elem_id="train-batch")
             with gr.Row():
@@ -247,6 +250,9 @@ def build(ctx: AppContext) -> dict:
 
     live = [status, bar, loss_plot, margin_plot, acc_plot, samples, log_box, drawn]
     runs_outputs = [runs_table, cmp_a, cmp_b, del_pick, annotators]
+    # Each loss has its own measured β; picking a loss resets β to it.
+    loss.input(lambda name: DEFAULT_BETA.get(name, defaults.beta), loss, beta, api_name=False,
+               show_progress="hidden")
     for comp in form:
         comp.change(usable_line, form, usable, api_name=False, show_progress="hidden")
     start.click(start_run, form, [run_id, *live], api_name="train_start").then(
@@ -330,7 +336,7 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, n_examples: int) -> str:
     spf = _seconds_per_token(ctx, host)
     tokens = cfg.batch_size * 2 * min(cfg.max_length, 256)
     per_step = spf * tokens * 3.0
-    steps = cfg.max_steps or cfg.epochs * max(1, -(-n_examples // cfg.batch_size))
+    steps = cfg.planned_steps(max(1, -(-n_examples // cfg.batch_size)))
     total = per_step * steps + spf * n_examples * 2 * min(cfg.max_length, 256)
     return f"Estimated time on this machine: ~{_human(total)} ({per_step:.1f} s/step)."
 
