@@ -109,6 +109,7 @@ def no_model_load(monkeypatch):
     (None, {"weighting": "diagonal", "loss": "rpo-unpaired"}, "diagonal"),
     (None, {"max-length": 64, "max-prompt-length": 64}, "max_length"),
     (None, {"min-steps": -1}, "min_steps must be >= 0"),
+    (None, {"early-stop-min-pairs": -1}, "early_stop_min_pairs must be >= 0"),
 ])
 def test_bad_settings_refused_before_model_loads(tmp_path, data_dir, no_model_load, rows, overrides, message):
     jfile = write_jsonl(tmp_path / "j.jsonl", make_judgments() if rows is None else rows)
@@ -224,8 +225,9 @@ def test_early_stopping(tmp_path, judgments_file, tiny_model_dir, data_dir):
     out = tmp_path / "run"
     assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **{
         "max-steps": 40, "eval-every": 1, "early-stop-patience": 2, "eval-fraction": 0.3,
-        "learning-rate": 1e-2})) == 0
+        "early-stop-min-pairs": 1, "learning-rate": 1e-2})) == 0
     st = status(out)
+    assert st["early_stop_note"] is None
     # lr 1e-2 overfits the tiny model: held-out accuracy stalls and the held-out loss
     # turns up, so neither can improve 40 times in a row
     assert st["state"] == "finished" and st["early_stopped"] is True and st["step"] < 40
@@ -239,6 +241,21 @@ def test_early_stopping(tmp_path, judgments_file, tiny_model_dir, data_dir):
     later = [m for m in metrics if m["step"] > st["best_step"]]
     assert all(m["eval/accuracy"] <= best_acc and m["eval/loss"] >= best_loss for m in later)
     assert len(metrics) == st["step"] == st["best_step"] + 2
+
+
+@pytest.mark.slow
+def test_too_few_held_out_pairs_turn_early_stopping_off(tmp_path, judgments_file, tiny_model_dir, data_dir):
+    """The same overfitting run as above, but the held-out split is too small to judge
+    progress by: it trains every step, keeps the last weights and says why."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **{
+        "max-steps": 12, "eval-every": 1, "early-stop-patience": 2, "eval-fraction": 0.3,
+        "early-stop-min-pairs": 1000, "learning-rate": 1e-2})) == 0
+    st = status(out)
+    assert st["state"] == "finished" and st["step"] == 12 and st["early_stopped"] is False
+    assert "early stopping off" in st["early_stop_note"] and "needs 1000" in st["early_stop_note"]
+    assert "early stopping off" in (out / "train.log").read_text()
+    assert len([m for m in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in m]) == 12
 
 
 def test_beta_defaults_per_loss_unless_given():

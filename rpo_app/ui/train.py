@@ -184,6 +184,8 @@ def build(ctx: AppContext) -> dict:
             parts.append(f"held-out accuracy **{metrics['eval/accuracy'].dropna().iloc[-1]:.2f}**")
         if st.get("early_stopped"):
             parts.append("stopped early: held-out accuracy and loss stopped improving")
+        elif st.get("early_stop_note"):
+            parts.append(html.escape(st["early_stop_note"]))
         if state == "failed":
             parts.append(f"**failed:** {html.escape(str(st.get('error') or 'failed'))}")
         if st.get("warning"):
