@@ -279,8 +279,9 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
                 shutil.rmtree(run_dir)
             cfg = TrainConfig(
                 loss=loss, beta=args.beta, temperature=args.temperature, learning_rate=args.lr,
-                max_steps=args.steps, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size, lora_r=args.lora_r,
-                lora_alpha=args.lora_alpha, max_length=args.max_length,
+                max_steps=args.steps, epochs=args.epochs, min_steps=args.min_steps,
+                batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                max_length=args.max_length,
                 max_prompt_length=args.max_length // 2, seed=seed, eval_fraction=args.eval_fraction,
                 eval_every=args.eval_every, sample_every=0, save_every=0,
                 sample_max_new_tokens=args.max_new_tokens, annotators=[annotator], model=model,
