@@ -40,6 +40,21 @@ def _train_until_finished(page, pairs: int, previews: str, **numbers) -> None:
                            ".includes('finished')", timeout=300_000)
 
 
+def _wait_until_streams_end(page, elem_ids, quiet_s: float = 3.0, timeout_s: float = 120.0) -> None:
+    import time
+
+    read = "ids => ids.map(i => document.querySelector('#' + i).innerText).join('\\u0000')"
+    last, since, deadline = None, time.monotonic(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = page.evaluate(read, list(elem_ids))
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{elem_ids} still changing after {timeout_s} s")
+
+
 def test_label_train_chat_vote(data_dir, tiny_model_dir):
     seed_store(data_dir, n_prompts=10, answers_per_prompt=2)
     app = start_app(data_dir, extra_args=("--model", str(tiny_model_dir)), wait_model=True)
@@ -84,6 +99,9 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
                 page.wait_for_function(
                     f"() => document.querySelectorAll('#{side} .message-row, #{side} "
                     f"[data-testid=\"bot\"]').length >= 1", timeout=120_000)
+            # A send while answers still stream is ignored (the button's events do not
+            # queue), so wait until both sides stop changing before the next message.
+            _wait_until_streams_end(page, ("chat-left", "chat-right"))
             screenshot(page, "chat-tab.png", full_page=True)
 
             page.locator("#chat-blind input").check()
