@@ -569,8 +569,8 @@ class Trainer:
         self.eval_data = build_data(self.eval_j, encoder, cfg.loss, for_eval=True)
         self.pool = cfg.loss in POOL_LOSSES
         # Held-out accuracy needs held-out pairs, or both held-out pools.
-        self.has_eval = bool(self.eval_data.pairs) or bool(self.eval_data.chosen and self.eval_data.rejected)
         n_eval = len(self.eval_data.pairs) or min(len(self.eval_data.chosen), len(self.eval_data.rejected))
+        self.has_eval = n_eval > 0
         self.early_stop = bool(cfg.early_stop_patience) and self.has_eval and n_eval >= cfg.early_stop_min_pairs
         self.early_stop_note = None
         if cfg.early_stop_patience and not self.early_stop:
