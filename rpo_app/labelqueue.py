@@ -13,7 +13,8 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from rpo_app.store import StorageError, Store, StoreError
+from rpo_app.store import (CROSS_KEY, CROSS_PAIR_KEY, PROMPT_KEY, RESPONSE_KEY, StorageError,
+                           Store, StoreError, item_key, judgment_lease_keys)
 
 MODES = ("paired", "cross", "unpaired", "mixed")
 UI_VERDICTS = ("left", "right", "tie", "both_bad", "up", "down")
@@ -105,7 +106,7 @@ class LabelQueue:
                 pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]))
                 if pair is None:
                     continue
-                key = f"prompt:{prompt['id']}"
+                key = item_key(PROMPT_KEY, prompt["id"])
                 if self.store.try_lease(key, annotator):
                     # Look again under the lease: the last holder may have judged it since.
                     pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]))
@@ -142,7 +143,7 @@ class LabelQueue:
                 if not fresh:
                     continue
                 second = self._rng.choice(fresh)
-                keys = [f"cross:{first['id']}", f"cross:{second['id']}"]
+                keys = [item_key(CROSS_KEY, first["id"]), item_key(CROSS_KEY, second["id"])]
                 taken = [k for k in keys if self.store.try_lease(k, annotator)]
                 if len(taken) < len(keys) or self.store.judged_pairs([first["id"], second["id"]]):
                     # Someone holds half of it, or judged it meanwhile: give back what we took.
@@ -157,7 +158,7 @@ class LabelQueue:
         rows = self._scan(lambda s: self.store.next_responses_for_thumbs(
             annotator, s, _SCAN, True), self.store.max_response_id())
         for resp in self._prefer_fresh_family(annotator, rows):
-            key = f"resp:{resp['id']}"
+            key = item_key(RESPONSE_KEY, resp["id"])
             if self.store.try_lease(key, annotator):
                 # Still unjudged now that we hold the lease? (The last holder may have judged it.)
                 still = self.store.next_responses_for_thumbs(annotator, resp["id"], 1, True)
@@ -242,9 +243,8 @@ class LabelQueue:
         right = self.store.response(undone["response_b"]) if undone["response_b"] else None
         if right is not None and undone["a_side"] == "right":
             left, right = right, left
-        keys = ([f"resp:{left['id']}"] if right is None else
-                [f"prompt:{left['prompt_id']}"] if undone["kind"] == "paired" else
-                [f"cross:{left['id']}", f"cross:{right['id']}"])
+        keys = judgment_lease_keys(undone["kind"], left["id"], right and right["id"],
+                                   left["prompt_id"])
         for key in keys:
             self.store.try_lease(key, annotator)
         item = Item(undone["kind"], _token(), left, right, keys)
@@ -280,8 +280,7 @@ def canonical_pair(left_id: int, right_id: int, verdict: str) -> tuple[int, int,
 
 def _cross_key(first: int, second: int) -> str:
     """One key per cross-prompt pair, whichever side each answer was on."""
-    lo, hi = sorted((first, second))
-    return f"crosspair:{lo}:{hi}"
+    return item_key(CROSS_PAIR_KEY, *sorted((first, second)))
 
 
 def _token() -> str:

@@ -23,6 +23,11 @@ THUMB_VERDICTS = ("up", "down")
 STRENGTHS = ("slightly", "clearly")
 SIDES = ("left", "right")
 LEASE_SECONDS = 300.0
+# Lease and skip keys name what an annotator holds, stored as text: a prefix, then ids.
+PROMPT_KEY = "prompt:"  # a paired item: the prompt whose answers are compared
+RESPONSE_KEY = "resp:"  # a thumbs item: one answer
+CROSS_KEY = "cross:"  # one answer of a cross-prompt pair; each side is leased by itself
+CROSS_PAIR_KEY = "crosspair:"  # a cross-prompt pair as a whole (skips), lower id first
 # Longest text accepted in any field: far above any real prompt or answer, low enough
 # that a mis-parsed file (a whole document in one cell) is caught.
 MAX_TEXT_CHARS = 100_000
@@ -256,8 +261,10 @@ class Store:
 
     # -- prompts ------------------------------------------------------------------------
     def add_prompts(self, items: Iterable[str | dict], source: str) -> tuple[list[int], int]:
-        """Insert prompts (text or {"prompt", "family"}); return (new ids, duplicates)."""
-        added, dups = [], 0
+        """Store prompts (text or {"prompt", "family"}) in one transaction; return (the id of
+        each item, in order, how many were new). A prompt already stored keeps its family
+        and source: the first write wins."""
+        ids, n_new = [], 0
         with self.transaction() as tx:
             for item in items:
                 text, family = (item, None) if isinstance(item, str) else (
@@ -267,17 +274,17 @@ class Store:
                     "INSERT OR IGNORE INTO prompts(text, family, source, created_at) "
                     "VALUES (?, ?, ?, ?)", (text, family, source, _now()))
                 if cur.rowcount:
-                    added.append(cur.lastrowid)
+                    ids.append(cur.lastrowid)
+                    n_new += 1
                 else:
-                    dups += 1
-        return added, dups
+                    ids.append(tx.execute("SELECT id FROM prompts WHERE text = ?",
+                                          (text,)).fetchone()[0])
+        return ids, n_new
 
-    def ensure_prompt(self, text: str, source: str, family: str | None = None) -> int:
-        text = _clean_text(text, "prompt")
-        with self.transaction() as tx:
-            tx.execute("INSERT OR IGNORE INTO prompts(text, family, source, created_at) "
-                       "VALUES (?, ?, ?, ?)", (text, family, source, _now()))
-            return tx.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()[0]
+    def add_prompt(self, text: str, source: str, family: str | None = None) -> tuple[int, bool]:
+        """add_prompts for one text: (prompt id, created)."""
+        ids, n_new = self.add_prompts([{"prompt": text, "family": family}], source)
+        return ids[0], bool(n_new)
 
     def prompt(self, prompt_id: int) -> dict | None:
         row = self._one("SELECT * FROM prompts WHERE id = ?", (prompt_id,))
@@ -303,11 +310,14 @@ class Store:
     def count_prompts(self) -> int:
         return self._one("SELECT COUNT(*) FROM prompts")[0]
 
-    def prompts_with_fewer_responses(self, n: int, limit: int | None = None) -> list[dict]:
-        """Prompts that have fewer than n responses (the generation backlog)."""
-        sql = ("SELECT p.*, (SELECT COUNT(*) FROM responses r WHERE r.prompt_id = p.id) AS n "
-               "FROM prompts p WHERE n < ? ORDER BY n, p.id")
-        params: list = [n]
+    def prompts_with_fewer_responses(self, n: int, limit: int | None = None,
+                                     adapter: str | None = None) -> list[dict]:
+        """Prompts with fewer than n responses, as dicts with that count as "n", fewest
+        first (the generation backlog); with `adapter`, counting only that adapter's."""
+        extra, params = ("AND r.adapter = ?", [adapter]) if adapter else ("", [])
+        sql = (f"SELECT p.*, (SELECT COUNT(*) FROM responses r WHERE r.prompt_id = p.id "
+               f"{extra}) AS n FROM prompts p WHERE n < ? ORDER BY n, p.id")
+        params.append(n)
         if limit:
             sql += " LIMIT ?"
             params.append(limit)
@@ -391,8 +401,9 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (kind, response_a, response_b, verdict, strength, annotator, source, a_side,
                  seconds_spent, _now(), request_id))
-            tx.execute("DELETE FROM leases WHERE annotator = ? AND item_key IN (?, ?)",
-                       (annotator, *_item_keys(kind, response_a, response_b, pa[0])))
+            keys = judgment_lease_keys(kind, response_a, response_b, pa[0])
+            tx.execute(f"DELETE FROM leases WHERE annotator = ? "
+                       f"AND item_key IN ({','.join('?' * len(keys))})", (annotator, *keys))
             return cur.lastrowid, True
 
     def retract(self, judgment_id: int, by: str) -> bool:
@@ -455,7 +466,7 @@ class Store:
 
     def training_judgments(self, kinds: Iterable[str] | None = None,
                            annotators: Iterable[str] | None = None) -> list[dict]:
-        """Active judgments in the shape batches.py takes."""
+        """Active judgments in the shape batches.py takes (texts in *_text fields)."""
         kinds = list(kinds) if kinds else list(KINDS)
         annotators = list(annotators) if annotators else None
         out = []
@@ -465,8 +476,8 @@ class Store:
             out.append({
                 "judgment_id": row["id"], "kind": row["kind"], "verdict": row["verdict"],
                 "strength": row["strength"], "annotator": row["annotator"],
-                "prompt_a": row["prompt_a"], "response_a": row["response_a_text"],
-                "prompt_b": row["prompt_b"], "response_b": row["response_b_text"],
+                "prompt_a_text": row["prompt_a"], "response_a_text": row["response_a_text"],
+                "prompt_b_text": row["prompt_b"], "response_b_text": row["response_b_text"],
                 "prompt_a_id": row["prompt_a_id"], "prompt_b_id": row["prompt_b_id"],
             })
         return out
@@ -533,11 +544,11 @@ class Store:
         rows = self._read(
             "SELECT p.* FROM prompts p WHERE p.id >= ? "
             "AND (SELECT COUNT(*) FROM responses r WHERE r.prompt_id = p.id) >= 2 "
-            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = 'prompt:' || p.id "
+            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = ? || p.id "
             "AND l.annotator != ? AND l.expires_at > ?) "
             "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
-            "AND s.item_key = 'prompt:' || p.id) " + judged + " ORDER BY p.id LIMIT ?",
-            (start_id, annotator, _now(), annotator, limit))
+            "AND s.item_key = ? || p.id) " + judged + " ORDER BY p.id LIMIT ?",
+            (start_id, PROMPT_KEY, annotator, _now(), annotator, PROMPT_KEY, limit))
         return [dict(r) for r in rows]
 
     def next_responses_for_thumbs(self, annotator: str, start_id: int, limit: int,
@@ -547,11 +558,11 @@ class Store:
         rows = self._read(
             "SELECT r.*, p.text AS prompt, p.family AS family FROM responses r "
             "JOIN prompts p ON p.id = r.prompt_id WHERE r.id >= ? "
-            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = 'resp:' || r.id "
+            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = ? || r.id "
             "AND l.annotator != ? AND l.expires_at > ?) "
             "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
-            "AND s.item_key = 'resp:' || r.id) " + judged + " ORDER BY r.id LIMIT ?",
-            (start_id, annotator, _now(), annotator, limit))
+            "AND s.item_key = ? || r.id) " + judged + " ORDER BY r.id LIMIT ?",
+            (start_id, RESPONSE_KEY, annotator, _now(), annotator, RESPONSE_KEY, limit))
         return [_response_dict(r) for r in rows]
 
     def judged_pairs(self, response_ids: list[int]) -> set[tuple[int, int]]:
@@ -673,6 +684,12 @@ class Store:
         row = self._one("SELECT * FROM adapters WHERE name = ?", (name,))
         return dict(row) if row else None
 
+    def adapter_for_run(self, run_id: str) -> dict | None:
+        """The adapter a run made, whatever it has been renamed to since."""
+        row = self._one("SELECT * FROM adapters WHERE run_id = ? ORDER BY created_at DESC LIMIT 1",
+                        (run_id,))
+        return dict(row) if row else None
+
     def rename_adapter(self, old: str, new: str, new_path: str) -> None:
         with self.transaction() as tx:
             if tx.execute("SELECT 1 FROM adapters WHERE name = ?", (new,)).fetchone():
@@ -686,17 +703,7 @@ class Store:
         with self.transaction() as tx:
             tx.execute("DELETE FROM adapters WHERE name = ?", (name,))
 
-    # -- added for io.py and the tests ---------------------------------------------------
-    def add_prompt(self, text: str, source: str, family: str | None = None) -> tuple[int, bool]:
-        """Return (prompt id, created). An existing prompt keeps its family and source."""
-        text = _clean_text(text, "prompt")
-        with self.transaction() as tx:
-            cur = tx.execute("INSERT OR IGNORE INTO prompts(text, family, source, created_at) "
-                             "VALUES (?, ?, ?, ?)", (text, family, source, _now()))
-            if cur.rowcount:
-                return cur.lastrowid, True
-            return tx.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()[0], False
-
+    # -- for the tests -------------------------------------------------------------------
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every row of every table, in rowid order (tests compare before/after)."""
         names = [r[0] for r in self._read(
@@ -717,17 +724,6 @@ class Store:
                 f"({','.join('?' * len(chunk))}) {extra} GROUP BY prompt_id", [*chunk, *params])
             out.update({r["prompt_id"]: r["n"] for r in rows})
         return out
-
-    def prompts_with_fewer_adapter_responses(self, n: int, adapter: str,
-                                             limit: int | None = None) -> list[dict]:
-        """Prompts with fewer than n responses generated by `adapter` (its backlog)."""
-        sql = ("SELECT p.*, (SELECT COUNT(*) FROM responses r WHERE r.prompt_id = p.id "
-               "AND r.adapter = ?) AS n FROM prompts p WHERE n < ? ORDER BY n, p.id")
-        params: list = [adapter, n]
-        if limit:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return [dict(r) for r in self._read(sql, params)]
 
 
 def text_problem(text, what: str, allow_empty: bool = False,
@@ -784,12 +780,21 @@ def _check_judgment(kind, response_a, response_b, verdict, strength, a_side, ann
         raise StoreError("a judgment needs an annotator name")
 
 
-def _item_keys(kind: str, response_a: int, response_b: int | None, prompt_a: int):
+def item_key(prefix: str, *ids: int) -> str:
+    """The lease or skip key for an item: item_key(PROMPT_KEY, 12) -> "prompt:12"; a cross
+    pair takes both ids. next_prompts_for_pairs and next_responses_for_thumbs build the
+    same text in SQL (`? || p.id`), so a change here is a change there."""
+    return prefix + ":".join(str(int(i)) for i in ids)
+
+
+def judgment_lease_keys(kind: str, response_a: int, response_b: int | None,
+                        prompt_id: int) -> list[str]:
+    """The keys an item of this judgment kind is leased under (`prompt_id`: response_a's)."""
     if kind == "paired":
-        return f"prompt:{prompt_a}", f"prompt:{prompt_a}"
+        return [item_key(PROMPT_KEY, prompt_id)]
     if kind == "cross":
-        return f"cross:{response_a}", f"cross:{response_b}"
-    return f"resp:{response_a}", f"resp:{response_a}"
+        return [item_key(CROSS_KEY, response_a), item_key(CROSS_KEY, response_b)]
+    return [item_key(RESPONSE_KEY, response_a)]
 
 
 def _response_dict(row) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rpo_app import store as store_module
-from rpo_app.store import MIGRATIONS, Store, StoreError
+from rpo_app.store import MIGRATIONS, PROMPT_KEY, RESPONSE_KEY, Store, StoreError, item_key
 
 
 def _two_answers(store, prompt="What is the capital of France?", family="geo"):
@@ -58,15 +58,15 @@ def test_migration_step_keeps_data_and_newer_schema_is_refused(tmp_path, monkeyp
 
 
 def test_prompt_round_trip_and_duplicates(store):
-    added, dups = store.add_prompts(["one?", {"prompt": "two?", "family": "f"}, "one?"], "seed")
-    assert len(added) == 2 and dups == 1
-    p = store.prompt(added[1])
+    ids, n_new = store.add_prompts(["one?", {"prompt": "two?", "family": "f"}, "one?"], "seed")
+    assert n_new == 2 and ids[0] == ids[2] != ids[1]  # one id per item, in order
+    p = store.prompt(ids[1])
     assert (p["text"], p["family"], p["source"]) == ("two?", "f", "seed")
-    assert store.ensure_prompt("one?", "x") == added[0]
+    assert store.add_prompts(["one?"], "x") == ([ids[0]], 0)
     pid, created = store.add_prompt("three?", "ui", "g")
     assert created and store.add_prompt("three?", "other") == (pid, False)
     assert store.prompt(pid)["source"] == "ui"  # the first write wins
-    assert [p["text"] for p in store.prompts(ids=[pid, added[0]])] == ["three?", "one?"]
+    assert [p["text"] for p in store.prompts(ids=[pid, ids[0]])] == ["three?", "one?"]
     assert store.count_prompts() == 3
     with pytest.raises(StoreError, match="empty"):
         store.add_prompt("   ", "ui")
@@ -87,6 +87,10 @@ def test_response_round_trip_with_provenance(store):
     assert store.count_responses() == 3
     assert [p["id"] for p in store.prompts_with_fewer_responses(4)] == [pid]
     assert store.prompts_with_fewer_responses(3) == []
+    # An adapter's backlog counts only its own answers (one here: "Paris.").
+    backlog = store.prompts_with_fewer_responses(2, adapter="ad1")
+    assert [(p["id"], p["n"]) for p in backlog] == [(pid, 1)]
+    assert store.prompts_with_fewer_responses(1, adapter="ad1") == []
 
 
 def test_all_three_judgment_kinds_keep_provenance(store):
@@ -117,7 +121,9 @@ def test_all_three_judgment_kinds_keep_provenance(store):
     assert stats["annotators"] == {"alice": 2, "bob": 1}
     rows = store.training_judgments(kinds=["paired"])
     assert [r["judgment_id"] for r in rows] == [j1]
-    assert rows[0]["prompt_a"] == rows[0]["prompt_b"]
+    assert rows[0]["prompt_a_text"] == rows[0]["prompt_b_text"]
+    # texts, never ids, in the fields training reads
+    assert (rows[0]["response_a_text"], rows[0]["response_b_text"]) == ("Paris.", "Lyon.")
 
 
 def test_undo_and_retract_keep_history(store):
@@ -194,7 +200,7 @@ def test_leases_block_a_second_annotator_until_they_expire(store, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(store_module, "_now", clock)
     pid, a, b = _two_answers(store)
-    key = f"prompt:{pid}"
+    key = item_key(PROMPT_KEY, pid)
     assert store.try_lease(key, "alice", seconds=60)
     assert not store.try_lease(key, "bob")
     assert store.try_lease(key, "alice")  # renewing your own lease is fine
@@ -213,11 +219,11 @@ def test_leases_block_a_second_annotator_until_they_expire(store, monkeypatch):
 
 def test_skips_hide_an_item_from_that_annotator_only(store):
     pid, a, b = _two_answers(store)
-    store.record_skip("alice", f"prompt:{pid}")
-    store.record_skip("alice", f"prompt:{pid}")  # skipping twice is harmless
+    store.record_skip("alice", item_key(PROMPT_KEY, pid))
+    store.record_skip("alice", item_key(PROMPT_KEY, pid))  # skipping twice is harmless
     assert store.next_prompts_for_pairs("alice", 0, 10, unjudged_only=True) == []
     assert [p["id"] for p in store.next_prompts_for_pairs("bob", 0, 10, True)] == [pid]
-    store.record_skip("alice", f"resp:{a}")
+    store.record_skip("alice", item_key(RESPONSE_KEY, a))
     assert [r["id"] for r in store.next_responses_for_thumbs("alice", 0, 10, True)] == [b]
     store.add_judgment("paired", a, b, "tie", "bob")
     assert store.next_prompts_for_pairs("bob", 0, 10, unjudged_only=True) == []
