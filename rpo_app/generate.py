@@ -12,8 +12,13 @@ On a CPU the prompt pass of a padded batch otherwise costs about as much as the
 answers themselves.
 
 Sampling is seeded per row: each answer draws its random numbers from its own
-generator, seeded from (seed, prompt text, sample index). So the same seed gives the
-same answers whatever batch size, batch order or other prompts the run had.
+generator, seeded from (seed, prompt text, sample index), so the draws do not depend on
+the batch size, the batch order or the other prompts of a run. The same seed and
+settings with the same batch size reproduce the same texts on one machine. Across
+batch sizes, prefill paths or machines the floating-point sums of the forward pass may
+round differently (a CPU picks its kernels by shape and instruction set), so a few
+answers can differ there; a repeated answer is caught by its text (the store keeps
+one copy per prompt).
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+
+from rpo_app import chat_template
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +203,19 @@ def _batch_streamer_class():
     return BatchTextStreamer
 
 
+@contextmanager
+def _eval_mode(model):
+    """Dropout off while generating; a model that was training (a trainer's previews)
+    goes back to training mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
 # -- the host ----------------------------------------------------------------------------
 class ModelHost:
     """One base model + tokenizer, with LoRA adapters loaded by name.
@@ -212,6 +232,14 @@ class ModelHost:
 
     @classmethod
     def from_loaded(cls, model, tokenizer, name: str) -> "ModelHost":
+        """A host over a model already in memory, such as the trainer's PeftModel.
+
+        A PeftModel generates as it stands: with its active adapter, or as the base model
+        inside `model.disable_adapter()` (until this host loads adapters of its own,
+        adapter=None means "as it stands"). The model is put in eval mode here, so a
+        trainer calls `model.train()` again before its next step; each generation runs
+        in eval mode and then gives back the mode it found, whatever the caller did.
+        """
         host = cls.__new__(cls)
         host._setup(model, tokenizer, name)
         return host
@@ -227,7 +255,7 @@ class ModelHost:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = tokenizer.pad_token_id
-        self.stop_ids = _stop_token_ids(model, tokenizer)
+        self.stop_ids = chat_template.stop_token_ids(tokenizer, model)
         self._adapter_paths: dict[str, str] = {}
         self.share_prefill = True  # see _shared_prefill; off = plain left padding
 
@@ -237,6 +265,21 @@ class ModelHost:
 
     def adapter_path(self, name: str) -> str | None:
         return self._adapter_paths.get(name)
+
+    def seconds_per_token(self) -> float:
+        """Seconds of one forward pass per token on this machine: timed once, then kept
+        (the Train tab's time estimate)."""
+        cached = getattr(self, "_seconds_per_token", None)
+        if cached is None:
+            import torch
+
+            ids = torch.randint(0, self.tokenizer.vocab_size, (4, 128), device=self.device)
+            with self.lock, torch.inference_mode():
+                self.base(input_ids=ids)  # warm-up: the first pass allocates
+                t0 = time.perf_counter()
+                self.base(input_ids=ids)
+                cached = self._seconds_per_token = (time.perf_counter() - t0) / ids.numel()
+        return cached
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a PEFT LoRA adapter folder under `name` (replacing one of that name)."""
@@ -308,14 +351,10 @@ class ModelHost:
 
     # -- prompts -> token ids ------------------------------------------------------------
     def encode_chat(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if system_prompt and not (msgs and msgs[0]["role"] == "system"):
-            msgs.insert(0, {"role": "system", "content": system_prompt})
-        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_template.chat_ids(self.tokenizer, messages, system_prompt)
 
     def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> list[int]:
-        return self.encode_chat([{"role": "user", "content": prompt}], system_prompt)
+        return chat_template.prompt_ids(self.tokenizer, prompt, system_prompt)
 
     def _pad_left(self, rows: list[list[int]]):
         import torch
@@ -331,7 +370,9 @@ class ModelHost:
     def _forward_kwargs(self) -> dict:
         import inspect
 
-        params = inspect.signature(self.base.forward).parameters
+        # A PeftModel's forward takes **kwargs and hands them to the model it wraps.
+        net = self.base.get_base_model() if hasattr(self.base, "get_base_model") else self.base
+        params = inspect.signature(net.forward).parameters
         return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _shared_prefill(self, rows: list[list[int]]):
@@ -418,7 +459,7 @@ class ModelHost:
                 [_row_sampler(seeds, settings.temperature, settings.top_p)])
         if stopping is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
-        with self._adapter_mode(adapters) as extra, torch.inference_mode():
+        with _eval_mode(self.model), self._adapter_mode(adapters) as extra, torch.inference_mode():
             ids = mask = cache = None
             if not extra and len(rows) > 1 and self.share_prefill:
                 try:
@@ -546,23 +587,6 @@ class ModelHost:
             thread.join(timeout=60)
 
 
-def _stop_token_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                   tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(i) for i in source)
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    if not ids:
-        raise GenerationError("the tokenizer has no end-of-sequence token")
-    return ids
-
-
 # -- writing candidates to the store -----------------------------------------------------
 def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
                         settings: GenSettings | None = None, adapter: str | None = None,
@@ -597,53 +621,28 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
 
 
 # -- CLI -----------------------------------------------------------------------------------
-def _read_prompt_texts(path: Path) -> list[str]:
-    """Prompt texts from TXT (one per line), JSONL/JSON/CSV/Parquet (a 'prompt' column)."""
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".text", ""):
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-    if suffix == ".jsonl":
-        frame = pd.read_json(path, lines=True)
-    elif suffix == ".json":
-        frame = pd.read_json(path)
-    elif suffix == ".csv":
-        frame = pd.read_csv(path)
-    elif suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
-    else:
-        raise ValueError(f"{path}: unknown prompt file type {suffix!r} "
-                         "(use .txt, .jsonl, .json, .csv or .parquet)")
-    for col in ("prompt", "instruction", "question", "text"):
-        if col in frame.columns:
-            break
-    else:
-        raise ValueError(f"{path}: no 'prompt' column (columns: {', '.join(map(str, frame.columns))})")
-    texts = []
-    for i, value in enumerate(frame[col].tolist(), start=1):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{path}: row {i}: the {col!r} value is empty or not text")
-        texts.append(value)
-    return list(dict.fromkeys(texts))
-
-
 def _prompt_ids_from_file(store, path: Path) -> list[int]:
-    if not path.exists():
-        raise ValueError(f"prompt file {path} does not exist")
-    report = None
-    try:
-        from rpo_app.io import import_path  # the shared importer, when present
-    except ImportError:
-        import_path = None
-    if import_path is not None and path.suffix.lower() not in (".txt", ".text", ""):
-        report = import_path(store, path, "generate")
-        ids = getattr(report, "prompt_ids", None)
-        if ids:
-            return list(dict.fromkeys(int(i) for i in ids))
-    texts = _read_prompt_texts(path)
-    return [store.ensure_prompt(t, source=f"file:{path.name}") for t in texts]
+    """Store the prompts of an import file (any shape, or TXT one per line) and return
+    their ids in file order. Only prompts: answering a preference file must not turn
+    its pairs into judgments or its answers into candidates."""
+    from rpo_app.io import read_import_file
+
+    items = read_import_file(path).prompts()
+    return store.add_prompts(items, f"file:{path.name}")[0]  # all of them or none
+
+
+def backlog(store, n: int, limit: int | None = None, adapter: str | None = None,
+            prompt_ids: list[int] | None = None) -> list[tuple[int, int]]:
+    """(prompt id, answers it has) for each prompt with fewer than n answers: the work
+    `top_up` takes. Among `prompt_ids` in their order, else the whole store, fewest
+    first; at most `limit`. With `adapter`, only that adapter's answers count: the
+    iterative loop asks the tuned model for fresh candidates on prompts the base model
+    already answered."""
+    if prompt_ids is None:
+        return [(r["id"], r["n"]) for r in store.prompts_with_fewer_responses(n, limit, adapter)]
+    have = store.response_counts(prompt_ids, adapter=adapter)
+    todo = [(pid, have.get(pid, 0)) for pid in prompt_ids if have.get(pid, 0) < n]
+    return todo[:limit] if limit else todo
 
 
 def top_up(store, host: ModelHost, todo: list[tuple[int, int]], n: int,
@@ -693,19 +692,8 @@ def cli_generate(args) -> int:
         if args.adapter:
             adapter_name, adapter_path = resolve_adapter(store, layout, args.adapter)
 
-        # How many answers each prompt still needs (from this adapter, when one is given).
-        if args.prompts:
-            ids = _prompt_ids_from_file(store, Path(args.prompts))
-            have = store.response_counts(ids, adapter=adapter_name)
-            todo = [(pid, have.get(pid, 0)) for pid in ids if have.get(pid, 0) < args.n]
-            if args.limit:
-                todo = todo[:args.limit]
-        elif adapter_name:
-            todo = [(r["id"], r["n"]) for r in
-                    store.prompts_with_fewer_adapter_responses(args.n, adapter_name, args.limit)]
-        else:
-            todo = [(r["id"], r["n"]) for r in
-                    store.prompts_with_fewer_responses(args.n, args.limit)]
+        ids = _prompt_ids_from_file(store, Path(args.prompts)) if args.prompts else None
+        todo = backlog(store, args.n, args.limit, adapter_name, prompt_ids=ids)
         if not todo:
             print("nothing to do: every selected prompt already has "
                   f"{args.n} answer(s){' from ' + adapter_name if adapter_name else ''}")

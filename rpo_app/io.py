@@ -1,4 +1,4 @@
-"""Import and export of prompts and judgments: JSONL, JSON, CSV and Parquet.
+"""Import and export of prompts and judgments: JSONL, JSON, CSV and Parquet; TXT for prompts.
 
 Import shapes, detected from the columns (a ``family`` column is allowed in all):
 
@@ -13,6 +13,10 @@ chosen, rejected          Anthropic-HH transcripts ("\\n\\nHuman: ..."),    ``pa
 prompt, completion,       text / message lists, ``label`` true or false    ``unpaired`` up/down
 label
 ========================  ===============================================  ==================
+
+A TXT file holds prompts, one per non-empty line (a prompt cannot span lines there).
+``ParsedFile.prompts()`` gives the distinct prompts of a file of any shape: what
+``generate --prompts`` answers, without storing the file's answers or labels.
 
 Rules (documented choices):
 
@@ -63,7 +67,7 @@ log = logging.getLogger(__name__)
 MAX_FIELD_CHARS = MAX_TEXT_CHARS
 MAX_FAMILY_CHARS = 200
 IMPORT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-                     ".parquet": "parquet"}
+                     ".parquet": "parquet", ".txt": "txt"}
 EXPORT_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 EXPORT_FORMATS = ("trl-dpo", "trl-kto", "full")
 MULTI_TURN_POLICIES = ("refuse", "last")
@@ -181,6 +185,14 @@ class ParsedFile:
     shape: str
     records: list[_Record]
 
+    def prompts(self) -> list[dict]:
+        """The distinct prompts, in file order, as {"prompt", "family"} (a prompt's first
+        row gives its family); the answers and labels of the rows are left out."""
+        first: dict[str, str | None] = {}
+        for record in self.records:
+            first.setdefault(record.prompt, record.family)
+        return [{"prompt": text, "family": family} for text, family in first.items()]
+
 
 def _decode(path: Path, data: bytes) -> str:
     try:
@@ -233,7 +245,11 @@ def _read_rows(path: Path) -> tuple[list[_Row], dict[str, str]]:
         raise ImportFileError(f"{path}: the file is empty")
 
     rows: list[_Row] = []
-    if kind == "jsonl":
+    if kind == "txt":
+        text = _decode(path, data)
+        rows = [_Row(f"line {n}", {"prompt": line})
+                for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    elif kind == "jsonl":
         text = _decode(path, data)
         # split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON
         # strings may contain raw.
@@ -605,8 +621,8 @@ def add_prompt_texts(store, text: str, source: str = "ui") -> ImportReport:
         except _RowError as err:
             raise ImportFileError(f"{name}: {where}: {str(err).replace('column ', '')}") from None
     report = ImportReport(file=name, shape="prompts", rows=len(records))
-    added, dups = store.add_prompts([{"prompt": t, "family": f} for t, f in records], source)
-    report.prompts_added, report.prompts_duplicate = len(added), dups
+    ids, n_new = store.add_prompts([{"prompt": t, "family": f} for t, f in records], source)
+    report.prompts_added, report.prompts_duplicate = n_new, len(ids) - n_new
     return report
 
 
@@ -621,9 +637,8 @@ def seed_if_empty(store, path: str | os.PathLike | None = None) -> int:
     parsed = read_import_file(path)
     if parsed.shape != "prompts":
         raise ImportFileError(f"{path}: seed file must hold prompts only, found {parsed.shape}")
-    added, _ = store.add_prompts(
-        [{"prompt": r.prompt, "family": r.family} for r in parsed.records], "seed")
-    return len(added)
+    _, n_new = store.add_prompts(parsed.prompts(), "seed")
+    return n_new
 
 
 # -- export ---------------------------------------------------------------------------

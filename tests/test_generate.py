@@ -1,4 +1,10 @@
-"""Batched generation, seeding, padding correctness, mixed-adapter streaming chat, CLI."""
+"""Batched generation, seeding, padding correctness, mixed-adapter streaming chat, CLI.
+
+No test compares the texts of two different batch shapes or prefill paths: float
+sums depend on the shape (and on the CPU), so those texts may legitimately differ.
+Texts are compared only for the same batch plan; across shapes the tests check the
+exact parts (row seeds, sampler draws) or check, within a float tolerance, that each
+answer is the greedy continuation of its prompt alone."""
 from __future__ import annotations
 
 import os
@@ -12,7 +18,7 @@ import pytest
 from apptools import make_lora_adapter
 from rpo_app.adapters import AdapterError
 from rpo_app.generate import (BASE, GenerationError, GenSettings, ModelHost,
-                              generate_candidates)
+                              generate_candidates, row_seed)
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -23,44 +29,66 @@ PROMPTS = [
 GREEDY = GenSettings(temperature=0, max_new_tokens=16)
 
 
-def _tiny_host(tiny_model_dir) -> ModelHost:
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with untied, larger random weights. With tied embeddings it
+    answers "\n" to every prompt, so a padding, prefill or adapter mix-up would change
+    nothing; this one's greedy answers follow the prompt."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_pretrained(tiny_model_dir)
+    cfg.tie_word_embeddings = False
+    cfg.initializer_range = 0.2
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("lively-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def _tiny_host(model_dir) -> ModelHost:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
     return ModelHost.from_loaded(model, tok, "tiny-llama")
 
 
 @pytest.fixture(scope="module")
-def tiny_host(tiny_model_dir) -> ModelHost:
-    return _tiny_host(tiny_model_dir)
+def tiny_host(model_dir) -> ModelHost:
+    return _tiny_host(model_dir)
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "tuned")
+def tiny_adapter(model_dir, tmp_path_factory) -> Path:
+    return make_lora_adapter(model_dir, tmp_path_factory.mktemp("adapter") / "tuned")
 
 
 @pytest.fixture
-def host_with_adapter(tiny_model_dir, tiny_adapter) -> ModelHost:
-    host = _tiny_host(tiny_model_dir)
+def host_with_adapter(model_dir, tiny_adapter) -> ModelHost:
+    host = _tiny_host(model_dir)
     host.load_adapter("tuned", tiny_adapter)
     return host
 
 
-def _one_by_one_greedy(host: ModelHost, prompt: str, max_new_tokens: int) -> list[int]:
-    """Plain transformers generate on one unpadded prompt."""
+def _assert_greedy_continuation(host: ModelHost, prompt: list[int], new: list[int],
+                                max_new_tokens: int, adapter: str | None = None,
+                                tol: float = 1e-4) -> None:
+    """`new`, generated in a padded batch, is greedy decoding of `prompt` alone up to
+    float rounding: run unpadded with the tokens before it, every token is within `tol`
+    of the best logit, and an answer that ended early ended where a stop token is best."""
     import torch
 
-    ids = torch.tensor([host.encode_prompt(prompt)])
-    with torch.inference_mode():
-        out = host.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  do_sample=False, max_new_tokens=max_new_tokens,
-                                  eos_token_id=sorted(host.stop_ids),
-                                  pad_token_id=host.tokenizer.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
-    cut = next((i for i, t in enumerate(new) if t in host.stop_ids), len(new))
-    return new[:cut]
+    ids = torch.tensor([prompt + new], device=host.device)
+    with host._adapter_mode([adapter]), torch.inference_mode():
+        logits = host.model(input_ids=ids).logits[0, len(prompt) - 1:].float()
+    best = logits.max(-1).values
+    for step, tok in enumerate(new):
+        assert logits[step, tok] >= best[step] - tol, f"token {step} is not the greedy one"
+    if len(new) < max_new_tokens:
+        stop = max(logits[len(new), t] for t in host.stop_ids)
+        assert stop >= best[len(new)] - tol, "the answer stopped where no stop token is best"
 
 
 # -- settings ----------------------------------------------------------------------------
@@ -85,15 +113,68 @@ def test_returns_n_answers_per_prompt_in_order(tiny_host):
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
-def test_same_seed_reproducible_whatever_the_batching(tiny_host):
+def test_same_seed_and_batch_size_reproduce_the_answers(tiny_host):
     s = GenSettings(temperature=1.0, top_p=0.95, max_new_tokens=8, seed=7)
-    a = tiny_host.generate(PROMPTS, n=2, settings=s, batch_size=16)
-    b = tiny_host.generate(PROMPTS, n=2, settings=s, batch_size=16)
-    assert a == b
-    # Each answer has its own seeded generator: batch size and neighbours don't matter.
-    c = tiny_host.generate(PROMPTS, n=2, settings=s, batch_size=4)
-    assert a == c
-    assert tiny_host.generate(PROMPTS[1:2], n=2, settings=s)[0] == a[1]
+    for batch_size in (4, 16):
+        first = tiny_host.generate(PROMPTS, n=2, settings=s, batch_size=batch_size)
+        assert tiny_host.generate(PROMPTS, n=2, settings=s, batch_size=batch_size) == first
+
+
+def test_row_seed_depends_on_seed_prompt_and_index_only():
+    # Pinned: sha256, not Python's per-process hash(), so reruns on any machine draw alike.
+    assert row_seed(0, "Hi.", 0) == 5617831815975402769
+    assert row_seed(7, "Hi.", 1) == 7979349729568600653
+    seeds = {row_seed(s, t, i) for s in (0, 1) for t in ("Hi.", "Hi!") for i in (0, 1)}
+    assert len(seeds) == 8 and all(0 <= x < 2 ** 63 for x in seeds)
+
+
+def test_each_answer_gets_its_row_seed_whatever_the_batching(tiny_host, monkeypatch):
+    """Batch size, batch order and the other prompts of a run do not change which
+    seed an answer's sampler gets."""
+    real, seen = tiny_host._run, []
+
+    def recording(rows, seeds, *args, **kwargs):
+        seen.extend(zip(map(tuple, rows), seeds))
+        return real(rows, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_host, "_run", recording)
+    settings = GenSettings(max_new_tokens=1, seed=7)
+    want = sorted((tuple(tiny_host.encode_prompt(p)), row_seed(7, p, k))
+                  for p in PROMPTS for k in range(2))
+    for batch_size in (1, 4, 16):
+        seen.clear()
+        tiny_host.generate(PROMPTS, n=2, settings=settings, batch_size=batch_size)
+        assert sorted(seen) == want
+    seen.clear()
+    tiny_host.generate(PROMPTS[1:2], n=2, settings=settings)
+    assert sorted(seen) == [w for w in want if w[0] == tuple(tiny_host.encode_prompt(PROMPTS[1]))]
+
+
+def test_row_sampler_draws_do_not_depend_on_the_batch():
+    """Each row samples with its own generator: alone or between other rows, a seed
+    draws the same tokens. Uniform logits over 8 tokens make every probability exactly
+    1/8, so the token follows from the random draw alone, with no rounding involved."""
+    import torch
+
+    from rpo_app.generate import _row_sampler
+
+    vocab = 8
+
+    def draw(seeds: list[int], steps: int = 12) -> list[list[int]]:
+        sampler = _row_sampler(seeds, 0.7, 1.0)
+        rows: list[list[int]] = [[] for _ in seeds]
+        for _ in range(steps):
+            out = sampler(None, torch.zeros(len(seeds), vocab))
+            assert (out == 0).sum(-1).tolist() == [1] * len(seeds)  # one token left per row
+            for row, tok in zip(rows, out.argmax(-1).tolist()):
+                row.append(tok)
+        return rows
+
+    alone = draw([11])[0]
+    assert len(set(alone)) > 1
+    assert draw([5, 11, 9])[1] == alone
+    assert draw([11, 11]) == [alone, alone]
+    assert draw([12])[0] != alone
 
 
 def test_different_seed_gives_different_samples(tiny_host):
@@ -104,27 +185,22 @@ def test_different_seed_gives_different_samples(tiny_host):
     assert any(x != y for x, y in a)
 
 
-def test_greedy_batched_equals_one_at_a_time(tiny_host):
-    """Left padding + attention mask: a padded row decodes like the prompt alone."""
-    batched = tiny_host.generate(PROMPTS, n=1, settings=GREEDY, batch_size=8)
-    for prompt, (text,) in zip(PROMPTS, batched):
-        alone = tiny_host.tokenizer.decode(_one_by_one_greedy(tiny_host, prompt, 16),
-                                           skip_special_tokens=True).strip()
-        assert text == alone
-
-
-def test_shared_prefill_matches_plain_padding(tiny_host):
-    """The prefix-sharing prefill gives the same answers as plain left padding."""
-    sampled = GenSettings(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=3)
-    shared_greedy = tiny_host.generate(PROMPTS, n=2, settings=GREEDY)
-    shared_sampled = tiny_host.generate(PROMPTS, n=2, settings=sampled)
-    tiny_host.share_prefill = False
+@pytest.mark.parametrize("share_prefill", [True, False], ids=["shared-prefill", "plain-padding"])
+def test_greedy_padded_rows_decode_like_each_prompt_alone(tiny_host, share_prefill):
+    """Left padding + attention mask, and the shared prefill (one prefix, each distinct
+    prompt once): every row sees exactly its own prompt."""
+    mixed = [tiny_host.encode_prompt(p) for p in PROMPTS for _ in range(2)]
+    same = [tiny_host.encode_prompt(PROMPTS[0])] * 3  # nothing but the shared prefix differs
+    tiny_host.share_prefill = share_prefill
     try:
-        assert tiny_host.generate(PROMPTS, n=2, settings=GREEDY) == shared_greedy
-        assert tiny_host.generate(PROMPTS, n=2, settings=sampled) == shared_sampled
+        for rows in (mixed, same):
+            with tiny_host.lock:
+                new = tiny_host._run(rows, [0] * len(rows), GREEDY, [None] * len(rows))
+            assert tiny_host.share_prefill is share_prefill  # no silent fallback
+            for prompt, toks in zip(rows, new):
+                _assert_greedy_continuation(tiny_host, prompt, toks, GREEDY.max_new_tokens)
     finally:
         tiny_host.share_prefill = True
-    assert all(a == b for a, b in shared_greedy)  # greedy: both samples are the same
 
 
 def test_system_prompt_changes_the_input(tiny_host):
@@ -138,13 +214,14 @@ def test_system_prompt_changes_the_input(tiny_host):
 def test_greedy_padding_on_default_model(default_model_dir):
     host = ModelHost(str(default_model_dir), data_dir=default_model_dir.parent.parent,
                      device="cpu")
-    prompts = PROMPTS[:2]  # a short and a long one: the short row is padded
-    batched = host.generate(prompts, n=1, settings=GenSettings(temperature=0, max_new_tokens=16))
-    for prompt, (text,) in zip(prompts, batched):
-        alone = _one_by_one_greedy(host, prompt, 16)
-        batched_ids = host.tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert batched_ids[:16] == alone[:16], prompt
-        assert text  # the real model says something
+    rows = [host.encode_prompt(p) for p in PROMPTS[:2]]  # a short and a long one: padding
+    settings = GenSettings(temperature=0, max_new_tokens=16)
+    for share_prefill in (True, False):
+        host.share_prefill = share_prefill
+        new = host._run(rows, [0, 0], settings, [None, None])
+        for prompt, toks in zip(rows, new):
+            assert toks  # the real model says something
+            _assert_greedy_continuation(host, prompt, toks, 16, tol=1e-3)
 
 
 # -- writing to the store ------------------------------------------------------------------
@@ -165,8 +242,8 @@ def test_generate_candidates_writes_with_provenance(store, tiny_host):
             assert r["source"] == "model" and r["model"] == "tiny-llama"
             assert r["adapter"] is None
             assert r["gen_settings"] == settings.to_dict()
-    # Same seed again: the same texts, so nothing new is stored.
-    again = generate_candidates(store, tiny_host, ids, n=2, settings=settings)
+    # Same seed and batch size again: the same texts, so nothing new is stored.
+    again = generate_candidates(store, tiny_host, ids, n=2, settings=settings, batch_size=4)
     assert again["new"] == 0 and again["duplicates"] == 6
 
 
@@ -199,8 +276,8 @@ def test_batches_are_stored_as_they_finish(store, tiny_host, monkeypatch):
 
 
 # -- adapters on the host ------------------------------------------------------------------
-def test_adapter_changes_output_and_unloads(tiny_model_dir, tiny_adapter):
-    host = _tiny_host(tiny_model_dir)
+def test_adapter_changes_output_and_unloads(model_dir, tiny_adapter):
+    host = _tiny_host(model_dir)
     before = host.generate(PROMPTS, settings=GREEDY)
     host.load_adapter("tuned", tiny_adapter)
     host.load_adapter("tuned2", tiny_adapter)
@@ -235,6 +312,41 @@ def test_load_adapter_refuses_bad_folders(tiny_host, tiny_adapter, tmp_path):
     assert tiny_host.adapter_names() == []
 
 
+def test_host_over_a_model_in_training_generates_with_its_active_adapter(model_dir, tmp_path):
+    """The trainer's previews: a host over the PeftModel being trained generates with the
+    active adapter, and as the base model inside disable_adapter(); training goes on."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lora = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.5, init_lora_weights=False,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    net.train()
+    host = ModelHost.from_loaded(net, AutoTokenizer.from_pretrained(model_dir), "training")
+    assert not net.training  # documented: the trainer calls train() again itself
+    settings = GenSettings(temperature=0, max_new_tokens=8)
+    tuned = host.generate(PROMPTS, settings=settings, batch_size=2)
+    with net.disable_adapter():
+        base = host.generate(PROMPTS, settings=settings, batch_size=2)
+    assert host.share_prefill  # the shared prefill ran on the PeftModel, no fallback
+    plain = _tiny_host(model_dir)  # same weights, same batch plan
+    assert base == plain.generate(PROMPTS, settings=settings, batch_size=2)
+    net.save_pretrained(tmp_path / "adapter")
+    plain.load_adapter("trained", tmp_path / "adapter")
+    assert tuned == plain.generate(PROMPTS, settings=settings, adapter="trained", batch_size=2)
+    assert tuned != base
+    # Back in training mode (LoRA dropout on), generation still runs without dropout
+    # and hands the mode back; gradients then reach the LoRA weights.
+    net.train()
+    assert host.generate(PROMPTS, settings=settings, batch_size=2) == tuned
+    assert net.training
+    ids = torch.tensor([host.encode_prompt(PROMPTS[1])])
+    net(input_ids=ids, labels=ids).loss.backward()
+    grads = [w.grad for name, w in net.named_parameters() if "lora_" in name]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 # -- streaming chat ------------------------------------------------------------------------
 def test_chat_stream_mixed_adapters_in_one_batch(host_with_adapter):
     host = host_with_adapter
@@ -244,12 +356,13 @@ def test_chat_stream_mixed_adapters_in_one_batch(host_with_adapter):
     updates = list(host.chat_stream(convs, [None, "tuned", "tuned"], GREEDY))
     assert len(updates) > 1 and all(len(u) == 3 for u in updates)
     final = updates[-1]
-    base_alone = host.generate([PROMPTS[0]], settings=GREEDY, adapter=None)[0][0]
-    tuned_alone = host.generate([PROMPTS[1]], settings=GREEDY, adapter="tuned")[0][0]
-    tuned_same = host.generate([PROMPTS[0]], settings=GREEDY, adapter="tuned")[0][0]
-    assert final[0] == base_alone
-    assert final[1] == tuned_alone
-    assert final[2] == tuned_same
+    adapters = [None, "tuned", "tuned"]
+    rows = [host.encode_chat(c) for c in convs]
+    with host.lock:  # the same batch, not streamed
+        new = host._run(rows, [0] * 3, GREEDY, adapters)
+    assert final == [host.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+    for prompt, toks, adapter in zip(rows, new, adapters):  # each row on its own adapter
+        _assert_greedy_continuation(host, prompt, toks, GREEDY.max_new_tokens, adapter)
     assert final[0] != final[2]  # same prompt, base row vs adapter row differ
 
 
@@ -257,7 +370,7 @@ def test_chat_stream_all_base_and_reader_leaving_early(host_with_adapter):
     host = host_with_adapter
     conv = [[{"role": "user", "content": "Hello"}]]
     final = list(host.chat_stream(conv * 2, [None, None], GREEDY))[-1]
-    assert final[0] == final[1] == host.generate(["Hello"], settings=GREEDY)[0][0]
+    assert final == [a for (a,) in host.generate(["Hello"] * 2, settings=GREEDY, batch_size=2)]
     stream = host.chat_stream(conv, ["tuned"], GenSettings(temperature=0, max_new_tokens=200))
     next(stream)
     stream.close()  # the reader goes away: generation stops and the model is free
@@ -302,7 +415,7 @@ def test_cli_generate_default_model(linked_data_dir):
     assert "generated 6 answers" in proc.stdout
 
 
-def test_cli_generate_prompts_file_and_adapter(tiny_model_dir, tiny_adapter, data_dir):
+def test_cli_generate_prompts_file_and_adapter(model_dir, tiny_adapter, data_dir):
     """--prompts FILE with a tiny model and a registered adapter; a rerun tops up only."""
     import shutil
 
@@ -313,7 +426,7 @@ def test_cli_generate_prompts_file_and_adapter(tiny_model_dir, tiny_adapter, dat
     prompts = data_dir.parent / "p.txt"
     prompts.write_text("First prompt\n\nSecond prompt\n")
     args = ["--prompts", str(prompts), "--n", "1", "--max-new-tokens", "4", "--adapter", "tuned",
-            "--model", str(tiny_model_dir), "--data-dir", str(data_dir)]
+            "--model", str(model_dir), "--data-dir", str(data_dir)]
     proc = _run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     s = Store(data_dir)
@@ -321,9 +434,39 @@ def test_cli_generate_prompts_file_and_adapter(tiny_model_dir, tiny_adapter, dat
     assert set(texts) == {"First prompt", "Second prompt"}
     rows = [r for pid in texts.values() for r in s.responses_for_prompt(pid)]
     assert len(rows) == 2 and {r["adapter"] for r in rows} == {"tuned"}
-    assert {r["model"] for r in rows} == {str(tiny_model_dir)}
+    assert {r["model"] for r in rows} == {str(model_dir)}
     proc = _run_cli(*args)
     assert proc.returncode == 0 and "nothing to do" in proc.stdout
+
+
+def test_cli_generate_uses_only_the_prompts_of_a_preference_file(model_dir, data_dir, tmp_path,
+                                                                 capsys):
+    """A TRL preference file given to `generate --prompts` supplies prompts, nothing
+    else: its chosen/rejected answers are neither stored nor turned into judgments."""
+    import json
+
+    from rpo_app.cli import main
+    from rpo_app.store import Store
+
+    rows = [{"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Seven."},
+            {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Carrot."},
+            {"prompt": "Name a fruit.", "chosen": "Pear.", "rejected": "Blue."}]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main(["generate", "--n", "1", "--prompts", str(prefs), "--max-new-tokens", "4",
+                 "--model", str(model_dir), "--data-dir", str(data_dir)]) == 0, \
+        capsys.readouterr().err
+    s = Store(data_dir)
+    try:
+        assert s.count_judgments(include_retracted=True) == 0
+        prompts = {p["text"]: p["id"] for p in s.prompts()}
+        assert set(prompts) == {"Name a fruit.", "Name a colour."}
+        stored = [r for pid in prompts.values() for r in s.responses_for_prompt(pid)]
+        assert len(stored) == 2  # one generated answer per prompt, no file answers
+        assert {r["source"] for r in stored} == {"model"}
+        assert {r["prompt_id"] for r in stored} == set(prompts.values())
+    finally:
+        s.close()
 
 
 def test_cli_generate_refuses_bad_adapter(data_dir, capsys):
@@ -348,10 +491,11 @@ def test_top_up_continues_samples_and_counts_per_adapter(store, host_with_adapte
     # One prompt already has a tuned answer: it gets one more, the others two.
     adapter = host_with_adapter.adapter_names()[0]
     top_up(store, host_with_adapter, [(ids[0], 0)], 1, settings, adapter=adapter)
-    todo = [(r["id"], r["n"]) for r in store.prompts_with_fewer_adapter_responses(2, adapter)]
+    todo = [(r["id"], r["n"]) for r in store.prompts_with_fewer_responses(2, adapter=adapter)]
     assert sorted(todo) == sorted([(ids[0], 1), (ids[1], 0), (ids[2], 0)])
     seen = []
     tuned = top_up(store, host_with_adapter, todo, 2, settings, adapter=adapter,
                    progress=lambda done, total: seen.append((done, total)))
     assert tuned["generated"] == 5 and seen[-1] == (5, 5)
     assert store.response_counts(ids, adapter=adapter) == {pid: 2 for pid in ids}
+

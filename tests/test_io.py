@@ -141,6 +141,35 @@ def test_import_anthropic_hh_transcripts(store, tmp_path, fmt):
                               ("Hi!", "Hello, how can I help?", "What?", "a")]
 
 
+def test_import_txt_one_prompt_per_line(store, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffHow do I boil an egg?\r\n\n  Tell me a joke.  \nHow do I boil an egg?\n"
+                     .encode("utf-8"))
+    report = import_path(store, path)
+    assert (report.shape, report.rows) == ("prompts", 3)
+    assert (report.prompts_added, report.prompts_duplicate) == (2, 1)
+    assert [p["text"] for p in store.prompts()] == ["How do I boil an egg?", "Tell me a joke."]
+
+
+def test_prompts_of_a_file_of_every_shape(tmp_path):
+    """What `generate --prompts` answers: each distinct prompt once, in file order, with
+    the family of its first row; no answers or labels."""
+    cases = {
+        "preference": (PAIRS, ["What is 2+2?", "Name a colour."]),
+        "unpaired": ([{"prompt": "Say hi.", "completion": "Hi!", "label": True, "family": "greet"},
+                      {"prompt": "Say hi.", "completion": "No.", "label": False}], ["Say hi."]),
+        "implicit-preference": ([{"chosen": hh("What is 2+2?", "4"), "rejected": hh("What is 2+2?", "5")}],
+                                ["What is 2+2?"]),
+        "prompts": ([{"prompt": "B?", "family": "x"}, {"prompt": "A?"}], ["B?", "A?"]),
+    }
+    for shape, (rows, want) in cases.items():
+        parsed = rio.read_import_file(write(tmp_path / shape, rows, "jsonl"))
+        assert parsed.shape == shape
+        assert [p["prompt"] for p in parsed.prompts()] == want, shape
+    families = rio.read_import_file(write(tmp_path / "fam", cases["unpaired"][0], "jsonl")).prompts()
+    assert families == [{"prompt": "Say hi.", "family": "greet"}]
+
+
 def test_multi_turn_is_refused_by_default_and_last_turn_on_request(store, tmp_path):
     rows = [{"chosen": hh("Hi", "Hello!", "What is 2+2?", "4"),
              "rejected": hh("Hi", "Hello!", "What is 2+2?", "22")}]
@@ -232,7 +261,9 @@ BAD_FILES = {
     "blank-file": ("bad.csv", b"\n  \n", ["bad.csv", "empty"]),
     "empty-array": ("bad.json", b"[]", ["bad.json", "no data rows"]),
     "header-only-csv": ("bad.csv", b"prompt,chosen,rejected\n", ["bad.csv", "no data rows"]),
-    "unknown-extension": ("bad.txt", b"hello\n", ["bad.txt", "unknown file type '.txt'"]),
+    "unknown-extension": ("bad.xml", b"hello\n", ["bad.xml", "unknown file type '.xml'"]),
+    "txt-control-char": ("bad.txt", b"fine\n\nbell \x07 here\n",
+                         ["bad.txt", "line 3", "control character U+0007"]),
     "no-extension": ("bad", b"hello\n", ["bad", "unknown file type"]),
     "csv-ragged": ("bad.csv", b"prompt,chosen,rejected\na,b,c\nd,e,f,g\n",
                    ["bad.csv", "malformed CSV", "line 3"]),
