@@ -1,6 +1,7 @@
 """Judgments -> tokenized preference data and length-grouped batches.
 
-Which judgments each loss trains on (ties never carry a preference and are skipped):
+Which judgments each loss trains on (the losses' ``trains_on`` and ``kinds`` in
+rpo_app.loss_registry; ties never carry a preference and are skipped):
 
 | judgment (kind / verdict)      | rpo-paired        | dpo, ipo          | rpo-unpaired, kto               |
 | ------------------------------ | ----------------- | ----------------- | ------------------------------- |
@@ -28,13 +29,14 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from rpo_app.chat_template import end_of_turn_id, prompt_ids, response_ids
+from rpo_app.loss_registry import LossSpec, get_loss
+
 KINDS = ("paired", "cross", "unpaired")
-LOSSES = ("rpo-paired", "rpo-unpaired", "dpo", "ipo", "kto")
-WEIGHTINGS = ("embedding", "uniform", "diagonal")
-# Losses that contrast aligned (chosen[i], rejected[i]) pairs; the others take two
-# independent pools of chosen and rejected items.
-PAIR_LOSSES = ("rpo-paired", "dpo", "ipo")
-POOL_LOSSES = ("rpo-unpaired", "kto")
+# A judgment as training reads it (Store.training_judgments, the run's judgments.jsonl
+# and a --judgments file): texts in *_text fields; prompt_b_text/response_b_text are
+# empty for thumbs, and prompt_b_text may be empty for a same-prompt pair.
+JUDGMENT_FIELDS = ("kind", "verdict", "prompt_a_text", "response_a_text")
 # Consecutive batches drawn from one chunk of this many batches are length-sorted;
 # bigger chunks pad less but make batch composition less random.
 GROUP_BATCHES = 16
@@ -68,11 +70,11 @@ def filter_judgments(judgments: Iterable[dict], kinds: Sequence[str] | None = No
 
 
 def _sides(j: dict) -> tuple[Item, Item | None]:
-    a = Item(j["prompt_a"], j["response_a"])
+    a = Item(j["prompt_a_text"], j["response_a_text"])
     if j["kind"] == "unpaired":
         return a, None
     # A paired judgment may leave prompt_b empty: both answers share prompt_a.
-    return a, Item(j.get("prompt_b") or j["prompt_a"], j["response_b"])
+    return a, Item(j.get("prompt_b_text") or j["prompt_a_text"], j["response_b_text"])
 
 
 def judgment_pairs(judgments: Iterable[dict], kinds: Sequence[str] = ("paired", "cross")) -> list[Pair]:
@@ -107,19 +109,17 @@ def judgment_pools(judgments: Iterable[dict]) -> tuple[list[Item], list[Item]]:
     return chosen, rejected
 
 
-def pair_kinds_for(loss: str) -> tuple[str, ...]:
-    """Which judgment kinds become training pairs for a pair loss."""
-    return ("paired", "cross") if loss == "rpo-paired" else ("paired",)
+def _spec(loss: "str | LossSpec") -> "LossSpec":
+    return get_loss(loss) if isinstance(loss, str) else loss
 
 
-def count_examples(judgments: list[dict], loss: str) -> tuple[int, int]:
+def count_examples(judgments: list[dict], loss: "str | LossSpec") -> tuple[int, int]:
     """(chosen, rejected) example counts the loss would train on; pair losses give (n, n)."""
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if loss in POOL_LOSSES:
-        chosen, rejected = judgment_pools(judgments)
+    spec = _spec(loss)
+    if spec.pools:
+        chosen, rejected = judgment_pools(j for j in judgments if j["kind"] in spec.kinds)
         return len(chosen), len(rejected)
-    n = len(judgment_pairs(judgments, pair_kinds_for(loss)))
+    n = len(judgment_pairs(judgments, spec.kinds))
     return n, n
 
 
@@ -146,13 +146,13 @@ def split_judgments(judgments: list[dict], eval_fraction: float, seed: int) -> t
         return x
 
     for j in judgments:
-        ra = find(j["prompt_a"])
-        if j.get("prompt_b"):
-            rb = find(j["prompt_b"])
+        ra = find(j["prompt_a_text"])
+        if j.get("prompt_b_text"):
+            rb = find(j["prompt_b_text"])
             parent[rb] = ra
     members: dict[str, list[int]] = {}
     for idx, j in enumerate(judgments):
-        members.setdefault(find(j["prompt_a"]), []).append(idx)
+        members.setdefault(find(j["prompt_a_text"]), []).append(idx)
     components = sorted(members.values())  # sorted: the seed alone fixes the order
     random.Random(seed).shuffle(components)
     target = max(1, int(round(eval_fraction * len(judgments))))
@@ -172,38 +172,6 @@ def split_judgments(judgments: list[dict], eval_fraction: float, seed: int) -> t
 
 
 # --- tokenization ----------------------------------------------------------------------
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token the chat template closes an assistant turn with.
-
-    Llama-3-style templates end a turn with a token that is not ``eos`` (<|eot_id|>);
-    a model trained to end with eos would never stop in chat. Render a one-turn chat
-    and take the special token right after the answer; fall back to eos.
-    """
-    marker = "Zq7"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
-    pos = text.rfind(marker)
-    if pos >= 0:
-        tail = tokenizer(text[pos + len(marker):], add_special_tokens=False)["input_ids"]
-        if tail and (tail[0] in set(tokenizer.all_special_ids) or tail[0] == tokenizer.eos_token_id):
-            return int(tail[0])
-    if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has no eos token and its chat template shows no end-of-turn token")
-    return int(tokenizer.eos_token_id)
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt as a user turn plus the assistant header, in the model's template."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    # The template already wrote any BOS; do not let the tokenizer add a second.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def response_ids(tokenizer, response: str, eot_id: int) -> list[int]:
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [eot_id]
-
 
 def truncate(prompt: list[int], response: list[int], max_length: int,
              max_prompt_length: int) -> tuple[list[int], list[int]]:
@@ -268,7 +236,7 @@ class Encoder:
         return Seq(tuple(prompt + response), len(prompt), prompt_idx)
 
 
-def build_data(judgments: list[dict], encoder: Encoder, loss: str, *,
+def build_data(judgments: list[dict], encoder: Encoder, loss: "str | LossSpec", *,
                for_eval: bool = False) -> PreferenceData:
     """Tokenize what ``loss`` trains on; for the eval split also every pair (for accuracy)."""
     data = PreferenceData()
@@ -285,12 +253,12 @@ def build_data(judgments: list[dict], encoder: Encoder, loss: str, *,
             data.items.append(item)
         return seq_index[item]
 
-    pool_loss = loss in POOL_LOSSES
-    if not pool_loss or for_eval:
-        kinds = ("paired", "cross") if for_eval else pair_kinds_for(loss)
+    spec = _spec(loss)
+    if not spec.pools or for_eval:
+        kinds = ("paired", "cross") if for_eval else spec.kinds
         data.pairs = [(add(p.chosen), add(p.rejected)) for p in judgment_pairs(judgments, kinds)]
-    if pool_loss:
-        chosen, rejected = judgment_pools(judgments)
+    if spec.pools:
+        chosen, rejected = judgment_pools(j for j in judgments if j["kind"] in spec.kinds)
         data.chosen = [add(i) for i in chosen]
         data.rejected = [add(i) for i in rejected]
     return data

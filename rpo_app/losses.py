@@ -7,69 +7,40 @@ the policy and under the frozen reference, and returns a scalar to minimise.
 Relative Preference Optimization (RPO, arXiv 2402.10958) contrasts every chosen
 item with every rejected item of the batch, weighting each contrast by how similar
 the two prompts are; see ``rpo_loss``. DPO, IPO and KTO are here as baselines.
+Which loss trains on what, and its defaults, is in ``rpo_app.loss_registry``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-# The names live in torch-free batches.py so the CLI can list them without importing torch.
-from rpo_app.batches import LOSSES, PAIR_LOSSES, POOL_LOSSES, WEIGHTINGS  # noqa: F401 - re-exported
+from rpo_app.loss_registry import WEIGHTINGS
 
-DIAGONAL_WEIGHT = 0.8  # the paper's RPO-Diagonal ablation
+DIAGONAL_WEIGHT = 0.8  # the reference code's RPODiagonalTrainer
 
 
 def rpo_weights(
-    chosen_prompt_emb: torch.Tensor | None,
-    rejected_prompt_emb: torch.Tensor | None,
+    chosen_prompt_emb: torch.Tensor,
+    rejected_prompt_emb: torch.Tensor,
     temperature: float = 0.5,
-    weighting: str = "embedding",
     *,
-    shape: tuple[int, int] | None = None,
-    diagonal_weight: float = DIAGONAL_WEIGHT,
     dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The M x N contrast weights; each row sums to 1; never carries a gradient.
+    """The M x N embedding weights: softmax over j of cos(e_i, e_j') / temperature.
 
-    ``embedding``: softmax over j of cos(e_i, e_j') / temperature.
-    ``uniform``: 1/N everywhere (every contrast counts the same).
-    ``diagonal``: ``diagonal_weight`` on the aligned pair, the rest spread evenly over
-    the row (needs M == N; with N == 1 the single weight is 1).
-    ``shape`` gives (M, N) when the embeddings are not needed (uniform, diagonal).
-    ``dtype``: at least float32, also when the log-probs come in bf16.
-    ``device``: where uniform/diagonal weights go (default: the embeddings' device, else CPU).
+    Each row sums to 1; never carries a gradient. ``dtype``: at least float32, also
+    when the log-probs come in bf16.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-    if weighting == "embedding":
-        if chosen_prompt_emb is None or rejected_prompt_emb is None:
-            raise ValueError("embedding weighting needs chosen and rejected prompt embeddings")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        # Weights are a fixed property of the prompts: the policy must not learn by
-        # moving them, and the embedder is not being trained.
-        with torch.no_grad():
-            a = F.normalize(chosen_prompt_emb.detach().to(dtype), dim=-1)
-            b = F.normalize(rejected_prompt_emb.detach().to(dtype), dim=-1)
-            return torch.softmax(a @ b.T / temperature, dim=1)
-    if shape is None:
-        if chosen_prompt_emb is None or rejected_prompt_emb is None:
-            raise ValueError("give shape=(M, N) or the prompt embeddings")
-        shape = (chosen_prompt_emb.shape[0], rejected_prompt_emb.shape[0])
-    m, n = shape
-    if device is None and chosen_prompt_emb is not None:
-        device = chosen_prompt_emb.device
-    if weighting == "uniform":
-        return torch.full((m, n), 1.0 / n, device=device, dtype=dtype)
-    if m != n:
-        raise ValueError(f"diagonal weighting needs as many chosen as rejected items, got {m} and {n}")
-    if n == 1:
-        return torch.ones((1, 1), device=device, dtype=dtype)
-    off = (1.0 - diagonal_weight) / (n - 1)
-    w = torch.full((n, n), off, device=device, dtype=dtype)
-    w.fill_diagonal_(diagonal_weight)
-    return w
+    if chosen_prompt_emb is None or rejected_prompt_emb is None:
+        raise ValueError("embedding weighting needs chosen and rejected prompt embeddings")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # Weights are a fixed property of the prompts: the policy must not learn by
+    # moving them, and the embedder is not being trained.
+    with torch.no_grad():
+        a = F.normalize(chosen_prompt_emb.detach().to(dtype), dim=-1)
+        b = F.normalize(rejected_prompt_emb.detach().to(dtype), dim=-1)
+        return torch.softmax(a @ b.T / temperature, dim=1)
 
 
 def rpo_loss(
@@ -77,29 +48,53 @@ def rpo_loss(
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
-    chosen_prompt_emb: torch.Tensor | None,
-    rejected_prompt_emb: torch.Tensor | None,
-    beta: float = 0.1,
-    temperature: float = 0.5,
     *,
+    beta: float = 1.0,
+    chosen_prompt_emb: torch.Tensor | None = None,
+    rejected_prompt_emb: torch.Tensor | None = None,
+    temperature: float = 0.5,
     weighting: str = "embedding",
     diagonal_weight: float = DIAGONAL_WEIGHT,
 ) -> torch.Tensor:
     """Relative Preference Optimization loss over M chosen and N rejected items.
 
-    Delta[i, j] = r_chosen[i] - r_rejected[j];
-    loss = mean_ij -logsigmoid(beta * w[i, j] * Delta[i, j]), with w from ``rpo_weights``.
+    D[i, j] = r_chosen[i] - r_rejected[j], with r = policy - ref log-probs.
+
+    ``embedding`` (RPO): mean_ij -logsigmoid(beta * w[i, j] * D[i, j]), w from ``rpo_weights``.
+    ``uniform`` (the reference's RPOTrainer without embeddings): every w = 1, i.e.
+    mean_ij -logsigmoid(beta * D[i, j]): all-pairs DPO.
+    ``diagonal`` (the reference's RPODiagonalTrainer; needs M == N): per row
+    0.8 * -logsigmoid(beta * D[i, i]) + 0.2 * mean_{j != i} -logsigmoid(beta * D[i, j]),
+    averaged over rows; the weight is outside the sigmoid. With one pair: DPO.
+    ``flat`` (ours): every w = 1/N inside the sigmoid, the limit of ``embedding`` as
+    the temperature grows, so it isolates what prompt similarity adds at the same scale.
+
     Paired RPO passes aligned lists (the diagonal holds the DPO pairs); unpaired RPO
     passes any two pools.
     """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     chosen_r = policy_chosen_logps - ref_chosen_logps
     rejected_r = policy_rejected_logps - ref_rejected_logps
     delta = chosen_r[:, None] - rejected_r[None, :]
     dtype = torch.promote_types(delta.dtype, torch.float32)
-    w = rpo_weights(chosen_prompt_emb, rejected_prompt_emb, temperature, weighting,
-                    shape=tuple(delta.shape), diagonal_weight=diagonal_weight, dtype=dtype,
-                    device=delta.device)
-    return -F.logsigmoid(beta * w * delta.to(dtype)).mean()
+    delta = delta.to(dtype)
+    m, n = delta.shape
+    if weighting == "embedding":
+        w = rpo_weights(chosen_prompt_emb, rejected_prompt_emb, temperature, dtype=dtype)
+        return -F.logsigmoid(beta * w * delta).mean()
+    if weighting == "uniform":
+        return -F.logsigmoid(beta * delta).mean()
+    if weighting == "flat":
+        return -F.logsigmoid(beta * delta / n).mean()
+    if m != n:
+        raise ValueError(f"diagonal weighting needs as many chosen as rejected items, got {m} and {n}")
+    cell = -F.logsigmoid(beta * delta)
+    on = cell.diagonal()
+    if n == 1:
+        return on.mean()
+    off = (cell.sum(dim=1) - on) / (n - 1)
+    return (diagonal_weight * on + (1.0 - diagonal_weight) * off).mean()
 
 
 def dpo_loss(
@@ -163,33 +158,6 @@ def kto_loss(
     return losses.mean()
 
 
-def preference_loss(
-    loss: str,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    chosen_prompt_emb: torch.Tensor | None = None,
-    rejected_prompt_emb: torch.Tensor | None = None,
-    *,
-    beta: float = 0.1,
-    temperature: float = 0.5,
-    weighting: str = "embedding",
-) -> torch.Tensor:
-    """Dispatch by the loss name the trainer was configured with."""
-    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    if loss in ("rpo-paired", "rpo-unpaired"):
-        return rpo_loss(*logps, chosen_prompt_emb, rejected_prompt_emb, beta, temperature,
-                        weighting=weighting)
-    if loss == "dpo":
-        return dpo_loss(*logps, beta=beta)
-    if loss == "ipo":
-        return ipo_loss(*logps, beta=beta)
-    if loss == "kto":
-        return kto_loss(*logps, beta=beta)
-    raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-
-
 def preference_metrics(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -212,8 +180,8 @@ def preference_metrics(
         else:
             diff = (chosen[:, None] - rejected[None, :]).flatten()
         return {
-            "rewards/chosen": chosen.mean().item() if chosen.numel() else 0.0,
-            "rewards/rejected": rejected.mean().item() if rejected.numel() else 0.0,
+            "rewards_chosen": chosen.mean().item() if chosen.numel() else 0.0,
+            "rewards_rejected": rejected.mean().item() if rejected.numel() else 0.0,
             "margin": diff.mean().item() if diff.numel() else 0.0,
             "accuracy": (diff > 0).float().mean().item() if diff.numel() else 0.0,
         }

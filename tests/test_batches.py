@@ -6,15 +6,16 @@ import random
 import pytest
 
 from rpo_app.batches import (BatchPlan, Encoder, Item, PreferenceData, Seq, build_data, collate, count_examples,
-                             end_of_turn_id, eval_batches, filter_judgments, judgment_pairs, judgment_pools,
+                             eval_batches, filter_judgments, judgment_pairs, judgment_pools,
                              length_grouped, split_judgments, truncate)
+from rpo_app.chat_template import end_of_turn_id
 
 
 def judgment(jid, kind, verdict, pa, ra, pb=None, rb=None, annotator="ann"):
     if kind == "paired":
         pb = pa
     return {"judgment_id": jid, "kind": kind, "verdict": verdict, "strength": None, "annotator": annotator,
-            "prompt_a": pa, "response_a": ra, "prompt_b": pb, "response_b": rb,
+            "prompt_a_text": pa, "response_a_text": ra, "prompt_b_text": pb, "response_b_text": rb,
             "prompt_a_id": jid, "prompt_b_id": None}
 
 
@@ -80,7 +81,7 @@ def many_judgments(n_prompts=40, per_prompt=3, n_cross=10, seed=0):
 
 
 def prompts_of(rows):
-    return {j["prompt_a"] for j in rows} | {j["prompt_b"] for j in rows if j["prompt_b"]}
+    return {j["prompt_a_text"] for j in rows} | {j["prompt_b_text"] for j in rows if j["prompt_b_text"]}
 
 
 def test_split_is_by_prompt_and_deterministic():

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rpo_app.losses import (dpo_loss, ipo_loss, kto_loss, preference_loss, preference_metrics, rpo_loss,
-                            rpo_weights)
+from rpo_app.loss_registry import LOSSES, WEIGHTINGS, get_loss
+from rpo_app.losses import dpo_loss, ipo_loss, kto_loss, preference_metrics, rpo_loss, rpo_weights
 
 
 def nls(x: float) -> float:
@@ -41,15 +41,17 @@ def test_rpo_loss_hand_worked_unequal_m_n():
             w = math.exp(cos[i][j] / tau) / z
             expected += nls(beta * w * (rc[i] - rr[j]))
     expected /= 6
-    loss = rpo_loss(t(rc), t(rr), t([0.0, 0.0]), t([0.0, 0.0, 0.0]), chosen_emb, rejected_emb, beta, tau)
+    loss = rpo_loss(t(rc), t(rr), t([0.0, 0.0]), t([0.0, 0.0, 0.0]), chosen_prompt_emb=chosen_emb,
+                    rejected_prompt_emb=rejected_emb, beta=beta, temperature=tau)
     assert loss.item() == pytest.approx(expected, abs=1e-9)
 
 
 def test_rpo_contract_is_positional_and_uses_log_ratios():
     # Same rewards reached through different policy/ref splits give the same loss.
     emb = torch.eye(3, dtype=torch.float64)
-    a = rpo_loss(t([1.0, 2, 3]), t([0.0, 0, 0]), t([0.0, 0, 0]), t([0.0, 0, 0]), emb, emb, 0.1, 0.5)
-    b = rpo_loss(t([-4.0, -3, -2]), t([-7.0, -1, -2]), t([-5.0, -5, -5]), t([-7.0, -1, -2]), emb, emb, 0.1, 0.5)
+    kw = dict(chosen_prompt_emb=emb, rejected_prompt_emb=emb, beta=0.1, temperature=0.5)
+    a = rpo_loss(t([1.0, 2, 3]), t([0.0, 0, 0]), t([0.0, 0, 0]), t([0.0, 0, 0]), **kw)
+    b = rpo_loss(t([-4.0, -3, -2]), t([-7.0, -1, -2]), t([-5.0, -5, -5]), t([-7.0, -1, -2]), **kw)
     assert a.item() == pytest.approx(b.item(), abs=1e-12)
 
 
@@ -58,7 +60,8 @@ def test_rpo_tends_to_dpo_over_n_with_tiny_temperature(n):
     g = torch.Generator().manual_seed(n)
     pc, pr, rc, rr = (torch.randn(n, generator=g, dtype=torch.float64) * 3 for _ in range(4))
     emb = torch.eye(n, dtype=torch.float64)  # distinct prompts: orthogonal embeddings
-    rpo = rpo_loss(pc, pr, rc, rr, emb, emb, beta=0.1, temperature=1e-3)
+    rpo = rpo_loss(pc, pr, rc, rr, chosen_prompt_emb=emb, rejected_prompt_emb=emb, beta=0.1,
+                   temperature=1e-3)
     dpo = dpo_loss(pc, pr, rc, rr, beta=0.1)
     assert rpo.item() == pytest.approx(dpo.item() / n + (n - 1) / n * math.log(2), abs=1e-9)
 
@@ -68,7 +71,7 @@ def test_no_gradient_through_weights():
     emb_r = torch.randn(3, 8, requires_grad=True)
     pc = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
     pr = torch.tensor([-1.5, -2.5, -2.0], requires_grad=True)
-    loss = rpo_loss(pc, pr, torch.zeros(3), torch.zeros(3), emb_c, emb_r)
+    loss = rpo_loss(pc, pr, torch.zeros(3), torch.zeros(3), chosen_prompt_emb=emb_c, rejected_prompt_emb=emb_r)
     loss.backward()
     assert emb_c.grad is None and emb_r.grad is None
     assert not rpo_weights(emb_c, emb_r).requires_grad
@@ -82,24 +85,47 @@ def test_identical_prompts_give_uniform_weights():
     assert torch.allclose(w, torch.full((4, 4), 0.25))
 
 
-def test_uniform_weighting_hand_worked():
+def test_uniform_weighting_is_all_pairs_dpo():
+    """The reference's RPOTrainer without embeddings: every weight 1 inside the sigmoid."""
     rc, rr = [0.3, -0.1], [0.2, -0.4, 0.0]
     beta = 0.5
-    expected = sum(nls(beta * (1 / 3) * (c - r)) for c in rc for r in rr) / 6
-    loss = rpo_loss(t(rc), t(rr), t([0, 0]), t([0, 0, 0]), None, None, beta, 0.5, weighting="uniform")
+    expected = sum(nls(beta * (c - r)) for c in rc for r in rr) / 6
+    loss = rpo_loss(t(rc), t(rr), t([0, 0]), t([0, 0, 0]), beta=beta, weighting="uniform")
     assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # with one pair it is DPO itself
+    one = rpo_loss(t([0.7]), t([0.1]), t([0.0]), t([0.0]), beta=beta, weighting="uniform")
+    assert one.item() == pytest.approx(dpo_loss(t([0.7]), t([0.1]), t([0.0]), t([0.0]), beta=beta).item())
 
 
-def test_diagonal_weighting():
-    w = rpo_weights(None, None, weighting="diagonal", shape=(3, 3))
-    assert torch.allclose(w, torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]))
+def test_flat_weighting_is_one_over_n_inside():
+    rc, rr = [0.3, -0.1], [0.2, -0.4, 0.0]
+    expected = sum(nls(0.5 * (1 / 3) * (c - r)) for c in rc for r in rr) / 6
+    loss = rpo_loss(t(rc), t(rr), t([0, 0]), t([0, 0, 0]), beta=0.5, weighting="flat")
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # the limit of embedding weighting as the temperature grows
+    emb = torch.randn(2, 4, dtype=torch.float64)
+    emb_r = torch.randn(3, 4, dtype=torch.float64)
+    hot = rpo_loss(t(rc), t(rr), t([0, 0]), t([0, 0, 0]), beta=0.5, chosen_prompt_emb=emb,
+                   rejected_prompt_emb=emb_r, temperature=1e6)
+    assert hot.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_diagonal_weighting_is_the_reference_formula():
+    """RPODiagonalTrainer: 0.8 x own pair + 0.2 x mean of the row's other pairs, outside the sigmoid."""
     rc, rr = [0.5, -0.5, 1.0], [0.0, 0.5, -1.0]
-    expected = sum(nls(0.1 * (0.8 if i == j else 0.1) * (rc[i] - rr[j])) for i in range(3) for j in range(3)) / 9
-    loss = rpo_loss(t(rc), t(rr), t([0] * 3), t([0] * 3), None, None, 0.1, 0.5, weighting="diagonal")
+    beta = 0.1
+    rows = []
+    for i in range(3):
+        own = nls(beta * (rc[i] - rr[i]))
+        others = [nls(beta * (rc[i] - rr[j])) for j in range(3) if j != i]
+        rows.append(0.8 * own + 0.2 * sum(others) / len(others))
+    expected = sum(rows) / 3
+    loss = rpo_loss(t(rc), t(rr), t([0] * 3), t([0] * 3), beta=beta, weighting="diagonal")
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="as many chosen as rejected"):
-        rpo_weights(None, None, weighting="diagonal", shape=(2, 3))
-    assert rpo_weights(None, None, weighting="diagonal", shape=(1, 1)).item() == 1.0
+        rpo_loss(t(rc[:2]), t(rr), t([0] * 2), t([0] * 3), beta=beta, weighting="diagonal")
+    one = rpo_loss(t([0.7]), t([0.1]), t([0.0]), t([0.0]), beta=beta, weighting="diagonal")
+    assert one.item() == pytest.approx(nls(beta * 0.6), abs=1e-12)
 
 
 def test_rows_of_embedding_weights_sum_to_one():
@@ -110,7 +136,7 @@ def test_rows_of_embedding_weights_sum_to_one():
 
 def test_bad_weighting_and_temperature_refused():
     with pytest.raises(ValueError, match="unknown weighting"):
-        rpo_weights(torch.ones(2, 2), torch.ones(2, 2), weighting="cosine")
+        rpo_loss(t([0.0]), t([0.0]), t([0.0]), t([0.0]), weighting="cosine")
     with pytest.raises(ValueError, match="temperature"):
         rpo_weights(torch.ones(2, 2), torch.ones(2, 2), temperature=0.0)
 
@@ -136,20 +162,36 @@ def test_kto_loss_hand_worked():
     assert loss.item() == pytest.approx(((1 - sig(-2.0)) + (1 - sig(4.0))) / 2, abs=1e-12)
 
 
-def test_preference_loss_dispatch_and_unknown():
+def test_registry_dispatches_to_each_loss_function():
     args = (t([0.5, -1.0]), t([0.0, 0.2]), t([0.0, 0.0]), t([0.0, 0.0]))
-    assert preference_loss("dpo", *args, beta=0.3).item() == pytest.approx(dpo_loss(*args, beta=0.3).item())
+    assert get_loss("dpo").compute(*args, beta=0.3).item() == pytest.approx(dpo_loss(*args, beta=0.3).item())
     emb = torch.eye(2, dtype=torch.float64)
-    assert preference_loss("rpo-paired", *args, emb, emb, beta=0.3, temperature=0.7).item() == pytest.approx(
-        rpo_loss(*args, emb, emb, 0.3, 0.7).item())
+
+    class Settings:
+        temperature, weighting = 0.7, "embedding"
+
+    got = get_loss("rpo-paired").compute(*args, beta=0.3, settings=Settings, chosen_prompt_emb=emb,
+                                         rejected_prompt_emb=emb)
+    assert got.item() == pytest.approx(rpo_loss(*args, chosen_prompt_emb=emb, rejected_prompt_emb=emb,
+                                                beta=0.3, temperature=0.7).item())
     with pytest.raises(ValueError, match="unknown loss"):
-        preference_loss("orpo", *args)
+        get_loss("orpo")
+
+
+def test_every_registry_entry_is_complete():
+    import rpo_app.losses as losses
+
+    for spec in LOSSES.values():
+        assert callable(getattr(losses, spec.function)), spec.name
+        assert spec.trains_on in ("pairs", "pools") and spec.kinds and spec.default_beta > 0
+        assert spec.label and spec.help
+    assert set(WEIGHTINGS) == {"embedding", "uniform", "diagonal", "flat"}
 
 
 def test_preference_metrics():
     m = preference_metrics(t([1.0, 0.0]), t([0.0, 2.0]), t([0.0, 0.0]), t([0.0, 0.0]), beta=0.5)
-    assert m["rewards/chosen"] == pytest.approx(0.25)
-    assert m["rewards/rejected"] == pytest.approx(0.5)
+    assert m["rewards_chosen"] == pytest.approx(0.25)
+    assert m["rewards_rejected"] == pytest.approx(0.5)
     assert m["margin"] == pytest.approx((0.5 + -1.0) / 2)
     assert m["accuracy"] == pytest.approx(0.5)
     # pools: every chosen against every rejected: 3 > 1, 3 < 4, 0 < 1, 0 < 4 -> 1 of 4

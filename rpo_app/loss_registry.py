@@ -1,0 +1,96 @@
+"""Every preference loss the trainer knows, one entry each: the one home of a loss's facts.
+
+An entry says what the loss trains on (aligned pairs or two pools), which judgment
+kinds feed it, whether it contrasts the whole batch (and so may weight by prompt
+embeddings), its default beta, which pure function in ``rpo_app.losses`` computes it
+and which training settings that function takes, and how the Train tab names and
+explains it. The trainer, the batch builder, the CLI, the Train tab and bench-effect
+all read this table; a new loss is one entry here plus one function in losses.py.
+
+Torch-free on purpose: the CLI lists the names without importing torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Contrast weights of RPO's M x N matrix D (see losses.rpo_loss). The first three
+# mean what the paper's reference code means, so results compare with the paper.
+WEIGHTINGS = ("embedding", "uniform", "diagonal", "flat")
+WEIGHTING_HELP = {
+    "embedding": "softmax over the batch of prompt similarity / tau, inside the sigmoid (RPO)",
+    "uniform": "every weight 1 inside the sigmoid: all-pairs DPO (the reference's RPOTrainer "
+               "without prompt embeddings)",
+    "diagonal": "0.8 x the aligned pair's loss + 0.2 x the mean loss of the other pairs in its row, "
+                "the weight outside the sigmoid (the reference's RPODiagonalTrainer); paired only",
+    "flat": "1/N inside the sigmoid: embedding weighting at infinite tau, the same scale as "
+            "'embedding' without the similarity (ours, not in the paper)",
+}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    label: str  # the Train tab's picker
+    help: str  # one line for --help and the README
+    trains_on: str  # "pairs": aligned (chosen[i], rejected[i]); "pools": two independent pools
+    kinds: tuple[str, ...]  # judgment kinds that feed it
+    default_beta: float
+    function: str  # name of the pure function in rpo_app.losses
+    contrasts_batch: bool = False  # every chosen item against every rejected item of the batch
+    options: tuple[str, ...] = ()  # TrainConfig fields passed to the function by keyword
+
+    @property
+    def pools(self) -> bool:
+        return self.trains_on == "pools"
+
+    def needs_embeddings(self, weighting: str) -> bool:
+        return self.contrasts_batch and weighting == "embedding"
+
+    def example_word(self) -> str:
+        return "chosen/rejected items" if self.pools else "pairs"
+
+    def compute(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
+                settings=None, chosen_prompt_emb=None, rejected_prompt_emb=None):
+        """The loss on one batch; ``settings`` (a TrainConfig) supplies ``options``."""
+        from rpo_app import losses
+
+        kwargs = {name: getattr(settings, name) for name in self.options} if settings else {}
+        if self.contrasts_batch:
+            kwargs.update(chosen_prompt_emb=chosen_prompt_emb, rejected_prompt_emb=rejected_prompt_emb)
+        fn = getattr(losses, self.function)
+        return fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, **kwargs)
+
+
+# RPO's default beta: each contrast is scaled by beta * w_ij and a row of w sums to 1
+# over the batch (on the seed prompts at tau 0.5 and batch 8: 0.48 on the diagonal,
+# 0.07 elsewhere), so at DPO's 0.1 its terms barely saturate and the model drifts until
+# its answers garble. The effect benchmark (README) measured 1.0 near the base model's
+# fluency and winning as often as DPO at 0.1.
+_RPO = dict(function="rpo_loss", contrasts_batch=True, default_beta=1.0,
+            options=("temperature", "weighting"))
+
+_SPECS = (
+    LossSpec("rpo-paired", "RPO, paired (same + related prompts)",
+             "Relative Preference Optimization on A/B pairs, also across related prompts",
+             trains_on="pairs", kinds=("paired", "cross"), **_RPO),
+    LossSpec("rpo-unpaired", "RPO, unpaired (thumbs and every judgment)",
+             "Relative Preference Optimization on pools of liked and disliked answers",
+             trains_on="pools", kinds=("paired", "cross", "unpaired"), **_RPO),
+    LossSpec("dpo", "DPO (same-prompt pairs)", "Direct Preference Optimization (baseline)",
+             trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss"),
+    LossSpec("ipo", "IPO (baseline)", "Identity Preference Optimization (baseline)",
+             trains_on="pairs", kinds=("paired",), default_beta=0.1, function="ipo_loss"),
+    LossSpec("kto", "KTO (baseline, thumbs)", "Kahneman-Tversky Optimization on liked/disliked pools",
+             trains_on="pools", kinds=("paired", "cross", "unpaired"), default_beta=0.1,
+             function="kto_loss"),
+)
+
+LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}
+LOSS_NAMES = tuple(LOSSES)
+
+
+def get_loss(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None
