@@ -3,10 +3,14 @@
 The UI never runs training inside a request: a browser disconnect would kill it. The
 child (`python -m rpo_app train`) writes everything to its run folder, and the UI
 only reads those files, so a reload or an app restart re-attaches to a live run.
+
+When a child ends, a watcher thread of this process (not a page that happens to be
+polling) brings the store's index up to date and registers the finished run's adapter
+for chat and generation, linked by run id. `reattach()` does the same for runs that
+ended or are still going when the app starts.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,14 +21,14 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from rpo_app.config import DataLayout, check_name
-from rpo_app.train import TrainConfig
+from rpo_app.runfolder import ACTIVE_STATES, RunFolder, RunStatus
 from rpo_app.store import Store
+from rpo_app.trainconfig import TrainConfig
 
 log = logging.getLogger(__name__)
-ACTIVE_STATES = ("queued", "running")
+DIED = ("the training process died without saying why (killed, out of memory, or the machine "
+        "restarted); see its log. It can be resumed from its last checkpoint.")
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -49,7 +53,12 @@ class RunManager:
         self.store = store
         self.layout = layout
         self._children: dict[str, subprocess.Popen] = {}
+        self._watchers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._finalize_lock = threading.Lock()
+
+    def folder(self, run_id: str) -> RunFolder:
+        return RunFolder(self.layout.run_dir(run_id), writable=False)
 
     # -- starting and stopping ---------------------------------------------------------
     def start(self, config: TrainConfig, run_id: str | None = None) -> str:
@@ -63,159 +72,180 @@ class RunManager:
             run_dir = self.layout.run_dir(run_id)
             if run_dir.exists():
                 raise RuntimeError(f"a run named {run_id} already exists")
-            run_dir.mkdir(parents=True)
-            config.to_yaml(run_dir / "config.yaml")
-            _write_json(run_dir / "status.json", {"state": "queued", "updated_at": time.time()})
-            cmd = [sys.executable, "-m", "rpo_app", "train", "--out", str(run_dir),
-                   "--config", str(run_dir / "config.yaml"), "--data-dir", str(self.layout.root)]
-            # Output goes to a file, never an undrained pipe (a full pipe stalls the child).
-            # A new session keeps the child alive if the app restarts.
-            with open(run_dir / "stdout.log", "ab") as out:
-                child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         cwd=str(Path(__file__).resolve().parent.parent),
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            self._children[run_id] = child
-            self.store.record_run(run_id, config.to_dict(), str(run_dir), state="queued",
-                                  pid=child.pid)
+            run = RunFolder(run_dir)
+            config.to_yaml(run.config)
+            run.write_status(RunStatus(state="queued", updated_at=time.time()))
+            child = self._spawn(run, [])
+            self.store.record_run(run_id, config.to_dict(), str(run_dir), state="queued", pid=child.pid)
+            self._watch(run_id, child)
             log.info("started run %s (pid %d)", run_id, child.pid)
             return run_id
+
+    def resume(self, run_id: str) -> None:
+        """Continue a stopped or failed run from its last checkpoint, in a new child."""
+        with self._lock:
+            st = self.status(run_id)
+            if st.active:
+                raise RuntimeError(f"run {run_id} is still going")
+            if st.state == "finished":
+                raise RuntimeError(f"run {run_id} has finished; start a new one")
+            run = RunFolder(self.layout.run_dir(run_id))
+            run.update_status(state="queued", error=None)
+            child = self._spawn(run, ["--resume"])
+            self.store.update_run(run_id, state="queued", pid=child.pid)
+            self._watch(run_id, child)
+
+    def _spawn(self, run: RunFolder, extra: list[str]) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "rpo_app", "train", "--out", str(run.root),
+               "--config", str(run.config), "--data-dir", str(self.layout.root), *extra]
+        # Output goes to a file, never an undrained pipe (a full pipe stalls the child).
+        # A new session keeps the child alive if the app restarts.
+        with open(run.stdout_log, "ab") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    cwd=str(Path(__file__).resolve().parent.parent),
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def stop(self, run_id: str) -> bool:
         """SIGTERM: the trainer saves a checkpoint and exits as 'stopped'."""
         st = self.status(run_id)
-        pid = st.get("pid") or (self.store.run(run_id) or {}).get("pid")
-        if st["state"] not in ACTIVE_STATES or not pid_alive(pid):
+        pid = st.pid or (self.store.run(run_id) or {}).get("pid")
+        if not st.active or not pid_alive(pid):
             return False
         os.kill(pid, signal.SIGTERM)
         return True
 
-    def wait(self, run_id: str, timeout: float = 600) -> dict:
+    def wait(self, run_id: str, timeout: float = 600) -> RunStatus:
+        """Until the run has ended and its end is recorded (store row, adapter)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
+            watcher = self._watchers.get(run_id)
+            if watcher is not None:
+                watcher.join(timeout=0.5)
+                if not watcher.is_alive():
+                    return self.status(run_id)
+                continue
             st = self.status(run_id)
-            if st["state"] not in ACTIVE_STATES:
+            if not st.active:
+                self.finalize(run_id)
                 return st
             time.sleep(0.5)
-        raise TimeoutError(f"run {run_id} still {self.status(run_id)['state']} after {timeout}s")
+        raise TimeoutError(f"run {run_id} still {self.status(run_id).state} after {timeout}s")
 
-    # -- watching ---------------------------------------------------------------------
-    def status(self, run_id: str) -> dict:
-        """status.json, corrected when the process behind a 'running' run is gone."""
-        run_dir = self.layout.run_dir(run_id)
-        st = _read_json(run_dir / "status.json") or {"state": "unknown"}
-        child = self._children.get(run_id)
-        if child is not None and child.poll() is not None:
-            self._children.pop(run_id, None)
-            st = _read_json(run_dir / "status.json") or st
-        if st.get("state") in ACTIVE_STATES:
-            pid = st.get("pid") or (self.store.run(run_id) or {}).get("pid")
-            if not pid_alive(pid) and (child is None or child.poll() is not None):
-                st = {**st, "state": "failed",
-                      "error": "the training process died without saying why (killed, out of "
-                               "memory, or the machine restarted); see its log. "
-                               "It can be resumed from its last checkpoint."}
-                _write_json(run_dir / "status.json", st)
-        self._sync_store(run_id, st)
-        return st
+    # -- when a run ends ------------------------------------------------------------------
+    def _watch(self, run_id: str, child: subprocess.Popen | None = None) -> None:
+        """A thread that waits for the run's process to end, then finalizes the run."""
+        if child is not None:
+            self._children[run_id] = child
 
-    def _sync_store(self, run_id: str, st: dict) -> None:
-        row = self.store.run(run_id)
-        if row is None or row["state"] == st.get("state"):
-            return
-        fields = {"state": st.get("state", "unknown")}
-        if st.get("state") == "finished":
-            fields["final_metrics"] = self.final_metrics(run_id)
-        self.store.update_run(run_id, **fields)
-        if st.get("state") == "finished":
-            self._register_adapter(run_id)
+        def wait_for_end():
+            try:
+                if child is not None:
+                    child.wait()
+                else:  # not our child (the app restarted): poll its pid
+                    pid = self.status(run_id).pid or (self.store.run(run_id) or {}).get("pid")
+                    while pid_alive(pid):
+                        time.sleep(1.0)
+                self.finalize(run_id)
+            except Exception:  # noqa: BLE001 - a watcher must never take the app down
+                log.exception("finalizing run %s failed", run_id)
+            finally:
+                self._children.pop(run_id, None)
 
-    def _register_adapter(self, run_id: str) -> None:
+        thread = threading.Thread(target=wait_for_end, name=f"watch-{run_id}", daemon=True)
+        self._watchers[run_id] = thread
+        thread.start()
+
+    def finalize(self, run_id: str) -> RunStatus:
+        """Record a run that has ended: a run whose process is gone without a final state
+        is marked failed; the store's row follows status.json; a finished run's adapter
+        is registered (once, linked by run id). Safe to call more than once."""
+        with self._finalize_lock:
+            run = RunFolder(self.layout.run_dir(run_id))
+            st = run.status()
+            if st.active and not self._process_alive(run_id, st):
+                st = run.update_status(state="failed", error=DIED)
+            row = self.store.run(run_id)
+            if row is not None and row["state"] != st.state:
+                fields: dict = {"state": st.state}
+                if st.state == "finished":
+                    fields["final_metrics"] = run.final_metrics()
+                self.store.update_run(run_id, **fields)
+            if st.state == "finished" and row is not None:
+                self._register_adapter(run_id, run, row)
+            return st
+
+    def _register_adapter(self, run_id: str, run: RunFolder, row: dict) -> None:
         from rpo_app import adapters
 
-        run_dir = self.layout.run_dir(run_id)
-        if (run_dir / "adapter" / "adapter_config.json").exists() and \
-                self.store.adapter(run_id) is None:
-            base = (self.store.run(run_id) or {}).get("config", {}).get("model")
-            adapters.register_from_run(self.store, self.layout, run_dir, run_id,
-                                       base_model=base, run_id=run_id)
+        if not (run.adapter / "adapter_config.json").exists() or self.store.adapter_for_run(run_id):
+            return
+        try:
+            adapters.register_from_run(self.store, self.layout, run.root, run_id,
+                                       base_model=row.get("config", {}).get("model"), run_id=run_id)
+        except adapters.AdapterError as err:  # e.g. the user gave another adapter this name
+            log.warning("adapter of run %s not registered: %s", run_id, err)
+
+    def _process_alive(self, run_id: str, st: RunStatus) -> bool:
+        child = self._children.get(run_id)
+        if child is not None:
+            return child.poll() is None
+        return pid_alive(st.pid or (self.store.run(run_id) or {}).get("pid"))
+
+    def reattach(self) -> None:
+        """At app start: watch runs that are still going, finalize those that ended
+        while the app was away (an adapter nobody registered yet, a dead process)."""
+        for row in self.store.runs():
+            st = self.status(row["id"])
+            if st.active and self._process_alive(row["id"], st):
+                if row["id"] not in self._watchers:
+                    self._watch(row["id"])
+            else:
+                self.finalize(row["id"])
+
+    # -- watching ---------------------------------------------------------------------
+    def status(self, run_id: str) -> RunStatus:
+        """status.json; a run whose process is gone without saying so is finalized as failed."""
+        st = self.folder(run_id).status()
+        if st.active and run_id not in self._watchers and not self._process_alive(run_id, st):
+            st = self.finalize(run_id)
+        return st
 
     def active_run(self) -> str | None:
         for row in self.store.runs():
-            if row["state"] in ACTIVE_STATES and self.status(row["id"])["state"] in ACTIVE_STATES:
+            if row["state"] in ACTIVE_STATES and self.status(row["id"]).active:
                 return row["id"]
         return None
 
-    def metrics(self, run_id: str) -> pd.DataFrame:
-        return _read_jsonl(self.layout.run_dir(run_id) / "metrics.jsonl")
+    def metrics(self, run_id: str):
+        """metrics.jsonl as a DataFrame of MetricRow columns."""
+        return self.folder(run_id).metrics_frame()
 
-    def samples(self, run_id: str) -> list[dict]:
-        path = self.layout.run_dir(run_id) / "samples.jsonl"
-        frame = _read_jsonl(path)
-        return frame.to_dict("records") if len(frame) else []
+    def samples(self, run_id: str):
+        return self.folder(run_id).samples()
 
     def final_metrics(self, run_id: str) -> dict:
-        frame = self.metrics(run_id)
-        out: dict = {}
-        for col in frame.columns:
-            series = frame[col].dropna()
-            if len(series) and col != "step":
-                value = series.iloc[-1]
-                out[col] = value.item() if hasattr(value, "item") else value
-        return out
+        return self.folder(run_id).final_metrics()
 
     def log_tail(self, run_id: str, lines: int = 40) -> str:
-        run_dir = self.layout.run_dir(run_id)
-        chunks = []
-        for name in ("train.log", "stdout.log"):
-            path = run_dir / name
-            if path.exists():
-                with open(path, "rb") as fh:
-                    fh.seek(max(0, path.stat().st_size - 64_000))
-                    text = fh.read().decode("utf-8", "replace").splitlines()[-lines:]
-                chunks.append(f"--- {name} ---\n" + "\n".join(text))
-        return "\n".join(chunks)
+        return self.folder(run_id).log_tail(lines)
 
     def runs(self) -> list[dict]:
+        """Store rows, newest first, with the state from each run's folder."""
         out = []
         for row in self.store.runs():
-            st = self.status(row["id"]) if row["state"] in ACTIVE_STATES else {"state": row["state"]}
-            out.append({**row, "state": st["state"]})
+            state = self.status(row["id"]).state if row["state"] in ACTIVE_STATES else row["state"]
+            adapter = self.store.adapter_for_run(row["id"])
+            out.append({**row, "state": state, "adapter": adapter["name"] if adapter else None})
         return out
 
     def delete(self, run_id: str) -> None:
-        if self.status(run_id)["state"] in ACTIVE_STATES:
+        if self.status(run_id).active:
             raise RuntimeError(f"run {run_id} is still going; stop it first")
         self.store.update_run(run_id, deleted_at=time.time())
-        if self.store.adapter(run_id) is not None:
-            self.store.delete_adapter(run_id)
+        adapter = self.store.adapter_for_run(run_id)
+        if adapter is not None:
+            from rpo_app import adapters
+
+            adapters.delete(self.store, self.layout, adapter["name"])
         shutil.rmtree(self.layout.run_dir(run_id), ignore_errors=True)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    """Every complete line; a half-written last line (the trainer is mid-write) is skipped."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.endswith("\n"):
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        continue
-    except OSError:
-        pass
-    return pd.DataFrame(rows)

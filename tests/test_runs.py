@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +12,7 @@ from apptools import seed_store
 from rpo_app.config import DataLayout
 from rpo_app.runs import RunManager
 from rpo_app.store import Store
-from rpo_app.train import TrainConfig
+from rpo_app.trainconfig import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +39,8 @@ def _wait_step(manager, run_id, step, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
         st = manager.status(run_id)
-        assert st["state"] in ("queued", "running"), st
-        if (st.get("step") or 0) >= step and st["state"] == "running":
+        assert st.state in ("queued", "running"), st
+        if st.step >= step and st.state == "running":
             return st
         time.sleep(0.3)
     raise TimeoutError(f"run never reached step {step}: {manager.log_tail(run_id)}")
@@ -57,7 +55,7 @@ def test_stop_keeps_a_loadable_checkpoint(manager, tiny_model_dir):
     _wait_step(runs, run_id, 2)
     assert runs.stop(run_id)
     st = runs.wait(run_id, timeout=120)
-    assert st["state"] == "stopped", runs.log_tail(run_id)
+    assert st.state == "stopped", runs.log_tail(run_id)
     assert store.run(run_id)["state"] == "stopped"
     ckpts = sorted((runs.layout.run_dir(run_id) / "checkpoints").iterdir())
     assert ckpts and all(not p.name.endswith(".tmp") for p in ckpts)
@@ -71,21 +69,40 @@ def test_killed_run_is_failed_then_resumes(manager, tiny_model_dir, data_dir):
     runs, store = manager
     run_id = runs.start(_config(tiny_model_dir, steps=6))
     st = _wait_step(runs, run_id, 2)
-    os.kill(st.get("pid") or store.run(run_id)["pid"], signal.SIGKILL)
+    os.kill(st.pid or store.run(run_id)["pid"], signal.SIGKILL)
     deadline = time.time() + 30
-    while runs.status(run_id)["state"] == "running" and time.time() < deadline:
+    while runs.status(run_id).state == "running" and time.time() < deadline:
         time.sleep(0.2)
     st = runs.status(run_id)
-    assert st["state"] == "failed" and "died" in st["error"]
+    assert st.state == "failed" and "died" in st.error
     assert store.run(run_id)["state"] == "failed"
     run_dir = runs.layout.run_dir(run_id)
-    done = subprocess.run([sys.executable, "-m", "rpo_app", "train", "--out", str(run_dir),
-                           "--resume", "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    st = runs.status(run_id)
-    assert st["state"] == "finished" and st["step"] == 6
+    runs.resume(run_id)
+    st = runs.wait(run_id, timeout=600)
+    assert st.state == "finished" and st.step == 6, runs.log_tail(run_id)
     assert (run_dir / "adapter" / "adapter_config.json").exists()
     # A finished run's adapter is registered for chat and generation.
-    assert store.adapter(run_id) is not None
+    assert store.adapter_for_run(run_id) is not None
+
+
+def test_finished_run_registers_its_adapter_with_nobody_watching(manager, tiny_model_dir):
+    """Registration happens when the run ends, not when something polls its status,
+    and the link is the run id: a renamed adapter stays the run's."""
+    from rpo_app import adapters
+
+    runs, store = manager
+    run_id = runs.start(_config(tiny_model_dir, steps=2))
+    deadline = time.time() + 300
+    while store.adapter_for_run(run_id) is None:  # only the store: no status() call
+        assert time.time() < deadline, runs.log_tail(run_id)
+        time.sleep(0.5)
+    assert store.run(run_id)["state"] == "finished"
+    assert store.run(run_id)["final_metrics"]["loss"] > 0
+    adapters.rename(store, runs.layout, store.adapter_for_run(run_id)["name"], "my-tuned")
+    assert store.adapter_for_run(run_id)["name"] == "my-tuned"
+    assert [r["adapter"] for r in runs.runs() if r["id"] == run_id] == ["my-tuned"]
+    # A second look (an app restart) does not register it again under the run's name.
+    RunManager(store, runs.layout).reattach()
+    assert store.adapter(run_id) is None and [a["name"] for a in store.adapters()] == ["my-tuned"]
+    runs.delete(run_id)
+    assert store.adapters() == [] and not runs.layout.adapter_dir("my-tuned").exists()

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from rpo_app.batches import LOSSES
-from rpo_app.train import (DEFAULT_BETA, ConfigError, TrainConfig, add_train_args, config_from_args,
-                           eval_improved, main)
+from rpo_app.earlystop import eval_improved
+from rpo_app.loss_registry import LOSSES
+from rpo_app.runfolder import RunFolder, read_jsonl
+from rpo_app.train import main
+from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, config_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = ["cats", "the ocean", "bread", "lists", "the moon", "coffee", "chess", "rain", "trains", "tea",
@@ -27,8 +29,8 @@ def make_judgments(n_topics=len(TOPICS)) -> list[dict]:
 
     def add(kind, verdict, pa, ra, pb=None, rb=None):
         rows.append({"judgment_id": len(rows) + 1, "kind": kind, "verdict": verdict, "strength": None,
-                     "annotator": "tester", "prompt_a": pa, "response_a": ra, "prompt_b": pb,
-                     "response_b": rb, "prompt_a_id": len(rows) + 1, "prompt_b_id": None})
+                     "annotator": "tester", "prompt_a_text": pa, "response_a_text": ra, "prompt_b_text": pb,
+                     "response_b_text": rb, "prompt_a_id": len(rows) + 1, "prompt_b_id": None})
 
     topics = TOPICS[:n_topics]
     for k, topic in enumerate(topics):
@@ -52,12 +54,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def status(out: Path) -> dict:
-    return json.loads((out / "status.json").read_text())
+    return RunFolder(out, writable=False).status().to_dict()
 
 
 @pytest.fixture
@@ -259,11 +257,10 @@ def test_too_few_held_out_pairs_turn_early_stopping_off(tmp_path, judgments_file
 
 
 def test_beta_defaults_per_loss_unless_given():
-    assert set(DEFAULT_BETA) == set(LOSSES)
-    assert TrainConfig().beta == DEFAULT_BETA["rpo-paired"] == 1.0
+    assert TrainConfig().beta == LOSSES["rpo-paired"].default_beta == 1.0
     assert TrainConfig(loss="dpo").beta == 0.1
     assert TrainConfig(loss="dpo", beta=0.3).beta == 0.3
-    assert TrainConfig.from_dict({"loss": "kto"}).beta == DEFAULT_BETA["kto"]
+    assert TrainConfig.from_dict({"loss": "kto"}).beta == LOSSES["kto"].default_beta
 
 
 def test_planned_steps_epochs_with_a_floor():
@@ -330,15 +327,37 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, judgment
         assert g["lr"] == pytest.approx(w["lr"])
 
 
+@pytest.mark.slow
+def test_resume_after_a_kill_that_cut_the_last_metric_line(tmp_path, judgments_file, tiny_model_dir, data_dir):
+    """kill -9 can land in the middle of a metrics.jsonl or samples.jsonl write; the
+    resume must read such a file the way the app does (skip the torn line) and finish."""
+    import shutil
+
+    out = tmp_path / "run"
+    settings = {"max-steps": 4, "save-every": 2, "sample-every": 1, "preview-prompts": ["Say hi."]}
+    assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **settings)) == 0
+    # What a kill during step 4 leaves: no step-4 checkpoint, no adapter, torn last lines.
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    shutil.rmtree(out / "adapter")
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        text = (out / name).read_text()
+        (out / name).write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    assert main(["--out", str(out), "--resume", "--data-dir", str(data_dir)]) == 0
+    st = status(out)
+    assert st["state"] == "finished" and st["step"] == 4, (out / "train.log").read_text()[-2000:]
+    assert [m.step for m in RunFolder(out, writable=False).metrics()] == [1, 2, 3, 4]
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
 def test_bench_settings_and_table():
     import argparse
 
     from rpo_app.batches import judgment_pairs
-    from rpo_app.bench_train import QUICK, _complete, format_table, synthetic_judgments
+    from rpo_app.bench.train import QUICK, _complete, format_table, synthetic_judgments
 
     rows = synthetic_judgments(12, seed=1)
     assert len(judgment_pairs(rows)) == 12 and rows == synthetic_judgments(12, seed=1)
-    lengths = [len(r["response_a"].split()) for r in rows]
+    lengths = [len(r["response_a_text"].split()) for r in rows]
     assert max(lengths) > 3 * min(lengths)  # spread lengths: what length grouping is for
     # the `bench` command passes its own namespace: the rest comes from our defaults
     args = _complete(argparse.Namespace(out="bench-results", data_dir=None, quick=True, only=None))

@@ -1,0 +1,117 @@
+"""Log-probs of response tokens: the one scorer for training, evaluation, previews and
+bench-effect.
+
+Every function takes tokenized ``Seq``s (rpo_app.batches) and sums the log-probs of
+the response tokens only, in one forward pass per chunk.
+"""
+from __future__ import annotations
+
+
+def keeps_logits_by_mask(model) -> bool:
+    """Whether the model computes logits only where a boolean `logits_to_keep` says.
+
+    Transformers' own models do (slice_logits_to_keep); skipping the LM head on prompt
+    and padding positions saves time and, above all, the B x T x vocab logits memory.
+    """
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "slice_logits_to_keep" in inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
+    """Summed log-probs of each sequence's response tokens, one forward pass for all."""
+    import torch
+
+    from rpo_app.batches import collate
+
+    batch = collate(seqs, pad_id)
+    ids = batch["input_ids"].to(device)
+    attention = batch["attention_mask"].to(device)
+    score = batch["score_mask"].to(device)
+    # Position t predicts token t + 1: roll the ids left to line labels up with logits.
+    labels = ids.roll(-1, dims=1)[score]
+    if keep_by_mask:
+        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=score, use_cache=False).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[score]
+    logits = logits.float()  # bf16 log-probs summed over hundreds of tokens lose too much
+    token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    rows = score.nonzero(as_tuple=True)[0]
+    return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
+
+
+def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],
+                     max_length: int, batch_size: int = 8) -> list[float]:
+    """The base model's mean log-prob per answer token (adapters off), a fluency proxy:
+    garbled or made-up words score far below the base model's own answers."""
+    import contextlib
+
+    import torch
+    from peft import PeftModel
+
+    from rpo_app.batches import Encoder, Item
+
+    enc = Encoder(tokenizer, max_length, max_length // 2)
+    seqs = [enc.encode(Item(p, a), 0) for p, a in zip(prompts, answers)]
+    was_training = net.training
+    net.eval()  # no LoRA dropout while scoring
+    out: list[float] = []
+    try:
+        ctx = net.disable_adapter() if isinstance(net, PeftModel) else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            for k in range(0, len(seqs), batch_size):
+                part = seqs[k:k + batch_size]
+                sums = sequence_logps(net, part, pad_id, device, keep_by_mask=False)
+                out += [float(v) / max(len(q) - q.prompt_len, 1) for v, q in zip(sums.tolist(), part)]
+    finally:
+        net.train(was_training)
+    return out
+
+
+def _chunks_by_length(indices: list[int], lengths: list[int], size: int) -> list[list[int]]:
+    order = sorted(indices, key=lambda i: -lengths[i])
+    return [order[k:k + size] for k in range(0, len(order), size)]
+
+
+def score_all(accelerator, model, data, pad_id: int, chunk: int, keep_by_mask: bool,
+              adapter: bool, should_stop=lambda: False):
+    """Log-probs of every sequence in ``data``, computed once, shared by all processes.
+
+    Each process scores a strided share, longest first so padding stays small, then
+    the shares are gathered so every process holds the full table.
+    """
+    import torch
+    from accelerate.utils import gather_object
+
+    net = accelerator.unwrap_model(model)
+    mine = list(range(accelerator.process_index, len(data.seqs), accelerator.num_processes))
+    lengths = data.lengths()
+    results: list[tuple[int, float]] = []
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            for part in _chunks_by_length(mine, lengths, chunk):
+                # With several processes a lone early exit would leave the others
+                # waiting in the gather below; they stop together at the first step.
+                if accelerator.num_processes == 1 and should_stop():
+                    return None
+                seqs = [data.seqs[i] for i in part]
+                if adapter:
+                    vals = sequence_logps(net, seqs, pad_id, accelerator.device, keep_by_mask)
+                else:
+                    with net.disable_adapter():
+                        vals = sequence_logps(net, seqs, pad_id, accelerator.device, keep_by_mask)
+                results.extend(zip(part, vals.tolist()))
+    finally:
+        net.train(was_training)
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    table = torch.zeros(len(data.seqs), dtype=torch.float32)
+    for i, v in results:
+        table[i] = v
+    return table.to(accelerator.device)
