@@ -88,13 +88,13 @@ def _bench_args(p):
 
 
 def _bench_effect_args(p):
-    from rpo_app.bench_effect import add_args
+    from rpo_app.bench.effect import add_args
 
     add_args(p)
 
 
 def _train_args(p):
-    from rpo_app.train import add_train_args
+    from rpo_app.trainconfig import add_train_args
 
     add_train_args(p)
 
@@ -116,7 +116,7 @@ COMMANDS = {
     "bench": ("speed benchmarks: training vs TRL, batched vs one-by-one generation",
               _bench_args, "rpo_app.bench:cli_bench"),
     "bench-effect": ("effect benchmark: simulated annotators, fine-tune, judge tuned vs base",
-                     _bench_effect_args, "rpo_app.bench_effect:main_from_args"),
+                     _bench_effect_args, "rpo_app.bench.effect:main_from_args"),
 }
 
 

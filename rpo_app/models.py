@@ -83,6 +83,20 @@ def resolve_model(model: str | None, data_dir: str | os.PathLike) -> str:
     return model
 
 
+def link_model_cache(source_data_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
+    """Give `data_dir` the default model converted in `source_data_dir` (converting it there
+    if it never was) as a symlink, so a fresh data dir skips the conversion. Returns
+    `data_dir`."""
+    data_dir = Path(data_dir)
+    converted = Path(resolve_model(None, source_data_dir)).resolve()
+    link = data_dir / "models" / DEFAULT_MODEL_NAME
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)  # a dangling link left by a removed source
+        link.symlink_to(converted, target_is_directory=True)
+    return data_dir
+
+
 def pick_device(device: str | None = None) -> str:
     import torch
 

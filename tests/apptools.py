@@ -10,16 +10,16 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from rpo_app.netutil import free_port, local_only, local_opener
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / ".artifacts"
@@ -29,12 +29,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking",
 
 
 # -- the server ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class AppProcess:
     proc: subprocess.Popen
@@ -88,12 +82,10 @@ class AppProcess:
         self.stop()
 
 
-# The app is local: never send test traffic (urllib here, httpx in gradio_client) through
-# a proxy that the environment may name.
-_LOCAL = "127.0.0.1,localhost"
-for _var in ("NO_PROXY", "no_proxy"):
-    os.environ[_var] = ",".join(filter(None, [os.environ.get(_var), _LOCAL]))
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# At import, so that whatever a test opens on 127.0.0.1 (urllib, gradio_client's httpx,
+# the app child that inherits this environment) skips a proxy the environment names.
+local_only()
+_OPENER = local_opener()
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -174,18 +166,6 @@ def running_app(data_dir, **kwargs):
 
 
 # -- seeding ------------------------------------------------------------------------------
-def link_default_model(data_dir, default_model_dir) -> Path:
-    """Symlink the converted default model into DATA/models (as conftest's
-    linked_data_dir does), so the app does not convert the GGUF again. For module-scoped
-    fixtures, which cannot use the function-scoped linked_data_dir."""
-    data_dir = Path(data_dir)
-    (data_dir / "models").mkdir(parents=True, exist_ok=True)
-    link = data_dir / "models" / Path(default_model_dir).name
-    if not link.exists():
-        link.symlink_to(default_model_dir)
-    return data_dir
-
-
 FAMILIES = ("cooking", "travel", "coding", "health")
 
 

@@ -69,8 +69,8 @@ def tiny_model_dir(default_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def linked_data_dir(data_dir, default_model_dir) -> Path:
+def linked_data_dir(data_dir, model_cache_dir) -> Path:
     """A fresh data dir that already has the converted default model (symlinked)."""
-    (data_dir / "models").mkdir(exist_ok=True)
-    (data_dir / "models" / default_model_dir.name).symlink_to(default_model_dir)
-    return data_dir
+    from rpo_app.models import link_model_cache
+
+    return link_model_cache(model_cache_dir, data_dir)

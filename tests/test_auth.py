@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from apptools import chromium_browser, screenshot, seed_store, start_app
+from rpo_app.netutil import gradio_client
 from rpo_app.store import Store
 
 pytestmark = pytest.mark.slow
@@ -40,8 +41,6 @@ def _status(url: str, method: str) -> int:
 
 
 def test_auth_refuses_strangers_everywhere_and_names_the_annotator(data_dir, tiny_model_dir):
-    from gradio_client import Client
-
     seed_store(data_dir, n_prompts=4, answers_per_prompt=2)
     app = start_app(data_dir, extra_args=("--model", str(tiny_model_dir), "--auth", "ada:s3cret"))
     try:
@@ -50,9 +49,9 @@ def test_auth_refuses_strangers_everywhere_and_names_the_annotator(data_dir, tin
         # "/" answers 200 with the login page, never the app; everything else refuses.
         assert set(open_routes) <= {"GET /"}, open_routes
         with pytest.raises(Exception, match="(?i)login|credentials|auth"):
-            Client(app.url, verbose=False)
+            gradio_client(app.url)
         with pytest.raises(Exception):
-            Client(app.url, auth=("ada", "wrong"), verbose=False)
+            gradio_client(app.url, auth=("ada", "wrong"))
 
         with chromium_browser() as browser:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
@@ -70,7 +69,7 @@ def test_auth_refuses_strangers_everywhere_and_names_the_annotator(data_dir, tin
             page.locator("button", has_text="Login").first.click()
             page.locator("#annotator-name").wait_for(timeout=60_000)
 
-        client = Client(app.url, auth=("ada", "s3cret"), verbose=False)
+        client = gradio_client(app.url, auth=("ada", "s3cret"))
         item = client.predict("mallory", "paired", api_name="/next_item")
         assert item["kind"] == "paired"
         out = client.predict(item["token"], "left", "mallory", "", -1.0,

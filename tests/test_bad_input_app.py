@@ -12,17 +12,12 @@ from pathlib import Path
 import pytest
 
 from apptools import make_lora_adapter, seed_store, start_app
+from rpo_app.netutil import gradio_client
 from rpo_app.store import Store
 
 pytestmark = pytest.mark.slow
 
 RTL = "كيف أتعلم الطبخ؟ ‏How do I learn to cook? איך ללמוד לבשל?"
-
-
-def _client(app):
-    from gradio_client import Client
-
-    return Client(app.url, verbose=False, download_files=False, analytics_enabled=False)
 
 
 def _snapshot(data) -> dict:
@@ -68,14 +63,14 @@ def test_pasted_prompts_refused_with_a_reason(app_on_tiny, text, message):
     app, data = app_on_tiny
     before = _snapshot(data)
     with pytest.raises(Exception, match=re.escape(message)):
-        _client(app).predict(text, api_name="/add_prompts")
+        gradio_client(app.url).predict(text, api_name="/add_prompts")
     assert _snapshot(data) == before
 
 
 def test_right_to_left_and_html_prompts_are_kept_as_written(app_on_tiny):
     app, data = app_on_tiny
     html = '<img src=x onerror="alert(1)"> and <script>alert(2)</script>'
-    _client(app).predict(f"{RTL}\n{html}", api_name="/add_prompts")
+    gradio_client(app.url).predict(f"{RTL}\n{html}", api_name="/add_prompts")
     store = Store(data)
     try:
         texts = {p["text"] for p in store.prompts()}
@@ -105,7 +100,7 @@ def test_uploaded_files_are_read_never_run_and_bad_ones_refused(app_on_tiny, tmp
     path.write_text(content, encoding="utf-8")
     before = _snapshot(data)
     with pytest.raises(Exception, match=message):
-        _client(app).predict(handle_file(str(path)), api_name="/import_file")
+        gradio_client(app.url).predict(handle_file(str(path)), api_name="/import_file")
     assert _snapshot(data) == before
     assert not marker.exists()
 
@@ -125,7 +120,7 @@ def test_training_settings_out_of_range_start_nothing(app_on_tiny, overrides, me
     store.close()
     before = _snapshot(data)
     with pytest.raises(Exception, match=message):
-        _client(app).predict(**{"param_4": 10, **overrides}, api_name="/train_start")
+        gradio_client(app.url).predict(**{"param_4": 10, **overrides}, api_name="/train_start")
     assert _snapshot(data)["runs"] == before["runs"] == []
     assert not (data / "runs").exists() or not any((data / "runs").iterdir())
 
@@ -136,9 +131,9 @@ def test_names_with_paths_never_leave_the_data_dir(app_on_tiny, bad):
     before = sorted(p.name for p in data.parent.iterdir())
     adapters_before = sorted(p.name for p in (data / "adapters").iterdir())
     with pytest.raises(Exception, match="invalid adapter name"):
-        _client(app).predict("keep-me", bad, api_name="/adapter_rename")
+        gradio_client(app.url).predict("keep-me", bad, api_name="/adapter_rename")
     with pytest.raises(Exception, match="invalid adapter name"):
-        _client(app).predict(bad, "fine-name", api_name="/adapter_rename")
+        gradio_client(app.url).predict(bad, "fine-name", api_name="/adapter_rename")
     assert sorted(p.name for p in data.parent.iterdir()) == before
     assert sorted(p.name for p in (data / "adapters").iterdir()) == adapters_before
 
@@ -147,7 +142,7 @@ def test_names_with_paths_never_leave_the_data_dir(app_on_tiny, bad):
 def test_unknown_model_without_network_keeps_the_app_running(data_dir):
     seed_store(data_dir, n_prompts=4, answers_per_prompt=2)
     with start_app(data_dir, extra_args=("--model", "no-such-org/no-such-model-1234")) as app:
-        client = _client(app)
+        client = gradio_client(app.url)
         deadline = time.monotonic() + 120
         while "loading model failed" not in app.log():
             assert time.monotonic() < deadline, app.log_tail()
@@ -178,7 +173,7 @@ def test_corrupt_adapter_on_disk_is_skipped_and_named(data_dir, tiny_model_dir, 
         while "adapter broken-one not loaded" not in app.log():
             assert time.monotonic() < deadline, app.log_tail()
             time.sleep(0.5)
-        client = _client(app)
+        client = gradio_client(app.url)
         settings = (0.7, 0.95, 16, 0, "")  # temperature, top-p, max new tokens, seed, system
         out = client.predict("Say hi.", [], [], "good-one", "base model", False, *settings,
                              api_name="/chat_send")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rpo_app import bench_effect as be
+from rpo_app.bench import effect as be
 from rpo_app import judges
 
 PROMPT = "How can I fall asleep faster?"

@@ -8,7 +8,8 @@ import warnings
 
 import pytest
 
-from apptools import chromium_browser, link_default_model, screenshot, seed_store, start_app
+from apptools import chromium_browser, screenshot, seed_store, start_app
+from rpo_app.models import link_model_cache
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -93,9 +94,8 @@ def _store(data):
 
 
 @pytest.fixture(scope="module")
-def label_app(tmp_path_factory, default_model_dir):
-    data = link_default_model(tmp_path_factory.mktemp("browser-label") / "data",
-                              default_model_dir)
+def label_app(tmp_path_factory, model_cache_dir):
+    data = link_model_cache(model_cache_dir, tmp_path_factory.mktemp("browser-label") / "data")
     seed_store(data, 6, 2, prefix="Paired question")
     seed_store(data, 3, 1, prefix="Single question")
     app = start_app(data)
@@ -244,10 +244,9 @@ def test_label_tab_mouse_keyboard_undo_skip_thumbs_and_reload(label_app, tmp_pat
         s.close()
 
 
-def test_prompt_and_answers_are_shown_as_text_not_html(tmp_path_factory, default_model_dir):
+def test_prompt_and_answers_are_shown_as_text_not_html(tmp_path_factory, model_cache_dir):
     """HTML in a prompt or an answer is shown literally and never runs."""
-    data = link_default_model(tmp_path_factory.mktemp("browser-xss") / "data",
-                              default_model_dir)
+    data = link_model_cache(model_cache_dir, tmp_path_factory.mktemp("browser-xss") / "data")
     from rpo_app.store import Store
 
     s = Store(data)
@@ -291,10 +290,10 @@ def test_prompt_and_answers_are_shown_as_text_not_html(tmp_path_factory, default
 
 
 def test_right_to_left_prompts_are_shown_intact_in_their_own_direction(tmp_path_factory,
-                                                                       default_model_dir):
+                                                                       model_cache_dir):
     rtl = "كيف أتعلم الطبخ في المنزل؟"
     mixed = "איך ללמוד לבשל? How do I learn to cook?"
-    data = link_default_model(tmp_path_factory.mktemp("browser-rtl") / "data", default_model_dir)
+    data = link_model_cache(model_cache_dir, tmp_path_factory.mktemp("browser-rtl") / "data")
     from rpo_app.store import Store
 
     s = Store(data)

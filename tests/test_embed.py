@@ -69,7 +69,7 @@ def test_embeddings_are_cached_and_new_prompts_get_embedded(seeded, embedder):
 
 
 def test_search_benchmark_smoke(tmp_path):
-    from rpo_app.bench_search import bench_related_search
+    from rpo_app.bench.search import bench_related_search
 
     result = bench_related_search(n_prompts=300, queries=5, data_dir=tmp_path)
     assert result["n_prompts"] == 300 and result["p95_ms"] >= result["p50_ms"] > 0
@@ -77,7 +77,7 @@ def test_search_benchmark_smoke(tmp_path):
 
 
 def test_queue_benchmark_runs_at_small_scale(tmp_path):
-    from rpo_app.bench_search import bench_label_queue
+    from rpo_app.bench.search import bench_label_queue
 
     result = bench_label_queue(n_prompts=400, n_judgments=600, items=5, data_dir=tmp_path)
     assert result["n_judgments"] == 600  # in the store before the timed annotator starts

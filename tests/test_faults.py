@@ -21,17 +21,12 @@ import pytest
 from apptools import seed_store, start_app
 from rpo_app.config import DataLayout
 from rpo_app.embed import EMBEDDER_NAME
+from rpo_app.netutil import gradio_client
 from rpo_app.runs import RunManager
 from rpo_app.store import Store
-from rpo_app.train import TrainConfig
+from rpo_app.trainconfig import TrainConfig
 
 pytestmark = pytest.mark.slow
-
-
-def _client(app):
-    from gradio_client import Client
-
-    return Client(app.url, verbose=False, download_files=False, analytics_enabled=False)
 
 
 def _judge_one(client, name: str) -> tuple[str, dict] | None:
@@ -65,7 +60,7 @@ def test_sigkill_while_annotators_submit_loses_and_duplicates_nothing(data_dir, 
     enough = threading.Event()
 
     def annotator(i: int) -> None:
-        client, name = _client(app), f"killer-{i}"
+        client, name = gradio_client(app.url), f"killer-{i}"
         while True:
             try:
                 item = client.predict(name, "paired", api_name="/next_item")
@@ -118,7 +113,7 @@ def test_sigkill_while_annotators_submit_loses_and_duplicates_nothing(data_dir, 
     # judgment that was stored or a clear "fetch the next one"; nothing is stored twice.
     app = start_app(data_dir, extra_args=args)
     try:
-        client = _client(app)
+        client = gradio_client(app.url)
         for token in in_flight:
             try:
                 out = client.predict(token, "left", "killer-0", api_name="/submit_judgment")
@@ -180,7 +175,7 @@ def test_full_disk_and_read_only_folder_give_clear_errors_and_lose_nothing(
     app = start_app(data, extra_args=args, log_dir=tmp_path)
     try:
         _wait_embeddings(data, 30, app)
-        client = _client(app)
+        client = gradio_client(app.url)
         acked = {}
         for _ in range(3):
             token, out = _judge_one(client, "ada")
@@ -243,7 +238,7 @@ def test_app_restart_reattaches_a_running_training_run(data_dir, tiny_model_dir)
     run_id = runs.start(cfg)
     child_pid = store.run(run_id)["pid"]
     try:
-        client = _client(app)
+        client = gradio_client(app.url)
         deadline = time.monotonic() + 240
         while (client.predict(run_id, api_name="/train_status").get("step") or 0) < 2:
             assert time.monotonic() < deadline, runs.log_tail(run_id)
@@ -254,7 +249,7 @@ def test_app_restart_reattaches_a_running_training_run(data_dir, tiny_model_dir)
         os.kill(child_pid, 0)  # the trainer outlives the app (its own session)
 
         app = start_app(data_dir, extra_args=args)
-        client = _client(app)
+        client = gradio_client(app.url)
         st = client.predict("", api_name="/train_status")
         assert st["run_id"] == run_id and st["state"] == "running", st
         step = st["step"]

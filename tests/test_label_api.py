@@ -11,8 +11,11 @@ from collections import Counter
 
 import pytest
 
-from apptools import artifacts_dir, link_default_model, seed_store, start_app
-from rpo_app.bench_load import percentile
+from apptools import artifacts_dir, seed_store, start_app
+from rpo_app.bench.load import percentile
+from rpo_app.models import link_model_cache
+from rpo_app.netutil import gradio_client
+from rpo_app.store import PROMPT_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +26,9 @@ UI_ENDPOINTS = ("/label_left", "/label_right", "/label_tie", "/label_both_bad", 
 
 
 @pytest.fixture(scope="module")
-def api_app(tmp_path_factory, default_model_dir):
+def api_app(tmp_path_factory, model_cache_dir):
     # Same as conftest's linked_data_dir, but for the whole module (one server).
-    data = link_default_model(tmp_path_factory.mktemp("label-api") / "data", default_model_dir)
+    data = link_model_cache(model_cache_dir, tmp_path_factory.mktemp("label-api") / "data")
     paired = seed_store(data, PAIRED_PROMPTS, 2, prefix="Paired prompt")
     singles = seed_store(data, SINGLE_PROMPTS, 1, prefix="Single prompt")
     app = start_app(data)
@@ -35,15 +38,9 @@ def api_app(tmp_path_factory, default_model_dir):
         app.stop()
 
 
-def _client(app):
-    from gradio_client import Client
-
-    return Client(app.url, verbose=False, download_files=False, analytics_enabled=False)
-
-
 @pytest.fixture(scope="module")
 def client(api_app):
-    return _client(api_app["app"])
+    return gradio_client(api_app["app"].url)
 
 
 def _store(data):
@@ -156,7 +153,7 @@ def test_scripted_annotator_loop(client, api_app):
 def test_ui_button_endpoints_judge_the_item_in_the_session(api_app):
     """The buttons' own endpoints work from a script too: the token lives in the
     session's state, so /label_mode shows an item and /label_left judges it."""
-    c = _client(api_app["app"])
+    c = gradio_client(api_app["app"].url)
     name = "button-bot"
     api = c.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert [p["parameter_name"] for p in api["/label_left"]["parameters"]] == \
@@ -195,7 +192,7 @@ def test_six_concurrent_annotators_with_double_clicks(api_app):
     app, data = api_app["app"], api_app["data"]
     n_threads, per_annotator = 6, 15
     modes = ["paired"] * 4 + ["unpaired"] * 2
-    clients = [_client(app) for _ in range(n_threads)]
+    clients = [gradio_client(app.url) for _ in range(n_threads)]
     acked: list[dict] = []  # every submit answer, with who and which token
     latencies: list[float] = []
     errors: list[BaseException] = []
@@ -281,8 +278,8 @@ def test_six_concurrent_annotators_with_double_clicks(api_app):
         # leaves its on-screen item leased).
         leases = store.snapshot()["leases"]  # (item_key, annotator, expires_at)
         assert not [row for row in leases if row[1] in names], leases
-        held = {int(row[0].split(":")[1]) for row in leases if row[0].startswith("prompt:")
-                and row[2] > time.time()}
+        held = {int(row[0].removeprefix(PROMPT_KEY)) for row in leases
+                if row[0].startswith(PROMPT_KEY) and row[2] > time.time()}
         judged = {r["prompt_a_id"] for r in active if r["kind"] == "paired"}
         assert set(api_app["paired"]["prompts"]) <= judged | held, (judged, held)
         assert store.integrity_check() == "ok"

@@ -12,11 +12,11 @@ import threading
 import pytest
 
 from apptools import artifacts_dir, start_app
-from rpo_app.bench_load import annotate, chat_loop, check_exactly_once, seed_items, summary_ms
+from rpo_app.bench.load import annotate, chat_loop, check_exactly_once, seed_items, summary_ms
 from rpo_app.config import DataLayout
 from rpo_app.runs import RunManager
 from rpo_app.store import Store
-from rpo_app.train import TrainConfig
+from rpo_app.trainconfig import TrainConfig
 
 pytestmark = pytest.mark.slow
 

@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from rpo_app.netutil import free_port
 from rpo_app.train import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import make_judgments, read_jsonl, status, tiny_args, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -25,13 +25,13 @@ def cli_bench(args) -> int:
     parts = [args.only] if args.only else ["search", "queue", "generate", "train", "load"]
     summary: dict = {}
     if "search" in parts:
-        from rpo_app.bench_search import bench_related_search
+        from rpo_app.bench.search import bench_related_search
 
         summary["search"] = bench_related_search(n_prompts=10_000 if args.quick else 100_000)
         (out / "search.json").write_text(json.dumps(summary["search"], indent=1))
         print(json.dumps(summary["search"], indent=1))
     if "queue" in parts:
-        from rpo_app.bench_search import bench_label_queue
+        from rpo_app.bench.search import bench_label_queue
 
         summary["queue"] = bench_label_queue(
             n_prompts=10_000 if args.quick else 100_000,
@@ -39,13 +39,13 @@ def cli_bench(args) -> int:
         (out / "queue.json").write_text(json.dumps(summary["queue"], indent=1))
         print(json.dumps(summary["queue"], indent=1))
     if "generate" in parts:
-        from rpo_app.bench_generate import format_table, run_benchmark
+        from rpo_app.bench.generate import format_table, run_benchmark
 
         summary["generate"] = run_benchmark(quick=args.quick, data_dir=data_dir)
         (out / "generate.json").write_text(json.dumps(summary["generate"], indent=1))
         print(format_table(summary["generate"]))
     if "train" in parts:
-        from rpo_app import bench_train
+        from rpo_app.bench import train as bench_train
 
         rc = bench_train.main_from_args(argparse.Namespace(
             out=str(out), data_dir=str(data_dir), quick=args.quick))
@@ -53,7 +53,7 @@ def cli_bench(args) -> int:
             return rc
         summary["train"] = json.loads((out / "bench_train.json").read_text())
     if "load" in parts:
-        from rpo_app.bench_load import run as bench_load
+        from rpo_app.bench.load import run as bench_load
 
         per = 10 if args.quick else 50
         # One annotator on a quiet server, twenty on a quiet one, twenty during training

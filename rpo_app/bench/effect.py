@@ -34,9 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("rpo_app.bench_effect")
+log = logging.getLogger("rpo_app.bench.effect")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SEED_PROMPTS = REPO / "data" / "prompts.jsonl"
 DEFAULT_LOSSES = ("rpo-paired", "rpo-unpaired", "dpo")
 EXIT_USAGE = 2
@@ -145,7 +145,7 @@ def _hash(*parts) -> str:
 
 def mean_token_logps(host, prompts: list[str], answers: list[str], max_length: int) -> list[float]:
     """Base model's mean log-prob per answer token (adapters off): fluency proxy."""
-    from rpo_app.train import base_token_logps
+    from rpo_app.scoring import base_token_logps
 
     with host.lock:
         return base_token_logps(host.model, host.tokenizer, host.pad_id, host.device, prompts, answers,
@@ -185,15 +185,11 @@ def _cached(cache: Path | None, key: str, make):
 
 def _link_model(model: str | None, source_data_dir: Path, data_dir: Path) -> str | None:
     """Point the fresh data dir at the already-converted default model (no reconversion)."""
-    from rpo_app.models import DEFAULT_MODEL_NAME, is_default, resolve_model
+    from rpo_app.models import is_default, link_model_cache, resolve_model
 
     if not is_default(model):
         return resolve_model(model, source_data_dir)
-    converted = Path(resolve_model(None, source_data_dir))
-    link = data_dir / "models" / DEFAULT_MODEL_NAME
-    if not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(converted, target_is_directory=True)
+    link_model_cache(source_data_dir, data_dir)
     return None
 
 
@@ -203,7 +199,9 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
     from rpo_app.generate import GenSettings, ModelHost, generate_candidates
     from rpo_app.judges import score
     from rpo_app.store import Store
-    from rpo_app.train import TrainConfig, train
+    from rpo_app.runfolder import RunFolder
+    from rpo_app.train import train
+    from rpo_app.trainconfig import TrainConfig
 
     seed_dir = out / f"seed-{seed}"
     data_dir = seed_dir / "data"
@@ -224,8 +222,8 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
                          max_new_tokens=args.max_new_tokens, seed=seed)
     greedy = GenSettings(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=seed)
 
-    store.add_prompts([{"prompt": r["prompt"], "family": r.get("family")} for r in train_rows], "bench-effect")
-    ids = [store.ensure_prompt(r["prompt"], "bench-effect") for r in train_rows]
+    ids, _ = store.add_prompts([{"prompt": r["prompt"], "family": r.get("family")} for r in train_rows],
+                               "bench-effect")
     candidates_key = _hash("candidates", host.model_name, str(model), [r["prompt"] for r in train_rows],
                            args.candidates, sample.to_dict())
 
@@ -281,42 +279,41 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
                 loss=loss, beta=args.beta, temperature=args.temperature, learning_rate=args.lr,
                 max_steps=args.steps, epochs=args.epochs, min_steps=args.min_steps,
                 batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                max_length=args.max_length,
-                max_prompt_length=args.max_length // 2, seed=seed, eval_fraction=args.eval_fraction,
+                max_length=args.max_length, seed=seed, eval_fraction=args.eval_fraction,
                 eval_every=args.eval_every, sample_every=0, save_every=0,
                 sample_max_new_tokens=args.max_new_tokens, annotators=[annotator], model=model,
                 device=args.device, cpu_threads=args.cpu_threads)
             t0 = time.time()
             rc = train(cfg, run_dir, data_dir)
             train_s = time.time() - t0
-            status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
-            if rc == 130 or status.get("state") == "stopped":
+            run = RunFolder(run_dir, writable=False)
+            status = run.status()
+            if rc == 130 or status.state == "stopped":
                 # The trainer caught Ctrl-C / SIGTERM and stopped cleanly: so does the benchmark.
                 raise KeyboardInterrupt
             row = {"seed": seed, "judge": judge_name, "loss": loss, "beta": cfg.beta, "train_s": train_s,
-                   "judgments": dict(counts), "rc": rc, "state": status.get("state")}
-            if rc != 0 or not (run_dir / "adapter").exists():
-                row["error"] = status.get("error") or f"training exited with code {rc}"
+                   "judgments": dict(counts), "rc": rc, "state": status.state}
+            if rc != 0 or not run.adapter.exists():
+                row["error"] = status.error or f"training exited with code {rc}"
                 log.error("seed %d %s %s: %s", seed, judge_name, loss, row["error"])
                 rows.append(row)
                 continue
             name = f"{judge_name}-{loss}"
-            host.load_adapter(name, run_dir / "adapter")
+            host.load_adapter(name, run.adapter)
             try:
                 tuned = [a[0] for a in host.generate(test_prompts, 1, greedy, adapter=name,
                                                      progress=_tqdm_progress(f"{judge_name}/{loss}: test"))]
             finally:
                 host.unload_adapter(name)
             tuned_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, tuned)]
-            evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-            accs = [m["eval/accuracy"] for m in evals if "eval/accuracy" in m]
+            accs = [m.eval_accuracy for m in run.metrics() if m.eval_accuracy is not None]
             row.update({
                 "win_rate": win_rate(tuned_scores, base_scores),
                 "score_tuned": statistics.fmean(tuned_scores), "score_base": statistics.fmean(base_scores),
                 "heldout_acc": accs[-1] if accs else None,
                 **{k: v for k, v in degeneration.summarize(tuned).items() if k != "n"},
                 "base_logp": statistics.fmean(mean_token_logps(host, test_prompts, tuned, args.max_length)),
-                "steps": status.get("step"), "early_stopped": status.get("early_stopped"),
+                "steps": status.step, "early_stopped": status.early_stopped,
                 "answers": tuned,
             })
             log.info("seed %d %s %s: win rate %.2f, %.1f words (base %.1f)", seed, judge_name, loss,
@@ -372,7 +369,7 @@ def _read_prompts(path: Path) -> list[dict]:
 
 
 def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from rpo_app.train import TrainConfig  # a plain dataclass module: no torch at import
+    from rpo_app.trainconfig import TrainConfig  # a plain dataclass module: no torch at import
 
     d = TrainConfig()
     p.add_argument("--judge", action="append", default=None,
@@ -412,7 +409,7 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=d.temperature, help="RPO tau")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lora-r", type=int, default=d.lora_r)
-    g.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    g.add_argument("--lora-alpha", type=int, default=None, help="default: the trainer's rule (2 x rank)")
     g.add_argument("--max-length", type=int, default=320)
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--eval-every", type=int, default=10)
@@ -420,8 +417,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> dict:
-    from rpo_app.batches import LOSSES
     from rpo_app.judges import SHIPPED, load_judge
+    from rpo_app.loss_registry import LOSS_NAMES as LOSSES
 
     judges = dict(load_judge(spec) for spec in (args.judge or list(SHIPPED)))
     bad = [loss for loss in args.losses if loss not in LOSSES]

@@ -7,7 +7,7 @@ better part of an hour on 2 CPU cores and measures the embedder, not the search.
 search cost (one 100k x 384 matvec + a partial sort) does not depend on what the
 vectors mean.
 
-    python -m rpo_app.bench_search [--n 100000] [--queries 200] [--judgments 200000]
+    python -m rpo_app.bench.search [--n 100000] [--queries 200] [--judgments 200000]
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Same model (the bundled SmolLM2 on the CPU unless told otherwise), same prompts,
 same sampling settings. Both sides count real generated tokens: up to and
 including the end-of-turn token, none of the padding after it.
 
-    python -m rpo_app.bench_generate [--quick] [--out DIR] [--data-dir D]
+    python -m rpo_app.bench.generate [--quick] [--out DIR] [--data-dir D]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SEED_PROMPTS = REPO / "data" / "prompts.jsonl"
 
 
@@ -171,7 +171,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rpo_app.bench_generate", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m rpo_app.bench.generate", description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default=None)

@@ -21,24 +21,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-_LOCAL = "127.0.0.1,localhost"
+from rpo_app.netutil import free_port, gradio_client, local_opener
 
-
-def _local_only() -> None:
-    # Test and bench traffic goes to 127.0.0.1; never through a proxy the env names.
-    for var in ("NO_PROXY", "no_proxy"):
-        os.environ[var] = ",".join(filter(None, [os.environ.get(var), _LOCAL]))
-
-
-def client(url: str, auth: tuple[str, str] | None = None):
-    import logging
-
-    from gradio_client import Client
-
-    _local_only()
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per request skews timing
-    return Client(url, auth=auth, verbose=False, download_files=False, analytics_enabled=False)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,7 +46,7 @@ def annotate(url: str, annotators: int, per_annotator: int, modes=("paired", "un
              prefix: str = "load") -> dict:
     """`annotators` threads, each a gradio_client annotator judging `per_annotator` items.
     Returns the acknowledged judgments (token -> judgment id), latencies and errors."""
-    clients = [client(url) for _ in range(annotators)]
+    clients = [gradio_client(url) for _ in range(annotators)]
     acked: dict[str, dict] = {}
     t_next: list[float] = []
     t_submit: list[float] = []
@@ -118,7 +103,7 @@ def check_exactly_once(store, acked: dict[str, dict], prefix: str = "load") -> d
 
 def chat_loop(url: str, stop: threading.Event) -> dict:
     """A chat user: sends messages one after another until `stop` (the model generates)."""
-    c = client(url)
+    c = gradio_client(url)
     sent, errors = 0, []
     while not stop.is_set():
         try:
@@ -149,10 +134,10 @@ def _noop_server(port: int) -> None:
 
 def baseline(annotators: int, calls: int, port: int) -> dict:
     """Latency of the same N clients calling endpoints that do nothing (bare Gradio)."""
-    proc = _spawn([sys.executable, "-m", "rpo_app.bench_load", "--noop-server", str(port)])
+    proc = _spawn([sys.executable, "-m", "rpo_app.bench.load", "--noop-server", str(port)])
     try:
         url = _wait_http(f"http://127.0.0.1:{port}", proc)
-        clients = [client(url) for _ in range(annotators)]
+        clients = [gradio_client(url) for _ in range(annotators)]
         times: list[float] = []
         lock = threading.Lock()
         start = threading.Barrier(annotators)
@@ -192,10 +177,7 @@ def _spawn(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> str:
-    import urllib.request
-
-    _local_only()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    opener = local_opener()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -207,14 +189,6 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> str:
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"no answer from {url}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def seed_items(store, n_prompts: int) -> None:
@@ -233,18 +207,17 @@ def run(annotators: int = 20, per_annotator: int = 50, data_dir: str | Path = "d
     """Start the app on a fresh data dir (the model folder linked in), a training run and
     a chat, then the annotators; return the report (also checks exactly-once)."""
     from rpo_app.config import DataLayout
-    from rpo_app.models import resolve_model
+    from rpo_app.models import link_model_cache
     from rpo_app.runs import RunManager
     from rpo_app.store import Store
-    from rpo_app.train import TrainConfig
+    from rpo_app.trainconfig import TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="rpo-bench-load-") as tmp:
         data = Path(tmp) / "data"
         layout = DataLayout(data)
         layout.models.mkdir(parents=True)
-        if model is None:  # link the converted default model instead of converting again
-            src = Path(resolve_model(None, data_dir))  # converts once if it never ran
-            (layout.models / src.name).symlink_to(src.resolve())
+        if model is None:
+            link_model_cache(data_dir, data)
         store = Store(layout.db)
         seed_items(store, n_prompts=annotators * per_annotator // 2 + 150)  # 64 go to training
         trainer = None
@@ -252,7 +225,7 @@ def run(annotators: int = 20, per_annotator: int = 50, data_dir: str | Path = "d
             for row in store.prompts(limit=64):
                 a, b = [r["id"] for r in store.responses_for_prompt(row["id"])][:2]
                 store.add_judgment("paired", a, b, "a", "seed")
-        port = _free_port()
+        port = free_port()
         args = [sys.executable, str(REPO / "app.py"), "--data-dir", str(data), "--port", str(port)]
         if model:
             args += ["--model", model]
@@ -276,7 +249,7 @@ def run(annotators: int = 20, per_annotator: int = 50, data_dir: str | Path = "d
             stop_chat.set()
             if chat_thread:
                 chat_thread.join(300)
-            base = baseline(annotators, max(5, per_annotator // 5), _free_port())
+            base = baseline(annotators, max(5, per_annotator // 5), free_port())
             checks = check_exactly_once(store, result["acked"])
             training = runs.status(trainer) if trainer else None
         finally:
@@ -292,7 +265,7 @@ def run(annotators: int = 20, per_annotator: int = 50, data_dir: str | Path = "d
         "wall_s": round(result["wall_s"], 1),
         "next_item": summary_ms(result["next_s"]), "submit_judgment": summary_ms(result["submit_s"]),
         "bare_gradio_noop": base, "checks": checks, "errors": result["errors"][:5],
-        "training_during": {"state": training["state"], "step": training.get("step")}
+        "training_during": {"state": training.state, "step": training.step}
         if training else None,
         "chat_during": chat_result or None,
     }

@@ -7,7 +7,7 @@ the reference log-probs (adapter disabled) on every step. We compute them once p
 sequence before training; that one-off cost is reported too, and folded into an
 "amortised over one epoch" figure so the comparison does not hide it.
 
-    python -m rpo_app bench ... (training part) / python -m rpo_app.bench_train --out bench.json
+    python -m rpo_app bench ... (training part) / python -m rpo_app.bench.train --out bench.json
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def synthetic_judgments(n_pairs: int, seed: int = 0, max_words: int = 110) -> li
         prompt = f"Explain {TOPICS[k % len(TOPICS)]} {rng.choice(['simply', 'briefly', 'to a child', 'in detail'])}."
         a, b = text(rng.randint(4, max_words)), text(rng.randint(4, max_words))
         rows.append({"judgment_id": k + 1, "kind": "paired", "verdict": rng.choice("ab"), "strength": None,
-                     "annotator": "bench", "prompt_a": prompt, "response_a": a, "prompt_b": prompt,
-                     "response_b": b, "prompt_a_id": k + 1, "prompt_b_id": k + 1})
+                     "annotator": "bench", "prompt_a_text": prompt, "response_a_text": a, "prompt_b_text": prompt,
+                     "response_b_text": b, "prompt_a_id": k + 1, "prompt_b_id": k + 1})
     return rows
 
 
@@ -51,7 +51,9 @@ def _summary(step_times: list[float], batch: int) -> dict:
 
 
 def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
-    from rpo_app.train import TrainConfig, Trainer, _make_accelerator
+    from rpo_app.runfolder import RunFolder
+    from rpo_app.train import Trainer, _make_accelerator
+    from rpo_app.trainconfig import TrainConfig
 
     cfg = TrainConfig(loss=args.loss, batch_size=args.batch_size, max_length=args.max_length,
                       max_prompt_length=args.max_prompt_length, max_steps=args.warmup_steps + args.steps,
@@ -59,7 +61,7 @@ def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> 
                       early_stop_patience=0, seed=args.seed, device=args.device).validate()
     acc = _make_accelerator(cfg.device)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(cfg, out, data_dir, judgments, [], model_path, acc, resume=False)
+        trainer = Trainer(cfg, RunFolder(out), data_dir, judgments, [], model_path, acc, resume=False)
         t0 = time.time()
         trainer.setup()
         setup_s = time.time() - t0
@@ -86,7 +88,7 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
 
     from rpo_app.batches import judgment_pairs
     from rpo_app.models import load_model
-    from rpo_app.train import TrainConfig
+    from rpo_app.trainconfig import TrainConfig
 
     defaults = TrainConfig(loss="dpo")  # TRL trains DPO here
     rows = [{"prompt": [{"role": "user", "content": p.chosen.prompt}],
@@ -217,7 +219,7 @@ def format_table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rpo_app.bench_train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m rpo_app.bench.train", description=__doc__.splitlines()[0])
     return main_from_args(add_args(parser).parse_args(argv))
 
 
