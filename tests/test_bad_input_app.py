@@ -110,7 +110,7 @@ def test_uploaded_files_are_read_never_run_and_bad_ones_refused(app_on_tiny, tmp
     ({"param_3": -1e-4}, "learning_rate must be > 0"),
     ({"param_5": 0}, "batch_size|minimum"),
     ({"param_1": -0.5}, "beta|minimum"),
-    ({"param_4": 0}, "max_steps|minimum"),
+    ({"param_4": -1}, "max_steps|minimum"),
 ])
 def test_training_settings_out_of_range_start_nothing(app_on_tiny, overrides, message):
     app, data = app_on_tiny

@@ -40,6 +40,39 @@ def _train_until_finished(page, pairs: int, previews: str, **numbers) -> None:
                            ".includes('finished')", timeout=300_000)
 
 
+def _wait_for_adapter(data_dir, timeout_s: float = 60.0) -> str:
+    """The newest run's id, once its adapter is registered: that happens when the training
+    process has exited, a moment after its status says finished."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    store = Store(data_dir)
+    try:
+        run_id = store.runs()[0]["id"]
+        while store.adapter_for_run(run_id) is None:
+            assert time.monotonic() < deadline, f"run {run_id} left no adapter"
+            time.sleep(0.3)
+        return run_id
+    finally:
+        store.close()
+
+
+def _adapters(data_dir, action: str, run_id: str, name: str) -> None:
+    """Register a copy of the run's adapter as `name`, or delete that copy, behind the app's back."""
+    from rpo_app import adapters
+    from rpo_app.config import DataLayout
+
+    layout = DataLayout(data_dir)
+    store = Store(data_dir)
+    try:
+        if action == "register":
+            adapters.register_from_run(store, layout, layout.run_dir(run_id), name)
+        else:
+            adapters.delete(store, layout, name)
+    finally:
+        store.close()
+
+
 def _wait_until_streams_end(page, elem_ids, quiet_s: float = 3.0, timeout_s: float = 120.0) -> None:
     import time
 
@@ -86,13 +119,14 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
             assert "tuned" in page.locator("#train-samples").inner_text().lower()
             screenshot(page, "train-tab.png", full_page=True)
 
+            run_id = _wait_for_adapter(data_dir)
             page.get_by_role("tab", name="Chat").click()
+            # The run's adapter is on the right without the user picking it (defect 6).
+            page.wait_for_function("id => document.querySelector('#chat-right-pick input')"
+                                   ".value === id", arg=run_id, timeout=TIMEOUT)
+            assert page.locator("#chat-left-pick input").first.input_value() == "base model"
             page.locator("#chat-settings").get_by_text("Generation settings").click()
             _set_number(page, "chat-max-new", 16)
-            run_id = Store(data_dir).runs()[0]["id"]
-            right = page.locator("#chat-right-pick input").first
-            right.click()
-            page.get_by_role("option", name=run_id).click()
             _box(page, "chat-input").fill("Hello there")
             _button(page, "chat-send").click()
             for side in ("chat-left", "chat-right"):
@@ -116,6 +150,21 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
             reveal = page.locator("#chat-reveal").inner_text()
             assert run_id in reveal and "base model" in reveal
             assert "tuned" in page.locator("#chat-tally").inner_text()
+
+            # A side the user picked stays picked when the tab refreshes its pickers (on
+            # select). The left side picks an adapter that then goes away, so the refresh
+            # shows on the page: the left side falls back to the base model.
+            page.locator("#chat-blind input").uncheck()
+            _adapters(data_dir, "register", run_id, "later-one")
+            for side, name in (("left", "later-one"), ("right", "base model")):
+                page.locator(f"#chat-{side}-pick input").first.click()
+                page.locator(f"#chat-{side}-pick").get_by_role("option", name=name).click()
+            _adapters(data_dir, "delete", run_id, "later-one")
+            page.get_by_role("tab", name="Data").click()
+            page.get_by_role("tab", name="Chat").click()
+            page.wait_for_function("() => document.querySelector('#chat-left-pick input')"
+                                   ".value === 'base model'", timeout=TIMEOUT)
+            assert page.locator("#chat-right-pick input").first.input_value() == "base model"
     finally:
         app.stop()
 

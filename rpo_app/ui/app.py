@@ -56,7 +56,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         demo.load(on_load, remembered, [annotator, model_info], api_name=False).then(
             label["show_next"], label["inputs"], label["view"], api_name=False).then(
             data["refresh"], None, data["outputs"], api_name=False).then(
-            train["load"], None, train["load_outputs"], api_name=False).then(
+            train["load"], train["load_inputs"], train["load_outputs"], api_name=False).then(
             chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
         annotator.change(lambda name: name, annotator, remembered, api_name=False)
         # A run may have finished since the page loaded: offer its adapter at once.

@@ -5,7 +5,9 @@ becomes a prompt, each answer a response that records which model/adapter made i
 """
 from __future__ import annotations
 
+import functools
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -14,26 +16,195 @@ import gradio as gr
 import pandas as pd
 
 from rpo_app.labelqueue import canonical_pair
-from rpo_app.ui.context import AppContext
+from rpo_app.ui.context import BASE_LABEL, AppContext
 
-BASE = "base model"
 BLIND_SOURCE = "blind-chat"
 
 
+# -- the two pickers ----------------------------------------------------------------------
+
+def pick_choices(ctx: AppContext) -> list[str]:
+    """The base model, then the adapters oldest to newest."""
+    return [BASE_LABEL] + [a["name"] for a in ctx.store.adapters()]
+
+
+def default_picks(names: list[str], left: str | None, right: str | None,
+                  user_picked_right: bool) -> tuple[str, str]:
+    """The two sides after the adapter list (`names`, oldest to newest) changed.
+
+    The right side shows the newest adapter, so a run that just finished is what the
+    tab compares with the base model, unless the user chose the right side themselves
+    and that choice still exists. The left side keeps its pick while it exists.
+    """
+    left = left if left in names else BASE_LABEL
+    if not (user_picked_right and right in names):
+        right = names[-1]
+    return left, right
+
+
+def refresh_picks(ctx: AppContext, left: str | None, right: str | None,
+                  user_picked_right: bool) -> tuple:
+    ctx.sync_adapters()
+    names = pick_choices(ctx)
+    new_left, new_right = default_picks(names, left, right, user_picked_right)
+    return _pick_update(names, left, new_left), _pick_update(names, right, new_right)
+
+
+def _pick_update(names: list[str], old: str | None, new: str):
+    # Send a value only when it changes: this runs when a picker gets the focus, and an
+    # echo of the old value could land after the user's own choice and undo it.
+    return gr.update(choices=names) if new == old else gr.update(choices=names, value=new)
+
+
+def load_view(ctx: AppContext, left: str | None, right: str | None,
+              user_picked_right: bool) -> tuple:
+    """When the page opens or the tab is selected: pickers, tally, adapters table."""
+    return (*refresh_picks(ctx, left, right, user_picked_right), _tally(ctx), *adapters_view(ctx))
+
+
+# -- chatting and voting ------------------------------------------------------------------
+
+def submit(ctx: AppContext, msg, left_hist, right_hist, left, right, is_blind, pair, *settings):
+    msg = (msg or "").strip()
+    if not msg:
+        raise gr.Error("type a message first")
+    left_hist = list(left_hist or []) + [{"role": "user", "content": msg}]
+    right_hist = list(right_hist or []) + [{"role": "user", "content": msg}]
+    if is_blind and not pair:
+        pair = blind_pair(ctx)
+    # Clear the input once, now: the stream below must not touch it, or a message the
+    # user types while answers stream in would be wiped.
+    yield left_hist, right_hist, pair, gr.update(visible=False), ""
+    yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
+
+
+def regenerate(ctx: AppContext, left_hist, right_hist, left, right, is_blind, pair, *settings):
+    left_hist, right_hist = _drop_last_answer(left_hist), _drop_last_answer(right_hist)
+    if not left_hist:
+        raise gr.Error("nothing to regenerate")
+    yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
+
+
+def vote(ctx: AppContext, verdict: str, left_hist, right_hist, pair, annotator: str) -> tuple:
+    """Store a blind vote; returns the reveal, the tally, no pair, and the hidden vote row."""
+    if not pair or not left_hist or not right_hist:
+        raise gr.Error("chat in blind mode first, then vote")
+    if left_hist[-1]["role"] != "assistant" or right_hist[-1]["role"] != "assistant":
+        raise gr.Error("wait for both answers before voting")
+    try:
+        jid = _store_vote(ctx, left_hist, right_hist, pair, verdict, annotator)
+    except ValueError as err:  # e.g. a full disk, or a message the store refuses
+        raise gr.Error(str(err))
+    return (f"Saved as judgment #{jid}. **Left was {pair['left']}**, "
+            f"**right was {pair['right']}**.", _tally(ctx), None, gr.update(visible=False))
+
+
+def toggle_blind(ctx: AppContext, is_blind: bool) -> tuple:
+    if not is_blind:
+        return (gr.update(visible=True), gr.update(visible=True), None,
+                gr.update(visible=False), "", [], [])
+    return (gr.update(visible=False), gr.update(visible=False), blind_pair(ctx),
+            gr.update(visible=False), "Blind mode: the two sides are hidden and shuffled. "
+            "Chat, then vote; names are revealed after the vote.", [], [])
+
+
+def clear_all(ctx: AppContext, is_blind: bool) -> tuple:
+    return [], [], (blind_pair(ctx) if is_blind else None), gr.update(visible=False), ""
+
+
+def blind_pair(ctx: AppContext) -> dict:
+    """Newest adapter against the base model, sides shuffled."""
+    adapters = ctx.store.adapters()
+    if not adapters:
+        raise gr.Error("blind mode needs a trained adapter; train one in the Train tab first")
+    names = [adapters[-1]["name"], BASE_LABEL]
+    random.shuffle(names)
+    return {"left": names[0], "right": names[1]}
+
+
+# -- adapters -----------------------------------------------------------------------------
+
+def adapters_view(ctx: AppContext) -> tuple:
+    rows = ctx.store.adapters()
+    frame = pd.DataFrame([{"name": a["name"], "from run": a["run_id"] or "",
+                           "base model": a["base_model"] or "bundled SmolLM2",
+                           "path": a["path"]} for a in rows])
+    return frame, gr.update(choices=[a["name"] for a in rows])
+
+
+def rename_adapter(ctx: AppContext, old, new) -> tuple:
+    from rpo_app import adapters
+
+    try:
+        adapters.rename(ctx.store, ctx.layout, old, new)
+        if ctx.model_ready:
+            host = ctx.host()
+            host.unload_adapter(old)
+            host.load_adapter(new, ctx.store.adapter(new)["path"])
+    except (ValueError, RuntimeError, OSError) as err:
+        raise gr.Error(str(err))
+    return adapters_view(ctx)
+
+
+def delete_adapter(ctx: AppContext, name) -> tuple:
+    from rpo_app import adapters
+
+    try:
+        adapters.delete(ctx.store, ctx.layout, name)
+        if ctx.model_ready:
+            ctx.host().unload_adapter(name)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise gr.Error(str(err))
+    return adapters_view(ctx)
+
+
+def export_zip(ctx: AppContext, name) -> str:
+    from rpo_app import adapters
+
+    if not name:
+        raise gr.Error("pick an adapter")
+    out = Path(tempfile.mkdtemp(prefix="rpo-adapter-")) / f"{name}-peft.zip"
+    try:
+        adapters.export_zip(ctx.layout, name, out)
+    except (ValueError, OSError) as err:
+        raise gr.Error(str(err))
+    return str(out)
+
+
+def export_merged(ctx: AppContext, name, progress=gr.Progress()) -> str:
+    from rpo_app import adapters
+
+    if not name:
+        raise gr.Error("pick an adapter")
+    progress(0.1, desc="merging the adapter into the base model")
+    work = Path(tempfile.mkdtemp(prefix="rpo-merged-"))
+    try:
+        adapters.merge(ctx.store.adapter(name)["path"], work / name, base_model=ctx.cfg.model,
+                       data_dir=ctx.layout.root)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise gr.Error(str(err))
+    progress(0.8, desc="zipping")
+    return shutil.make_archive(str(work / f"{name}-merged"), "zip", work / name)
+
+
+# -- layout and wiring --------------------------------------------------------------------
+
 def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
-    blind_pair = gr.State(None)  # {"left": name, "right": name} while blind
+    blind_pair_state = gr.State(None)  # {"left": name, "right": name} while blind
+    right_picked = gr.State(False)  # the user chose the right side: refreshes keep it
     with gr.Row():
         blind = gr.Checkbox(False, label="Blind mode: hide which model is which, then vote",
                             elem_id="chat-blind")
         tally = gr.Markdown("", elem_id="chat-tally")
     with gr.Row():
         with gr.Column():
-            left_pick = gr.Dropdown([BASE], value=BASE, label="Left", elem_id="chat-left-pick",
+            left_pick = gr.Dropdown([BASE_LABEL], value=BASE_LABEL, label="Left",
+                                    elem_id="chat-left-pick",
                                     allow_custom_value=True)  # adapters appear after load
             left_bot = gr.Chatbot(label="Left", height=420, buttons=["copy"], elem_id="chat-left")
         with gr.Column():
-            right_pick = gr.Dropdown([BASE], value=BASE, label="Right", elem_id="chat-right-pick",
-                                     allow_custom_value=True)
+            right_pick = gr.Dropdown([BASE_LABEL], value=BASE_LABEL, label="Right",
+                                     elem_id="chat-right-pick", allow_custom_value=True)
             right_bot = gr.Chatbot(label="Right", height=420, buttons=["copy"],
                                    elem_id="chat-right")
     with gr.Row():
@@ -71,166 +242,50 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         ad_file = gr.File(label="Download", interactive=False)
 
     settings_inputs = [temp, top_p, max_new, seed, system]
+    chat_inputs = [left_bot, right_bot, left_pick, right_pick, blind, blind_pair_state,
+                   *settings_inputs]
+    chat_outputs = [left_bot, right_bot, blind_pair_state, vote_row, message]
+    model_queue = {"concurrency_limit": 1, "concurrency_id": "model"}
+    send.click(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
+               api_name="chat_send", **model_queue)
+    message.submit(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
+                   api_name=False, **model_queue)
+    regen.click(functools.partial(regenerate, ctx), chat_inputs, chat_outputs,
+                api_name="chat_regenerate", **model_queue)
+    clear.click(functools.partial(clear_all, ctx), blind,
+                [left_bot, right_bot, blind_pair_state, vote_row, reveal], api_name="chat_clear")
+    blind.change(functools.partial(toggle_blind, ctx), blind,
+                 [left_pick, right_pick, blind_pair_state, vote_row, reveal, left_bot, right_bot],
+                 api_name=False)
 
-    def choices():
-        return [BASE] + [a["name"] for a in ctx.store.adapters()]
+    def voter(verdict):
+        def on_vote(left_hist, right_hist, pair, typed, request: gr.Request):
+            return vote(ctx, verdict, left_hist, right_hist, pair, ctx.annotator(request, typed))
+        return on_vote
 
-    def refresh_picks(left, right):
-        ctx.sync_adapters()
-        names = choices()
-        return (gr.update(choices=names, value=left if left in names else BASE),
-                gr.update(choices=names, value=right if right in names else names[-1]))
-
-    def submit(msg, left_hist, right_hist, left, right, is_blind, pair, *settings):
-        msg = (msg or "").strip()
-        if not msg:
-            raise gr.Error("type a message first")
-        left_hist = list(left_hist or []) + [{"role": "user", "content": msg}]
-        right_hist = list(right_hist or []) + [{"role": "user", "content": msg}]
-        if is_blind and not pair:
-            pair = _blind_pair(ctx)
-        # Clear the input once, now: the stream below must not touch it, or a message the
-        # user types while answers stream in would be wiped.
-        yield left_hist, right_hist, pair, gr.update(visible=False), ""
-        yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
-
-    def regenerate(left_hist, right_hist, left, right, is_blind, pair, *settings):
-        left_hist, right_hist = _drop_last_answer(left_hist), _drop_last_answer(right_hist)
-        if not left_hist:
-            raise gr.Error("nothing to regenerate")
-        yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
-
-    def vote(verdict):
-        def handler(left_hist, right_hist, pair, typed, request: gr.Request):
-            name = ctx.annotator(request, typed)
-            if not pair or not left_hist or not right_hist:
-                raise gr.Error("chat in blind mode first, then vote")
-            if left_hist[-1]["role"] != "assistant" or right_hist[-1]["role"] != "assistant":
-                raise gr.Error("wait for both answers before voting")
-            try:
-                jid = _store_vote(ctx, left_hist, right_hist, pair, verdict, name)
-            except ValueError as err:  # e.g. a full disk, or a message the store refuses
-                raise gr.Error(str(err))
-            return (f"Saved as judgment #{jid}. **Left was {pair['left']}**, "
-                    f"**right was {pair['right']}**.", _tally(ctx), None,
-                    gr.update(visible=False))
-        return handler
-
-    def toggle_blind(is_blind):
-        if not is_blind:
-            return (gr.update(visible=True), gr.update(visible=True), None,
-                    gr.update(visible=False), "", [], [])
-        pair = _blind_pair(ctx)
-        return (gr.update(visible=False), gr.update(visible=False), pair,
-                gr.update(visible=False), "Blind mode: the two sides are hidden and shuffled. "
-                "Chat, then vote; names are revealed after the vote.", [], [])
-
-    def clear_all(is_blind):
-        return [], [], (_blind_pair(ctx) if is_blind else None), gr.update(visible=False), ""
-
-    chat_inputs = [left_bot, right_bot, left_pick, right_pick, blind, blind_pair, *settings_inputs]
-    chat_outputs = [left_bot, right_bot, blind_pair, vote_row, message]
-    send.click(submit, [message, *chat_inputs], chat_outputs, api_name="chat_send",
-               concurrency_limit=1, concurrency_id="model")
-    message.submit(submit, [message, *chat_inputs], chat_outputs, api_name=False,
-                   concurrency_limit=1, concurrency_id="model")
-    regen.click(regenerate, chat_inputs, chat_outputs, api_name="chat_regenerate",
-                concurrency_limit=1, concurrency_id="model")
-    clear.click(clear_all, blind, [left_bot, right_bot, blind_pair, vote_row, reveal],
-                api_name="chat_clear")
-    blind.change(toggle_blind, blind, [left_pick, right_pick, blind_pair, vote_row, reveal,
-                                       left_bot, right_bot], api_name=False)
     for button, verdict in ((v_left, "left"), (v_right, "right"), (v_tie, "tie"),
                             (v_bad, "both_bad")):
-        button.click(vote(verdict), [left_bot, right_bot, blind_pair, annotator_box],
-                     [reveal, tally, blind_pair, vote_row], api_name=f"chat_vote_{verdict}")
+        button.click(voter(verdict), [left_bot, right_bot, blind_pair_state, annotator_box],
+                     [reveal, tally, blind_pair_state, vote_row], api_name=f"chat_vote_{verdict}")
+    picks = [left_pick, right_pick, right_picked]
     for pick in (left_pick, right_pick):
-        pick.focus(refresh_picks, [left_pick, right_pick], [left_pick, right_pick],
+        pick.focus(functools.partial(refresh_picks, ctx), picks, [left_pick, right_pick],
                    api_name=False)
+    right_pick.input(lambda: True, None, right_picked, api_name=False)
 
-    # -- adapters --------------------------------------------------------------------
-    def adapters_view():
-        rows = ctx.store.adapters()
-        frame = pd.DataFrame([{"name": a["name"], "from run": a["run_id"] or "",
-                               "base model": a["base_model"] or "bundled SmolLM2",
-                               "path": a["path"]} for a in rows])
-        return frame, gr.update(choices=[a["name"] for a in rows])
-
-    def rename(old, new):
-        from rpo_app import adapters
-
-        try:
-            adapters.rename(ctx.store, ctx.layout, old, new)
-            host = ctx.host(timeout=0.01) if ctx.model_status() == "model ready" else None
-            if host is not None:
-                host.unload_adapter(old)
-                host.load_adapter(new, ctx.store.adapter(new)["path"])
-        except (ValueError, RuntimeError, OSError) as err:
-            raise gr.Error(str(err))
-        return adapters_view()
-
-    def delete(name):
-        from rpo_app import adapters
-
-        try:
-            adapters.delete(ctx.store, ctx.layout, name)
-            if ctx.model_status() == "model ready":
-                ctx.host().unload_adapter(name)
-        except (ValueError, RuntimeError, OSError) as err:
-            raise gr.Error(str(err))
-        return adapters_view()
-
-    def export_zip(name):
-        from rpo_app import adapters
-
-        if not name:
-            raise gr.Error("pick an adapter")
-        out = Path(tempfile.mkdtemp(prefix="rpo-adapter-")) / f"{name}-peft.zip"
-        try:
-            adapters.export_zip(ctx.layout, name, out)
-        except (ValueError, OSError) as err:
-            raise gr.Error(str(err))
-        return str(out)
-
-    def export_merged(name, progress=gr.Progress()):
-        import shutil
-
-        from rpo_app import adapters
-
-        if not name:
-            raise gr.Error("pick an adapter")
-        progress(0.1, desc="merging the adapter into the base model")
-        work = Path(tempfile.mkdtemp(prefix="rpo-merged-"))
-        try:
-            adapters.merge(ctx.store.adapter(name)["path"], work / name, base_model=ctx.cfg.model,
-                           data_dir=ctx.layout.root)
-        except (ValueError, RuntimeError, OSError) as err:
-            raise gr.Error(str(err))
-        progress(0.8, desc="zipping")
-        return shutil.make_archive(str(work / f"{name}-merged"), "zip", work / name)
-
-    ad_rename.click(rename, [ad_pick, ad_new], [adapters_table, ad_pick], api_name="adapter_rename")
-    ad_delete.click(delete, ad_pick, [adapters_table, ad_pick], api_name="adapter_delete")
-    ad_zip.click(export_zip, ad_pick, ad_file, api_name="adapter_export")
-    ad_merge.click(export_merged, ad_pick, ad_file, api_name="adapter_merge",
-                   concurrency_limit=1, concurrency_id="model")
-
-    def on_load(left, right):
-        return (*refresh_picks(left, right), _tally(ctx), *adapters_view())
-
-    return {"load": on_load, "load_inputs": [left_pick, right_pick],
+    adapter_outputs = [adapters_table, ad_pick]
+    ad_rename.click(functools.partial(rename_adapter, ctx), [ad_pick, ad_new], adapter_outputs,
+                    api_name="adapter_rename")
+    ad_delete.click(functools.partial(delete_adapter, ctx), ad_pick, adapter_outputs,
+                    api_name="adapter_delete")
+    ad_zip.click(functools.partial(export_zip, ctx), ad_pick, ad_file, api_name="adapter_export")
+    ad_merge.click(functools.partial(export_merged, ctx), ad_pick, ad_file,
+                   api_name="adapter_merge", **model_queue)
+    return {"load": functools.partial(load_view, ctx), "load_inputs": picks,
             "load_outputs": [left_pick, right_pick, tally, adapters_table, ad_pick]}
 
 
-def _blind_pair(ctx: AppContext) -> dict:
-    """Newest adapter against the base model, sides shuffled."""
-    adapters = ctx.store.adapters()
-    if not adapters:
-        raise gr.Error("blind mode needs a trained adapter; train one in the Train tab first")
-    names = [adapters[-1]["name"], BASE]
-    random.shuffle(names)
-    return {"left": names[0], "right": names[1]}
-
+# -- helpers ------------------------------------------------------------------------------
 
 def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings):
     from rpo_app.generate import GenSettings
@@ -241,7 +296,7 @@ def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings):
         left, right = pair["left"], pair["right"]
     gen = GenSettings(temperature=float(temp), top_p=float(top_p), max_new_tokens=int(max_new),
                       seed=int(seed or 0), system_prompt=(system or "").strip() or None)
-    adapters = [None if left == BASE else left, None if right == BASE else right]
+    adapters = [None if left == BASE_LABEL else left, None if right == BASE_LABEL else right]
     for name in adapters:
         if name is not None and name not in host.adapter_names():
             raise gr.Error(ctx.adapter_problem(name))
@@ -282,13 +337,13 @@ def _store_vote(ctx: AppContext, left_hist, right_hist, pair, verdict, annotator
     """The last user turn is the prompt; earlier turns are not part of the judgment."""
     prompt = _text(left_hist[-2]["content"])
     host = ctx.host()
-    pid = ctx.store.ensure_prompt(prompt, source="chat")
+    pid, _ = ctx.store.add_prompt(prompt, source="chat")
     ids = {}
     for side, hist in (("left", left_hist), ("right", right_hist)):
         name = pair[side]
         rid, _ = ctx.store.add_response(pid, _text(hist[-1]["content"]), source="chat",
                                         model=host.model_name,
-                                        adapter=None if name == BASE else name)
+                                        adapter=None if name == BASE_LABEL else name)
         ids[side] = rid
     if ids["left"] == ids["right"]:
         raise gr.Error("both answers are identical; nothing to compare")

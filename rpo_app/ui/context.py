@@ -18,6 +18,10 @@ from rpo_app.store import Store
 
 log = logging.getLogger(__name__)
 
+# How the Chat and Data tabs name "no adapter" in their pickers. The space keeps it apart
+# from every adapter name (check_name allows none).
+BASE_LABEL = "base model"
+
 
 class _Loader:
     """Runs a loader once in a thread; get() waits for it and re-raises its error."""
@@ -68,6 +72,7 @@ class AppContext:
             log.info("loaded %d seed prompts", seeded)
         self.queue = LabelQueue(self.store)
         self.runs = RunManager(self.store, self.layout)
+        self.runs.reattach()  # runs that ended (or go on) while the app was down
         # transformers resolves its classes lazily, and two threads importing through it
         # at once can fail ("cannot import name AutoModelForCausalLM"): import up front.
         import sentence_transformers  # noqa: F401
@@ -122,7 +127,7 @@ class AppContext:
 
     def sync_adapters(self) -> None:
         """Load adapters that appeared in the store (a run just finished) into the host."""
-        if self._host is None or not self._host.ready:
+        if not self.model_ready:
             return
         host = self._host.get()
         loaded = set(host.adapter_names())
@@ -130,12 +135,18 @@ class AppContext:
             if adapter["name"] not in loaded and adapter["name"] not in self._adapter_errors:
                 self._load_adapter(host, adapter)
 
+    @property
+    def model_ready(self) -> bool:
+        """The model has loaded: host() returns at once."""
+        return self._host is not None and self._host.ready
+
     def model_status(self) -> str:
+        """The model line's words."""
         if self._host is None:
             return "no model"
         if self._host.error is not None:
             return f"model failed to load: {self._host.error}"
-        return "model ready" if self._host.ready else "model loading..."
+        return "model ready" if self.model_ready else "model loading..."
 
     def annotator(self, request: gr.Request | None, typed: str | None) -> str:
         """The login name when --auth is on, else the name typed in the page."""

@@ -1,20 +1,91 @@
 """The Data tab: add and import prompts or judgments, generate candidates, export."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from rpo_app.ui.context import AppContext
+from rpo_app.ui.context import BASE_LABEL, AppContext
 
 EXPORT_CHOICES = [("TRL DPO (prompt / chosen / rejected), JSONL", "trl-dpo:jsonl"),
                   ("TRL KTO (prompt / completion / label), JSONL", "trl-kto:jsonl"),
                   ("Full provenance, JSONL", "full:jsonl"),
                   ("Full provenance, CSV", "full:csv"),
                   ("Full provenance, Parquet", "full:parquet")]
-BASE_CHOICE = "base model"
+
+
+def refresh(ctx: AppContext) -> tuple:
+    return _stats_frame(ctx), _prompts_frame(ctx)
+
+
+def add_prompts(ctx: AppContext, text: str | None) -> tuple:
+    from rpo_app import io
+
+    try:
+        report = io.add_prompt_texts(ctx.store, text or "", source="ui")
+    except ValueError as err:
+        raise gr.Error(str(err))
+    _refresh_index(ctx)
+    return ("", f"✔ {report.summary()}", *refresh(ctx))
+
+
+def import_file(ctx: AppContext, file, annotator: str) -> tuple:
+    from rpo_app import io
+
+    if file is None:
+        raise gr.Error("choose a file to import first")
+    try:
+        report = io.import_path(ctx.store, Path(file), annotator=annotator)
+    except ValueError as err:  # ImportFileError names the file, row and problem
+        raise gr.Error(str(err))
+    _refresh_index(ctx)
+    return (None, f"✔ {report.summary()}", *refresh(ctx))
+
+
+def export(ctx: AppContext, choice: str) -> tuple:
+    from rpo_app import io
+
+    fmt, ext = choice.split(":")
+    ctx.layout.exports.mkdir(parents=True, exist_ok=True)
+    out = ctx.layout.exports / f"{fmt}-{time.strftime('%Y%m%d-%H%M%S')}.{ext}"
+    try:
+        report = io.export(ctx.store, fmt, out)
+    except ValueError as err:
+        raise gr.Error(str(err))
+    return str(out), f"✔ {report.summary()}"
+
+
+def generate_answers(ctx: AppContext, adapter, n, limit, temp, top_p, max_new, seed,
+                     progress=gr.Progress()) -> tuple:
+    """Top up prompts with fewer than n answers (the same backlog as `rpo_app generate`)."""
+    from rpo_app.generate import GenSettings, backlog, top_up
+
+    progress(0, desc="waiting for the model")
+    host = ctx.host()
+    adapter = None if adapter in (None, BASE_LABEL) else adapter
+    ctx.sync_adapters()
+    todo = backlog(ctx.store, int(n), int(limit or 20), adapter)
+    if not todo:
+        return "Every prompt already has that many answers.", *refresh(ctx)
+    settings = GenSettings(temperature=float(temp), top_p=float(top_p),
+                           max_new_tokens=int(max_new), seed=int(seed or 0))
+    t0 = time.time()
+
+    def tick(done, total):
+        eta = (time.time() - t0) / max(done, 1) * (total - done)
+        progress(done / max(total, 1), desc=f"{done}/{total} answers · ETA {eta:.0f}s")
+
+    result = top_up(ctx.store, host, todo, int(n), settings, adapter=adapter, progress=tick)
+    return (f"✔ {result['new']} new answers for {len(todo)} prompts in "
+            f"{time.time() - t0:.0f}s ({result.get('duplicates', 0)} duplicates not stored).",
+            *refresh(ctx))
+
+
+def adapter_choices(ctx: AppContext):
+    return gr.update(choices=[BASE_LABEL] + [a["name"] for a in ctx.store.adapters()])
 
 
 def build(ctx: AppContext) -> dict:
@@ -36,7 +107,7 @@ def build(ctx: AppContext) -> dict:
             gr.Markdown("### Generate candidates to judge\nAnswers are stored as they come, so "
                         "you can label what is ready while the rest is generated.")
             with gr.Row():
-                gen_adapter = gr.Dropdown([BASE_CHOICE], value=BASE_CHOICE, label="Generator",
+                gen_adapter = gr.Dropdown([BASE_LABEL], value=BASE_LABEL, label="Generator",
                                           elem_id="gen-adapter")
                 gen_n = gr.Slider(1, 6, value=2, step=1, label="Answers per prompt")
                 gen_limit = gr.Number(value=20, precision=0, minimum=1, label="Prompts (max)")
@@ -60,84 +131,24 @@ def build(ctx: AppContext) -> dict:
     prompts_table = gr.Dataframe(interactive=False, wrap=True, max_height=400,
                                  label="Prompts (newest first, 200 shown)", elem_id="data-prompts")
 
-    def refresh():
-        return _stats_frame(ctx), _prompts_frame(ctx)
+    def on_import(file, request: gr.Request):
+        # With --auth the login name is the importer.
+        return import_file(ctx, file, getattr(request, "username", None) or "import")
 
-    def add(text):
-        from rpo_app import io
+    def on_generate(adapter, n, limit, temp, top_p, max_new, seed, progress=gr.Progress()):
+        return generate_answers(ctx, adapter, n, limit, temp, top_p, max_new, seed, progress)
 
-        try:
-            report = io.add_prompt_texts(ctx.store, text or "", source="ui")
-        except ValueError as err:
-            raise gr.Error(str(err))
-        _refresh_index(ctx)
-        return ("", f"✔ {report.summary()}", *refresh())
-
-    def do_import(file, request: gr.Request):
-        from rpo_app import io
-
-        if file is None:
-            raise gr.Error("choose a file to import first")
-        annotator = getattr(request, "username", None) or "import"
-        try:
-            report = io.import_path(ctx.store, Path(file), annotator=annotator)
-        except ValueError as err:  # ImportFileError names the file, row and problem
-            raise gr.Error(str(err))
-        _refresh_index(ctx)
-        return (None, f"✔ {report.summary()}", *refresh())
-
-    def do_export(choice):
-        from rpo_app import io
-
-        fmt, ext = choice.split(":")
-        ctx.layout.exports.mkdir(parents=True, exist_ok=True)
-        out = ctx.layout.exports / f"{fmt}-{time.strftime('%Y%m%d-%H%M%S')}.{ext}"
-        try:
-            report = io.export(ctx.store, fmt, out)
-        except ValueError as err:
-            raise gr.Error(str(err))
-        return str(out), f"✔ {report.summary()}"
-
-    def generate(adapter, n, limit, temp, top_p, max_new, seed, progress=gr.Progress()):
-        from rpo_app.generate import GenSettings, top_up
-
-        progress(0, desc="waiting for the model")
-        host = ctx.host()
-        adapter = None if adapter in (None, BASE_CHOICE) else adapter
-        ctx.sync_adapters()
-        # With an adapter, count only its own answers: the iterative loop asks the tuned
-        # model for fresh candidates on prompts the base model already answered.
-        rows = (ctx.store.prompts_with_fewer_adapter_responses(int(n), adapter, int(limit or 20))
-                if adapter else ctx.store.prompts_with_fewer_responses(int(n), int(limit or 20)))
-        todo = [(r["id"], r["n"]) for r in rows]
-        if not todo:
-            return "Every prompt already has that many answers.", *refresh()
-        settings = GenSettings(temperature=float(temp), top_p=float(top_p),
-                               max_new_tokens=int(max_new), seed=int(seed or 0))
-        t0 = time.time()
-
-        def tick(done, total):
-            eta = (time.time() - t0) / max(done, 1) * (total - done)
-            progress(done / max(total, 1), desc=f"{done}/{total} answers · ETA {eta:.0f}s")
-
-        result = top_up(ctx.store, host, todo, int(n), settings, adapter=adapter, progress=tick)
-        return (f"✔ {result['new']} new answers for {len(todo)} prompts in "
-                f"{time.time() - t0:.0f}s ({result.get('duplicates', 0)} duplicates not stored)."
-                , *refresh())
-
-    def adapter_choices():
-        return gr.update(choices=[BASE_CHOICE] + [a["name"] for a in ctx.store.adapters()])
-
-    add_btn.click(add, pasted, [pasted, data_status, stats_table, prompts_table],
-                  api_name="add_prompts")
-    import_btn.click(do_import, upload, [upload, data_status, stats_table, prompts_table],
+    add_btn.click(functools.partial(add_prompts, ctx), pasted,
+                  [pasted, data_status, stats_table, prompts_table], api_name="add_prompts")
+    import_btn.click(on_import, upload, [upload, data_status, stats_table, prompts_table],
                      api_name="import_file")
-    export_btn.click(do_export, export_fmt, [export_file, export_status], api_name="export")
-    gen_btn.click(generate, [gen_adapter, gen_n, gen_limit, gen_temp, gen_top_p, gen_max, gen_seed],
+    export_btn.click(functools.partial(export, ctx), export_fmt, [export_file, export_status],
+                     api_name="export")
+    gen_btn.click(on_generate, [gen_adapter, gen_n, gen_limit, gen_temp, gen_top_p, gen_max, gen_seed],
                   [gen_status, stats_table, prompts_table], api_name="generate_candidates",
                   concurrency_limit=1, concurrency_id="model")
-    gen_adapter.focus(adapter_choices, None, gen_adapter, api_name=False)
-    return {"refresh": refresh, "outputs": [stats_table, prompts_table]}
+    gen_adapter.focus(functools.partial(adapter_choices, ctx), None, gen_adapter, api_name=False)
+    return {"refresh": functools.partial(refresh, ctx), "outputs": [stats_table, prompts_table]}
 
 
 def _refresh_index(ctx: AppContext) -> None:

@@ -48,6 +48,81 @@ KEYBOARD_JS = """
 """
 
 
+# The outputs of every handler below, in order.
+VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
+        "pair_row", "thumb_row", "strength_col", "related", "history", "progress", "status")
+
+
+def render(ctx: AppContext, annotator: str | None, item, message: str = "") -> list:
+    """The tab showing `item` (None: nothing left), in VIEW order."""
+    hist, prog = _history_and_progress(ctx, annotator)
+    if item is None:
+        empty = ("Nothing left to judge in this mode. Generate more answers in the "
+                 "**Data** tab, import a file, or switch mode.")
+        view = {"token": None, "prompt": gr.update(value="", visible=True),
+                "left_prompt": gr.update(visible=False), "left": "",
+                "right_prompt": gr.update(visible=False), "right": "",
+                "right_col": gr.update(visible=True), "question": empty,
+                "pair_row": gr.update(visible=False), "thumb_row": gr.update(visible=False),
+                "strength_col": gr.update(visible=False), "related": _empty_related()}
+    else:
+        cross = item.kind == "cross"
+        thumbs = item.kind == "unpaired"
+        view = {"token": item.token,
+                "prompt": gr.update(value=item.left["prompt"], visible=not cross),
+                "left_prompt": gr.update(value=item.left["prompt"], visible=cross),
+                "left": gr.update(value=item.left["text"], label="Answer" if thumbs else "Answer A"),
+                "right_prompt": gr.update(value=item.right["prompt"] if cross else "", visible=cross),
+                "right": item.right["text"] if item.right else "",
+                "right_col": gr.update(visible=not thumbs),
+                "question": ("**Which answer answers its own prompt better?**" if cross else
+                             "**Is this a good answer?**" if thumbs else "**Which answer is better?**"),
+                "pair_row": gr.update(visible=not thumbs), "thumb_row": gr.update(visible=thumbs),
+                "strength_col": gr.update(visible=not thumbs),
+                "related": _related(ctx, item.left["prompt_id"])}
+    view.update(history=hist, progress=prog, status=message)
+    return [view[name] for name in VIEW]
+
+
+def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = "") -> list:
+    """The annotator's next item in `mode`; without a name, a request for one."""
+    if annotator is None:
+        return render(ctx, None, None, "Enter your name above to start judging.")
+    return render(ctx, annotator, ctx.queue.next_item(annotator, mode), message)
+
+
+def judge(ctx: AppContext, verdict: str, token: str | None, mode: str, strength: str,
+          annotator: str) -> list:
+    """Store the verdict on the item with `token`, then show the next one."""
+    if not token:
+        return show_next(ctx, mode, annotator, "Nothing on screen to judge.")
+    try:
+        result = ctx.queue.submit(token, verdict, annotator,
+                                  strength=None if strength == "none" else strength)
+    except ValueError as err:  # nothing was stored; say why and move on
+        return show_next(ctx, mode, annotator, f"⚠ Not saved: {err}")
+    msg = (f"Saved judgment #{result['judgment_id']} ({_verdict_word(verdict)})."
+           if result["created"] else
+           f"Already saved as #{result['judgment_id']} (not stored twice).")
+    return show_next(ctx, mode, annotator, msg)
+
+
+def skip(ctx: AppContext, token: str | None, mode: str, annotator: str) -> list:
+    if token:
+        ctx.queue.skip(token, annotator)
+    return show_next(ctx, mode, annotator, "Skipped (nothing stored).")
+
+
+def undo(ctx: AppContext, mode: str, annotator: str) -> list:
+    out = ctx.queue.undo(annotator)
+    if out is None:
+        return show_next(ctx, mode, annotator, "Nothing to undo.")
+    j = out["undone"]
+    return render(ctx, annotator, out["item"],
+                  f"Undid judgment #{j['id']} ({shown_verdict(j)}); it is back "
+                  "on screen. The retracted row stays in the history of the store.")
+
+
 def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     """Lay out the tab inside the current Blocks; return components others wire to."""
     token = gr.State(None)
@@ -97,83 +172,41 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                         "**S** skip · **Z** undo. Keys are ignored while typing in a box. "
                         "Skip stores nothing; tie and both-bad are judgments.")
 
-    view = [token, prompt, left_prompt, left, right_prompt, right, right_col, question,
-            pair_row, thumb_row, strength_col, related, history, progress, status]
+    parts = {"token": token, "prompt": prompt, "left_prompt": left_prompt, "left": left,
+             "right_prompt": right_prompt, "right": right, "right_col": right_col,
+             "question": question, "pair_row": pair_row, "thumb_row": thumb_row,
+             "strength_col": strength_col, "related": related, "history": history,
+             "progress": progress, "status": status}
+    view = [parts[name] for name in VIEW]
 
-    def render(annotator: str | None, item, message: str = ""):
-        hist, prog = _history_and_progress(ctx, annotator)
-        if item is None:
-            empty = ("Nothing left to judge in this mode. Generate more answers in the "
-                     "**Data** tab, import a file, or switch mode.")
-            return [None, gr.update(value="", visible=True), gr.update(visible=False), "",
-                    gr.update(visible=False), "", gr.update(visible=True),
-                    empty, gr.update(visible=False), gr.update(visible=False),
-                    gr.update(visible=False), _empty_related(), hist, prog, message]
-        cross = item.kind == "cross"
-        thumbs = item.kind == "unpaired"
-        q = ("**Which answer answers its own prompt better?**" if cross else
-             "**Is this a good answer?**" if thumbs else "**Which answer is better?**")
-        return [item.token,
-                gr.update(value=item.left["prompt"], visible=not cross),
-                gr.update(value=item.left["prompt"], visible=cross),
-                gr.update(value=item.left["text"], label="Answer" if thumbs else "Answer A"),
-                gr.update(value=item.right["prompt"] if cross else "", visible=cross),
-                item.right["text"] if item.right else "",
-                gr.update(visible=not thumbs), q,
-                gr.update(visible=not thumbs), gr.update(visible=thumbs),
-                gr.update(visible=not thumbs),
-                _related(ctx, item.left["prompt_id"]), hist, prog, message]
+    # The wrappers' parameter names are the endpoints' API (tests/test_label_api.py).
+    def on_show(mode_value, typed, request: gr.Request):
+        return show_next(ctx, mode_value, _maybe_annotator(ctx, request, typed))
 
-    def show_next(mode_value, typed, request: gr.Request, message=""):
-        name = _maybe_annotator(ctx, request, typed)
-        if name is None:
-            return render(None, None, "Enter your name above to start judging.")
-        return render(name, ctx.queue.next_item(name, mode_value), message)
+    def judge_as(verdict):
+        def on_judge(tok, mode_value, strength_value, typed, request: gr.Request):
+            return judge(ctx, verdict, tok, mode_value, strength_value,
+                         ctx.annotator(request, typed))
+        return on_judge
 
-    def judge(verdict):
-        def handler(tok, mode_value, strength_value, typed, request: gr.Request):
-            name = ctx.annotator(request, typed)
-            if not tok:
-                return show_next(mode_value, typed, request, "Nothing on screen to judge.")
-            try:
-                result = ctx.queue.submit(tok, verdict, name,
-                                          strength=None if strength_value == "none" else strength_value)
-            except ValueError as err:  # nothing was stored; say why and move on
-                return show_next(mode_value, typed, request, f"⚠ Not saved: {err}")
-            msg = (f"Saved judgment #{result['judgment_id']} ({_verdict_word(verdict)})."
-                   if result["created"] else
-                   f"Already saved as #{result['judgment_id']} (not stored twice).")
-            return show_next(mode_value, typed, request, msg)
-        return handler
+    def on_skip(tok, mode_value, typed, request: gr.Request):
+        return skip(ctx, tok, mode_value, ctx.annotator(request, typed))
 
-    def skip(tok, mode_value, typed, request: gr.Request):
-        name = ctx.annotator(request, typed)
-        if tok:
-            ctx.queue.skip(tok, name)
-        return show_next(mode_value, typed, request, "Skipped (nothing stored).")
-
-    def undo(mode_value, typed, request: gr.Request):
-        name = ctx.annotator(request, typed)
-        out = ctx.queue.undo(name)
-        if out is None:
-            return show_next(mode_value, typed, request, "Nothing to undo.")
-        j = out["undone"]
-        return render(name, out["item"],
-                      f"Undid judgment #{j['id']} ({shown_verdict(j)}); it is back "
-                      "on screen. The retracted row stays in the history of the store.")
+    def on_undo(mode_value, typed, request: gr.Request):
+        return undo(ctx, mode_value, ctx.annotator(request, typed))
 
     base_inputs = [mode, annotator_box]
     for button, verdict, api in [(b_left, "left", "label_left"), (b_right, "right", "label_right"),
                                  (b_tie, "tie", "label_tie"), (b_bad, "both_bad", "label_both_bad"),
                                  (b_up, "up", "label_up"), (b_down, "down", "label_down")]:
-        button.click(judge(verdict), [token, mode, strength, annotator_box], view, api_name=api,
+        button.click(judge_as(verdict), [token, mode, strength, annotator_box], view, api_name=api,
                      concurrency_limit=None)
-    b_skip.click(skip, [token, *base_inputs], view, api_name="label_skip", concurrency_limit=None)
-    b_undo.click(undo, base_inputs, view, api_name="label_undo", concurrency_limit=None)
-    mode.change(show_next, base_inputs, view, api_name="label_mode", concurrency_limit=None)
-    annotator_box.submit(show_next, base_inputs, view, api_name=False)
+    b_skip.click(on_skip, [token, *base_inputs], view, api_name="label_skip", concurrency_limit=None)
+    b_undo.click(on_undo, base_inputs, view, api_name="label_undo", concurrency_limit=None)
+    mode.change(on_show, base_inputs, view, api_name="label_mode", concurrency_limit=None)
+    annotator_box.submit(on_show, base_inputs, view, api_name=False)
     _register_api(ctx)
-    return {"view": view, "show_next": show_next, "inputs": base_inputs}
+    return {"view": view, "show_next": on_show, "inputs": base_inputs}
 
 
 def _maybe_annotator(ctx, request, typed) -> str | None:

@@ -1,24 +1,32 @@
 """The Train tab: a form with sensible defaults, one-click start, live charts, runs list.
 
 Training runs in a child process (rpo_app.runs); this tab only reads its files on a
-timer, so a reload or a closed tab loses nothing.
+timer, so a reload or a closed tab loses nothing. It builds and checks configs with
+rpo_app.trainconfig and never imports the training loop (torch-heavy, and not this
+process's business).
+
+The form's components are keyed by TrainConfig field name; Gradio hands their values
+over by position, and `build` turns them into {field name: value} once, before any
+handler sees them.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import html
+import os
 import time
 
 import gradio as gr
 import pandas as pd
 
-from rpo_app.train import DEFAULT_BETA, TrainConfig
-from rpo_app.runs import ACTIVE_STATES
+from rpo_app.batches import count_examples, judgment_pairs, judgment_pools
+from rpo_app.loss_registry import LOSSES, get_loss
+from rpo_app.runfolder import MetricRow
+from rpo_app.trainconfig import ConfigError, TrainConfig, check_data
 from rpo_app.ui.context import AppContext
 
-LOSS_CHOICES = [("RPO, paired (same + related prompts)", "rpo-paired"),
-                ("RPO, unpaired (thumbs and every judgment)", "rpo-unpaired"),
-                ("DPO (same-prompt pairs)", "dpo"), ("IPO (baseline)", "ipo"),
-                ("KTO (baseline, thumbs)", "kto")]
+LOSS_CHOICES = [(spec.label, name) for name, spec in LOSSES.items()]
 KIND_CHOICES = [("paired", "paired"), ("cross-prompt", "cross"), ("thumbs", "unpaired")]
 METRIC_HELP = """
 **Reading the charts.** *Loss* falls as the tuned model separates chosen from rejected
@@ -29,7 +37,262 @@ one; that is normal. *Accuracy* is the share of pairs whose chosen answer gets t
 reward; with a tiny batch it jumps between 0 and 1, so read the smoothed line. *Held-out
 accuracy* is the same on pairs never trained on: the number that says it generalises.
 """
+# The outputs of `watch`, in order.
+LIVE = ("status", "bar", "loss_plot", "margin_plot", "acc_plot", "samples", "log", "drawn")
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
 
+
+# -- the form -> a config ---------------------------------------------------------------
+
+def config_from_form(ctx: AppContext, values: dict) -> TrainConfig:
+    """The checked config for the form's {TrainConfig field name: value}.
+
+    Fields the form does not have keep TrainConfig's defaults; a blank optional field is
+    None, so dependent settings (lora_alpha, max_prompt_length, a blank beta) follow
+    `derive_settings` like everywhere else. Raises ConfigError naming the bad field.
+    """
+    settings = {name: _setting(name, value) for name, value in values.items()}
+    # Gradio shows a blank number box as 0 once the page is up, and sends 0 from then on:
+    # 0 steps means what blank means (epochs, with the step floor).
+    if settings.get("max_steps") == 0:
+        settings["max_steps"] = None
+    cfg = TrainConfig.from_dict({**settings, "model": ctx.cfg.model, "device": ctx.cfg.device})
+    return cfg.validate()
+
+
+def _setting(name: str, value):
+    """One form value as the TrainConfig field `name` takes it (the field's type says how)."""
+    kind = _FIELD_TYPES.get(name)
+    if kind is None:
+        return value  # TrainConfig.from_dict names the unknown field
+    optional = "None" in kind
+    if kind.startswith("list"):
+        lines = value.splitlines() if isinstance(value, str) else list(value or [])
+        items = [str(v).strip() for v in lines if str(v).strip()]
+        return items or (None if optional else [])
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if optional:
+            return None
+        raise ConfigError(f"{name} is empty; enter a value")
+    if kind.startswith(("int", "float")):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if kind.startswith("float"):
+            return number
+        if not number.is_integer():
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        return int(number)
+    return str(value)
+
+
+def beta_for_loss(name: str) -> float:
+    """The β a loss starts from: each was measured on its own (RPO spreads β over the batch)."""
+    return get_loss(name).default_beta
+
+
+def usable_line(ctx: AppContext, values: dict) -> str:
+    """What the current judgments give, and the trainer's own verdict on them."""
+    try:
+        cfg = config_from_form(ctx, values)
+    except ValueError as err:
+        return f"⚠ {err}"
+    spec = get_loss(cfg.loss)
+    judgments = ctx.store.training_judgments(cfg.kinds, cfg.annotators)
+    pairs = judgment_pairs(judgments)
+    same = sum(p.kind == "paired" for p in pairs)
+    chosen, rejected = (len(pool) for pool in judgment_pools(judgments))
+    given = (f"Current judgments give **{len(pairs)} pairs** ({same} same-prompt, "
+             f"{len(pairs) - same} cross-prompt) and **{chosen} chosen / {rejected} rejected items**")
+    try:
+        train_j, _ = check_data(cfg, judgments, world_size=1)
+    except ConfigError as err:
+        return f"{given}. ⚠ {err}"
+    n_chosen, n_rejected = count_examples(train_j, spec)
+    trains = (f"{n_chosen} chosen / {n_rejected} rejected items" if spec.pools
+              else f"{n_chosen} pairs")
+    return (f"{given}; {cfg.loss} trains on {trains} of them. ✔ enough to start. "
+            f"{_estimate(ctx, cfg, max(n_chosen, n_rejected))}")
+
+
+def _estimate(ctx: AppContext, cfg: TrainConfig, n_examples: int) -> str:
+    """Seconds per step from a timed forward pass of the loaded model (x3 for backward)."""
+    if not ctx.model_ready:
+        return "(time estimate once the model has loaded)"
+    spt = ctx.host().seconds_per_token()
+    tokens = cfg.batch_size * 2 * min(cfg.max_length, 256)
+    per_step = spt * tokens * 3.0
+    steps = cfg.planned_steps(max(1, -(-n_examples // cfg.batch_size)))
+    total = per_step * steps + spt * n_examples * 2 * min(cfg.max_length, 256)
+    return f"Estimated time on this machine: ~{_human(total)} ({per_step:.1f} s/step)."
+
+
+# -- runs -------------------------------------------------------------------------------
+
+def start_run(ctx: AppContext, values: dict) -> tuple:
+    """Start a run from the form; returns its id and its live view (LIVE)."""
+    try:
+        cfg = config_from_form(ctx, values)
+        check_data(cfg, ctx.store.training_judgments(cfg.kinds, cfg.annotators), world_size=1)
+        rid = ctx.runs.start(cfg)
+    except (RuntimeError, ValueError) as err:
+        raise gr.Error(str(err))
+    return rid, *watch(ctx, rid)
+
+
+def current_run(ctx: AppContext, rid: str | None) -> str | None:
+    """The run this page shows: its own while it exists, else the newest."""
+    if rid and ctx.store.run(rid):
+        return rid
+    rows = ctx.store.runs()
+    return rows[0]["id"] if rows else None
+
+
+def watch(ctx: AppContext, rid: str | None, drawn=None) -> tuple:
+    """Live view of a run, in LIVE order. `drawn` is what this page last drew (run, metric
+    rows, samples); unchanged charts are skipped so the timer never re-renders them."""
+    rid = current_run(ctx, rid)
+    if rid is None:
+        return ("No run yet.", _bar(0, 0, None), _empty_plot(), _empty_plot(), _empty_plot(),
+                _empty_samples(), gr.update(visible=False), None)
+    st = ctx.runs.status(rid)
+    metrics = ctx.runs.metrics(rid)
+    sample_rows = [s.to_record() for s in ctx.runs.samples(rid)]
+    parts = [f"**Run {rid}** · **{st.state}** · step {st.step}/{st.max_steps or '?'}"]
+    trained = metrics.dropna(subset=["loss"])
+    if len(trained):
+        last = trained.iloc[-1]
+        parts.append(f"loss {_fmt(last['loss'], 4)} · margin {_fmt(last['margin'])}"
+                     f" · acc {_fmt(last['accuracy'], 2)} · {_fmt(last['pairs_per_s'], 2)} pairs/s")
+    held_out = metrics["eval_accuracy"].dropna()
+    if len(held_out):
+        parts.append(f"held-out accuracy **{held_out.iloc[-1]:.2f}**")
+    if st.early_stopped:
+        parts.append("stopped early: held-out accuracy and loss stopped improving")
+    elif st.early_stop_note:
+        parts.append(html.escape(st.early_stop_note))
+    failed = st.state == "failed"
+    if failed:
+        parts.append(f"**failed:** {html.escape(str(st.error or 'failed'))}")
+    if st.warning:
+        parts.append(f"**warning:** {html.escape(str(st.warning))}")
+    collapse = collapse_line(sample_rows)
+    if collapse:
+        parts.append(collapse)
+    key = [rid, len(metrics), len(sample_rows)]
+    same = drawn == key
+    eta = st.eta_s if st.state == "running" else None
+    return (" · ".join(parts), _bar(st.step, st.max_steps or 0, eta, st.elapsed_s),
+            gr.skip() if same else _series(metrics, "loss", "loss"),
+            gr.skip() if same else _series(metrics, "margin", "margin"),
+            gr.skip() if same else _accuracy(metrics),
+            gr.skip() if same else _samples(sample_rows),
+            gr.update(visible=failed, value=ctx.runs.log_tail(rid) if failed else ""), key)
+
+
+def watch_json(ctx: AppContext, rid: str | None) -> dict:
+    """A run's status fields with "run_id" and "final_metrics" (the latest run when empty)."""
+    rows = ctx.store.runs()
+    rid = rid or (rows[0]["id"] if rows else None)
+    if not rid:
+        return {}
+    st = ctx.runs.status(rid)
+    return {"run_id": rid, **dataclasses.asdict(st), "final_metrics": ctx.runs.final_metrics(rid)}
+
+
+def stop_run(ctx: AppContext, rid: str | None) -> tuple:
+    rid = current_run(ctx, rid)
+    if rid is None or not ctx.runs.stop(rid):
+        gr.Info("No running run to stop.")
+    else:
+        gr.Info(f"Stopping {rid}: it saves a checkpoint and exits.")
+    return watch(ctx, rid)
+
+
+def runs_view(ctx: AppContext) -> tuple:
+    """The runs table, the run pickers' choices and the annotators' choices."""
+    rows = ctx.runs.runs()
+    frame = pd.DataFrame([_run_row(r) for r in rows])
+    names = [r["id"] for r in rows]
+    return (frame, gr.update(choices=names), gr.update(choices=names),
+            gr.update(choices=names), gr.update(choices=sorted(ctx.store.stats()["annotators"])))
+
+
+def _run_row(run: dict) -> dict:
+    # Runs recorded before the metrics had attribute names keep TRL's ("eval/accuracy");
+    # MetricRow reads either.
+    final = MetricRow.from_record({**(run.get("final_metrics") or {}), "step": 0})
+    return {
+        "run": run["id"], "state": run["state"],
+        "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"])),
+        "loss fn": run["config"].get("loss"), "steps": run["config"].get("max_steps"),
+        "beta": run["config"].get("beta"), "lr": run["config"].get("learning_rate"),
+        "final loss": _fmt(final.loss), "held-out acc": _fmt(final.eval_accuracy),
+        "adapter": run.get("adapter") or "",
+    }
+
+
+def compare(ctx: AppContext, a: str | None, b: str | None):
+    frames = []
+    for rid in (a, b):
+        if not rid:
+            continue
+        m = ctx.runs.metrics(rid)
+        for col, label in (("loss", "loss"), ("eval_accuracy", "held-out acc")):
+            s = m[["step", col]].dropna()
+            if len(s):
+                frames.append(pd.DataFrame({"step": s["step"], "value": _smooth(s[col]),
+                                            "series": f"{rid} {label}"}))
+    return pd.concat(frames, ignore_index=True) if frames else _empty_plot()
+
+
+def delete_run(ctx: AppContext, rid: str | None) -> tuple:
+    if not rid:
+        raise gr.Error("pick a run to delete")
+    try:
+        ctx.runs.delete(rid)
+    except RuntimeError as err:
+        raise gr.Error(str(err))
+    gr.Info(f"Deleted {rid}")
+    return runs_view(ctx)
+
+
+def load_view(ctx: AppContext, values: dict) -> tuple:
+    """What the tab shows when the page opens: device, usable line, runs."""
+    return (_device_line(), usable_line(ctx, values), *runs_view(ctx))
+
+
+def collapse_line(sample_rows: list[dict]) -> str | None:
+    """A warning when the newest preview answers drift far from the base model's.
+
+    Held-out accuracy keeps rising while a small model collapses to one-word or
+    looping answers, so the previews are checked against the base answers that the
+    trainer stores next to them (from base_samples.json) at every preview step.
+    """
+    from rpo_app.degeneration import collapse_warning
+
+    steps = [r.get("step") for r in sample_rows if r.get("step") is not None]
+    if not steps:
+        return None
+    newest = [r for r in sample_rows if r.get("step") == max(steps)]
+
+    def text(value) -> str:  # a missing cell comes back from pandas as NaN
+        return value if isinstance(value, str) else ""
+
+    def mean_logp(key: str) -> float | None:  # absent in runs from before it was recorded
+        values = [r.get(key) for r in newest]
+        if not values or not all(isinstance(v, (int, float)) and v == v for v in values):
+            return None
+        return sum(values) / len(values)
+
+    message = collapse_warning([text(r.get("base")) for r in newest],
+                               [text(r.get("tuned")) for r in newest],
+                               mean_logp("base_logp"), mean_logp("tuned_logp"))
+    return f"⚠ **collapse warning:** {html.escape(message)}" if message else None
+
+
+# -- layout and wiring --------------------------------------------------------------------
 
 def build(ctx: AppContext) -> dict:
     defaults = TrainConfig()
@@ -51,9 +314,9 @@ def build(ctx: AppContext) -> dict:
                                         info="low: only near-identical prompts are contrasted")
             with gr.Row():
                 lr = gr.Number(defaults.learning_rate, label="Learning rate", elem_id="train-lr")
-                steps = gr.Number(defaults.max_steps, precision=0, minimum=1, label="Steps",
+                steps = gr.Number(defaults.max_steps, precision=0, minimum=0, label="Steps",
                                   elem_id="train-steps",
-                                  info=f"blank: {defaults.epochs} epoch{'s' if defaults.epochs > 1 else ''}, "
+                                  info=f"0 or blank: {defaults.epochs} epoch{'s' if defaults.epochs > 1 else ''}, "
                                        f"at least {defaults.min_steps} steps")
                 batch = gr.Number(defaults.batch_size, precision=0, minimum=1,
                                   label="Batch size (pairs)", elem_id="train-batch")
@@ -101,220 +364,49 @@ def build(ctx: AppContext) -> dict:
             del_pick = gr.Dropdown([], label="Run to delete", scale=3)
             del_btn = gr.Button("Delete run (and its adapter)", variant="stop", scale=1)
 
-    form = [loss, beta, temperature, lr, steps, batch, rank, max_len, kinds, annotators, previews]
+    # TrainConfig field -> component. The order is the positional order of the
+    # train_start API (param_0 = loss, ...): append, never reorder.
+    form = {"loss": loss, "beta": beta, "temperature": temperature, "learning_rate": lr,
+            "max_steps": steps, "batch_size": batch, "lora_r": rank, "max_length": max_len,
+            "kinds": kinds, "annotators": annotators, "preview_prompts": previews}
+    form_inputs = list(form.values())
 
-    def make_config(loss_v, beta_v, temp_v, lr_v, steps_v, batch_v, rank_v, len_v, kinds_v,
-                    ann_v, prev_v) -> TrainConfig:
-        cfg = TrainConfig(
-            loss=loss_v, beta=float(beta_v or 0), temperature=float(temp_v or 0),
-            learning_rate=float(lr_v or 0), max_steps=int(steps_v) if steps_v else None,
-            batch_size=int(batch_v or 0), lora_r=int(rank_v or 0), max_length=int(len_v or 0),
-            kinds=list(kinds_v or []), annotators=list(ann_v or []) or None,
-            preview_prompts=[p.strip() for p in (prev_v or "").splitlines() if p.strip()],
-            model=ctx.cfg.model, device=ctx.cfg.device)
-        cfg.max_prompt_length = min(cfg.max_prompt_length, max(cfg.max_length // 2, 16))
-        cfg.lora_alpha = 2 * cfg.lora_r
-        return cfg
+    def by_name(handler):
+        """Gradio passes the form by position; handlers take {field name: value}."""
+        def call(*values):
+            return handler(ctx, dict(zip(form, values)))
+        return call
 
-    def usable_line(*form_values):
-        """What the current judgments give, and the trainer's own verdict on them."""
-        from rpo_app.batches import count_examples
-        from rpo_app.train import check_data
-
-        try:
-            cfg = make_config(*form_values)
-            cfg.validate()
-        except ValueError as err:
-            return f"⚠ {err}"
-        judgments = ctx.store.training_judgments(cfg.kinds, cfg.annotators)
-        pairs = count_examples(judgments, "dpo" if cfg.loss != "rpo-paired" else cfg.loss)[0]
-        chosen, rejected = count_examples(judgments, "rpo-unpaired")
-        try:
-            train_j, _ = check_data(cfg, judgments, world_size=1)
-            verdict = "✔ enough to start."
-        except ValueError as err:
-            return (f"Current judgments give **{pairs} pairs** and **{chosen} chosen / "
-                    f"{rejected} rejected items**. ⚠ {err}")
-        have = max(count_examples(train_j, cfg.loss))
-        return (f"Current judgments give **{pairs} pairs** and **{chosen} chosen / {rejected} "
-                f"rejected items**; {cfg.loss} trains on {have} of them. {verdict} "
-                f"{_estimate(ctx, cfg, have)}")
-
-    def start_run(*form_values):
-        from rpo_app.train import check_data
-
-        try:
-            cfg = make_config(*form_values)
-            cfg.validate()
-            check_data(cfg, ctx.store.training_judgments(cfg.kinds, cfg.annotators), world_size=1)
-        except ValueError as err:
-            raise gr.Error(str(err))
-        try:
-            rid = ctx.runs.start(cfg)
-        except (RuntimeError, ValueError) as err:
-            raise gr.Error(str(err))
-        return rid, *watch(rid)
-
-    def current_run(rid):
-        if rid and ctx.store.run(rid):
-            return rid
-        rows = ctx.store.runs()
-        return rows[0]["id"] if rows else None
-
-    def watch(rid, drawn=None):
-        """Live view of a run. `drawn` is what this page last drew (run, metric rows,
-        samples); unchanged charts are skipped so the timer never re-renders them."""
-        rid = current_run(rid)
-        if rid is None:
-            return ("No run yet.", _bar(0, 0, None), _empty_plot(), _empty_plot(), _empty_plot(),
-                    _empty_samples(), gr.update(visible=False), None)
-        st = ctx.runs.status(rid)
-        metrics = ctx.runs.metrics(rid)
-        state = st.get("state", "unknown")
-        step, total = int(st.get("step") or 0), int(st.get("max_steps") or 0)
-        last = metrics.dropna(subset=["loss"]).iloc[-1] if "loss" in metrics and len(
-            metrics.dropna(subset=["loss"])) else None
-        eta = float(last["eta_s"]) if last is not None and "eta_s" in last and state == "running" else None
-        parts = [f"**Run {rid}** · **{state}** · step {step}/{total or '?'}"]
-        if last is not None:
-            parts.append(f"loss {last['loss']:.4f} · margin {last.get('margin', float('nan')):.3f}"
-                         f" · acc {last.get('accuracy', float('nan')):.2f}"
-                         f" · {last.get('pairs_per_s', float('nan')):.2f} pairs/s")
-        if "eval/accuracy" in metrics and metrics["eval/accuracy"].notna().any():
-            parts.append(f"held-out accuracy **{metrics['eval/accuracy'].dropna().iloc[-1]:.2f}**")
-        if st.get("early_stopped"):
-            parts.append("stopped early: held-out accuracy and loss stopped improving")
-        elif st.get("early_stop_note"):
-            parts.append(html.escape(st["early_stop_note"]))
-        if state == "failed":
-            parts.append(f"**failed:** {html.escape(str(st.get('error') or 'failed'))}")
-        if st.get("warning"):
-            parts.append(f"**warning:** {html.escape(str(st['warning']))}")
-        failed = state == "failed"
-        sample_rows = ctx.runs.samples(rid)
-        collapse = collapse_line(sample_rows)
-        if collapse:
-            parts.append(collapse)
-        key = [rid, len(metrics), len(sample_rows)]
-        same = drawn == key
-        return (" · ".join(parts), _bar(step, total, eta, st.get("elapsed_s")),
-                gr.skip() if same else _series(metrics, "loss", "loss"),
-                gr.skip() if same else _series(metrics, "margin", "margin"),
-                gr.skip() if same else _accuracy(metrics),
-                gr.skip() if same else _samples(sample_rows),
-                gr.update(visible=failed, value=ctx.runs.log_tail(rid) if failed else ""), key)
-
-    def stop_run(rid):
-        rid = current_run(rid)
-        if rid is None or not ctx.runs.stop(rid):
-            gr.Info("No running run to stop.")
-        else:
-            gr.Info(f"Stopping {rid}: it saves a checkpoint and exits.")
-        return watch(rid)
-
-    def runs_view():
-        rows = ctx.runs.runs()
-        frame = pd.DataFrame([{
-            "run": r["id"], "state": r["state"],
-            "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
-            "loss fn": r["config"].get("loss"), "steps": r["config"].get("max_steps"),
-            "beta": r["config"].get("beta"), "lr": r["config"].get("learning_rate"),
-            "final loss": _fmt((r.get("final_metrics") or {}).get("loss")),
-            "held-out acc": _fmt((r.get("final_metrics") or {}).get("eval/accuracy")),
-            "adapter": r["id"] if ctx.store.adapter(r["id"]) else "",
-        } for r in rows])
-        names = [r["id"] for r in rows]
-        return (frame, gr.update(choices=names), gr.update(choices=names),
-                gr.update(choices=names), gr.update(choices=sorted(ctx.store.stats()["annotators"])))
-
-    def compare(a, b):
-        frames = []
-        for rid in (a, b):
-            if not rid:
-                continue
-            m = ctx.runs.metrics(rid)
-            for col, label in (("loss", "loss"), ("eval/accuracy", "held-out acc")):
-                if col in m and m[col].notna().any():
-                    s = m[["step", col]].dropna()
-                    frames.append(pd.DataFrame({"step": s["step"], "value": _smooth(s[col]),
-                                                "series": f"{rid} {label}"}))
-        return pd.concat(frames, ignore_index=True) if frames else _empty_plot()
-
-    def delete(rid):
-        if not rid:
-            raise gr.Error("pick a run to delete")
-        try:
-            ctx.runs.delete(rid)
-        except RuntimeError as err:
-            raise gr.Error(str(err))
-        gr.Info(f"Deleted {rid}")
-        return runs_view()
-
-    live = [status, bar, loss_plot, margin_plot, acc_plot, samples, log_box, drawn]
+    components = {"status": status, "bar": bar, "loss_plot": loss_plot,
+                  "margin_plot": margin_plot, "acc_plot": acc_plot, "samples": samples,
+                  "log": log_box, "drawn": drawn}
+    live = [components[name] for name in LIVE]
     runs_outputs = [runs_table, cmp_a, cmp_b, del_pick, annotators]
-    # Each loss has its own measured β; picking a loss resets β to it.
-    loss.input(lambda name: DEFAULT_BETA.get(name, defaults.beta), loss, beta, api_name=False,
-               show_progress="hidden")
-    for comp in form:
-        comp.change(usable_line, form, usable, api_name=False, show_progress="hidden")
-    start.click(start_run, form, [run_id, *live], api_name="train_start").then(
-        runs_view, None, runs_outputs, api_name=False)
-    stop.click(stop_run, run_id, live, api_name="train_stop")
+    loss.input(beta_for_loss, loss, beta, api_name=False, show_progress="hidden")
+    for comp in form_inputs:
+        comp.change(by_name(usable_line), form_inputs, usable, api_name=False,
+                    show_progress="hidden")
+    start.click(by_name(start_run), form_inputs, [run_id, *live], api_name="train_start").then(
+        functools.partial(runs_view, ctx), None, runs_outputs, api_name=False)
+    stop.click(functools.partial(stop_run, ctx), run_id, live, api_name="train_stop")
     timer = gr.Timer(2.0)
-    timer.tick(watch, [run_id, drawn], live, api_name=False, show_progress="hidden",
-               concurrency_limit=None)
-    cmp_btn.click(compare, [cmp_a, cmp_b], cmp_plot, api_name="train_compare")
-    del_btn.click(delete, del_pick, runs_outputs, api_name="train_delete")
+    timer.tick(functools.partial(watch, ctx), [run_id, drawn], live, api_name=False,
+               show_progress="hidden", concurrency_limit=None)
+    cmp_btn.click(functools.partial(compare, ctx), [cmp_a, cmp_b], cmp_plot,
+                  api_name="train_compare")
+    del_btn.click(functools.partial(delete_run, ctx), del_pick, runs_outputs,
+                  api_name="train_delete")
+
     def train_status(run: str = "") -> dict:
         """Status, step and last metrics of a run (the latest when empty)."""
         return watch_json(ctx, run or None)
 
     gr.api(train_status, api_name="train_status")
-
-    def on_load():
-        return (_device_line(), usable_line(*[c.value for c in form]), *runs_view())
-
-    return {"load": on_load, "load_outputs": [device_md, usable, *runs_outputs],
-            "watch": watch, "live": live, "run_id": run_id}
+    return {"load": by_name(load_view), "load_inputs": form_inputs,
+            "load_outputs": [device_md, usable, *runs_outputs]}
 
 
-def collapse_line(sample_rows: list[dict]) -> str | None:
-    """A warning when the newest preview answers drift far from the base model's.
-
-    Held-out accuracy keeps rising while a small model collapses to one-word or
-    looping answers, so the previews are checked against the base answers that the
-    trainer stores next to them (from base_samples.json) at every preview step.
-    """
-    from rpo_app.degeneration import collapse_warning
-
-    steps = [r.get("step") for r in sample_rows if r.get("step") is not None]
-    if not steps:
-        return None
-    newest = [r for r in sample_rows if r.get("step") == max(steps)]
-
-    def text(value) -> str:  # a missing cell comes back from pandas as NaN
-        return value if isinstance(value, str) else ""
-
-    def mean_logp(key: str) -> float | None:  # absent in runs from before it was recorded
-        values = [r.get(key) for r in newest]
-        if not values or not all(isinstance(v, (int, float)) and v == v for v in values):
-            return None
-        return sum(values) / len(values)
-
-    message = collapse_warning([text(r.get("base")) for r in newest],
-                               [text(r.get("tuned")) for r in newest],
-                               mean_logp("base_logp"), mean_logp("tuned_logp"))
-    return f"⚠ **collapse warning:** {html.escape(message)}" if message else None
-
-
-def watch_json(ctx: AppContext, rid: str | None) -> dict:
-    rows = ctx.store.runs()
-    rid = rid or (rows[0]["id"] if rows else None)
-    if not rid:
-        return {}
-    st = ctx.runs.status(rid)
-    return {"run_id": rid, **st, "final_metrics": ctx.runs.final_metrics(rid)}
-
+# -- formatting ---------------------------------------------------------------------------
 
 def _device_line() -> str:
     import torch
@@ -323,40 +415,8 @@ def _device_line() -> str:
         props = torch.cuda.get_device_properties(0)
         return (f"**GPU:** {props.name}, {props.total_memory / 2**30:.0f} GiB "
                 f"({torch.cuda.device_count()} visible) · training uses bf16")
-    import os
-
     return (f"**No GPU found:** training runs on the CPU ({os.cpu_count()} cores), fp32. "
             "Fine for the bundled 135M model and a few hundred steps.")
-
-
-def _estimate(ctx: AppContext, cfg: TrainConfig, n_examples: int) -> str:
-    """Seconds per step from a timed forward pass of the loaded model (x3 for backward)."""
-    try:
-        host = ctx.host(timeout=0.01)
-    except gr.Error:
-        return "(time estimate once the model has loaded)"
-    spf = _seconds_per_token(ctx, host)
-    tokens = cfg.batch_size * 2 * min(cfg.max_length, 256)
-    per_step = spf * tokens * 3.0
-    steps = cfg.planned_steps(max(1, -(-n_examples // cfg.batch_size)))
-    total = per_step * steps + spf * n_examples * 2 * min(cfg.max_length, 256)
-    return f"Estimated time on this machine: ~{_human(total)} ({per_step:.1f} s/step)."
-
-
-def _seconds_per_token(ctx: AppContext, host) -> float:
-    """Time one real forward pass of the loaded model, once per app start."""
-    cached = getattr(ctx, "_seconds_per_token", None)
-    if cached is None:
-        import torch
-
-        ids = torch.randint(0, host.tokenizer.vocab_size, (4, 128), device=host.device)
-        with host.lock, torch.no_grad():
-            host.base(input_ids=ids)  # warm-up
-            t0 = time.perf_counter()
-            host.base(input_ids=ids)
-            cached = (time.perf_counter() - t0) / ids.numel()
-        ctx._seconds_per_token = cached
-    return cached
 
 
 def _human(seconds: float) -> str:
@@ -367,8 +427,10 @@ def _human(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.3f}"
+def _fmt(value, digits: int = 3) -> str:
+    if pd.isna(value):  # missing, or NaN from a DataFrame
+        return ""
+    return f"{float(value):.{digits}f}"
 
 
 def _bar(step: int, total: int, eta: float | None, elapsed: float | None = None) -> str:
@@ -393,20 +455,20 @@ def _empty_plot() -> None:
     return None
 
 
-def _series(metrics: pd.DataFrame, col: str, label: str) -> pd.DataFrame:
-    if col not in metrics or not metrics[col].notna().any():
-        return _empty_plot()
+def _series(metrics: pd.DataFrame, col: str, label: str) -> pd.DataFrame | None:
     s = metrics[["step", col]].dropna()
+    if not len(s):
+        return _empty_plot()
     return pd.concat([pd.DataFrame({"step": s["step"], "value": s[col], "series": label}),
                       pd.DataFrame({"step": s["step"], "value": _smooth(s[col]),
                                     "series": f"{label} (smoothed)"})], ignore_index=True)
 
 
-def _accuracy(metrics: pd.DataFrame) -> pd.DataFrame:
+def _accuracy(metrics: pd.DataFrame) -> pd.DataFrame | None:
     frames = [f for f in [_series(metrics, "accuracy", "train acc")] if f is not None]
-    if "eval/accuracy" in metrics and metrics["eval/accuracy"].notna().any():
-        s = metrics[["step", "eval/accuracy"]].dropna()
-        frames.append(pd.DataFrame({"step": s["step"], "value": s["eval/accuracy"],
+    s = metrics[["step", "eval_accuracy"]].dropna()
+    if len(s):
+        frames.append(pd.DataFrame({"step": s["step"], "value": s["eval_accuracy"],
                                     "series": "held-out acc"}))
     return pd.concat(frames, ignore_index=True) if frames else None
 
@@ -419,5 +481,5 @@ def _samples(rows: list[dict]) -> pd.DataFrame:
     if not rows:
         return _empty_samples()
     frame = pd.DataFrame(rows)
-    keep = [c for c in ("step", "prompt", "tuned", "base") if c in frame]
-    return frame[keep].sort_values("step", ascending=False, kind="stable")
+    return frame[["step", "prompt", "tuned", "base"]].sort_values("step", ascending=False,
+                                                                  kind="stable")

@@ -1,0 +1,222 @@
+"""The tabs' handlers called directly, without Gradio events: a real AppContext (no model)
+over a real store."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gradio as gr
+import pytest
+
+from apptools import REPO, seed_store
+from rpo_app.config import ServeConfig
+from rpo_app.runfolder import MetricRow, RunFolder, RunStatus, SampleRow
+from rpo_app.trainconfig import ConfigError
+from rpo_app.ui import chat, label, train
+from rpo_app.ui.context import BASE_LABEL, AppContext
+
+# What the Train tab's form sends (blank steps, no annotators), with a batch small
+# enough for these stores.
+FORM = {"loss": "rpo-paired", "beta": 1.0, "temperature": 0.5, "learning_rate": 3e-4,
+        "max_steps": None, "batch_size": 2, "lora_r": 16, "max_length": 512,
+        "kinds": ["paired", "cross", "unpaired"], "annotators": [], "preview_prompts": ""}
+
+
+@pytest.fixture
+def ctx(data_dir):
+    seed_store(data_dir, n_prompts=6, answers_per_prompt=2)  # and no seed prompts to embed
+    context = AppContext(ServeConfig(data_dir=data_dir), load_model=False)
+    yield context
+    context.index(timeout=120)  # the embedder's loader writes to the store: let it finish
+    context.store.close()
+
+
+def _judge(store, annotator="ada"):
+    """6 same-prompt pairs, 2 cross-prompt pairs, a tie and two thumbs."""
+    prompts = [p["id"] for p in store.prompts()]
+    answers = {pid: [r["id"] for r in store.responses_for_prompt(pid)] for pid in prompts}
+    for pid in prompts:
+        store.add_judgment("paired", *answers[pid], "a", annotator)
+    store.add_judgment("paired", *answers[prompts[0]], "tie", annotator)
+    store.add_judgment("cross", answers[prompts[0]][0], answers[prompts[1]][0], "a", annotator)
+    store.add_judgment("cross", answers[prompts[2]][1], answers[prompts[3]][1], "b", annotator)
+    store.add_judgment("unpaired", answers[prompts[4]][0], None, "up", annotator)
+    store.add_judgment("unpaired", answers[prompts[5]][0], None, "down", annotator)
+
+
+# -- the Train tab's form ----------------------------------------------------------------
+
+def test_form_values_map_to_config_fields_by_name_and_dependent_settings_follow(ctx):
+    cfg = train.config_from_form(ctx, {**FORM, "loss": "dpo", "beta": None, "lora_r": 8.0,
+                                       "max_length": 100, "annotators": [],
+                                       "preview_prompts": "Say hi.\n\n  Name a colour. \n"})
+    assert cfg.loss == "dpo" and cfg.beta == 0.1  # a blank beta is the loss's own
+    assert cfg.lora_r == 8 and isinstance(cfg.lora_r, int) and cfg.lora_alpha == 16
+    assert cfg.max_prompt_length == 50  # half of max_length
+    assert cfg.max_steps is None and cfg.annotators is None
+    assert cfg.preview_prompts == ["Say hi.", "Name a colour."]
+    assert cfg.model == ctx.cfg.model and cfg.device == ctx.cfg.device
+    # A field the form leaves out keeps TrainConfig's default; derived ones still follow.
+    partial = train.config_from_form(ctx, {"loss": "kto", "max_length": 2048})
+    assert partial.beta == 0.1 and partial.max_prompt_length == 256 and partial.lora_alpha == 32
+
+
+def test_steps_box_at_zero_means_epochs(ctx):
+    """Gradio turns the blank Steps box into 0 once the page is up; the default form
+    must still start a run of one epoch with the step floor, not be refused."""
+    _judge(ctx.store)
+    cfg = train.config_from_form(ctx, {**FORM, "max_steps": 0})
+    assert cfg.max_steps is None and cfg.planned_steps(3) == cfg.min_steps
+    assert "enough to start" in train.usable_line(ctx, {**FORM, "max_steps": 0})
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"batch_size": None}, "batch_size is empty"),
+    ({"learning_rate": "fast"}, "learning_rate must be a number, got 'fast'"),
+    ({"lora_r": 2.5}, "lora_r must be a whole number"),
+    ({"learning_rate": 0}, "learning_rate must be > 0"),
+    ({"loss": "nope"}, "unknown loss 'nope'"),
+    ({"kinds": ["paired", "gossip"]}, "unknown judgment kinds"),
+    ({"lora_rank": 8}, "unknown training settings: lora_rank"),
+])
+def test_bad_form_values_name_the_field(ctx, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        train.config_from_form(ctx, {**FORM, **changes})
+    assert train.usable_line(ctx, {**FORM, **changes}).startswith("⚠ ")
+
+
+def test_beta_follows_the_loss():
+    assert train.beta_for_loss("rpo-paired") == 1.0
+    assert train.beta_for_loss("dpo") == 0.1
+
+
+def test_usable_line_on_an_empty_store(ctx):
+    line = train.usable_line(ctx, FORM)
+    assert line.startswith("Current judgments give **0 pairs**")
+    assert "**0 chosen / 0 rejected items**" in line and "no judgments to train on" in line
+
+
+def test_usable_line_counts_what_each_loss_trains_on(ctx):
+    _judge(ctx.store)
+    line = train.usable_line(ctx, FORM)
+    assert ("Current judgments give **8 pairs** (6 same-prompt, 2 cross-prompt) and "
+            "**9 chosen / 9 rejected items**") in line
+    assert "✔ enough to start" in line and "time estimate once the model has loaded" in line
+    # DPO trains on same-prompt pairs only; KTO on the pools; the summary is the same.
+    dpo = train.usable_line(ctx, {**FORM, "loss": "dpo"})
+    assert "**8 pairs** (6 same-prompt" in dpo
+    trained = int(dpo.split("dpo trains on ")[1].split()[0])
+    assert 1 <= trained <= 6
+    assert "chosen /" in train.usable_line(ctx, {**FORM, "loss": "kto"}).split("trains on")[1]
+    only_paired = train.usable_line(ctx, {**FORM, "kinds": ["paired"]})
+    assert "**6 pairs** (6 same-prompt, 0 cross-prompt) and **6 chosen / 6 rejected" in only_paired
+    # Too few for one batch: the trainer's own reason.
+    big = train.usable_line(ctx, {**FORM, "batch_size": 64})
+    assert "fewer than one batch (64)" in big
+
+
+def test_train_tab_never_imports_the_training_loop(ctx, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rpo_app.train", None)  # any import of it now fails
+    _judge(ctx.store)
+    assert "enough to start" in train.usable_line(ctx, FORM)
+    with pytest.raises(gr.Error, match="fewer than one batch"):
+        train.start_run(ctx, {**FORM, "batch_size": 64})
+    code = "import sys, rpo_app.ui.app; sys.exit('rpo_app.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
+
+
+# -- the Train tab's runs ---------------------------------------------------------------
+
+def _finished_run(ctx, rid: str, final_metrics: dict | None = None) -> None:
+    ctx.store.record_run(rid, {"loss": "rpo-paired", "beta": 1.0, "learning_rate": 3e-4},
+                         str(ctx.layout.run_dir(rid)), state="finished")
+    if final_metrics is not None:
+        ctx.store.update_run(rid, final_metrics=final_metrics)
+
+
+def test_runs_view_links_a_renamed_adapter_to_its_run(ctx, tmp_path):
+    _finished_run(ctx, "run-a", {"loss": 0.25, "eval_accuracy": 0.75})
+    _finished_run(ctx, "run-b", {"loss": 0.5, "eval/accuracy": 0.625})  # recorded before the rename of keys
+    ctx.store.register_adapter("run-a", str(tmp_path / "a"), "run-a", None)
+    ctx.store.rename_adapter("run-a", "my-tuned", str(tmp_path / "my-tuned"))
+    frame, *pickers, _annotators = train.runs_view(ctx)
+    rows = {r["run"]: r for r in frame.to_dict("records")}
+    assert rows["run-a"]["adapter"] == "my-tuned" and rows["run-b"]["adapter"] == ""
+    assert rows["run-a"]["held-out acc"] == "0.750" and rows["run-a"]["final loss"] == "0.250"
+    assert rows["run-b"]["held-out acc"] == "0.625"
+    assert all(sorted(p["choices"]) == ["run-a", "run-b"] for p in pickers)
+
+
+def test_watch_reads_a_run_folder(ctx):
+    rid = "run-w"
+    folder = RunFolder(ctx.layout.run_dir(rid))
+    for step in (1, 2, 3, 4):
+        folder.append_metric(MetricRow(step=step, loss=1.0 / step, margin=0.1 * step, accuracy=0.5,
+                                       pairs_per_s=2.0, eval_accuracy=0.75 if step == 4 else None))
+    folder.append_sample(SampleRow(step=4, prompt="Say hi.", base="Hello there.", tuned="Hi!"))
+    folder.write_status(RunStatus(state="finished", step=4, max_steps=4, elapsed_s=12.0))
+    _finished_run(ctx, rid)
+
+    view = dict(zip(train.LIVE, train.watch(ctx, None)))
+    assert view["status"].startswith(f"**Run {rid}** · **finished** · step 4/4 · loss 0.2500")
+    assert "held-out accuracy **0.75**" in view["status"]
+    assert set(view["acc_plot"]["series"]) == {"train acc", "train acc (smoothed)", "held-out acc"}
+    assert view["samples"].to_dict("records") == [
+        {"step": 4, "prompt": "Say hi.", "tuned": "Hi!", "base": "Hello there."}]
+    again = dict(zip(train.LIVE, train.watch(ctx, rid, view["drawn"])))
+    assert again["loss_plot"] == again["samples"] == {"__type__": "update"}  # gr.skip()
+
+    status = train.watch_json(ctx, "")
+    json.dumps(status)
+    assert status["run_id"] == rid and status["state"] == "finished" and status["step"] == 4
+    assert status["final_metrics"]["eval_accuracy"] == 0.75
+
+
+# -- the Chat tab's pickers (defect 6) ---------------------------------------------------
+
+def test_default_picks_put_the_newest_adapter_on_the_right():
+    names = [BASE_LABEL, "old", "new"]
+    assert chat.default_picks(names, BASE_LABEL, BASE_LABEL, False) == (BASE_LABEL, "new")
+    assert chat.default_picks(names, "old", BASE_LABEL, True) == ("old", BASE_LABEL)
+    assert chat.default_picks(names, "gone", "gone", True) == (BASE_LABEL, "new")
+    assert chat.default_picks([BASE_LABEL], BASE_LABEL, BASE_LABEL, False) == (BASE_LABEL, BASE_LABEL)
+
+
+def test_chat_opens_with_the_newest_adapter_on_the_right(ctx, tmp_path):
+    for name in ("first", "second"):
+        ctx.store.register_adapter(name, str(tmp_path / name), None, None)
+    left, right, *_ = chat.load_view(ctx, BASE_LABEL, BASE_LABEL, False)
+    assert right["value"] == "second" and right["choices"] == [BASE_LABEL, "first", "second"]
+    assert "value" not in left  # unchanged
+    # The user's own pick survives the next refresh.
+    _, kept = chat.refresh_picks(ctx, BASE_LABEL, BASE_LABEL, True)
+    assert "value" not in kept
+
+
+# -- the Label and Data tabs ---------------------------------------------------------------
+
+def test_label_handlers_judge_and_undo(ctx):
+    shown = dict(zip(label.VIEW, label.show_next(ctx, "paired", None)))
+    assert "Enter your name" in shown["status"] and shown["token"] is None
+    shown = dict(zip(label.VIEW, label.show_next(ctx, "paired", "ada")))
+    assert shown["token"] and shown["prompt"]["value"].startswith("Test prompt")
+    judged = dict(zip(label.VIEW, label.judge(ctx, "left", shown["token"], "paired", "clearly", "ada")))
+    assert judged["status"].startswith("Saved judgment #1 (A better)")
+    assert ctx.store.judgment(1)["strength"] == "clearly"
+    undone = dict(zip(label.VIEW, label.undo(ctx, "paired", "ada")))
+    assert undone["status"].startswith("Undid judgment #1")
+    assert undone["left"]["value"] == shown["left"]["value"]
+
+
+def test_data_tab_backlog_is_the_cli_backlog(ctx):
+    from rpo_app.generate import backlog
+
+    store = ctx.store
+    fresh = [store.add_prompt(f"New prompt {i}?", source="test")[0] for i in range(2)]
+    store.add_response(fresh[1], "one answer", source="model", adapter="tuned")
+    assert backlog(store, 2) == [(fresh[0], 0), (fresh[1], 1)]
+    assert backlog(store, 2, limit=1) == [(fresh[0], 0)]
+    by_tuned = backlog(store, 1, adapter="tuned")
+    assert (fresh[1], 1) not in by_tuned and (fresh[0], 0) in by_tuned and len(by_tuned) == 7
+    assert backlog(store, 2, prompt_ids=[fresh[1], fresh[0]]) == [(fresh[1], 1), (fresh[0], 0)]
