@@ -52,7 +52,7 @@ def test_twenty_annotators_during_training_and_chat_store_every_judgment_once(
         runs.stop(run_id)
         app.stop()
     assert not result["errors"], result["errors"][:5]
-    assert training["state"] == "running" and training["step"] >= 1, runs.log_tail(run_id)
+    assert training.state == "running" and training.step >= 1, runs.log_tail(run_id)
     assert chat.get("messages", 0) >= 1, chat
 
     checks = check_exactly_once(store, result["acked"])
@@ -67,7 +67,7 @@ def test_twenty_annotators_during_training_and_chat_store_every_judgment_once(
               "judgments_per_s": round(len(result["acked"]) / result["wall_s"], 1),
               "next_item": summary_ms(result["next_s"]),
               "submit_judgment": summary_ms(result["submit_s"]),
-              "training_step_reached": training["step"], "chat_messages": chat["messages"],
+              "training_step_reached": training.step, "chat_messages": chat["messages"],
               "checks": checks}
     (artifacts_dir() / "load_latency.json").write_text(json.dumps(report, indent=2))
     print(f"\n{ANNOTATORS} annotators x {PER_ANNOTATOR}: submit p50 "
