@@ -92,6 +92,7 @@ class RunStatus:
     """status.json. ``state`` is one of STATES; 'unknown' when the file is missing."""
 
     state: str = "unknown"
+    phase: str | None = None  # what a running run is doing now; "training" during the steps
     step: int = 0
     max_steps: int | None = None
     pid: int | None = None

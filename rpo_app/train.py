@@ -172,6 +172,7 @@ class Trainer:
             torch.set_num_threads(cfg.cpu_threads)
         set_seed(cfg.seed)
         device = self.acc.device
+        self.run.update_status(phase="loading the model")
         log.info("loading model %s on %s", self.model_path, device)
         base, self.tok = load_model(self.model_path, self.data_dir, device=str(device),
                                     dtype=pick_dtype(str(device)))
@@ -211,6 +212,7 @@ class Trainer:
 
         self.train_emb = self.eval_emb = None
         if self.spec.needs_embeddings(cfg.weighting):
+            self.run.update_status(phase="embedding the prompts")
             self.train_emb, self.eval_emb = self._embed_prompts()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -224,12 +226,15 @@ class Trainer:
                                        num_training_steps=self.max_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
+        n_seqs = len(self.train_data.seqs) + len(self.eval_data.seqs)
+        self.run.update_status(phase=f"scoring {n_seqs} answers with the base model (once)")
         self.ref_train, self.ref_eval = self._reference_logps()
         if self.ref_train is None:
             raise StopRequested()
         if self.resume:
             self._load_checkpoint()
         self.preview = self._preview_prompts()
+        self.run.update_status(phase="the base model's preview answers")
         self.base_answers = self._base_answers()
         self.base_logps: list[float] | None = None
 
@@ -491,8 +496,8 @@ class Trainer:
         cfg = self.cfg
         self.t_start = time.time()
         self.step_times = []
-        self.run.update_status(state="running", step=self.step, max_steps=self.max_steps, error=None,
-                               early_stop_note=self.early_stop_note)
+        self.run.update_status(state="running", phase="training", step=self.step, max_steps=self.max_steps,
+                               error=None, early_stop_note=self.early_stop_note)
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
                    disable=None if self.main else True, dynamic_ncols=True)
         state, early = "finished", False
@@ -531,6 +536,7 @@ class Trainer:
         self._save_checkpoint()
         if early and self.early.adapter_state is not None:
             self._restore_best()
+        self.run.update_status(phase="final previews and saving the adapter")
         self.write_samples()
         self._save_adapter()
         self.run.update_status(early_stopped=early, best_step=self.early.best_step,
@@ -673,7 +679,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             run.update_status(state="stopped", step=trainer.step, max_steps=trainer.max_steps)
             return 0
         state = trainer.fit()
-        run.update_status(state=state, step=trainer.step, max_steps=trainer.max_steps,
+        run.update_status(state=state, phase=None, step=trainer.step, max_steps=trainer.max_steps,
                           adapter=str(run.adapter) if state == "finished" else None)
         log.info("%s at step %d", state, trainer.step)
         return 0

@@ -345,6 +345,7 @@ def test_resume_after_a_kill_that_cut_the_last_metric_line(tmp_path, judgments_f
     assert main(["--out", str(out), "--resume", "--data-dir", str(data_dir)]) == 0
     st = status(out)
     assert st["state"] == "finished" and st["step"] == 4, (out / "train.log").read_text()[-2000:]
+    assert st["phase"] is None  # a run that has ended is doing nothing
     assert [m.step for m in RunFolder(out, writable=False).metrics()] == [1, 2, 3, 4]
     assert (out / "adapter" / "adapter_config.json").exists()
 

@@ -173,6 +173,25 @@ def test_watch_reads_a_run_folder(ctx):
     assert status["final_metrics"]["eval_accuracy"] == 0.75
 
 
+def test_watch_names_the_phase_instead_of_a_step_eta_outside_the_steps(ctx):
+    """Before step 1 (loading, reference scoring) and after the last step (final previews,
+    saving) the step ETA would read 0 s or nothing while work remains."""
+    import os
+
+    rid = "run-p"
+    folder = RunFolder(ctx.layout.run_dir(rid))
+    ctx.store.record_run(rid, {"loss": "rpo-paired"}, str(folder.root), state="running", pid=os.getpid())
+    folder.write_status(RunStatus(state="running", phase="scoring 40 answers with the base model (once)",
+                                  step=0, max_steps=60, eta_s=0.0, pid=os.getpid()))
+    view = dict(zip(train.LIVE, train.watch(ctx, rid)))
+    assert "*scoring 40 answers with the base model (once)…*" in view["status"]
+    assert "ETA" not in view["bar"]
+    folder.write_status(RunStatus(state="running", phase="training", step=10, max_steps=60, eta_s=30.0,
+                                  pid=os.getpid()))
+    view = dict(zip(train.LIVE, train.watch(ctx, rid)))
+    assert "training" not in view["status"] and "ETA 30 s" in view["bar"]
+
+
 # -- the Chat tab's pickers (defect 6) ---------------------------------------------------
 
 def test_default_picks_put_the_newest_adapter_on_the_right():

@@ -75,7 +75,10 @@ def generate_answers(ctx: AppContext, adapter, n, limit, temp, top_p, max_new, s
     t0 = time.time()
 
     def tick(done, total):
-        eta = (time.time() - t0) / max(done, 1) * (total - done)
+        if not done:  # no answer finished yet: nothing to estimate from
+            progress(0, desc=f"0/{total} answers · generating the first batch")
+            return
+        eta = (time.time() - t0) / done * (total - done)
         progress(done / max(total, 1), desc=f"{done}/{total} answers · ETA {eta:.0f}s")
 
     result = top_up(ctx.store, host, todo, int(n), settings, adapter=adapter, progress=tick)

@@ -160,6 +160,11 @@ def watch(ctx: AppContext, rid: str | None, drawn=None) -> tuple:
     metrics = ctx.runs.metrics(rid)
     sample_rows = [s.to_record() for s in ctx.runs.samples(rid)]
     parts = [f"**Run {rid}** · **{st.state}** · step {st.step}/{st.max_steps or '?'}"]
+    # Before the first step and after the last one the run is busy with something else;
+    # the step ETA says nothing about that, so name it instead.
+    busy = st.phase if st.state == "running" and st.phase not in (None, "training") else None
+    if busy:
+        parts.append(f"*{html.escape(busy)}…*")
     trained = metrics.dropna(subset=["loss"])
     if len(trained):
         last = trained.iloc[-1]
@@ -182,7 +187,7 @@ def watch(ctx: AppContext, rid: str | None, drawn=None) -> tuple:
         parts.append(collapse)
     key = [rid, len(metrics), len(sample_rows)]
     same = drawn == key
-    eta = st.eta_s if st.state == "running" else None
+    eta = st.eta_s if st.state == "running" and not busy else None
     return (" · ".join(parts), _bar(st.step, st.max_steps or 0, eta, st.elapsed_s),
             gr.skip() if same else _series(metrics, "loss", "loss"),
             gr.skip() if same else _series(metrics, "margin", "margin"),
