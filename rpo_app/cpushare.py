@@ -1,0 +1,131 @@
+"""How the app and its training runs share the CPU cores.
+
+The app process holds a model (chat, candidate generation) and every training run is a
+child process with a model of its own. Left to torch, each process runs one thread per
+core; when both compute, twice as many threads as cores compete, and each process's
+OpenMP workers spin at every barrier for a thread the other one took away. Measured on
+2 cores (issue 17): a 2-prompt greedy preview ran at 0.7 tok/s with 2 threads beside
+another 2-thread process, and at 9.8 tok/s with 1. So the split is decided here, for
+any core count:
+
+- no run: the app uses every core;
+- a run while the app is idle: the run uses every core (the app's threads sleep);
+- a run while the app computes: the app keeps `app_share(cores)` threads, the run the rest.
+
+The app says it is computing by holding a marker file in the data dir (`AppShare.busy`);
+a run looks at the marker before each step and each preview (`RunShare.adjust`), so it
+hands cores back within one step. A marker left behind by a killed app costs a run some
+speed, never a wrong result.
+
+torch's thread count is per OS thread under OpenMP (set in one thread, it does not
+change another's), so each side sets it in the thread that is about to compute.
+
+Cores are also shared with whatever else runs on the machine, which no marker covers.
+OpenMP's workers spin at every barrier by default, and a spinning thread wastes the
+time a descheduled one needs. Measured on 2 cores (2-row greedy decode, tok/s): beside
+a 2-thread job, 2.9 with spinning waits (OMP_WAIT_POLICY=ACTIVE) and 17.9 with PASSIVE; on a quiet
+machine, 41.8 and 26.4. Passive waiting costs a third of the speed when nothing else
+runs, so it is left to the user (README) rather than set here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+MARKER_NAME = ".app-busy"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than exist)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def app_share(cores: int) -> int:
+    """Threads the app keeps for chat and generation while a run trains: a quarter of
+    the cores, at least one."""
+    return max(1, cores // 4)
+
+
+def app_threads(cores: int, run_active: bool) -> int:
+    return app_share(cores) if run_active else cores
+
+
+def run_threads(cores: int, app_busy: bool) -> int:
+    return max(1, cores - app_share(cores)) if app_busy else cores
+
+
+def marker_path(data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir) / MARKER_NAME
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+class AppShare:
+    """The app's side: wrap every use of the app's model in `busy()`."""
+
+    def __init__(self, data_dir: str | os.PathLike, run_active: Callable[[], bool],
+                 cores: int | None = None):
+        self.marker = marker_path(data_dir)
+        self.run_active = run_active
+        self.cores = cores or available_cores()
+        self._lock = threading.Lock()
+        self._users = 0
+
+    def threads(self) -> int:
+        """What the app may use right now."""
+        return app_threads(self.cores, self.run_active())
+
+    @contextmanager
+    def busy(self) -> Iterator[int]:
+        """The app computes inside this block (in the calling thread); yields its threads."""
+        with self._lock:
+            self._users += 1
+            if self._users == 1:
+                try:
+                    self.marker.touch()
+                except OSError as err:  # a read-only data dir: runs just keep every core
+                    log.warning("cannot write %s: %s", self.marker, err)
+        n = self.threads()
+        _set_torch_threads(n)
+        try:
+            yield n
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self.marker.unlink(missing_ok=True)
+
+
+class RunShare:
+    """A training run's side: call `adjust()` before each step and each preview."""
+
+    def __init__(self, data_dir: str | os.PathLike, fixed: int | None = None,
+                 cores: int | None = None):
+        self.marker = marker_path(data_dir)
+        self.fixed = fixed  # --cpu-threads: the user decided, nothing adapts
+        self.cores = cores or available_cores()
+        self.current: int | None = None
+
+    def adjust(self) -> int:
+        n = self.fixed or run_threads(self.cores, self.marker.exists())
+        if n != self.current:
+            if self.current is not None:
+                log.info("cpu threads %d -> %d (%s)", self.current, n,
+                         "the app is computing" if n < self.cores else "the app is idle")
+            self.current = n
+            _set_torch_threads(n)
+        return n
