@@ -65,9 +65,19 @@ def _generate_args(p):
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=192)
+    from rpo_app.generate import GenSettings  # light: no torch
+
+    d = GenSettings()
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"0 = greedy (default {d.temperature})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"default {d.top_p}")
+    p.add_argument("--min-p", type=float, default=d.min_p,
+                   help="drop tokens under this share of the likeliest one's probability "
+                        f"(0 = off; default {d.min_p})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"penalise tokens the answer already used (1 = off; default "
+                        f"{d.repetition_penalty})")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per forward pass (default 32)")
@@ -83,7 +93,7 @@ def _merge_args(p):
 def _bench_args(p):
     _data_dir_arg(p)
     p.add_argument("--out", default="bench-results", help="folder for the JSON results")
-    p.add_argument("--only", choices=["search", "queue", "generate", "train", "load"], default=None)
+    p.add_argument("--only", choices=["search", "queue", "generate", "sampling", "first-run", "train", "load"], default=None)
     p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
 
 

@@ -27,10 +27,10 @@ import logging
 import queue
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 from rpo_app import chat_template
 
@@ -46,11 +46,20 @@ class GenerationError(RuntimeError):
 
 @dataclass
 class GenSettings:
-    temperature: float = 0.8
-    top_p: float = 0.95
+    # The sampling defaults (temperature, top_p, min_p, repetition_penalty) were chosen
+    # with the sampling benchmark (`python -m rpo_app bench --only sampling`,
+    # rpo_app/bench/sampling.py: its docstring states the rule, its table the numbers).
+    temperature: float = 0.7
+    top_p: float = 1.0
     max_new_tokens: int = 192
     seed: int = 0
     system_prompt: str | None = None
+    # Keep tokens whose probability (after temperature) is at least min_p x the most
+    # likely token's; 0 = off. Composes with top_p as in transformers: both filters apply.
+    min_p: float = 0.05
+    # transformers' repetition penalty over the answer's own tokens (the prompt is not
+    # counted, see _logits_processors); 1 = off. Applies to greedy decoding too.
+    repetition_penalty: float = 1.05
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -59,6 +68,11 @@ class GenSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a positive number (1 = off), "
+                             f"got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -75,12 +89,18 @@ def row_seed(seed: int, text: str, index: int) -> int:
 
 
 # -- pieces handed to transformers' generate ---------------------------------------------
-def _row_sampler(seeds: Sequence[int], temperature: float, top_p: float):
+def _row_sampler(seeds: Sequence[int], temperature: float, top_p: float, min_p: float = 0.0):
     """A logits processor that samples each row with its own torch.Generator.
 
     It returns scores that are -inf everywhere except the drawn token, so greedy
     decoding (do_sample=False) picks exactly that token. One uniform number per row
     per step, turned into a token by inverse CDF (over the nucleus when top_p < 1).
+
+    As in transformers' warpers, temperature comes first, then the filters on the
+    tempered probabilities: top_p keeps the smallest set of top tokens whose mass
+    reaches top_p, min_p keeps the tokens with at least min_p x the row's largest
+    probability; a token must pass both (transformers applies min-p after top-p, and
+    renormalising between them does not move min-p's cut, which is relative).
     """
     import torch
     from transformers import LogitsProcessor
@@ -97,10 +117,10 @@ def _row_sampler(seeds: Sequence[int], temperature: float, top_p: float):
             probs = torch.softmax(scores.float() / temperature, dim=-1)
             u = torch.stack([torch.rand((), generator=g, dtype=torch.float64)
                              for g in self.generators]).to(probs.device, probs.dtype)
-            if top_p >= 1.0:
+            if top_p >= 1.0 and min_p <= 0.0:
                 token = _inverse_cdf(probs, u)
             else:
-                token = _nucleus(probs, u, top_p)
+                token = _nucleus(probs, u, top_p, min_p)
             out = torch.full_like(scores, float("-inf"))
             out.scatter_(-1, token.unsqueeze(-1), 0.0)
             return out
@@ -110,15 +130,19 @@ def _row_sampler(seeds: Sequence[int], temperature: float, top_p: float):
         pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
         return pos.clamp_(max=probs.shape[-1] - 1)
 
-    def _nucleus(probs, u, p):
-        """Sample from the smallest set of top tokens whose mass reaches p.
+    def _nucleus(probs, u, p, min_p):
+        """Sample from the smallest set of top tokens whose mass reaches p (p >= 1:
+        no such cut), less the tokens under min_p x the row's largest probability.
 
         A full sort of a 50k vocabulary per row costs more than the forward pass of a
         small model on a CPU, so look at the top 64 first and widen only the rows
-        whose nucleus is larger (exact either way)."""
+        whose kept set is larger (exact either way): a row is done at k once its
+        nucleus fits in the top k or its k-th token already falls under the min-p
+        floor (every later one does too)."""
         vocab = probs.shape[-1]
         token = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
         rows = torch.arange(probs.shape[0], device=probs.device)
+        floor = probs.amax(-1) * min_p  # 0 when min_p is off: nothing falls under it
         for k in (64, 1024, vocab):
             if not rows.numel():
                 break
@@ -128,15 +152,44 @@ def _row_sampler(seeds: Sequence[int], temperature: float, top_p: float):
             else:
                 top, idx = torch.topk(probs[rows], k, dim=-1)  # sorted, largest first
             before = top.cumsum(-1) - top
-            fits = (before[:, -1] + top[:, -1] >= p) | (k == vocab)
+            low = top < floor[rows].unsqueeze(-1)  # the row's top token never is
+            fits = low[:, -1] | (k == vocab)
+            if p < 1.0:
+                fits |= before[:, -1] + top[:, -1] >= p
             if fits.any():
-                kept = top[fits].masked_fill(before[fits] >= p, 0.0)
+                drop = low[fits] | (before[fits] >= p) if p < 1.0 else low[fits]
+                kept = top[fits].masked_fill(drop, 0.0)
                 pos = _inverse_cdf(kept, u[rows[fits]])
                 token[rows[fits]] = idx[fits].gather(-1, pos.unsqueeze(-1)).squeeze(-1)
             rows = rows[~fits]
         return token
 
     return RowSampler()
+
+
+def _logits_processors(settings: GenSettings, seeds: Sequence[int], prompt_width: int) -> list:
+    """The logits processors of one generate call, in order: the repetition penalty,
+    then our per-row sampler (none at all for plain greedy decoding).
+
+    The penalty is transformers' RepetitionPenaltyLogitsProcessor counting only the
+    answer's own tokens (`prompt_ignore_length`: every row's prompt, left-padded, ends
+    at column prompt_width, in the shared-prefill layout too). Counting the prompt, as
+    transformers does by default, would penalise the chat template's tokens in every
+    prompt: the end-of-turn token (so answers would run on), "\n", the system turn, and
+    a prompt's own words an answer should reuse ("rewrite this sentence"). The left
+    padding is then out of the count as well; it would not have mattered anyway, the
+    penalty counts a token once however often it occurs and the pad token (the
+    end-of-turn token for SmolLM2) is in every prompt already.
+    """
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    out = []
+    if settings.repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(float(settings.repetition_penalty),
+                                                    prompt_ignore_length=int(prompt_width)))
+    if not settings.greedy:
+        out.append(_row_sampler(seeds, settings.temperature, settings.top_p, settings.min_p))
+    return out
 
 
 def _stop_flag(event: threading.Event):
@@ -203,6 +256,70 @@ def _batch_streamer_class():
     return BatchTextStreamer
 
 
+def _row_streamer_class():
+    from transformers.generation.streamers import BaseStreamer
+
+    class RowStreamer(BaseStreamer):
+        """Reports every decoding step and every row the moment it ends (at its
+        end-of-turn token or its token limit), so answers can be stored as they finish
+        while the batch keeps its speed. Each row is reported exactly once, with the
+        same tokens `ModelHost._run` returns for it."""
+
+        def __init__(self, n_rows: int, stop_ids: set[int], max_new: int,
+                     on_row: Callable[[int, list[int]], None] | None,
+                     on_step: Callable[[int], None] | None):
+            self.stop_ids, self.max_new = stop_ids, max_new
+            self.on_row, self.on_step = on_row, on_step
+            self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
+            self.done = [False] * n_rows
+            self.step = 0
+            self._prompt_seen = False
+
+        def _finish(self, i: int) -> None:
+            self.done[i] = True
+            if self.on_row is not None:
+                self.on_row(i, self.tokens[i])
+
+        def put(self, value):
+            if not self._prompt_seen:  # the first call carries the prompt ids
+                self._prompt_seen = True
+                return
+            self.step += 1
+            for i, tok in enumerate(value.reshape(len(self.tokens), -1)[:, -1].tolist()):
+                if self.done[i]:
+                    continue
+                if tok in self.stop_ids:
+                    self._finish(i)
+                    continue
+                self.tokens[i].append(tok)
+                if len(self.tokens[i]) >= self.max_new:
+                    self._finish(i)
+            if self.on_step is not None:
+                self.on_step(self.step)
+
+        def end(self):
+            for i, finished in enumerate(self.done):
+                if not finished:  # stopped from outside: report what it has
+                    self._finish(i)
+
+    return RowStreamer
+
+
+def batch_sizes(n_jobs: int, batch_size: int, first: int | None = None) -> list[int]:
+    """How `generate_batches` cuts n_jobs rows: full batches, except that a small
+    `first` batch (say, one prompt's answers) can go ahead so something is ready within
+    seconds; the next batch is 4x that, then full batches."""
+    sizes, left, size = [], n_jobs, batch_size
+    if first is not None and first < batch_size:
+        size = max(1, first)
+    while left > 0:
+        take = min(size, left)
+        sizes.append(take)
+        left -= take
+        size = min(batch_size, size * 4)
+    return sizes
+
+
 @contextmanager
 def _eval_mode(model):
     """Dropout off while generating; a model that was training (a trainer's previews)
@@ -258,6 +375,9 @@ class ModelHost:
         self.stop_ids = chat_template.stop_token_ids(tokenizer, model)
         self._adapter_paths: dict[str, str] = {}
         self.share_prefill = True  # see _shared_prefill; off = plain left padding
+        # Wraps every computation (the app passes cpushare.AppShare.busy, so a training
+        # run gives back cores while this model generates).
+        self.compute: Callable[[], ContextManager] = nullcontext
 
     # -- adapters ------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -280,6 +400,42 @@ class ModelHost:
                 self.base(input_ids=ids)
                 cached = self._seconds_per_token = (time.perf_counter() - t0) / ids.numel()
         return cached
+
+    def decode_timing(self, measure: bool = True) -> tuple[float, float] | None:
+        """(seconds per decoding step, seconds per step per row) on this machine: two
+        short greedy generations (1 and 8 rows) timed once, then kept. A step of a batch
+        of r rows takes about a + b*r; the estimates below build on it. With
+        measure=False: None until it has been timed."""
+        cached = getattr(self, "_decode_timing", None)
+        if cached is None and measure:
+            steps = 12
+            settings = GenSettings(temperature=0, max_new_tokens=steps, repetition_penalty=1.0)
+            row = self.encode_prompt("Write a long story about a lighthouse.")
+            # Never stop early: the timing must cover every step.
+            saved_stops, self.stop_ids = self.stop_ids, set()
+            try:
+                with self.lock, self.compute():  # the first call pays one-off setup costs
+                    self._run([row], [0], GenSettings(temperature=0, max_new_tokens=2), [None])
+                times = {}
+                for rows in (1, 8):
+                    with self.lock, self.compute():
+                        t0 = time.perf_counter()
+                        self._run([row] * rows, [0] * rows, settings, [None] * rows)
+                        times[rows] = (time.perf_counter() - t0) / steps
+            finally:
+                self.stop_ids = saved_stops
+            per_row = max(0.0, (times[8] - times[1]) / 7)
+            cached = self._decode_timing = (max(1e-4, times[1] - per_row), per_row)
+        return cached
+
+    def estimate_seconds(self, n_answers: int, max_new_tokens: int, batch_size: int = 32,
+                         first_batch: int | None = None) -> float:
+        """Time to generate n_answers at most max_new_tokens long in the batches that
+        generate_batches would cut. An upper bound when answers end early; small
+        models' candidates mostly run to the limit, so it is close."""
+        a, b = self.decode_timing()
+        return sum(max_new_tokens * (a + b * size)
+                   for size in batch_sizes(n_answers, batch_size, first_batch))
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a PEFT LoRA adapter folder under `name` (replacing one of that name)."""
@@ -454,9 +610,6 @@ class ModelHost:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         kwargs = {}
-        if not settings.greedy:
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [_row_sampler(seeds, settings.temperature, settings.top_p)])
         if stopping is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
         with _eval_mode(self.model), self._adapter_mode(adapters) as extra, torch.inference_mode():
@@ -472,6 +625,9 @@ class ModelHost:
                 ids, mask = self._pad_left(rows)
             if cache is not None:
                 kwargs["past_key_values"] = cache
+            processors = _logits_processors(settings, seeds, prompt_width=ids.shape[1])
+            if processors:
+                kwargs["logits_processor"] = LogitsProcessorList(processors)
             out = self.model.generate(input_ids=ids, attention_mask=mask,
                                       generation_config=self._generation_config(settings),
                                       streamer=streamer, **extra, **kwargs)
@@ -489,13 +645,20 @@ class ModelHost:
     # -- batched candidate generation ----------------------------------------------------
     def generate_batches(self, prompts: list[str], n: int = 1,
                          settings: GenSettings | None = None, adapter: str | None = None,
-                         batch_size: int = 16, start_index: int = 0
+                         batch_size: int = 16, start_index: int = 0,
+                         first_batch: int | None = None,
+                         on_answer: Callable[[tuple[int, int, str, int]], None] | None = None,
+                         on_step: Callable[[int, int], None] | None = None,
                          ) -> Iterator[list[tuple[int, int, str, int]]]:
         """Yield, per forward batch, (prompt index, sample index, text, tokens) tuples.
 
         `tokens` counts the generated tokens including the end-of-turn token when one
         was produced. Sample indices run from start_index to start_index + n - 1 (they
-        seed the sampler, so topping up a prompt draws fresh answers).
+        seed the sampler, so topping up a prompt draws fresh answers). `first_batch`
+        sends a small batch ahead (see batch_sizes). `on_answer` gets each tuple the
+        moment its row ends, before its batch does; `on_step(steps done, steps at most)`
+        counts decoding steps over all batches (a batch whose rows all end early skips
+        the rest of its steps, so the count is an upper bound that only moves forward).
         """
         settings = settings or GenSettings()
         if n < 1:
@@ -506,28 +669,51 @@ class ModelHost:
         jobs = [(pi, start_index + k) for pi in range(len(prompts)) for k in range(n)]
         # Longest first: padding stays small, and running out of memory shows at once.
         jobs.sort(key=lambda j: (-len(encoded[j[0]]), j[0], j[1]))
-        for b in range(0, len(jobs), batch_size):
-            chunk = jobs[b:b + batch_size]
+        sizes = batch_sizes(len(jobs), batch_size, first_batch)
+        max_steps = settings.max_new_tokens * len(sizes)
+        start = 0
+        for b, size in enumerate(sizes):
+            chunk = jobs[start:start + size]
+            start += size
             rows = [encoded[pi] for pi, _ in chunk]
             seeds = [row_seed(settings.seed, prompts[pi], k) for pi, k in chunk]
-            with self.lock:
-                new = self._run(rows, seeds, settings, [adapter] * len(chunk))
-            out = []
-            for (pi, k), toks in zip(chunk, new):
+            finished: dict[int, tuple[int, int, str, int]] = {}
+
+            def row_done(i: int, toks: list[int], chunk=chunk, finished=finished) -> None:
+                pi, k = chunk[i]
                 n_tok = len(toks) + (1 if len(toks) < settings.max_new_tokens else 0)
-                out.append((pi, k, self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
-                            n_tok))
-            yield out
+                finished[i] = (pi, k, self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                               n_tok)
+                if on_answer is not None:
+                    on_answer(finished[i])
+
+            def step_done(step: int, base=b * settings.max_new_tokens) -> None:
+                if on_step is not None:
+                    on_step(base + step, max_steps)
+
+            streamer = _row_streamer_class()(len(chunk), self.stop_ids, settings.max_new_tokens,
+                                             row_done, step_done)
+            with self.lock, self.compute():
+                new = self._run(rows, seeds, settings, [adapter] * len(chunk), streamer=streamer)
+            for i, toks in enumerate(new):
+                if i not in finished:  # the streamer saw every row; this is a safety net
+                    row_done(i, toks)
+            if on_step is not None:
+                on_step((b + 1) * settings.max_new_tokens, max_steps)
+            yield [finished[i] for i in range(len(chunk))]
 
     def generate(self, prompts: list[str], n: int = 1, settings: GenSettings | None = None,
                  adapter: str | None = None, batch_size: int = 16,
-                 progress: Progress | None = None) -> list[list[str]]:
-        """n answers for every prompt, in prompt order: result[i][k] is sample k of prompt i."""
+                 progress: Progress | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> list[list[str]]:
+        """n answers for every prompt, in prompt order: result[i][k] is sample k of prompt i.
+        `progress(answers done, total)` per batch; `on_step` as in generate_batches."""
         out: list[list[str | None]] = [[None] * n for _ in prompts]
         total, done = len(prompts) * n, 0
         if progress:
             progress(0, total)
-        for batch in self.generate_batches(prompts, n, settings, adapter, batch_size):
+        for batch in self.generate_batches(prompts, n, settings, adapter, batch_size,
+                                           on_step=on_step):
             for pi, k, text, _ in batch:
                 out[pi][k] = text
             done += len(batch)
@@ -555,7 +741,7 @@ class ModelHost:
 
         def work():
             try:
-                with self.lock:
+                with self.lock, self.compute():
                     self._run(rows, seeds, settings, adapters, streamer=streamer,
                               stopping=_stop_flag(stop))
             except BaseException as err:  # handed to the consumer thread
@@ -591,8 +777,11 @@ class ModelHost:
 def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
                         settings: GenSettings | None = None, adapter: str | None = None,
                         progress: Progress | None = None, batch_size: int = 32,
-                        start_index: int = 0) -> dict:
-    """Generate n answers per prompt and store each batch as soon as it is done."""
+                        start_index: int = 0, first_batch: int | None = None) -> dict:
+    """Generate n answers per prompt and store each one the moment its row ends (a
+    batch of 32 does not hold its short answers back until its longest is done).
+    `first_batch` sends a small batch ahead (one prompt's answers: a pair to judge
+    within seconds)."""
     settings = settings or GenSettings()
     rows = store.prompts(prompt_ids)
     if len(rows) != len(set(prompt_ids)):
@@ -606,21 +795,25 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
     t0 = time.perf_counter()
     if progress:
         progress(0, total)
-    for batch in host.generate_batches(texts, n, settings, adapter, batch_size, start_index):
-        for pi, _k, text, n_tok in batch:
-            _, created = store.add_response(ids[pi], text, source="model", model=host.model_name,
-                                            adapter=adapter, gen_settings=settings.to_dict())
-            stats["generated"] += 1
-            stats["new" if created else "duplicates"] += 1
-            stats["tokens"] += n_tok
+
+    def store_answer(answer: tuple[int, int, str, int]) -> None:
+        pi, _k, text, n_tok = answer
+        _, created = store.add_response(ids[pi], text, source="model", model=host.model_name,
+                                        adapter=adapter, gen_settings=settings.to_dict())
+        stats["generated"] += 1
+        stats["new" if created else "duplicates"] += 1
+        stats["tokens"] += n_tok
         if progress:
             progress(stats["generated"], total)
+
+    for _batch in host.generate_batches(texts, n, settings, adapter, batch_size, start_index,
+                                        first_batch=first_batch, on_answer=store_answer):
+        pass  # each answer was stored as it ended
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"], 1) if stats["seconds"] else 0.0
     return stats
 
 
-# -- CLI -----------------------------------------------------------------------------------
 def _prompt_ids_from_file(store, path: Path) -> list[int]:
     """Store the prompts of an import file (any shape, or TXT one per line) and return
     their ids in file order. Only prompts: answering a preference file must not turn
@@ -647,11 +840,13 @@ def backlog(store, n: int, limit: int | None = None, adapter: str | None = None,
 
 def top_up(store, host: ModelHost, todo: list[tuple[int, int]], n: int,
            settings: GenSettings | None = None, adapter: str | None = None,
-           batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> dict:
+           batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
+           first_batch: int | None = None) -> dict:
     """Bring each (prompt_id, answers it has) up to n answers.
 
     Prompts with the same count go together so sample indices continue from what
     exists: a top-up never redraws an earlier sample (which would be a duplicate).
+    `first_batch` applies to the first group only (the rest follows at full speed).
     """
     groups: dict[int, list[int]] = {}
     for pid, have in todo:
@@ -659,18 +854,20 @@ def top_up(store, host: ModelHost, todo: list[tuple[int, int]], n: int,
     total = sum((n - have) * len(pids) for have, pids in groups.items())
     totals = {"prompts": len(todo), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0,
               "seconds": 0.0}
-    for have, pids in sorted(groups.items()):
+    for g, (have, pids) in enumerate(sorted(groups.items())):
         def tick(done, _total, base=totals["generated"]):
             if progress is not None:
                 progress(base + done, total)
 
         stats = generate_candidates(store, host, pids, n - have, settings, adapter=adapter,
-                                    progress=tick, batch_size=batch_size, start_index=have)
+                                    progress=tick, batch_size=batch_size, start_index=have,
+                                    first_batch=first_batch if g == 0 else None)
         for key in ("generated", "new", "duplicates", "tokens", "seconds"):
             totals[key] += stats[key]
     return totals
 
 
+# -- CLI -----------------------------------------------------------------------------------
 def cli_generate(args) -> int:
     import sys
 
@@ -685,7 +882,8 @@ def cli_generate(args) -> int:
     store = Store(layout.root)
     try:
         settings = GenSettings(temperature=args.temperature, top_p=args.top_p,
-                               max_new_tokens=args.max_new_tokens, seed=args.seed)
+                               max_new_tokens=args.max_new_tokens, seed=args.seed,
+                               min_p=args.min_p, repetition_penalty=args.repetition_penalty)
         if args.n < 1 or args.batch_size < 1:
             raise ValueError("--n and --batch-size must be at least 1")
         adapter_name = adapter_path = None

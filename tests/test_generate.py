@@ -26,7 +26,9 @@ PROMPTS = [
     "How can I fall asleep faster when my mind keeps racing at night?",
     "Name a colour.",
 ]
-GREEDY = GenSettings(temperature=0, max_new_tokens=16)
+# Plain greedy decoding (the default repetition penalty would change which token is
+# best, and _assert_greedy_continuation checks plain greedy).
+GREEDY = GenSettings(temperature=0, max_new_tokens=16, repetition_penalty=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,8 @@ def _assert_greedy_continuation(host: ModelHost, prompt: list[int], new: list[in
 def test_settings_dict_and_validation():
     s = GenSettings(temperature=0.5, top_p=0.9, max_new_tokens=10, seed=3, system_prompt="Be brief.")
     assert s.to_dict() == {"temperature": 0.5, "top_p": 0.9, "max_new_tokens": 10, "seed": 3,
-                           "system_prompt": "Be brief."}
+                           "system_prompt": "Be brief.", "min_p": GenSettings.min_p,
+                           "repetition_penalty": GenSettings.repetition_penalty}
     assert GenSettings(temperature=0).greedy and not s.greedy
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError):
@@ -215,7 +218,7 @@ def test_greedy_padding_on_default_model(default_model_dir):
     host = ModelHost(str(default_model_dir), data_dir=default_model_dir.parent.parent,
                      device="cpu")
     rows = [host.encode_prompt(p) for p in PROMPTS[:2]]  # a short and a long one: padding
-    settings = GenSettings(temperature=0, max_new_tokens=16)
+    settings = GREEDY
     for share_prefill in (True, False):
         host.share_prefill = share_prefill
         new = host._run(rows, [0, 0], settings, [None, None])
@@ -499,3 +502,95 @@ def test_top_up_continues_samples_and_counts_per_adapter(store, host_with_adapte
     assert tuned["generated"] == 5 and seen[-1] == (5, 5)
     assert store.response_counts(ids, adapter=adapter) == {pid: 2 for pid in ids}
 
+
+# -- min-p and repetition penalty -------------------------------------------------------------
+def test_min_p_and_repetition_penalty_validation():
+    for bad, field in (({"min_p": -0.1}, "min_p"), ({"min_p": 1.5}, "min_p"),
+                       ({"min_p": float("nan")}, "min_p"),
+                       ({"repetition_penalty": 0.0}, "repetition_penalty"),
+                       ({"repetition_penalty": -1.0}, "repetition_penalty"),
+                       ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+                       ({"repetition_penalty": float("nan")}, "repetition_penalty")):
+        with pytest.raises(ValueError, match=rf"^{field} must .* got {bad[field]}$"):
+            GenSettings(**bad)
+    ok = GenSettings(min_p=1.0, repetition_penalty=1.2)
+    assert ok.to_dict()["min_p"] == 1.0 and ok.to_dict()["repetition_penalty"] == 1.2
+
+
+def test_row_sampler_min_p_and_top_p_filter_after_temperature():
+    """Which tokens can be drawn at all: 400 rows with their own seeds over one known
+    distribution. min_p cuts relative to the largest probability after temperature;
+    with top_p both cuts apply."""
+    import math
+
+    import torch
+
+    from rpo_app.generate import _row_sampler
+
+    logits = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]).log()
+
+    def drawn(temperature, top_p, min_p, n=400):
+        sampler = _row_sampler(list(range(n)), temperature, top_p, min_p)
+        out = sampler(None, logits.repeat(n, 1))
+        assert (out == 0).sum(-1).tolist() == [1] * n
+        return set(out.argmax(-1).tolist())
+
+    assert drawn(1.0, 1.0, 0.0) == {0, 1, 2, 3, 4}
+    assert drawn(1.0, 1.0, 0.6) == {0, 1}  # floor 0.24
+    assert drawn(2.0, 1.0, 0.6) == {0, 1, 2}  # flatter after temperature 2: floor 0.18
+    assert drawn(1.0, 0.9, 0.0) == {0, 1, 2, 3}  # nucleus
+    assert drawn(1.0, 0.9, 0.3) == {0, 1, 2}  # nucleus and floor 0.12
+    assert drawn(1.0, 1.0, 1.0) == {0}
+    # A flat distribution over 2000 tokens: the kept set is far past the top 64 the
+    # sampler looks at first, so it must widen.
+    flat = torch.zeros(300, 2000)
+    flat[:, 0] = math.log(1.5)
+    for top_p in (1.0, 0.95):
+        out = _row_sampler(list(range(300)), 1.0, top_p, 0.5)(None, flat)
+        assert len(set(out.argmax(-1).tolist())) > 200
+
+
+def test_min_p_one_samples_the_greedy_answer(tiny_host):
+    """min_p = 1 keeps only the most likely token: sampling at any temperature and
+    top_p decodes greedily (checked per answer, within a float tolerance)."""
+    rows = [tiny_host.encode_prompt(p) for p in PROMPTS for _ in range(2)]
+    seeds = list(range(len(rows)))
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+        settings = GenSettings(temperature=temperature, top_p=top_p, min_p=1.0, max_new_tokens=12)
+        with tiny_host.lock:
+            new = tiny_host._run(rows, seeds, settings, [None] * len(rows))
+        for prompt, toks in zip(rows, new):
+            _assert_greedy_continuation(tiny_host, prompt, toks, settings.max_new_tokens)
+
+
+def test_repetition_penalty_counts_the_answer_not_the_prompt(tiny_model_dir):
+    """The tied-embedding tiny Llama answers "\n" forever. A strong penalty must break
+    the loop from the second token on, greedy (temperature 0) and sampled alike; the
+    first token stays "\n" although every chat prompt holds "\n": the prompt (and
+    its left padding) is not counted."""
+    host = _tiny_host(tiny_model_dir)
+    rows = [host.encode_prompt(p) for p in PROMPTS]
+    newline = host.tokenizer.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1 and all(newline[0] in r for r in rows)
+    with host.lock:
+        plain = host._run(rows, [0] * 3, GenSettings(temperature=0, max_new_tokens=6), [None] * 3)
+    assert plain == [newline * 6] * 3
+    for settings in (GenSettings(temperature=0, max_new_tokens=6, repetition_penalty=100.0),
+                     GenSettings(temperature=0.7, min_p=1.0, max_new_tokens=6,
+                                 repetition_penalty=100.0)):
+        with host.lock:
+            new = host._run(rows, [0] * 3, settings, [None] * 3)
+        for toks in new:
+            assert toks[0] == newline[0] and toks[1] != newline[0]
+
+
+def test_generate_cli_takes_min_p_and_repetition_penalty(data_dir, capsys):
+    from rpo_app.cli import build_parser, main
+
+    args = build_parser("generate").parse_args(
+        ["generate", "--min-p", "0.05", "--repetition-penalty", "1.1"])
+    assert (args.min_p, args.repetition_penalty) == (0.05, 1.1)
+    assert main(["generate", "--min-p", "2", "--data-dir", str(data_dir)]) == 2
+    assert main(["generate", "--repetition-penalty", "0", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "min_p must be in [0, 1]" in err and "repetition_penalty must be" in err

@@ -218,9 +218,13 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
     store = Store(data_dir)
     host = ModelHost(model, data_dir, device=args.device)
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else out / "cache"
+    # Its own flags only (no min-p, no repetition penalty): the candidates and the greedy
+    # test answers stay comparable with the results recorded in the README.
     sample = GenSettings(temperature=args.gen_temperature, top_p=args.top_p,
-                         max_new_tokens=args.max_new_tokens, seed=seed)
-    greedy = GenSettings(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=seed)
+                         max_new_tokens=args.max_new_tokens, seed=seed, min_p=0.0,
+                         repetition_penalty=1.0)
+    greedy = GenSettings(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=seed,
+                         repetition_penalty=1.0)
 
     ids, _ = store.add_prompts([{"prompt": r["prompt"], "family": r.get("family")} for r in train_rows],
                                "bench-effect")

@@ -222,8 +222,13 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     reveal = gr.Markdown("", elem_id="chat-reveal")
     with gr.Accordion("Generation settings", open=False, elem_id="chat-settings"):
         with gr.Row():
-            temp = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.1, 1.0, value=0.95, step=0.01, label="Top-p")
+            # The sampling defaults measured for this model (GenSettings; min-p and the
+            # repetition penalty come with them).
+            from rpo_app.generate import GenSettings
+
+            temp = gr.Slider(0, 1.5, value=GenSettings().temperature, step=0.05,
+                             label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.1, 1.0, value=GenSettings().top_p, step=0.01, label="Top-p")
             max_new = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens",
                                 elem_id="chat-max-new")
             seed = gr.Number(0, precision=0, label="Seed")
