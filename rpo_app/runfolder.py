@@ -23,13 +23,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from rpo_app.progress import eta_seconds
+
+log = logging.getLogger("rpo_app.train")  # phases show in the trainer's log
 
 STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE_STATES = ("queued", "running")
+# What a run does, in the order it does it ("evaluating" and "previews" interrupt
+# "training"; "embedding the prompts" only for a loss that weighs by prompt similarity).
+PHASES = ("loading the model", "embedding the prompts", "scoring the answers with the base model",
+          "the base model's previews", "training", "evaluating", "previews", "the final previews",
+          "saving the adapter")
 
 
 # --- one writer, one reader -------------------------------------------------------------
@@ -109,10 +119,34 @@ class RunStatus:
     best_step: int | None = None
     best_eval_accuracy: float | None = None
     adapter: str | None = None  # the final adapter folder, once finished
+    # The phase under way (one of PHASES) counts its own work, so its ETA comes from
+    # its own speed: phase_done of phase_total phase_unit since phase_started_at.
+    phase_done: float | None = None
+    phase_total: float | None = None
+    phase_unit: str | None = None
+    phase_started_at: float | None = None
+    phases: list = field(default_factory=list)  # finished phases: {"phase", "seconds"}, in order
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
+
+    def phase_eta_s(self, now: float | None = None) -> float | None:
+        """Seconds left in the phase under way, from its own speed."""
+        if self.phase == "training":  # the trainer times the steps alone (no evals, no previews)
+            return self.eta_s if self.step < (self.max_steps or 0) else None
+        if self.phase_started_at is None or self.phase_done is None or self.phase_total is None:
+            return None
+        return eta_seconds((now or time.time()) - self.phase_started_at, self.phase_done,
+                           self.phase_total)
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase name over the finished phases (training comes in pieces
+        between evaluations)."""
+        out: dict[str, float] = {}
+        for entry in self.phases:
+            out[entry["phase"]] = out.get(entry["phase"], 0.0) + float(entry["seconds"])
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -219,6 +253,44 @@ class RunFolder:
         status.pid, status.updated_at = os.getpid(), time.time()
         self.write_status(status)
         return status
+
+    def begin_phase(self, phase: str, total: float | None = None, unit: str | None = None,
+                    **fields) -> RunStatus:
+        """End the phase under way (its seconds go to `phases`) and start `phase`."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; add it to runfolder.PHASES")
+        now = time.time()
+        status = self.status()
+        phases = self._closed(status, now)
+        self._last_progress = 0.0
+        log.info("phase: %s", phase)
+        return self.update_status(phase=phase, phase_started_at=now, phase_done=0 if total else None,
+                                  phase_total=total, phase_unit=unit, phases=phases, **fields)
+
+    def phase_progress(self, done: float, total: float | None = None, force: bool = False) -> None:
+        """Count work done in the phase under way; written at most twice a second."""
+        now = time.time()
+        if not force and now - getattr(self, "_last_progress", 0.0) < 0.5:
+            return
+        self._last_progress = now
+        fields = {"phase_done": done}
+        if total is not None:
+            fields["phase_total"] = total
+        self.update_status(**fields)
+
+    def end_phases(self, **fields) -> RunStatus:
+        """The run is over: the last phase's seconds go to `phases`."""
+        status = self.status()
+        return self.update_status(phase=None, phase_done=None, phase_total=None, phase_unit=None,
+                                  phase_started_at=None, phases=self._closed(status, time.time()),
+                                  **fields)
+
+    @staticmethod
+    def _closed(status: RunStatus, now: float) -> list:
+        phases = list(status.phases)
+        if status.phase and status.phase_started_at:
+            phases.append({"phase": status.phase, "seconds": round(now - status.phase_started_at, 3)})
+        return phases
 
     # -- rows --
     def append_metric(self, row: MetricRow) -> None:

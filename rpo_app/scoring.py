@@ -78,11 +78,12 @@ def _chunks_by_length(indices: list[int], lengths: list[int], size: int) -> list
 
 
 def score_all(accelerator, model, data, pad_id: int, chunk: int, keep_by_mask: bool,
-              adapter: bool, should_stop=lambda: False):
+              adapter: bool, should_stop=lambda: False, progress=None):
     """Log-probs of every sequence in ``data``, computed once, shared by all processes.
 
     Each process scores a strided share, longest first so padding stays small, then
-    the shares are gathered so every process holds the full table.
+    the shares are gathered so every process holds the full table. `progress(tokens
+    scored, tokens in all)` after each chunk counts this process's share.
     """
     import torch
     from accelerate.utils import gather_object
@@ -91,6 +92,7 @@ def score_all(accelerator, model, data, pad_id: int, chunk: int, keep_by_mask: b
     mine = list(range(accelerator.process_index, len(data.seqs), accelerator.num_processes))
     lengths = data.lengths()
     results: list[tuple[int, float]] = []
+    total_tokens, scored = sum(lengths[i] for i in mine), 0
     was_training = net.training
     net.eval()
     try:
@@ -107,6 +109,9 @@ def score_all(accelerator, model, data, pad_id: int, chunk: int, keep_by_mask: b
                     with net.disable_adapter():
                         vals = sequence_logps(net, seqs, pad_id, accelerator.device, keep_by_mask)
                 results.extend(zip(part, vals.tolist()))
+                if progress is not None:
+                    scored += sum(lengths[i] for i in part)
+                    progress(scored, total_tokens)
     finally:
         net.train(was_training)
     if accelerator.num_processes > 1:

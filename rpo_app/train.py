@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rpo_app import checkpoints
 from rpo_app.batches import JUDGMENT_FIELDS
+from rpo_app.cpushare import RunShare
 from rpo_app.earlystop import EarlyStopping, off_reason
 from rpo_app.loss_registry import get_loss
 from rpo_app.runfolder import MetricRow, RunFolder, SampleRow
@@ -156,6 +157,7 @@ class Trainer:
         self.ref_seconds = 0.0
         self.t_start = time.time()
         self.step_times: list[float] = []
+        self.cpu = RunShare(data_dir, fixed=cfg.cpu_threads)
 
     # -- setup --
     def setup(self) -> None:
@@ -168,11 +170,10 @@ class Trainer:
         from rpo_app.scoring import keeps_logits_by_mask
 
         cfg = self.cfg
-        if cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
+        self.cpu.adjust()
         set_seed(cfg.seed)
         device = self.acc.device
-        self.run.update_status(phase="loading the model")
+        self.run.begin_phase("loading the model")
         log.info("loading model %s on %s", self.model_path, device)
         base, self.tok = load_model(self.model_path, self.data_dir, device=str(device),
                                     dtype=pick_dtype(str(device)))
@@ -212,7 +213,7 @@ class Trainer:
 
         self.train_emb = self.eval_emb = None
         if self.spec.needs_embeddings(cfg.weighting):
-            self.run.update_status(phase="embedding the prompts")
+            self.run.begin_phase("embedding the prompts")
             self.train_emb, self.eval_emb = self._embed_prompts()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -226,15 +227,12 @@ class Trainer:
                                        num_training_steps=self.max_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
-        n_seqs = len(self.train_data.seqs) + len(self.eval_data.seqs)
-        self.run.update_status(phase=f"scoring {n_seqs} answers with the base model (once)")
         self.ref_train, self.ref_eval = self._reference_logps()
         if self.ref_train is None:
             raise StopRequested()
         if self.resume:
             self._load_checkpoint()
         self.preview = self._preview_prompts()
-        self.run.update_status(phase="the base model's preview answers")
         self.base_answers = self._base_answers()
         self.base_logps: list[float] | None = None
 
@@ -278,10 +276,14 @@ class Trainer:
         log.info("reference log-probs: scoring %d sequences once with the adapter disabled", n)
         t0 = time.time()
         chunk = 2 * self.cfg.batch_size
+        n_train = sum(self.train_data.lengths()) // self.world
+        total = n_train + sum(self.eval_data.lengths()) // self.world
+        self.run.begin_phase("scoring the answers with the base model", total=total, unit="tokens")
         ref = []
-        for data in (self.train_data, self.eval_data):
+        for offset, data in ((0, self.train_data), (n_train, self.eval_data)):
             ref.append(score_all(self.acc, self.model, data, self.pad_id, chunk, self.keep_by_mask,
-                                 adapter=False, should_stop=lambda: self.stop_flag))
+                                 adapter=False, should_stop=lambda: self.stop_flag,
+                                 progress=lambda done, _t, o=offset: self.run.phase_progress(o + done)))
             if ref[-1] is None:
                 return None, None
         self.ref_seconds = time.time() - t0
@@ -305,6 +307,9 @@ class Trainer:
         saved = read_json(self.run.base_samples)
         if saved and saved.get("prompts") == self.preview:
             return saved["answers"]
+        if self.preview:
+            self.run.begin_phase("the base model's previews", total=self.cfg.sample_max_new_tokens,
+                                 unit="tokens")
         answers = self._generate(self.preview, adapter=False) if self.main else []
         if self.main:
             atomic_write_text(self.run.base_samples,
@@ -323,11 +328,19 @@ class Trainer:
         net = self.acc.unwrap_model(self.model)
         was_training = net.training
         host = ModelHost.from_loaded(net, self.tok, str(self.model_path))  # puts net in eval mode
-        settings = GenSettings(temperature=0, max_new_tokens=self.cfg.sample_max_new_tokens)
+        # Plain greedy: a repetition penalty would hide the loops the collapse warning looks for.
+        settings = GenSettings(temperature=0, max_new_tokens=self.cfg.sample_max_new_tokens,
+                               repetition_penalty=1.0)
+        self.cpu.adjust()
+
+        def steps(done: int, total: int) -> None:
+            self.run.phase_progress(done, total)
+
         try:
             ctx = contextlib.nullcontext() if adapter else net.disable_adapter()
             with ctx, self.acc.autocast():
-                answers = host.generate(prompts, n=1, settings=settings, batch_size=len(prompts))
+                answers = host.generate(prompts, n=1, settings=settings, batch_size=len(prompts),
+                                        on_step=steps)
         finally:
             net.train(was_training)
         return [a[0] for a in answers]
@@ -400,8 +413,10 @@ class Trainer:
         data = self.eval_data
         if not self.has_eval:
             return {}
+        self.run.begin_phase("evaluating", total=sum(data.lengths()) // self.world, unit="tokens")
         table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
-                          self.keep_by_mask, adapter=True)
+                          self.keep_by_mask, adapter=True,
+                          progress=lambda done, _t: self.run.phase_progress(done))
         losses = []
         with torch.no_grad():
             for c, r in eval_batches(data, self.cfg.batch_size * self.world, self.pool):
@@ -427,10 +442,11 @@ class Trainer:
         net = self.acc.unwrap_model(self.model)
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(net).items()}
 
-    def write_samples(self) -> None:
+    def write_samples(self, phase: str = "previews") -> None:
         if self.main and self.preview:
             from rpo_app.scoring import base_token_logps
 
+            self.run.begin_phase(phase, total=self.cfg.sample_max_new_tokens, unit="tokens")
             answers = self._generate(self.preview, adapter=True)
             net = self.acc.unwrap_model(self.model)
 
@@ -496,8 +512,10 @@ class Trainer:
         cfg = self.cfg
         self.t_start = time.time()
         self.step_times = []
-        self.run.update_status(state="running", phase="training", step=self.step, max_steps=self.max_steps,
-                               error=None, early_stop_note=self.early_stop_note)
+        self.run.begin_phase("training", total=self.max_steps, unit="steps", state="running",
+                             step=self.step, max_steps=self.max_steps, error=None,
+                             early_stop_note=self.early_stop_note)
+        self.run.phase_progress(self.step, force=True)
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step",
                    disable=None if self.main else True, dynamic_ncols=True)
         state, early = "finished", False
@@ -506,6 +524,7 @@ class Trainer:
             if self._stop_agreed():  # checked before each step: a signal during previews counts too
                 state = "stopped"
                 break
+            self.cpu.adjust()
             row = self.train_step()
             due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.max_steps
             if due and self.has_eval:
@@ -513,13 +532,17 @@ class Trainer:
                     setattr(row, key, value)
                 eval_accuracy = row.eval_accuracy
                 early = self.early.update(self.step, row.eval_accuracy, row.eval_loss, self._adapter_snapshot)
+                if self.step < self.max_steps and not early:
+                    self._resume_training_phase()
             self.run.append_metric(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row.loss:.4f}", acc=f"{row.accuracy:.2f}")
             self.run.update_status(state="running", step=self.step, max_steps=self.max_steps, loss=row.loss,
-                                   eval_accuracy=eval_accuracy, elapsed_s=row.elapsed_s, eta_s=row.eta_s)
+                                   eval_accuracy=eval_accuracy, elapsed_s=row.elapsed_s, eta_s=row.eta_s,
+                                   phase_done=self.step)
             if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < self.max_steps:
                 self.write_samples()
+                self._resume_training_phase()
             if early:
                 e = self.early
                 log.info("early stop at step %d: held-out accuracy has not beaten %.3f nor the loss %.4f "
@@ -536,12 +559,17 @@ class Trainer:
         self._save_checkpoint()
         if early and self.early.adapter_state is not None:
             self._restore_best()
-        self.run.update_status(phase="final previews and saving the adapter")
-        self.write_samples()
+        self.write_samples("the final previews")
+        self.run.begin_phase("saving the adapter")
         self._save_adapter()
         self.run.update_status(early_stopped=early, best_step=self.early.best_step,
                                best_eval_accuracy=self.early.best_step_accuracy)
         return state
+
+    def _resume_training_phase(self) -> None:
+        """Back to the steps after an evaluation or previews."""
+        self.run.begin_phase("training", total=self.max_steps, unit="steps")
+        self.run.phase_progress(self.step, force=True)
 
     def _restore_best(self) -> None:
         from peft import set_peft_model_state_dict
@@ -679,7 +707,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             run.update_status(state="stopped", step=trainer.step, max_steps=trainer.max_steps)
             return 0
         state = trainer.fit()
-        run.update_status(state=state, phase=None, step=trainer.step, max_steps=trainer.max_steps,
+        run.end_phases(state=state, step=trainer.step, max_steps=trainer.max_steps,
                           adapter=str(run.adapter) if state == "finished" else None)
         log.info("%s at step %d", state, trainer.step)
         return 0

@@ -20,11 +20,13 @@ import time
 import gradio as gr
 import pandas as pd
 
+from rpo_app import progress
 from rpo_app.batches import count_examples, judgment_pairs, judgment_pools
 from rpo_app.loss_registry import LOSSES, get_loss
 from rpo_app.runfolder import MetricRow
 from rpo_app.trainconfig import ConfigError, TrainConfig, check_data
 from rpo_app.ui.context import AppContext
+from rpo_app.ui.widgets import progress_bar
 
 LOSS_CHOICES = [(spec.label, name) for name, spec in LOSSES.items()]
 KIND_CHOICES = [("paired", "paired"), ("cross-prompt", "cross"), ("thumbs", "unpaired")]
@@ -106,26 +108,54 @@ def usable_line(ctx: AppContext, values: dict) -> str:
     given = (f"Current judgments give **{len(pairs)} pairs** ({same} same-prompt, "
              f"{len(pairs) - same} cross-prompt) and **{chosen} chosen / {rejected} rejected items**")
     try:
-        train_j, _ = check_data(cfg, judgments, world_size=1)
+        train_j, eval_j = check_data(cfg, judgments, world_size=1)
     except ConfigError as err:
         return f"{given}. ⚠ {err}"
     n_chosen, n_rejected = count_examples(train_j, spec)
     trains = (f"{n_chosen} chosen / {n_rejected} rejected items" if spec.pools
               else f"{n_chosen} pairs")
     return (f"{given}; {cfg.loss} trains on {trains} of them. ✔ enough to start. "
-            f"{_estimate(ctx, cfg, max(n_chosen, n_rejected))}")
+            f"{_estimate(ctx, cfg, train_j, eval_j, max(n_chosen, n_rejected))}")
 
 
-def _estimate(ctx: AppContext, cfg: TrainConfig, n_examples: int) -> str:
-    """Seconds per step from a timed forward pass of the loaded model (x3 for backward)."""
+def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: list[dict],
+              n_examples: int) -> str:
+    """Every phase of the run, from this machine's timings and this data (runestimate)."""
+    from rpo_app.runestimate import estimate_phases, run_shape
+
     if not ctx.model_ready:
         return "(time estimate once the model has loaded)"
-    spt = ctx.host().seconds_per_token()
-    tokens = cfg.batch_size * 2 * min(cfg.max_length, 256)
-    per_step = spt * tokens * 3.0
-    steps = cfg.planned_steps(max(1, -(-n_examples // cfg.batch_size)))
-    total = per_step * steps + spt * n_examples * 2 * min(cfg.max_length, 256)
-    return f"Estimated time on this machine: ~{_human(total)} ({per_step:.1f} s/step)."
+    host = ctx.host()
+    timing = host.decode_timing(measure=False)
+    if timing is None:
+        return "(time estimate in a moment: timing the model)"
+    spec = get_loss(cfg.loss)
+    sample = train_j[:64]
+    texts = [j["prompt_a_text"] + (j.get(k) or "") for j in sample
+             for k in ("response_a_text", "response_b_text") if j.get(k)]
+    mean_tokens = (sum(len(ids) for ids in host.tokenizer(texts)["input_ids"]) / len(texts)
+                   if texts else 0.0) + 20  # + the chat template's tokens
+    mean_tokens = min(mean_tokens, cfg.max_length)
+    per_item = 2 if not spec.pools else 1
+    preview = min(cfg.preview_count, len({j["prompt_a_text"] for j in (eval_j or train_j)}))
+    shape = run_shape(cfg, n_examples, per_item * n_examples, 2 * len(eval_j), mean_tokens,
+                      len(cfg.preview_prompts) or preview, spec.needs_embeddings(cfg.weighting))
+    phases = estimate_phases(shape, host.seconds_per_token(), timing, _last_phase_times(ctx))
+    total = sum(phases.values())
+    parts = [f"{name} {progress.human(sec)}" for name, sec in phases.items() if sec >= 0.5]
+    return (f"Estimated time on this machine: **~{progress.human(total)}** "
+            f"({shape.steps} steps of ~{phases['training'] / max(shape.steps, 1):.1f} s; "
+            + " · ".join(parts) + ").")
+
+
+def _last_phase_times(ctx: AppContext) -> dict[str, float]:
+    """The newest finished run's phase times: what loading and saving take here."""
+    for row in ctx.store.runs():
+        if row["state"] == "finished":
+            seconds = ctx.runs.status(row["id"]).phase_seconds()
+            if seconds:
+                return seconds
+    return {}
 
 
 # -- runs -------------------------------------------------------------------------------
@@ -154,7 +184,7 @@ def watch(ctx: AppContext, rid: str | None, drawn=None) -> tuple:
     rows, samples); unchanged charts are skipped so the timer never re-renders them."""
     rid = current_run(ctx, rid)
     if rid is None:
-        return ("No run yet.", _bar(0, 0, None), _empty_plot(), _empty_plot(), _empty_plot(),
+        return ("No run yet.", progress_bar(0, 0, None), _empty_plot(), _empty_plot(), _empty_plot(),
                 _empty_samples(), gr.update(visible=False), None)
     st = ctx.runs.status(rid)
     metrics = ctx.runs.metrics(rid)
@@ -187,8 +217,7 @@ def watch(ctx: AppContext, rid: str | None, drawn=None) -> tuple:
         parts.append(collapse)
     key = [rid, len(metrics), len(sample_rows)]
     same = drawn == key
-    eta = st.eta_s if st.state == "running" and not busy else None
-    return (" · ".join(parts), _bar(st.step, st.max_steps or 0, eta, st.elapsed_s),
+    return (" · ".join(parts), run_bar(st),
             gr.skip() if same else _series(metrics, "loss", "loss"),
             gr.skip() if same else _series(metrics, "margin", "margin"),
             gr.skip() if same else _accuracy(metrics),
@@ -341,7 +370,7 @@ def build(ctx: AppContext) -> dict:
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
         with gr.Column(scale=3):
             status = gr.Markdown("No run yet.", elem_id="train-status")
-            bar = gr.HTML(_bar(0, 0, None), elem_id="train-bar")
+            bar = gr.HTML(progress_bar(0, 0, None), elem_id="train-bar")
             with gr.Row():
                 loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Loss",
                                         height=220, elem_id="plot-loss")
@@ -424,30 +453,25 @@ def _device_line() -> str:
             "Fine for the bundled 135M model and a few hundred steps.")
 
 
-def _human(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def _fmt(value, digits: int = 3) -> str:
     if pd.isna(value):  # missing, or NaN from a DataFrame
         return ""
     return f"{float(value):.{digits}f}"
 
 
-def _bar(step: int, total: int, eta: float | None, elapsed: float | None = None) -> str:
-    pct = 100.0 * step / total if total else 0.0
-    extra = []
-    if elapsed:
-        extra.append(f"elapsed {_human(float(elapsed))}")
-    if eta is not None:
-        extra.append(f"ETA {_human(eta)}")
-    return (f'<div style="width:100%"><progress id="train-progress" max="100" value="{pct:.1f}" '
-            f'style="width:100%;height:14px"></progress>'
-            f'<div style="font-size:0.85em">{pct:.0f}% {" · ".join(extra)}</div></div>')
+def run_bar(st) -> str:
+    """The bar of the phase under way: its own count and its own ETA."""
+    running = st.state == "running"
+    if st.state == "queued":
+        return progress_bar(None, None, None, label="starting the trainer", running=True)
+    if running and st.phase and st.phase != "training":
+        elapsed = time.time() - st.phase_started_at if st.phase_started_at else None
+        return progress_bar(st.phase_done if st.phase_total else None, st.phase_total,
+                            st.phase_eta_s(), elapsed, label=st.phase, unit=st.phase_unit,
+                            running=True)
+    return progress_bar(st.step, st.max_steps or 0, st.phase_eta_s() if running else None,
+                        st.elapsed_s, label="training" if running else None, unit="steps",
+                        running=running)
 
 
 def _smooth(series: pd.Series, alpha: float = 0.3) -> pd.Series:

@@ -1,0 +1,73 @@
+"""The Train tab's up-front time estimate: every phase of a run, from timings taken on
+this machine (the loaded model's forward pass and decoding speed) and the run's own
+data (its sequence count and length), so nothing is left out of the total.
+
+Fixed costs (starting the child and loading the model, saving) come from the newest
+finished run on this data dir when there is one, else from typical CPU figures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# A LoRA training step (forward, backward through the frozen base, optimizer) costs
+# about this many forward passes of the same tokens: measured 2.4 on 2 CPU cores with
+# the bundled model (LoRA r=16, all linear layers), rounded up.
+STEP_FORWARDS = 2.5
+# Decoding through the training child's PeftModel (LoRA not merged) against the app's
+# plain model: the extra low-rank matmuls at every layer.
+LORA_DECODE_FACTOR = 1.3
+TYPICAL = {"loading the model": 12.0, "embedding the prompts": 4.0, "saving the adapter": 2.0}
+
+
+@dataclass
+class RunShape:
+    """What a run will do, from its config and data."""
+
+    steps: int
+    batch_size: int
+    train_seqs: int
+    eval_seqs: int
+    mean_tokens: float  # per sequence, prompt + answer
+    evals: int
+    mid_previews: int
+    preview_count: int
+    preview_tokens: int
+    embeds: bool
+
+
+def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens: float,
+              preview_count: int, embeds: bool) -> RunShape:
+    steps = cfg.planned_steps(max(1, -(-n_examples // cfg.batch_size)))
+    evals = 0
+    if eval_seqs:
+        evals = (steps // cfg.eval_every if cfg.eval_every else 0) + (
+            0 if cfg.eval_every and steps % cfg.eval_every == 0 else 1)
+    mid = len(range(cfg.sample_every, steps, cfg.sample_every)) if cfg.sample_every else 0
+    return RunShape(steps=steps, batch_size=cfg.batch_size, train_seqs=train_seqs,
+                    eval_seqs=eval_seqs, mean_tokens=mean_tokens, evals=evals, mid_previews=mid,
+                    preview_count=preview_count, preview_tokens=cfg.sample_max_new_tokens,
+                    embeds=embeds)
+
+
+def estimate_phases(shape: RunShape, forward_s_per_token: float,
+                    decode_timing: tuple[float, float], past: dict[str, float] | None = None
+                    ) -> dict[str, float]:
+    """Seconds per phase (runfolder.PHASES names), in run order."""
+    past = past or {}
+    a, b = decode_timing
+    preview = (shape.preview_tokens * (a + b * shape.preview_count) * LORA_DECODE_FACTOR
+               if shape.preview_count else 0.0)
+    step = STEP_FORWARDS * forward_s_per_token * 2 * shape.batch_size * shape.mean_tokens
+    out = {"loading the model": past.get("loading the model", TYPICAL["loading the model"])}
+    if shape.embeds:
+        out["embedding the prompts"] = past.get("embedding the prompts",
+                                                TYPICAL["embedding the prompts"])
+    out["scoring the answers with the base model"] = (
+        forward_s_per_token * (shape.train_seqs + shape.eval_seqs) * shape.mean_tokens)
+    out["the base model's previews"] = preview
+    out["training"] = step * shape.steps
+    out["evaluating"] = forward_s_per_token * shape.eval_seqs * shape.mean_tokens * shape.evals
+    out["previews"] = preview * shape.mid_previews
+    out["the final previews"] = preview
+    out["saving the adapter"] = past.get("saving the adapter", TYPICAL["saving the adapter"])
+    return out
