@@ -239,3 +239,43 @@ def test_data_tab_backlog_is_the_cli_backlog(ctx):
     by_tuned = backlog(store, 1, adapter="tuned")
     assert (fresh[1], 1) not in by_tuned and (fresh[0], 0) in by_tuned and len(by_tuned) == 7
     assert backlog(store, 2, prompt_ids=[fresh[1], fresh[0]]) == [(fresh[1], 1), (fresh[0], 0)]
+
+
+def test_label_tab_offers_the_first_run_on_a_store_without_answers(tmp_path):
+    ctx = AppContext(ServeConfig(data_dir=tmp_path), load_model=False)  # the seed prompts only
+    try:
+        _first_run_then_nothing_left(ctx)
+    finally:
+        ctx.index(timeout=120)
+        ctx.store.close()
+
+
+def _first_run_then_nothing_left(ctx):
+    assert ctx.store.count_prompts() > 0 and ctx.store.stats()["responses"] == 0
+    shown = dict(zip(label.VIEW, label.show_next(ctx, "paired", "ada")))
+    assert "Start here" in shown["question"]
+    assert shown["first_run"]["visible"] is True
+    assert "once the model has loaded" in shown["question"]  # this ctx has no model
+    ctx.store.add_response(ctx.store.prompts(limit=1)[0]["id"], "An answer.", source="test")
+    shown = dict(zip(label.VIEW, label.show_next(ctx, "paired", "ada")))
+    assert "Nothing left to judge" in shown["question"] and shown["first_run"]["visible"] is False
+
+
+def test_train_bar_names_the_phase_and_never_says_eta_0(ctx):
+    import time
+
+    running = RunStatus(state="running", phase="scoring the answers with the base model",
+                        phase_done=0, phase_total=5000, phase_unit="tokens",
+                        phase_started_at=time.time() - 3, step=0, max_steps=60)
+    bar = train.run_bar(running)
+    assert "scoring the answers with the base model" in bar and "ETA" not in bar
+    running.phase_done = 2500
+    assert "ETA" in train.run_bar(running) and "2500/5000 tokens" in train.run_bar(running)
+    previews = RunStatus(state="running", phase="the final previews", phase_done=96, phase_total=96,
+                         phase_unit="tokens", phase_started_at=time.time() - 3, step=60, max_steps=60)
+    assert "finishing" in train.run_bar(previews) and "ETA 0" not in train.run_bar(previews)
+    loading = RunStatus(state="running", phase="loading the model", phase_started_at=time.time())
+    assert "loading the model" in train.run_bar(loading) and "value=" not in train.run_bar(loading)
+    steps = RunStatus(state="running", phase="training", step=20, max_steps=60, eta_s=400.0,
+                      elapsed_s=200.0)
+    assert "ETA 7 min" in train.run_bar(steps) and "20/60 steps" in train.run_bar(steps)

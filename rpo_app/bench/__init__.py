@@ -3,6 +3,10 @@ one run on this machine (ratios, not absolute timings, are what carry across mac
 
 - train: our RPO step vs TRL's DPOTrainer, same model, LoRA, data, batch and length.
 - generate: batched ModelHost.generate vs plain model.generate one answer at a time.
+- sampling: candidate quality (short answers, loops, base log-prob per token, distinct
+  pairs) under a grid of temperature / top-p / min-p / repetition penalty settings.
+- first-run: from an empty data dir, seconds to a first pair, to 32 answers, and a
+  default run over 32 pairs phase by phase (bench/firstrun.py).
 - search: related-prompt search over 100k prompts.
 - queue: the label queue's next item and submit with 100k prompts and 200k judgments.
 - load: 20 gradio_client annotators x 50 judgments against the real server during a
@@ -22,7 +26,8 @@ def cli_bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(args.data_dir)
-    parts = [args.only] if args.only else ["search", "queue", "generate", "train", "load"]
+    parts = [args.only] if args.only else ["search", "queue", "generate", "sampling", "first-run",
+                                           "train", "load"]
     summary: dict = {}
     if "search" in parts:
         from rpo_app.bench.search import bench_related_search
@@ -44,6 +49,17 @@ def cli_bench(args) -> int:
         summary["generate"] = run_benchmark(quick=args.quick, data_dir=data_dir)
         (out / "generate.json").write_text(json.dumps(summary["generate"], indent=1))
         print(format_table(summary["generate"]))
+    if "sampling" in parts:
+        from rpo_app.bench import sampling as bench_sampling
+
+        summary["sampling"] = bench_sampling.run_benchmark(data_dir, quick=args.quick)
+        (out / "sampling.json").write_text(json.dumps(summary["sampling"], indent=1,
+                                                      ensure_ascii=False))
+        print(bench_sampling.format_table(summary["sampling"]))
+    if "first-run" in parts:
+        from rpo_app.bench import firstrun
+
+        summary["first_run"] = firstrun.main(data_dir, out, quick=args.quick)
     if "train" in parts:
         from rpo_app.bench import train as bench_train
 

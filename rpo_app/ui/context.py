@@ -12,6 +12,8 @@ from datetime import datetime
 import gradio as gr
 
 from rpo_app.config import DataLayout, ServeConfig
+from rpo_app.cpushare import AppShare
+from rpo_app.genjob import GenerationJobs
 from rpo_app.labelqueue import LabelQueue
 from rpo_app.runs import RunManager
 from rpo_app.store import Store
@@ -73,6 +75,9 @@ class AppContext:
         self.queue = LabelQueue(self.store)
         self.runs = RunManager(self.store, self.layout)
         self.runs.reattach()  # runs that ended (or go on) while the app was down
+        # The app's model and a training run share the cores by rule (cpushare).
+        self.cpu = AppShare(self.layout.root, run_active=lambda: self.runs.active_run() is not None)
+        self.generation = GenerationJobs(self.store, self.host)
         # transformers resolves its classes lazily, and two threads importing through it
         # at once can fail ("cannot import name AutoModelForCausalLM"): import up front.
         import sentence_transformers  # noqa: F401
@@ -99,8 +104,12 @@ class AppContext:
         with self._load_lock:
             host = ModelHost(self.cfg.model, data_dir=self.layout.root, device=self.cfg.device,
                              trust_remote_code=self.cfg.trust_remote_code)
+        host.compute = self.cpu.busy
         for adapter in self.store.adapters():
             self._load_adapter(host, adapter)
+        # The first-run time estimate needs the decoding speed: time it now, in the
+        # background, so the Label tab can quote it without a wait.
+        threading.Thread(target=host.decode_timing, name="decode-timing", daemon=True).start()
         return host
 
     def _load_adapter(self, host, adapter: dict) -> None:

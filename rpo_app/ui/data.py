@@ -9,12 +9,16 @@ import gradio as gr
 import pandas as pd
 
 from rpo_app.ui.context import BASE_LABEL, AppContext
+from rpo_app.ui.widgets import progress_bar
 
 EXPORT_CHOICES = [("TRL DPO (prompt / chosen / rejected), JSONL", "trl-dpo:jsonl"),
                   ("TRL KTO (prompt / completion / label), JSONL", "trl-kto:jsonl"),
                   ("Full provenance, JSONL", "full:jsonl"),
                   ("Full provenance, CSV", "full:csv"),
                   ("Full provenance, Parquet", "full:parquet")]
+
+
+NOTHING_TO_DO = "Every prompt already has that many answers."
 
 
 def refresh(ctx: AppContext) -> tuple:
@@ -58,33 +62,69 @@ def export(ctx: AppContext, choice: str) -> tuple:
     return str(out), f"✔ {report.summary()}"
 
 
-def generate_answers(ctx: AppContext, adapter, n, limit, temp, top_p, max_new, seed,
-                     progress=gr.Progress()) -> tuple:
-    """Top up prompts with fewer than n answers (the same backlog as `rpo_app generate`)."""
-    from rpo_app.generate import GenSettings, backlog, top_up
+def start_generation(ctx: AppContext, adapter, n, limit, temp, top_p, max_new, seed,
+                     min_p=None, repetition_penalty=None):
+    """Start topping up prompts with fewer than n answers (the same backlog as `rpo_app
+    generate`) in the background; answers are stored one by one as they end. Returns
+    the job's status (None: nothing to do); `poll` follows it."""
+    from rpo_app.generate import GenSettings, backlog
 
-    progress(0, desc="waiting for the model")
-    host = ctx.host()
+    try:
+        default = GenSettings()
+        settings = GenSettings(
+            temperature=float(temp), top_p=float(top_p), max_new_tokens=int(max_new),
+            seed=int(seed or 0),
+            min_p=default.min_p if min_p is None else float(min_p),
+            repetition_penalty=(default.repetition_penalty if repetition_penalty is None
+                                else float(repetition_penalty)))
+    except (TypeError, ValueError) as err:
+        raise gr.Error(str(err))
     adapter = None if adapter in (None, BASE_LABEL) else adapter
+    ctx.host()  # waits for the model (or says it failed)
     ctx.sync_adapters()
     todo = backlog(ctx.store, int(n), int(limit or 20), adapter)
     if not todo:
-        return "Every prompt already has that many answers.", *refresh(ctx)
-    settings = GenSettings(temperature=float(temp), top_p=float(top_p),
-                           max_new_tokens=int(max_new), seed=int(seed or 0))
-    t0 = time.time()
+        return None
+    try:
+        # One prompt's answers go first: a pair to judge within seconds.
+        return ctx.generation.start(todo, int(n), settings, adapter=adapter, first_batch=int(n))
+    except RuntimeError as err:
+        raise gr.Error(str(err))
 
-    def tick(done, total):
-        if not done:  # no answer finished yet: nothing to estimate from
-            progress(0, desc=f"0/{total} answers · generating the first batch")
-            return
-        eta = (time.time() - t0) / done * (total - done)
-        progress(done / max(total, 1), desc=f"{done}/{total} answers · ETA {eta:.0f}s")
 
-    result = top_up(ctx.store, host, todo, int(n), settings, adapter=adapter, progress=tick)
-    return (f"✔ {result['new']} new answers for {len(todo)} prompts in "
-            f"{time.time() - t0:.0f}s ({result.get('duplicates', 0)} duplicates not stored).",
-            *refresh(ctx))
+def generate_answers(ctx: AppContext, adapter, n, limit, temp, top_p, max_new, seed,
+                     min_p=None, repetition_penalty=None, progress=gr.Progress()) -> tuple:
+    """The blocking form (the /generate_candidates endpoint): start, then wait."""
+    progress(0, desc="waiting for the model")
+    if start_generation(ctx, adapter, n, limit, temp, top_p, max_new, seed, min_p,
+                        repetition_penalty) is None:
+        return NOTHING_TO_DO, *refresh(ctx)
+    st = ctx.generation.status()
+    while st.running:
+        progress(st.done / max(st.total, 1), desc=st.line())
+        st = ctx.generation.wait(timeout=0.5)
+    if st.state == "failed":
+        raise gr.Error(st.line())
+    return st.line(), *refresh(ctx)
+
+
+def poll(ctx: AppContext, shown=None) -> tuple:
+    """The generation line and the store tables, redrawn only when they changed
+    (a timer calls this every few seconds)."""
+    st = ctx.generation.status()
+    stats = ctx.store.stats()
+    key = [st.state, st.done, stats["responses"], stats["judgments"], stats["prompts"]]
+    if key == shown:
+        return gr.skip(), gr.skip(), gr.skip(), shown
+    return (_job_view(st), *refresh(ctx), key)
+
+
+def _job_view(st) -> str:
+    """The job's line with a progress bar while it runs."""
+    if not st.running:
+        return st.line()
+    return st.line() + progress_bar(st.done, st.total, st.eta_s(), st.elapsed_s, unit="answers",
+                                    running=True, bar_id="gen-progress")
 
 
 def adapter_choices(ctx: AppContext):
@@ -92,6 +132,9 @@ def adapter_choices(ctx: AppContext):
 
 
 def build(ctx: AppContext) -> dict:
+    from rpo_app.generate import GenSettings
+
+    dflt = GenSettings()  # chosen by `bench --only sampling` (README)
     with gr.Row():
         with gr.Column():
             gr.Markdown("### Add prompts\nOne prompt per line, or a JSON list of strings.")
@@ -115,13 +158,18 @@ def build(ctx: AppContext) -> dict:
                 gen_n = gr.Slider(1, 6, value=2, step=1, label="Answers per prompt")
                 gen_limit = gr.Number(value=20, precision=0, minimum=1, label="Prompts (max)")
             with gr.Row():
-                gen_temp = gr.Slider(0, 1.5, value=0.8, step=0.05, label="Temperature")
-                gen_top_p = gr.Slider(0.1, 1.0, value=0.95, step=0.01, label="Top-p")
-                gen_max = gr.Slider(16, 512, value=192, step=16, label="Max new tokens")
+                gen_temp = gr.Slider(0, 1.5, value=dflt.temperature, step=0.05, label="Temperature")
+                gen_top_p = gr.Slider(0.1, 1.0, value=dflt.top_p, step=0.01, label="Top-p")
+                gen_min_p = gr.Slider(0, 0.5, value=dflt.min_p, step=0.01, label="Min-p (0 = off)")
+                gen_rep = gr.Slider(1.0, 1.5, value=dflt.repetition_penalty, step=0.01,
+                                    label="Repetition penalty (1 = off)")
+            with gr.Row():
+                gen_max = gr.Slider(16, 512, value=dflt.max_new_tokens, step=16, label="Max new tokens")
                 gen_seed = gr.Number(value=0, precision=0, label="Seed")
             gen_btn = gr.Button("Generate answers for prompts that have fewer than that many",
                                 variant="primary", elem_id="gen-start")
             gen_status = gr.Markdown("", elem_id="gen-status")
+            shown = gr.State(None)
             gr.Markdown("### Export")
             with gr.Row():
                 export_fmt = gr.Dropdown(EXPORT_CHOICES, value="trl-dpo:jsonl", label="Format",
@@ -138,8 +186,25 @@ def build(ctx: AppContext) -> dict:
         # With --auth the login name is the importer.
         return import_file(ctx, file, getattr(request, "username", None) or "import")
 
-    def on_generate(adapter, n, limit, temp, top_p, max_new, seed, progress=gr.Progress()):
-        return generate_answers(ctx, adapter, n, limit, temp, top_p, max_new, seed, progress)
+    def on_start(*values):
+        if start_generation(ctx, *values) is None:
+            return NOTHING_TO_DO, *refresh(ctx), None
+        return poll(ctx)
+
+    def on_generate_api(adapter: str = BASE_LABEL, n: int = 2, limit: int = 20,
+                        temperature: float = dflt.temperature, top_p: float = dflt.top_p,
+                        max_new_tokens: int = dflt.max_new_tokens, seed: int = 0,
+                        min_p: float = dflt.min_p,
+                        repetition_penalty: float = dflt.repetition_penalty) -> dict:
+        """Top up prompts with fewer than n answers; returns when they are stored:
+        {status, new, duplicates, prompts, seconds}."""
+        line = generate_answers(ctx, adapter, n, limit, temperature, top_p, max_new_tokens, seed,
+                                min_p, repetition_penalty, progress=lambda *a, **k: None)[0]
+        st = ctx.generation.status()
+        if line == NOTHING_TO_DO:
+            return {"status": line, "new": 0, "duplicates": 0, "prompts": 0, "seconds": 0.0}
+        return {"status": line, "new": st.new, "duplicates": st.duplicates,
+                "prompts": st.prompts, "seconds": round(st.elapsed_s, 1)}
 
     add_btn.click(functools.partial(add_prompts, ctx), pasted,
                   [pasted, data_status, stats_table, prompts_table], api_name="add_prompts")
@@ -147,9 +212,17 @@ def build(ctx: AppContext) -> dict:
                      api_name="import_file")
     export_btn.click(functools.partial(export, ctx), export_fmt, [export_file, export_status],
                      api_name="export")
-    gen_btn.click(on_generate, [gen_adapter, gen_n, gen_limit, gen_temp, gen_top_p, gen_max, gen_seed],
-                  [gen_status, stats_table, prompts_table], api_name="generate_candidates",
-                  concurrency_limit=1, concurrency_id="model")
+    gen_inputs = [gen_adapter, gen_n, gen_limit, gen_temp, gen_top_p, gen_max, gen_seed, gen_min_p,
+                  gen_rep]
+    # The button starts a background job and returns; the timer follows it. Scripts call
+    # /generate_candidates, which returns when the answers are stored.
+    gen_btn.click(on_start, gen_inputs, [gen_status, stats_table, prompts_table, shown],
+                  api_name=False)
+    gr.api(on_generate_api, api_name="generate_candidates", concurrency_limit=1,
+           concurrency_id="model")
+    gr.Timer(2.0).tick(functools.partial(poll, ctx), shown,
+                       [gen_status, stats_table, prompts_table, shown], api_name=False,
+                       show_progress="hidden")
     gen_adapter.focus(functools.partial(adapter_choices, ctx), None, gen_adapter, api_name=False)
     return {"refresh": functools.partial(refresh, ctx), "outputs": [stats_table, prompts_table]}
 

@@ -50,21 +50,22 @@ KEYBOARD_JS = """
 
 # The outputs of every handler below, in order.
 VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
-        "pair_row", "thumb_row", "strength_col", "related", "history", "progress", "status")
+        "pair_row", "thumb_row", "strength_col", "related", "history", "progress",
+        "first_run", "poll", "status")  # status last: scripts read it as the last output
 
 
 def render(ctx: AppContext, annotator: str | None, item, message: str = "") -> list:
     """The tab showing `item` (None: nothing left), in VIEW order."""
     hist, prog = _history_and_progress(ctx, annotator)
     if item is None:
-        empty = ("Nothing left to judge in this mode. Generate more answers in the "
-                 "**Data** tab, import a file, or switch mode.")
+        empty, first_run, waiting = _nothing_to_judge(ctx)
         view = {"token": None, "prompt": gr.update(value="", visible=True),
                 "left_prompt": gr.update(visible=False), "left": "",
                 "right_prompt": gr.update(visible=False), "right": "",
                 "right_col": gr.update(visible=True), "question": empty,
                 "pair_row": gr.update(visible=False), "thumb_row": gr.update(visible=False),
-                "strength_col": gr.update(visible=False), "related": _empty_related()}
+                "strength_col": gr.update(visible=False), "related": _empty_related(),
+                "first_run": gr.update(visible=first_run), "poll": gr.Timer(active=waiting)}
     else:
         cross = item.kind == "cross"
         thumbs = item.kind == "unpaired"
@@ -79,9 +80,69 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "") -> l
                              "**Is this a good answer?**" if thumbs else "**Which answer is better?**"),
                 "pair_row": gr.update(visible=not thumbs), "thumb_row": gr.update(visible=thumbs),
                 "strength_col": gr.update(visible=not thumbs),
-                "related": _related(ctx, item.left["prompt_id"])}
+                "related": _related(ctx, item.left["prompt_id"]),
+                "first_run": gr.update(visible=False), "poll": gr.Timer(active=False)}
     view.update(history=hist, progress=prog, status=message)
     return [view[name] for name in VIEW]
+
+
+def _nothing_to_judge(ctx: AppContext) -> tuple[str, bool, bool]:
+    """(what to say, show the first-run button, keep polling) when no item is left."""
+    job = ctx.generation.status()
+    if job.running:
+        return (f"**Answers are being written.** {job.line()}. The next pair shows here "
+                "as soon as both of its answers are stored.", False, True)
+    if job.state == "failed":
+        return (f"{job.line()} Try again from the **Data** tab.", ctx.store.stats()["responses"] == 0,
+                False)
+    if ctx.store.stats()["responses"] == 0:
+        offer, timed = first_run_offer(ctx)
+        return f"**Start here.** {offer}", True, not timed  # poll until the estimate is in
+    return ("Nothing left to judge in this mode. Generate more answers in the "
+            "**Data** tab, import a file, or switch mode.", False, False)
+
+
+def first_run_offer(ctx: AppContext) -> tuple[str, bool]:
+    """The first-run step in words, with the time it takes on this machine (and whether
+    that time is known yet)."""
+    from rpo_app.generate import GenSettings
+    from rpo_app.genjob import FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS
+    from rpo_app.progress import human
+
+    n_prompts = min(FIRST_RUN_PROMPTS, ctx.store.count_prompts())
+    if n_prompts == 0:
+        return "The store has no prompts yet: add some in the **Data** tab.", True
+    what = (f"No answers to judge yet. The button below asks the model for "
+            f"{FIRST_RUN_ANSWERS} answers to each of {n_prompts} prompts; you judge which is "
+            "better while the rest are written")
+    timing = ctx.host().decode_timing(measure=False) if ctx.model_ready else None
+    if timing is None:
+        return what + (" (timing the model for an estimate…)." if ctx.model_ready else
+                       " (the time estimate appears once the model has loaded)."), False
+    host, max_new = ctx.host(), GenSettings().max_new_tokens
+    total = host.estimate_seconds(n_prompts * FIRST_RUN_ANSWERS, max_new, first_batch=FIRST_RUN_ANSWERS)
+    first = host.estimate_seconds(FIRST_RUN_ANSWERS, max_new)
+    return (what + f": the first pair in about {human(first)}, all {n_prompts * FIRST_RUN_ANSWERS} "
+            f"answers in about {human(total)} on this machine."), True
+
+
+def start_first_run(ctx: AppContext, mode: str, annotator: str | None) -> list:
+    """Generate the first answers in the background and show the tab waiting for them."""
+    from rpo_app.generate import GenSettings, backlog
+    from rpo_app.genjob import FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS
+
+    ctx.host()  # waits for the model, or says why it failed
+    todo = backlog(ctx.store, FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS)
+    if todo and not ctx.generation.status().running:
+        ctx.generation.start(todo, FIRST_RUN_ANSWERS, GenSettings(), first_batch=FIRST_RUN_ANSWERS)
+    return show_next(ctx, mode, annotator)
+
+
+def poll(ctx: AppContext, token: str | None, mode: str, annotator: str | None) -> list:
+    """While answers are being written: the first item as soon as there is one."""
+    if token:  # an item is on screen: leave it alone
+        return [gr.Timer(active=False) if name == "poll" else gr.skip() for name in VIEW]
+    return show_next(ctx, mode, annotator)
 
 
 def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = "") -> list:
@@ -161,6 +222,9 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                 b_skip = gr.Button("Skip  [S]", size="sm", elem_id="lbl-skip")
                 b_undo = gr.Button("Undo last  [Z]", size="sm", elem_id="lbl-undo")
             status = gr.Markdown("", elem_id="lbl-status")
+            first_run = gr.Button("Generate the first answers", variant="primary", visible=False,
+                                  elem_id="lbl-first-run")
+            poll_timer = gr.Timer(2.0, active=False)
         with gr.Column(scale=2):
             related = gr.Dataframe(headers=["sim.", "related prompt"], label="Related prompts",
                                    interactive=False, wrap=True, column_widths=["64px", "auto"],
@@ -176,7 +240,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
              "right_prompt": right_prompt, "right": right, "right_col": right_col,
              "question": question, "pair_row": pair_row, "thumb_row": thumb_row,
              "strength_col": strength_col, "related": related, "history": history,
-             "progress": progress, "status": status}
+             "progress": progress, "status": status, "first_run": first_run, "poll": poll_timer}
     view = [parts[name] for name in VIEW]
 
     # The wrappers' parameter names are the endpoints' API (tests/test_label_api.py).
@@ -195,7 +259,15 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     def on_undo(mode_value, typed, request: gr.Request):
         return undo(ctx, mode_value, ctx.annotator(request, typed))
 
+    def on_first_run(mode_value, typed, request: gr.Request):
+        return start_first_run(ctx, mode_value, _maybe_annotator(ctx, request, typed))
+
+    def on_poll(tok, mode_value, typed, request: gr.Request):
+        return poll(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed))
+
     base_inputs = [mode, annotator_box]
+    first_run.click(on_first_run, base_inputs, view, api_name="first_run")
+    poll_timer.tick(on_poll, [token, *base_inputs], view, api_name=False, show_progress="hidden")
     for button, verdict, api in [(b_left, "left", "label_left"), (b_right, "right", "label_right"),
                                  (b_tie, "tie", "label_tie"), (b_bad, "both_bad", "label_both_bad"),
                                  (b_up, "up", "label_up"), (b_down, "down", "label_down")]:

@@ -1,0 +1,140 @@
+"""`python -m rpo_app bench --only first-run`: the first minutes of a new user, timed.
+
+From an empty data dir (the seed prompts, no answers), with the app's own parts:
+
+1. load the bundled model and time its decoding (what the first-run estimate needs);
+2. the Label tab's first-run job (`genjob.GenerationJobs`, first batch one prompt's
+   answers): seconds until the label queue has a first pair, and until 32 answers exist;
+3. 32 more answers for 16 more prompts, then 32 pairs judged through the label queue by
+   a simulated annotator (the `concise` judge) exactly as a person would see them;
+4. a default training run over those 32 pairs (`python -m rpo_app train` with the
+   Train tab's defaults, in a child process as the app starts it), each phase timed from
+   its run folder (`RunStatus.phases`), beside the Train tab's up-front estimate.
+
+`--quick` trains 4 steps instead of the default's 60.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def _first_pair(queue) -> bool:
+    item = queue.next_item("bench-probe", "paired")
+    if item is None:
+        return False
+    queue.skip(item.token, "bench-probe")  # only looking: the probe judges nothing
+    return True
+
+
+def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
+    from rpo_app import io, judges
+    from rpo_app.generate import GenSettings, ModelHost, backlog
+    from rpo_app.genjob import FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS, GenerationJobs
+    from rpo_app.labelqueue import LabelQueue
+    from rpo_app.models import link_model_cache
+    from rpo_app.runfolder import RunFolder
+    from rpo_app.store import Store
+
+    work = Path(tempfile.mkdtemp(prefix="bench-first-run-"))
+    link_model_cache(Path(data_dir) / "models" if (Path(data_dir) / "models").exists()
+                     else REPO / "tests" / ".cache", work)
+    store = Store(work)
+    io.seed_if_empty(store)
+    queue = LabelQueue(store)
+    out: dict = {"first_run_prompts": FIRST_RUN_PROMPTS, "answers_per_prompt": FIRST_RUN_ANSWERS}
+
+    t0 = time.perf_counter()
+    host = ModelHost(None, work)
+    out["load_model_s"] = round(time.perf_counter() - t0, 2)
+    t1 = time.perf_counter()
+    host.decode_timing()
+    out["time_decoding_s"] = round(time.perf_counter() - t1, 2)
+    settings = GenSettings()
+    n_answers = FIRST_RUN_PROMPTS * FIRST_RUN_ANSWERS
+    out["estimate_first_pair_s"] = round(host.estimate_seconds(FIRST_RUN_ANSWERS, settings.max_new_tokens), 1)
+    out["estimate_all_s"] = round(host.estimate_seconds(n_answers, settings.max_new_tokens,
+                                                        first_batch=FIRST_RUN_ANSWERS), 1)
+
+    jobs = GenerationJobs(store, lambda h=host: h)
+    todo = backlog(store, FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS)
+    click = time.perf_counter()
+    jobs.start(todo, FIRST_RUN_ANSWERS, settings, first_batch=FIRST_RUN_ANSWERS)
+    while not _first_pair(queue):
+        if not jobs.status().running:
+            raise RuntimeError(f"generation ended without a pair: {jobs.status().line()}")
+        time.sleep(0.2)
+    out["click_to_first_pair_s"] = round(time.perf_counter() - click, 1)
+    st = jobs.wait()
+    if st.state != "finished":
+        raise RuntimeError(st.line())
+    out["click_to_all_answers_s"] = round(time.perf_counter() - click, 1)
+    out["answers"] = st.new
+
+    # 16 more prompts, then 32 pairs judged through the queue
+    todo = backlog(store, FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS)
+    jobs.start(todo, FIRST_RUN_ANSWERS, settings, first_batch=None)
+    jobs.wait()
+    judged = 0
+    while judged < 32:
+        item = queue.next_item("bench-annotator", "paired")
+        if item is None:
+            break
+        left = judges.concise(item.left["prompt"], item.left["text"])
+        right = judges.concise(item.right["prompt"], item.right["text"])
+        queue.submit(item.token, "left" if left >= right else "right", "bench-annotator")
+        judged += 1
+    out["pairs_judged"] = judged
+    jobs = host = None  # the run's child loads its own model, as the app's would
+
+    run_dir = work / "runs" / "bench-default"
+    cmd = [sys.executable, "-m", "rpo_app", "train", "--out", str(run_dir), "--data-dir", str(work)]
+    if quick:
+        cmd += ["--max-steps", "4"]
+    t2 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    out["run_wall_s"] = round(time.perf_counter() - t2, 1)
+    status = RunFolder(run_dir, writable=False).status()
+    if proc.returncode or status.state != "finished":
+        raise RuntimeError(f"training failed ({status.state}): {status.error or proc.stderr[-2000:]}")
+    phases = status.phase_seconds()
+    out["run_phases_s"] = {k: round(v, 1) for k, v in phases.items()}
+    out["run_steps"] = status.step
+    out["run_in_phases_s"] = round(sum(phases.values()), 1)
+    out["run_outside_phases_s"] = round(out["run_wall_s"] - out["run_in_phases_s"], 1)  # imports
+    train = phases.get("training", 0.0)
+    out["previews_share_of_run"] = round(
+        sum(phases.get(k, 0.0) for k in ("the base model's previews", "previews", "the final previews"))
+        / out["run_wall_s"], 3)
+    out["seconds_per_step"] = round(train / max(status.step, 1), 2)
+    out["data_dir"] = str(work)
+    return out
+
+
+def format_table(result: dict) -> str:
+    rows = [("click → first pair labelable", result["click_to_first_pair_s"],
+             f"estimated {result['estimate_first_pair_s']}"),
+            (f"click → all {result['answers']} first answers", result["click_to_all_answers_s"],
+             f"estimated {result['estimate_all_s']}"),
+            (f"default run over {result['pairs_judged']} pairs, wall", result["run_wall_s"],
+             f"{result['run_steps']} steps, {result['seconds_per_step']} s/step")]
+    rows += [(f"  {name}", sec, "") for name, sec in result["run_phases_s"].items()]
+    rows.append(("  starting the process (imports)", result["run_outside_phases_s"], ""))
+    lines = ["| step | seconds | note |", "| --- | ---: | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines.append(f"\npreviews are {100 * result['previews_share_of_run']:.1f}% of the run")
+    return "\n".join(lines)
+
+
+def main(data_dir: Path, out: Path, quick: bool) -> dict:
+    result = run_benchmark(data_dir, quick)
+    (out / "first_run.json").write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    return result

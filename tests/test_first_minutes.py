@@ -1,0 +1,270 @@
+"""The first ten minutes (issue 17): answers stored as they end, a small first batch,
+the background generation job, the first-run path of the Label tab, run phases with
+their own progress, the up-front estimate, and how the app and a run share the cores."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from rpo_app import cpushare, progress
+from rpo_app.generate import GenSettings, ModelHost, batch_sizes, generate_candidates
+from rpo_app.genjob import GenerationJobs, GenJobStatus
+from rpo_app.runfolder import PHASES, RunFolder
+
+from test_train import main, tiny_args, write_jsonl, make_judgments
+
+
+@pytest.fixture(scope="module")
+def tiny_host(tiny_model_dir) -> ModelHost:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return ModelHost.from_loaded(model, AutoTokenizer.from_pretrained(tiny_model_dir), "tiny")
+
+
+# -- the batch plan and per-row storing ------------------------------------------------------
+@pytest.mark.parametrize("n, size, first, want", [
+    (24, 32, 2, [2, 8, 14]),
+    (70, 32, 2, [2, 8, 32, 28]),
+    (5, 32, None, [5]),
+    (40, 16, None, [16, 16, 8]),
+    (3, 32, 8, [3]),
+    (10, 4, 8, [4, 4, 2]),  # a first batch no smaller than a full one changes nothing
+    (0, 32, 2, []),
+])
+def test_batch_sizes(n, size, first, want):
+    assert batch_sizes(n, size, first) == want
+    assert sum(want) == n
+
+
+def test_answers_are_stored_one_by_one_and_the_first_batch_is_one_prompt(store, tiny_host):
+    ids, _ = store.add_prompts(["Hi.", "Name a colour.", "Tell me about the sea.", "Why?"], "t")
+    seen_counts = []
+    per_prompt_at_first = {}
+
+    def progress_cb(done, total):
+        seen_counts.append(done)
+        if done == 2:
+            per_prompt_at_first.update(store.response_counts(ids))
+
+    stats = generate_candidates(store, tiny_host, ids, 2, GenSettings(max_new_tokens=6, seed=3),
+                                progress=progress_cb, batch_size=8, first_batch=2)
+    assert stats["generated"] == 8
+    # every answer is counted as it is stored, not per batch
+    assert seen_counts == list(range(0, 9))
+    # after the first (small) batch one prompt has both answers: a pair to judge
+    assert sorted(per_prompt_at_first.values()) == [2]
+    assert sum(store.response_counts(ids).values()) == stats["new"]
+
+
+def test_on_answer_gets_every_row_once_before_its_batch_ends(tiny_host):
+    got, steps = [], []
+    prompts = ["Hi.", "Name a colour.", "Why?"]
+    batches = list(tiny_host.generate_batches(
+        prompts, 2, GenSettings(max_new_tokens=5, seed=1), batch_size=4,
+        on_answer=got.append, on_step=lambda d, t: steps.append((d, t))))
+    flat = [row for batch in batches for row in batch]
+    assert sorted(got) == sorted(flat)  # the same rows, texts and token counts
+    assert len(got) == 6
+    assert steps[-1] == (10, 10)  # 2 batches x 5 steps, ending at the total
+    assert all(b[0] >= a[0] for a, b in zip(steps, steps[1:]))  # only forward
+
+
+def test_estimate_follows_the_decode_timing(tiny_host):
+    a, b = tiny_host.decode_timing()
+    assert a > 0 and b >= 0
+    assert tiny_host.decode_timing(measure=False) == (a, b)
+    one = tiny_host.estimate_seconds(2, 100, 32)
+    assert one == pytest.approx(100 * (a + 2 * b))
+    assert tiny_host.estimate_seconds(24, 100, 32, first_batch=2) == pytest.approx(
+        100 * (a + 2 * b) + 100 * (a + 8 * b) + 100 * (a + 14 * b))
+
+
+# -- ETAs never say 0 s while work remains --------------------------------------------------
+def test_eta_rule():
+    assert progress.eta_seconds(10, 2, 10) == pytest.approx(40)
+    assert progress.eta_seconds(10, 0, 10) is None  # no speed to measure yet
+    assert progress.eta_seconds(10, 10, 10) is None  # counted all, work may remain
+    assert progress.eta_seconds(0, 1, 10) is None
+    assert progress.human(12.4) == "12 s" and progress.human(600) == "10 min"
+
+
+def test_job_status_line_and_eta():
+    st = GenJobStatus(state="running", total=24, done=0, started_at=time.time() - 5, estimate_s=30)
+    assert 24 < st.eta_s() <= 25 and "ETA" in st.line()
+    st.estimate_s = 3  # the estimate ran out before the first answer
+    assert st.eta_s() is None and "measuring" in st.line()
+    st.done = 24
+    assert st.eta_s() is None and "finishing" in st.line()
+    st.done = 6
+    assert st.eta_s() == pytest.approx(15, rel=0.2)
+
+
+def test_generation_job_runs_in_the_background_one_at_a_time(store, tiny_host):
+    ids, _ = store.add_prompts(["Hi.", "Name a colour."], "t")
+    gate = threading.Event()
+    real = tiny_host.generate_batches
+
+    def slow(*args, **kwargs):  # hold the job until the test has looked at it
+        gate.wait(30)
+        yield from real(*args, **kwargs)
+
+    jobs = GenerationJobs(store, lambda: tiny_host)
+    tiny_host.generate_batches = slow
+    try:
+        st = jobs.start([(i, 0) for i in ids], 2, GenSettings(max_new_tokens=4))
+        assert st.running and st.total == 4
+        with pytest.raises(RuntimeError, match="already being generated"):
+            jobs.start([(i, 0) for i in ids], 2, GenSettings(max_new_tokens=4))
+        gate.set()
+        st = jobs.wait(60)
+    finally:
+        del tiny_host.generate_batches
+    assert st.state == "finished" and st.done == 4 and st.new + st.duplicates == 4
+    assert "new answers" in st.line()
+
+
+def test_generation_job_failure_is_reported_and_keeps_what_was_stored(store):
+    ids, _ = store.add_prompts(["Hi."], "t")
+
+    def no_model():
+        raise RuntimeError("model failed to load: out of memory")
+
+    jobs = GenerationJobs(store, no_model)
+    jobs.start([(ids[0], 0)], 2, GenSettings())
+    st = jobs.wait(30)
+    assert st.state == "failed" and "out of memory" in st.error
+    assert st.line().startswith("⚠ Generation failed") and not st.running
+    jobs.start([(ids[0], 0)], 2, GenSettings())  # a failed job does not block the next one
+    assert jobs.wait(30).state == "failed"
+
+
+# -- phases ---------------------------------------------------------------------------------
+def test_phases_record_their_own_time_and_order(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.update_status(state="running")
+    run.begin_phase("loading the model")
+    run.begin_phase("scoring the answers with the base model", total=1000, unit="tokens")
+    run.phase_progress(250, force=True)
+    st = run.status()
+    assert st.phase_done == 250 and st.phase_total == 1000 and st.phase_unit == "tokens"
+    assert st.phase_eta_s() is not None and st.phase_eta_s() >= 0
+    run.begin_phase("training", total=10, unit="steps")
+    run.update_status(step=3, max_steps=10, eta_s=70.0)
+    assert run.status().phase_eta_s() == 70.0  # the steps' own timing
+    with pytest.raises(ValueError, match="unknown phase"):
+        run.begin_phase("thinking")
+    st = run.end_phases(state="finished")
+    assert [p["phase"] for p in st.phases] == ["loading the model",
+                                               "scoring the answers with the base model", "training"]
+    assert st.phase is None and all(p["seconds"] >= 0 for p in st.phases)
+
+
+@pytest.mark.slow
+def test_a_run_reports_every_phase_in_order(tmp_path, tiny_model_dir, data_dir):
+    judgments = write_jsonl(tmp_path / "j.jsonl", make_judgments())
+    out = tmp_path / "run"
+    seen = []
+    real = RunFolder.update_status
+
+    def spy(self, **fields):  # every status write the trainer makes, as the UI would poll it
+        st = real(self, **fields)
+        if not seen or seen[-1] != st.phase:
+            seen.append(st.phase)
+        return st
+
+    RunFolder.update_status = spy
+    try:
+        assert main(tiny_args(out, judgments, tiny_model_dir, data_dir, **{
+            "max-steps": 4, "eval-every": 2, "sample-every": 2, "preview-count": 1,
+            "early-stop-patience": 0})) == 0
+    finally:
+        RunFolder.update_status = real
+    st = RunFolder(out, writable=False).status()
+    names = [p["phase"] for p in st.phases]
+    assert names == ["loading the model", "scoring the answers with the base model",
+                     "the base model's previews", "training", "evaluating", "training", "previews",
+                     "training", "evaluating", "the final previews", "saving the adapter"]
+    assert [p for p in seen if p] == names  # the status line named each one while it ran
+    assert set(names) <= set(PHASES)
+    assert st.state == "finished" and st.phase is None
+
+
+def test_estimate_covers_every_phase():
+    from rpo_app.runestimate import estimate_phases, run_shape
+    from rpo_app.trainconfig import TrainConfig
+
+    cfg = TrainConfig()  # the defaults: 60 steps, eval every 20, previews every 50
+    shape = run_shape(cfg, n_examples=30, train_seqs=60, eval_seqs=4, mean_tokens=170,
+                      preview_count=2, embeds=True)
+    assert shape.steps == 60 and shape.evals == 3 and shape.mid_previews == 1
+    phases = estimate_phases(shape, forward_s_per_token=0.002, decode_timing=(0.05, 0.004),
+                             past={"loading the model": 9.0})
+    assert list(phases) == list(PHASES)  # every phase, in run order
+    assert phases["loading the model"] == 9.0
+    assert phases["training"] == pytest.approx(60 * 2.5 * 0.002 * 16 * 170)
+    assert phases["previews"] == pytest.approx(phases["the final previews"])
+    no_eval = run_shape(cfg, 30, 60, 0, 170, 2, embeds=False)
+    assert no_eval.evals == 0 and "embedding the prompts" not in estimate_phases(
+        no_eval, 0.002, (0.05, 0.004))
+
+
+# -- sharing the cores ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cores, app_idle_run, app_busy_run, app_with_run, app_alone", [
+    (2, 2, 1, 1, 2), (4, 4, 3, 1, 4), (16, 16, 12, 4, 16), (1, 1, 1, 1, 1)])
+def test_core_split(cores, app_idle_run, app_busy_run, app_with_run, app_alone):
+    assert cpushare.run_threads(cores, app_busy=False) == app_idle_run
+    assert cpushare.run_threads(cores, app_busy=True) == app_busy_run
+    assert cpushare.app_threads(cores, run_active=True) == app_with_run
+    assert cpushare.app_threads(cores, run_active=False) == app_alone
+    if cores > 1:  # together they never ask for more threads than cores
+        assert app_with_run + app_busy_run <= cores
+
+
+def test_app_marker_and_run_threads(tmp_path):
+    import torch
+
+    active = {"run": True}
+    app = cpushare.AppShare(tmp_path, run_active=lambda: active["run"], cores=4)
+    run = cpushare.RunShare(tmp_path, cores=4)
+    before = torch.get_num_threads()
+    try:
+        assert run.adjust() == 4
+        inside = {}
+
+        def compute():  # the app computes in its own thread, as Gradio's workers do
+            with app.busy() as n:
+                with app.busy():
+                    inside["threads"], inside["torch"] = n, torch.get_num_threads()
+                inside["marker_after_inner"] = app.marker.exists()
+                inside["run"] = run.adjust()
+
+        t = threading.Thread(target=compute)
+        t.start()
+        t.join()
+        assert inside == {"threads": 1, "torch": 1, "marker_after_inner": True, "run": 3}
+        assert not app.marker.exists()  # the last user left
+        assert run.adjust() == 4
+        active["run"] = False
+        assert app.threads() == 4
+        assert cpushare.RunShare(tmp_path, fixed=2, cores=4).adjust() == 2  # --cpu-threads wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_app_host_computes_inside_the_share(tmp_path, tiny_host):
+    calls = []
+    app = cpushare.AppShare(tmp_path, run_active=lambda: False, cores=cpushare.available_cores())
+
+    def busy():
+        calls.append(app.marker)
+        return app.busy()
+
+    saved, tiny_host.compute = tiny_host.compute, busy
+    try:
+        tiny_host.generate(["Hi."], 1, GenSettings(temperature=0, max_new_tokens=2))
+    finally:
+        tiny_host.compute = saved
+    assert calls and not app.marker.exists()
