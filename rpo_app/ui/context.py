@@ -50,6 +50,10 @@ class _Loader:
     def ready(self) -> bool:
         return self._done.is_set() and self._error is None
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until loaded or failed; False on timeout."""
+        return self._done.wait(timeout)
+
     @property
     def error(self) -> BaseException | None:
         return self._error
@@ -108,8 +112,14 @@ class AppContext:
         for adapter in self.store.adapters():
             self._load_adapter(host, adapter)
         # The first-run time estimate needs the decoding speed: time it now, in the
-        # background, so the Label tab can quote it without a wait.
-        threading.Thread(target=host.decode_timing, name="decode-timing", daemon=True).start()
+        # background, so the Label tab can quote it without a wait; after the embedder
+        # has indexed the prompts, which would otherwise share the cores and make the
+        # quoted time 4x too long.
+        def time_decoding():
+            self._index.wait(600)
+            host.decode_timing()
+
+        threading.Thread(target=time_decoding, name="decode-timing", daemon=True).start()
         return host
 
     def _load_adapter(self, host, adapter: dict) -> None:

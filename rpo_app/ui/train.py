@@ -126,9 +126,7 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     if not ctx.model_ready:
         return "(time estimate once the model has loaded)"
     host = ctx.host()
-    timing = host.decode_timing(measure=False)
-    if timing is None:
-        return "(time estimate in a moment: timing the model)"
+    timing = host.decode_timing()  # timed once (a few seconds), then kept
     spec = get_loss(cfg.loss)
     sample = train_j[:64]
     texts = [j["prompt_a_text"] + (j.get(k) or "") for j in sample
