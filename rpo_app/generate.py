@@ -411,19 +411,15 @@ class ModelHost:
             steps = 12
             settings = GenSettings(temperature=0, max_new_tokens=steps, repetition_penalty=1.0)
             row = self.encode_prompt("Write a long story about a lighthouse.")
-            # Never stop early: the timing must cover every step.
-            saved_stops, self.stop_ids = self.stop_ids, set()
-            try:
-                with self.lock, self.compute():  # the first call pays one-off setup costs
-                    self._run([row], [0], GenSettings(temperature=0, max_new_tokens=2), [None])
-                times = {}
-                for rows in (1, 8):
-                    with self.lock, self.compute():
-                        t0 = time.perf_counter()
-                        self._run([row] * rows, [0] * rows, settings, [None] * rows)
-                        times[rows] = (time.perf_counter() - t0) / steps
-            finally:
-                self.stop_ids = saved_stops
+            with self.lock, self.compute():  # the first call pays one-off setup costs
+                self._run([row], [0], GenSettings(temperature=0, max_new_tokens=2), [None])
+            times = {}
+            for rows in (1, 8):
+                with self.lock, self.compute():
+                    t0 = time.perf_counter()
+                    # No stop token: the timing must cover every step.
+                    self._run([row] * rows, [0] * rows, settings, [None] * rows, stop_ids=set())
+                    times[rows] = (time.perf_counter() - t0) / steps
             per_row = max(0.0, (times[8] - times[1]) / 7)
             cached = self._decode_timing = (max(1e-4, times[1] - per_row), per_row)
         return cached
@@ -581,7 +577,7 @@ class ModelHost:
             cache.batch_repeat_interleave(batch)
         return ids, mask, cache
 
-    def _generation_config(self, settings: GenSettings):
+    def _generation_config(self, settings: GenSettings, stop_ids: set[int]):
         import copy
 
         from transformers import GenerationConfig
@@ -598,14 +594,17 @@ class ModelHost:
         gc.num_return_sequences = 1
         gc.max_new_tokens = settings.max_new_tokens
         gc.max_length = None
-        gc.eos_token_id = sorted(self.stop_ids)
+        gc.eos_token_id = sorted(stop_ids)
         gc.pad_token_id = self.pad_id
         return gc
 
     def _run(self, rows: list[list[int]], seeds: list[int], settings: GenSettings,
-             adapters: Sequence[str | None], streamer=None, stopping=None):
+             adapters: Sequence[str | None], streamer=None, stopping=None,
+             stop_ids: set[int] | None = None):
         """One generate call over left-padded rows; returns the new token ids per row,
-        cut at each row's own end-of-turn (the stop token is kept out)."""
+        cut at each row's own end-of-turn (the stop token is kept out). `stop_ids`
+        replaces the end-of-turn rule for this call only (decode_timing: none)."""
+        stops = self.stop_ids if stop_ids is None else stop_ids
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -629,14 +628,14 @@ class ModelHost:
             if processors:
                 kwargs["logits_processor"] = LogitsProcessorList(processors)
             out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                      generation_config=self._generation_config(settings),
+                                      generation_config=self._generation_config(settings, stops),
                                       streamer=streamer, **extra, **kwargs)
         new = out[:, ids.shape[1]:].tolist()
         result = []
         for toks in new:
             cut = []
             for t in toks:
-                if t in self.stop_ids:
+                if t in stops:
                     break
                 cut.append(t)
             result.append(cut)

@@ -92,10 +92,10 @@ def _nothing_to_judge(ctx: AppContext) -> tuple[str, bool, bool]:
     if job.running:
         return (f"**Answers are being written.** {job.line()}. The next pair shows here "
                 "as soon as both of its answers are stored.", False, True)
+    no_answers = ctx.store.stats()["responses"] == 0
     if job.state == "failed":
-        return (f"{job.line()} Try again from the **Data** tab.", ctx.store.stats()["responses"] == 0,
-                False)
-    if ctx.store.stats()["responses"] == 0:
+        return f"{job.line()} Try again from the **Data** tab.", no_answers, False
+    if no_answers:
         offer, timed = first_run_offer(ctx)
         return f"**Start here.** {offer}", True, not timed  # poll until the estimate is in
     return ("Nothing left to judge in this mode. Generate more answers in the "
