@@ -33,6 +33,15 @@ def _first_pair(queue) -> bool:
     return True
 
 
+def _wait(jobs):
+    """Until the generation job ends, its line on the terminal every few seconds."""
+    while True:
+        st = jobs.wait(timeout=5)
+        if not st.running:
+            return st
+        print(st.line(), file=sys.stderr, flush=True)
+
+
 def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
     from rpo_app import io, judges
     from rpo_app.generate import GenSettings, ModelHost, backlog
@@ -71,7 +80,7 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
             raise RuntimeError(f"generation ended without a pair: {jobs.status().line()}")
         time.sleep(0.2)
     out["click_to_first_pair_s"] = round(time.perf_counter() - click, 1)
-    st = jobs.wait()
+    st = _wait(jobs)
     if st.state != "finished":
         raise RuntimeError(st.line())
     out["click_to_all_answers_s"] = round(time.perf_counter() - click, 1)
@@ -80,7 +89,7 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
     # 16 more prompts, then 32 pairs judged through the queue
     todo = backlog(store, FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS)
     jobs.start(todo, FIRST_RUN_ANSWERS, settings, first_batch=None)
-    jobs.wait()
+    _wait(jobs)
     judged = 0
     while judged < 32:
         item = queue.next_item("bench-annotator", "paired")
@@ -98,12 +107,12 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
     if quick:
         cmd += ["--max-steps", "4"]
     t2 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+    # The trainer's own log and step bar go to the terminal: its phases show as it runs.
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     out["run_wall_s"] = round(time.perf_counter() - t2, 1)
     status = RunFolder(run_dir, writable=False).status()
     if proc.returncode or status.state != "finished":
-        raise RuntimeError(f"training failed ({status.state}): {status.error or proc.stderr[-2000:]}")
+        raise RuntimeError(f"training failed ({status.state}): {status.error or 'see ' + str(run_dir / 'train.log')}")
     phases = status.phase_seconds()
     out["run_phases_s"] = {k: round(v, 1) for k, v in phases.items()}
     out["run_steps"] = status.step
