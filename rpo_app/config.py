@@ -1,6 +1,7 @@
 """Where things live on disk, and the app's settings."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -74,3 +75,40 @@ class ServeConfig:
     port: int = 7860
     auth: list[tuple[str, str]] = field(default_factory=list)
     trust_remote_code: bool = False
+
+
+TEAM_SETTINGS_KEY = "team"
+
+
+@dataclass
+class TeamSettings:
+    """How the label queue shares work among annotators; kept in the store, so every
+    process and every user of one data dir sees the same."""
+
+    overlap: int = 1  # annotators who judge each item
+    gold_rate: float = 0.1  # share of items that are gold checks, while any is left
+    recheck_rate: float = 0.0  # share of items re-shown to their own judge, sides swapped
+
+    def validate(self) -> "TeamSettings":
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) \
+                or not 1 <= self.overlap <= 10:
+            raise ValueError(f"overlap (annotators per item) is a whole number from 1 to 10, "
+                             f"got {self.overlap!r}")
+        for name in ("gold_rate", "recheck_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 <= value <= 0.5:
+                raise ValueError(f"{name.replace('_', ' ')} is a share from 0 to 0.5, "
+                                 f"got {value!r}")
+        return self
+
+    @classmethod
+    def load(cls, store) -> "TeamSettings":
+        saved = store.setting(TEAM_SETTINGS_KEY) or {}
+        known = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, store, by: str | None = None) -> "TeamSettings":
+        self.validate()
+        store.put_setting(TEAM_SETTINGS_KEY, dataclasses.asdict(self), by)
+        return self

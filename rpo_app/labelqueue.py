@@ -3,6 +3,12 @@
 Shared by the Label tab and the scripted API, so both follow the same rules:
 unlabeled items first, spread over prompt families, one annotator per item at a time
 (leases), sides randomised, and every submission idempotent through the item's token.
+
+The team settings (rpo_app.config.TeamSettings) add: each item goes to `overlap`
+different annotators (an item someone else started is offered before a fresh one, so
+agreement figures come early), never twice to one person; and a share of items are
+checks: a gold item whose answer is known, or one of the annotator's own earlier items
+shown again with the sides swapped. The annotator is not told which items are checks.
 """
 from __future__ import annotations
 
@@ -13,8 +19,10 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from rpo_app.store import (CROSS_KEY, CROSS_PAIR_KEY, PROMPT_KEY, RESPONSE_KEY, StorageError,
-                           Store, StoreError, item_key, judgment_lease_keys)
+from rpo_app.config import TeamSettings
+from rpo_app.store import (CHECK_SOURCES, CROSS_KEY, CROSS_PAIR_KEY, GOLD_CHECK_SOURCE,
+                           PROMPT_KEY, RECHECK_SOURCE, RESPONSE_KEY, StorageError, Store,
+                           StoreError, item_key, judgment_lease_keys)
 
 MODES = ("paired", "cross", "unpaired", "mixed")
 UI_VERDICTS = ("left", "right", "tie", "both_bad", "up", "down")
@@ -31,6 +39,7 @@ class Item:
     right: dict | None
     lease_keys: list[str]
     shown_at: float = field(default_factory=time.time)
+    source: str = "label"  # or a check source: the judgment is stored with it
 
     @property
     def family(self) -> str | None:
@@ -52,6 +61,8 @@ class LabelQueue:
         self.store = store
         self.index = index  # PromptIndex or None (then cross-prompt items are unavailable)
         self._rng = random.Random(seed)
+        # Its own stream: whether a check comes up does not change which items come next.
+        self._check_rng = random.Random(None if seed is None else seed + 1)
         self._lock = threading.Lock()
         self._items: dict[str, Item] = {}  # token -> item handed out and not yet judged
         self._current: dict[str, str] = {}  # annotator -> token on their screen
@@ -71,9 +82,12 @@ class LabelQueue:
             if item is not None:
                 self._drop(item, annotator)
         kinds = [mode] if mode != "mixed" else self._rng.sample(["paired", "cross", "unpaired"], 3)
-        for kind in kinds:
-            item = {"paired": self._next_paired, "cross": self._next_cross,
-                    "unpaired": self._next_thumb}[kind](annotator)
+        team = TeamSettings.load(self.store)
+        check = self._next_check(annotator, kinds, team)
+        for kind in ([None] if check else []) + kinds:
+            item = check if kind is None else {
+                "paired": self._next_paired, "cross": self._next_cross,
+                "unpaired": self._next_thumb}[kind](annotator, team.overlap)
             if item is not None:
                 with self._lock:
                     self._items[item.token] = item
@@ -98,34 +112,69 @@ class LabelQueue:
             rows += [r for r in fetch(1) if r["id"] < start]
         return rows
 
-    def _next_paired(self, annotator: str) -> Item | None:
-        for unjudged_only in (True, False):
+    def _next_check(self, annotator: str, kinds: list[str], team: TeamSettings) -> Item | None:
+        """Now and then (the team's rates), a gold item or a re-shown one of theirs."""
+        roll = self._check_rng.random()
+        if roll < team.gold_rate:
+            rows, source = self.store.gold_candidates(annotator, kinds, 1), GOLD_CHECK_SOURCE
+        elif roll < team.gold_rate + team.recheck_rate:
+            rows, source = self.store.recheck_candidates(annotator, kinds, 1), RECHECK_SOURCE
+        else:
+            return None
+        if not rows:
+            return None
+        row = rows[0]
+        a = self.store.response(row["response_a"])
+        b = self.store.response(row["response_b"]) if row["response_b"] else None
+        if b is None:
+            left, right = a, None
+        elif source == RECHECK_SOURCE and row["a_side"] in ("left", "right"):
+            left, right = (b, a) if row["a_side"] == "left" else (a, b)  # swapped
+        else:
+            left, right = self._shuffle(a, b)
+        # No lease: a check takes nobody's item away, and any number may see it at once.
+        return Item(row["kind"], _token(), left, right, [], source=source)
+
+    def _next_paired(self, annotator: str, overlap: int = 1) -> Item | None:
+        # (partial, unjudged_only): items someone started, then fresh ones, then the rest.
+        passes = [(True, False), (False, True), (False, False)] if overlap > 1 \
+            else [(False, True), (False, False)]
+        for partial, unjudged_only in passes:
             rows = self._scan(lambda s: self.store.next_prompts_for_pairs(
-                annotator, s, _SCAN, unjudged_only), self.store.max_prompt_id())
+                annotator, s, _SCAN, unjudged_only, overlap, partial), self.store.max_prompt_id())
             for prompt in self._prefer_fresh_family(annotator, rows):
-                pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]))
+                pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]),
+                                       annotator, overlap)
                 if pair is None:
                     continue
                 key = item_key(PROMPT_KEY, prompt["id"])
                 if self.store.try_lease(key, annotator):
                     # Look again under the lease: the last holder may have judged it since.
-                    pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]))
+                    pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]),
+                                           annotator, overlap)
                     if pair is None:
+                        self.store.release_lease(key, annotator)
                         continue
                     left, right = self._shuffle(*pair)
                     return Item("paired", _token(), left, right, [key])
         return None
 
-    def _open_pair(self, responses: list[dict]) -> tuple[dict, dict] | None:
-        """A pair of responses to one prompt that nobody has judged yet."""
+    def _open_pair(self, responses: list[dict], annotator: str,
+                   overlap: int = 1) -> tuple[dict, dict] | None:
+        """A pair of responses to one prompt that needs another annotator and that this
+        one has not judged; of those, one that others started (so it completes first)."""
         if len(responses) < 2:
             return None
-        done = self.store.judged_pairs([r["id"] for r in responses])
+        judges = self.store.pair_judges([r["id"] for r in responses])
         pairs = [(a, b) for i, a in enumerate(responses) for b in responses[i + 1:]
-                 if (a["id"], b["id"]) not in done]
-        return self._rng.choice(pairs) if pairs else None
+                 if _open(judges.get((a["id"], b["id"]), []), annotator, overlap)]
+        if not pairs:
+            return None
+        most = max(len(judges.get((a["id"], b["id"]), [])) for a, b in pairs)
+        return self._rng.choice([p for p in pairs
+                                 if len(judges.get((p[0]["id"], p[1]["id"]), [])) == most])
 
-    def _next_cross(self, annotator: str) -> Item | None:
+    def _next_cross(self, annotator: str, overlap: int = 1) -> Item | None:
         if self.index is None:
             return None
         rows = self._scan(lambda s: self.store.next_responses_for_thumbs(
@@ -135,17 +184,21 @@ class LabelQueue:
                 others = self.store.responses_for_prompt(prompt_id)
                 if not others:
                     continue
-                done = self.store.judged_pairs([first["id"]] + [o["id"] for o in others])
+                judges = self.store.pair_judges([first["id"]] + [o["id"] for o in others])
                 skipped = self.store.skipped(annotator, [_cross_key(first["id"], o["id"])
                                                          for o in others])
-                fresh = [o for o in others if tuple(sorted((first["id"], o["id"]))) not in done
+                fresh = [o for o in others
+                         if _open(judges.get(tuple(sorted((first["id"], o["id"]))), []),
+                                  annotator, overlap)
                          and _cross_key(first["id"], o["id"]) not in skipped]
                 if not fresh:
                     continue
                 second = self._rng.choice(fresh)
                 keys = [item_key(CROSS_KEY, first["id"]), item_key(CROSS_KEY, second["id"])]
                 taken = [k for k in keys if self.store.try_lease(k, annotator)]
-                if len(taken) < len(keys) or self.store.judged_pairs([first["id"], second["id"]]):
+                now = self.store.pair_judges([first["id"], second["id"]])
+                if len(taken) < len(keys) or not _open(
+                        now.get(tuple(sorted((first["id"], second["id"]))), []), annotator, overlap):
                     # Someone holds half of it, or judged it meanwhile: give back what we took.
                     for key in taken:
                         self.store.release_lease(key, annotator)
@@ -154,16 +207,19 @@ class LabelQueue:
                 return Item("cross", _token(), left, right, keys)
         return None
 
-    def _next_thumb(self, annotator: str) -> Item | None:
-        rows = self._scan(lambda s: self.store.next_responses_for_thumbs(
-            annotator, s, _SCAN, True), self.store.max_response_id())
-        for resp in self._prefer_fresh_family(annotator, rows):
-            key = item_key(RESPONSE_KEY, resp["id"])
-            if self.store.try_lease(key, annotator):
-                # Still unjudged now that we hold the lease? (The last holder may have judged it.)
-                still = self.store.next_responses_for_thumbs(annotator, resp["id"], 1, True)
-                if still and still[0]["id"] == resp["id"]:
-                    return Item("unpaired", _token(), resp, None, [key])
+    def _next_thumb(self, annotator: str, overlap: int = 1) -> Item | None:
+        for partial in ((True, False) if overlap > 1 else (False,)):
+            rows = self._scan(lambda s: self.store.next_responses_for_thumbs(
+                annotator, s, _SCAN, True, overlap, partial), self.store.max_response_id())
+            for resp in self._prefer_fresh_family(annotator, rows):
+                key = item_key(RESPONSE_KEY, resp["id"])
+                if self.store.try_lease(key, annotator):
+                    # Still open now that we hold the lease? (The last holder may have judged it.)
+                    still = self.store.next_responses_for_thumbs(annotator, resp["id"], 1, True,
+                                                                 overlap)
+                    if still and still[0]["id"] == resp["id"]:
+                        return Item("unpaired", _token(), resp, None, [key])
+                    self.store.release_lease(key, annotator)
         return None
 
     def _shuffle(self, a: dict, b: dict) -> tuple[dict, dict]:
@@ -198,6 +254,8 @@ class LabelQueue:
         if seconds_spent is None:
             seconds_spent = round(time.time() - item.shown_at, 3)
         try:
+            if item.source != "label":  # a check keeps its own source whoever asked
+                source = item.source
             jid, created = self._store_judgment(item, a, b, stored, annotator, source, strength,
                                                 a_side, seconds_spent, token)
         except StorageError:
@@ -217,7 +275,8 @@ class LabelQueue:
         return self.store.add_judgment(
             item.kind, a, b, stored, annotator, source=source,
             strength=strength if item.kind != "unpaired" and stored in ("a", "b") else None,
-            a_side=a_side, seconds_spent=seconds_spent, request_id=token, once=True)
+            a_side=a_side, seconds_spent=seconds_spent, request_id=token,
+            overlap=None if source in CHECK_SOURCES else TeamSettings.load(self.store).overlap)
 
     def skip(self, token: str, annotator: str) -> None:
         """Skip is not a judgment: nothing is learned from it, the item leaves this
@@ -243,11 +302,13 @@ class LabelQueue:
         right = self.store.response(undone["response_b"]) if undone["response_b"] else None
         if right is not None and undone["a_side"] == "right":
             left, right = right, left
-        keys = judgment_lease_keys(undone["kind"], left["id"], right and right["id"],
-                                   left["prompt_id"])
+        check = undone["source"] in CHECK_SOURCES
+        keys = [] if check else judgment_lease_keys(undone["kind"], left["id"],
+                                                    right and right["id"], left["prompt_id"])
         for key in keys:
             self.store.try_lease(key, annotator)
-        item = Item(undone["kind"], _token(), left, right, keys)
+        item = Item(undone["kind"], _token(), left, right, keys,
+                    source=undone["source"] if check else "label")
         with self._lock:
             old = self._current.get(annotator)
             if old in self._items:
@@ -276,6 +337,11 @@ def canonical_pair(left_id: int, right_id: int, verdict: str) -> tuple[int, int,
     left_is_a = a_side == "left"
     stored = {"left": "a" if left_is_a else "b", "right": "b" if left_is_a else "a"}
     return a, b, stored.get(verdict, verdict), a_side
+
+
+def _open(judges: list[str], annotator: str, overlap: int) -> bool:
+    """Can this annotator judge an item these people judged?"""
+    return len(judges) < overlap and annotator not in judges
 
 
 def _cross_key(first: int, second: int) -> str:

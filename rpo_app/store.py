@@ -23,6 +23,13 @@ THUMB_VERDICTS = ("up", "down")
 STRENGTHS = ("slightly", "clearly")
 SIDES = ("left", "right")
 LEASE_SECONDS = 300.0
+# Judgments the queue makes to check an annotator, not to label an item: a gold item
+# (its answer is known) or an item re-shown to its own judge with sides swapped. They
+# are not counted towards an item's annotators and are not trained on.
+GOLD_CHECK_SOURCE = "gold-check"
+RECHECK_SOURCE = "recheck"
+CHECK_SOURCES = (GOLD_CHECK_SOURCE, RECHECK_SOURCE)
+_COUNTED = f"source NOT IN ('{GOLD_CHECK_SOURCE}', '{RECHECK_SOURCE}')"
 # Lease and skip keys name what an annotator holds, stored as text: a prefix, then ids.
 PROMPT_KEY = "prompt:"  # a paired item: the prompt whose answers are compared
 RESPONSE_KEY = "resp:"  # a thumbs item: one answer
@@ -112,6 +119,27 @@ MIGRATIONS: list[str] = [
         base_model TEXT,
         created_at REAL NOT NULL
     );
+    """,
+    """
+    CREATE TABLE settings(
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_by TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE gold(
+        judgment_id INTEGER PRIMARY KEY REFERENCES judgments(id),
+        marked_by TEXT NOT NULL,
+        marked_at REAL NOT NULL
+    );
+    CREATE TABLE lineage(
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        judgment_id INTEGER NOT NULL REFERENCES judgments(id),
+        role TEXT NOT NULL CHECK(role IN ('train', 'held_out')),
+        PRIMARY KEY(run_id, judgment_id)
+    );
+    CREATE INDEX lineage_judgment ON lineage(judgment_id);
+    CREATE INDEX judgments_pair ON judgments(response_a, response_b);
     """,
 ]
 
@@ -361,14 +389,16 @@ class Store:
     def add_judgment(self, kind: str, response_a: int, response_b: int | None, verdict: str,
                      annotator: str, source: str = "label", strength: str | None = None,
                      a_side: str | None = None, seconds_spent: float | None = None,
-                     request_id: str | None = None, once: bool = False) -> tuple[int, bool]:
+                     request_id: str | None = None,
+                     overlap: int | None = None) -> tuple[int, bool]:
         """Record a judgment; return (id, created).
 
         request_id makes the write idempotent: a double click or a retried request
         with the same id returns the first judgment instead of adding a second.
-        once=True refuses a second active judgment of the same pair (or single answer):
-        the label queue uses it so an item whose lease expired while someone else
-        judged it is not judged twice.
+        overlap=k refuses a judgment of an item (a pair, or a single answer) that already
+        has k counted active judgments, or one by this annotator: the label queue passes
+        its setting so an item whose lease expired while someone else judged it is not
+        judged more often than asked, and nobody judges an item twice.
         """
         _check_judgment(kind, response_a, response_b, verdict, strength, a_side, annotator)
         with self.transaction() as tx:
@@ -389,12 +419,17 @@ class Store:
                 raise StoreError("a cross-prompt judgment needs responses to different prompts")
             if response_a == response_b:
                 raise StoreError("a judgment cannot compare a response with itself")
-            if once and tx.execute(
-                    "SELECT 1 FROM judgments WHERE retracted_at IS NULL AND kind = ? AND "
-                    "((response_a = ? AND response_b IS ?) OR (response_a = ? AND response_b IS ?))",
-                    (kind, response_a, response_b, response_b, response_a)).fetchone():
-                raise StoreError("this item was judged meanwhile by someone else; "
-                                 "here is the next one")
+            if overlap is not None:
+                judges = [r[0] for r in tx.execute(
+                    f"SELECT annotator FROM judgments WHERE retracted_at IS NULL AND {_COUNTED} "
+                    "AND kind = ? AND ((response_a = ? AND response_b IS ?) OR "
+                    "(response_a = ? AND response_b IS ?))",
+                    (kind, response_a, response_b, response_b, response_a))]
+                if annotator in judges:
+                    raise StoreError("you have judged this item already; here is the next one")
+                if len(judges) >= overlap:
+                    raise StoreError("this item was judged meanwhile by someone else; "
+                                     "here is the next one")
             cur = tx.execute(
                 "INSERT INTO judgments(kind, response_a, response_b, verdict, strength, "
                 "annotator, source, a_side, seconds_spent, created_at, request_id) "
@@ -473,14 +508,26 @@ class Store:
         for row in self.judgments():
             if row["kind"] not in kinds or (annotators and row["annotator"] not in annotators):
                 continue
+            if row["source"] in CHECK_SOURCES:  # the item's own judgments carry its label
+                continue
             out.append({
                 "judgment_id": row["id"], "kind": row["kind"], "verdict": row["verdict"],
                 "strength": row["strength"], "annotator": row["annotator"],
+                "source": row["source"],
                 "prompt_a_text": row["prompt_a"], "response_a_text": row["response_a_text"],
                 "prompt_b_text": row["prompt_b"], "response_b_text": row["response_b_text"],
                 "prompt_a_id": row["prompt_a_id"], "prompt_b_id": row["prompt_b_id"],
             })
         return out
+
+    def state(self) -> dict:
+        """What the store held at a moment: enough to tell later whether it changed."""
+        row = self._one("SELECT COUNT(*), COALESCE(MAX(id), 0), "
+                        "COALESCE(MAX(MAX(created_at), MAX(COALESCE(retracted_at, 0))), 0) "
+                        "FROM judgments")
+        return {"path": str(self.path), "schema_version": self.schema_version(),
+                "active_judgments": self.count_judgments(), "all_judgments": row[0],
+                "max_judgment_id": row[1], "last_change_at": row[2], "read_at": _now()}
 
     def count_judgments(self, include_retracted: bool = False) -> int:
         sql = "SELECT COUNT(*) FROM judgments"
@@ -513,20 +560,6 @@ class Store:
                 "AND created_at >= ? GROUP BY kind", (since,))}
         return out
 
-    def blind_tally(self, source: str) -> dict:
-        """Active votes from blind chat: wins of an adapter ('tuned') vs the base model."""
-        row = self._one(
-            "SELECT "
-            "SUM(j.verdict IN ('a', 'b') AND (CASE j.verdict WHEN 'a' THEN ra.adapter "
-            "ELSE rb.adapter END) IS NOT NULL), "
-            "SUM(j.verdict IN ('a', 'b') AND (CASE j.verdict WHEN 'a' THEN ra.adapter "
-            "ELSE rb.adapter END) IS NULL), "
-            "SUM(j.verdict = 'tie'), SUM(j.verdict = 'both_bad') "
-            "FROM judgments j JOIN responses ra ON ra.id = j.response_a "
-            "JOIN responses rb ON rb.id = j.response_b "
-            "WHERE j.source = ? AND j.retracted_at IS NULL", (source,))
-        return dict(zip(("tuned", "base", "tie", "both bad"), (int(v or 0) for v in row)))
-
     def annotator_counts(self, annotator: str, since: float) -> dict:
         return {r["kind"]: r["n"] for r in self._read(
             "SELECT kind, COUNT(*) AS n FROM judgments WHERE retracted_at IS NULL "
@@ -534,47 +567,78 @@ class Store:
 
     # -- label queue support ------------------------------------------------------------
     def next_prompts_for_pairs(self, annotator: str, start_id: int, limit: int,
-                               unjudged_only: bool) -> list[dict]:
+                               unjudged_only: bool, overlap: int = 1,
+                               partial: bool = False) -> list[dict]:
         """Prompts with >= 2 responses, not leased to someone else, not skipped by
         this annotator, scanning ids from start_id (callers pass a random start so
-        annotators spread out; the index on ids keeps this fast at 100k prompts)."""
-        judged = ("AND NOT EXISTS (SELECT 1 FROM responses r JOIN judgments j "
-                  "ON j.response_a = r.id WHERE r.prompt_id = p.id AND j.kind = 'paired' "
-                  "AND j.retracted_at IS NULL)") if unjudged_only else ""
+        annotators spread out; the index on ids keeps this fast at 100k prompts).
+
+        unjudged_only: no counted paired judgment yet. partial (with overlap > 1): a
+        counted paired judgment by someone else, so the item can get its next annotator;
+        whether a pair is still open is the caller's check (pair_judges)."""
+        judged = (f"SELECT 1 FROM responses r JOIN judgments j ON j.response_a = r.id "
+                  f"WHERE r.prompt_id = p.id AND j.kind = 'paired' AND j.retracted_at IS NULL "
+                  f"AND j.{_COUNTED}")
+        where, params = "", []
+        if partial and overlap > 1:
+            where = f"AND EXISTS ({judged} AND j.annotator != ?) "
+            params = [annotator]
+        elif unjudged_only:
+            where = f"AND NOT EXISTS ({judged}) "
         rows = self._read(
             "SELECT p.* FROM prompts p WHERE p.id >= ? "
             "AND (SELECT COUNT(*) FROM responses r WHERE r.prompt_id = p.id) >= 2 "
             "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = ? || p.id "
             "AND l.annotator != ? AND l.expires_at > ?) "
             "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
-            "AND s.item_key = ? || p.id) " + judged + " ORDER BY p.id LIMIT ?",
-            (start_id, PROMPT_KEY, annotator, _now(), annotator, PROMPT_KEY, limit))
+            "AND s.item_key = ? || p.id) " + where + "ORDER BY p.id LIMIT ?",
+            (start_id, PROMPT_KEY, annotator, _now(), annotator, PROMPT_KEY, *params, limit))
         return [dict(r) for r in rows]
 
     def next_responses_for_thumbs(self, annotator: str, start_id: int, limit: int,
-                                  unjudged_only: bool) -> list[dict]:
-        judged = ("AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.response_a = r.id "
-                  "AND j.kind = 'unpaired' AND j.retracted_at IS NULL)") if unjudged_only else ""
+                                  unjudged_only: bool, overlap: int = 1,
+                                  partial: bool = False) -> list[dict]:
+        """Answers not leased to someone else and not skipped by this annotator.
+
+        unjudged_only: open to this annotator (fewer than `overlap` counted thumbs, none
+        theirs); partial: of those, only answers someone else has judged already."""
+        judged = ""
+        params: list = []
+        if unjudged_only:
+            count = (f"(SELECT COUNT(*) FROM judgments j WHERE j.response_a = r.id "
+                     f"AND j.kind = 'unpaired' AND j.retracted_at IS NULL AND j.{_COUNTED})")
+            judged = (f"AND {count} BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM judgments j "
+                      f"WHERE j.response_a = r.id AND j.kind = 'unpaired' "
+                      f"AND j.retracted_at IS NULL AND j.annotator = ?) ")
+            params = [1 if partial else 0, max(overlap, 1) - 1, annotator]
         rows = self._read(
             "SELECT r.*, p.text AS prompt, p.family AS family FROM responses r "
             "JOIN prompts p ON p.id = r.prompt_id WHERE r.id >= ? "
             "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = ? || r.id "
             "AND l.annotator != ? AND l.expires_at > ?) "
             "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
-            "AND s.item_key = ? || r.id) " + judged + " ORDER BY r.id LIMIT ?",
-            (start_id, RESPONSE_KEY, annotator, _now(), annotator, RESPONSE_KEY, limit))
+            "AND s.item_key = ? || r.id) " + judged + "ORDER BY r.id LIMIT ?",
+            (start_id, RESPONSE_KEY, annotator, _now(), annotator, RESPONSE_KEY, *params, limit))
         return [_response_dict(r) for r in rows]
 
-    def judged_pairs(self, response_ids: list[int]) -> set[tuple[int, int]]:
-        """Unordered response pairs among these that already have an active judgment."""
+    def pair_judges(self, response_ids: list[int]) -> dict[tuple[int, int], list[str]]:
+        """Unordered response pairs among these with counted active judgments, and who
+        made them (an annotator once per judgment)."""
         if not response_ids:
-            return set()
+            return {}
         marks = ",".join("?" * len(response_ids))
         rows = self._read(
-            f"SELECT response_a, response_b FROM judgments WHERE retracted_at IS NULL "
-            f"AND response_b IS NOT NULL AND response_a IN ({marks}) AND response_b IN ({marks})",
-            response_ids + response_ids)
-        return {tuple(sorted((r[0], r[1]))) for r in rows}
+            f"SELECT response_a, response_b, annotator FROM judgments WHERE retracted_at IS NULL "
+            f"AND {_COUNTED} AND response_b IS NOT NULL AND response_a IN ({marks}) "
+            f"AND response_b IN ({marks})", response_ids + response_ids)
+        out: dict[tuple[int, int], list[str]] = {}
+        for r in rows:
+            out.setdefault(tuple(sorted((r[0], r[1]))), []).append(r[2])
+        return out
+
+    def judged_pairs(self, response_ids: list[int]) -> set[tuple[int, int]]:
+        """Unordered response pairs among these that already have a counted judgment."""
+        return set(self.pair_judges(response_ids))
 
     def max_prompt_id(self) -> int:
         return self._one("SELECT COALESCE(MAX(id), 0) FROM prompts")[0]
@@ -617,6 +681,111 @@ class Store:
                        "VALUES (?, ?, ?)", (annotator, item_key, _now()))
             tx.execute("DELETE FROM leases WHERE item_key = ? AND annotator = ?",
                        (item_key, annotator))
+
+    # -- checks: gold items and re-shown items ------------------------------------------
+    def mark_gold(self, judgment_ids: Iterable[int], by: str) -> int:
+        """Mark judgments as gold (their verdict is the known answer); returns how many
+        were newly marked. All or nothing: an unknown, retracted or check judgment is
+        refused by id."""
+        ids = [int(i) for i in judgment_ids]
+        with self.transaction() as tx:
+            n = 0
+            for jid in ids:
+                row = tx.execute("SELECT retracted_at, source FROM judgments WHERE id = ?",
+                                 (jid,)).fetchone()
+                if row is None:
+                    raise StoreError(f"there is no judgment #{jid}")
+                if row["retracted_at"] is not None:
+                    raise StoreError(f"judgment #{jid} was retracted; it cannot be gold")
+                if row["source"] in CHECK_SOURCES:
+                    raise StoreError(f"judgment #{jid} is an annotator's answer to a check "
+                                     f"({row['source']}); mark the original judgment instead")
+                n += tx.execute("INSERT OR IGNORE INTO gold(judgment_id, marked_by, marked_at) "
+                                "VALUES (?, ?, ?)", (jid, by, _now())).rowcount
+            return n
+
+    def unmark_gold(self, judgment_ids: Iterable[int]) -> int:
+        with self.transaction() as tx:
+            return sum(tx.execute("DELETE FROM gold WHERE judgment_id = ?", (int(i),)).rowcount
+                       for i in judgment_ids)
+
+    def gold_ids(self) -> set[int]:
+        """Gold judgments that are still active."""
+        return {r[0] for r in self._read(
+            "SELECT g.judgment_id FROM gold g JOIN judgments j ON j.id = g.judgment_id "
+            "WHERE j.retracted_at IS NULL")}
+
+    _SAME_ITEM = ("m.kind = j.kind AND m.retracted_at IS NULL AND "
+                  "((m.response_a = j.response_a AND m.response_b IS j.response_b) OR "
+                  "(m.response_a = j.response_b AND m.response_b IS j.response_a))")
+
+    def gold_candidates(self, annotator: str, kinds: Iterable[str], limit: int = 20) -> list[dict]:
+        """Gold judgments whose item this annotator has not judged and did not make."""
+        kinds = list(kinds)
+        return self._judgment_rows(
+            f"JOIN gold g ON g.judgment_id = j.id WHERE j.retracted_at IS NULL "
+            f"AND j.annotator != ? AND j.kind IN ({','.join('?' * len(kinds))}) "
+            f"AND NOT EXISTS (SELECT 1 FROM judgments m WHERE m.annotator = ? AND "
+            f"{self._SAME_ITEM}) ORDER BY random() LIMIT ?",
+            [annotator, *kinds, annotator, limit])
+
+    def recheck_candidates(self, annotator: str, kinds: Iterable[str], limit: int = 20,
+                           skip_recent: int = 5) -> list[dict]:
+        """This annotator's own counted judgments to show them again, leaving out their
+        most recent ones (still in mind) and items they were re-shown already."""
+        kinds = list(kinds)
+        return self._judgment_rows(
+            f"WHERE j.retracted_at IS NULL AND j.annotator = ? AND j.{_COUNTED} "
+            f"AND j.kind IN ({','.join('?' * len(kinds))}) "
+            f"AND j.id NOT IN (SELECT id FROM judgments WHERE annotator = ? "
+            f"AND retracted_at IS NULL ORDER BY id DESC LIMIT ?) "
+            f"AND NOT EXISTS (SELECT 1 FROM judgments m WHERE m.annotator = ? "
+            f"AND m.source = '{RECHECK_SOURCE}' AND {self._SAME_ITEM}) ORDER BY random() LIMIT ?",
+            [annotator, *kinds, annotator, skip_recent, annotator, limit])
+
+    # -- settings shared by everyone using this store -----------------------------------
+    def setting(self, key: str) -> dict | None:
+        row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return json.loads(row[0]) if row else None
+
+    def put_setting(self, key: str, value: dict, by: str | None = None) -> None:
+        with self.transaction() as tx:
+            tx.execute("INSERT OR REPLACE INTO settings(key, value, updated_by, updated_at) "
+                       "VALUES (?, ?, ?, ?)", (key, json.dumps(value), by, _now()))
+
+    # -- lineage: which judgments trained which run --------------------------------------
+    def record_lineage(self, run_id: str, train_ids: Iterable[int],
+                       held_out_ids: Iterable[int]) -> int:
+        """Index a run's judgments (its lineage.json is the record); ids this store does
+        not hold (a run trained from a file) are left out. Returns rows written."""
+        with self.transaction() as tx:
+            n = 0
+            for role, ids in (("train", train_ids), ("held_out", held_out_ids)):
+                for jid in ids:
+                    n += tx.execute(
+                        "INSERT OR IGNORE INTO lineage(run_id, judgment_id, role) "
+                        "SELECT ?, id, ? FROM judgments WHERE id = ?",
+                        (run_id, role, int(jid))).rowcount
+            return n
+
+    def has_lineage(self, run_id: str) -> bool:
+        return self._one("SELECT 1 FROM lineage WHERE run_id = ? LIMIT 1", (run_id,)) is not None
+
+    def runs_using(self, judgment_ids: Iterable[int]) -> dict[int, list[dict]]:
+        """For each judgment id: the runs that used it, their role, and the adapter each
+        made (under its current name; None while a run has none)."""
+        ids = [int(i) for i in judgment_ids]
+        out: dict[int, list[dict]] = {i: [] for i in ids}
+        for chunk in _chunks(ids, 500):
+            for r in self._read(
+                    f"SELECT l.judgment_id, l.run_id, l.role, a.name AS adapter FROM lineage l "
+                    f"JOIN runs r ON r.id = l.run_id AND r.deleted_at IS NULL "
+                    f"LEFT JOIN adapters a ON a.run_id = l.run_id "
+                    f"WHERE l.judgment_id IN ({','.join('?' * len(chunk))}) "
+                    f"ORDER BY l.run_id", chunk):
+                out[r["judgment_id"]].append(
+                    {"run_id": r["run_id"], "role": r["role"], "adapter": r["adapter"]})
+        return out
 
     # -- embeddings ---------------------------------------------------------------------
     def prompts_missing_embedding(self, embedder: str) -> list[dict]:
@@ -698,6 +867,9 @@ class Store:
                              (new, new_path, old))
             if not cur.rowcount:
                 raise StoreError(f"no adapter named {old!r}")
+            # The answers it made go with it: the leaderboard and the generation backlog
+            # know a model by the name its answers carry.
+            tx.execute("UPDATE responses SET adapter = ? WHERE adapter = ?", (new, old))
 
     def delete_adapter(self, name: str) -> None:
         with self.transaction() as tx:
