@@ -18,9 +18,13 @@ import zipfile
 from pathlib import Path
 
 from rpo_app.config import DataLayout, check_name
+from rpo_app.runfolder import LINEAGE_FILE
 
 log = logging.getLogger(__name__)
 
+# How the model without an adapter is named wherever models are listed or ranked. The
+# space keeps it apart from every adapter name (check_name allows none).
+BASE_LABEL = "base model"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -95,7 +99,8 @@ def _registered_path(store, layout: DataLayout, name: str) -> Path | None:
 def register_from_run(store, layout: DataLayout, run_dir: str | os.PathLike, name: str,
                       base_model: str | None = None, run_id: str | None = None,
                       overwrite: bool = False) -> dict:
-    """Copy `run_dir/adapter` to adapters/<name> and list it in the store."""
+    """Copy `run_dir/adapter` to adapters/<name> and list it in the store. The run's
+    lineage.json goes with it: the adapter (and its zip) says what trained it."""
     name = check_name(name, "adapter name")
     src = check_adapter_dir(Path(run_dir) / "adapter")
     dest = layout.adapter_dir(name)
@@ -110,6 +115,9 @@ def register_from_run(store, layout: DataLayout, run_dir: str | os.PathLike, nam
     old = _tmp_sibling(dest, "old")
     try:
         shutil.copytree(src, tmp)
+        lineage = Path(run_dir) / LINEAGE_FILE
+        if lineage.is_file():
+            shutil.copy2(lineage, tmp / LINEAGE_FILE)
         if dest.exists():
             os.replace(dest, old)
         os.replace(tmp, dest)

@@ -9,6 +9,8 @@ tests read it while it is written, and after it was killed at any point:
     samples.jsonl       one SampleRow per preview prompt and step      (appended)
     train.log, stdout.log
     judgments.jsonl     the judgments trained on (a resume sees the same data)
+    lineage.json        which judgments trained it and which were held out, what was
+                        left out and why, the store's state (rpo_app.lineage)
     ref_logps.pt        cached reference log-probs
     base_samples.json   the base model's preview answers
     checkpoints/step-N/ adapter, optimizer, scheduler, RNG state, trainer_state.json
@@ -33,6 +35,7 @@ from rpo_app.progress import eta_seconds
 
 log = logging.getLogger("rpo_app.train")  # phases show in the trainer's log
 
+LINEAGE_FILE = "lineage.json"  # also copied into the adapter folder it made
 STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE_STATES = ("queued", "running")
 # What a run does, in the order it does it ("evaluating" and "previews" interrupt
@@ -234,6 +237,7 @@ class RunFolder:
     train_log = property(lambda self: self.root / "train.log")
     stdout_log = property(lambda self: self.root / "stdout.log")
     judgments = property(lambda self: self.root / "judgments.jsonl")
+    lineage = property(lambda self: self.root / LINEAGE_FILE)
     ref_logps = property(lambda self: self.root / "ref_logps.pt")
     base_samples = property(lambda self: self.root / "base_samples.json")
     checkpoints = property(lambda self: self.root / "checkpoints")

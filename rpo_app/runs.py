@@ -81,6 +81,22 @@ class RunManager:
             log.info("started run %s (pid %d)", run_id, child.pid)
             return run_id
 
+    def train_again(self, run_id: str, exclude_annotators: list[str] | None = None,
+                    exclude_judgments: list[int] | None = None) -> str:
+        """A new run with an earlier run's settings, leaving out more annotators or
+        judgments (on top of what that run left out). Returns the new run's id."""
+        row = self.store.run(run_id)
+        if row is None:
+            raise RuntimeError(f"no run named {run_id}")
+        cfg = TrainConfig.from_dict(row["config"])
+        if exclude_annotators:
+            cfg.exclude_annotators = sorted(set(cfg.exclude_annotators or ()) | set(exclude_annotators))
+        if exclude_judgments:
+            cfg.exclude_judgments = sorted(set(cfg.exclude_judgments or ()) | set(exclude_judgments))
+        if not (exclude_annotators or exclude_judgments):
+            raise RuntimeError("say which annotators or judgments to leave out")
+        return self.start(cfg)
+
     def resume(self, run_id: str) -> None:
         """Continue a stopped or failed run from its last checkpoint, in a new child."""
         with self._lock:
@@ -173,6 +189,9 @@ class RunManager:
                 self.store.update_run(run_id, **fields)
             if st.state == "finished" and row is not None:
                 self._register_adapter(run_id, run, row)
+                from rpo_app import lineage
+
+                lineage.index(self.store, run_id, run.root)
             return st
 
     def _register_adapter(self, run_id: str, run: RunFolder, row: dict) -> None:

@@ -62,16 +62,18 @@ def read_judgments_file(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def load_judgments(cfg: TrainConfig, data_dir: str | os.PathLike) -> list[dict]:
-    from rpo_app.batches import filter_judgments
+def load_judgments(cfg: TrainConfig, data_dir: str | os.PathLike) -> tuple[list[dict], dict, dict | None]:
+    """(the judgments to train on, what was left out and why, the store's state)."""
+    from rpo_app import lineage
 
     if cfg.judgments:
-        rows = read_judgments_file(cfg.judgments)
-    else:
-        from rpo_app.store import Store
+        rows, left_out = lineage.select(cfg, read_judgments_file(cfg.judgments))
+        return rows, left_out, None
+    from rpo_app.store import Store
 
-        rows = Store(data_dir).training_judgments(kinds=cfg.kinds, annotators=cfg.annotators)
-    return filter_judgments(rows, cfg.kinds, cfg.annotators)
+    store = Store(data_dir)
+    rows, left_out = lineage.from_store(cfg, store)
+    return rows, left_out, store.state()
 
 
 def check_model(model: str | None, data_dir: str | os.PathLike) -> str:
@@ -682,7 +684,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             # judgments (hence the same data order) even if labeling went on meanwhile.
             snapshot = run.judgments
             reuse_snapshot = resume and snapshot.exists()
-            judgments = read_judgments_file(snapshot) if reuse_snapshot else load_judgments(cfg, data_dir)
+            if reuse_snapshot:
+                judgments, left_out, store_state = read_judgments_file(snapshot), {}, None
+            else:
+                judgments, left_out, store_state = load_judgments(cfg, data_dir)
             accelerator = _make_accelerator(cfg.device)
             train_j, eval_j = check_data(cfg, judgments, accelerator.num_processes)
             model_path = check_model(cfg.model, data_dir)
@@ -694,7 +699,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         if run.writable:
             cfg.to_yaml(run.config)
             if not reuse_snapshot:
+                from rpo_app import lineage
+
                 run.write_judgments(judgments)
+                lineage.write(run, lineage.record(train_j, eval_j, left_out, store_state,
+                                                  cfg.judgments or "the store"))
         run.update_status(state="running", step=0, max_steps=cfg.max_steps, error=None, started_at=time.time())
         trainer = Trainer(cfg, run, data_dir, train_j, eval_j, model_path, accelerator, resume)
         trainer.stop_flag = stop["flag"]

@@ -102,6 +102,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     kinds: list[str] | None = field(default=None, metadata={"help": f"judgment kinds to use ({', '.join(KINDS)})"})
     annotators: list[str] | None = field(default=None, metadata={"help": "only these annotators' judgments"})
+    exclude_annotators: list[str] | None = field(default=None, metadata={
+        "help": "leave out these annotators' judgments"})
+    exclude_judgments: list[int] | None = field(default=None, metadata={
+        "help": "leave out these judgment ids"})
+    min_gold_accuracy: float | None = field(default=None, metadata={
+        "help": "leave out annotators below this accuracy on gold items (with at least 5 answered)"})
     judgments: str | None = field(default=None, metadata={"help": "JSONL file of judgments instead of the store"})
     model: str | None = field(default=None, metadata={"help": "HF id or folder (default: bundled SmolLM2)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: a GPU when there is one)"})
@@ -153,6 +159,10 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.sample_max_new_tokens >= 1, "sample_max_new_tokens must be >= 1")
         need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        need(self.min_gold_accuracy is None or 0 <= self.min_gold_accuracy <= 1,
+             f"min_gold_accuracy must be in [0, 1], got {self.min_gold_accuracy}")
+        need(all(isinstance(i, int) and not isinstance(i, bool) for i in self.exclude_judgments or ()),
+             f"exclude_judgments must be judgment ids (whole numbers), got {self.exclude_judgments}")
         bad_kinds = set(self.kinds or ()) - set(KINDS)
         need(not bad_kinds, f"unknown judgment kinds {sorted(bad_kinds)}; choose from {', '.join(KINDS)}")
         from transformers import SchedulerType  # light: no model code is imported
@@ -250,6 +260,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         ann = str(f.type)
         if ann.startswith("list"):
             kw["nargs"] = "+"
+            if ann.startswith("list[int]"):
+                kw["type"] = int
         elif ann == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         else:

@@ -20,7 +20,7 @@ import time
 import gradio as gr
 import pandas as pd
 
-from rpo_app import progress
+from rpo_app import lineage, progress
 from rpo_app.batches import count_examples, judgment_pairs, judgment_pools
 from rpo_app.loss_registry import LOSSES, get_loss
 from rpo_app.runfolder import MetricRow
@@ -101,12 +101,16 @@ def usable_line(ctx: AppContext, values: dict) -> str:
     except ValueError as err:
         return f"⚠ {err}"
     spec = get_loss(cfg.loss)
-    judgments = ctx.store.training_judgments(cfg.kinds, cfg.annotators)
+    judgments, left_out = lineage.from_store(cfg, ctx.store)
     pairs = judgment_pairs(judgments)
     same = sum(p.kind == "paired" for p in pairs)
     chosen, rejected = (len(pool) for pool in judgment_pools(judgments))
     given = (f"Current judgments give **{len(pairs)} pairs** ({same} same-prompt, "
              f"{len(pairs) - same} cross-prompt) and **{chosen} chosen / {rejected} rejected items**")
+    for name, info in (left_out.get("annotators") or {}).items():
+        given += f" (leaving out {name}: {info['judgments']} judgments, {info['why']})"
+    if left_out.get("judgments"):
+        given += f" (leaving out {left_out['judgments']['removed']} listed judgments)"
     try:
         train_j, eval_j = check_data(cfg, judgments, world_size=1)
     except ConfigError as err:
@@ -162,7 +166,7 @@ def start_run(ctx: AppContext, values: dict) -> tuple:
     """Start a run from the form; returns its id and its live view (LIVE)."""
     try:
         cfg = config_from_form(ctx, values)
-        check_data(cfg, ctx.store.training_judgments(cfg.kinds, cfg.annotators), world_size=1)
+        check_data(cfg, lineage.from_store(cfg, ctx.store)[0], world_size=1)
         rid = ctx.runs.start(cfg)
     except (RuntimeError, ValueError) as err:
         raise gr.Error(str(err))
