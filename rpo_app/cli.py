@@ -1,4 +1,4 @@
-"""`python -m rpo_app <command>`: serve | import | export | stats | generate | train | merge | bench | bench-effect.
+"""`python -m rpo_app <command>`: serve | import | export | stats | generate | train | merge | agreement | leaderboard | gold | team | bench | bench-effect.
 
 Heavy libraries (torch, transformers, gradio) are imported inside the command that
 needs them, so `--help` and `stats` answer at once.
@@ -34,6 +34,9 @@ def _import_args(p):
     p.add_argument("files", nargs="+", help="JSONL, JSON, CSV or Parquet files")
     p.add_argument("--annotator", default="import",
                    help="annotator name recorded on imported judgments (default: import)")
+    p.add_argument("--gold", action="store_true",
+                   help="mark the imported judgments as gold items: known answers the label "
+                        "queue mixes in to measure each annotator's accuracy")
     p.add_argument("--multi-turn", choices=["refuse", "last"], default="refuse",
                    help="multi-turn conversations: refuse them (default) or keep only the "
                         "last user turn as the prompt")
@@ -97,6 +100,40 @@ def _bench_args(p):
     p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
 
 
+def _agreement_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _leaderboard_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--source", action="append", default=[],
+                   help="only judgments from this source, e.g. blind-chat (repeatable; "
+                        "default: every pair between two of the app's models)")
+    p.add_argument("--bootstrap", type=int, default=200,
+                   help="resamples for the 95%% intervals (default 200; 0: none)")
+    p.add_argument("--bench", default=None,
+                   help="a bench-effect effect.json: its simulated-judge win rates are shown "
+                        "as a separate, labelled table")
+
+
+def _gold_args(p):
+    _data_dir_arg(p)
+    p.add_argument("action", choices=["mark", "unmark", "list"])
+    p.add_argument("ids", nargs="*", help="judgment ids")
+    p.add_argument("--by", default="cli", help="who marks them (default: cli)")
+
+
+def _team_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--overlap", type=int, default=None, help="annotators who judge each item")
+    p.add_argument("--gold-rate", type=float, default=None,
+                   help="share of items that are gold checks (0 to 0.5)")
+    p.add_argument("--recheck-rate", type=float, default=None,
+                   help="share of items re-shown to their judge with sides swapped (0 to 0.5)")
+
+
 def _bench_effect_args(p):
     from rpo_app.bench.effect import add_args
 
@@ -123,6 +160,14 @@ COMMANDS = {
               "rpo_app.train:main_from_args"),
     "merge": ("merge an adapter into the base model (plain safetensors folder)", _merge_args,
               "rpo_app.adapters:cli_merge"),
+    "agreement": ("agreement between annotators, bias per annotator, gold accuracy",
+                  _agreement_args, "rpo_app.team:cli_agreement"),
+    "leaderboard": ("Bradley-Terry leaderboard of the base model and the adapters",
+                    _leaderboard_args, "rpo_app.team:cli_leaderboard"),
+    "gold": ("mark judgments as gold items (known answers), unmark, list", _gold_args,
+             "rpo_app.team:cli_gold"),
+    "team": ("show or set the label queue's team settings", _team_args,
+             "rpo_app.team:cli_team"),
     "bench": ("speed benchmarks: training vs TRL, batched vs one-by-one generation",
               _bench_args, "rpo_app.bench:cli_bench"),
     "bench-effect": ("effect benchmark: simulated annotators, fine-tune, judge tuned vs base",

@@ -113,6 +113,7 @@ class ImportReport:
     responses_duplicate: int = 0
     judgments_added: int = 0
     judgments_duplicate: int = 0
+    gold_marked: int = 0
 
     @property
     def added(self) -> dict[str, int]:
@@ -128,7 +129,8 @@ class ImportReport:
         head = f"{self.file or 'input'} ({self.shape or 'empty'}, {self.rows} rows)"
         added = ", ".join(f"{n} {what}" for what, n in self.added.items())
         dups = ", ".join(f"{n} {what}" for what, n in self.duplicates.items())
-        return f"{head}: added {added}; skipped as duplicates: {dups}"
+        gold = f"; marked {self.gold_marked} judgments as gold" if self.gold_marked else ""
+        return f"{head}: added {added}; skipped as duplicates: {dups}{gold}"
 
 
 @dataclass
@@ -538,8 +540,9 @@ def read_import_file(path: str | os.PathLike, multi_turn: str = "refuse") -> Par
 
 
 def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
-                 import_file: str | None = None) -> ImportReport:
-    """Write a validated file in one transaction (all or nothing)."""
+                 import_file: str | None = None, gold: bool = False) -> ImportReport:
+    """Write a validated file in one transaction (all or nothing). gold=True marks its
+    judgments as gold items: known answers the label queue tests annotators on."""
     from rpo_app.store import StoreError
 
     annotator = (annotator or "").strip()
@@ -566,15 +569,17 @@ def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
                     report.responses_added += created
                     report.responses_duplicate += not created
                 if record.kind == "pair":
-                    _, created = store.add_judgment(
+                    jid, created = store.add_judgment(
                         "paired", ids[0], ids[1], "a", annotator, source="import",
                         request_id=record.request_id())
                 else:
-                    _, created = store.add_judgment(
+                    jid, created = store.add_judgment(
                         "unpaired", ids[0], None, "up" if record.label else "down", annotator,
                         source="import", request_id=record.request_id())
                 report.judgments_added += created
                 report.judgments_duplicate += not created
+                if gold:
+                    report.gold_marked += store.mark_gold([jid], by=annotator)
     except StoreError as err:
         where = f"{record.where}: " if record is not None else ""
         raise ImportFileError(f"{parsed.name}: {where}{err}") from None
@@ -582,9 +587,9 @@ def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
 
 
 def import_path(store, path: str | os.PathLike, annotator: str = "import",
-                multi_turn: str = "refuse") -> ImportReport:
+                multi_turn: str = "refuse", gold: bool = False) -> ImportReport:
     """Import one file (any supported shape and format). Raises ImportFileError."""
-    return write_parsed(store, read_import_file(path, multi_turn), annotator)
+    return write_parsed(store, read_import_file(path, multi_turn), annotator, gold=gold)
 
 
 def add_prompt_texts(store, text: str, source: str = "ui") -> ImportReport:
@@ -702,13 +707,18 @@ def _full_rows(store, judgments: list[dict], include_retracted: bool) -> list[di
     prompt_ids = {j[k] for j in judgments for k in ("prompt_a_id", "prompt_b_id")
                   if j[k] is not None}
     families = {p["id"]: p["family"] for p in store.prompts(ids=sorted(prompt_ids))}
+    gold = store.gold_ids()
+    used = store.runs_using([j["id"] for j in judgments])
     rows = []
     for j in judgments:
         row = {
             "judgment_id": j["id"], "kind": j["kind"], "verdict": j["verdict"],
             "strength": j["strength"], "annotator": j["annotator"], "source": j["source"],
             "created_at": _iso(j["created_at"]), "seconds_spent": j["seconds_spent"],
-            "a_side": j["a_side"], "request_id": j["request_id"],
+            "a_side": j["a_side"], "request_id": j["request_id"], "gold": j["id"] in gold,
+            # Lineage: the runs (and their adapters) that trained on it or held it out.
+            # JSON text, so CSV and Parquet carry it the same way as JSONL.
+            "used_by_runs": json.dumps(used.get(j["id"], [])),
         }
         for side in ("a", "b"):
             row.update({
@@ -821,7 +831,7 @@ def cli_import(args) -> int:
     try:
         for p in parsed:
             try:
-                report = write_parsed(store, p, args.annotator)
+                report = write_parsed(store, p, args.annotator, gold=getattr(args, "gold", False))
             except ImportFileError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2

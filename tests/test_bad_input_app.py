@@ -175,11 +175,13 @@ def test_corrupt_adapter_on_disk_is_skipped_and_named(data_dir, tiny_model_dir, 
             time.sleep(0.5)
         client = gradio_client(app.url)
         settings = (0.7, 0.95, 16, 0, "")  # temperature, top-p, max new tokens, seed, system
-        out = client.predict("Say hi.", [], [], "good-one", "base model", False, *settings,
+        out = client.predict("Say hi.", [], [], "good-one", "base model", False,
+                             "newest adapter vs base model", *settings,
                              api_name="/chat_send")
         assert out[0][-1]["role"] == "assistant" and out[1][-1]["role"] == "assistant"
         with pytest.raises(Exception, match="broken-one"):
-            client.predict("Say hi.", [], [], "broken-one", "base model", False, *settings,
+            client.predict("Say hi.", [], [], "broken-one", "base model", False,
+                           "newest adapter vs base model", *settings,
                            api_name="/chat_send")
         assert app.alive
     shutil.rmtree(layout.adapters)

@@ -149,7 +149,7 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
                                    ".includes('Left was')", timeout=TIMEOUT)
             reveal = page.locator("#chat-reveal").inner_text()
             assert run_id in reveal and "base model" in reveal
-            assert "tuned" in page.locator("#chat-tally").inner_text()
+            assert "Blind votes: 1" in page.locator("#chat-tally").inner_text()
 
             # A side the user picked stays picked when the tab refreshes its pickers (on
             # select). The left side picks an adapter that then goes away, so the refresh

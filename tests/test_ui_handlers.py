@@ -14,7 +14,8 @@ from rpo_app.config import ServeConfig
 from rpo_app.runfolder import MetricRow, RunFolder, RunStatus, SampleRow
 from rpo_app.trainconfig import ConfigError
 from rpo_app.ui import chat, label, train
-from rpo_app.ui.context import BASE_LABEL, AppContext
+from rpo_app.adapters import BASE_LABEL
+from rpo_app.ui.context import AppContext
 
 # What the Train tab's form sends (blank steps, no annotators), with a batch small
 # enough for these stores.

@@ -12,6 +12,7 @@ from rpo_app.store import StoreError
 from rpo_app.ui import chat as chat_tab
 from rpo_app.ui import data as data_tab
 from rpo_app.ui import label as label_tab
+from rpo_app.ui import team as team_tab
 from rpo_app.ui import train as train_tab
 from rpo_app.ui.context import AppContext
 
@@ -46,6 +47,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 chat = chat_tab.build(ctx, annotator)
             with gr.Tab("Data", id="data"):
                 data = data_tab.build(ctx)
+            with gr.Tab("Team", id="team") as team_page:
+                team = team_tab.build(ctx, annotator)
 
         def on_load(saved, request: gr.Request):
             user = getattr(request, "username", None)
@@ -61,6 +64,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         annotator.change(lambda name: name, annotator, remembered, api_name=False)
         # A run may have finished since the page loaded: offer its adapter at once.
         chat_page.select(chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
+        # Figures are computed when someone looks, not on every page load.
+        team_page.select(team["load"], None, team["load_outputs"], api_name=False)
         timer = gr.Timer(3.0)
         timer.tick(lambda: _model_line(ctx), None, model_info, api_name=False,
                    show_progress="hidden")

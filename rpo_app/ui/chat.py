@@ -16,9 +16,16 @@ import gradio as gr
 import pandas as pd
 
 from rpo_app.labelqueue import canonical_pair
-from rpo_app.ui.context import BASE_LABEL, AppContext
+from rpo_app.adapters import BASE_LABEL
+from rpo_app.ui.context import AppContext
 
 BLIND_SOURCE = "blind-chat"
+
+# How blind mode picks its two models.
+NEWEST = "newest adapter vs base model"
+FEWEST = "the two with the fewest votes"
+PICKED = "the two picked above"
+PAIRINGS = (NEWEST, FEWEST, PICKED)
 
 
 # -- the two pickers ----------------------------------------------------------------------
@@ -58,27 +65,30 @@ def _pick_update(names: list[str], old: str | None, new: str):
 
 def load_view(ctx: AppContext, left: str | None, right: str | None,
               user_picked_right: bool) -> tuple:
-    """When the page opens or the tab is selected: pickers, tally, adapters table."""
-    return (*refresh_picks(ctx, left, right, user_picked_right), _tally(ctx), *adapters_view(ctx))
+    """When the page opens or the tab is selected: pickers, tally, adapters, leaderboard."""
+    return (*refresh_picks(ctx, left, right, user_picked_right), _tally(ctx),
+            *adapters_view(ctx), leaderboard_frame(ctx))
 
 
 # -- chatting and voting ------------------------------------------------------------------
 
-def submit(ctx: AppContext, msg, left_hist, right_hist, left, right, is_blind, pair, *settings):
+def submit(ctx: AppContext, msg, left_hist, right_hist, left, right, is_blind, pair, how,
+           *settings):
     msg = (msg or "").strip()
     if not msg:
         raise gr.Error("type a message first")
     left_hist = list(left_hist or []) + [{"role": "user", "content": msg}]
     right_hist = list(right_hist or []) + [{"role": "user", "content": msg}]
     if is_blind and not pair:
-        pair = blind_pair(ctx)
+        pair = blind_pair(ctx, how, left, right)
     # Clear the input once, now: the stream below must not touch it, or a message the
     # user types while answers stream in would be wiped.
     yield left_hist, right_hist, pair, gr.update(visible=False), ""
     yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
 
 
-def regenerate(ctx: AppContext, left_hist, right_hist, left, right, is_blind, pair, *settings):
+def regenerate(ctx: AppContext, left_hist, right_hist, left, right, is_blind, pair, how,
+               *settings):
     left_hist, right_hist = _drop_last_answer(left_hist), _drop_last_answer(right_hist)
     if not left_hist:
         raise gr.Error("nothing to regenerate")
@@ -92,34 +102,83 @@ def vote(ctx: AppContext, verdict: str, left_hist, right_hist, pair, annotator: 
     if left_hist[-1]["role"] != "assistant" or right_hist[-1]["role"] != "assistant":
         raise gr.Error("wait for both answers before voting")
     try:
-        jid = _store_vote(ctx, left_hist, right_hist, pair, verdict, annotator)
+        jid = store_vote(ctx, left_hist, right_hist, pair, verdict, annotator,
+                         ctx.host().model_name)
     except ValueError as err:  # e.g. a full disk, or a message the store refuses
         raise gr.Error(str(err))
+    # The next conversation gets a new draw by the same rule (sides shuffled again).
     return (f"Saved as judgment #{jid}. **Left was {pair['left']}**, "
-            f"**right was {pair['right']}**.", _tally(ctx), None, gr.update(visible=False))
+            f"**right was {pair['right']}**.", _tally(ctx), None, gr.update(visible=False),
+            leaderboard_frame(ctx))
 
 
-def toggle_blind(ctx: AppContext, is_blind: bool) -> tuple:
+def toggle_blind(ctx: AppContext, is_blind: bool, how: str = NEWEST, left: str | None = None,
+                 right: str | None = None) -> tuple:
     if not is_blind:
         return (gr.update(visible=True), gr.update(visible=True), None,
                 gr.update(visible=False), "", [], [])
-    return (gr.update(visible=False), gr.update(visible=False), blind_pair(ctx),
+    pair = blind_pair(ctx, how, left, right)
+    return (gr.update(visible=False), gr.update(visible=False), pair,
             gr.update(visible=False), "Blind mode: the two sides are hidden and shuffled. "
             "Chat, then vote; names are revealed after the vote.", [], [])
 
 
-def clear_all(ctx: AppContext, is_blind: bool) -> tuple:
-    return [], [], (blind_pair(ctx) if is_blind else None), gr.update(visible=False), ""
+def clear_all(ctx: AppContext, is_blind: bool, how: str = NEWEST, left: str | None = None,
+              right: str | None = None) -> tuple:
+    return ([], [], (blind_pair(ctx, how, left, right) if is_blind else None),
+            gr.update(visible=False), "")
 
 
-def blind_pair(ctx: AppContext) -> dict:
-    """Newest adapter against the base model, sides shuffled."""
+def blind_pair(ctx: AppContext, how: str = NEWEST, left: str | None = None,
+               right: str | None = None) -> dict:
+    """Two of the base model and the adapters, by the chosen rule, sides shuffled. The
+    rule travels with the pair, so the conversation after a vote draws by it again."""
     adapters = ctx.store.adapters()
     if not adapters:
         raise gr.Error("blind mode needs a trained adapter; train one in the Train tab first")
-    names = [adapters[-1]["name"], BASE_LABEL]
+    if how == PICKED:
+        if not left or not right or left == right:
+            raise gr.Error("pick two different models on the left and the right first, "
+                           "then turn blind mode on")
+        names = [left, right]
+    elif how == FEWEST:
+        names = list(_fewest_voted(ctx, [BASE_LABEL] + [a["name"] for a in adapters]))
+    else:
+        names = [adapters[-1]["name"], BASE_LABEL]
     random.shuffle(names)
-    return {"left": names[0], "right": names[1]}
+    return {"left": names[0], "right": names[1], "how": how}
+
+
+def _fewest_voted(ctx: AppContext, names: list[str]) -> tuple[str, str]:
+    """The pair of models with the fewest head-to-head votes (ties at random), so the
+    leaderboard's intervals narrow everywhere, not only for the newest adapter."""
+    from collections import Counter
+    from itertools import combinations
+
+    from rpo_app import leaderboard
+
+    votes = leaderboard.votes(ctx.store.judgments())
+    seen = Counter(frozenset(p) for p in zip(votes["model_a"], votes["model_b"]))
+    pairs = list(combinations(names, 2))
+    random.shuffle(pairs)
+    return min(pairs, key=lambda p: seen[frozenset(p)])
+
+
+def leaderboard_frame(ctx: AppContext) -> pd.DataFrame:
+    from rpo_app import team
+
+    board = team.board(ctx.store)
+    return pd.DataFrame({
+        "rank": board["rank"], "model": board["model"],
+        "rating": [round(r) for r in board["rating"]],
+        "95% interval": [_interval(lo, hi) for lo, hi in zip(board["ci_low"], board["ci_high"])],
+        "votes": board["votes"], "wins": board["wins"], "losses": board["losses"],
+        "ties": board["ties"]}, columns=["rank", "model", "rating", "95% interval", "votes",
+                                         "wins", "losses", "ties"])
+
+
+def _interval(low: float, high: float) -> str:
+    return "–" if pd.isna(low) or pd.isna(high) else f"{round(low)} – {round(high)}"
 
 
 # -- adapters -----------------------------------------------------------------------------
@@ -130,6 +189,44 @@ def adapters_view(ctx: AppContext) -> tuple:
                            "base model": a["base_model"] or "bundled SmolLM2",
                            "path": a["path"]} for a in rows])
     return frame, gr.update(choices=[a["name"] for a in rows])
+
+
+def lineage_view(ctx: AppContext, name) -> tuple:
+    """What trained the picked adapter, and who can be left out of a new run."""
+    from rpo_app import lineage
+
+    rec = _lineage_of(ctx, name)
+    who = sorted((rec or {}).get("counts", {}).get("by_annotator", {}))
+    return (lineage.describe(rec) if name else ""), gr.update(choices=who, value=[])
+
+
+def _lineage_of(ctx: AppContext, name) -> dict | None:
+    from rpo_app import lineage
+
+    adapter = ctx.store.adapter(name) if name else None
+    if adapter is None:
+        return None
+    rec = lineage.read_adapter(adapter["path"])
+    if rec is None and adapter["run_id"]:
+        rec = lineage.read(ctx.layout.run_dir(adapter["run_id"]))
+    return rec
+
+
+def train_again(ctx: AppContext, name, without, ids_text) -> str:
+    """One click: the adapter's run again, leaving out annotators and/or judgments."""
+    from rpo_app import team
+
+    adapter = ctx.store.adapter(name) if name else None
+    if adapter is None or not adapter["run_id"]:
+        raise gr.Error("pick an adapter that a run here trained")
+    try:
+        ids = team.parse_ids(ids_text) if (ids_text or "").strip() else []
+        rid = ctx.runs.train_again(adapter["run_id"], list(without or []), ids)
+    except (RuntimeError, ValueError) as err:
+        raise gr.Error(str(err))
+    left_out = ", ".join(list(without or []) + [f"#{i}" for i in ids])
+    return (f"✔ Started **{rid}** with {adapter['run_id']}'s settings, leaving out {left_out}. "
+            "Follow it in the Train tab.")
 
 
 def rename_adapter(ctx: AppContext, old, new) -> tuple:
@@ -195,6 +292,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     with gr.Row():
         blind = gr.Checkbox(False, label="Blind mode: hide which model is which, then vote",
                             elem_id="chat-blind")
+        blind_how = gr.Radio(list(PAIRINGS), value=NEWEST, label="Blind mode compares",
+                             elem_id="chat-blind-how")
         tally = gr.Markdown("", elem_id="chat-tally")
     with gr.Row():
         with gr.Column():
@@ -233,6 +332,14 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                                 elem_id="chat-max-new")
             seed = gr.Number(0, precision=0, label="Seed")
         system = gr.Textbox("", label="System prompt (optional)", lines=2)
+    with gr.Accordion("Leaderboard", open=False, elem_id="chat-leaderboard-box"):
+        gr.Markdown("A Bradley-Terry fit over every judgment between answers of two of the "
+                    "app's models (blind votes here, and Label-tab pairs whose answers two "
+                    "models wrote); a tie or \"both bad\" counts half a win each. Ratings are "
+                    "on an Elo-like scale with the base model at 1000; the interval is a 95% "
+                    "bootstrap over the votes, and means little until a model has ten or "
+                    "more.")
+        board = gr.Dataframe(interactive=False, elem_id="chat-leaderboard")
     with gr.Accordion("Adapters", open=False):
         adapters_table = gr.Dataframe(interactive=False, elem_id="adapters-table")
         with gr.Row():
@@ -245,10 +352,18 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
             ad_zip = gr.Button("Export adapter (PEFT, zip)")
             ad_merge = gr.Button("Export merged full model (safetensors, zip)")
         ad_file = gr.File(label="Download", interactive=False)
+        lineage_md = gr.Markdown("", elem_id="adapter-lineage")
+        with gr.Row():
+            again_who = gr.Dropdown([], multiselect=True, label="Train again without annotators",
+                                    scale=2, elem_id="again-annotators")
+            again_ids = gr.Textbox(label="…and without these judgment ids", scale=2,
+                                   placeholder="e.g. 12, 15", elem_id="again-ids")
+            again = gr.Button("Train again", scale=1, elem_id="again-start")
+        again_status = gr.Markdown("", elem_id="again-status")
 
     settings_inputs = [temp, top_p, max_new, seed, system]
     chat_inputs = [left_bot, right_bot, left_pick, right_pick, blind, blind_pair_state,
-                   *settings_inputs]
+                   blind_how, *settings_inputs]
     chat_outputs = [left_bot, right_bot, blind_pair_state, vote_row, message]
     model_queue = {"concurrency_limit": 1, "concurrency_id": "model"}
     send.click(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
@@ -257,11 +372,16 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                    api_name=False, **model_queue)
     regen.click(functools.partial(regenerate, ctx), chat_inputs, chat_outputs,
                 api_name="chat_regenerate", **model_queue)
-    clear.click(functools.partial(clear_all, ctx), blind,
+    blind_inputs = [blind, blind_how, left_pick, right_pick]
+    clear.click(functools.partial(clear_all, ctx), blind_inputs,
                 [left_bot, right_bot, blind_pair_state, vote_row, reveal], api_name="chat_clear")
-    blind.change(functools.partial(toggle_blind, ctx), blind,
-                 [left_pick, right_pick, blind_pair_state, vote_row, reveal, left_bot, right_bot],
+    blind_outputs = [left_pick, right_pick, blind_pair_state, vote_row, reveal, left_bot,
+                     right_bot]
+    blind.change(functools.partial(toggle_blind, ctx), blind_inputs, blind_outputs,
                  api_name=False)
+    # A new rule starts a new blind conversation (when blind mode is on).
+    blind_how.change(functools.partial(toggle_blind, ctx), blind_inputs, blind_outputs,
+                     api_name=False)
 
     def voter(verdict):
         def on_vote(left_hist, right_hist, pair, typed, request: gr.Request):
@@ -271,13 +391,18 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     for button, verdict in ((v_left, "left"), (v_right, "right"), (v_tie, "tie"),
                             (v_bad, "both_bad")):
         button.click(voter(verdict), [left_bot, right_bot, blind_pair_state, annotator_box],
-                     [reveal, tally, blind_pair_state, vote_row], api_name=f"chat_vote_{verdict}")
+                     [reveal, tally, blind_pair_state, vote_row, board],
+                     api_name=f"chat_vote_{verdict}")
     picks = [left_pick, right_pick, right_picked]
     for pick in (left_pick, right_pick):
         pick.focus(functools.partial(refresh_picks, ctx), picks, [left_pick, right_pick],
                    api_name=False)
     right_pick.input(lambda: True, None, right_picked, api_name=False)
 
+    ad_pick.change(functools.partial(lineage_view, ctx), ad_pick, [lineage_md, again_who],
+                   api_name=False)
+    again.click(functools.partial(train_again, ctx), [ad_pick, again_who, again_ids],
+                again_status, api_name="train_again")
     adapter_outputs = [adapters_table, ad_pick]
     ad_rename.click(functools.partial(rename_adapter, ctx), [ad_pick, ad_new], adapter_outputs,
                     api_name="adapter_rename")
@@ -287,7 +412,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     ad_merge.click(functools.partial(export_merged, ctx), ad_pick, ad_file,
                    api_name="adapter_merge", **model_queue)
     return {"load": functools.partial(load_view, ctx), "load_inputs": picks,
-            "load_outputs": [left_pick, right_pick, tally, adapters_table, ad_pick]}
+            "load_outputs": [left_pick, right_pick, tally, adapters_table, ad_pick, board]}
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -338,16 +463,16 @@ def _drop_last_answer(history):
     return history
 
 
-def _store_vote(ctx: AppContext, left_hist, right_hist, pair, verdict, annotator) -> int:
+def store_vote(ctx: AppContext, left_hist, right_hist, pair, verdict, annotator,
+               model_name: str) -> int:
     """The last user turn is the prompt; earlier turns are not part of the judgment."""
     prompt = _text(left_hist[-2]["content"])
-    host = ctx.host()
     pid, _ = ctx.store.add_prompt(prompt, source="chat")
     ids = {}
     for side, hist in (("left", left_hist), ("right", right_hist)):
         name = pair[side]
         rid, _ = ctx.store.add_response(pid, _text(hist[-1]["content"]), source="chat",
-                                        model=host.model_name,
+                                        model=model_name,
                                         adapter=None if name == BASE_LABEL else name)
         ids[side] = rid
     if ids["left"] == ids["right"]:
@@ -360,9 +485,13 @@ def _store_vote(ctx: AppContext, left_hist, right_hist, pair, verdict, annotator
 
 
 def _tally(ctx: AppContext) -> str:
-    wins = ctx.store.blind_tally(BLIND_SOURCE)
-    total = sum(wins.values())
-    if not total:
+    from rpo_app import leaderboard
+
+    votes = leaderboard.votes(ctx.store.judgments(), [BLIND_SOURCE])
+    if not len(votes):
         return "Blind votes so far: none."
-    return (f"Blind votes: **tuned {wins['tuned']}** · base {wins['base']} · tie {wins['tie']} "
-            f"· both bad {wins['both bad']} (of {total})")
+    board = leaderboard.leaderboard(votes, bootstrap=0)
+    top = board.iloc[0]
+    return (f"Blind votes: **{len(votes)}** · ahead: **{top['model']}** "
+            f"({top['wins']} wins, {top['losses']} losses, {top['ties']} ties); "
+            "the leaderboard below counts every head-to-head judgment")

@@ -20,9 +20,6 @@ from rpo_app.store import Store
 
 log = logging.getLogger(__name__)
 
-# How the Chat and Data tabs name "no adapter" in their pickers. The space keeps it apart
-# from every adapter name (check_name allows none).
-BASE_LABEL = "base model"
 
 
 class _Loader:

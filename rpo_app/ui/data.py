@@ -8,7 +8,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from rpo_app.ui.context import BASE_LABEL, AppContext
+from rpo_app.adapters import BASE_LABEL
+from rpo_app.ui.context import AppContext
 from rpo_app.ui.widgets import progress_bar
 
 EXPORT_CHOICES = [("TRL DPO (prompt / chosen / rejected), JSONL", "trl-dpo:jsonl"),
@@ -36,13 +37,13 @@ def add_prompts(ctx: AppContext, text: str | None) -> tuple:
     return ("", f"✔ {report.summary()}", *refresh(ctx))
 
 
-def import_file(ctx: AppContext, file, annotator: str) -> tuple:
+def import_file(ctx: AppContext, file, annotator: str, gold: bool = False) -> tuple:
     from rpo_app import io
 
     if file is None:
         raise gr.Error("choose a file to import first")
     try:
-        report = io.import_path(ctx.store, Path(file), annotator=annotator)
+        report = io.import_path(ctx.store, Path(file), annotator=annotator, gold=bool(gold))
     except ValueError as err:  # ImportFileError names the file, row and problem
         raise gr.Error(str(err))
     _refresh_index(ctx)
@@ -147,6 +148,9 @@ def build(ctx: AppContext) -> dict:
                         "transcripts). A file with any bad row is refused whole.")
             upload = gr.File(label="File to import", file_types=[".jsonl", ".json", ".csv", ".parquet"],
                              elem_id="data-upload")
+            import_gold = gr.Checkbox(False, label="Import as gold items (known answers the "
+                                      "queue tests annotators on; see the Team tab)",
+                                      elem_id="data-import-gold")
             import_btn = gr.Button("Import", elem_id="data-import")
             data_status = gr.Markdown("", elem_id="data-status")
         with gr.Column():
@@ -182,9 +186,9 @@ def build(ctx: AppContext) -> dict:
     prompts_table = gr.Dataframe(interactive=False, wrap=True, max_height=400,
                                  label="Prompts (newest first, 200 shown)", elem_id="data-prompts")
 
-    def on_import(file, request: gr.Request):
+    def on_import(file, gold, request: gr.Request):
         # With --auth the login name is the importer.
-        return import_file(ctx, file, getattr(request, "username", None) or "import")
+        return import_file(ctx, file, getattr(request, "username", None) or "import", gold)
 
     def on_start(*values):
         if start_generation(ctx, *values) is None:
@@ -208,7 +212,7 @@ def build(ctx: AppContext) -> dict:
 
     add_btn.click(functools.partial(add_prompts, ctx), pasted,
                   [pasted, data_status, stats_table, prompts_table], api_name="add_prompts")
-    import_btn.click(on_import, upload, [upload, data_status, stats_table, prompts_table],
+    import_btn.click(on_import, [upload, import_gold], [upload, data_status, stats_table, prompts_table],
                      api_name="import_file")
     export_btn.click(functools.partial(export, ctx), export_fmt, [export_file, export_status],
                      api_name="export")
