@@ -699,6 +699,7 @@ FULL_COLUMNS = [
     "model_a", "adapter_a", "gen_settings_a", "import_file_a",
     "prompt_b_id", "prompt_b", "family_b", "response_b_id", "response_b", "response_b_source",
     "model_b", "adapter_b", "gen_settings_b", "import_file_b",
+    "gold", "used_by_runs",
 ]
 RETRACTED_COLUMNS = ["retracted", "retracted_at", "retracted_by"]
 

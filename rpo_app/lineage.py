@@ -106,6 +106,9 @@ def describe(rec: dict | None) -> str:
     c = rec.get("counts", {})
     lines = [f"Trained on **{c.get('train', 0)} judgments**, {c.get('held_out', 0)} held out "
              f"(from {rec.get('source')})."]
+    for what, key in (("Trained on", "train_ids"), ("Held out", "held_out_ids")):
+        if rec.get(key):
+            lines.append(f"{what}: #{id_ranges(rec[key])}.")
     if c.get("by_kind"):
         lines.append("By kind: " + ", ".join(f"{k} {v}" for k, v in c["by_kind"].items()) + ".")
     if c.get("by_annotator"):
@@ -122,3 +125,16 @@ def describe(rec: dict | None) -> str:
         lines.append(f"The store then held {st.get('active_judgments')} active judgments "
                      f"(newest id {st.get('max_judgment_id')}).")
     return "  \n".join(lines)
+
+
+def id_ranges(ids) -> str:
+    """[1, 2, 3, 7, 9, 10] -> "1-3, 7, 9-10": a run's ids stay readable in one line."""
+    nums = sorted({i for i in ids if isinstance(i, int)})
+    parts, start = [], None
+    for i, n in enumerate(nums):
+        if start is None:
+            start = n
+        if i + 1 == len(nums) or nums[i + 1] != n + 1:
+            parts.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(parts)

@@ -54,6 +54,16 @@ def test_min_gold_accuracy_leaves_out_an_annotator_who_fails_the_gold_items(stor
     assert {j["annotator"] for j in kept} == {"lead", "careless"} and left_out == {}
 
 
+def test_id_ranges_and_describe():
+    assert lineage.id_ranges([9, 1, 2, 3, 7, 10, 2]) == "1-3, 7, 9-10"
+    text = lineage.describe(lineage.record([{"judgment_id": 1, "kind": "paired", "annotator": "a"},
+                                            {"judgment_id": 2, "kind": "paired", "annotator": "a"}],
+                                           [{"judgment_id": 5, "kind": "unpaired", "annotator": "b"}],
+                                           {}, None, "the store"))
+    assert "Trained on: #1-2." in text and "Held out: #5." in text and "paired 2, unpaired 1" in text
+    assert "No lineage recorded" in lineage.describe(None)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"min_gold_accuracy": 1.5}, "min_gold_accuracy"),
     ({"exclude_judgments": ["x"]}, "exclude_judgments")])

@@ -153,7 +153,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         mark = gr.Button("Mark as gold", scale=1, elem_id="team-mark-gold")
         unmark = gr.Button("Unmark", scale=1, elem_id="team-unmark-gold")
     gold_status = gr.Markdown("", elem_id="team-gold-status")
-    table = gr.Dataframe(interactive=False, wrap=True, max_height=400, elem_id="team-judgments")
+    table = gr.Dataframe(interactive=False, wrap=True, max_height=400, elem_id="team-judgments",
+                         column_widths=["6%", "8%", "8%", "11%", "10%", "6%", "19%", "32%"])
 
     outputs = [summary, alpha, kappa, people, flags, gold, table]
 
