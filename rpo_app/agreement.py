@@ -17,11 +17,11 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import cohen_kappa_score
 
-from rpo_app.store import GOLD_CHECK_SOURCE, RECHECK_SOURCE  # noqa: F401 - also read from here
+from rpo_app.store import RECHECK_SOURCE
 
 # A re-shown item (RECHECK_SOURCE) measures whether an annotator agrees with themself and
 # is never counted as a second opinion (it would inflate agreement with their own first
-# answer). A gold check is an ordinary judgment here in every other way.
+# answer). A gold check is an ordinary judgment here.
 
 PAIR_KINDS = ("paired", "cross")
 GROUP_CATEGORIES = {"pairs": ("a", "b", "tie", "both_bad"), "thumbs": ("up", "down")}

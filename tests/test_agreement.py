@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from rpo_app import agreement as ag
-from rpo_app.store import Store
+from rpo_app.store import GOLD_CHECK_SOURCE, Store
 
 _ids = itertools.count(1)
 
@@ -305,7 +305,7 @@ def test_gold_accuracy_excludes_the_gold_author_on_their_item(tmp_path):
     gold = set()
     for lo, hi in items:
         gid, _ = store.add_judgment("paired", lo, hi, "a", annotator="expert",
-                                    source=ag.GOLD_CHECK_SOURCE)
+                                    source=GOLD_CHECK_SOURCE)
         gold.add(gid)
     (lo0, hi0), (lo1, hi1), (lo2, hi2), (lo3, hi3) = items
     store.add_judgment("paired", hi0, lo0, "b", annotator="ann")  # right, stored swapped
