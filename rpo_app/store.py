@@ -722,8 +722,9 @@ class Store:
     def gold_candidates(self, annotator: str, kinds: Iterable[str], limit: int = 20) -> list[dict]:
         """Gold judgments whose item this annotator has not judged and did not make."""
         kinds = list(kinds)
+        # From the gold table outwards: it is small, the judgments table is not.
         return self._judgment_rows(
-            f"JOIN gold g ON g.judgment_id = j.id WHERE j.retracted_at IS NULL "
+            f"WHERE j.id IN (SELECT judgment_id FROM gold) AND j.retracted_at IS NULL "
             f"AND j.annotator != ? AND j.kind IN ({','.join('?' * len(kinds))}) "
             f"AND NOT EXISTS (SELECT 1 FROM judgments m WHERE m.annotator = ? AND "
             f"{self._SAME_ITEM}) ORDER BY random() LIMIT ?",

@@ -134,23 +134,41 @@ def bench_label_queue(n_prompts: int = 100_000, n_judgments: int = 200_000, item
         queue = LabelQueue(store, index, seed=seed)
         out: dict = {"n_prompts": n_prompts, "n_judgments": store.count_judgments(),
                      "n_responses": store.count_responses(), "fill_s": round(fill_s, 1)}
-        for mode, verdict in (("paired", "left"), ("cross", "right"), ("unpaired", "up")):
-            next_ms, submit_ms = [], []
-            for _ in range(items):
-                t = time.perf_counter()
-                item = queue.next_item("bench-annotator", mode)
-                next_ms.append((time.perf_counter() - t) * 1000)
-                assert item is not None, f"the {mode} queue ran dry"
-                t = time.perf_counter()
-                queue.submit(item.token, verdict, "bench-annotator")
-                submit_ms.append((time.perf_counter() - t) * 1000)
-            for name, times in (("next_item", next_ms), ("submit", submit_ms)):
-                arr = np.asarray(times)
-                out[f"{mode}_{name}"] = {"p50_ms": round(float(np.percentile(arr, 50)), 2),
-                                         "p95_ms": round(float(np.percentile(arr, 95)), 2),
-                                         "max_ms": round(float(arr.max()), 2)}
+        out.update(_time_queue(queue, "bench-annotator", items))
+        # A team: two annotators per item, 1,000 gold judgments mixed in at 10%, 5% of
+        # items re-shown; the items others started are the first choice now.
+        from rpo_app.config import TeamSettings
+
+        TeamSettings(overlap=2, gold_rate=0.1, recheck_rate=0.05).save(store)
+        ids = [j["id"] for j in store.judgments(limit=20_000)]
+        store.mark_gold(rng.choice(ids, size=1000, replace=False).tolist(), by="bench")
+        out["team"] = _time_queue(queue, "bench-annotator-2", items)
         out["integrity"] = store.integrity_check()
         store.close()
+    return out
+
+
+def _time_queue(queue, annotator: str, items: int) -> dict:
+    """next_item and submit times per mode, and how many items were checks."""
+    out: dict = {}
+    checks = 0
+    for mode, verdict in (("paired", "left"), ("cross", "right"), ("unpaired", "up")):
+        next_ms, submit_ms = [], []
+        for _ in range(items):
+            t = time.perf_counter()
+            item = queue.next_item(annotator, mode)
+            next_ms.append((time.perf_counter() - t) * 1000)
+            assert item is not None, f"the {mode} queue ran dry"
+            checks += item.source != "label"
+            t = time.perf_counter()
+            queue.submit(item.token, verdict, annotator)
+            submit_ms.append((time.perf_counter() - t) * 1000)
+        for name, times in (("next_item", next_ms), ("submit", submit_ms)):
+            arr = np.asarray(times)
+            out[f"{mode}_{name}"] = {"p50_ms": round(float(np.percentile(arr, 50)), 2),
+                                     "p95_ms": round(float(np.percentile(arr, 95)), 2),
+                                     "max_ms": round(float(arr.max()), 2)}
+    out["check_items"] = checks
     return out
 
 
