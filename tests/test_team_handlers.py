@@ -123,3 +123,21 @@ def test_adapter_lineage_view_and_train_again_refusals(ctx, tmp_path):
     assert "Left out **eve** (2 judgments, excluded)" in text and who["choices"] == ["ada", "bob"]
     with pytest.raises(gr.Error, match="a run here trained"):
         chat.train_again(ctx, "tuned", ["bob"], "")
+
+
+def test_the_train_form_takes_a_gold_accuracy_bar(ctx):
+    from rpo_app.ui import train
+
+    form = {"loss": "rpo-paired", "batch_size": 2, "kinds": ["paired"], "annotators": [],
+            "preview_prompts": ""}
+    assert train.config_from_form(ctx, {**form, "min_gold_accuracy": 0}).min_gold_accuracy is None
+    assert train.config_from_form(ctx, {**form, "min_gold_accuracy": 0.7}).min_gold_accuracy == 0.7
+    store = ctx.store
+    gold = []
+    for pid in [p["id"] for p in store.prompts()][:6]:
+        a, b = [r["id"] for r in store.responses_for_prompt(pid)]
+        gold.append(store.add_judgment("paired", a, b, "a", "lead")[0])
+        store.add_judgment("paired", a, b, "b", "sloppy", source="gold-check")
+    store.mark_gold(gold, by="lead")
+    line = train.usable_line(ctx, {**form, "min_gold_accuracy": 0.7})
+    assert "leaving out sloppy" in line and "below the gold-accuracy bar" in line

@@ -58,6 +58,8 @@ def config_from_form(ctx: AppContext, values: dict) -> TrainConfig:
     # 0 steps means what blank means (epochs, with the step floor).
     if settings.get("max_steps") == 0:
         settings["max_steps"] = None
+    if settings.get("min_gold_accuracy") == 0:  # the same blank box: no bar
+        settings["min_gold_accuracy"] = None
     cfg = TrainConfig.from_dict({**settings, "model": ctx.cfg.model, "device": ctx.cfg.device})
     return cfg.validate()
 
@@ -364,6 +366,9 @@ def build(ctx: AppContext) -> dict:
                                      label="Judgments to use")
             annotators = gr.Dropdown([], multiselect=True, label="Annotators (empty = all)",
                                      elem_id="train-annotators")
+            gold_bar = gr.Number(None, minimum=0, maximum=1, label="Leave out annotators below "
+                                 "this accuracy on gold items (0 or blank: keep everyone)",
+                                 elem_id="train-gold-bar")
             previews = gr.Textbox("\n".join(defaults.preview_prompts), lines=3,
                                   label="Preview prompts (one per line)", elem_id="train-previews")
             usable = gr.Markdown("", elem_id="train-usable")
@@ -404,7 +409,8 @@ def build(ctx: AppContext) -> dict:
     # train_start API (param_0 = loss, ...): append, never reorder.
     form = {"loss": loss, "beta": beta, "temperature": temperature, "learning_rate": lr,
             "max_steps": steps, "batch_size": batch, "lora_r": rank, "max_length": max_len,
-            "kinds": kinds, "annotators": annotators, "preview_prompts": previews}
+            "kinds": kinds, "annotators": annotators, "preview_prompts": previews,
+            "min_gold_accuracy": gold_bar}
     form_inputs = list(form.values())
 
     def by_name(handler):
