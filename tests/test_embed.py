@@ -84,3 +84,4 @@ def test_queue_benchmark_runs_at_small_scale(tmp_path):
     assert result["integrity"] == "ok"
     for mode in ("paired", "cross", "unpaired"):
         assert result[f"{mode}_next_item"]["p50_ms"] > 0
+        assert result["team"][f"{mode}_next_item"]["p50_ms"] > 0  # overlap 2, gold, rechecks
