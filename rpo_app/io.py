@@ -699,7 +699,7 @@ FULL_COLUMNS = [
     "model_a", "adapter_a", "gen_settings_a", "import_file_a",
     "prompt_b_id", "prompt_b", "family_b", "response_b_id", "response_b", "response_b_source",
     "model_b", "adapter_b", "gen_settings_b", "import_file_b",
-    "gold", "used_by_runs",
+    "response_a_parent_id", "response_b_parent_id", "gold", "used_by_runs",
 ]
 RETRACTED_COLUMNS = ["retracted", "retracted_at", "retracted_by"]
 
@@ -731,6 +731,8 @@ def _full_rows(store, judgments: list[dict], include_retracted: bool) -> list[di
                 f"model_{side}": j[f"model_{side}"], f"adapter_{side}": j[f"adapter_{side}"],
                 f"gen_settings_{side}": j[f"gen_settings_{side}"],
                 f"import_file_{side}": j[f"import_file_{side}"],
+                # Set when the answer is a person's edit: the answer it was made from.
+                f"response_{side}_parent_id": j[f"parent_{side}"],
             })
         if include_retracted:
             row.update({"retracted": j["retracted_at"] is not None,

@@ -25,6 +25,7 @@ from rpo_app.store import (CHECK_SOURCES, CROSS_KEY, CROSS_PAIR_KEY, GOLD_CHECK_
                            StoreError, item_key, judgment_lease_keys)
 
 MODES = ("paired", "cross", "unpaired", "mixed")
+SIDES = ("left", "right")
 UI_VERDICTS = ("left", "right", "tie", "both_bad", "up", "down")
 _SCAN = 40  # candidates read per look-up; enough to find a fresh family
 
@@ -277,6 +278,24 @@ class LabelQueue:
             strength=strength if item.kind != "unpaired" and stored in ("a", "b") else None,
             a_side=a_side, seconds_spent=seconds_spent, request_id=token,
             overlap=None if source in CHECK_SOURCES else TeamSettings.load(self.store).overlap)
+
+    def submit_edit(self, token: str, side: str, text: str, annotator: str) -> dict:
+        """Store the annotator's better version of one answer on screen, with the
+        judgment "edited ≻ original". The item stays open: the shown answers can still be
+        judged. The same text sent twice for one item and side is stored once."""
+        import hashlib
+
+        annotator = _check_annotator(annotator)
+        item = self.item(token)
+        if item is None:
+            raise ValueError("this item is no longer open; fetch the next one")
+        if side not in SIDES or (side == "right" and item.right is None):
+            raise ValueError("edit 'left' or 'right' of a pair, or 'left' of a single answer")
+        original = item.left if side == "left" else item.right
+        digest = hashlib.sha1((text or "").encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        out = self.store.add_edit(original["id"], text, annotator,
+                                  request_id=f"edit:{token}:{side}:{digest}")
+        return {**out, "original_id": original["id"], "original_text": original["text"]}
 
     def skip(self, token: str, annotator: str) -> None:
         """Skip is not a judgment: nothing is learned from it, the item leaves this

@@ -158,6 +158,13 @@ def kto_loss(
     return losses.mean()
 
 
+def sft_nll(policy_chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of the chosen answers: the supervised term
+    TRL adds with loss_type=["sigmoid", "sft"]. Per token, so a long answer does not
+    outweigh a short one."""
+    return -(policy_chosen_logps / chosen_tokens.clamp(min=1)).mean()
+
+
 def preference_metrics(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

@@ -29,6 +29,9 @@ LEASE_SECONDS = 300.0
 GOLD_CHECK_SOURCE = "gold-check"
 RECHECK_SOURCE = "recheck"
 CHECK_SOURCES = (GOLD_CHECK_SOURCE, RECHECK_SOURCE)
+# A person's rewrite of an answer: the response's source, and the source of the judgment
+# "the rewrite is better than the original" stored with it.
+EDIT_SOURCE = "human-edit"
 _COUNTED = f"source NOT IN ('{GOLD_CHECK_SOURCE}', '{RECHECK_SOURCE}')"
 # Lease and skip keys name what an annotator holds, stored as text: a prefix, then ids.
 PROMPT_KEY = "prompt:"  # a paired item: the prompt whose answers are compared
@@ -140,6 +143,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX lineage_judgment ON lineage(judgment_id);
     CREATE INDEX judgments_pair ON judgments(response_a, response_b);
+    """,
+    """
+    ALTER TABLE responses ADD COLUMN parent_id INTEGER REFERENCES responses(id);
+    ALTER TABLE responses ADD COLUMN editor TEXT;
+    CREATE INDEX responses_parent ON responses(parent_id);
     """,
 ]
 
@@ -441,6 +449,40 @@ class Store:
                        f"AND item_key IN ({','.join('?' * len(keys))})", (annotator, *keys))
             return cur.lastrowid, True
 
+    def add_edit(self, parent_id: int, text: str, editor: str,
+                 request_id: str | None = None) -> dict:
+        """Store a person's better version of an answer and the judgment that it beats
+        the original, in one transaction. Returns {"response_id", "judgment_id", "created"}.
+        Refused (nothing stored): an unknown answer, empty text, text that changes nothing,
+        no editor."""
+        if not editor or not str(editor).strip():
+            raise StoreError("an edit needs an editor name")
+        text = _clean_text(text, "the edited answer")
+        with self.transaction() as tx:
+            if request_id is not None:
+                row = tx.execute("SELECT id, response_b FROM judgments WHERE request_id = ?",
+                                 (request_id,)).fetchone()
+                if row:
+                    return {"response_id": row[1], "judgment_id": row[0], "created": False}
+            parent = tx.execute("SELECT prompt_id, text FROM responses WHERE id = ?",
+                                (parent_id,)).fetchone()
+            if parent is None:
+                raise StoreError(f"there is no answer #{parent_id} to edit")
+            if text.strip() == parent["text"].strip():
+                raise StoreError("the edited answer is the same as the original; change it "
+                                 "or cancel")
+            if tx.execute("SELECT 1 FROM responses WHERE prompt_id = ? AND text = ?",
+                          (parent["prompt_id"], text)).fetchone():
+                raise StoreError("this prompt already has an answer with exactly that text")
+            rid = tx.execute(
+                "INSERT INTO responses(prompt_id, text, source, parent_id, editor, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (parent["prompt_id"], text, EDIT_SOURCE, parent_id, editor, _now())).lastrowid
+            # The original has the lower id, so it is A and the rewrite, B, wins.
+            jid, _ = self.add_judgment("paired", parent_id, rid, "b", editor, source=EDIT_SOURCE,
+                                       strength="clearly", request_id=request_id)
+            return {"response_id": rid, "judgment_id": jid, "created": True}
+
     def retract(self, judgment_id: int, by: str) -> bool:
         """Undo keeps history: the row stays, marked retracted."""
         with self.transaction() as tx:
@@ -492,7 +534,7 @@ class Store:
             "rb.adapter AS adapter_b, ra.source AS response_a_source, "
             "rb.source AS response_b_source, ra.gen_settings AS gen_settings_a, "
             "rb.gen_settings AS gen_settings_b, ra.import_file AS import_file_a, "
-            "rb.import_file AS import_file_b "
+            "rb.import_file AS import_file_b, ra.parent_id AS parent_a, rb.parent_id AS parent_b "
             "FROM judgments j JOIN responses ra ON ra.id = j.response_a "
             "JOIN prompts pa ON pa.id = ra.prompt_id "
             "LEFT JOIN responses rb ON rb.id = j.response_b "

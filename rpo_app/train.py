@@ -400,6 +400,12 @@ class Trainer:
         cfg = self.cfg
         loss = self.spec.compute(pc, pr, rc, rr, beta=cfg.beta, settings=cfg,
                                  chosen_prompt_emb=ec, rejected_prompt_emb=er)
+        if cfg.sft_weight:
+            from rpo_app.losses import sft_nll
+
+            tokens = torch.tensor([len(data.seqs[i]) - data.seqs[i].prompt_len for i in c_order],
+                                  device=self.acc.device, dtype=pc.dtype)
+            loss = loss + cfg.sft_weight * sft_nll(pc, tokens)
         metrics = preference_metrics(pc, pr, rc, rr, beta=cfg.beta, aligned=not self.pool)
         return loss, metrics
 

@@ -58,6 +58,9 @@ class TrainConfig:
     # wins 92% but answers start to loop and drift; 3e-4 wins ~70% at 30 steps and
     # stays close to the base model. At 60 steps RPO's garbling came from its beta
     # (above), not from this rate: 1.5e-4 was fluent but no longer won 70%.
+    sft_weight: float = field(default=0.0, metadata={
+        "help": "weight of an NLL term on the chosen answers (TRL's loss_type ['sigmoid', 'sft']); "
+                "0 = off, the default: its effect is not measured yet"})
     learning_rate: float = 3e-4
     max_steps: int | None = field(default=None, metadata={
         "help": "optimizer steps; unset: run `epochs` epochs, but at least `min_steps`"})
@@ -159,6 +162,7 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.sample_max_new_tokens >= 1, "sample_max_new_tokens must be >= 1")
         need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        need(self.sft_weight >= 0, f"sft_weight must be >= 0, got {self.sft_weight}")
         need(self.min_gold_accuracy is None or 0 <= self.min_gold_accuracy <= 1,
              f"min_gold_accuracy must be in [0, 1], got {self.min_gold_accuracy}")
         need(all(isinstance(i, int) and not isinstance(i, bool) for i in self.exclude_judgments or ()),

@@ -198,3 +198,14 @@ def test_preference_metrics():
     m = preference_metrics(t([3.0, 0.0]), t([1.0, 4.0]), t([0.0, 0.0]), t([0.0, 0.0]), beta=1.0, aligned=False)
     assert m["accuracy"] == pytest.approx(0.25)
     assert m["margin"] == pytest.approx((2 - 1 - 1 - 4) / 4)
+
+
+def test_sft_nll_is_the_mean_per_token_nll_of_the_chosen_answers():
+    from rpo_app.losses import sft_nll
+
+    # Two answers: -6 over 3 tokens (2 per token) and -1 over 1 token (1 per token).
+    logps = torch.tensor([-6.0, -1.0], requires_grad=True)
+    value = sft_nll(logps, torch.tensor([3.0, 1.0]))
+    assert value.item() == pytest.approx(1.5)
+    value.backward()
+    assert logps.grad.tolist() == pytest.approx([-1 / 6, -1 / 2])  # d/dlogp of -(logp/n)/2

@@ -5,6 +5,7 @@ item carries a token used as the request id, so a double click stores it once.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import gradio as gr
@@ -222,6 +223,17 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                 b_skip = gr.Button("Skip  [S]", size="sm", elem_id="lbl-skip")
                 b_undo = gr.Button("Undo last  [Z]", size="sm", elem_id="lbl-undo")
             status = gr.Markdown("", elem_id="lbl-status")
+            with gr.Accordion("Write a better answer", open=False, elem_id="lbl-edit-box"):
+                with gr.Row():
+                    edit_side = gr.Radio(EDIT_SIDES, value="left", label="Start from",
+                                         scale=3, elem_id="lbl-edit-side")
+                    edit_load = gr.Button("Load it", size="sm", scale=1, elem_id="lbl-edit-load")
+                edit_text = gr.Textbox(label="Your better answer", lines=6, max_lines=24,
+                                       elem_id="lbl-edit-text")
+                edit_diff = gr.HTML("", elem_id="lbl-edit-diff")
+                edit_save = gr.Button("Save as a better answer", elem_id="lbl-edit-save")
+                edit_status = gr.Markdown("", elem_id="lbl-edit-status")
+                edit_token = gr.State(None)
             first_run = gr.Button("Generate the first answers", variant="primary", visible=False,
                                   elem_id="lbl-first-run")
             poll_timer = gr.Timer(2.0, active=False)
@@ -265,6 +277,17 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     def on_poll(tok, mode_value, typed, request: gr.Request):
         return poll(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed))
 
+    def on_save_edit(tok, etok, side, text, typed, request: gr.Request):
+        return save_edit(ctx, tok, etok, side, text, ctx.annotator(request, typed))
+
+    edit_load.click(functools.partial(load_for_edit, ctx), [token, edit_side],
+                    [edit_text, edit_token, edit_diff, edit_status], api_name=False)
+    edit_text.input(functools.partial(preview_edit, ctx), [edit_token, edit_side, edit_text],
+                    edit_diff, api_name=False, show_progress="hidden",
+                    trigger_mode="always_last")  # the diff of the text as it ends up
+    edit_save.click(on_save_edit, [token, edit_token, edit_side, edit_text, annotator_box],
+                    [edit_diff, edit_status], api_name=False)
+
     base_inputs = [mode, annotator_box]
     first_run.click(on_first_run, base_inputs, view, api_name="first_run")
     poll_timer.tick(on_poll, [token, *base_inputs], view, api_name=False, show_progress="hidden")
@@ -279,6 +302,55 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     annotator_box.submit(on_show, base_inputs, view, api_name=False)
     _register_api(ctx)
     return {"view": view, "show_next": on_show, "inputs": base_inputs}
+
+
+# -- writing a better answer -------------------------------------------------------------
+
+EDIT_SIDES = [("Answer A", "left"), ("Answer B", "right")]
+
+
+def load_for_edit(ctx: AppContext, token: str | None, side: str) -> tuple:
+    """The chosen answer into the edit box, remembering which item it came from."""
+    item = ctx.queue.item(token) if token else None
+    if item is None:
+        raise gr.Error("there is no answer on screen to edit")
+    original = item.left if side == "left" or item.right is None else item.right
+    return original["text"], token, "", "Edit the text, then save it as a better answer."
+
+
+def preview_edit(ctx: AppContext, edit_token: str | None, side: str, text: str) -> str:
+    from rpo_app.textdiff import diff_html
+
+    item = ctx.queue.item(edit_token) if edit_token else None
+    if item is None:
+        return ""
+    original = item.left if side == "left" or item.right is None else item.right
+    return diff_html(original["text"], text or "")
+
+
+def save_edit(ctx: AppContext, token: str | None, edit_token: str | None, side: str, text: str,
+              annotator: str) -> tuple:
+    """Store the rewrite and "rewrite ≻ original"; returns (diff, status)."""
+    from rpo_app.textdiff import counts, diff_html
+
+    if not edit_token:
+        raise gr.Error("load the answer into the box first")
+    if edit_token != token:
+        raise gr.Error("the item on screen changed since you loaded that answer; load the "
+                       "answer again")
+    item = ctx.queue.item(token)
+    if item is not None and item.right is None:
+        side = "left"
+    try:
+        out = ctx.queue.submit_edit(token, side, text, annotator)
+    except ValueError as err:  # StoreError included: nothing was stored
+        raise gr.Error(str(err))
+    removed, added = counts(out["original_text"], text)
+    word = "Saved" if out["created"] else "Already saved"
+    return (diff_html(out["original_text"], text),
+            f"{word}: your answer is answer #{out['response_id']} (−{removed} / +{added} "
+            f"words), and judgment #{out['judgment_id']} says it is better than answer "
+            f"#{out['original_id']}. You can still judge the answers shown.")
 
 
 def _maybe_annotator(ctx, request, typed) -> str | None:
@@ -395,5 +467,17 @@ def _register_api(ctx: AppContext) -> None:
         """Counts of prompts, responses and judgments by kind, verdict and annotator."""
         return ctx.store.stats(since=time.time() - 86400)
 
-    for fn in (next_item, submit_judgment, skip_item, undo_last, label_stats):
+    def submit_edit(token: str, side: str, text: str, annotator: str,
+                    request: gr.Request = None) -> dict:
+        """Store a better version of the item's left or right answer, with the judgment
+        that it beats the original: {response_id, judgment_id, original_id, created}. The
+        item stays open; the same text sent twice is stored once."""
+        annotator = who(annotator, request)
+        try:
+            out = ctx.queue.submit_edit(token, side, text, annotator)
+        except ValueError as err:
+            raise gr.Error(str(err))
+        return {k: out[k] for k in ("response_id", "judgment_id", "original_id", "created")}
+
+    for fn in (next_item, submit_judgment, skip_item, undo_last, label_stats, submit_edit):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
