@@ -366,7 +366,8 @@ def build(ctx: AppContext) -> dict:
                                      label="Judgments to use")
             annotators = gr.Dropdown([], multiselect=True, label="Annotators (empty = all)",
                                      elem_id="train-annotators")
-            gold_bar = gr.Number(None, minimum=0, maximum=1, label="Leave out annotators below "
+            # 0, not blank: scripts calling /train_start may leave it out (0 means no bar).
+            gold_bar = gr.Number(0, minimum=0, maximum=1, label="Leave out annotators below "
                                  "this accuracy on gold items (0 or blank: keep everyone)",
                                  elem_id="train-gold-bar")
             previews = gr.Textbox("\n".join(defaults.preview_prompts), lines=3,
