@@ -340,42 +340,48 @@ def _of(share, n) -> str:
     return "-" if not n else f"{share:.0%} of {n}"
 
 
-def _table(records: list[dict]) -> str:
-    return pd.DataFrame(records).to_string(index=False)
+# The report's tables as people read them; the Team tab and format_report both show these.
+TABLE_COLUMNS = {
+    "kappa": ["group", "annotator 1", "annotator 2", "items", "Cohen's κ", "same verdict"],
+    "alpha": ["group", "Krippendorff's α", "items", "annotators", "ratings"],
+    "annotators": ["annotator", "judgments", "left answer won", "longer answer won",
+                   "longer expected", "median s", "same on re-shown"],
+    "gold": ["annotator", "gold items", "correct", "accuracy"],
+}
+
+
+def tables(rep: dict) -> dict[str, pd.DataFrame]:
+    """report() as display tables (figures formatted, "-" where there is none)."""
+    records = {
+        "kappa": [[k["group"], k["annotator_1"], k["annotator_2"], k["items"],
+                   _num(k["kappa"], ".2f"), _num(k["agree_share"], ".0%")] for k in rep["kappa"]],
+        "alpha": [[a["group"], _num(a["alpha"], ".2f"), a["items"], a["annotators"], a["ratings"]]
+                  for a in rep["alpha"]],
+        "annotators": [[b["annotator"], b["judgments"], _of(b["left_share"], b["left_n"]),
+                        _of(b["longer_share"], b["longer_n"]), _num(b["longer_expected"], ".0%"),
+                        _num(b["median_seconds"], ".1f"), _of(b["recheck_share"], b["recheck_n"])]
+                       for b in rep["bias"]],
+        "gold": [[g["annotator"], g["gold_items"], g["correct"], f"{g['accuracy']:.0%}"]
+                 for g in rep["gold"]],
+    }
+    return {name: pd.DataFrame(rows, columns=TABLE_COLUMNS[name]) for name, rows in records.items()}
 
 
 def format_report(rep: dict) -> str:
     """The report as plain-text tables for a terminal."""
     c = rep["counts"]
+    shown = {name: t.to_string(index=False) for name, t in tables(rep).items()}
     lines = [(f"{c['judgments']} judgments by {c['annotators']} annotators; "
               f"{c['shared_items']} items judged by two or more annotators."), ""]
     if not c["shared_items"]:
         lines += ["Agreement: no items judged by two or more annotators yet.", ""]
     else:
-        lines += ["Agreement between pairs of annotators (Cohen's kappa)", _table([{
-            "group": k["group"], "annotator 1": k["annotator_1"],
-            "annotator 2": k["annotator_2"], "items": k["items"],
-            "kappa": _num(k["kappa"], ".2f"), "same verdict": _num(k["agree_share"], ".0%"),
-        } for k in rep["kappa"]]), ""]
-        lines += ["Agreement over everyone (Krippendorff's alpha, nominal)", _table([{
-            "group": a["group"], "alpha": _num(a["alpha"], ".2f"), "items": a["items"],
-            "annotators": a["annotators"], "ratings": a["ratings"],
-        } for a in rep["alpha"]]), ""]
+        lines += ["Agreement between pairs of annotators (Cohen's kappa)", shown["kappa"], ""]
+        lines += ["Agreement over everyone (Krippendorff's alpha, nominal)", shown["alpha"], ""]
     if rep["bias"]:
-        lines += ["Annotators (left: answer shown on the left won; longer: longer answer won)",
-                  _table([{
-                      "annotator": b["annotator"], "judgments": b["judgments"],
-                      "left": _of(b["left_share"], b["left_n"]),
-                      "longer": _of(b["longer_share"], b["longer_n"]),
-                      "longer expected": _num(b["longer_expected"], ".0%"),
-                      "median s": _num(b["median_seconds"], ".1f"),
-                      "self-agreement": _of(b["recheck_share"], b["recheck_n"]),
-                  } for b in rep["bias"]]), ""]
+        lines += ["Annotators", shown["annotators"], ""]
         flags = [f"  {b['annotator']}: {f}" for b in rep["bias"] for f in b["flags"]]
         lines += ["Flags"] + (flags or ["  none"]) + [""]
     if rep["gold"]:
-        lines += [f"Gold answers ({c['gold_items']} items)", _table([{
-            "annotator": g["annotator"], "gold items": g["gold_items"],
-            "correct": g["correct"], "accuracy": f"{g['accuracy']:.0%}",
-        } for g in rep["gold"]]), ""]
+        lines += [f"Gold answers ({c['gold_items']} items)", shown["gold"], ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -12,6 +12,7 @@ shown again with the sides swapped. The annotator is not told which items are ch
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -168,12 +169,11 @@ class LabelQueue:
             return None
         judges = self.store.pair_judges([r["id"] for r in responses])
         pairs = [(a, b) for i, a in enumerate(responses) for b in responses[i + 1:]
-                 if _open(judges.get((a["id"], b["id"]), []), annotator, overlap)]
+                 if _open(_judges_of(judges, a, b), annotator, overlap)]
         if not pairs:
             return None
-        most = max(len(judges.get((a["id"], b["id"]), [])) for a, b in pairs)
-        return self._rng.choice([p for p in pairs
-                                 if len(judges.get((p[0]["id"], p[1]["id"]), [])) == most])
+        most = max(len(_judges_of(judges, a, b)) for a, b in pairs)
+        return self._rng.choice([p for p in pairs if len(_judges_of(judges, *p)) == most])
 
     def _next_cross(self, annotator: str, overlap: int = 1) -> Item | None:
         if self.index is None:
@@ -189,8 +189,7 @@ class LabelQueue:
                 skipped = self.store.skipped(annotator, [_cross_key(first["id"], o["id"])
                                                          for o in others])
                 fresh = [o for o in others
-                         if _open(judges.get(tuple(sorted((first["id"], o["id"]))), []),
-                                  annotator, overlap)
+                         if _open(_judges_of(judges, first, o), annotator, overlap)
                          and _cross_key(first["id"], o["id"]) not in skipped]
                 if not fresh:
                     continue
@@ -198,8 +197,8 @@ class LabelQueue:
                 keys = [item_key(CROSS_KEY, first["id"]), item_key(CROSS_KEY, second["id"])]
                 taken = [k for k in keys if self.store.try_lease(k, annotator)]
                 now = self.store.pair_judges([first["id"], second["id"]])
-                if len(taken) < len(keys) or not _open(
-                        now.get(tuple(sorted((first["id"], second["id"]))), []), annotator, overlap):
+                if len(taken) < len(keys) or not _open(_judges_of(now, first, second),
+                                                       annotator, overlap):
                     # Someone holds half of it, or judged it meanwhile: give back what we took.
                     for key in taken:
                         self.store.release_lease(key, annotator)
@@ -254,9 +253,9 @@ class LabelQueue:
             a, b, stored, a_side = canonical_pair(item.left["id"], item.right["id"], verdict)
         if seconds_spent is None:
             seconds_spent = round(time.time() - item.shown_at, 3)
+        if item.source != "label":  # a check keeps its own source whoever asked
+            source = item.source
         try:
-            if item.source != "label":  # a check keeps its own source whoever asked
-                source = item.source
             jid, created = self._store_judgment(item, a, b, stored, annotator, source, strength,
                                                 a_side, seconds_spent, token)
         except StorageError:
@@ -283,8 +282,6 @@ class LabelQueue:
         """Store the annotator's better version of one answer on screen, with the
         judgment "edited ≻ original". The item stays open: the shown answers can still be
         judged. The same text sent twice for one item and side is stored once."""
-        import hashlib
-
         annotator = _check_annotator(annotator)
         item = self.item(token)
         if item is None:
@@ -356,6 +353,11 @@ def canonical_pair(left_id: int, right_id: int, verdict: str) -> tuple[int, int,
     left_is_a = a_side == "left"
     stored = {"left": "a" if left_is_a else "b", "right": "b" if left_is_a else "a"}
     return a, b, stored.get(verdict, verdict), a_side
+
+
+def _judges_of(judges: dict, a: dict, b: dict) -> list[str]:
+    """Who judged the pair of responses a and b (Store.pair_judges keys: lower id first)."""
+    return judges.get(tuple(sorted((a["id"], b["id"]))), [])
 
 
 def _open(judges: list[str], annotator: str, overlap: int) -> bool:

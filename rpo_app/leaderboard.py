@@ -186,17 +186,22 @@ def _ci(low: float, high: float) -> str:
     return f"[{round(low)}, {round(high)}]"
 
 
-def format_table(board: pd.DataFrame) -> str:
-    """The leaderboard as plain text for the CLI."""
-    if board.empty:
-        return "no votes between two different models yet"
-    shown = pd.DataFrame({
+def display(board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as people read it: whole-point ratings, the interval as "[lo, hi]"."""
+    return pd.DataFrame({
         "rank": board["rank"], "model": board["model"],
         "rating": [round(r) for r in board["rating"]],
         "95% CI": [_ci(lo, hi) for lo, hi in zip(board["ci_low"], board["ci_high"])],
         "votes": board["votes"], "wins": board["wins"], "losses": board["losses"],
-        "ties": board["ties"]})
-    return shown.to_string(index=False)
+        "ties": board["ties"]},
+        columns=["rank", "model", "rating", "95% CI", "votes", "wins", "losses", "ties"])
+
+
+def format_table(board: pd.DataFrame) -> str:
+    """The leaderboard as plain text for the CLI."""
+    if board.empty:
+        return "no votes between two different models yet"
+    return display(board).to_string(index=False)
 
 
 def format_bench(bench: pd.DataFrame) -> str:

@@ -118,8 +118,7 @@ def describe(rec: dict | None) -> str:
         lines.append(f"Left out **{name}** ({info['judgments']} judgments, {info['why']}).")
     if out.get("judgments"):
         lines.append(f"Left out {out['judgments']['removed']} listed judgments "
-                     f"(ids {', '.join(map(str, out['judgments']['ids'][:20]))}"
-                     f"{'…' if len(out['judgments']['ids']) > 20 else ''}).")
+                     f"(#{id_ranges(out['judgments']['ids'])}).")
     st = rec.get("store")
     if st:
         lines.append(f"The store then held {st.get('active_judgments')} active judgments "

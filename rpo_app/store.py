@@ -678,10 +678,6 @@ class Store:
             out.setdefault(tuple(sorted((r[0], r[1]))), []).append(r[2])
         return out
 
-    def judged_pairs(self, response_ids: list[int]) -> set[tuple[int, int]]:
-        """Unordered response pairs among these that already have a counted judgment."""
-        return set(self.pair_judges(response_ids))
-
     def max_prompt_id(self) -> int:
         return self._one("SELECT COALESCE(MAX(id), 0) FROM prompts")[0]
 

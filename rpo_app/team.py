@@ -3,6 +3,7 @@ leaderboard of the app's models, and the team's queue settings. The Team tab and
 `agreement`, `leaderboard`, `gold` and `team` commands read the same functions."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -68,7 +69,10 @@ def cli_agreement(args) -> int:
         rep = agreement_report(store)
     finally:
         store.close()
-    print(json.dumps(rep, indent=1) if args.json else agreement.format_report(rep), end="" if not args.json else "\n")
+    if args.json:
+        print(json.dumps(rep, indent=1))
+    else:
+        print(agreement.format_report(rep), end="")
     return 0
 
 
@@ -130,7 +134,7 @@ def cli_team(args) -> int:
                                      ("recheck_rate", args.recheck_rate)) if v is not None}
         if changes:
             try:
-                current = TeamSettings(**{**current.__dict__, **changes}).save(store, by="cli")
+                current = dataclasses.replace(current, **changes).save(store, by="cli")
             except ValueError as err:
                 print(f"error: {err}; nothing was changed", file=sys.stderr)
                 return 2

@@ -78,6 +78,10 @@ def test_two_annotators_share_items_and_see_their_agreement(data_dir, tiny_model
             ada.get_by_text("judged by two or more").wait_for(timeout=TIMEOUT)
             ada.wait_for_function("() => document.querySelector('#team-summary').innerText"
                                   ".includes('4 items')", timeout=TIMEOUT)
+            # The tables render a moment after the summary: wait for them, not for time.
+            from playwright.sync_api import expect
+
+            expect(ada.locator("#team-kappa")).to_contain_text("bob", timeout=TIMEOUT)
             summary = ada.locator("#team-summary").inner_text()
             kappa = ada.locator("#team-kappa").inner_text()
             screenshot(ada, "team-tab.png", full_page=True)

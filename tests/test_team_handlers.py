@@ -93,19 +93,19 @@ def test_blind_pairings_and_the_leaderboard(ctx, tmp_path):
         chat.blind_pair(ctx, chat.PICKED, "one", "one")
     picked = chat.blind_pair(ctx, chat.PICKED, "one", "two")
     assert {picked["left"], picked["right"]} == {"one", "two"} and picked["how"] == chat.PICKED
-    assert chat.leaderboard_frame(ctx).empty
+    assert chat.votes_view(ctx)[1].empty
     _vote(ctx, "two", BASE_LABEL, "left", n=3, tag="a")
     _vote(ctx, "one", BASE_LABEL, "right", n=2, tag="b")
     # The pair nobody has compared yet comes next.
     fewest = chat.blind_pair(ctx, chat.FEWEST)
     assert {fewest["left"], fewest["right"]} == {"one", "two"}
-    before = chat.leaderboard_frame(ctx).set_index("model")
+    before = chat.votes_view(ctx)[1].set_index("model")
     assert before.loc["two", "rating"] > before.loc[BASE_LABEL, "rating"] == 1000
     assert before.loc["two", ["votes", "wins"]].tolist() == [3, 3]
     _vote(ctx, "one", "two", "left", n=4, tag="c")  # one beats two, four times
-    after = chat.leaderboard_frame(ctx).set_index("model")
+    after = chat.votes_view(ctx)[1].set_index("model")
     assert after.loc["one", "rating"] > before.loc["one", "rating"]
-    assert after.loc["two", "votes"] == 7 and "Blind votes: **9**" in chat._tally(ctx)
+    assert after.loc["two", "votes"] == 7 and "Blind votes: **9**" in chat.votes_view(ctx)[0]
 
 
 def test_adapter_lineage_view_and_train_again_refusals(ctx, tmp_path):

@@ -66,8 +66,8 @@ def _pick_update(names: list[str], old: str | None, new: str):
 def load_view(ctx: AppContext, left: str | None, right: str | None,
               user_picked_right: bool) -> tuple:
     """When the page opens or the tab is selected: pickers, tally, adapters, leaderboard."""
-    return (*refresh_picks(ctx, left, right, user_picked_right), _tally(ctx),
-            *adapters_view(ctx), leaderboard_frame(ctx))
+    tally, board = votes_view(ctx)
+    return (*refresh_picks(ctx, left, right, user_picked_right), tally, *adapters_view(ctx), board)
 
 
 # -- chatting and voting ------------------------------------------------------------------
@@ -106,10 +106,10 @@ def vote(ctx: AppContext, verdict: str, left_hist, right_hist, pair, annotator: 
                          ctx.host().model_name)
     except ValueError as err:  # e.g. a full disk, or a message the store refuses
         raise gr.Error(str(err))
-    # The next conversation gets a new draw by the same rule (sides shuffled again).
+    # No pair: the next message draws a new one by the rule picked (sides shuffled again).
+    tally, board = votes_view(ctx)
     return (f"Saved as judgment #{jid}. **Left was {pair['left']}**, "
-            f"**right was {pair['right']}**.", _tally(ctx), None, gr.update(visible=False),
-            leaderboard_frame(ctx))
+            f"**right was {pair['right']}**.", tally, None, gr.update(visible=False), board)
 
 
 def toggle_blind(ctx: AppContext, is_blind: bool, how: str = NEWEST, left: str | None = None,
@@ -131,8 +131,8 @@ def clear_all(ctx: AppContext, is_blind: bool, how: str = NEWEST, left: str | No
 
 def blind_pair(ctx: AppContext, how: str = NEWEST, left: str | None = None,
                right: str | None = None) -> dict:
-    """Two of the base model and the adapters, by the chosen rule, sides shuffled. The
-    rule travels with the pair, so the conversation after a vote draws by it again."""
+    """Two of the base model and the adapters, by the chosen rule, sides shuffled; the
+    pair records the rule that drew it."""
     adapters = ctx.store.adapters()
     if not adapters:
         raise gr.Error("blind mode needs a trained adapter; train one in the Train tab first")
@@ -164,21 +164,13 @@ def _fewest_voted(ctx: AppContext, names: list[str]) -> tuple[str, str]:
     return min(pairs, key=lambda p: seen[frozenset(p)])
 
 
-def leaderboard_frame(ctx: AppContext) -> pd.DataFrame:
-    from rpo_app import team
+def votes_view(ctx: AppContext) -> tuple[str, pd.DataFrame]:
+    """The tally line and the leaderboard, from one read of the judgments."""
+    from rpo_app import leaderboard, team
 
-    board = team.board(ctx.store)
-    return pd.DataFrame({
-        "rank": board["rank"], "model": board["model"],
-        "rating": [round(r) for r in board["rating"]],
-        "95% interval": [_interval(lo, hi) for lo, hi in zip(board["ci_low"], board["ci_high"])],
-        "votes": board["votes"], "wins": board["wins"], "losses": board["losses"],
-        "ties": board["ties"]}, columns=["rank", "model", "rating", "95% interval", "votes",
-                                         "wins", "losses", "ties"])
-
-
-def _interval(low: float, high: float) -> str:
-    return "–" if pd.isna(low) or pd.isna(high) else f"{round(low)} – {round(high)}"
+    rows = ctx.store.judgments()
+    board = leaderboard.leaderboard(leaderboard.votes(rows), bootstrap=team.BOOTSTRAP)
+    return _tally(leaderboard.votes(rows, [BLIND_SOURCE])), leaderboard.display(board)
 
 
 # -- adapters -----------------------------------------------------------------------------
@@ -484,10 +476,10 @@ def store_vote(ctx: AppContext, left_hist, right_hist, pair, verdict, annotator,
     return jid
 
 
-def _tally(ctx: AppContext) -> str:
+def _tally(votes: pd.DataFrame) -> str:
+    """The blind votes in one line (`votes`: leaderboard.votes of the blind-chat source)."""
     from rpo_app import leaderboard
 
-    votes = leaderboard.votes(ctx.store.judgments(), [BLIND_SOURCE])
     if not len(votes):
         return "Blind votes so far: none."
     board = leaderboard.leaderboard(votes, bootstrap=0)

@@ -31,15 +31,13 @@ def save_settings(ctx: AppContext, overlap, gold_rate, recheck_rate, who: str) -
 
 
 def view(ctx: AppContext) -> tuple:
-    """Summary, κ, α, annotators with flags, gold accuracy, recent judgments."""
+    """Summary, α, κ, annotators, flags, gold accuracy, recent judgments."""
+    from rpo_app.agreement import tables
+
     rep = team.agreement_report(ctx.store)
     c = rep["counts"]
     summary = (f"**{c['judgments']} judgments** by **{c['annotators']} annotators**; "
                f"**{c['shared_items']} items** judged by two or more; {c['gold_items']} gold items.")
-    alpha = pd.DataFrame([{"group": a["group"], "Krippendorff's α": _num(a["alpha"]),
-                           "items": a["items"], "annotators": a["annotators"],
-                           "ratings": a["ratings"]} for a in rep["alpha"]],
-                         columns=["group", "Krippendorff's α", "items", "annotators", "ratings"])
     if not c["shared_items"]:
         summary += ("  \nNo item has two annotators yet, so there is no agreement figure: "
                     "set **annotators per item** to 2 or more and label.")
@@ -51,30 +49,12 @@ def view(ctx: AppContext) -> tuple:
             elif a["items"]:
                 summary += (f"  \nAgreement on {a['group']}: α cannot be computed yet; it "
                             "needs two shared items and more than one verdict in use.")
-    kappa = pd.DataFrame([{"group": k["group"], "annotator 1": k["annotator_1"],
-                           "annotator 2": k["annotator_2"], "items": k["items"],
-                           "Cohen's κ": _num(k["kappa"]), "same verdict": _pct(k["agree_share"])}
-                          for k in rep["kappa"]],
-                         columns=["group", "annotator 1", "annotator 2", "items", "Cohen's κ",
-                                  "same verdict"])
-    people = pd.DataFrame([{
-        "annotator": b["annotator"], "judgments": b["judgments"],
-        "left answer won": _of(b["left_share"], b["left_n"]),
-        "longer answer won": _of(b["longer_share"], b["longer_n"]),
-        "longer expected": _pct(b["longer_expected"]),
-        "median s": _num(b["median_seconds"], ".1f"),
-        "same on re-shown": _of(b["recheck_share"], b["recheck_n"]),
-    } for b in rep["bias"]], columns=["annotator", "judgments", "left answer won",
-                                      "longer answer won", "longer expected", "median s",
-                                      "same on re-shown"])
     flags = [f"- **{b['annotator']}**: {f}" for b in rep["bias"] for f in b["flags"]]
     flags_md = ("**Flags**\n" + "\n".join(flags)) if flags else \
         "No flags: nothing is far from what is expected (or too few judgments to tell)."
-    gold = pd.DataFrame([{"annotator": g["annotator"], "gold items": g["gold_items"],
-                          "correct": g["correct"], "accuracy": _pct(g["accuracy"])}
-                         for g in rep["gold"]],
-                        columns=["annotator", "gold items", "correct", "accuracy"])
-    return summary, alpha, kappa, people, flags_md, gold, judgments_frame(ctx)
+    shown = tables(rep)
+    return (summary, shown["alpha"], shown["kappa"], shown["annotators"], flags_md, shown["gold"],
+            judgments_frame(ctx))
 
 
 def judgments_frame(ctx: AppContext) -> pd.DataFrame:
@@ -103,18 +83,6 @@ def mark_gold(ctx: AppContext, ids_text: str, who: str, mark: bool = True) -> tu
     except (ValueError, StoreError) as err:
         raise gr.Error(str(err))
     return line, judgments_frame(ctx)
-
-
-def _num(value, fmt: str = ".2f") -> str:
-    return "–" if value is None else format(value, fmt)
-
-
-def _pct(value) -> str:
-    return "–" if value is None else f"{value:.0%}"
-
-
-def _of(share, n) -> str:
-    return "–" if not n else f"{share:.0%} of {n}"
 
 
 def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
