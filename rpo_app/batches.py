@@ -12,6 +12,7 @@ rpo_app.loss_registry; ties never carry a preference and are skipped):
 | cross   tie                    | -                 | -                 | -                               |
 | cross   both_bad               | -                 | -                 | both -> rejected                |
 | unpaired up / down             | -                 | -                 | up -> chosen, down -> rejected  |
+| ranking of K answers           | its implied pairs (rpo_app.rankings) | its same-prompt pairs | upper tiers -> chosen, lower -> rejected, each answer once |
 
 "pair" losses contrast aligned (chosen, rejected) pairs; "pool" losses draw chosen
 and rejected items independently from the two pools. The held-out preference
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 from rpo_app.chat_template import end_of_turn_id, prompt_ids, response_ids
 from rpo_app.loss_registry import LossSpec, get_loss
+from rpo_app.rankings import pool_sides
 
 KINDS = ("paired", "cross", "unpaired")
 # A judgment as training reads it (Store.training_judgments, the run's judgments.jsonl
@@ -93,10 +95,15 @@ def judgment_pools(judgments: Iterable[dict]) -> tuple[list[Item], list[Item]]:
     """Chosen and rejected items from every kind of judgment (see the module table)."""
     chosen: list[Item] = []
     rejected: list[Item] = []
+    rankings: dict = {}  # ranking id -> ({item: tier}, tiers, none acceptable)
     for j in judgments:
         a, b = _sides(j)
         verdict = j["verdict"]
-        if j["kind"] == "unpaired":
+        if j.get("ranking_id") is not None:  # a ranking counts once per answer, not per pair
+            place, _, _ = rankings.setdefault(j["ranking_id"], ({}, j["ranking_tiers"],
+                                                                verdict == "both_bad"))
+            place.update({a: j["tier_a"], b: j["tier_b"]})
+        elif j["kind"] == "unpaired":
             (chosen if verdict == "up" else rejected).append(a)
         elif verdict == "a":
             chosen.append(a)
@@ -106,6 +113,10 @@ def judgment_pools(judgments: Iterable[dict]) -> tuple[list[Item], list[Item]]:
             rejected.append(a)
         elif verdict == "both_bad":
             rejected.extend([a, b])
+    for place, tiers, none_acceptable in rankings.values():
+        liked, disliked = pool_sides(place, tiers, none_acceptable)
+        chosen.extend(liked)
+        rejected.extend(disliked)
     return chosen, rejected
 
 

@@ -36,7 +36,8 @@ def _import_args(p):
                    help="annotator name recorded on imported judgments (default: import)")
     p.add_argument("--gold", action="store_true",
                    help="mark the imported judgments as gold items: known answers the label "
-                        "queue mixes in to measure each annotator's accuracy")
+                        "queue mixes in to measure each annotator's accuracy (not for "
+                        "ranking files)")
     p.add_argument("--multi-turn", choices=["refuse", "last"], default="refuse",
                    help="multi-turn conversations: refuse them (default) or keep only the "
                         "last user turn as the prompt")
@@ -44,10 +45,11 @@ def _import_args(p):
 
 def _export_args(p):
     _data_dir_arg(p)
-    p.add_argument("--format", required=True, choices=["trl-dpo", "trl-kto", "full"],
+    p.add_argument("--format", required=True, choices=["trl-dpo", "trl-kto", "rankings", "full"],
                    help="trl-dpo: prompt/chosen/rejected; trl-kto: prompt/completion/label; "
-                        "full: every judgment with provenance")
-    p.add_argument("--out", required=True, help="output file; .jsonl, .csv or .parquet")
+                        "rankings: prompt/answers/ranks, one row per ranking (the import "
+                        "shape); full: every judgment with provenance")
+    p.add_argument("--out", required=True, help="output file; .jsonl, .json, .csv or .parquet")
     p.add_argument("--include-retracted", action="store_true",
                    help="full format only: also list undone judgments")
 
@@ -132,6 +134,8 @@ def _team_args(p):
                    help="share of items that are gold checks (0 to 0.5)")
     p.add_argument("--recheck-rate", type=float, default=None,
                    help="share of items re-shown to their judge with sides swapped (0 to 0.5)")
+    p.add_argument("--rank-size", type=int, default=None,
+                   help="answers per ranking item in the Label tab's ranking mode (3 to 6)")
 
 
 def _bench_effect_args(p):
@@ -148,7 +152,7 @@ def _train_args(p):
 
 COMMANDS = {
     "serve": ("start the web app", _serve_args, "rpo_app.ui.app:main_from_args"),
-    "import": ("import prompts, preference pairs or thumbs from files", _import_args,
+    "import": ("import prompts, preference pairs, thumbs or rankings from files", _import_args,
                "rpo_app.io:cli_import"),
     "export": ("export judgments for TRL or with full provenance", _export_args,
                "rpo_app.io:cli_export"),

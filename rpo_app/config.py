@@ -88,12 +88,19 @@ class TeamSettings:
     overlap: int = 1  # annotators who judge each item
     gold_rate: float = 0.1  # share of items that are gold checks, while any is left
     recheck_rate: float = 0.0  # share of items re-shown to their own judge, sides swapped
+    rank_size: int = 4  # answers per ranking item (rpo_app.rankings: 3 to 6)
 
     def validate(self) -> "TeamSettings":
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) \
                 or not 1 <= self.overlap <= 10:
             raise ValueError(f"overlap (annotators per item) is a whole number from 1 to 10, "
                              f"got {self.overlap!r}")
+        from rpo_app.rankings import MAX_ANSWERS, MIN_ANSWERS
+
+        if isinstance(self.rank_size, bool) or not isinstance(self.rank_size, int) \
+                or not MIN_ANSWERS <= self.rank_size <= MAX_ANSWERS:
+            raise ValueError(f"answers per ranking is a whole number from {MIN_ANSWERS} to "
+                             f"{MAX_ANSWERS}, got {self.rank_size!r}")
         for name in ("gold_rate", "recheck_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \

@@ -12,6 +12,10 @@ chosen, rejected          Anthropic-HH transcripts ("\\n\\nHuman: ..."),    ``pa
                           "implicit prompt")
 prompt, completion,       text / message lists, ``label`` true or false    ``unpaired`` up/down
 label
+prompt, answers, ranks    text; a list of 3 to 6 different answer texts;   a ranking and its
+                          a list of one whole number per answer, 1 = best  implied pairs
+                          and equal numbers tied (Argilla's convention),
+                          or the text ``none``: no answer is acceptable
 ========================  ===============================================  ==================
 
 A TXT file holds prompts, one per non-empty line (a prompt cannot span lines there).
@@ -26,6 +30,16 @@ Rules (documented choices):
   instead (the Python API; the CLI has no flag yet). System messages count as
   multi-turn context and are refused the same way.
 * Leading and trailing whitespace of every text is removed.
+* Rankings: only the order of the rank numbers counts (gaps are fine: ``[2, 1, 2, 4]``
+  ranks B first, A and C tied second, D last). Answers and the prompt are plain text
+  (no message lists). In CSV, ``answers`` and ``ranks`` are JSON lists written in the
+  cell (``["first", "second", "third"]``, ``[1, 2, 2]``) or ``none``; Parquet takes
+  native lists, and JSON text too, since a Parquet column holds one type and a file
+  that mixes ``none`` with rank lists must write ranks as text. The file's order of
+  the answers is not kept as a screen order (nobody was shown them in it), so the
+  implied pairs carry no ``a_side``. A ranking is stored with its C(K, 2) implied pairs
+  (``rpo_app.rankings``); the report counts those as judgments. ``gold`` is refused
+  for ranking files: gold items are single judgments.
 * Unknown columns are refused (drop them first), so a typo never imports half a row.
 * CSV has no types: texts are plain strings there (no message lists) and ``label`` is
   one of true/false/1/0/yes/no. JSON/JSONL ``label`` must be a JSON boolean.
@@ -33,16 +47,42 @@ Rules (documented choices):
   transaction: a bad row 900 leaves the store untouched.
 * Idempotent: each judgment gets ``request_id = "import:" + sha256(kind, prompt,
   answers, label)``, so importing the same file again (under any annotator name) adds
-  nothing. Prompts are unique by text and responses by (prompt, text).
+  nothing. A ranking's request id hashes ("ranking", prompt, each answer with its place)
+  in an order-free way, so the same ranking with its answers listed in another order (a
+  ``rankings`` export of it, say) is the same ranking. Prompts are unique by text and
+  responses by (prompt, text).
 
 Errors name the file, the place and the problem: ``line N`` (1-based) for JSONL, and
 for JSON syntax errors; ``item N`` (1-based) for the objects of a JSON array; ``row N``
 for CSV and Parquet, counting data rows from 1 (the CSV header is not a row).
 
-Export formats: ``trl-dpo`` (prompt/chosen/rejected, TRL's standard preference
-format), ``trl-kto`` (prompt/completion/label, TRL's standard unpaired preference
-format) and ``full`` (every judgment with its provenance). The output format follows
-the file's extension: .jsonl, .json, .csv or .parquet. Files are written atomically.
+Export formats (the output format follows the file's extension: .jsonl, .json, .csv
+or .parquet; files are written atomically; retracted judgments and rankings are left
+out unless ``full`` is asked to include them):
+
+============  ======================  =====================================================
+format        columns                 rows
+============  ======================  =====================================================
+``trl-dpo``   prompt, chosen,         one per decided (a/b) pair judgment, TRL's standard
+              rejected                preference format; a ranking gives one per pair of
+                                      answers in different places (its implied pairs)
+``trl-kto``   prompt, completion,     TRL's standard unpaired format: a thumb gives one
+              label                   row, a decided or both-bad pair two; a ranking gives
+                                      each answer once (``rankings.pool_sides``: upper
+                                      places true, lower false, "none acceptable" all
+                                      false; the middle place of an odd number of places,
+                                      and an all-tied ranking, give none and are counted
+                                      in ``skipped``)
+``rankings``  prompt, answers, ranks  one per active ranking, in the import shape above:
+                                      answers in the order they were shown when known,
+                                      else best first; ranks 1-based places, or ``none``.
+                                      CSV cells hold JSON lists; in Parquet the ranks
+                                      column is JSON text when ``none`` and rank lists mix
+``full``      FULL_COLUMNS            every judgment with its provenance; ``ranking_id``
+                                      and ``ranking_order`` ("#12 > #10 = #11 > #13" by
+                                      response id, or "none acceptable") are set on a
+                                      ranking's implied pairs
+============  ======================  =====================================================
 """
 from __future__ import annotations
 
@@ -60,6 +100,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from rpo_app import rankings
 from rpo_app.store import MAX_TEXT_CHARS, text_problem
 
 log = logging.getLogger(__name__)
@@ -69,7 +110,7 @@ MAX_FAMILY_CHARS = 200
 IMPORT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
                      ".parquet": "parquet", ".txt": "txt"}
 EXPORT_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-EXPORT_FORMATS = ("trl-dpo", "trl-kto", "full")
+EXPORT_FORMATS = ("trl-dpo", "trl-kto", "rankings", "full")
 MULTI_TURN_POLICIES = ("refuse", "last")
 SEED_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
 
@@ -79,10 +120,12 @@ SHAPES = {
     frozenset({"prompt", "chosen", "rejected"}): "preference",
     frozenset({"chosen", "rejected"}): "implicit-preference",
     frozenset({"prompt", "completion", "label"}): "unpaired",
+    frozenset({"prompt", "answers", "ranks"}): "ranking",
 }
-KNOWN_COLUMNS = {"prompt", "family", "chosen", "rejected", "completion", "label"}
+KNOWN_COLUMNS = {"prompt", "family", "chosen", "rejected", "completion", "label", "answers",
+                 "ranks"}
 SHAPES_HELP = ("prompt [+ family] | prompt, chosen, rejected | chosen, rejected "
-               "(Anthropic-HH transcripts) | prompt, completion, label")
+               "(Anthropic-HH transcripts) | prompt, completion, label | prompt, answers, ranks")
 _ROLES = ("system", "user", "assistant")
 _HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -114,6 +157,8 @@ class ImportReport:
     judgments_added: int = 0
     judgments_duplicate: int = 0
     gold_marked: int = 0
+    rankings_added: int = 0  # each with its implied pairs, counted in judgments_*
+    rankings_duplicate: int = 0
 
     @property
     def added(self) -> dict[str, int]:
@@ -127,8 +172,11 @@ class ImportReport:
 
     def summary(self) -> str:
         head = f"{self.file or 'input'} ({self.shape or 'empty'}, {self.rows} rows)"
-        added = ", ".join(f"{n} {what}" for what, n in self.added.items())
-        dups = ", ".join(f"{n} {what}" for what, n in self.duplicates.items())
+        added, dups = dict(self.added), dict(self.duplicates)
+        if self.shape == "ranking" or self.rankings_added or self.rankings_duplicate:
+            added["rankings"], dups["rankings"] = self.rankings_added, self.rankings_duplicate
+        added = ", ".join(f"{n} {what}" for what, n in added.items())
+        dups = ", ".join(f"{n} {what}" for what, n in dups.items())
         gold = f"; marked {self.gold_marked} judgments as gold" if self.gold_marked else ""
         return f"{head}: added {added}; skipped as duplicates: {dups}{gold}"
 
@@ -142,10 +190,21 @@ class ExportReport:
 
     def summary(self) -> str:
         text = f"wrote {self.rows} rows ({self.fmt}) to {self.out_path}"
-        if self.skipped:
-            parts = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
-            text += f"; skipped {sum(self.skipped.values())} judgments: {parts}"
+        judgments = {w: n for w, n in self.skipped.items() if w not in RANKED_ANSWER_REASONS}
+        answers = {w: n for w, n in self.skipped.items() if w in RANKED_ANSWER_REASONS}
+        if judgments:
+            parts = ", ".join(f"{n} {why}" for why, n in sorted(judgments.items()))
+            text += f"; skipped {sum(judgments.values())} judgments: {parts}"
+        if answers:
+            parts = ", ".join(f"{n} {why}" for why, n in sorted(answers.items()))
+            text += f"; left out {sum(answers.values())} ranked answers: {parts}"
         return text
+
+
+# trl-kto: why a ranked answer gives no row (counted per answer, not per judgment).
+SKIP_MIDDLE = "in the middle place of a ranking (neither liked nor disliked)"
+SKIP_ALL_TIED = "in a ranking that ties every answer (nothing liked or disliked)"
+RANKED_ANSWER_REASONS = (SKIP_MIDDLE, SKIP_ALL_TIED)
 
 
 # -- reading files --------------------------------------------------------------------
@@ -162,17 +221,26 @@ class _Record:
     """One validated row, ready to write."""
 
     where: str
-    kind: str  # "prompt" | "pair" | "unpaired"
+    kind: str  # "prompt" | "pair" | "unpaired" | "ranking"
     prompt: str
     family: str | None = None
     chosen: str | None = None
     rejected: str | None = None
     completion: str | None = None
     label: bool | None = None
+    answers: list[str] | None = None  # ranking: the texts, in file order
+    tiers: list[list[int]] | None = None  # ranking: positions in `answers`, best place first
+    none_acceptable: bool = False
 
     def request_id(self) -> str:
         if self.kind == "pair":
             key = ["paired", self.prompt, self.chosen, self.rejected]
+        elif self.kind == "ranking":
+            # Free of the answers' order: each answer with its 1-based place (or "none").
+            place = rankings.tier_of(self.tiers)
+            key = ["ranking", self.prompt, sorted(
+                [text, "none" if self.none_acceptable else place[i] + 1]
+                for i, text in enumerate(self.answers))]
         else:
             key = ["unpaired", self.prompt, self.completion, self.label]
         blob = json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -338,7 +406,9 @@ def _detect_shape(path: Path, columns: dict[str, str]) -> str:
     if shape:
         return shape
     # Name what is missing for the shape the columns come closest to.
-    if cols & {"completion", "label"}:
+    if cols & {"answers", "ranks"}:
+        want = {"prompt", "answers", "ranks"}
+    elif cols & {"completion", "label"}:
         want = {"prompt", "completion", "label"}
     elif cols & {"chosen", "rejected"}:
         want = {"chosen", "rejected"} | ({"prompt"} if "prompt" in cols else set())
@@ -519,6 +589,95 @@ def _record(shape: str, row: _Row, multi_turn: str, csv: bool) -> _Record:
     return _Record(row.where, "pair", prompt, family, chosen=chosen, rejected=rejected)
 
 
+_ANSWERS_EXAMPLE = '["first answer", "second answer", "third answer"]'
+_RANKS_EXAMPLE = "[2, 1, 2] (1 = best, equal numbers tied)"
+
+
+def _json_list_cell(value: str, column: str, example: str) -> list:
+    """A CSV (or Parquet text) cell that holds a JSON list."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise _RowError(f"column {column!r} must be a JSON list such as {example}; {shown!r} is "
+                        f"not valid JSON ({err.msg} at character {err.pos + 1})") from None
+    if not isinstance(parsed, list):
+        raise _RowError(f"column {column!r} must be a JSON list such as {example}, got "
+                        f"{_json_type(parsed)}")
+    return parsed
+
+
+def _ranking_answers(value, text_lists: bool) -> list[str]:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _RowError("column 'answers' is missing or empty")
+    if isinstance(value, str) and text_lists:
+        value = _json_list_cell(value, "answers", _ANSWERS_EXAMPLE)
+    if not isinstance(value, list):
+        raise _RowError(f"column 'answers' must be a list of {rankings.MIN_ANSWERS} to "
+                        f"{rankings.MAX_ANSWERS} answer texts, got {_json_type(value)}")
+    n = len(value)
+    if not rankings.MIN_ANSWERS <= n <= rankings.MAX_ANSWERS:
+        raise _RowError(f"column 'answers' holds {n} answer{'s' if n != 1 else ''}; a ranking "
+                        f"takes {rankings.MIN_ANSWERS} to {rankings.MAX_ANSWERS}")
+    texts = []
+    for i, item in enumerate(value, start=1):
+        column = f"answers[{i}]"
+        if isinstance(item, str):
+            _check_len(item, column)
+        texts.append(_text(item, column))
+    for i, text in enumerate(texts):
+        if text in texts[:i]:
+            raise _RowError(f"answers {texts.index(text) + 1} and {i + 1} are the same text; "
+                            "a ranking orders different answers")
+    return texts
+
+
+def _ranking_tiers(value, n: int, text_lists: bool) -> tuple[list[list[int]], bool]:
+    """ranks -> (tiers of 0-based answer positions, best first; none acceptable)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _RowError("column 'ranks' is missing or empty")
+    if isinstance(value, str):
+        if " ".join(value.split()).lower() in rankings.NONE_WORDS:
+            return [list(range(n))], True
+        if not text_lists:
+            raise _RowError(f"column 'ranks' must be a list of ranks such as {_RANKS_EXAMPLE}, "
+                            f"or 'none' if no answer is acceptable; got the text {value!r}")
+        value = _json_list_cell(value, "ranks", _RANKS_EXAMPLE + " or none")
+    if not isinstance(value, list):
+        raise _RowError(f"column 'ranks' must be a list of ranks such as {_RANKS_EXAMPLE}, or "
+                        f"'none' if no answer is acceptable; got {_json_type(value)}")
+    if len(value) != n:
+        raise _RowError(f"column 'ranks' has {len(value)} rank{'s' if len(value) != 1 else ''} "
+                        f"for {n} answers; give every answer a rank (equal numbers for ties)")
+    ranks = []
+    for i, rank in enumerate(value, start=1):
+        if rank is None:
+            raise _RowError(f"column 'ranks': the rank of answer {i} is missing")
+        if (isinstance(rank, bool) or not isinstance(rank, (int, float))
+                or isinstance(rank, float) and not rank.is_integer()):
+            raise _RowError(f"column 'ranks': the rank of answer {i} must be a whole number, "
+                            f"got {rank!r}")
+        if rank < 1:
+            raise _RowError(f"column 'ranks': the rank of answer {i} is {int(rank)}; ranks "
+                            "start at 1 (the best)")
+        ranks.append(int(rank))
+    return [[i for i, r in enumerate(ranks) if r == number]
+            for number in sorted(set(ranks))], False
+
+
+def _ranking_record(row: _Row, text_lists: bool) -> _Record:
+    v = row.values
+    family = _family(v.get("family"))
+    prompt = v.get("prompt")
+    if isinstance(prompt, str):
+        _check_len(prompt, "prompt")
+    prompt = _text(prompt, "prompt")
+    answers = _ranking_answers(v.get("answers"), text_lists)
+    tiers, none_acceptable = _ranking_tiers(v.get("ranks"), len(answers), text_lists)
+    return _Record(row.where, "ranking", prompt, family, answers=answers, tiers=tiers,
+                   none_acceptable=none_acceptable)
+
+
 def read_import_file(path: str | os.PathLike, multi_turn: str = "refuse") -> ParsedFile:
     """Read and validate a whole file; raise ImportFileError on the first problem."""
     if multi_turn not in MULTI_TURN_POLICIES:
@@ -527,10 +686,14 @@ def read_import_file(path: str | os.PathLike, multi_turn: str = "refuse") -> Par
     rows, columns = _read_rows(path)
     shape = _detect_shape(path, columns)
     csv = path.suffix.lower() == ".csv"
+    text_lists = csv or path.suffix.lower() == ".parquet"  # list cells may be JSON text
     records = []
     for row in rows:
         try:
-            records.append(_record(shape, row, multi_turn, csv))
+            if shape == "ranking":
+                records.append(_ranking_record(row, text_lists))
+            else:
+                records.append(_record(shape, row, multi_turn, csv))
         except _RowError as err:
             raise ImportFileError(f"{path}: {row.where}: {err}") from None
     return ParsedFile(str(path), shape, records)
@@ -548,6 +711,8 @@ def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
     annotator = (annotator or "").strip()
     if not annotator:
         raise ImportFileError(f"{parsed.name}: the annotator name is empty")
+    if gold:
+        _check_gold(parsed)
     import_file = import_file or Path(parsed.name).name
     report = ImportReport(file=parsed.name, shape=parsed.shape, rows=len(parsed.records))
     record = None
@@ -558,6 +723,9 @@ def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
                 report.prompts_added += created
                 report.prompts_duplicate += not created
                 if record.kind == "prompt":
+                    continue
+                if record.kind == "ranking":
+                    _write_ranking(store, record, prompt_id, annotator, import_file, report)
                     continue
                 answers = ([record.chosen, record.rejected] if record.kind == "pair"
                            else [record.completion])
@@ -584,6 +752,33 @@ def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
         where = f"{record.where}: " if record is not None else ""
         raise ImportFileError(f"{parsed.name}: {where}{err}") from None
     return report
+
+
+def _check_gold(parsed: ParsedFile) -> None:
+    if parsed.shape == "ranking":
+        raise ImportFileError(f"{parsed.name}: gold items are single judgments with a known "
+                              "answer; a ranking file cannot be imported as gold")
+
+
+def _write_ranking(store, record: _Record, prompt_id: int, annotator: str, import_file: str,
+                   report: ImportReport) -> None:
+    """The answers, then the ranking with its implied pairs (inside write_parsed's
+    transaction: Store.transaction nests)."""
+    ids = []
+    for text in record.answers:
+        rid, created = store.add_response(prompt_id, text, "import", import_file=import_file)
+        ids.append(rid)
+        report.responses_added += created
+        report.responses_duplicate += not created
+    # No `shown`: the file's order is not an order anyone saw the answers in.
+    _, created = store.add_ranking([[ids[i] for i in tier] for tier in record.tiers], annotator,
+                                   none_acceptable=record.none_acceptable, source="import",
+                                   request_id=record.request_id())
+    pairs = len(ids) * (len(ids) - 1) // 2
+    report.rankings_added += created
+    report.rankings_duplicate += not created
+    report.judgments_added += pairs if created else 0
+    report.judgments_duplicate += 0 if created else pairs
 
 
 def import_path(store, path: str | os.PathLike, annotator: str = "import",
@@ -675,9 +870,35 @@ def _dpo_rows(judgments: list[dict], skipped: dict[str, int]) -> list[dict]:
     return rows
 
 
-def _kto_rows(judgments: list[dict], skipped: dict[str, int]) -> list[dict]:
+def _ranking_kto_rows(ranking: dict, skipped: dict[str, int]) -> list[dict]:
+    """Each answer of a ranking once (rankings.pool_sides), best place first."""
+    tiers = ranking["tiers"]
+    liked, disliked = rankings.pool_sides(rankings.tier_of(tiers), len(tiers),
+                                          ranking["none_acceptable"])
+    liked, disliked = set(liked), set(disliked)
     rows = []
+    for tier in tiers:
+        for rid in tier:
+            if rid in liked or rid in disliked:
+                rows.append({"prompt": ranking["prompt"], "completion": ranking["answers"][rid],
+                             "label": rid in liked})
+            else:
+                _count(skipped, SKIP_ALL_TIED if len(tiers) == 1 else SKIP_MIDDLE)
+    return rows
+
+
+def _kto_rows(judgments: list[dict], skipped: dict[str, int],
+              ranked: dict[int, dict] | None = None) -> list[dict]:
+    """`ranked`: the active rankings by id; their implied pairs give each answer once, in
+    place of two rows per pair."""
+    ranked = ranked or {}
+    rows, done = [], set()
     for j in judgments:
+        if j.get("ranking_id") in ranked:
+            if j["ranking_id"] not in done:  # at the ranking's first pair, in id order
+                done.add(j["ranking_id"])
+                rows += _ranking_kto_rows(ranked[j["ranking_id"]], skipped)
+            continue
         if j["kind"] == "unpaired":
             rows.append({"prompt": j["prompt_a"], "completion": j["response_a_text"],
                          "label": j["verdict"] == "up"})
@@ -700,6 +921,7 @@ FULL_COLUMNS = [
     "prompt_b_id", "prompt_b", "family_b", "response_b_id", "response_b", "response_b_source",
     "model_b", "adapter_b", "gen_settings_b", "import_file_b",
     "response_a_parent_id", "response_b_parent_id", "gold", "used_by_runs",
+    "ranking_id", "ranking_order",
 ]
 RETRACTED_COLUMNS = ["retracted", "retracted_at", "retracted_by"]
 
@@ -710,6 +932,8 @@ def _full_rows(store, judgments: list[dict], include_retracted: bool) -> list[di
     families = {p["id"]: p["family"] for p in store.prompts(ids=sorted(prompt_ids))}
     gold = store.gold_ids()
     used = store.runs_using([j["id"] for j in judgments])
+    ranked = ({k["id"]: k for k in store.rankings(include_retracted=include_retracted)}
+              if any(j["ranking_id"] is not None for j in judgments) else {})
     rows = []
     for j in judgments:
         row = {
@@ -720,6 +944,12 @@ def _full_rows(store, judgments: list[dict], include_retracted: bool) -> list[di
             # Lineage: the runs (and their adapters) that trained on it or held it out.
             # JSON text, so CSV and Parquet carry it the same way as JSONL.
             "used_by_runs": json.dumps(used.get(j["id"], [])),
+            # An implied pair of a ranking: which one, and its whole order by response id.
+            "ranking_id": j["ranking_id"],
+            "ranking_order": (rankings.format_order(
+                ranked[j["ranking_id"]]["tiers"], lambda r: f"#{r}",
+                ranked[j["ranking_id"]]["none_acceptable"])
+                if j["ranking_id"] in ranked else None),
         }
         for side in ("a", "b"):
             row.update({
@@ -740,6 +970,37 @@ def _full_rows(store, judgments: list[dict], include_retracted: bool) -> list[di
                         "retracted_by": j["retracted_by"]})
         rows.append(row)
     return rows
+
+
+RANKING_COLUMNS = ["prompt", "answers", "ranks"]
+
+
+def _ranking_rows(store) -> list[dict]:
+    """One row per active ranking, in the import shape: answers in their shown order when
+    known, else best place first; ranks 1-based places, or "none"."""
+    rows = []
+    for k in store.rankings():
+        ids = [r for tier in k["tiers"] for r in tier]
+        order = k["shown"] if sorted(k["shown"]) == sorted(ids) else ids
+        place = rankings.tier_of(k["tiers"])
+        rows.append({"prompt": k["prompt"], "answers": [k["answers"][r] for r in order],
+                     "ranks": "none" if k["none_acceptable"] else [place[r] + 1 for r in order]})
+    return rows
+
+
+def _ranking_cells(rows: list[dict], ext: str) -> list[dict]:
+    """Lists as JSON text where the file type needs it: every list in CSV; in Parquet the
+    ranks when "none" and rank lists share the column (a Parquet column holds one type)."""
+    mixed = len({isinstance(r["ranks"], str) for r in rows}) > 1
+    out = []
+    for r in rows:
+        r = dict(r)
+        if ext == ".csv":
+            r["answers"] = json.dumps(r["answers"], ensure_ascii=False)
+        if isinstance(r["ranks"], list) and (ext == ".csv" or ext == ".parquet" and mixed):
+            r["ranks"] = json.dumps(r["ranks"])
+        out.append(r)
+    return out
 
 
 def _write_table(df, out: Path) -> None:
@@ -775,10 +1036,11 @@ def _write_table(df, out: Path) -> None:
 
 def export(store, fmt: str, out_path: str | os.PathLike,
            include_retracted: bool = False) -> ExportReport:
-    """Write judgments as a TRL dataset (trl-dpo, trl-kto) or with full provenance (full).
+    """Write judgments as a TRL dataset (trl-dpo, trl-kto), the rankings in their import
+    shape (rankings) or every judgment with full provenance (full).
 
-    Retracted judgments are never in the TRL formats; `include_retracted` adds them
-    (with retracted/retracted_at/retracted_by columns) to the full format.
+    Retracted judgments are never in the TRL or rankings formats; `include_retracted`
+    adds them (with retracted/retracted_at/retracted_by columns) to the full format.
     """
     import pandas as pd
 
@@ -795,8 +1057,13 @@ def export(store, fmt: str, out_path: str | os.PathLike,
         rows = _full_rows(store, judgments, include_retracted)
     elif fmt == "trl-dpo":
         columns, rows = ["prompt", "chosen", "rejected"], _dpo_rows(store.judgments(), skipped)
+    elif fmt == "rankings":
+        columns, rows = RANKING_COLUMNS, _ranking_cells(_ranking_rows(store), out.suffix.lower())
     else:
-        columns, rows = ["prompt", "completion", "label"], _kto_rows(store.judgments(), skipped)
+        judgments = store.judgments()
+        ranked = ({k["id"]: k for k in store.rankings()}
+                  if any(j["ranking_id"] is not None for j in judgments) else {})
+        columns, rows = ["prompt", "completion", "label"], _kto_rows(judgments, skipped, ranked)
     df = pd.DataFrame(rows, columns=columns)
     for column in columns:
         if column == "judgment_id" or column.endswith("_id") and column != "request_id":
@@ -823,6 +1090,8 @@ def cli_import(args) -> int:
     for name in args.files:  # validate every file before writing any
         try:
             parsed.append(read_import_file(name, multi_turn))
+            if getattr(args, "gold", False):
+                _check_gold(parsed[-1])
         except ImportFileError as err:
             errors.append(str(err))
     if errors:
@@ -849,7 +1118,7 @@ def cli_export(args) -> int:
     try:
         if args.include_retracted and args.format != "full":
             print("note: --include-retracted only applies to --format full; retracted "
-                  "judgments are never in TRL exports", file=sys.stderr)
+                  "judgments are never in TRL or rankings exports", file=sys.stderr)
         report = export(store, args.format, args.out, include_retracted=args.include_retracted)
     except (ExportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -864,7 +1133,9 @@ def format_stats(stats: dict) -> str:
     lines = [f"{'prompts':<12}{stats['prompts']:>8}",
              f"{'responses':<12}{stats['responses']:>8}",
              f"{'judgments':<12}{stats['judgments']:>8}  (active)",
-             f"{'retracted':<12}{stats['retracted']:>8}", ""]
+             f"{'retracted':<12}{stats['retracted']:>8}",
+             f"{'rankings':<12}{stats['rankings']:>8}  (active; {stats['ranking_pairs']} of the "
+             "judgments are their implied pairs)", ""]
     lines.append(f"{'kind':<10}{'verdict':<10}{'count':>8}")
     any_kind = False
     for kind, verdicts in stats["by_kind"].items():

@@ -20,12 +20,14 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+from rpo_app import rankings
 from rpo_app.config import TeamSettings
 from rpo_app.store import (CHECK_SOURCES, CROSS_KEY, CROSS_PAIR_KEY, GOLD_CHECK_SOURCE,
-                           PROMPT_KEY, RECHECK_SOURCE, RESPONSE_KEY, StorageError, Store,
-                           StoreError, item_key, judgment_lease_keys)
+                           PROMPT_KEY, RANK_KEY, RECHECK_SOURCE, RESPONSE_KEY, StorageError,
+                           Store, StoreError, item_key, judgment_lease_keys)
 
-MODES = ("paired", "cross", "unpaired", "mixed")
+# "mixed" draws from the three kinds of single judgment; a ranking is asked for by name.
+MODES = ("paired", "cross", "unpaired", "mixed", "ranking")
 SIDES = ("left", "right")
 UI_VERDICTS = ("left", "right", "tie", "both_bad", "up", "down")
 _SCAN = 40  # candidates read per look-up; enough to find a fresh family
@@ -33,7 +35,9 @@ _SCAN = 40  # candidates read per look-up; enough to find a fresh family
 
 @dataclass
 class Item:
-    """One thing on screen. `left`/`right` are response dicts (right is None for thumbs)."""
+    """One thing on screen. `left`/`right` are response dicts (right is None for thumbs
+    and rankings); a ranking's `answers` are in shown order (labels A, B, C, ...), with
+    the first also in `left`."""
 
     kind: str
     token: str
@@ -42,6 +46,7 @@ class Item:
     lease_keys: list[str]
     shown_at: float = field(default_factory=time.time)
     source: str = "label"  # or a check source: the judgment is stored with it
+    answers: list[dict] = field(default_factory=list)
 
     @property
     def family(self) -> str | None:
@@ -54,8 +59,12 @@ class Item:
                 return None
             return {"response_id": r["id"], "prompt_id": r["prompt_id"], "prompt": r["prompt"],
                     "text": r["text"]}
-        return {"kind": self.kind, "token": self.token, "left": side(self.left),
-                "right": side(self.right), "shown_at": self.shown_at}
+        out = {"kind": self.kind, "token": self.token, "left": side(self.left),
+               "right": side(self.right), "shown_at": self.shown_at}
+        if self.kind == "ranking":
+            out["answers"] = [{"label": label, **side(r)}
+                              for label, r in zip(rankings.LABELS, self.answers)]
+        return out
 
 
 class LabelQueue:
@@ -86,10 +95,13 @@ class LabelQueue:
         kinds = [mode] if mode != "mixed" else self._rng.sample(["paired", "cross", "unpaired"], 3)
         team = TeamSettings.load(self.store)
         check = self._next_check(annotator, kinds, team)
+        if mode == "ranking":
+            check, kinds = None, ["ranking"]
         for kind in ([None] if check else []) + kinds:
-            item = check if kind is None else {
-                "paired": self._next_paired, "cross": self._next_cross,
-                "unpaired": self._next_thumb}[kind](annotator, team.overlap)
+            item = check if kind is None else self._next_ranking(annotator, team) \
+                if kind == "ranking" else {
+                    "paired": self._next_paired, "cross": self._next_cross,
+                    "unpaired": self._next_thumb}[kind](annotator, team.overlap)
             if item is not None:
                 with self._lock:
                     self._items[item.token] = item
@@ -222,6 +234,28 @@ class LabelQueue:
                     self.store.release_lease(key, annotator)
         return None
 
+    def _next_ranking(self, annotator: str, team: TeamSettings) -> Item | None:
+        """Up to team.rank_size answers to one prompt that this annotator has not ranked and
+        that need another ranking; answers others ranked first, so rankings overlap."""
+        overlap = team.overlap
+        for partial in ((True, False) if overlap > 1 else (False,)):
+            rows = self._scan(lambda s: self.store.next_prompts_for_ranking(
+                annotator, s, _SCAN, rankings.MIN_ANSWERS, overlap, partial),
+                self.store.max_prompt_id())
+            for prompt in self._prefer_fresh_family(annotator, rows):
+                key = item_key(RANK_KEY, prompt["id"])
+                if not self.store.try_lease(key, annotator):
+                    continue
+                # Read under the lease: the last holder may have ranked some since.
+                answers = self.store.answers_open_for_ranking(prompt["id"], annotator,
+                                                              overlap)[:team.rank_size]
+                if len(answers) < rankings.MIN_ANSWERS:
+                    self.store.release_lease(key, annotator)
+                    continue
+                self._rng.shuffle(answers)
+                return Item("ranking", _token(), answers[0], None, [key], answers=answers)
+        return None
+
     def _shuffle(self, a: dict, b: dict) -> tuple[dict, dict]:
         return (a, b) if self._rng.random() < 0.5 else (b, a)
 
@@ -243,6 +277,9 @@ class LabelQueue:
             if existing is None:
                 raise ValueError("this item is no longer open; fetch the next one")
             return {"judgment_id": existing["id"], "created": False}
+        if item.kind == "ranking":
+            raise ValueError("a ranking takes an order of its answers (submit_ranking), not "
+                             "a verdict")
         if item.kind == "unpaired":
             if verdict not in ("up", "down"):
                 raise ValueError("a single answer takes 'up' or 'down'")
@@ -277,6 +314,49 @@ class LabelQueue:
             strength=strength if item.kind != "unpaired" and stored in ("a", "b") else None,
             a_side=a_side, seconds_spent=seconds_spent, request_id=token,
             overlap=None if source in CHECK_SOURCES else TeamSettings.load(self.store).overlap)
+
+    def submit_ranking(self, token: str, order: str, annotator: str,
+                       seconds_spent: float | None = None) -> dict:
+        """Store the ranking typed as `order` over the item's answers, by their labels
+        (rpo_app.rankings.ORDER_HELP). Returns {ranking_id, created, pairs, order}. A bad
+        order raises RankingError and keeps the item open; repeating a token stores
+        nothing new. `pairs` counts the implied pairs, `decided` those with a winner."""
+        annotator = _check_annotator(annotator)
+        item = self.item(token)
+        if item is None:
+            existing = self.store.ranking_by_request(token)
+            if existing is None:
+                raise ValueError("this item is no longer open; fetch the next one")
+            return self._ranking_result(existing, created=False)
+        if item.kind != "ranking":
+            raise ValueError(f"this item is a {item.kind} item; judge it with a verdict")
+        tiers, none_ok = rankings.parse_order(order, len(item.answers))
+        ids = [[item.answers[p]["id"] for p in tier] for tier in tiers]
+        if seconds_spent is None:
+            seconds_spent = round(time.time() - item.shown_at, 3)
+        try:
+            rid, created = self.store.add_ranking(
+                ids, annotator, none_acceptable=none_ok, shown=[r["id"] for r in item.answers],
+                seconds_spent=seconds_spent, request_id=token,
+                overlap=TeamSettings.load(self.store).overlap)
+        except StorageError:
+            raise
+        except StoreError:
+            with self._lock:
+                self._drop(item, annotator)
+            raise
+        with self._lock:
+            self._items.pop(token, None)
+            if self._current.get(annotator) == token:
+                del self._current[annotator]
+        return self._ranking_result(self.store.ranking(rid), created)
+
+    @staticmethod
+    def _ranking_result(ranking: dict, created: bool) -> dict:
+        pairs = rankings.implied_pairs(ranking["tiers"], ranking["none_acceptable"])
+        return {"ranking_id": ranking["id"], "created": created, "pairs": len(pairs),
+                "decided": sum(v in ("a", "b") for _, _, v in pairs),
+                "order": rankings.in_letters(ranking)}
 
     def submit_edit(self, token: str, side: str, text: str, annotator: str) -> dict:
         """Store the annotator's better version of one answer on screen, with the
@@ -314,6 +394,8 @@ class LabelQueue:
         undone = self.store.undo_last(annotator)
         if undone is None:
             return None
+        if undone.get("ranking_id") is not None:
+            return self._undo_ranking(annotator, undone)
         left = self.store.response(undone["response_a"])
         right = self.store.response(undone["response_b"]) if undone["response_b"] else None
         if right is not None and undone["a_side"] == "right":
@@ -325,13 +407,26 @@ class LabelQueue:
             self.store.try_lease(key, annotator)
         item = Item(undone["kind"], _token(), left, right, keys,
                     source=undone["source"] if check else "label")
+        self._put_back(annotator, item)
+        return {"undone": undone, "item": item}
+
+    def _undo_ranking(self, annotator: str, undone: dict) -> dict:
+        ranking = self.store.ranking(undone["ranking_id"])
+        order = ranking["shown"] or [r for tier in ranking["tiers"] for r in tier]
+        answers = [self.store.response(r) for r in order]
+        key = item_key(RANK_KEY, ranking["prompt_id"])
+        self.store.try_lease(key, annotator)
+        item = Item("ranking", _token(), answers[0], None, [key], answers=answers)
+        self._put_back(annotator, item)
+        return {"undone": undone, "ranking": ranking, "item": item}
+
+    def _put_back(self, annotator: str, item: Item) -> None:
         with self._lock:
             old = self._current.get(annotator)
             if old in self._items:
                 self._drop(self._items[old], annotator)
             self._items[item.token] = item
             self._current[annotator] = item.token
-        return {"undone": undone, "item": item}
 
     def _drop(self, item: Item, annotator: str) -> None:
         """Caller holds the lock. Frees the item for other annotators at once."""

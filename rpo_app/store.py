@@ -38,6 +38,7 @@ PROMPT_KEY = "prompt:"  # a paired item: the prompt whose answers are compared
 RESPONSE_KEY = "resp:"  # a thumbs item: one answer
 CROSS_KEY = "cross:"  # one answer of a cross-prompt pair; each side is leased by itself
 CROSS_PAIR_KEY = "crosspair:"  # a cross-prompt pair as a whole (skips), lower id first
+RANK_KEY = "rank:"  # a ranking item: the prompt whose unranked answers are ordered
 # Longest text accepted in any field: far above any real prompt or answer, low enough
 # that a mis-parsed file (a whole document in one cell) is caught.
 MAX_TEXT_CHARS = 100_000
@@ -148,6 +149,31 @@ MIGRATIONS: list[str] = [
     ALTER TABLE responses ADD COLUMN parent_id INTEGER REFERENCES responses(id);
     ALTER TABLE responses ADD COLUMN editor TEXT;
     CREATE INDEX responses_parent ON responses(parent_id);
+    """,
+    """
+    CREATE TABLE rankings(
+        id INTEGER PRIMARY KEY,
+        prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+        none_acceptable INTEGER NOT NULL DEFAULT 0 CHECK(none_acceptable IN (0, 1)),
+        annotator TEXT NOT NULL,
+        source TEXT NOT NULL,
+        seconds_spent REAL,
+        created_at REAL NOT NULL,
+        request_id TEXT UNIQUE,
+        retracted_at REAL,
+        retracted_by TEXT
+    );
+    CREATE TABLE ranking_items(
+        ranking_id INTEGER NOT NULL REFERENCES rankings(id),
+        response_id INTEGER NOT NULL REFERENCES responses(id),
+        tier INTEGER NOT NULL CHECK(tier >= 0),
+        shown_pos INTEGER,
+        PRIMARY KEY(ranking_id, response_id)
+    );
+    CREATE INDEX ranking_items_response ON ranking_items(response_id);
+    CREATE INDEX rankings_annotator ON rankings(annotator, created_at);
+    ALTER TABLE judgments ADD COLUMN ranking_id INTEGER REFERENCES rankings(id);
+    CREATE INDEX judgments_ranking ON judgments(ranking_id);
     """,
 ]
 
@@ -483,24 +509,170 @@ class Store:
                                        strength="clearly", request_id=request_id)
             return {"response_id": rid, "judgment_id": jid, "created": True}
 
-    def retract(self, judgment_id: int, by: str) -> bool:
-        """Undo keeps history: the row stays, marked retracted."""
+    def add_ranking(self, tiers: list[list[int]], annotator: str, none_acceptable: bool = False,
+                    source: str = "label", shown: list[int] | None = None,
+                    seconds_spent: float | None = None, request_id: str | None = None,
+                    overlap: int | None = None) -> tuple[int, bool]:
+        """Store a ranking of answers to one prompt (tiers of response ids, best first) and
+        its implied pairs (rpo_app.rankings), in one transaction; return (ranking id,
+        created). `shown` is the order on screen: an implied pair's a_side is "left" when
+        its A was shown first. request_id and overlap work as in add_judgment, counted per
+        answer: nobody ranks an answer twice, and no answer is in more than `overlap`
+        rankings."""
+        from rpo_app import rankings
+
+        if not annotator or not str(annotator).strip():
+            raise StoreError("a ranking needs an annotator name")
+        ids = [r for tier in tiers for r in tier]
+        try:
+            rankings.labels(len(ids))
+            rankings.check_tiers(tiers, sorted(set(ids)), lambda r: f"#{r}")
+            if shown is not None:
+                rankings.check_tiers([shown], ids, lambda r: f"#{r}")
+        except rankings.RankingError as err:
+            raise StoreError(str(err)) from None
         with self.transaction() as tx:
-            cur = tx.execute(
-                "UPDATE judgments SET retracted_at = ?, retracted_by = ? "
-                "WHERE id = ? AND retracted_at IS NULL", (_now(), by, judgment_id))
-            return bool(cur.rowcount)
+            if request_id is not None:
+                row = tx.execute("SELECT id FROM rankings WHERE request_id = ?",
+                                 (request_id,)).fetchone()
+                if row:
+                    return row[0], False
+            marks = ",".join("?" * len(ids))
+            found = {r[0]: r[1] for r in tx.execute(
+                f"SELECT id, prompt_id FROM responses WHERE id IN ({marks})", ids)}
+            missing = [r for r in ids if r not in found]
+            if missing:
+                raise StoreError(f"the ranking refers to answers that do not exist: "
+                                 f"{', '.join(f'#{r}' for r in missing)}")
+            if len(set(found.values())) > 1:
+                raise StoreError("a ranking orders answers to one prompt; these answer "
+                                 "different prompts")
+            if overlap is not None:
+                rankers = [r[0] for r in tx.execute(
+                    f"SELECT k.annotator FROM ranking_items ri JOIN rankings k "
+                    f"ON k.id = ri.ranking_id WHERE ri.response_id IN ({marks}) "
+                    f"AND k.retracted_at IS NULL AND k.{_COUNTED}", ids)]
+                if annotator in rankers:
+                    raise StoreError("you have ranked some of these answers already; here is "
+                                     "the next item")
+                per_answer = tx.execute(
+                    f"SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM ranking_items ri "
+                    f"JOIN rankings k ON k.id = ri.ranking_id WHERE ri.response_id IN ({marks}) "
+                    f"AND k.retracted_at IS NULL AND k.{_COUNTED} GROUP BY ri.response_id)",
+                    ids).fetchone()[0] or 0
+                if per_answer >= overlap:
+                    raise StoreError("these answers were ranked meanwhile by someone else; "
+                                     "here is the next item")
+            now = _now()
+            rid = tx.execute(
+                "INSERT INTO rankings(prompt_id, none_acceptable, annotator, source, "
+                "seconds_spent, created_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (next(iter(found.values())), int(none_acceptable), annotator, source,
+                 seconds_spent, now, request_id)).lastrowid
+            pos = {r: i for i, r in enumerate(shown)} if shown is not None else {}
+            place = rankings.tier_of(tiers)
+            tx.executemany(
+                "INSERT INTO ranking_items(ranking_id, response_id, tier, shown_pos) "
+                "VALUES (?, ?, ?, ?)", [(rid, r, place[r], pos.get(r)) for r in ids])
+            for a, b, verdict in rankings.implied_pairs(tiers, none_acceptable):
+                a_side = None if not pos else ("left" if pos[a] < pos[b] else "right")
+                tx.execute(
+                    "INSERT INTO judgments(kind, response_a, response_b, verdict, annotator, "
+                    "source, a_side, created_at, ranking_id) VALUES ('paired', ?, ?, ?, ?, ?, ?, "
+                    "?, ?)", (a, b, verdict, annotator, source, a_side, now, rid))
+            tx.execute("DELETE FROM leases WHERE annotator = ? AND item_key = ?",
+                       (annotator, item_key(RANK_KEY, next(iter(found.values())))))
+            return rid, True
+
+    def ranking_by_request(self, request_id: str) -> dict | None:
+        row = self._one("SELECT id FROM rankings WHERE request_id = ?", (request_id,))
+        return self.ranking(row[0]) if row else None
+
+    def ranking(self, ranking_id: int) -> dict | None:
+        rows = self.rankings(ids=[ranking_id], include_retracted=True)
+        return rows[0] if rows else None
+
+    def rankings(self, include_retracted: bool = False, ids: Iterable[int] | None = None
+                 ) -> list[dict]:
+        """Rankings with their prompt and answers: `tiers` (response ids, best first),
+        `shown` (screen order, when known) and `answers` (id -> text)."""
+        where, params = [], []
+        if not include_retracted:
+            where.append("k.retracted_at IS NULL")
+        if ids is not None:
+            ids = list(ids)
+            where.append(f"k.id IN ({','.join('?' * len(ids))})")
+            params += ids
+        rows = self._read(
+            "SELECT k.*, p.text AS prompt FROM rankings k JOIN prompts p ON p.id = k.prompt_id "
+            + ("WHERE " + " AND ".join(where) if where else "") + " ORDER BY k.id", params)
+        out = {r["id"]: {**dict(r), "none_acceptable": bool(r["none_acceptable"]),
+                         "tiers": [], "shown": [], "answers": {}} for r in rows}
+        if not out:
+            return []
+        # The same filter again rather than an id list, which SQLite caps at 32k values.
+        items = self._read(
+            "SELECT ri.*, r.text FROM ranking_items ri JOIN responses r ON r.id = ri.response_id "
+            "JOIN rankings k ON k.id = ri.ranking_id "
+            + ("WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY ri.ranking_id, ri.tier, ri.response_id", params)
+        for it in items:
+            k = out[it["ranking_id"]]
+            while len(k["tiers"]) <= it["tier"]:
+                k["tiers"].append([])
+            k["tiers"][it["tier"]].append(it["response_id"])
+            k["answers"][it["response_id"]] = it["text"]
+            if it["shown_pos"] is not None:
+                k["shown"].append((it["shown_pos"], it["response_id"]))
+        for k in out.values():
+            k["shown"] = [r for _, r in sorted(k["shown"])]
+        return list(out.values())
+
+    def ranking_places(self) -> dict[int, dict[int, int]]:
+        """{ranking id: {response id: tier}} over active rankings: what the pools need."""
+        out: dict[int, dict[int, int]] = {}
+        for r in self._read("SELECT ri.ranking_id, ri.response_id, ri.tier FROM ranking_items ri "
+                            "JOIN rankings k ON k.id = ri.ranking_id WHERE k.retracted_at IS NULL"):
+            out.setdefault(r[0], {})[r[1]] = r[2]
+        return out
+
+    def retract(self, judgment_id: int, by: str) -> bool:
+        """Undo keeps history: the row stays, marked retracted. A pair implied by a
+        ranking takes its whole ranking with it: a ranking is one judgment."""
+        with self.transaction() as tx:
+            row = tx.execute("SELECT ranking_id FROM judgments WHERE id = ? "
+                             "AND retracted_at IS NULL", (judgment_id,)).fetchone()
+            if row is None:
+                return False
+            if row[0] is not None:
+                return self._retract_ranking(tx, row[0], by)
+            tx.execute("UPDATE judgments SET retracted_at = ?, retracted_by = ? WHERE id = ?",
+                       (_now(), by, judgment_id))
+            return True
+
+    def retract_ranking(self, ranking_id: int, by: str) -> bool:
+        with self.transaction() as tx:
+            return self._retract_ranking(tx, ranking_id, by)
+
+    @staticmethod
+    def _retract_ranking(tx, ranking_id: int, by: str) -> bool:
+        now = _now()
+        cur = tx.execute("UPDATE rankings SET retracted_at = ?, retracted_by = ? "
+                         "WHERE id = ? AND retracted_at IS NULL", (now, by, ranking_id))
+        tx.execute("UPDATE judgments SET retracted_at = ?, retracted_by = ? "
+                   "WHERE ranking_id = ? AND retracted_at IS NULL", (now, by, ranking_id))
+        return bool(cur.rowcount)
 
     def undo_last(self, annotator: str) -> dict | None:
-        """Retract the annotator's most recent active judgment and return it."""
+        """Retract the annotator's most recent active judgment and return it (for a
+        ranking: its last implied pair, with `ranking_id`; the whole ranking is retracted)."""
         with self.transaction() as tx:
             row = tx.execute(
                 "SELECT id FROM judgments WHERE annotator = ? AND retracted_at IS NULL "
                 "ORDER BY id DESC LIMIT 1", (annotator,)).fetchone()
             if row is None:
                 return None
-            tx.execute("UPDATE judgments SET retracted_at = ?, retracted_by = ? WHERE id = ?",
-                       (_now(), annotator, row[0]))
+            self.retract(row[0], annotator)
         return self.judgment(row[0])
 
     def judgment(self, judgment_id: int) -> dict | None:
@@ -546,6 +718,7 @@ class Store:
         """Active judgments in the shape batches.py takes (texts in *_text fields)."""
         kinds = list(kinds) if kinds else list(KINDS)
         annotators = list(annotators) if annotators else None
+        places = self.ranking_places()
         out = []
         for row in self.judgments():
             if row["kind"] not in kinds or (annotators and row["annotator"] not in annotators):
@@ -560,6 +733,11 @@ class Store:
                 "prompt_b_text": row["prompt_b"], "response_b_text": row["response_b_text"],
                 "prompt_a_id": row["prompt_a_id"], "prompt_b_id": row["prompt_b_id"],
             })
+            if row["ranking_id"] is not None:  # where each side sits in its ranking (pools)
+                place = places[row["ranking_id"]]
+                out[-1].update(ranking_id=row["ranking_id"], tier_a=place[row["response_a"]],
+                               tier_b=place[row["response_b"]],
+                               ranking_tiers=max(place.values()) + 1)
         return out
 
     def state(self) -> dict:
@@ -595,6 +773,10 @@ class Store:
                 "SELECT COUNT(*) FROM judgments WHERE retracted_at IS NOT NULL")[0],
             "by_kind": by_kind,
             "annotators": annotators,
+            # A ranking is stored with its implied pairs, which by_kind counts as paired.
+            "rankings": self._one("SELECT COUNT(*) FROM rankings WHERE retracted_at IS NULL")[0],
+            "ranking_pairs": self._one("SELECT COUNT(*) FROM judgments "
+                                       "WHERE retracted_at IS NULL AND ranking_id IS NOT NULL")[0],
         }
         if since is not None:
             out["since"] = {r["kind"]: r["n"] for r in self._read(
@@ -603,9 +785,17 @@ class Store:
         return out
 
     def annotator_counts(self, annotator: str, since: float) -> dict:
-        return {r["kind"]: r["n"] for r in self._read(
+        """{kind: n} of the annotator's active judgments since then; a ranking counts once,
+        under "ranking", not as its implied pairs."""
+        out = {r["kind"]: r["n"] for r in self._read(
             "SELECT kind, COUNT(*) AS n FROM judgments WHERE retracted_at IS NULL "
-            "AND annotator = ? AND created_at >= ? GROUP BY kind", (annotator, since))}
+            "AND ranking_id IS NULL AND annotator = ? AND created_at >= ? GROUP BY kind",
+            (annotator, since))}
+        ranked = self._one("SELECT COUNT(*) FROM rankings WHERE retracted_at IS NULL "
+                           "AND annotator = ? AND created_at >= ?", (annotator, since))[0]
+        if ranked:
+            out["ranking"] = ranked
+        return out
 
     # -- label queue support ------------------------------------------------------------
     def next_prompts_for_pairs(self, annotator: str, start_id: int, limit: int,
@@ -661,6 +851,52 @@ class Store:
             "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
             "AND s.item_key = ? || r.id) " + judged + "ORDER BY r.id LIMIT ?",
             (start_id, RESPONSE_KEY, annotator, _now(), annotator, RESPONSE_KEY, *params, limit))
+        return [_response_dict(r) for r in rows]
+
+    # An answer is open for ranking by this annotator: in fewer than `overlap` counted
+    # active rankings, none of them theirs.
+    _RANK_OPEN = ("(SELECT COUNT(*) FROM ranking_items ri JOIN rankings k ON k.id = ri.ranking_id "
+                  f"WHERE ri.response_id = r.id AND k.retracted_at IS NULL AND k.{_COUNTED}) < ? "
+                  "AND NOT EXISTS (SELECT 1 FROM ranking_items ri JOIN rankings k "
+                  "ON k.id = ri.ranking_id WHERE ri.response_id = r.id "
+                  "AND k.retracted_at IS NULL AND k.annotator = ?)")
+
+    def next_prompts_for_ranking(self, annotator: str, start_id: int, limit: int,
+                                 min_answers: int, overlap: int = 1,
+                                 partial: bool = False) -> list[dict]:
+        """Prompts with at least `min_answers` answers open for ranking by this annotator,
+        not leased to someone else, not skipped, scanning ids from start_id. partial: of
+        those, prompts where someone else has ranked an open answer already."""
+        where, params = "", []
+        if partial:
+            where = ("AND EXISTS (SELECT 1 FROM responses r JOIN ranking_items ri "
+                     "ON ri.response_id = r.id JOIN rankings k ON k.id = ri.ranking_id "
+                     f"WHERE r.prompt_id = p.id AND k.retracted_at IS NULL AND k.{_COUNTED} "
+                     f"AND k.annotator != ? AND {self._RANK_OPEN}) ")
+            params = [annotator, overlap, annotator]
+        rows = self._read(
+            "SELECT p.* FROM prompts p WHERE p.id >= ? "
+            f"AND (SELECT COUNT(*) FROM responses r WHERE r.prompt_id = p.id "
+            f"AND {self._RANK_OPEN}) >= ? "
+            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = ? || p.id "
+            "AND l.annotator != ? AND l.expires_at > ?) "
+            "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
+            "AND s.item_key = ? || p.id) " + where + "ORDER BY p.id LIMIT ?",
+            (start_id, overlap, annotator, min_answers, RANK_KEY, annotator, _now(), annotator,
+             RANK_KEY, *params, limit))
+        return [dict(r) for r in rows]
+
+    def answers_open_for_ranking(self, prompt_id: int, annotator: str, overlap: int = 1
+                                 ) -> list[dict]:
+        """The prompt's answers open for ranking by this annotator; those someone else has
+        ranked first (so their rankings overlap), then by id."""
+        rows = self._read(
+            "SELECT r.*, p.text AS prompt, p.family AS family, "
+            "(SELECT COUNT(*) FROM ranking_items ri JOIN rankings k ON k.id = ri.ranking_id "
+            f"WHERE ri.response_id = r.id AND k.retracted_at IS NULL AND k.{_COUNTED}) AS n "
+            "FROM responses r JOIN prompts p ON p.id = r.prompt_id "
+            f"WHERE r.prompt_id = ? AND {self._RANK_OPEN} ORDER BY n DESC, r.id",
+            (prompt_id, overlap, annotator))
         return [_response_dict(r) for r in rows]
 
     def pair_judges(self, response_ids: list[int]) -> dict[tuple[int, int], list[str]]:

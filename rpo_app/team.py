@@ -131,7 +131,8 @@ def cli_team(args) -> int:
     try:
         current = TeamSettings.load(store)
         changes = {k: v for k, v in (("overlap", args.overlap), ("gold_rate", args.gold_rate),
-                                     ("recheck_rate", args.recheck_rate)) if v is not None}
+                                     ("recheck_rate", args.recheck_rate),
+                                     ("rank_size", args.rank_size)) if v is not None}
         if changes:
             try:
                 current = dataclasses.replace(current, **changes).save(store, by="cli")
@@ -139,7 +140,7 @@ def cli_team(args) -> int:
                 print(f"error: {err}; nothing was changed", file=sys.stderr)
                 return 2
         print(f"overlap {current.overlap} (annotators per item) · gold rate {current.gold_rate:g}"
-              f" · recheck rate {current.recheck_rate:g}")
+              f" · recheck rate {current.recheck_rate:g} · {current.rank_size} answers per ranking")
         return 0
     finally:
         store.close()

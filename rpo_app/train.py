@@ -381,9 +381,14 @@ class Trainer:
         if logps_table is None:
             my_c, c_order = process_order(chosen_idx, self.acc.process_index, self.world)
             my_r, r_order = process_order(rejected_idx, self.acc.process_index, self.world)
-            data_seqs = [self.train_data.seqs[i] for i in my_c + my_r]
+            # A ranking puts one answer in several pairs of a batch: score each sequence once.
+            unique = list(dict.fromkeys(my_c + my_r))
+            data_seqs = [self.train_data.seqs[i] for i in unique]
             with self.acc.autocast():
-                local = sequence_logps(self.model, data_seqs, self.pad_id, self.acc.device, self.keep_by_mask)
+                scored = sequence_logps(self.model, data_seqs, self.pad_id, self.acc.device, self.keep_by_mask)
+            at = {seq: k for k, seq in enumerate(unique)}
+            local = scored[torch.tensor([at[i] for i in my_c + my_r], dtype=torch.long,
+                                        device=scored.device)]
             pc = gather_keep_grad(self.acc, local[: len(my_c)])
             pr = gather_keep_grad(self.acc, local[len(my_c):])
         else:

@@ -110,6 +110,7 @@ def main_from_args(args) -> int:
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=cfg.host, server_port=cfg.port, auth=cfg.auth or None,
-                theme=gr.themes.Soft(), css=CSS, head=label_tab.KEYBOARD_JS,
+                theme=gr.themes.Soft(), css=CSS + label_tab.RANK_CSS,
+                head=label_tab.KEYBOARD_JS + label_tab.RANK_JS,
                 show_error=True, footer_links=[])
     return 0

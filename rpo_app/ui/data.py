@@ -16,7 +16,8 @@ EXPORT_CHOICES = [("TRL DPO (prompt / chosen / rejected), JSONL", "trl-dpo:jsonl
                   ("TRL KTO (prompt / completion / label), JSONL", "trl-kto:jsonl"),
                   ("Full provenance, JSONL", "full:jsonl"),
                   ("Full provenance, CSV", "full:csv"),
-                  ("Full provenance, Parquet", "full:parquet")]
+                  ("Full provenance, Parquet", "full:parquet"),
+                  ("Rankings (prompt / answers / ranks), JSONL", "rankings:jsonl")]
 
 
 NOTHING_TO_DO = "Every prompt already has that many answers."
@@ -241,7 +242,8 @@ def _refresh_index(ctx: AppContext) -> None:
 def _stats_frame(ctx: AppContext) -> pd.DataFrame:
     s = ctx.store.stats()
     rows = [("prompts", "", s["prompts"]), ("responses", "", s["responses"]),
-            ("judgments (active)", "", s["judgments"]), ("retracted (undone)", "", s["retracted"])]
+            ("judgments (active)", "", s["judgments"]), ("retracted (undone)", "", s["retracted"]),
+            ("rankings (active)", f"{s['ranking_pairs']} implied pairs", s["rankings"])]
     for kind, verdicts in s["by_kind"].items():
         for verdict, n in sorted(verdicts.items()):
             rows.append((f"{kind} judgments", verdict, n))

@@ -6,16 +6,20 @@ item carries a token used as the request id, so a double click stores it once.
 from __future__ import annotations
 
 import functools
+import html
 import time
 
 import gradio as gr
 import pandas as pd
 
+from rpo_app import rankings
+from rpo_app.config import TeamSettings
 from rpo_app.labelqueue import MODES
 from rpo_app.ui.context import AppContext, start_of_today
 
 MODE_CHOICES = [("Paired (same prompt)", "paired"), ("Cross-prompt (related prompts)", "cross"),
-                ("Unpaired (thumbs)", "unpaired"), ("Mixed", "mixed")]
+                ("Unpaired (thumbs)", "unpaired"), ("Mixed", "mixed"),
+                ("Rank several answers", "ranking")]
 STRENGTH_CHOICES = [("no strength", "none"), ("slightly", "slightly"), ("clearly", "clearly")]
 VERDICT_WORDS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad",
                  "up": "thumbs up", "down": "thumbs down"}
@@ -49,24 +53,176 @@ KEYBOARD_JS = """
 """
 
 
+# The ranking panel, in the browser: drag a card to move it; "tied with the one above"
+# joins a card to the place above it; keys a-f append that answer to the order, '='
+# ties the next one to the last, Backspace takes the last one back, Enter saves and N
+# says none is acceptable. The order box is the one source of truth: the cards follow
+# what is typed in it, and dragging rewrites it.
+RANK_JS = r"""
+<script>
+(() => {
+  const box = () => document.querySelector('#lbl-rank-order textarea, #lbl-rank-order input');
+  const list = () => document.querySelector('#lbl-rank-cards .rank-list');
+  const visible = (el) => el && el.offsetParent !== null;
+  function setBox(value) {
+    const b = box();
+    if (!b) return;
+    b.value = value;
+    b.dispatchEvent(new Event('input', {bubbles: true}));
+    show(value);
+  }
+  function fromCards() {
+    const places = [];
+    for (const card of list().querySelectorAll('.rank-card')) {
+      const tie = card.querySelector('.rank-tie');
+      if (tie && tie.checked && places.length) places[places.length - 1].push(card.dataset.label);
+      else places.push([card.dataset.label]);
+    }
+    return places.map((p) => p.join(' = ')).join(' > ');
+  }
+  function parse(text) {  // the typed order as places of labels; unknown letters ignored
+    const places = [];
+    const norm = (text || '').toUpperCase().replace(/\s*=\s*/g, '=');
+    for (const part of norm.split(/[>,\s]+/)) {
+      if (!part) continue;
+      const names = part.split('=');
+      if (names.length === 1) for (const c of names[0]) places.push([c]);
+      else places.push(names.filter((n) => n));
+    }
+    return places;
+  }
+  function show(text) {  // put the cards in the typed order; unplaced ones last, dimmed
+    const l = list();
+    if (!l) return;
+    const cards = {};
+    for (const c of l.querySelectorAll('.rank-card')) cards[c.dataset.label] = c;
+    const placed = new Set();
+    let n = 0;
+    for (const place of parse(text)) {
+      n += 1;
+      place.forEach((name, i) => {
+        const c = cards[name];
+        if (!c || placed.has(name)) return;
+        placed.add(name);
+        l.appendChild(c);
+        c.classList.remove('unplaced');
+        c.querySelector('.rank-place').textContent = '#' + n;
+        const tie = c.querySelector('.rank-tie');
+        if (tie) tie.checked = i > 0;
+      });
+    }
+    for (const [name, c] of Object.entries(cards)) {
+      if (placed.has(name)) continue;
+      l.appendChild(c);
+      c.classList.add('unplaced');
+      c.querySelector('.rank-place').textContent = '–';
+      const tie = c.querySelector('.rank-tie');
+      if (tie) tie.checked = false;
+    }
+  }
+  let dragged = null;
+  document.addEventListener('dragstart', (e) => {
+    const c = e.target.closest && e.target.closest('.rank-card');
+    if (c) { dragged = c; e.dataTransfer.effectAllowed = 'move'; }
+  });
+  document.addEventListener('dragover', (e) => {
+    if (dragged && e.target.closest && e.target.closest('.rank-list')) e.preventDefault();
+  });
+  document.addEventListener('drop', (e) => {
+    const target = e.target.closest && e.target.closest('.rank-card');
+    if (!dragged || !target || target === dragged) { dragged = null; return; }
+    e.preventDefault();
+    const r = target.getBoundingClientRect();
+    target.parentNode.insertBefore(dragged, e.clientY < r.top + r.height / 2 ? target : target.nextSibling);
+    dragged.classList.remove('unplaced');
+    dragged = null;
+    setBox(fromCards());
+  });
+  document.addEventListener('change', (e) => {
+    if (e.target.classList && e.target.classList.contains('rank-tie')) setBox(fromCards());
+  });
+  document.addEventListener('input', (e) => {
+    const b = box();
+    if (b && e.target === b) show(b.value);
+  });
+  document.addEventListener('keydown', (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const l = list();
+    if (!visible(l)) return;
+    const t = e.target;
+    const tag = ((t && t.tagName) || '').toLowerCase();
+    if ((tag === 'input' || tag === 'textarea' || tag === 'select') && !t.readOnly) return;
+    const key = e.key || '';
+    const labels = [...l.querySelectorAll('.rank-card')].map((c) => c.dataset.label);
+    const value = (box() && box().value) || '';
+    if (labels.includes(key.toUpperCase()) && key.length === 1) {
+      e.preventDefault();
+      const tied = /=\s*$/.test(value);
+      setBox(value.trim() === '' ? key.toUpperCase() :
+             value.replace(/\s+$/, '') + (tied ? ' ' : ' > ') + key.toUpperCase());
+    } else if (key === '=') {
+      e.preventDefault();
+      if (value.trim()) setBox(value.replace(/\s+$/, '') + ' = ');
+    } else if (key === 'Backspace') {
+      e.preventDefault();
+      setBox(/=\s*$/.test(value) ? value.replace(/\s*=\s*$/, '')
+             : value.replace(/\s*[>=]?\s*[A-Za-z]\s*$/, ''));
+    } else if (key === 'Enter' || key.toLowerCase() === 'n') {
+      const btn = document.querySelector(key === 'Enter' ? '#lbl-rank-save' : '#lbl-rank-none');
+      const b = btn && (btn.tagName === 'BUTTON' ? btn : btn.querySelector('button'));
+      if (visible(b)) { e.preventDefault(); b.click(); }
+    }
+  });
+})();
+</script>
+"""
+
+RANK_CSS = """
+#lbl-rank-cards .rank-list {display: flex; flex-direction: column; gap: 6px}
+#lbl-rank-cards .rank-card {border: 1px solid var(--border-color-primary); border-radius: 6px;
+  padding: 6px 10px; cursor: grab; background: var(--background-fill-primary)}
+#lbl-rank-cards .rank-card.unplaced {opacity: 0.6; border-style: dashed}
+#lbl-rank-cards .rank-head {display: flex; gap: 12px; align-items: center; font-size: 0.9em}
+#lbl-rank-cards .rank-label {font-weight: bold; font-size: 1.1em}
+#lbl-rank-cards .rank-text {white-space: pre-wrap; margin-top: 4px}
+#lbl-rank-cards .rank-card:first-child .rank-tie-box {visibility: hidden}
+#lbl-rank-cards .rank-tie {appearance: auto; -webkit-appearance: checkbox; width: 14px;
+  height: 14px; margin: 0 4px 0 0; vertical-align: middle}
+"""
+
 # The outputs of every handler below, in order.
 VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
         "pair_row", "thumb_row", "strength_col", "related", "history", "progress",
-        "first_run", "poll", "status")  # status last: scripts read it as the last output
+        "first_run", "poll", "answers_row", "rank_col", "rank_cards", "rank_order",
+        "status")  # status last: scripts read it as the last output
 
 
-def render(ctx: AppContext, annotator: str | None, item, message: str = "") -> list:
-    """The tab showing `item` (None: nothing left), in VIEW order."""
+def render(ctx: AppContext, annotator: str | None, item, message: str = "",
+           mode: str | None = None) -> list:
+    """The tab showing `item` (None: nothing left in `mode`), in VIEW order."""
     hist, prog = _history_and_progress(ctx, annotator)
     if item is None:
-        empty, first_run, waiting = _nothing_to_judge(ctx)
+        empty, first_run, waiting = _nothing_to_judge(ctx, mode)
         view = {"token": None, "prompt": gr.update(value="", visible=True),
                 "left_prompt": gr.update(visible=False), "left": "",
                 "right_prompt": gr.update(visible=False), "right": "",
                 "right_col": gr.update(visible=True), "question": empty,
                 "pair_row": gr.update(visible=False), "thumb_row": gr.update(visible=False),
                 "strength_col": gr.update(visible=False), "related": _empty_related(),
-                "first_run": gr.update(visible=first_run), "poll": gr.Timer(active=waiting)}
+                "first_run": gr.update(visible=first_run), "poll": gr.Timer(active=waiting),
+                **_rank_view(None)}
+    elif item.kind == "ranking":
+        view = {"token": item.token, "prompt": gr.update(value=item.left["prompt"], visible=True),
+                "left_prompt": gr.update(visible=False), "left": "",
+                "right_prompt": gr.update(visible=False), "right": "",
+                "right_col": gr.update(visible=True),
+                "question": (f"**Rank these {len(item.answers)} answers, best first.** Ties are "
+                             "allowed; if no answer is acceptable, say so."),
+                "pair_row": gr.update(visible=False), "thumb_row": gr.update(visible=False),
+                "strength_col": gr.update(visible=False),
+                "related": _related(ctx, item.left["prompt_id"]),
+                "first_run": gr.update(visible=False), "poll": gr.Timer(active=False),
+                **_rank_view(item)}
     else:
         cross = item.kind == "cross"
         thumbs = item.kind == "unpaired"
@@ -82,12 +238,38 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "") -> l
                 "pair_row": gr.update(visible=not thumbs), "thumb_row": gr.update(visible=thumbs),
                 "strength_col": gr.update(visible=not thumbs),
                 "related": _related(ctx, item.left["prompt_id"]),
-                "first_run": gr.update(visible=False), "poll": gr.Timer(active=False)}
+                "first_run": gr.update(visible=False), "poll": gr.Timer(active=False),
+                **_rank_view(None)}
     view.update(history=hist, progress=prog, status=message)
     return [view[name] for name in VIEW]
 
 
-def _nothing_to_judge(ctx: AppContext) -> tuple[str, bool, bool]:
+def _rank_view(item) -> dict:
+    """The ranking panel's part of the view: shown with cards for a ranking, else hidden."""
+    if item is None or item.kind != "ranking":
+        return {"answers_row": gr.update(visible=True), "rank_col": gr.update(visible=False),
+                "rank_cards": "", "rank_order": ""}
+    return {"answers_row": gr.update(visible=False), "rank_col": gr.update(visible=True),
+            "rank_cards": rank_cards_html(item.answers), "rank_order": ""}
+
+
+def rank_cards_html(answers: list[dict]) -> str:
+    """One draggable card per answer, labelled A, B, C... in shown order (texts escaped)."""
+    cards = []
+    # Every card has the tie box (any card may come first after a move); CSS hides the
+    # first one's.
+    tie = ('<label class="rank-tie-box"><input type="checkbox" class="rank-tie"> tied with '
+           "the one above</label>")
+    for label, answer in zip(rankings.LABELS, answers):
+        cards.append(
+            f'<div class="rank-card unplaced" draggable="true" data-label="{label}">'
+            f'<div class="rank-head"><span class="rank-label">{label}</span>'
+            f'<span class="rank-place">–</span>{tie}</div>'
+            f'<div class="rank-text">{html.escape(answer["text"])}</div></div>')
+    return '<div class="rank-list">' + "".join(cards) + "</div>"
+
+
+def _nothing_to_judge(ctx: AppContext, mode: str | None = None) -> tuple[str, bool, bool]:
     """(what to say, show the first-run button, keep polling) when no item is left."""
     job = ctx.generation.status()
     if job.running:
@@ -99,6 +281,12 @@ def _nothing_to_judge(ctx: AppContext) -> tuple[str, bool, bool]:
     if no_answers:
         offer, timed = first_run_offer(ctx)
         return f"**Start here.** {offer}", True, not timed  # poll until the estimate is in
+    if mode == "ranking":
+        return (f"Nothing left to rank. A ranking needs at least {rankings.MIN_ANSWERS} "
+                "answers to one prompt that you have not ranked: in the **Data** tab, "
+                f"generate answers until prompts have {TeamSettings.load(ctx.store).rank_size} "
+                "(the Team tab's answers per ranking), import a ranking file, or switch mode.",
+                False, False)
     return ("Nothing left to judge in this mode. Generate more answers in the "
             "**Data** tab, import a file, or switch mode.", False, False)
 
@@ -150,7 +338,7 @@ def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = 
     """The annotator's next item in `mode`; without a name, a request for one."""
     if annotator is None:
         return render(ctx, None, None, "Enter your name above to start judging.")
-    return render(ctx, annotator, ctx.queue.next_item(annotator, mode), message)
+    return render(ctx, annotator, ctx.queue.next_item(annotator, mode), message, mode)
 
 
 def judge(ctx: AppContext, verdict: str, token: str | None, mode: str, strength: str,
@@ -169,6 +357,26 @@ def judge(ctx: AppContext, verdict: str, token: str | None, mode: str, strength:
     return show_next(ctx, mode, annotator, msg)
 
 
+def save_ranking(ctx: AppContext, token: str | None, order: str, mode: str,
+                 annotator: str) -> list:
+    """Store the typed order of the ranking on screen, then show the next item. An order
+    that does not rank every answer once keeps the item and the typed text on screen."""
+    if not token:
+        return show_next(ctx, mode, annotator, "Nothing on screen to rank.")
+    try:
+        result = ctx.queue.submit_ranking(token, order, annotator)
+    except rankings.RankingError as err:
+        view = render(ctx, annotator, ctx.queue.item(token), f"⚠ Not saved: {err}")
+        keep = {"rank_cards": gr.skip(), "rank_order": gr.skip()}  # the person's work stays
+        return [keep.get(name, part) for name, part in zip(VIEW, view)]
+    except ValueError as err:  # refused by the store: nothing stored; move on
+        return show_next(ctx, mode, annotator, f"⚠ Not saved: {err}")
+    msg = (f"Saved ranking #{result['ranking_id']} ({result['order']}): {result['pairs']} "
+           f"pairs, {result['decided']} with a winner." if result["created"] else
+           f"Already saved as ranking #{result['ranking_id']} (not stored twice).")
+    return show_next(ctx, mode, annotator, msg)
+
+
 def skip(ctx: AppContext, token: str | None, mode: str, annotator: str) -> list:
     if token:
         ctx.queue.skip(token, annotator)
@@ -180,9 +388,11 @@ def undo(ctx: AppContext, mode: str, annotator: str) -> list:
     if out is None:
         return show_next(ctx, mode, annotator, "Nothing to undo.")
     j = out["undone"]
+    what = (f"ranking #{out['ranking']['id']}" if out.get("ranking") else
+            f"judgment #{j['id']} ({shown_verdict(j)})")
     return render(ctx, annotator, out["item"],
-                  f"Undid judgment #{j['id']} ({shown_verdict(j)}); it is back "
-                  "on screen. The retracted row stays in the history of the store.")
+                  f"Undid {what}; it is back on screen. The retracted row stays in the "
+                  "history of the store.")
 
 
 def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
@@ -196,7 +406,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         with gr.Column(scale=4):
             prompt = gr.Textbox(label="Prompt", interactive=False, lines=2, max_lines=8,
                                 elem_id="lbl-prompt")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=True) as answers_row:
                 with gr.Column():
                     left_prompt = gr.Textbox(label="Prompt A", interactive=False, lines=2,
                                              visible=False, elem_id="lbl-left-prompt")
@@ -208,6 +418,16 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                     right = gr.Textbox(label="Answer B", interactive=False, lines=10,
                                        max_lines=24, elem_id="lbl-right-text")
             question = gr.Markdown("**Which answer is better?**", elem_id="lbl-question")
+            with gr.Column(visible=False) as rank_col:
+                rank_cards = gr.HTML("", elem_id="lbl-rank-cards")
+                with gr.Row(equal_height=True):
+                    rank_order = gr.Textbox(label="Order, best first", scale=4,
+                                            placeholder="e.g. C > A = B > D (or type the "
+                                            "letters; drag the cards)", elem_id="lbl-rank-order")
+                    rank_save = gr.Button("Save ranking  [Enter]", variant="primary", scale=1,
+                                          elem_id="lbl-rank-save")
+                    rank_none = gr.Button("None is acceptable  [N]", variant="stop", scale=1,
+                                          elem_id="lbl-rank-none")
             with gr.Row(visible=True) as pair_row:
                 b_left = gr.Button("A is better  [1]", variant="primary", elem_id="lbl-left")
                 b_right = gr.Button("B is better  [2]", variant="primary", elem_id="lbl-right")
@@ -245,14 +465,18 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                                    label="Your last judgments", interactive=False, wrap=True,
                                    elem_id="lbl-history")
             gr.Markdown("Keys: **1** A or good · **2** B or bad · **3** tie · **4** both bad · "
-                        "**S** skip · **Z** undo. Keys are ignored while typing in a box. "
-                        "Skip stores nothing; tie and both-bad are judgments.")
+                        "**S** skip · **Z** undo. Ranking: **A–F** place that answer next · "
+                        "**=** tie it with the last one · **Backspace** take the last back · "
+                        "**Enter** save · **N** none is acceptable. Keys are ignored while "
+                        "typing in a box. Skip stores nothing; tie and both-bad are judgments.")
 
     parts = {"token": token, "prompt": prompt, "left_prompt": left_prompt, "left": left,
              "right_prompt": right_prompt, "right": right, "right_col": right_col,
              "question": question, "pair_row": pair_row, "thumb_row": thumb_row,
              "strength_col": strength_col, "related": related, "history": history,
-             "progress": progress, "status": status, "first_run": first_run, "poll": poll_timer}
+             "progress": progress, "status": status, "first_run": first_run, "poll": poll_timer,
+             "answers_row": answers_row, "rank_col": rank_col, "rank_cards": rank_cards,
+             "rank_order": rank_order}
     view = [parts[name] for name in VIEW]
 
     # The wrappers' parameter names are the endpoints' API (tests/test_label_api.py).
@@ -264,6 +488,12 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
             return judge(ctx, verdict, tok, mode_value, strength_value,
                          ctx.annotator(request, typed))
         return on_judge
+
+    def on_rank(tok, order, mode_value, typed, request: gr.Request):
+        return save_ranking(ctx, tok, order, mode_value, ctx.annotator(request, typed))
+
+    def on_rank_none(tok, mode_value, typed, request: gr.Request):
+        return save_ranking(ctx, tok, "none", mode_value, ctx.annotator(request, typed))
 
     def on_skip(tok, mode_value, typed, request: gr.Request):
         return skip(ctx, tok, mode_value, ctx.annotator(request, typed))
@@ -296,6 +526,12 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                                  (b_up, "up", "label_up"), (b_down, "down", "label_down")]:
         button.click(judge_as(verdict), [token, mode, strength, annotator_box], view, api_name=api,
                      concurrency_limit=None)
+    rank_save.click(on_rank, [token, rank_order, *base_inputs], view, api_name="label_rank",
+                    concurrency_limit=None)
+    rank_order.submit(on_rank, [token, rank_order, *base_inputs], view, api_name=False,
+                      concurrency_limit=None)
+    rank_none.click(on_rank_none, [token, *base_inputs], view, api_name="label_rank_none",
+                    concurrency_limit=None)
     b_skip.click(on_skip, [token, *base_inputs], view, api_name="label_skip", concurrency_limit=None)
     b_undo.click(on_undo, base_inputs, view, api_name="label_undo", concurrency_limit=None)
     mode.change(on_show, base_inputs, view, api_name="label_mode", concurrency_limit=None)
@@ -392,20 +628,28 @@ def _related(ctx: AppContext, prompt_id: int) -> pd.DataFrame:
 def _history_and_progress(ctx: AppContext, annotator: str | None):
     if not annotator:
         return pd.DataFrame(columns=["#", "kind", "verdict", "prompt"]), ""
-    rows = ctx.store.judgments(annotator=annotator, limit=8, newest_first=True)
-    hist = pd.DataFrame({
-        "#": [r["id"] for r in rows], "kind": [r["kind"] for r in rows],
-        "verdict": [shown_verdict(r) + (f" ({r['strength']})" if r["strength"] else "")
-                    for r in rows],
-        "prompt": [_short(r["prompt_a"]) for r in rows]})
+    # Enough rows that a few rankings (C(6,2) = 15 pairs each) still leave 8 lines.
+    rows = ctx.store.judgments(annotator=annotator, limit=48, newest_first=True)
+    lines, seen = [], set()
+    for r in rows:
+        if r["ranking_id"] is None:
+            lines.append((r["id"], r["kind"], shown_verdict(r) + (
+                f" ({r['strength']})" if r["strength"] else ""), _short(r["prompt_a"])))
+        elif r["ranking_id"] not in seen:  # a ranking is one line, not its pairs
+            seen.add(r["ranking_id"])
+            lines.append((r["id"], "ranking", rankings.in_letters(ctx.store.ranking(r["ranking_id"])),
+                          _short(r["prompt_a"])))
+    hist = pd.DataFrame(lines[:8], columns=["#", "kind", "verdict", "prompt"])
     today = ctx.store.annotator_counts(annotator, start_of_today())
     stats = ctx.store.stats()
     total_by_kind = {k: sum(v.values()) for k, v in stats["by_kind"].items()}
     prog = (f"**{annotator}** · today: **{sum(today.values())}** judged "
             f"(paired {today.get('paired', 0)} · cross {today.get('cross', 0)} · "
-            f"thumbs {today.get('unpaired', 0)}) · all annotators: {stats['judgments']} judgments "
+            f"thumbs {today.get('unpaired', 0)} · rankings {today.get('ranking', 0)}) · "
+            f"all annotators: {stats['judgments']} judgments "
             f"(paired {total_by_kind['paired']} · cross {total_by_kind['cross']} · "
-            f"thumbs {total_by_kind['unpaired']}) on {stats['prompts']} prompts")
+            f"thumbs {total_by_kind['unpaired']}; {stats['ranking_pairs']} of them from "
+            f"{stats['rankings']} ranking{'' if stats['rankings'] == 1 else 's'}) on {stats['prompts']} prompts")
     return hist, prog
 
 
@@ -422,7 +666,9 @@ def _register_api(ctx: AppContext) -> None:
         return getattr(request, "username", None) or annotator
 
     def next_item(annotator: str, mode: str = "paired", request: gr.Request = None) -> dict:
-        """The next item for this annotator: {kind, token, left, right}; {} when none."""
+        """The next item for this annotator: {kind, token, left, right}; {} when none.
+        mode "ranking" gives {kind: "ranking", token, answers: [{label, response_id, text,
+        ...}], ...}: rank it with submit_ranking."""
         annotator = who(annotator, request)
         if mode not in MODES:
             raise gr.Error(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -463,6 +709,20 @@ def _register_api(ctx: AppContext) -> None:
             return {}
         return {"undone_id": out["undone"]["id"], "item": out["item"].public()}
 
+    def submit_ranking(token: str, order: str, annotator: str, seconds_spent: float = -1.0,
+                       request: gr.Request = None) -> dict:
+        """Rank the answers of the ranking item with this token, by their labels, best
+        first: "C > A = B > D" ('=' ties; spaces or '>' between places), or "none" when no
+        answer is acceptable. Returns {ranking_id, created, pairs, decided, order} (pairs:
+        implied pairs; decided: those with a winner); repeating a token
+        stores nothing new. A bad order is refused and the item stays open."""
+        annotator = who(annotator, request)
+        try:
+            return ctx.queue.submit_ranking(token, order, annotator,
+                                            seconds_spent=None if seconds_spent < 0 else seconds_spent)
+        except ValueError as err:
+            raise gr.Error(str(err))
+
     def label_stats() -> dict:
         """Counts of prompts, responses and judgments by kind, verdict and annotator."""
         return ctx.store.stats(since=time.time() - 86400)
@@ -479,5 +739,6 @@ def _register_api(ctx: AppContext) -> None:
             raise gr.Error(str(err))
         return {k: out[k] for k in ("response_id", "judgment_id", "original_id", "created")}
 
-    for fn in (next_item, submit_judgment, skip_item, undo_last, label_stats, submit_edit):
+    for fn in (next_item, submit_judgment, skip_item, undo_last, label_stats, submit_edit,
+               submit_ranking):
         gr.api(fn, api_name=fn.__name__, concurrency_limit=None)

@@ -17,17 +17,20 @@ RECENT = 200  # judgments listed in the table
 
 def load_settings(ctx: AppContext) -> tuple:
     s = TeamSettings.load(ctx.store)
-    return s.overlap, s.gold_rate, s.recheck_rate
+    return s.overlap, s.gold_rate, s.recheck_rate, s.rank_size
 
 
-def save_settings(ctx: AppContext, overlap, gold_rate, recheck_rate, who: str) -> str:
+def save_settings(ctx: AppContext, overlap, gold_rate, recheck_rate, who: str,
+                  rank_size=TeamSettings.rank_size) -> str:
     try:
         s = TeamSettings(overlap=int(overlap or 0), gold_rate=float(gold_rate),
-                         recheck_rate=float(recheck_rate)).save(ctx.store, by=who or None)
+                         recheck_rate=float(recheck_rate),
+                         rank_size=int(rank_size or 0)).save(ctx.store, by=who or None)
     except (TypeError, ValueError) as err:
         raise gr.Error(f"{err}; nothing was changed")
     return (f"✔ Saved: each item goes to **{s.overlap}** annotator(s); "
-            f"{s.gold_rate:.0%} gold checks, {s.recheck_rate:.0%} re-shown items.")
+            f"{s.gold_rate:.0%} gold checks, {s.recheck_rate:.0%} re-shown items; "
+            f"{s.rank_size} answers per ranking.")
 
 
 def view(ctx: AppContext) -> tuple:
@@ -99,6 +102,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         recheck_rate = gr.Slider(0, 0.5, value=0.0, step=0.01,
                                  label="Share of re-shown items (self-consistency)",
                                  elem_id="team-recheck-rate")
+        rank_size = gr.Number(TeamSettings.rank_size, precision=0, minimum=3, maximum=6,
+                              label="Answers per ranking", elem_id="team-rank-size")
         save = gr.Button("Save", scale=0, elem_id="team-save")
     saved = gr.Markdown("", elem_id="team-saved")
     gr.Markdown("### Agreement")
@@ -129,8 +134,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     def who(request: gr.Request, typed: str) -> str:
         return getattr(request, "username", None) or (typed or "").strip()
 
-    def on_save(o, g, r, typed, request: gr.Request):
-        return save_settings(ctx, o, g, r, who(request, typed))
+    def on_save(o, g, r, typed, k, request: gr.Request):
+        return save_settings(ctx, o, g, r, who(request, typed), k)
 
     def on_mark(text, typed, request: gr.Request):
         return mark_gold(ctx, text, who(request, typed), True)
@@ -138,7 +143,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     def on_unmark(text, typed, request: gr.Request):
         return mark_gold(ctx, text, who(request, typed), False)
 
-    save.click(on_save, [overlap, gold_rate, recheck_rate, annotator_box], saved,
+    save.click(on_save, [overlap, gold_rate, recheck_rate, annotator_box, rank_size], saved,
                api_name="team_settings")
     refresh.click(functools.partial(view, ctx), None, outputs, api_name="team_view")
     mark.click(on_mark, [ids, annotator_box], [gold_status, table], api_name="mark_gold")
@@ -147,4 +152,4 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     def load():
         return (*load_settings(ctx), *view(ctx))
 
-    return {"load": load, "load_outputs": [overlap, gold_rate, recheck_rate, *outputs]}
+    return {"load": load, "load_outputs": [overlap, gold_rate, recheck_rate, rank_size, *outputs]}
