@@ -20,8 +20,9 @@ accuracy is measured on held-out pairs (paired and cross) for every loss, so los
 can be compared on one measure; with no held-out pairs it falls back to the pools.
 
 Text becomes tokens through the model's own chat template: the prompt as a user
-message with the generation prompt, then the response and the end-of-turn token.
-Only response tokens are scored.
+message (a conversation: its whole history, ending with a user turn) with the
+generation prompt, then the response and the end-of-turn token. Only response tokens
+are scored: for a conversation, only its final assistant turn.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from rpo_app.chat_template import end_of_turn_id, prompt_ids, response_ids
+from rpo_app.conversation import frozen
 from rpo_app.loss_registry import LossSpec, get_loss
 from rpo_app.rankings import pool_sides
 
@@ -46,8 +48,11 @@ GROUP_BATCHES = 16
 
 @dataclass(frozen=True)
 class Item:
-    prompt: str
+    prompt: str  # the text; for a conversation its transcript (rpo_app.conversation)
     response: str
+    # A conversation's messages as (role, content) pairs, ending with the user turn the
+    # response answers; None for a single user turn.
+    messages: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,13 @@ def filter_judgments(judgments: Iterable[dict], kinds: Sequence[str] | None = No
 
 
 def _sides(j: dict) -> tuple[Item, Item | None]:
-    a = Item(j["prompt_a_text"], j["response_a_text"])
+    a = Item(j["prompt_a_text"], j["response_a_text"], frozen(j.get("prompt_a_messages")))
     if j["kind"] == "unpaired":
         return a, None
     # A paired judgment may leave prompt_b empty: both answers share prompt_a.
-    return a, Item(j.get("prompt_b_text") or j["prompt_a_text"], j["response_b_text"])
+    if not j.get("prompt_b_text"):
+        return a, Item(a.prompt, j["response_b_text"], a.messages)
+    return a, Item(j["prompt_b_text"], j["response_b_text"], frozen(j.get("prompt_b_messages")))
 
 
 def judgment_pairs(judgments: Iterable[dict], kinds: Sequence[str] = ("paired", "cross")) -> list[Pair]:
@@ -218,6 +225,15 @@ class PreferenceData:
     chosen: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)  # items[k] is the text of seqs[k]
+    # Prompt text -> its conversation ((role, content) pairs) for the prompts that are one.
+    messages: dict[str, tuple] = field(default_factory=dict)
+
+    def embed_texts(self) -> list[str]:
+        """What the embedder reads for each of `prompts` (rpo_app.conversation.embed_text)."""
+        from rpo_app.conversation import embed_text
+
+        return [embed_text([{"role": r, "content": c} for r, c in self.messages[p]])
+                if p in self.messages else p for p in self.prompts]
 
     def lengths(self) -> list[int]:
         return [len(s) for s in self.seqs]
@@ -240,7 +256,8 @@ class Encoder:
 
     def encode(self, item: Item, prompt_idx: int) -> Seq:
         if item.prompt not in self._prompt_cache:
-            self._prompt_cache[item.prompt] = prompt_ids(self.tokenizer, item.prompt)
+            # The whole conversation goes through the template; only the answer is scored.
+            self._prompt_cache[item.prompt] = prompt_ids(self.tokenizer, item.messages or item.prompt)
         prompt, response = truncate(self._prompt_cache[item.prompt],
                                     response_ids(self.tokenizer, item.response, self.eot),
                                     self.max_length, self.max_prompt_length)
@@ -259,6 +276,8 @@ def build_data(judgments: list[dict], encoder: Encoder, loss: "str | LossSpec", 
             if item.prompt not in prompt_index:
                 prompt_index[item.prompt] = len(data.prompts)
                 data.prompts.append(item.prompt)
+                if item.messages:
+                    data.messages[item.prompt] = item.messages
             seq_index[item] = len(data.seqs)
             data.seqs.append(encoder.encode(item, prompt_index[item.prompt]))
             data.items.append(item)

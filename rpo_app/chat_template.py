@@ -51,9 +51,14 @@ def chat_ids(tokenizer, messages: list[dict], system_prompt: str | None = None) 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
-    """The prompt as a user turn plus the assistant header."""
-    return chat_ids(tokenizer, [{"role": "user", "content": prompt}], system_prompt)
+def prompt_ids(tokenizer, prompt, system_prompt: str | None = None) -> list[int]:
+    """The prompt plus the assistant header: a text is one user turn; a conversation (a
+    list of messages, or of (role, content) pairs; rpo_app.conversation) is templated
+    whole, so the answer that follows is its final assistant turn."""
+    if isinstance(prompt, str):
+        return chat_ids(tokenizer, [{"role": "user", "content": prompt}], system_prompt)
+    return chat_ids(tokenizer, [m if isinstance(m, dict) else {"role": m[0], "content": m[1]}
+                                for m in prompt], system_prompt)
 
 
 def response_ids(tokenizer, response: str, eot_id: int) -> list[int]:

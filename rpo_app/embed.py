@@ -62,7 +62,7 @@ class PromptIndex:
         missing = self.store.prompts_missing_embedding(self.embedder.name)
         for start in range(0, len(missing), 1024):
             chunk = missing[start:start + 1024]
-            vecs = self.embedder.encode([m["text"] for m in chunk], progress=progress)
+            vecs = self.embedder.encode([embed_text(m) for m in chunk], progress=progress)
             self.store.save_embeddings(self.embedder.name, [m["id"] for m in chunk], vecs)
         with self._lock:
             last = int(self._ids[-1]) if len(self._ids) else 0
@@ -105,3 +105,11 @@ class PromptIndex:
         top = top[np.argsort(-scores[top])]
         out = [(int(ids[i]), float(scores[i])) for i in top if int(ids[i]) != exclude]
         return out[:k]
+
+
+def embed_text(prompt: dict) -> str:
+    """What is embedded for a stored prompt: its text, or for a conversation the part
+    rpo_app.conversation.embed_text picks."""
+    from rpo_app.conversation import embed_text as of_conversation
+
+    return of_conversation(prompt["messages"]) if prompt.get("messages") else prompt["text"]

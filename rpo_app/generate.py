@@ -88,6 +88,15 @@ def row_seed(seed: int, text: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _seed_text(prompt) -> str:
+    """The text a prompt's row seeds come from: itself, or a conversation's transcript."""
+    if isinstance(prompt, str):
+        return prompt
+    from rpo_app.conversation import check, transcript
+
+    return transcript(check(prompt))
+
+
 # -- pieces handed to transformers' generate ---------------------------------------------
 def _row_sampler(seeds: Sequence[int], temperature: float, top_p: float, min_p: float = 0.0):
     """A logits processor that samples each row with its own torch.Generator.
@@ -505,7 +514,8 @@ class ModelHost:
     def encode_chat(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
         return chat_template.chat_ids(self.tokenizer, messages, system_prompt)
 
-    def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> list[int]:
+    def encode_prompt(self, prompt, system_prompt: str | None = None) -> list[int]:
+        """A text (one user turn) or a conversation (messages ending with a user turn)."""
         return chat_template.prompt_ids(self.tokenizer, prompt, system_prompt)
 
     def _pad_left(self, rows: list[list[int]]):
@@ -675,7 +685,7 @@ class ModelHost:
             chunk = jobs[start:start + size]
             start += size
             rows = [encoded[pi] for pi, _ in chunk]
-            seeds = [row_seed(settings.seed, prompts[pi], k) for pi, k in chunk]
+            seeds = [row_seed(settings.seed, _seed_text(prompts[pi]), k) for pi, k in chunk]
             finished: dict[int, tuple[int, int, str, int]] = {}
 
             def row_done(i: int, toks: list[int], chunk=chunk, finished=finished) -> None:
@@ -787,7 +797,8 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
         found = {r["id"] for r in rows}
         missing = sorted(set(prompt_ids) - found)
         raise ValueError(f"unknown prompt ids: {missing[:10]}")
-    texts = [r["text"] for r in rows]
+    # A conversation is answered as one: its whole history, then the next assistant turn.
+    texts = [r["messages"] or r["text"] for r in rows]
     ids = [r["id"] for r in rows]
     stats = {"prompts": len(ids), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0}
     total = len(ids) * n

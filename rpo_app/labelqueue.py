@@ -57,8 +57,11 @@ class Item:
         def side(r):
             if r is None:
                 return None
-            return {"response_id": r["id"], "prompt_id": r["prompt_id"], "prompt": r["prompt"],
-                    "text": r["text"]}
+            out = {"response_id": r["id"], "prompt_id": r["prompt_id"], "prompt": r["prompt"],
+                   "text": r["text"]}
+            if r.get("prompt_messages"):  # a conversation: "prompt" is its transcript
+                out["messages"] = r["prompt_messages"]
+            return out
         out = {"kind": self.kind, "token": self.token, "left": side(self.left),
                "right": side(self.right), "shown_at": self.shown_at}
         if self.kind == "ranking":

@@ -175,6 +175,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE judgments ADD COLUMN ranking_id INTEGER REFERENCES rankings(id);
     CREATE INDEX judgments_ranking ON judgments(ranking_id);
     """,
+    """
+    ALTER TABLE prompts ADD COLUMN messages TEXT;
+    """,
 ]
 
 
@@ -323,18 +326,36 @@ class Store:
 
     # -- prompts ------------------------------------------------------------------------
     def add_prompts(self, items: Iterable[str | dict], source: str) -> tuple[list[int], int]:
-        """Store prompts (text or {"prompt", "family"}) in one transaction; return (the id of
-        each item, in order, how many were new). A prompt already stored keeps its family
-        and source: the first write wins."""
+        """Store prompts (text, {"prompt", "family"}, or {"messages", "family"} for a
+        conversation: rpo_app.conversation) in one transaction; return (the id of each
+        item, in order, how many were new). A prompt already stored keeps its family and
+        source: the first write wins. A conversation of one user turn is stored as that
+        turn's text; a longer one as its transcript, with its messages."""
+        from rpo_app import conversation
+
         ids, n_new = [], 0
         with self.transaction() as tx:
             for item in items:
                 text, family = (item, None) if isinstance(item, str) else (
-                    item["prompt"], item.get("family"))
+                    item.get("prompt"), item.get("family"))
+                messages = None if isinstance(item, str) else item.get("messages")
+                if messages is not None:
+                    try:
+                        messages = conversation.check(messages)
+                    except conversation.ConversationError as err:
+                        raise StoreError(str(err)) from None
+                    for m in messages:
+                        m["content"] = _clean_text(m["content"], f"the {m['role']} message")
+                    if conversation.is_single_turn(messages):
+                        text, messages = messages[0]["content"], None
+                    else:
+                        text = conversation.transcript(messages)
                 text = _clean_text(text, "prompt")
                 cur = tx.execute(
-                    "INSERT OR IGNORE INTO prompts(text, family, source, created_at) "
-                    "VALUES (?, ?, ?, ?)", (text, family, source, _now()))
+                    "INSERT OR IGNORE INTO prompts(text, family, source, created_at, messages) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (text, family, source, _now(),
+                     None if messages is None else json.dumps(messages, ensure_ascii=False)))
                 if cur.rowcount:
                     ids.append(cur.lastrowid)
                     n_new += 1
@@ -350,7 +371,7 @@ class Store:
 
     def prompt(self, prompt_id: int) -> dict | None:
         row = self._one("SELECT * FROM prompts WHERE id = ?", (prompt_id,))
-        return dict(row) if row else None
+        return _prompt_dict(row) if row else None
 
     def prompts(self, ids: Iterable[int] | None = None, limit: int | None = None,
                 offset: int = 0) -> list[dict]:
@@ -360,14 +381,14 @@ class Store:
             for chunk in _chunks(ids, 500):
                 rows += self._read(
                     f"SELECT * FROM prompts WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            by_id = {r["id"]: dict(r) for r in rows}
+            by_id = {r["id"]: _prompt_dict(r) for r in rows}
             return [by_id[i] for i in ids if i in by_id]
         sql = "SELECT * FROM prompts ORDER BY id"
         params: list = []
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             params = [limit, offset]
-        return [dict(r) for r in self._read(sql, params)]
+        return [_prompt_dict(r) for r in self._read(sql, params)]
 
     def count_prompts(self) -> int:
         return self._one("SELECT COUNT(*) FROM prompts")[0]
@@ -405,14 +426,15 @@ class Store:
 
     def response(self, response_id: int) -> dict | None:
         row = self._one(
-            "SELECT r.*, p.text AS prompt, p.family AS family FROM responses r "
-            "JOIN prompts p ON p.id = r.prompt_id WHERE r.id = ?", (response_id,))
+            "SELECT r.*, p.text AS prompt, p.family AS family, p.messages AS prompt_messages "
+            "FROM responses r JOIN prompts p ON p.id = r.prompt_id WHERE r.id = ?", (response_id,))
         return _response_dict(row) if row else None
 
     def responses_for_prompt(self, prompt_id: int) -> list[dict]:
         rows = self._read(
-            "SELECT r.*, p.text AS prompt, p.family AS family FROM responses r "
-            "JOIN prompts p ON p.id = r.prompt_id WHERE r.prompt_id = ? ORDER BY r.id",
+            "SELECT r.*, p.text AS prompt, p.family AS family, p.messages AS prompt_messages "
+            "FROM responses r JOIN prompts p ON p.id = r.prompt_id WHERE r.prompt_id = ? "
+            "ORDER BY r.id",
             (prompt_id,))
         return [_response_dict(r) for r in rows]
 
@@ -706,7 +728,8 @@ class Store:
             "rb.adapter AS adapter_b, ra.source AS response_a_source, "
             "rb.source AS response_b_source, ra.gen_settings AS gen_settings_a, "
             "rb.gen_settings AS gen_settings_b, ra.import_file AS import_file_a, "
-            "rb.import_file AS import_file_b, ra.parent_id AS parent_a, rb.parent_id AS parent_b "
+            "rb.import_file AS import_file_b, ra.parent_id AS parent_a, rb.parent_id AS parent_b, "
+            "pa.messages AS prompt_a_messages, pb.messages AS prompt_b_messages "
             "FROM judgments j JOIN responses ra ON ra.id = j.response_a "
             "JOIN prompts pa ON pa.id = ra.prompt_id "
             "LEFT JOIN responses rb ON rb.id = j.response_b "
@@ -732,6 +755,9 @@ class Store:
                 "prompt_a_text": row["prompt_a"], "response_a_text": row["response_a_text"],
                 "prompt_b_text": row["prompt_b"], "response_b_text": row["response_b_text"],
                 "prompt_a_id": row["prompt_a_id"], "prompt_b_id": row["prompt_b_id"],
+                # Conversations (rpo_app.conversation): the whole history, for the template.
+                "prompt_a_messages": _messages(row["prompt_a_messages"]),
+                "prompt_b_messages": _messages(row["prompt_b_messages"]),
             })
             if row["ranking_id"] is not None:  # where each side sits in its ranking (pools)
                 place = places[row["ranking_id"]]
@@ -844,8 +870,8 @@ class Store:
                       f"AND j.retracted_at IS NULL AND j.annotator = ?) ")
             params = [1 if partial else 0, max(overlap, 1) - 1, annotator]
         rows = self._read(
-            "SELECT r.*, p.text AS prompt, p.family AS family FROM responses r "
-            "JOIN prompts p ON p.id = r.prompt_id WHERE r.id >= ? "
+            "SELECT r.*, p.text AS prompt, p.family AS family, p.messages AS prompt_messages "
+            "FROM responses r JOIN prompts p ON p.id = r.prompt_id WHERE r.id >= ? "
             "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = ? || r.id "
             "AND l.annotator != ? AND l.expires_at > ?) "
             "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.annotator = ? "
@@ -891,7 +917,7 @@ class Store:
         """The prompt's answers open for ranking by this annotator; those someone else has
         ranked first (so their rankings overlap), then by id."""
         rows = self._read(
-            "SELECT r.*, p.text AS prompt, p.family AS family, "
+            "SELECT r.*, p.text AS prompt, p.family AS family, p.messages AS prompt_messages, "
             "(SELECT COUNT(*) FROM ranking_items ri JOIN rankings k ON k.id = ri.ranking_id "
             f"WHERE ri.response_id = r.id AND k.retracted_at IS NULL AND k.{_COUNTED}) AS n "
             "FROM responses r JOIN prompts p ON p.id = r.prompt_id "
@@ -1065,10 +1091,10 @@ class Store:
     # -- embeddings ---------------------------------------------------------------------
     def prompts_missing_embedding(self, embedder: str) -> list[dict]:
         rows = self._read(
-            "SELECT p.id, p.text FROM prompts p LEFT JOIN prompt_embeddings e "
+            "SELECT p.id, p.text, p.messages FROM prompts p LEFT JOIN prompt_embeddings e "
             "ON e.prompt_id = p.id AND e.embedder = ? WHERE e.prompt_id IS NULL ORDER BY p.id",
             (embedder,))
-        return [dict(r) for r in rows]
+        return [_prompt_dict(r) for r in rows]
 
     def save_embeddings(self, embedder: str, ids: list[int], vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -1248,6 +1274,19 @@ def _response_dict(row) -> dict:
     d = dict(row)
     if d.get("gen_settings"):
         d["gen_settings"] = json.loads(d["gen_settings"])
+    if d.get("prompt_messages"):
+        d["prompt_messages"] = json.loads(d["prompt_messages"])
+    return d
+
+
+def _messages(text: str | None) -> list[dict] | None:
+    return json.loads(text) if text else None
+
+
+def _prompt_dict(row) -> dict:
+    """A prompt row; `messages` is the conversation (a list) or None for one user turn."""
+    d = dict(row)
+    d["messages"] = _messages(d.get("messages"))
     return d
 
 

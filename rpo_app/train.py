@@ -243,7 +243,7 @@ class Trainer:
 
         from rpo_app.embed import Embedder
 
-        prompts = self.train_data.prompts + self.eval_data.prompts
+        prompts = self.train_data.embed_texts() + self.eval_data.embed_texts()
         log.info("embedding %d prompts", len(prompts))
         vecs = torch.from_numpy(Embedder(device="cpu").encode(prompts)).to(self.acc.device)
         n = len(self.train_data.prompts)
@@ -327,6 +327,7 @@ class Trainer:
 
         if not prompts:
             return []
+        prompts = self._prompt_inputs(prompts)
         net = self.acc.unwrap_model(self.model)
         was_training = net.training
         host = ModelHost.from_loaded(net, self.tok, str(self.model_path))  # puts net in eval mode
@@ -346,6 +347,11 @@ class Trainer:
         finally:
             net.train(was_training)
         return [a[0] for a in answers]
+
+    def _prompt_inputs(self, prompts: list[str]) -> list:
+        """A preview prompt that is one of the data's conversations goes in as that."""
+        known = {**self.eval_data.messages, **self.train_data.messages}
+        return [known.get(p, p) for p in prompts]
 
     # -- checkpoints --
     def _save_checkpoint(self) -> None:
@@ -464,8 +470,8 @@ class Trainer:
             net = self.acc.unwrap_model(self.model)
 
             def score(texts: list[str]) -> list[float]:  # by the base model: the garbled-answer warning
-                return base_token_logps(net, self.tok, self.pad_id, self.acc.device, self.preview, texts,
-                                        self.cfg.max_length)
+                return base_token_logps(net, self.tok, self.pad_id, self.acc.device,
+                                        self._prompt_inputs(self.preview), texts, self.cfg.max_length)
 
             if self.base_logps is None:  # the base answers and the base model never change
                 self.base_logps = score(self.base_answers)

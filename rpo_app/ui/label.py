@@ -203,7 +203,7 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
     hist, prog = _history_and_progress(ctx, annotator)
     if item is None:
         empty, first_run, waiting = _nothing_to_judge(ctx, mode)
-        view = {"token": None, "prompt": gr.update(value="", visible=True),
+        view = {"token": None, "prompt": gr.update(value="", visible=True, label="Prompt"),
                 "left_prompt": gr.update(visible=False), "left": "",
                 "right_prompt": gr.update(visible=False), "right": "",
                 "right_col": gr.update(visible=True), "question": empty,
@@ -212,7 +212,7 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
                 "first_run": gr.update(visible=first_run), "poll": gr.Timer(active=waiting),
                 **_rank_view(None)}
     elif item.kind == "ranking":
-        view = {"token": item.token, "prompt": gr.update(value=item.left["prompt"], visible=True),
+        view = {"token": item.token, "prompt": _prompt_box(item.left, True),
                 "left_prompt": gr.update(visible=False), "left": "",
                 "right_prompt": gr.update(visible=False), "right": "",
                 "right_col": gr.update(visible=True),
@@ -227,7 +227,7 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
         cross = item.kind == "cross"
         thumbs = item.kind == "unpaired"
         view = {"token": item.token,
-                "prompt": gr.update(value=item.left["prompt"], visible=not cross),
+                "prompt": _prompt_box(item.left, not cross),
                 "left_prompt": gr.update(value=item.left["prompt"], visible=cross),
                 "left": gr.update(value=item.left["text"], label="Answer" if thumbs else "Answer A"),
                 "right_prompt": gr.update(value=item.right["prompt"] if cross else "", visible=cross),
@@ -242,6 +242,15 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
                 **_rank_view(None)}
     view.update(history=hist, progress=prog, status=message)
     return [view[name] for name in VIEW]
+
+
+def _prompt_box(answer: dict, visible: bool):
+    """The prompt above the answers; a conversation shows every turn, the answers being
+    its next assistant turn."""
+    conv = bool(answer.get("prompt_messages"))
+    return gr.update(value=answer["prompt"], visible=visible,
+                     label="Conversation (each answer is its next assistant turn)" if conv
+                     else "Prompt")
 
 
 def _rank_view(item) -> dict:
