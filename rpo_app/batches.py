@@ -227,6 +227,9 @@ class PreferenceData:
     items: list[Item] = field(default_factory=list)  # items[k] is the text of seqs[k]
     # Prompt text -> its conversation ((role, content) pairs) for the prompts that are one.
     messages: dict[str, tuple] = field(default_factory=dict)
+    # (winner seq, loser seq) for every decided pair in the judgments: what the contrast
+    # mask reads (contrast_keep).
+    beats: set[tuple[int, int]] = field(default_factory=set)
 
     def embed_texts(self) -> list[str]:
         """What the embedder reads for each of `prompts` (rpo_app.conversation.embed_text)."""
@@ -291,7 +294,24 @@ def build_data(judgments: list[dict], encoder: Encoder, loss: "str | LossSpec", 
         chosen, rejected = judgment_pools(j for j in judgments if j["kind"] in spec.kinds)
         data.chosen = [add(i) for i in chosen]
         data.rejected = [add(i) for i in rejected]
+    data.beats = {(seq_index[p.chosen], seq_index[p.rejected]) for p in judgment_pairs(judgments)
+                  if p.chosen in seq_index and p.rejected in seq_index}
     return data
+
+
+def contrast_keep(chosen: Sequence[int], rejected: Sequence[int], beats: set[tuple[int, int]],
+                  aligned: bool):
+    """M x N bools: the contrasts of a batch (chosen seq i over rejected seq j) that no
+    judgment contradicts. Dropped: j is i's own sequence, or a judgment prefers j to i
+    (one ranking's pairs in one batch would otherwise push answers against its order).
+    Aligned pairs keep their diagonal: each is the judgment itself."""
+    import torch
+
+    keep = torch.tensor([[r != c and (r, c) not in beats for r in rejected] for c in chosen],
+                        dtype=torch.bool)
+    if aligned:
+        keep.fill_diagonal_(True)
+    return keep
 
 
 # --- batches ---------------------------------------------------------------------------

@@ -50,13 +50,14 @@ class LossSpec:
         return "chosen/rejected items" if self.pools else "pairs"
 
     def compute(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
-                settings=None, chosen_prompt_emb=None, rejected_prompt_emb=None):
+                settings=None, chosen_prompt_emb=None, rejected_prompt_emb=None, keep=None):
         """The loss on one batch; ``settings`` (a TrainConfig) supplies ``options``."""
         from rpo_app import losses
 
         kwargs = {name: getattr(settings, name) for name in self.options} if settings else {}
-        if self.contrasts_batch:
-            kwargs.update(chosen_prompt_emb=chosen_prompt_emb, rejected_prompt_emb=rejected_prompt_emb)
+        if self.contrasts_batch:  # `keep`: the contrasts the data does not contradict
+            kwargs.update(chosen_prompt_emb=chosen_prompt_emb, rejected_prompt_emb=rejected_prompt_emb,
+                          keep=keep)
         fn = getattr(losses, self.function)
         return fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, **kwargs)
 

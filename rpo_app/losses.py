@@ -55,6 +55,7 @@ def rpo_loss(
     temperature: float = 0.5,
     weighting: str = "embedding",
     diagonal_weight: float = DIAGONAL_WEIGHT,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Relative Preference Optimization loss over M chosen and N rejected items.
 
@@ -71,6 +72,12 @@ def rpo_loss(
 
     Paired RPO passes aligned lists (the diagonal holds the DPO pairs); unpaired RPO
     passes any two pools.
+
+    ``keep`` (M x N bools) drops contrasts the data itself contradicts: a rejected item
+    that is the chosen one, or that a judgment prefers to it (in a ranking A > B > C > D,
+    the pairs C > D and A > B put C and B in one batch, and D[C, B] would push C above
+    B). The mean runs over the kept cells; the weights are computed over the whole batch
+    as before. Paired RPO always keeps the diagonal.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
@@ -80,20 +87,30 @@ def rpo_loss(
     dtype = torch.promote_types(delta.dtype, torch.float32)
     delta = delta.to(dtype)
     m, n = delta.shape
+    if keep is not None and keep.shape != delta.shape:
+        raise ValueError(f"keep has shape {tuple(keep.shape)}, the contrasts {tuple(delta.shape)}")
+
+    def mean(cells):
+        return cells.mean() if keep is None else cells[keep].mean() if keep.any() else cells.sum() * 0
+
     if weighting == "embedding":
         w = rpo_weights(chosen_prompt_emb, rejected_prompt_emb, temperature, dtype=dtype)
-        return -F.logsigmoid(beta * w * delta).mean()
+        return mean(-F.logsigmoid(beta * w * delta))
     if weighting == "uniform":
-        return -F.logsigmoid(beta * delta).mean()
+        return mean(-F.logsigmoid(beta * delta))
     if weighting == "flat":
-        return -F.logsigmoid(beta * delta / n).mean()
+        return mean(-F.logsigmoid(beta * delta / n))
     if m != n:
         raise ValueError(f"diagonal weighting needs as many chosen as rejected items, got {m} and {n}")
     cell = -F.logsigmoid(beta * delta)
     on = cell.diagonal()
     if n == 1:
         return on.mean()
-    off = (cell.sum(dim=1) - on) / (n - 1)
+    off_keep = torch.ones_like(cell, dtype=torch.bool) if keep is None else keep.clone()
+    off_keep.fill_diagonal_(False)
+    counts = off_keep.sum(dim=1)
+    # A row whose other cells are all dropped is its own pair alone, as with one pair.
+    off = torch.where(counts > 0, (cell * off_keep).sum(dim=1) / counts.clamp(min=1), on)
     return (diagonal_weight * on + (1.0 - diagonal_weight) * off).mean()
 
 

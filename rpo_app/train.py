@@ -409,8 +409,13 @@ class Trainer:
             ec = emb[torch.tensor([data.seqs[i].prompt_idx for i in c_order], device=self.acc.device)]
             er = emb[torch.tensor([data.seqs[i].prompt_idx for i in r_order], device=self.acc.device)]
         cfg = self.cfg
+        keep = None
+        if self.spec.contrasts_batch:
+            from rpo_app.batches import contrast_keep
+
+            keep = contrast_keep(c_order, r_order, data.beats, aligned=not self.pool).to(self.acc.device)
         loss = self.spec.compute(pc, pr, rc, rr, beta=cfg.beta, settings=cfg,
-                                 chosen_prompt_emb=ec, rejected_prompt_emb=er)
+                                 chosen_prompt_emb=ec, rejected_prompt_emb=er, keep=keep)
         if cfg.sft_weight:
             from rpo_app.losses import sft_nll
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rpo_app.loss_registry import LOSSES, WEIGHTINGS, get_loss
 from rpo_app.losses import dpo_loss, ipo_loss, kto_loss, preference_metrics, rpo_loss, rpo_weights
@@ -209,3 +210,36 @@ def test_sft_nll_is_the_mean_per_token_nll_of_the_chosen_answers():
     assert value.item() == pytest.approx(1.5)
     value.backward()
     assert logps.grad.tolist() == pytest.approx([-1 / 6, -1 / 2])  # d/dlogp of -(logp/n)/2
+
+
+def test_rpo_keep_drops_the_contrasts_it_is_told_to():
+    pc = torch.tensor([1.0, 0.2, -0.5])
+    pr = torch.tensor([0.3, -1.0, 0.4])
+    zeros = torch.zeros(3)
+    keep = torch.tensor([[True, False, True], [True, True, False], [False, True, True]])
+    delta = pc[:, None] - pr[None, :]
+    for weighting, scale in (("uniform", 1.0), ("flat", 1 / 3)):
+        got = rpo_loss(pc, pr, zeros, zeros, beta=0.5, weighting=weighting, keep=keep)
+        want = -F.logsigmoid(0.5 * scale * delta)[keep].mean()
+        assert torch.allclose(got, want)
+    # diagonal: each row's own pair, plus the mean of its kept other cells
+    got = rpo_loss(pc, pr, zeros, zeros, beta=0.5, weighting="diagonal", keep=keep)
+    cell = -F.logsigmoid(0.5 * delta)
+    rows = [0.8 * cell[i, i] + 0.2 * torch.stack([cell[i, j] for j in range(3)
+                                                  if j != i and keep[i, j]]).mean()
+            for i in range(3)]
+    assert torch.allclose(got, torch.stack(rows).mean())
+    with pytest.raises(ValueError, match="shape"):
+        rpo_loss(pc, pr, zeros, zeros, keep=keep[:2])
+
+
+def test_contrast_keep_drops_a_ranking_s_reversed_cells():
+    from rpo_app.batches import contrast_keep
+
+    # A ranking A > B > C > D as seqs 0..3: its pairs C > D and A > B in one batch.
+    beats = {(a, b) for a in range(4) for b in range(a + 1, 4)}
+    keep = contrast_keep([2, 0], [3, 1], beats, aligned=True)
+    # C over B contradicts the ranking; A over D agrees with it.
+    assert keep.tolist() == [[True, False], [True, True]]
+    # A rejected sequence that is the chosen one is no contrast at all.
+    assert contrast_keep([0, 1], [1, 0], set(), aligned=False).tolist() == [[True, False], [False, True]]
