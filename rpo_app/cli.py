@@ -38,9 +38,10 @@ def _import_args(p):
                    help="mark the imported judgments as gold items: known answers the label "
                         "queue mixes in to measure each annotator's accuracy (not for "
                         "ranking files)")
-    p.add_argument("--multi-turn", choices=["refuse", "last"], default="refuse",
-                   help="multi-turn conversations: refuse them (default) or keep only the "
-                        "last user turn as the prompt")
+    p.add_argument("--multi-turn", choices=["keep", "last", "refuse"], default="keep",
+                   help="prompts that are conversations (a system message or earlier "
+                        "turns): keep the whole conversation (default), keep only the last "
+                        "user turn, or refuse them")
 
 
 def _export_args(p):

@@ -5,17 +5,20 @@ Import shapes, detected from the columns (a ``family`` column is allowed in all)
 ========================  ===============================================  ==================
 columns                   values                                           becomes
 ========================  ===============================================  ==================
-prompt                    text                                             prompts
-prompt, chosen, rejected  text, or conversational message lists (TRL)      ``paired`` a > b
-chosen, rejected          Anthropic-HH transcripts ("\\n\\nHuman: ..."),    ``paired`` a > b
-                          or message lists with the prompt inside (TRL
-                          "implicit prompt")
+prompt                    text or a message list (a conversation)          prompts
+prompt, chosen, rejected  text, or conversational message lists (TRL):     ``paired`` a > b
+                          ``prompt`` a conversation, each answer a list
+                          of one assistant message
+chosen, rejected          Anthropic-HH transcripts ("\\n\\nHuman: ...",    ``paired`` a > b
+                          any number of turns), or message lists with the
+                          prompt inside (TRL "implicit prompt")
 prompt, completion,       text / message lists, ``label`` true or false    ``unpaired`` up/down
 label
-prompt, answers, ranks    text; a list of 3 to 6 different answer texts;   a ranking and its
-                          a list of one whole number per answer, 1 = best  implied pairs
-                          and equal numbers tied (Argilla's convention),
-                          or the text ``none``: no answer is acceptable
+prompt, answers, ranks    text or a message list; a list of 3 to 6         a ranking and its
+                          different answer texts; a list of one whole      implied pairs
+                          number per answer, 1 = best and equal numbers
+                          tied (Argilla's convention), or the text
+                          ``none``: no answer is acceptable
 ========================  ===============================================  ==================
 
 A TXT file holds prompts, one per non-empty line (a prompt cannot span lines there).
@@ -24,33 +27,50 @@ A TXT file holds prompts, one per non-empty line (a prompt cannot span lines the
 
 Rules (documented choices):
 
-* Multi-turn conversations are refused by default: rpo_app stores single-turn prompts
-  (one user message), and silently keeping only the last user turn would train on
-  prompts stripped of their context. ``multi_turn="last"`` keeps the last user turn
-  instead (the Python API; the CLI has no flag yet). System messages count as
-  multi-turn context and are refused the same way.
+* Prompts may be conversations (``rpo_app.conversation``): an optional system message,
+  then user and assistant turns alternating, ending with a user turn (the answer is the
+  assistant turn after it). They come as a message list in ``prompt`` (TRL's
+  conversational formats); as the shared history of a TRL "implicit prompt" pair (all
+  before the final assistant message, which is the answer; chosen and rejected must
+  share that history exactly); or as the turns of two Anthropic-HH transcripts before
+  their final Assistant turn (which must be the same text in both). An answer given as
+  a message list is one assistant message (TRL's shape), or the prompt's messages
+  followed by it. No flag is needed: by default (``multi_turn="keep"``) a conversation
+  is stored whole, as its transcript text with its messages, and a single user turn
+  stays a plain prompt. ``multi_turn="last"`` keeps only the last user turn (the system
+  message and the history are dropped); ``multi_turn="refuse"`` refuses a row with more
+  than one user turn or a system message. The CLI flag is ``--multi-turn``. Whatever
+  the policy, a conversation that does not end with a user turn, has an unknown role or
+  an empty message, or whose turns do not alternate is refused (the message says which
+  message and why), and so is one whose transcript passes the text length limit.
 * Leading and trailing whitespace of every text is removed.
 * Rankings: only the order of the rank numbers counts (gaps are fine: ``[2, 1, 2, 4]``
-  ranks B first, A and C tied second, D last). Answers and the prompt are plain text
-  (no message lists). In CSV, ``answers`` and ``ranks`` are JSON lists written in the
-  cell (``["first", "second", "third"]``, ``[1, 2, 2]``) or ``none``; Parquet takes
-  native lists, and JSON text too, since a Parquet column holds one type and a file
-  that mixes ``none`` with rank lists must write ranks as text. The file's order of
-  the answers is not kept as a screen order (nobody was shown them in it), so the
-  implied pairs carry no ``a_side``. A ranking is stored with its C(K, 2) implied pairs
-  (``rpo_app.rankings``); the report counts those as judgments. ``gold`` is refused
-  for ranking files: gold items are single judgments.
+  ranks B first, A and C tied second, D last). Answers are plain text (no message
+  lists); the prompt may be a conversation. In CSV, ``answers`` and ``ranks`` are JSON
+  lists written in the cell (``["first", "second", "third"]``, ``[1, 2, 2]``) or
+  ``none``; Parquet takes native lists, and JSON text too, since a Parquet column holds
+  one type and a file that mixes ``none`` with rank lists must write ranks as text.
+  The file's order of the answers is not kept as a screen order (nobody was shown them
+  in it), so the implied pairs carry no ``a_side``. A ranking is stored with its
+  C(K, 2) implied pairs (``rpo_app.rankings``); the report counts those as judgments.
+  ``gold`` is refused for ranking files: gold items are single judgments.
 * Unknown columns are refused (drop them first), so a typo never imports half a row.
-* CSV has no types: texts are plain strings there (no message lists) and ``label`` is
-  one of true/false/1/0/yes/no. JSON/JSONL ``label`` must be a JSON boolean.
+* CSV has no types: a ``prompt``, ``chosen``, ``rejected`` or ``completion`` cell that
+  holds a JSON list of ``{"role", "content"}`` objects is a message list (an export of
+  conversations writes them so); every other cell is text, and ``label`` is one of
+  true/false/1/0/yes/no. JSON/JSONL ``label`` must be a JSON boolean.
 * Each file is validated completely before anything is written, then written in one
   transaction: a bad row 900 leaves the store untouched.
 * Idempotent: each judgment gets ``request_id = "import:" + sha256(kind, prompt,
-  answers, label)``, so importing the same file again (under any annotator name) adds
-  nothing. A ranking's request id hashes ("ranking", prompt, each answer with its place)
-  in an order-free way, so the same ranking with its answers listed in another order (a
-  ``rankings`` export of it, say) is the same ranking. Prompts are unique by text and
-  responses by (prompt, text).
+  answers, label)``, where the prompt is its text, or a conversation's whole list of
+  (role, content) turns; so importing the same file again (under any annotator name, in
+  any format) adds nothing. A ranking's request id hashes ("ranking", prompt, each
+  answer with its place) in an order-free way, so the same ranking with its answers
+  listed in another order (a ``rankings`` export of it, say) is the same ranking.
+  Prompts are unique by text (a conversation's text is its transcript, turns written
+  "User: ...", "Assistant: ..." and separated by blank lines; a row whose prompt would
+  join a stored prompt of the same text that is not the same conversation is refused)
+  and responses by (prompt, text).
 
 Errors name the file, the place and the problem: ``line N`` (1-based) for JSONL, and
 for JSON syntax errors; ``item N`` (1-based) for the objects of a JSON array; ``row N``
@@ -81,8 +101,17 @@ format        columns                 rows
 ``full``      FULL_COLUMNS            every judgment with its provenance; ``ranking_id``
                                       and ``ranking_order`` ("#12 > #10 = #11 > #13" by
                                       response id, or "none acceptable") are set on a
-                                      ranking's implied pairs
+                                      ranking's implied pairs; ``prompt_a_messages`` and
+                                      ``prompt_b_messages`` hold a conversation's messages
+                                      as JSON text (null for a single-turn prompt)
 ============  ======================  =====================================================
+
+Conversations in exports: in ``trl-dpo``, ``trl-kto`` and ``rankings``, when any row's
+prompt is a conversation, every row's prompt is written as a message list (a
+single-turn prompt as one user message) and, in the TRL formats, every answer as a list
+of one assistant message: TRL's conversational format, one type per column, so the file
+loads with ``datasets``. When none is, the rows are plain text. CSV cells hold message
+lists as JSON text; the import reads all of these back.
 """
 from __future__ import annotations
 
@@ -100,7 +129,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from rpo_app import rankings
+from rpo_app import conversation, rankings
 from rpo_app.store import MAX_TEXT_CHARS, text_problem
 
 log = logging.getLogger(__name__)
@@ -111,7 +140,7 @@ IMPORT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".c
                      ".parquet": "parquet", ".txt": "txt"}
 EXPORT_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 EXPORT_FORMATS = ("trl-dpo", "trl-kto", "rankings", "full")
-MULTI_TURN_POLICIES = ("refuse", "last")
+MULTI_TURN_POLICIES = ("keep", "last", "refuse")
 SEED_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
 
 # Column sets (family aside) -> shape name.
@@ -126,7 +155,8 @@ KNOWN_COLUMNS = {"prompt", "family", "chosen", "rejected", "completion", "label"
                  "ranks"}
 SHAPES_HELP = ("prompt [+ family] | prompt, chosen, rejected | chosen, rejected "
                "(Anthropic-HH transcripts) | prompt, completion, label | prompt, answers, ranks")
-_ROLES = ("system", "user", "assistant")
+_ROLES = conversation.ROLES
+_TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion")
 _HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _LABEL_STRINGS = {"true": True, "false": False, "1": True, "0": False, "yes": True,
@@ -222,8 +252,9 @@ class _Record:
 
     where: str
     kind: str  # "prompt" | "pair" | "unpaired" | "ranking"
-    prompt: str
+    prompt: str  # the text the store keeps: a conversation's transcript
     family: str | None = None
+    messages: list[dict] | None = None  # a conversation (rpo_app.conversation), else None
     chosen: str | None = None
     rejected: str | None = None
     completion: str | None = None
@@ -232,17 +263,29 @@ class _Record:
     tiers: list[list[int]] | None = None  # ranking: positions in `answers`, best place first
     none_acceptable: bool = False
 
+    def prompt_item(self) -> dict:
+        """The prompt as Store.add_prompts takes it; "prompt" is set for a conversation
+        too (its transcript, which the store recomputes), for callers that read it."""
+        item = {"prompt": self.prompt, "family": self.family}
+        if self.messages is not None:
+            item["messages"] = [dict(m) for m in self.messages]
+        return item
+
     def request_id(self) -> str:
+        # A single-turn prompt hashes as its text (the ids of earlier imports stay
+        # valid); a conversation as its whole list of (role, content) turns.
+        prompt = (self.prompt if self.messages is None
+                  else [[m["role"], m["content"]] for m in self.messages])
         if self.kind == "pair":
-            key = ["paired", self.prompt, self.chosen, self.rejected]
+            key = ["paired", prompt, self.chosen, self.rejected]
         elif self.kind == "ranking":
             # Free of the answers' order: each answer with its 1-based place (or "none").
             place = rankings.tier_of(self.tiers)
-            key = ["ranking", self.prompt, sorted(
+            key = ["ranking", prompt, sorted(
                 [text, "none" if self.none_acceptable else place[i] + 1]
                 for i, text in enumerate(self.answers))]
         else:
-            key = ["unpaired", self.prompt, self.completion, self.label]
+            key = ["unpaired", prompt, self.completion, self.label]
         blob = json.dumps(key, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         return "import:" + hashlib.sha256(blob).hexdigest()
 
@@ -256,12 +299,14 @@ class ParsedFile:
     records: list[_Record]
 
     def prompts(self) -> list[dict]:
-        """The distinct prompts, in file order, as {"prompt", "family"} (a prompt's first
-        row gives its family); the answers and labels of the rows are left out."""
-        first: dict[str, str | None] = {}
+        """The distinct prompts, in file order, as Store.add_prompts takes them:
+        {"prompt", "family"}, plus "messages" for a conversation ("prompt" is then its
+        transcript). A prompt's first row gives its family; the answers and labels of
+        the rows are left out."""
+        first: dict[str, dict] = {}
         for record in self.records:
-            first.setdefault(record.prompt, record.family)
-        return [{"prompt": text, "family": family} for text, family in first.items()]
+            first.setdefault(record.prompt, record.prompt_item())
+        return list(first.values())
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -443,6 +488,8 @@ def _text(value, column: str) -> str:
 
 
 def _messages(value, column: str) -> list[dict]:
+    """Each message of a list checked on its own: an object with a known role and a text
+    (the shape of the whole conversation is conversation.check's, in _prompt_of)."""
     out = []
     if not value:
         raise _RowError(f"column {column!r} is an empty message list")
@@ -454,11 +501,26 @@ def _messages(value, column: str) -> list[dict]:
         if role not in _ROLES:
             raise _RowError(f"column {column!r}: message {i} has role {role!r}; expected one "
                             f"of {', '.join(_ROLES)}")
-        if not isinstance(msg["content"], str):
+        if msg["content"] is not None and not isinstance(msg["content"], str):
             raise _RowError(f"column {column!r}: message {i} content must be text, got "
                             f"{_json_type(msg['content'])}")
         out.append({"role": role, "content": _text(msg["content"], f"{column}[{i}].content")})
     return out
+
+
+def _messages_cell(value):
+    """A CSV cell holding a JSON list of {"role", ...} objects (what an export of
+    conversations writes there) as that list; any other value as it is."""
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    if isinstance(parsed, list) and parsed and all(
+            isinstance(m, dict) and "role" in m for m in parsed):
+        return parsed
+    return value
 
 
 def _answer_and_context(value, column: str) -> tuple[str, list[dict]]:
@@ -470,18 +532,31 @@ def _answer_and_context(value, column: str) -> tuple[str, list[dict]]:
     return msgs[-1]["content"], msgs[:-1]
 
 
-def _context_prompt(context: list[dict], multi_turn: str, column: str = "prompt") -> str:
-    if not context or context[-1]["role"] != "user":
-        raise _RowError(f"the conversation before the answer must end with a user message "
-                        f"({column!r})")
-    if len(context) > 1 and multi_turn == "refuse":
-        users = sum(m["role"] == "user" for m in context)
-        system = " and a system message" if any(m["role"] == "system" for m in context) else ""
+def _prompt_of(context: list[dict], multi_turn: str, what: str) -> tuple[str, list[dict] | None]:
+    """(prompt text, messages) from the conversation before the answer: messages is None
+    for a single user turn, and for multi_turn="last" (the last user turn alone)."""
+    if not context:
+        raise _RowError(f"{what}: there is no user turn before the answer")
+    try:
+        msgs = conversation.check(context)
+    except conversation.ConversationError as err:
+        raise _RowError(f"{what}: {err}") from None
+    if conversation.is_single_turn(msgs):
+        return msgs[0]["content"], None
+    if multi_turn == "last":
+        return msgs[-1]["content"], None
+    if multi_turn == "refuse":
+        users = sum(m["role"] == "user" for m in msgs)
+        system = " and a system message" if msgs[0]["role"] == "system" else ""
         raise _RowError(
-            f"multi-turn conversation ({users} user turn{'s' if users != 1 else ''}{system}); "
-            "rpo_app keeps single-turn prompts: filter the file to single-turn rows, or import "
-            "with multi_turn='last' to keep only the last user message")
-    return context[-1]["content"]
+            f"multi-turn conversation ({users} user turn{'s' if users != 1 else ''}{system}) "
+            "refused (multi_turn='refuse'); import with multi_turn='keep' (the default) to keep "
+            "the whole conversation, or 'last' to keep only the last user message")
+    text = conversation.transcript(msgs)
+    if len(text) > MAX_FIELD_CHARS:
+        raise _RowError(f"{what}: the conversation is {len(text):,} characters long as a "
+                        f"transcript; the limit is {MAX_FIELD_CHARS:,}")
+    return text, msgs
 
 
 def _family(value) -> str | None:
@@ -505,8 +580,9 @@ def _label(value, csv: bool) -> bool:
     raise _RowError(f"column 'label' must be {allowed}, got {value!r}")
 
 
-def _parse_hh(chosen: str, rejected: str, multi_turn: str) -> tuple[str, str, str]:
-    """(prompt, chosen answer, rejected answer) from two Anthropic-HH transcripts."""
+def _parse_hh(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
+    """(the turns before the final Assistant turn, chosen answer, rejected answer) from
+    two Anthropic-HH transcripts."""
     parts = []
     for column, text in (("chosen", chosen), ("rejected", rejected)):
         _check_len(text, column)
@@ -532,61 +608,71 @@ def _parse_hh(chosen: str, rejected: str, multi_turn: str) -> tuple[str, str, st
     for turn in turns:
         if not turn["content"]:
             raise _RowError(f"the transcript has an empty {turn['role']} turn")
-    prompt = _text(_context_prompt(turns, multi_turn, column="chosen"), "chosen (last Human turn)")
-    return (prompt, _text(chosen_answer, "chosen (final Assistant turn)"),
+    return (turns, _text(chosen_answer, "chosen (final Assistant turn)"),
             _text(rejected_answer, "rejected (final Assistant turn)"))
 
 
 def _record(shape: str, row: _Row, multi_turn: str, csv: bool) -> _Record:
     v = row.values
+    if csv:  # a JSON message list in a cell is a message list (an export writes them so)
+        v = {k: _messages_cell(x) if k in _TEXT_COLUMNS else x for k, x in v.items()}
     family = _family(v.get("family"))
-    for column in ("prompt", "chosen", "rejected", "completion"):
+    for column in _TEXT_COLUMNS:
         if column in v and isinstance(v[column], str):
             _check_len(v[column], column)
-    if shape == "prompts":
-        return _Record(row.where, "prompt", _text(v.get("prompt"), "prompt"), family)
 
     def prompt_context() -> list[dict]:
         value = v.get("prompt")
-        if isinstance(value, list) and not csv:
+        if isinstance(value, list):
             return _messages(value, "prompt")
         return [{"role": "user", "content": _text(value, "prompt")}]
 
-    def answer(column: str, context: list[dict] | None) -> tuple[str, list[dict] | None]:
+    if shape == "prompts":
+        prompt, messages = _prompt_of(prompt_context(), multi_turn, "column 'prompt'")
+        return _Record(row.where, "prompt", prompt, family, messages)
+
+    def answer(column: str, context: list[dict]) -> tuple[str, list[dict], str]:
+        """(answer text, the conversation before it, what to call that conversation)."""
         value = v.get(column)
-        if isinstance(value, list) and not csv:
+        if isinstance(value, list):
             text, extra = _answer_and_context(value, column)
-            if context and extra[:len(context)] == context:
-                return text, extra  # the list repeats the prompt (ultrafeedback style)
-            return text, (context or []) + extra
+            if not context:  # TRL "implicit prompt": the list is the whole conversation
+                return text, extra, f"column {column!r} before its final assistant message"
+            if not extra:  # TRL's shape: one assistant message
+                return text, context, "column 'prompt'"
+            if extra[:len(context)] == context:
+                return text, extra, f"column {column!r} before its final assistant message"
+            return text, context + extra, f"column 'prompt' with the earlier turns in {column!r}"
         if value is not None and not isinstance(value, str):
             raise _RowError(f"column {column!r} must be text or a list of messages, got "
                             f"{_json_type(value)}")
-        return _text(value, column), context
+        return _text(value, column), context, "column 'prompt'"
 
     if shape == "unpaired":
         label = _label(v.get("label"), csv)
-        text, context = answer("completion", prompt_context())
-        return _Record(row.where, "unpaired", _context_prompt(context, multi_turn), family,
-                       completion=text, label=label)
+        text, context, what = answer("completion", prompt_context())
+        prompt, messages = _prompt_of(context, multi_turn, what)
+        return _Record(row.where, "unpaired", prompt, family, messages, completion=text,
+                       label=label)
 
     chosen_v, rejected_v = v.get("chosen"), v.get("rejected")
     if isinstance(chosen_v, list) != isinstance(rejected_v, list):
         raise _RowError("chosen and rejected must both be text or both be message lists")
     if shape == "implicit-preference" and not isinstance(chosen_v, list):
-        prompt, chosen, rejected = _parse_hh(_text(chosen_v, "chosen"),
-                                             _text(rejected_v, "rejected"), multi_turn)
+        context, chosen, rejected = _parse_hh(_text(chosen_v, "chosen"),
+                                              _text(rejected_v, "rejected"))
+        what = "the transcript before its final Assistant turn"
     else:
         base = prompt_context() if shape == "preference" else []
-        chosen, ctx_c = answer("chosen", base)
-        rejected, ctx_r = answer("rejected", base)
-        if ctx_c != ctx_r:
+        chosen, context, what = answer("chosen", base)
+        rejected, ctx_r, _ = answer("rejected", base)
+        if context != ctx_r:
             raise _RowError("chosen and rejected continue different conversations, so they do "
                             "not answer the same prompt")
-        prompt = _context_prompt(ctx_c, multi_turn)
+    prompt, messages = _prompt_of(context, multi_turn, what)
     if chosen == rejected:
         raise _RowError("chosen and rejected are the same text")
-    return _Record(row.where, "pair", prompt, family, chosen=chosen, rejected=rejected)
+    return _Record(row.where, "pair", prompt, family, messages, chosen=chosen, rejected=rejected)
 
 
 _ANSWERS_EXAMPLE = '["first answer", "second answer", "third answer"]'
@@ -665,20 +751,24 @@ def _ranking_tiers(value, n: int, text_lists: bool) -> tuple[list[list[int]], bo
             for number in sorted(set(ranks))], False
 
 
-def _ranking_record(row: _Row, text_lists: bool) -> _Record:
+def _ranking_record(row: _Row, text_lists: bool, multi_turn: str, csv: bool) -> _Record:
     v = row.values
     family = _family(v.get("family"))
-    prompt = v.get("prompt")
-    if isinstance(prompt, str):
-        _check_len(prompt, "prompt")
-    prompt = _text(prompt, "prompt")
+    prompt = _messages_cell(v.get("prompt")) if csv else v.get("prompt")
+    if isinstance(prompt, list):  # a conversation (a rankings export writes them so)
+        context = _messages(prompt, "prompt")
+    else:
+        if isinstance(prompt, str):
+            _check_len(prompt, "prompt")
+        context = [{"role": "user", "content": _text(prompt, "prompt")}]
+    prompt, messages = _prompt_of(context, multi_turn, "column 'prompt'")
     answers = _ranking_answers(v.get("answers"), text_lists)
     tiers, none_acceptable = _ranking_tiers(v.get("ranks"), len(answers), text_lists)
-    return _Record(row.where, "ranking", prompt, family, answers=answers, tiers=tiers,
+    return _Record(row.where, "ranking", prompt, family, messages, answers=answers, tiers=tiers,
                    none_acceptable=none_acceptable)
 
 
-def read_import_file(path: str | os.PathLike, multi_turn: str = "refuse") -> ParsedFile:
+def read_import_file(path: str | os.PathLike, multi_turn: str = "keep") -> ParsedFile:
     """Read and validate a whole file; raise ImportFileError on the first problem."""
     if multi_turn not in MULTI_TURN_POLICIES:
         raise ValueError(f"multi_turn is one of {MULTI_TURN_POLICIES}, got {multi_turn!r}")
@@ -691,7 +781,7 @@ def read_import_file(path: str | os.PathLike, multi_turn: str = "refuse") -> Par
     for row in rows:
         try:
             if shape == "ranking":
-                records.append(_ranking_record(row, text_lists))
+                records.append(_ranking_record(row, text_lists, multi_turn, csv))
             else:
                 records.append(_record(shape, row, multi_turn, csv))
         except _RowError as err:
@@ -719,7 +809,10 @@ def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
     try:
         with store.transaction():
             for record in parsed.records:
-                prompt_id, created = store.add_prompt(record.prompt, "import", record.family)
+                ids, created = store.add_prompts([record.prompt_item()], "import")
+                prompt_id = ids[0]
+                if not created:
+                    _check_same_prompt(store, record, prompt_id)
                 report.prompts_added += created
                 report.prompts_duplicate += not created
                 if record.kind == "prompt":
@@ -748,10 +841,25 @@ def write_parsed(store, parsed: ParsedFile, annotator: str = "import",
                 report.judgments_duplicate += not created
                 if gold:
                     report.gold_marked += store.mark_gold([jid], by=annotator)
-    except StoreError as err:
+    except (StoreError, _RowError) as err:
         where = f"{record.where}: " if record is not None else ""
         raise ImportFileError(f"{parsed.name}: {where}{err}") from None
     return report
+
+
+def _check_same_prompt(store, record: _Record, prompt_id: int) -> None:
+    """Prompts are unique by text and a conversation's text is its transcript: refuse a
+    row whose prompt would join a stored prompt of the same text that is not the same
+    conversation (or is one, where the row's prompt is a single turn)."""
+    if record.messages is None and not record.prompt.startswith(("User: ", "System: ")):
+        return  # no transcript starts otherwise, so the text cannot be taken by one
+    stored = store.prompt(prompt_id)["messages"]
+    if conversation.frozen(stored) != conversation.frozen(record.messages):
+        have = "a single-turn prompt" if stored is None else "another conversation"
+        want = "a single-turn prompt" if record.messages is None else "a conversation"
+        raise _RowError(f"the prompt is {want} whose text is already stored as {have} (the "
+                        "store keeps prompts unique by text, and a conversation's text is "
+                        "its transcript); rename one of them")
 
 
 def _check_gold(parsed: ParsedFile) -> None:
@@ -782,7 +890,7 @@ def _write_ranking(store, record: _Record, prompt_id: int, annotator: str, impor
 
 
 def import_path(store, path: str | os.PathLike, annotator: str = "import",
-                multi_turn: str = "refuse", gold: bool = False) -> ImportReport:
+                multi_turn: str = "keep", gold: bool = False) -> ImportReport:
     """Import one file (any supported shape and format). Raises ImportFileError."""
     return write_parsed(store, read_import_file(path, multi_turn), annotator, gold=gold)
 
@@ -854,6 +962,38 @@ def _count(skipped: dict[str, int], why: str) -> None:
     skipped[why] = skipped.get(why, 0) + 1
 
 
+def _conversational(rows: list[dict], answer_columns: tuple[str, ...]) -> list[dict]:
+    """Rows carry their prompt's messages under "_messages" (a conversation's, as a list or
+    the store's JSON text; None for a single turn). When any row's prompt is a
+    conversation, every row is written in TRL's conversational format: the prompt as a
+    message list (a single turn as one user message), each answer as a list of one
+    assistant message; a file has one type per column, so `datasets` loads it. Otherwise
+    the rows are plain text, as always."""
+    if not any(r["_messages"] for r in rows):
+        return [{k: x for k, x in r.items() if k != "_messages"} for r in rows]
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["prompt"] = conversation.as_messages(r["prompt"], r.pop("_messages"))
+        for column in answer_columns:
+            r[column] = [{"role": "assistant", "content": r[column]}]
+        out.append(r)
+    return out
+
+
+def _csv_cells(rows: list[dict]) -> list[dict]:
+    """Message lists as JSON text in CSV cells (the import reads them back as lists)."""
+    return [{k: json.dumps(x, ensure_ascii=False) if isinstance(x, list) else x
+             for k, x in r.items()} for r in rows]
+
+
+def _with_messages(store, ks: list[dict]) -> list[dict]:
+    """Rankings with their prompt's messages under "messages" (None for a single turn)."""
+    ids = sorted({k["prompt_id"] for k in ks})
+    messages = {p["id"]: p["messages"] for p in store.prompts(ids=ids)} if ids else {}
+    return [dict(k, messages=messages.get(k["prompt_id"])) for k in ks]
+
+
 def _dpo_rows(judgments: list[dict], skipped: dict[str, int]) -> list[dict]:
     rows = []
     for j in judgments:
@@ -864,7 +1004,8 @@ def _dpo_rows(judgments: list[dict], skipped: dict[str, int]) -> list[dict]:
         elif j["verdict"] in ("a", "b"):
             win, lose = ("a", "b") if j["verdict"] == "a" else ("b", "a")
             rows.append({"prompt": j["prompt_a"], "chosen": j[f"response_{win}_text"],
-                         "rejected": j[f"response_{lose}_text"]})
+                         "rejected": j[f"response_{lose}_text"],
+                         "_messages": j["prompt_a_messages"]})
         else:
             _count(skipped, f"{j['verdict']} (no preferred answer)")
     return rows
@@ -881,7 +1022,7 @@ def _ranking_kto_rows(ranking: dict, skipped: dict[str, int]) -> list[dict]:
         for rid in tier:
             if rid in liked or rid in disliked:
                 rows.append({"prompt": ranking["prompt"], "completion": ranking["answers"][rid],
-                             "label": rid in liked})
+                             "label": rid in liked, "_messages": ranking["messages"]})
             else:
                 _count(skipped, SKIP_ALL_TIED if len(tiers) == 1 else SKIP_MIDDLE)
     return rows
@@ -901,7 +1042,7 @@ def _kto_rows(judgments: list[dict], skipped: dict[str, int],
             continue
         if j["kind"] == "unpaired":
             rows.append({"prompt": j["prompt_a"], "completion": j["response_a_text"],
-                         "label": j["verdict"] == "up"})
+                         "label": j["verdict"] == "up", "_messages": j["prompt_a_messages"]})
             continue
         labels = {"a": (True, False), "b": (False, True), "both_bad": (False, False)}
         if j["verdict"] not in labels:
@@ -909,7 +1050,7 @@ def _kto_rows(judgments: list[dict], skipped: dict[str, int],
             continue
         for side, label in zip(("a", "b"), labels[j["verdict"]]):
             rows.append({"prompt": j[f"prompt_{side}"], "completion": j[f"response_{side}_text"],
-                         "label": label})
+                         "label": label, "_messages": j[f"prompt_{side}_messages"]})
     return rows
 
 
@@ -921,7 +1062,7 @@ FULL_COLUMNS = [
     "prompt_b_id", "prompt_b", "family_b", "response_b_id", "response_b", "response_b_source",
     "model_b", "adapter_b", "gen_settings_b", "import_file_b",
     "response_a_parent_id", "response_b_parent_id", "gold", "used_by_runs",
-    "ranking_id", "ranking_order",
+    "ranking_id", "ranking_order", "prompt_a_messages", "prompt_b_messages",
 ]
 RETRACTED_COLUMNS = ["retracted", "retracted_at", "retracted_by"]
 
@@ -950,6 +1091,10 @@ def _full_rows(store, judgments: list[dict], include_retracted: bool) -> list[di
                 ranked[j["ranking_id"]]["tiers"], lambda r: f"#{r}",
                 ranked[j["ranking_id"]]["none_acceptable"])
                 if j["ranking_id"] in ranked else None),
+            # A conversation's messages as JSON text (rpo_app.conversation); null for a
+            # single-turn prompt, whose text is all there is.
+            "prompt_a_messages": j["prompt_a_messages"] or None,
+            "prompt_b_messages": j["prompt_b_messages"] or None,
         }
         for side in ("a", "b"):
             row.update({
@@ -977,13 +1122,18 @@ RANKING_COLUMNS = ["prompt", "answers", "ranks"]
 
 def _ranking_rows(store) -> list[dict]:
     """One row per active ranking, in the import shape: answers in their shown order when
-    known, else best place first; ranks 1-based places, or "none"."""
+    known, else best place first; ranks 1-based places, or "none". When any ranking's
+    prompt is a conversation, every prompt is a message list (as in trl-dpo)."""
     rows = []
-    for k in store.rankings():
+    ks = _with_messages(store, store.rankings())
+    conversational = any(k["messages"] for k in ks)
+    for k in ks:
         ids = [r for tier in k["tiers"] for r in tier]
         order = k["shown"] if sorted(k["shown"]) == sorted(ids) else ids
         place = rankings.tier_of(k["tiers"])
-        rows.append({"prompt": k["prompt"], "answers": [k["answers"][r] for r in order],
+        prompt = (conversation.as_messages(k["prompt"], k["messages"]) if conversational
+                  else k["prompt"])
+        rows.append({"prompt": prompt, "answers": [k["answers"][r] for r in order],
                      "ranks": "none" if k["none_acceptable"] else [place[r] + 1 for r in order]})
     return rows
 
@@ -997,6 +1147,8 @@ def _ranking_cells(rows: list[dict], ext: str) -> list[dict]:
         r = dict(r)
         if ext == ".csv":
             r["answers"] = json.dumps(r["answers"], ensure_ascii=False)
+            if isinstance(r["prompt"], list):
+                r["prompt"] = json.dumps(r["prompt"], ensure_ascii=False)
         if isinstance(r["ranks"], list) and (ext == ".csv" or ext == ".parquet" and mixed):
             r["ranks"] = json.dumps(r["ranks"])
         out.append(r)
@@ -1056,14 +1208,18 @@ def export(store, fmt: str, out_path: str | os.PathLike,
         columns = FULL_COLUMNS + (RETRACTED_COLUMNS if include_retracted else [])
         rows = _full_rows(store, judgments, include_retracted)
     elif fmt == "trl-dpo":
-        columns, rows = ["prompt", "chosen", "rejected"], _dpo_rows(store.judgments(), skipped)
+        columns = ["prompt", "chosen", "rejected"]
+        rows = _conversational(_dpo_rows(store.judgments(), skipped), ("chosen", "rejected"))
     elif fmt == "rankings":
         columns, rows = RANKING_COLUMNS, _ranking_cells(_ranking_rows(store), out.suffix.lower())
     else:
         judgments = store.judgments()
-        ranked = ({k["id"]: k for k in store.rankings()}
+        ranked = ({k["id"]: k for k in _with_messages(store, store.rankings())}
                   if any(j["ranking_id"] is not None for j in judgments) else {})
-        columns, rows = ["prompt", "completion", "label"], _kto_rows(judgments, skipped, ranked)
+        columns = ["prompt", "completion", "label"]
+        rows = _conversational(_kto_rows(judgments, skipped, ranked), ("completion",))
+    if fmt in ("trl-dpo", "trl-kto") and out.suffix.lower() == ".csv":
+        rows = _csv_cells(rows)
     df = pd.DataFrame(rows, columns=columns)
     for column in columns:
         if column == "judgment_id" or column.endswith("_id") and column != "request_id":
@@ -1085,7 +1241,7 @@ def _open_store(args):
 
 
 def cli_import(args) -> int:
-    multi_turn = getattr(args, "multi_turn", None) or "refuse"
+    multi_turn = getattr(args, "multi_turn", None) or "keep"
     parsed, errors = [], []
     for name in args.files:  # validate every file before writing any
         try:

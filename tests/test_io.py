@@ -170,18 +170,22 @@ def test_prompts_of_a_file_of_every_shape(tmp_path):
     assert families == [{"prompt": "Say hi.", "family": "greet"}]
 
 
-def test_multi_turn_is_refused_by_default_and_last_turn_on_request(store, tmp_path):
+def test_multi_turn_is_kept_by_default_last_turn_or_refused_on_request(store, tmp_path):
+    """More in test_io_multiturn.py."""
     rows = [{"chosen": hh("Hi", "Hello!", "What is 2+2?", "4"),
              "rejected": hh("Hi", "Hello!", "What is 2+2?", "22")}]
     path = write(tmp_path / "multi", rows, "jsonl")
     with pytest.raises(ImportFileError, match=r"multi\.jsonl: line 1: multi-turn conversation"):
-        import_path(store, path)
+        import_path(store, path, multi_turn="refuse")
     import_path(store, path, multi_turn="last")
     assert triples(store) == [("What is 2+2?", "4", "22", "a")]
+    import_path(store, path)
+    assert triples(store)[1] == ("User: Hi\n\nAssistant: Hello!\n\nUser: What is 2+2?", "4", "22",
+                                 "a")
     conv = [{"prompt": [{"role": "system", "content": "Be terse."}] + user("Hi"),
              "chosen": bot("Hi."), "rejected": bot("Go away.")}]
     with pytest.raises(ImportFileError, match="system message"):
-        import_path(store, write(tmp_path / "sys", conv, "jsonl"))
+        import_path(store, write(tmp_path / "sys", conv, "jsonl"), multi_turn="refuse")
 
 
 def test_reimport_adds_nothing(store, tmp_path):
@@ -278,9 +282,9 @@ BAD_FILES = {
                              ["bad.jsonl", "line 1", "do not answer the same prompt"]),
     "hh-empty-answer": ("bad.jsonl", _jsonl({"chosen": hh("a?", "x"), "rejected": hh("a?", " ")}),
                         ["bad.jsonl", "line 1", "empty"]),
-    "hh-multi-turn": ("bad.jsonl", _jsonl({"chosen": hh("a?", "x", "b?", "y"),
-                                           "rejected": hh("a?", "x", "b?", "z")}),
-                      ["bad.jsonl", "line 1", "multi-turn"]),
+    "hh-not-alternating": ("bad.jsonl", _jsonl({"chosen": hh("a?") + hh("b?", "y"),
+                                                "rejected": hh("a?") + hh("b?", "z")}),
+                           ["bad.jsonl", "line 1", "message 2 is a user turn"]),
     "conv-bad-role": ("bad.jsonl", _jsonl(dict(GOOD, chosen=[{"role": "robot", "content": "hi"}],
                                                rejected=bot("no"))),
                       ["bad.jsonl", "line 1", "role 'robot'"]),
