@@ -1,7 +1,20 @@
 """The Chat tab: base and tuned side by side in one batched forward, blind votes, adapters.
 
-A blind vote is stored as a paired judgment (source "blind-chat"): the user message
-becomes a prompt, each answer a response that records which model/adapter made it.
+Both sides get the same user messages; each side answers in its own conversation (its
+own earlier answers). A vote is cast on one turn (the turn picker; the last by default)
+and stored with the conversation up to that turn: for each side, its messages up to and
+including turn t's user message are the prompt (turn 1: a plain prompt), its answer at
+turn t the response, which records the model/adapter that wrote it. When the two sides'
+prompts are the same (turn 1, or identical earlier answers) the judgment is "paired";
+otherwise "cross" (answers to two different prompts).
+
+A blind conversation keeps its pair of models until Clear (or blind mode or its rule
+changes). The first vote reveals the pair; other turns of the same conversation can
+still be voted on, but those votes are no longer blind: they are stored with source
+"chat-revealed" instead of "blind-chat" (trained on like any judgment, left out of the
+blind tally). Regenerating turn t drops that turn and every later one on both sides
+and answers turn t again: a branch. Votes already stored keep their own copy of the
+conversation.
 """
 from __future__ import annotations
 
@@ -20,6 +33,7 @@ from rpo_app.adapters import BASE_LABEL
 from rpo_app.ui.context import AppContext
 
 BLIND_SOURCE = "blind-chat"
+REVEALED_SOURCE = "chat-revealed"  # a vote cast after the pair was revealed: not blind
 
 # How blind mode picks its two models.
 NEWEST = "newest adapter vs base model"
@@ -83,50 +97,180 @@ def submit(ctx: AppContext, msg, left_hist, right_hist, left, right, is_blind, p
         pair = blind_pair(ctx, how, left, right)
     # Clear the input once, now: the stream below must not touch it, or a message the
     # user types while answers stream in would be wiped.
-    yield left_hist, right_hist, pair, gr.update(visible=False), ""
+    yield (left_hist, right_hist, pair, gr.update(visible=False), "",
+           turn_update(left_hist, right_hist))
     yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
 
 
 def regenerate(ctx: AppContext, left_hist, right_hist, left, right, is_blind, pair, how,
                *settings):
-    left_hist, right_hist = _drop_last_answer(left_hist), _drop_last_answer(right_hist)
-    if not left_hist:
+    """Answer the last turn again (on both sides)."""
+    yield from regenerate_turn(ctx, None, left_hist, right_hist, left, right, is_blind, pair,
+                               how, *settings)
+
+
+def regenerate_turn(ctx: AppContext, turn, left_hist, right_hist, left, right, is_blind, pair,
+                    how, *settings):
+    """Answer turn `turn` again (None: the last) on both sides, dropping every later turn:
+    a branch of the conversation. Votes stored already keep their copy of it; this
+    conversation forgets its votes on the dropped turns, so they can be voted on again."""
+    n = len(_turns(left_hist))
+    if not n:
         raise gr.Error("nothing to regenerate")
+    t = n if turn in (None, "") else _turn_number(turn, n)
+    left_hist, right_hist = _until_user(left_hist, t), _until_user(right_hist, t)
+    if pair:
+        pair = {**pair, "votes": {k: v for k, v in (pair.get("votes") or {}).items()
+                                  if int(k) < t}}
+    elif is_blind:
+        pair = blind_pair(ctx, how, left, right)
+    yield (left_hist, right_hist, pair, gr.update(visible=False), gr.skip(),
+           turn_update(left_hist, right_hist))
+    # A new draw: the same seed on the same conversation would give the same answers.
+    temp, top_p, max_new, seed, system = settings
+    settings = (temp, top_p, max_new, int(seed or 0) + random.randrange(1, 1 << 30), system)
     yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
 
 
-def vote(ctx: AppContext, verdict: str, left_hist, right_hist, pair, annotator: str) -> tuple:
-    """Store a blind vote; returns the reveal, the tally, no pair, and the hidden vote row."""
+def vote(ctx: AppContext, verdict: str, left_hist, right_hist, pair, annotator: str,
+         turn=None) -> tuple:
+    """Store a vote on one turn (None: the last); returns the reveal, the tally, the pair
+    (now revealed, with the turns voted on), the vote row (still shown: other turns can
+    be voted on) and the leaderboard."""
     if not pair or not left_hist or not right_hist:
         raise gr.Error("chat in blind mode first, then vote")
-    if left_hist[-1]["role"] != "assistant" or right_hist[-1]["role"] != "assistant":
+    if turn in (None, "") and (left_hist[-1]["role"] != "assistant"
+                               or right_hist[-1]["role"] != "assistant"):
         raise gr.Error("wait for both answers before voting")
+    t = last_answered(left_hist, right_hist) if turn in (None, "") else \
+        _turn_number(turn, len(_turns(left_hist)))
+    votes = dict(pair.get("votes") or {})
+    if str(t) in votes:
+        raise gr.Error(f"turn {t} of this conversation has its vote already (judgment "
+                       f"#{votes[str(t)]}); pick another turn, or Clear to start a new "
+                       "conversation")
+    revealed = bool(pair.get("revealed"))
+    source = REVEALED_SOURCE if revealed else BLIND_SOURCE
     try:
         jid = store_vote(ctx, left_hist, right_hist, pair, verdict, annotator,
-                         ctx.host().model_name)
+                         ctx.host().model_name, turn=t, source=source)
     except ValueError as err:  # e.g. a full disk, or a message the store refuses
         raise gr.Error(str(err))
-    # No pair: the next message draws a new one by the rule picked (sides shuffled again).
+    votes[str(t)] = jid
+    pair = {**pair, "revealed": True, "votes": votes}
+    kind = ctx.store.judgment(jid)["kind"]
+    what = "same prompt" if kind == "paired" else "each side's own conversation: cross-prompt"
+    after = (f" (after the reveal, so stored as `{REVEALED_SOURCE}`, not as a blind vote)"
+             if revealed else "")
     tally, board = votes_view(ctx)
-    return (f"Saved as judgment #{jid}. **Left was {pair['left']}**, "
-            f"**right was {pair['right']}**.", tally, None, gr.update(visible=False), board)
+    text = (f"Saved turn {t} as judgment #{jid} ({what}){after}. **Left was {pair['left']}**, "
+            f"**right was {pair['right']}**. Other turns can still be voted on, but not "
+            f"blind any more (`{REVEALED_SOURCE}`); **Clear** starts a new blind "
+            "conversation with a new pair.")
+    return text, tally, pair, gr.update(visible=True), board
+
+
+BLIND_NOTE = ("Blind mode: the two sides are hidden and shuffled, and stay the same two "
+              "models for the whole conversation. Chat, pick a turn, then vote; names are "
+              "revealed after the first vote. Later votes in the same conversation are "
+              "kept apart as not blind; Clear starts a new blind conversation.")
 
 
 def toggle_blind(ctx: AppContext, is_blind: bool, how: str = NEWEST, left: str | None = None,
                  right: str | None = None) -> tuple:
     if not is_blind:
         return (gr.update(visible=True), gr.update(visible=True), None,
-                gr.update(visible=False), "", [], [])
+                gr.update(visible=False), "", [], [], turn_update([], []))
     pair = blind_pair(ctx, how, left, right)
     return (gr.update(visible=False), gr.update(visible=False), pair,
-            gr.update(visible=False), "Blind mode: the two sides are hidden and shuffled. "
-            "Chat, then vote; names are revealed after the vote.", [], [])
+            gr.update(visible=False), BLIND_NOTE, [], [], turn_update([], []))
 
 
 def clear_all(ctx: AppContext, is_blind: bool, how: str = NEWEST, left: str | None = None,
               right: str | None = None) -> tuple:
     return ([], [], (blind_pair(ctx, how, left, right) if is_blind else None),
-            gr.update(visible=False), "")
+            gr.update(visible=False), "", turn_update([], []))
+
+
+# -- turns --------------------------------------------------------------------------------
+
+def turn_update(left_hist, right_hist):
+    """The turn picker for these histories: the turns both sides have answered, the last
+    of them picked."""
+    done = answered_turns(left_hist, right_hist)
+    return gr.update(choices=done, value=done[-1] if done else "")
+
+
+def branch_button(turn, left_hist, right_hist):
+    """The "regenerate turn t" button: shown when the picked turn is not the last."""
+    n = len(_turns(left_hist))
+    try:
+        t = _turn_number(turn, n)
+    except gr.Error:
+        t = n
+    if t >= n:
+        return gr.update(visible=False)
+    later = f"turn {n}" if t + 1 == n else f"turns {t + 1}–{n}"
+    return gr.update(visible=True, value=f"Regenerate turn {t} (drops {later})")
+
+
+def answered_turns(left_hist, right_hist) -> list[int]:
+    """The turns (1-based) that have an answer on both sides."""
+    left, right = _turns(left_hist), _turns(right_hist)
+    return [t for t in range(1, min(len(left), len(right)) + 1)
+            if left[t - 1][1] is not None and right[t - 1][1] is not None]
+
+
+def last_answered(left_hist, right_hist) -> int:
+    done = answered_turns(left_hist, right_hist)
+    if not done:
+        raise gr.Error("wait for both answers before voting")
+    return done[-1]
+
+
+def _turns(history) -> list[tuple[int, int | None]]:
+    """(index of the user message, index of its answer or None) for each turn."""
+    out: list[list] = []
+    for i, m in enumerate(history or []):
+        if m["role"] == "user":
+            out.append([i, None])
+        elif m["role"] == "assistant" and out:
+            out[-1][1] = i
+    return [tuple(t) for t in out]
+
+
+def _turn_number(turn, n: int) -> int:
+    try:
+        t = int(float(turn))
+    except (TypeError, ValueError):
+        raise gr.Error(f"pick a turn (1 to {n})") from None
+    if not 1 <= t <= n:
+        raise gr.Error(f"there is no turn {t}; this conversation has "
+                       f"{n} turn{'s' if n != 1 else ''}")
+    return t
+
+
+def _until_user(history, t: int) -> list:
+    """The messages up to and including turn t's user message."""
+    turns = _turns(history)
+    return list(history)[:turns[t - 1][0] + 1] if len(turns) >= t else list(history or [])
+
+
+def side_turn(history, t: int, side: str) -> tuple[list[dict], str]:
+    """(the conversation up to and including turn t's user message, turn t's answer) of
+    one side, as plain messages; gr.Error when turn t has no answer on this side or an
+    earlier answer is empty (a conversation turn must have text)."""
+    turns = _turns(history)
+    if len(turns) < t or turns[t - 1][1] is None:
+        raise gr.Error(f"turn {t} has no answer on the {side} yet; wait for it, or "
+                       "regenerate it")
+    messages = _as_messages(list(history)[:turns[t - 1][0] + 1])
+    for k, (_, answer) in enumerate(turns[:t - 1], 1):
+        if not _text(history[answer]["content"]).strip():
+            raise gr.Error(f"the {side} answer to turn {k} is empty, so the conversation up "
+                           f"to turn {t} cannot be a prompt; vote on turn {k}, or "
+                           f"regenerate it")
+    return messages, _text(history[turns[t - 1][1]]["content"])
 
 
 def blind_pair(ctx: AppContext, how: str = NEWEST, left: str | None = None,
@@ -304,12 +448,30 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
     with gr.Row():
         regen = gr.Button("Regenerate", size="sm", elem_id="chat-regen")
+        branch = gr.Button("Regenerate the picked turn", size="sm", visible=False,
+                           elem_id="chat-regen-turn")
         clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
-    with gr.Row(visible=False) as vote_row:
-        v_left = gr.Button("Left is better", elem_id="vote-left")
-        v_right = gr.Button("Right is better", elem_id="vote-right")
-        v_tie = gr.Button("Tie", elem_id="vote-tie")
-        v_bad = gr.Button("Both bad", elem_id="vote-bothbad")
+    with gr.Row(equal_height=True):
+        # Turns appear as both sides finish answering; the last is picked by default.
+        # Free values are let through (and checked by the handlers), so a stale pick
+        # sent while the choices change is a clear message, not a schema error. The
+        # blank start value is also the API's default: API callers that leave the turn
+        # out vote on (or regenerate) the last turn.
+        turn_pick = gr.Dropdown([], value="", label="Turn",
+                                info="votes, and a regenerate of an earlier turn, act on it",
+                                scale=1, min_width=150, allow_custom_value=True,
+                                elem_id="chat-turn")
+        with gr.Row(visible=False, scale=4) as vote_row:
+            v_left = gr.Button("Left is better", elem_id="vote-left")
+            v_right = gr.Button("Right is better", elem_id="vote-right")
+            v_tie = gr.Button("Tie", elem_id="vote-tie")
+            v_bad = gr.Button("Both bad", elem_id="vote-bothbad")
+    gr.Markdown("Each vote is on the turn picked: for each side, the conversation up to that "
+                "turn's message is stored as the prompt and that side's answer as the response "
+                "(a cross-prompt pair when the two sides answered earlier turns differently). "
+                "Regenerating an earlier turn drops the turns after it on both sides (a "
+                "branch); votes stored already keep their own copy of the conversation.",
+                elem_id="chat-turn-help")
     reveal = gr.Markdown("", elem_id="chat-reveal")
     with gr.Accordion("Generation settings", open=False, elem_id="chat-settings"):
         with gr.Row():
@@ -326,11 +488,11 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         system = gr.Textbox("", label="System prompt (optional)", lines=2)
     with gr.Accordion("Leaderboard", open=False, elem_id="chat-leaderboard-box"):
         gr.Markdown("A Bradley-Terry fit over every judgment between answers of two of the "
-                    "app's models (blind votes here, and Label-tab pairs whose answers two "
-                    "models wrote); a tie or \"both bad\" counts half a win each. Ratings are "
-                    "on an Elo-like scale with the base model at 1000; the interval is a 95% "
-                    "bootstrap over the votes, and means little until a model has ten or "
-                    "more.")
+                    "app's models (blind votes here, votes cast here after a reveal, and "
+                    "Label-tab pairs whose answers two models wrote); a tie or \"both bad\" "
+                    "counts half a win each. Ratings are on an Elo-like scale with the base "
+                    "model at 1000; the interval is a 95% bootstrap over the votes, and means "
+                    "little until a model has ten or more.")
         board = gr.Dataframe(interactive=False, elem_id="chat-leaderboard")
     with gr.Accordion("Adapters", open=False):
         adapters_table = gr.Dataframe(interactive=False, elem_id="adapters-table")
@@ -356,7 +518,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     settings_inputs = [temp, top_p, max_new, seed, system]
     chat_inputs = [left_bot, right_bot, left_pick, right_pick, blind, blind_pair_state,
                    blind_how, *settings_inputs]
-    chat_outputs = [left_bot, right_bot, blind_pair_state, vote_row, message]
+    chat_outputs = [left_bot, right_bot, blind_pair_state, vote_row, message, turn_pick]
     model_queue = {"concurrency_limit": 1, "concurrency_id": "model"}
     send.click(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
                api_name="chat_send", **model_queue)
@@ -364,11 +526,16 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                    api_name=False, **model_queue)
     regen.click(functools.partial(regenerate, ctx), chat_inputs, chat_outputs,
                 api_name="chat_regenerate", **model_queue)
+    branch.click(functools.partial(regenerate_turn, ctx), [turn_pick, *chat_inputs],
+                 chat_outputs, api_name="chat_regenerate_turn", **model_queue)
+    turn_pick.change(branch_button, [turn_pick, left_bot, right_bot], branch, api_name=False,
+                     show_progress="hidden")
     blind_inputs = [blind, blind_how, left_pick, right_pick]
     clear.click(functools.partial(clear_all, ctx), blind_inputs,
-                [left_bot, right_bot, blind_pair_state, vote_row, reveal], api_name="chat_clear")
+                [left_bot, right_bot, blind_pair_state, vote_row, reveal, turn_pick],
+                api_name="chat_clear")
     blind_outputs = [left_pick, right_pick, blind_pair_state, vote_row, reveal, left_bot,
-                     right_bot]
+                     right_bot, turn_pick]
     blind.change(functools.partial(toggle_blind, ctx), blind_inputs, blind_outputs,
                  api_name=False)
     # A new rule starts a new blind conversation (when blind mode is on).
@@ -376,13 +543,16 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                      api_name=False)
 
     def voter(verdict):
-        def on_vote(left_hist, right_hist, pair, typed, request: gr.Request):
-            return vote(ctx, verdict, left_hist, right_hist, pair, ctx.annotator(request, typed))
+        def on_vote(left_hist, right_hist, pair, typed, turn, request: gr.Request):
+            return vote(ctx, verdict, left_hist, right_hist, pair, ctx.annotator(request, typed),
+                        turn)
         return on_vote
 
     for button, verdict in ((v_left, "left"), (v_right, "right"), (v_tie, "tie"),
                             (v_bad, "both_bad")):
-        button.click(voter(verdict), [left_bot, right_bot, blind_pair_state, annotator_box],
+        # The turn comes last, so API callers that leave it out vote on the last turn.
+        button.click(voter(verdict),
+                     [left_bot, right_bot, blind_pair_state, annotator_box, turn_pick],
                      [reveal, tally, blind_pair_state, vote_row, board],
                      api_name=f"chat_vote_{verdict}")
     picks = [left_pick, right_pick, right_picked]
@@ -428,8 +598,9 @@ def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings):
     for texts in host.chat_stream(convs, adapters, gen):
         left_hist[-1] = {"role": "assistant", "content": texts[0]}
         right_hist[-1] = {"role": "assistant", "content": texts[1]}
-        yield left_hist, right_hist, pair, gr.update(visible=False), gr.skip()
-    yield left_hist, right_hist, pair, gr.update(visible=bool(is_blind)), gr.skip()
+        yield left_hist, right_hist, pair, gr.update(visible=False), gr.skip(), gr.skip()
+    yield (left_hist, right_hist, pair, gr.update(visible=bool(is_blind)), gr.skip(),
+           turn_update(left_hist, right_hist))
 
 
 def _as_messages(history) -> list[dict]:
@@ -448,30 +619,31 @@ def _text(content) -> str:
     return str(content)
 
 
-def _drop_last_answer(history):
-    history = list(history or [])
-    if history and history[-1]["role"] == "assistant":
-        history = history[:-1]
-    return history
-
-
 def store_vote(ctx: AppContext, left_hist, right_hist, pair, verdict, annotator,
-               model_name: str) -> int:
-    """The last user turn is the prompt; earlier turns are not part of the judgment."""
-    prompt = _text(left_hist[-2]["content"])
-    pid, _ = ctx.store.add_prompt(prompt, source="chat")
+               model_name: str, turn: int | None = None, source: str = BLIND_SOURCE) -> int:
+    """Store a vote on turn `turn` (None: the last both sides answered).
+
+    Each side's prompt is its own conversation up to and including turn t's user message
+    (turn 1: the plain message); its response is its answer at turn t. The same prompt on
+    both sides gives a "paired" judgment, two different ones a "cross" judgment."""
+    t = last_answered(left_hist, right_hist) if turn in (None, "") else int(turn)
+    sides = {side: side_turn(hist, t, side)
+             for side, hist in (("left", left_hist), ("right", right_hist))}
+    if sides["left"][1] == sides["right"][1]:
+        raise gr.Error(f"both answers to turn {t} are identical; nothing to compare")
+    prompt_ids, _ = ctx.store.add_prompts(
+        [{"messages": sides[side][0]} for side in ("left", "right")], "chat")
     ids = {}
-    for side, hist in (("left", left_hist), ("right", right_hist)):
+    for side, pid in zip(("left", "right"), prompt_ids):
         name = pair[side]
-        rid, _ = ctx.store.add_response(pid, _text(hist[-1]["content"]), source="chat",
+        rid, _ = ctx.store.add_response(pid, sides[side][1], source="chat",
                                         model=model_name,
                                         adapter=None if name == BASE_LABEL else name)
         ids[side] = rid
-    if ids["left"] == ids["right"]:
-        raise gr.Error("both answers are identical; nothing to compare")
+    kind = "paired" if prompt_ids[0] == prompt_ids[1] else "cross"
     a, b, stored, a_side = canonical_pair(ids["left"], ids["right"], verdict)
-    jid, _ = ctx.store.add_judgment("paired", a, b, stored, annotator,
-                                    source=BLIND_SOURCE, a_side=a_side,
+    jid, _ = ctx.store.add_judgment(kind, a, b, stored, annotator,
+                                    source=source, a_side=a_side,
                                     request_id=f"blind:{a}:{b}:{annotator}:{int(time.time())}")
     return jid
 
