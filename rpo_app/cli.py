@@ -121,6 +121,18 @@ def _leaderboard_args(p):
                         "as a separate, labelled table")
 
 
+def _suspects_args(p):
+    from rpo_app.suspects import CONFIDENCE
+
+    _data_dir_arg(p)
+    p.add_argument("--run", default=None, help="a run id (default: the newest run that checked "
+                                               "its labels)")
+    p.add_argument("--confidence", type=float, default=CONFIDENCE,
+                   help=f"list judgments the model is at least this sure are wrong "
+                        f"(default {CONFIDENCE})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def _gold_args(p):
     _data_dir_arg(p)
     p.add_argument("action", choices=["mark", "unmark", "list"])
@@ -173,6 +185,8 @@ COMMANDS = {
              "rpo_app.team:cli_gold"),
     "team": ("show or set the label queue's team settings", _team_args,
              "rpo_app.team:cli_team"),
+    "suspects": ("judgments the newest tuned model contradicts with high confidence",
+                 _suspects_args, "rpo_app.team:cli_suspects"),
     "bench": ("speed benchmarks: training vs TRL, batched vs one-by-one generation",
               _bench_args, "rpo_app.bench:cli_bench"),
     "bench-effect": ("effect benchmark: simulated annotators, fine-tune, judge tuned vs base",

@@ -397,6 +397,20 @@ class LabelQueue:
         undone = self.store.undo_last(annotator)
         if undone is None:
             return None
+        return self._show_again(annotator, undone)
+
+    def rejudge(self, judgment_id: int, annotator: str) -> dict:
+        """Retract a judgment (a suspect label, say) and put its item on this annotator's
+        screen to judge again; a pair from a ranking brings back the whole ranking."""
+        annotator = _check_annotator(annotator)
+        judgment = self.store.judgment(judgment_id)
+        if judgment is None or judgment["retracted_at"] is not None:
+            raise ValueError(f"there is no active judgment #{judgment_id}")
+        self.store.retract(judgment_id, annotator)
+        return self._show_again(annotator, self.store.judgment(judgment_id))
+
+    def _show_again(self, annotator: str, undone: dict) -> dict:
+        """A retracted judgment's item, back on the annotator's screen under its lease."""
         if undone.get("ranking_id") is not None:
             return self._undo_ranking(annotator, undone)
         left = self.store.response(undone["response_a"])

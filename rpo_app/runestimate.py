@@ -68,6 +68,8 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
     out["training"] = step * shape.steps
     out["evaluating"] = forward_s_per_token * shape.eval_seqs * shape.mean_tokens * shape.evals
     out["previews"] = preview * shape.mid_previews
+    # The final adapter scores every sequence once more (rpo_app.suspects).
+    out["checking the labels"] = out["scoring the answers with the base model"]
     out["the final previews"] = preview
     out["saving the adapter"] = past.get("saving the adapter", TYPICAL["saving the adapter"])
     return out

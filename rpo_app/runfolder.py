@@ -11,6 +11,8 @@ tests read it while it is written, and after it was killed at any point:
     judgments.jsonl     the judgments trained on (a resume sees the same data)
     lineage.json        which judgments trained it and which were held out, what was
                         left out and why, the store's state (rpo_app.lineage)
+    label_check.json    every decided pair scored by the final adapter: margin and how
+                        sure the model is of the other answer (rpo_app.suspects)
     ref_logps.pt        cached reference log-probs
     base_samples.json   the base model's preview answers
     checkpoints/step-N/ adapter, optimizer, scheduler, RNG state, trainer_state.json
@@ -41,8 +43,8 @@ ACTIVE_STATES = ("queued", "running")
 # What a run does, in the order it does it ("evaluating" and "previews" interrupt
 # "training"; "embedding the prompts" only for a loss that weighs by prompt similarity).
 PHASES = ("loading the model", "embedding the prompts", "scoring the answers with the base model",
-          "the base model's previews", "training", "evaluating", "previews", "the final previews",
-          "saving the adapter")
+          "the base model's previews", "training", "evaluating", "previews", "checking the labels",
+          "the final previews", "saving the adapter")
 
 
 # --- one writer, one reader -------------------------------------------------------------
@@ -238,6 +240,7 @@ class RunFolder:
     stdout_log = property(lambda self: self.root / "stdout.log")
     judgments = property(lambda self: self.root / "judgments.jsonl")
     lineage = property(lambda self: self.root / LINEAGE_FILE)
+    label_check_path = property(lambda self: self.root / "label_check.json")
     ref_logps = property(lambda self: self.root / "ref_logps.pt")
     base_samples = property(lambda self: self.root / "base_samples.json")
     checkpoints = property(lambda self: self.root / "checkpoints")
@@ -300,6 +303,16 @@ class RunFolder:
     def append_metric(self, row: MetricRow) -> None:
         if self.writable:
             append_jsonl(self.metrics_path, row.to_record())
+
+    def write_label_checks(self, rows: list[dict]) -> None:
+        """rpo_app.suspects.check_rows' output, written once at the end of a run."""
+        if self.writable:
+            atomic_write_text(self.label_check_path, json.dumps({"rows": rows}, indent=0))
+
+    def label_checks(self) -> list[dict] | None:
+        """None when the run made none (it was stopped, or predates the check)."""
+        data = read_json(self.label_check_path)
+        return data.get("rows") if data else None
 
     def append_sample(self, row: SampleRow) -> None:
         if self.writable:

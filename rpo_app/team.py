@@ -1,6 +1,7 @@
 """What a team sees about itself: agreement and bias per annotator, gold accuracy, the
-leaderboard of the app's models, and the team's queue settings. The Team tab and the
-`agreement`, `leaderboard`, `gold` and `team` commands read the same functions."""
+leaderboard of the app's models, suspect labels, and the team's queue settings. The
+Team and Data tabs and the `agreement`, `leaderboard`, `gold`, `suspects` and `team`
+commands read the same functions."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,28 @@ def board(store, sources: list[str] | None = None, bootstrap: int = BOOTSTRAP):
 
     return leaderboard.leaderboard(leaderboard.votes(store.judgments(), sources),
                                    bootstrap=bootstrap)
+
+
+def suspect_labels(store, layout, run_id: str | None = None,
+                   confidence: float | None = None) -> tuple[str | None, list[dict]]:
+    """(the run, its suspect judgments joined with the store) for `run_id`, or for the
+    newest run that checked its labels; (None, []) when no run has."""
+    from rpo_app import suspects
+    from rpo_app.runfolder import RunFolder
+
+    runs = [store.run(run_id)] if run_id else store.runs()
+    if run_id and runs[0] is None:
+        raise ValueError(f"there is no run {run_id!r}")
+    for run in runs:
+        rows = RunFolder(layout.run_dir(run["id"]), writable=False).label_checks()
+        if rows is not None:
+            hits = suspects.suspects(rows, confidence or suspects.CONFIDENCE)
+            active = {j["id"]: j for j in store.judgments()}
+            return run["id"], suspects.with_judgments(hits, active)
+        if run_id:
+            raise ValueError(f"run {run_id} has no label check (it was stopped, failed, or "
+                             "ran before rpo_app checked labels)")
+    return None, []
 
 
 def read_bench(path: str | Path):
@@ -141,6 +164,33 @@ def cli_team(args) -> int:
                 return 2
         print(f"overlap {current.overlap} (annotators per item) · gold rate {current.gold_rate:g}"
               f" · recheck rate {current.recheck_rate:g} · {current.rank_size} answers per ranking")
+        return 0
+    finally:
+        store.close()
+
+
+def cli_suspects(args) -> int:
+    from rpo_app import suspects
+    from rpo_app.config import DataLayout
+
+    store = _open(args)
+    try:
+        try:
+            run_id, rows = suspect_labels(store, DataLayout(store.path.parent), args.run,
+                                          args.confidence)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps({"run": run_id, "suspects": rows}, indent=1, ensure_ascii=False))
+        elif run_id is None:
+            print("no run has checked its labels yet: train once, then look again")
+        elif not rows:
+            print(f"{run_id}: no judgment is contradicted with {args.confidence:.0%} confidence or more")
+        else:
+            print(f"{run_id}: {len(rows)} judgments the tuned model is at least "
+                  f"{args.confidence:.0%} sure are the wrong way round")
+            print(suspects.table(rows).to_string(index=False))
         return 0
     finally:
         store.close()

@@ -583,12 +583,42 @@ class Trainer:
         self._save_checkpoint()
         if early and self.early.adapter_state is not None:
             self._restore_best()
+        self.check_labels()
         self.write_samples("the final previews")
         self.run.begin_phase("saving the adapter")
         self._save_adapter()
         self.run.update_status(early_stopped=early, best_step=self.early.best_step,
                                best_eval_accuracy=self.early.best_step_accuracy)
         return state
+
+    def check_labels(self) -> None:
+        """Score every decided pair, training and held out, with the final adapter: the
+        suspect-label list (rpo_app.suspects) reads the result."""
+        from rpo_app.batches import judgment_pairs
+        from rpo_app.scoring import score_all
+        from rpo_app.suspects import check_rows
+
+        rows, work = [], []
+        for data, judgments, ref, split in ((self.train_data, self.train_j, self.ref_train, "train"),
+                                            (self.eval_data, self.eval_j, self.ref_eval, "held_out")):
+            index = {item: k for k, item in enumerate(data.items)}
+            pairs = [(p.judgment_id, index[p.chosen], index[p.rejected], split)
+                     for p in judgment_pairs(judgments)
+                     if p.chosen in index and p.rejected in index]
+            if pairs:
+                work.append((data, ref, pairs))
+        total = sum(sum(data.lengths()) for data, _, _ in work) // self.world
+        if work:
+            self.run.begin_phase("checking the labels", total=total, unit="tokens")
+        before = 0
+        for data, ref, pairs in work:
+            table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
+                              self.keep_by_mask, adapter=True,
+                              progress=lambda done, _t, b=before: self.run.phase_progress(b + done))
+            before += sum(data.lengths()) // self.world
+            rows += check_rows(pairs, table.tolist(), ref.tolist(), self.cfg.beta)
+        if self.main:
+            self.run.write_label_checks(rows)
 
     def _resume_training_phase(self) -> None:
         """Back to the steps after an evaluation or previews."""

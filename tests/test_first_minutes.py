@@ -186,7 +186,8 @@ def test_a_run_reports_every_phase_in_order(tmp_path, tiny_model_dir, data_dir):
     names = [p["phase"] for p in st.phases]
     assert names == ["loading the model", "scoring the answers with the base model",
                      "the base model's previews", "training", "evaluating", "training", "previews",
-                     "training", "evaluating", "the final previews", "saving the adapter"]
+                     "training", "evaluating", "checking the labels", "the final previews",
+                     "saving the adapter"]
     assert [p for p in seen if p] == names  # the status line named each one while it ran
     assert set(names) <= set(PHASES)
     assert st.state == "finished" and st.phase is None

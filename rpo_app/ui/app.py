@@ -46,7 +46,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Chat", id="chat") as chat_page:
                 chat = chat_tab.build(ctx, annotator)
             with gr.Tab("Data", id="data"):
-                data = data_tab.build(ctx)
+                data = data_tab.build(ctx, annotator)
             with gr.Tab("Team", id="team") as team_page:
                 team = team_tab.build(ctx, annotator)
 

@@ -133,7 +133,54 @@ def adapter_choices(ctx: AppContext):
     return gr.update(choices=[BASE_LABEL] + [a["name"] for a in ctx.store.adapters()])
 
 
-def build(ctx: AppContext) -> dict:
+def suspects_view(ctx: AppContext) -> tuple:
+    """(a line saying which run checked the labels, the suspects table)."""
+    from rpo_app import suspects, team
+
+    run_id, rows = team.suspect_labels(ctx.store, ctx.layout)
+    if run_id is None:
+        return ("No run has checked its labels yet. Every run that finishes scores each "
+                "judgment it saw with its final adapter; train once and look again."), \
+            suspects.table([])
+    if not rows:
+        return (f"**{run_id}** contradicts no judgment with {suspects.CONFIDENCE:.0%} confidence "
+                "or more."), suspects.table([])
+    return (f"**{run_id}** is at least {suspects.CONFIDENCE:.0%} sure that these "
+            f"**{len(rows)}** judgments are the wrong way round (surest first; held-out ones, "
+            "which it never trained on, are the stronger sign). Look again: judge it again "
+            "or retract it."), suspects.table(rows)
+
+
+def _judgment_id(text) -> int:
+    try:
+        return int(str(text).strip().lstrip("#"))
+    except ValueError:
+        raise gr.Error(f"enter one judgment id from the table, not {text!r}") from None
+
+
+def rejudge_suspect(ctx: AppContext, text, annotator: str) -> tuple:
+    """Retract the judgment and put its item first on this annotator's Label tab."""
+    jid = _judgment_id(text)
+    try:
+        out = ctx.queue.rejudge(jid, annotator)
+    except ValueError as err:
+        raise gr.Error(str(err)) from None
+    kind = out["item"].kind
+    mode = {"unpaired": "Unpaired (thumbs)", "cross": "Cross-prompt", "ranking": "Rank several "
+            "answers"}.get(kind, "Paired")
+    return (f"Judgment #{jid} is retracted (the row stays, marked) and its item is the next "
+            f"one on your **Label** tab in the *{mode}* mode.", *suspects_view(ctx))
+
+
+def retract_suspect(ctx: AppContext, text, annotator: str) -> tuple:
+    jid = _judgment_id(text)
+    if not ctx.store.retract(jid, annotator):
+        raise gr.Error(f"there is no active judgment #{jid}")
+    return (f"Judgment #{jid} is retracted; the next run will not train on it.",
+            *suspects_view(ctx))
+
+
+def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
     from rpo_app.generate import GenSettings
 
     dflt = GenSettings()  # chosen by `bench --only sampling` (README)
@@ -186,6 +233,19 @@ def build(ctx: AppContext) -> dict:
     stats_table = gr.Dataframe(interactive=False, elem_id="data-stats")
     prompts_table = gr.Dataframe(interactive=False, wrap=True, max_height=400,
                                  label="Prompts (newest first, 200 shown)", elem_id="data-prompts")
+    with gr.Accordion("Suspect labels", open=False, elem_id="data-suspects-box") as suspects_box:
+        gr.Markdown("Judgments the newest tuned model contradicts with high confidence: a slip "
+                    "of the key, a side mix-up, or a real disagreement worth a second look.")
+        suspects_refresh = gr.Button("Refresh", size="sm", elem_id="suspects-refresh")
+        suspects_info = gr.Markdown("", elem_id="suspects-info")
+        suspects_table = gr.Dataframe(interactive=False, wrap=True, max_height=400,
+                                      elem_id="suspects-table")
+        with gr.Row():
+            suspect_id = gr.Textbox(label="Judgment id", scale=2, elem_id="suspects-id")
+            rejudge_btn = gr.Button("Judge it again (Label tab)", scale=1,
+                                    elem_id="suspects-rejudge")
+            retract_btn = gr.Button("Retract", variant="stop", scale=1, elem_id="suspects-retract")
+        suspects_status = gr.Markdown("", elem_id="suspects-status")
 
     def on_import(file, gold, request: gr.Request):
         # With --auth the login name is the importer.
@@ -229,6 +289,21 @@ def build(ctx: AppContext) -> dict:
                        [gen_status, stats_table, prompts_table, shown], api_name=False,
                        show_progress="hidden")
     gen_adapter.focus(functools.partial(adapter_choices, ctx), None, gen_adapter, api_name=False)
+    suspect_views = [suspects_info, suspects_table]
+    suspects_box.expand(functools.partial(suspects_view, ctx), None, suspect_views, api_name=False)
+    suspects_refresh.click(functools.partial(suspects_view, ctx), None, suspect_views,
+                           api_name="suspects")
+    if annotator_box is not None:
+        def on_rejudge(text, typed, request: gr.Request):
+            return rejudge_suspect(ctx, text, ctx.annotator(request, typed))
+
+        def on_retract(text, typed, request: gr.Request):
+            return retract_suspect(ctx, text, ctx.annotator(request, typed))
+
+        rejudge_btn.click(on_rejudge, [suspect_id, annotator_box],
+                          [suspects_status, *suspect_views], api_name="suspect_rejudge")
+        retract_btn.click(on_retract, [suspect_id, annotator_box],
+                          [suspects_status, *suspect_views], api_name="suspect_retract")
     return {"refresh": functools.partial(refresh, ctx), "outputs": [stats_table, prompts_table]}
 
 
