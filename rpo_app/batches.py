@@ -61,6 +61,7 @@ class Pair:
     rejected: Item
     kind: str
     judgment_id: int | None = None
+    strength: str | None = None  # "slightly" / "clearly" when the annotator said
 
 
 # --- judgments -> pairs and pools ------------------------------------------------------
@@ -94,7 +95,7 @@ def judgment_pairs(judgments: Iterable[dict], kinds: Sequence[str] = ("paired", 
             continue
         a, b = _sides(j)
         chosen, rejected = (a, b) if j["verdict"] == "a" else (b, a)
-        pairs.append(Pair(chosen, rejected, j["kind"], j.get("judgment_id")))
+        pairs.append(Pair(chosen, rejected, j["kind"], j.get("judgment_id"), j.get("strength")))
     return pairs
 
 
@@ -230,6 +231,8 @@ class PreferenceData:
     # (winner seq, loser seq) for every decided pair in the judgments: what the contrast
     # mask reads (contrast_keep).
     beats: set[tuple[int, int]] = field(default_factory=set)
+    # (chosen seq, rejected seq) -> the strongest strength a judgment gave that pair.
+    strength: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def embed_texts(self) -> list[str]:
         """What the embedder reads for each of `prompts` (rpo_app.conversation.embed_text)."""
@@ -294,9 +297,23 @@ def build_data(judgments: list[dict], encoder: Encoder, loss: "str | LossSpec", 
         chosen, rejected = judgment_pools(j for j in judgments if j["kind"] in spec.kinds)
         data.chosen = [add(i) for i in chosen]
         data.rejected = [add(i) for i in rejected]
-    data.beats = {(seq_index[p.chosen], seq_index[p.rejected]) for p in judgment_pairs(judgments)
-                  if p.chosen in seq_index and p.rejected in seq_index}
+    decided = [p for p in judgment_pairs(judgments) if p.chosen in seq_index and p.rejected in seq_index]
+    data.beats = {(seq_index[p.chosen], seq_index[p.rejected]) for p in decided}
+    for p in sorted((p for p in decided if p.strength), key=lambda p: STRENGTH_SHARE[p.strength]):
+        data.strength[(seq_index[p.chosen], seq_index[p.rejected])] = p.strength
     return data
+
+
+# The strength margin's share per strength (TrainConfig.strength_margin): a "clearly" pair
+# must win by the whole margin, a "slightly" one by half, one without a strength by none.
+STRENGTH_SHARE = {"clearly": 1.0, "slightly": 0.5}
+
+
+def pair_offsets(chosen: Sequence[int], rejected: Sequence[int], data: PreferenceData,
+                 margin: float) -> list[float]:
+    """The margin each aligned pair of a batch must clear (ODPO's offset)."""
+    return [margin * STRENGTH_SHARE.get(data.strength.get((c, r)), 0.0)
+            for c, r in zip(chosen, rejected)]
 
 
 def contrast_keep(chosen: Sequence[int], rejected: Sequence[int], beats: set[tuple[int, int]],

@@ -38,6 +38,8 @@ class LossSpec:
     function: str  # name of the pure function in rpo_app.losses
     contrasts_batch: bool = False  # every chosen item against every rejected item of the batch
     options: tuple[str, ...] = ()  # TrainConfig fields passed to the function by keyword
+    # Takes a per-pair margin its aligned pairs must clear (`offset`: the strength margin).
+    takes_offset: bool = False
 
     @property
     def pools(self) -> bool:
@@ -50,7 +52,8 @@ class LossSpec:
         return "chosen/rejected items" if self.pools else "pairs"
 
     def compute(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
-                settings=None, chosen_prompt_emb=None, rejected_prompt_emb=None, keep=None):
+                settings=None, chosen_prompt_emb=None, rejected_prompt_emb=None, keep=None,
+                offset=None):
         """The loss on one batch; ``settings`` (a TrainConfig) supplies ``options``."""
         from rpo_app import losses
 
@@ -58,6 +61,8 @@ class LossSpec:
         if self.contrasts_batch:  # `keep`: the contrasts the data does not contradict
             kwargs.update(chosen_prompt_emb=chosen_prompt_emb, rejected_prompt_emb=rejected_prompt_emb,
                           keep=keep)
+        if self.takes_offset and offset is not None:
+            kwargs["offset"] = offset
         fn = getattr(losses, self.function)
         return fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, **kwargs)
 
@@ -73,12 +78,13 @@ _RPO = dict(function="rpo_loss", contrasts_batch=True, default_beta=1.0,
 _SPECS = (
     LossSpec("rpo-paired", "RPO, paired (same + related prompts)",
              "Relative Preference Optimization on A/B pairs, also across related prompts",
-             trains_on="pairs", kinds=("paired", "cross"), **_RPO),
+             trains_on="pairs", kinds=("paired", "cross"), takes_offset=True, **_RPO),
     LossSpec("rpo-unpaired", "RPO, unpaired (thumbs and every judgment)",
              "Relative Preference Optimization on pools of liked and disliked answers",
              trains_on="pools", kinds=("paired", "cross", "unpaired"), **_RPO),
     LossSpec("dpo", "DPO (same-prompt pairs)", "Direct Preference Optimization (baseline)",
-             trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss"),
+             trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss",
+             takes_offset=True),
     LossSpec("ipo", "IPO (baseline)", "Identity Preference Optimization (baseline)",
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="ipo_loss"),
     LossSpec("kto", "KTO (baseline, thumbs)", "Kahneman-Tversky Optimization on liked/disliked pools",

@@ -56,6 +56,7 @@ def rpo_loss(
     weighting: str = "embedding",
     diagonal_weight: float = DIAGONAL_WEIGHT,
     keep: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Relative Preference Optimization loss over M chosen and N rejected items.
 
@@ -78,6 +79,10 @@ def rpo_loss(
     the pairs C > D and A > B put C and B in one batch, and D[C, B] would push C above
     B). The mean runs over the kept cells; the weights are computed over the whole batch
     as before. Paired RPO always keeps the diagonal.
+
+    ``offset`` (M values, aligned pairs only) is the margin each pair's own contrast must
+    clear, ODPO's offset: its diagonal term becomes -logsigmoid(z_ii - offset_i), where
+    z is the term's argument under the weighting.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
@@ -90,19 +95,24 @@ def rpo_loss(
     if keep is not None and keep.shape != delta.shape:
         raise ValueError(f"keep has shape {tuple(keep.shape)}, the contrasts {tuple(delta.shape)}")
 
+    if offset is not None and (m != n or offset.shape != (m,)):
+        raise ValueError(f"an offset needs aligned pairs and one value per pair, got {tuple(offset.shape)} "
+                         f"for {m} x {n} contrasts")
+    shift = 0.0 if offset is None else torch.diag_embed(offset.to(dtype))
+
     def mean(cells):
         return cells.mean() if keep is None else cells[keep].mean() if keep.any() else cells.sum() * 0
 
     if weighting == "embedding":
         w = rpo_weights(chosen_prompt_emb, rejected_prompt_emb, temperature, dtype=dtype)
-        return mean(-F.logsigmoid(beta * w * delta))
+        return mean(-F.logsigmoid(beta * w * delta - shift))
     if weighting == "uniform":
-        return mean(-F.logsigmoid(beta * delta))
+        return mean(-F.logsigmoid(beta * delta - shift))
     if weighting == "flat":
-        return mean(-F.logsigmoid(beta * delta / n))
+        return mean(-F.logsigmoid(beta * delta / n - shift))
     if m != n:
         raise ValueError(f"diagonal weighting needs as many chosen as rejected items, got {m} and {n}")
-    cell = -F.logsigmoid(beta * delta)
+    cell = -F.logsigmoid(beta * delta - shift)
     on = cell.diagonal()
     if n == 1:
         return on.mean()
@@ -120,10 +130,15 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean DPO loss over aligned pairs: -logsigmoid(beta * (r_chosen - r_rejected))."""
+    """Mean DPO loss over aligned pairs: -logsigmoid(beta * (r_chosen - r_rejected)); with
+    ``offset`` (one value per pair), ODPO: -logsigmoid(beta * (...) - offset)."""
     margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(beta * margin).mean()
+    z = beta * margin
+    if offset is not None:
+        z = z - offset.to(z.dtype)
+    return -F.logsigmoid(z).mean()
 
 
 def ipo_loss(

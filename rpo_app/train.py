@@ -414,8 +414,15 @@ class Trainer:
             from rpo_app.batches import contrast_keep
 
             keep = contrast_keep(c_order, r_order, data.beats, aligned=not self.pool).to(self.acc.device)
+        offset = None
+        if cfg.strength_margin and not self.pool:
+            from rpo_app.batches import pair_offsets
+
+            offset = torch.tensor(pair_offsets(c_order, r_order, data, cfg.strength_margin),
+                                  device=self.acc.device)
         loss = self.spec.compute(pc, pr, rc, rr, beta=cfg.beta, settings=cfg,
-                                 chosen_prompt_emb=ec, rejected_prompt_emb=er, keep=keep)
+                                 chosen_prompt_emb=ec, rejected_prompt_emb=er, keep=keep,
+                                 offset=offset)
         if cfg.sft_weight:
             from rpo_app.losses import sft_nll
 

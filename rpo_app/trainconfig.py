@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from rpo_app.batches import KINDS
-from rpo_app.loss_registry import LOSS_NAMES, WEIGHTINGS, get_loss
+from rpo_app.loss_registry import LOSS_NAMES, LOSSES, WEIGHTINGS, get_loss
 from rpo_app.runfolder import atomic_write_text
 
 
@@ -61,6 +61,11 @@ class TrainConfig:
     sft_weight: float = field(default=0.0, metadata={
         "help": "weight of an NLL term on the chosen answers (TRL's loss_type ['sigmoid', 'sft']); "
                 "0 = off, the default: its effect is not measured yet"})
+    strength_margin: float = field(default=0.0, metadata={
+        "help": "ODPO-style offset (Amini et al. 2024): a pair judged 'clearly' must win by this "
+                "margin of beta-scaled log-ratios, 'slightly' by half of it, one without a "
+                "strength by none (dpo, rpo-paired); 0 = strength ignored, the default: its "
+                "effect is not measured yet"})
     learning_rate: float = 3e-4
     max_steps: int | None = field(default=None, metadata={
         "help": "optimizer steps; unset: run `epochs` epochs, but at least `min_steps`"})
@@ -163,6 +168,10 @@ class TrainConfig:
         need(self.sample_max_new_tokens >= 1, "sample_max_new_tokens must be >= 1")
         need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1, got {self.cpu_threads}")
         need(self.sft_weight >= 0, f"sft_weight must be >= 0, got {self.sft_weight}")
+        need(self.strength_margin >= 0, f"strength_margin must be >= 0, got {self.strength_margin}")
+        need(not self.strength_margin or get_loss(self.loss).takes_offset,
+             f"strength_margin works with {', '.join(n for n, s in LOSSES.items() if s.takes_offset)}"
+             f", not {self.loss}")
         need(self.min_gold_accuracy is None or 0 <= self.min_gold_accuracy <= 1,
              f"min_gold_accuracy must be in [0, 1], got {self.min_gold_accuracy}")
         need(all(isinstance(i, int) and not isinstance(i, bool) for i in self.exclude_judgments or ()),

@@ -243,3 +243,35 @@ def test_contrast_keep_drops_a_ranking_s_reversed_cells():
     assert keep.tolist() == [[True, False], [True, True]]
     # A rejected sequence that is the chosen one is no contrast at all.
     assert contrast_keep([0, 1], [1, 0], set(), aligned=False).tolist() == [[True, False], [False, True]]
+
+
+def test_strength_offset_is_odpo_on_each_aligned_pair():
+    pc, pr = torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -11.0])
+    rc, rr = torch.tensor([-10.5, -12.0]), torch.tensor([-11.0, -10.0])
+    offset = torch.tensor([1.0, 0.0])
+    margin = (pc - rc) - (pr - rr)
+    assert torch.allclose(dpo_loss(pc, pr, rc, rr, beta=0.5, offset=offset),
+                          -F.logsigmoid(0.5 * margin - offset).mean())
+    assert torch.allclose(dpo_loss(pc, pr, rc, rr, beta=0.5, offset=torch.zeros(2)),
+                          dpo_loss(pc, pr, rc, rr, beta=0.5))
+    # RPO: only the pair's own contrast (the diagonal) must clear the offset.
+    delta = (pc - rc)[:, None] - (pr - rr)[None, :]
+    want = -F.logsigmoid(0.5 * delta - torch.diag(offset)).mean()
+    assert torch.allclose(rpo_loss(pc, pr, rc, rr, beta=0.5, weighting="uniform", offset=offset), want)
+    with pytest.raises(ValueError, match="aligned pairs"):
+        rpo_loss(pc, pr[:1], rc, rr[:1], weighting="uniform", offset=offset)
+
+
+def test_pair_offsets_follow_the_strength_and_the_setting_is_checked():
+    from rpo_app.batches import PreferenceData, pair_offsets
+    from rpo_app.trainconfig import ConfigError, TrainConfig
+
+    data = PreferenceData(strength={(0, 1): "clearly", (2, 3): "slightly"})
+    assert pair_offsets([0, 2, 4], [1, 3, 5], data, 2.0) == [2.0, 1.0, 0.0]
+    assert get_loss("dpo").takes_offset and get_loss("rpo-paired").takes_offset
+    assert not get_loss("kto").takes_offset
+    TrainConfig(loss="dpo", strength_margin=1.0).validate()
+    with pytest.raises(ConfigError, match="strength_margin works with rpo-paired, dpo"):
+        TrainConfig(loss="ipo", strength_margin=1.0).validate()
+    with pytest.raises(ConfigError, match=">= 0"):
+        TrainConfig(strength_margin=-1).validate()

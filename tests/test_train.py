@@ -370,3 +370,15 @@ def test_bench_settings_and_table():
               "trl": {"mean_step_s": 4.0, "pairs_per_s": 2.0}, "speedup": 2.0, "speedup_epoch_incl_ref": 1.5}
     table = format_table(result)
     assert "TRL DPOTrainer" in table and "2.00x per step" in table and "1.50x over an epoch" in table
+
+
+@pytest.mark.slow
+def test_strength_margin_enters_the_first_step(tmp_path, tiny_model_dir, data_dir):
+    # At step 1 every reward is 0, so a DPO pair judged "clearly" costs -logsigmoid(-m).
+    rows = [{**j, "strength": "clearly"} for j in make_judgments() if j["kind"] == "paired"]
+    judgments = write_jsonl(tmp_path / "clearly.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(tiny_args(out, judgments, tiny_model_dir, data_dir, loss="dpo",
+                          **{"strength-margin": 1.5, "eval-fraction": 0})) == 0
+    first = read_jsonl(out / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log1p(math.exp(1.5)), rel=1e-4)
