@@ -82,6 +82,6 @@ def test_queue_benchmark_runs_at_small_scale(tmp_path):
     result = bench_label_queue(n_prompts=400, n_judgments=600, items=5, data_dir=tmp_path)
     assert result["n_judgments"] == 600  # in the store before the timed annotator starts
     assert result["integrity"] == "ok"
-    for mode in ("paired", "cross", "unpaired"):
+    for mode in ("paired", "cross", "unpaired", "ranking"):
         assert result[f"{mode}_next_item"]["p50_ms"] > 0
         assert result["team"][f"{mode}_next_item"]["p50_ms"] > 0  # overlap 2, gold, rechecks

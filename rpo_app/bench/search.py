@@ -153,7 +153,8 @@ def _time_queue(queue, annotator: str, items: int) -> dict:
     """next_item and submit times per mode, and how many items were checks."""
     out: dict = {}
     checks = 0
-    for mode, verdict in (("paired", "left"), ("cross", "right"), ("unpaired", "up")):
+    for mode, verdict in (("paired", "left"), ("cross", "right"), ("unpaired", "up"),
+                          ("ranking", None)):
         next_ms, submit_ms = [], []
         for _ in range(items):
             t = time.perf_counter()
@@ -162,7 +163,12 @@ def _time_queue(queue, annotator: str, items: int) -> dict:
             assert item is not None, f"the {mode} queue ran dry"
             checks += item.source != "label"
             t = time.perf_counter()
-            queue.submit(item.token, verdict, annotator)
+            if mode == "ranking":  # best first in shown order, the last two tied
+                labels = "ABCDEF"[:len(item.answers)]
+                queue.submit_ranking(item.token, " > ".join(labels[:-2]) + f" > {labels[-2]}="
+                                     f"{labels[-1]}", annotator)
+            else:
+                queue.submit(item.token, verdict, annotator)
             submit_ms.append((time.perf_counter() - t) * 1000)
         for name, times in (("next_item", next_ms), ("submit", submit_ms)):
             arr = np.asarray(times)
