@@ -123,6 +123,88 @@ def test_judge_candidates():
         ("unpaired", 1, None, "down"), ("unpaired", 3, None, "up")]
 
 
+SCORED = [(1, 3.0), (2, 1.0), (3, 3.0), (4, 0.0)]
+
+
+def test_rank_candidates_orders_by_score_and_ties_equal_scores():
+    assert be.rank_candidates(SCORED) == [[1, 3], [2], [4]]
+    assert be.rank_candidates([(7, -12.0), (5, -30.0), (9, -1000.0)]) == [[7], [5], [9]]
+    assert be.rank_candidates([(1, 2.0), (2, 2.0), (3, 2.0)]) == [[1, 2, 3]]
+    # The implied pairs agree with judging every pair.
+    from rpo_app.rankings import implied_pairs
+
+    assert sorted(implied_pairs(be.rank_candidates(SCORED))) == sorted(
+        (a, b, v) for _, a, b, v in be.judge_candidates(SCORED) if b is not None)
+
+
+def test_sample_pairs_is_seeded_distinct_and_judged():
+    import random
+
+    every = {(a, b): v for _, a, b, v in be.judge_candidates(SCORED) if b is not None}
+    for m in range(1, 7):
+        got = be.sample_pairs(SCORED, m, be.pair_rng(0, 11))
+        assert len(got) == m and len({(a, b) for _, a, b, _ in got}) == m
+        assert all(kind == "paired" and every[(a, b)] == v for kind, a, b, v in got)
+        assert got == be.sample_pairs(SCORED, m, be.pair_rng(0, 11))
+    assert {(a, b) for _, a, b, _ in be.sample_pairs(SCORED, 6, random.Random(3))} == set(every)
+    # seed and prompt id both change the draw
+    draws = {tuple(be.sample_pairs(SCORED, 2, be.pair_rng(s, p))) for s in range(4) for p in range(4)}
+    assert len(draws) > 1
+    # two identical samples are one candidate: a prompt gives the pairs it has
+    assert len(be.sample_pairs(SCORED[:2], 3, random.Random(0))) == 1
+    with pytest.raises(be.BenchError):
+        be.sample_pairs(SCORED, 0, random.Random(0))
+
+
+def _labeled_store(tmp_path, annotation, m=1):
+    from rpo_app.store import Store
+
+    store = Store(tmp_path / f"data-{annotation}-{m}")
+    ids, _ = store.add_prompts([{"prompt": f"question {k}?"} for k in range(3)], "bench-effect")
+    answers = ["one two three four five six seven eight nine ten eleven twelve",
+               " ".join(["word"] * 20), " ".join(["word"] * 30), "too short"]
+    for pid in ids:
+        for text in answers:
+            store.add_response(pid, text, source="model")
+    counts = be.label_prompts(store, ids, judges.concise, "concise", "judge:concise", annotation, m, seed=0)
+    return store, counts
+
+
+def test_label_prompts_counts_annotator_actions(tmp_path):
+    store, counts = _labeled_store(tmp_path, "all")
+    assert counts["actions"] == 3 * (6 + 4) and counts["paired"] == 3 * 6 and counts["rankings"] == 0
+
+    store, counts = _labeled_store(tmp_path, "ranking")
+    assert counts["actions"] == counts["rankings"] == 3 and counts["paired"] == 3 * 6
+    rankings = store.rankings()
+    assert len(rankings) == 3 and {r["annotator"] for r in rankings} == {"judge:concise"}
+    assert all(len(r["tiers"]) == 4 for r in rankings)  # 12 < 20 < 30 words < "too short"
+    train = store.training_judgments(annotators=["judge:concise"])
+    assert len(train) == 3 * 6 and all(j["kind"] == "paired" for j in train)
+    assert {j["source"] for j in store.judgments()} == {"bench-effect"}
+
+    store, counts = _labeled_store(tmp_path, "pairs", 2)
+    assert counts["actions"] == 3 * 2 and counts["paired"] == 3 * 2 and not counts["up"]
+    assert len(store.training_judgments(annotators=["judge:concise"])) == 6
+
+
+def test_annotation_options_are_checked(capsys):
+    from rpo_app.cli import main
+
+    def err(*argv):
+        assert main(["bench-effect", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "--candidates must be in that range, got 2" in err("--annotation", "ranking", "--candidates", "2")
+    assert "got 7" in err("--annotation", "ranking", "--candidates", "7")
+    assert "--pairs-per-prompt must be between 1 and 6" in err("--annotation", "pairs", "--pairs-per-prompt", "7")
+    assert "got 0" in err("--annotation", "pairs", "--pairs-per-prompt", "0")
+    assert "between 1 and 3" in err("--annotation", "pairs", "--candidates", "3", "--pairs-per-prompt", "4")
+    with pytest.raises(SystemExit):
+        main(["bench-effect", "--annotation", "thumbs"])
+    capsys.readouterr()
+
+
 def test_win_rate_and_aggregate():
     assert be.win_rate([2, 1, 0, 5], [1, 1, 1, 5]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     with pytest.raises(ValueError):
@@ -132,6 +214,12 @@ def test_win_rate_and_aggregate():
     assert s["win_rate"] == pytest.approx(0.7) and s["win_rate_std"] == pytest.approx(0.1)
     assert s["seeds"] == 2 and "heldout_acc" not in s
     assert "0.70 ± 0.10" in be.format_table([s])
+    rows = [{"judge": "j", "loss": "dpo", "win_rate": 0.5, "human_judgments": n, "pairs_trained": 5 * n}
+            for n in (24, 24)]
+    (s,) = be.aggregate(rows)
+    assert s["human_judgments"] == 24 and s["pairs_trained"] == 120 and s["pairs_trained_std"] == 0
+    table = be.format_table([{**s, "annotation": "ranking"}])
+    assert "annotation" in table and "ranking" in table and "120 ± 0" in table
 
 
 # --- end to end on a tiny model ------------------------------------------------------
@@ -199,3 +287,29 @@ def test_without_steps_each_judge_trains_the_default_epochs(tiny_model_dir, tmp_
     (row,) = json.loads((out / "effect.json").read_text())["per_seed"]
     assert row["steps"] == status["step"]
     assert row["beta"] == cfg["beta"] == 0.1  # DPO's own default, not RPO's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("annotation, extra, per_prompt", [("ranking", [], 1), ("pairs", ["--pairs-per-prompt", "2"], 2)])
+def test_end_to_end_ranking_and_pairs(tiny_model_dir, tmp_path, capsys, annotation, extra, per_prompt):
+    from rpo_app.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    out = tmp_path / "effect"
+    assert main(["bench-effect", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "src"),
+                 "--prompts", str(prompts), "--out", str(out), "--judge", "concise", "--losses", "rpo-paired",
+                 "--annotation", annotation, *extra, "--train-prompts", "6", "--test-prompts", "3",
+                 "--candidates", "3", "--steps", "2", "--batch-size", "2", "--max-new-tokens", "6",
+                 "--eval-fraction", "0.2", "--cpu-threads", "1", "--max-length", "96"]) == 0
+    printed = capsys.readouterr().out
+    assert "judgments" in printed and "annotation" in printed
+    result = json.loads((out / "effect.json").read_text())
+    (row,) = result["per_seed"]
+    assert row["annotation"] == annotation
+    # identical samples collapse, so a prompt may hold fewer than 3 candidates
+    assert 0 < row["human_judgments"] <= 6 * per_prompt
+    assert row["pairs_trained"] == row["judgments"]["paired"]
+    assert row["judgments"]["up"] == row["judgments"]["down"] == 0
+    (s,) = result["summary"]
+    assert s["human_judgments"] == row["human_judgments"] and s["annotation"].startswith(annotation)

@@ -3,11 +3,16 @@ labeled for?
 
 For every seed: split the seed prompts by family into training and test prompts
 (no family on both sides), sample K candidates per training prompt from the base
-model, and let each simulated annotator (rpo_app.judges) judge them: every pair of
-candidates (A better / B better / tie) and every candidate alone (thumbs up above
-the prompt's median score, down below). Train each loss on the same judgments with
-the product's own trainer, then answer the test prompts greedily with the base
-model and with each tuned adapter, and ask the judge which is better.
+model, and let each simulated annotator (rpo_app.judges) judge them. How it labels
+is --annotation: ``all`` (the default) judges every pair of candidates (A better /
+B better / tie) and every candidate alone (thumbs up above the prompt's median
+score, down below); ``ranking`` orders each prompt's K candidates by score into one
+ranking (equal scores tie; the store derives its C(K,2) implied pairs); ``pairs``
+judges --pairs-per-prompt randomly drawn pairs per prompt. Each row records how many
+annotator actions that took (``human_judgments``) and how many decided pairs they
+gave (``pairs_trained``), so label budgets can be compared. Train each loss on the
+same judgments with the product's own trainer, then answer the test prompts greedily
+with the base model and with each tuned adapter, and ask the judge which is better.
 
 Reported per judge x loss: the judge's win rate of tuned over base (ties count
 half), mean judge scores, held-out preference accuracy, training time, and
@@ -39,9 +44,10 @@ log = logging.getLogger("rpo_app.bench.effect")
 REPO = Path(__file__).resolve().parents[2]
 SEED_PROMPTS = REPO / "data" / "prompts.jsonl"
 DEFAULT_LOSSES = ("rpo-paired", "rpo-unpaired", "dpo")
+ANNOTATIONS = ("all", "ranking", "pairs")
 EXIT_USAGE = 2
 METRICS = ("win_rate", "score_tuned", "score_base", "heldout_acc", "mean_words", "short_share",
-           "repeat_share", "base_logp", "train_s", "steps")
+           "repeat_share", "base_logp", "train_s", "steps", "human_judgments", "pairs_trained")
 
 
 class BenchError(ValueError):
@@ -76,6 +82,10 @@ def split_by_family(rows: list[dict], n_train: int, n_test: int, seed: int) -> t
     return train, test
 
 
+def _verdict(sa: float, sb: float) -> str:
+    return "a" if sa > sb else "b" if sb > sa else "tie"
+
+
 def judge_candidates(scored: list[tuple[int, float]]) -> list[tuple[str, int, int | None, str]]:
     """Judgments for one prompt's scored candidates: (kind, response_a, response_b, verdict).
 
@@ -85,13 +95,45 @@ def judge_candidates(scored: list[tuple[int, float]]) -> list[tuple[str, int, in
     """
     out: list[tuple[str, int, int | None, str]] = []
     for (ra, sa), (rb, sb) in itertools.combinations(scored, 2):
-        out.append(("paired", ra, rb, "a" if sa > sb else "b" if sb > sa else "tie"))
+        out.append(("paired", ra, rb, _verdict(sa, sb)))
     if len(scored) >= 2:
         median = statistics.median(s for _, s in scored)
         for rid, s in scored:
             if s != median:
                 out.append(("unpaired", rid, None, "up" if s > median else "down"))
     return out
+
+
+def rank_candidates(scored: list[tuple[int, float]]) -> list[list[int]]:
+    """One prompt's scored candidates as a ranking: tiers of response ids, best first.
+
+    Equal scores share a tier (a tie); within a tier the ids keep the input order.
+    """
+    tiers: dict[float, list[int]] = {}
+    for rid, s in scored:
+        tiers.setdefault(s, []).append(rid)
+    return [tiers[s] for s in sorted(tiers, reverse=True)]
+
+
+def sample_pairs(scored: list[tuple[int, float]], m: int, rng: random.Random
+                 ) -> list[tuple[str, int, int, str]]:
+    """m distinct pairs of one prompt's scored candidates, drawn with ``rng``, judged
+    like judge_candidates' pairs: ("paired", response_a, response_b, verdict).
+
+    A prompt with fewer pairs than m (identical samples are one candidate) gives all
+    it has.
+    """
+    if m < 1:
+        raise BenchError(f"need at least one pair per prompt, got {m}")
+    pairs = list(itertools.combinations(scored, 2))
+    picked = rng.sample(pairs, min(m, len(pairs)))
+    return [("paired", ra, rb, _verdict(sa, sb)) for (ra, sa), (rb, sb) in picked]
+
+
+def pair_rng(seed: int, prompt_id: int) -> random.Random:
+    """The pair draw of one prompt: fixed by the seed and the prompt's id, so every judge
+    (and every rerun) is shown the same pairs."""
+    return random.Random(f"bench-effect-pairs:{seed}:{prompt_id}")
 
 
 def win_rate(tuned: list[float], base: list[float]) -> float:
@@ -128,7 +170,10 @@ def format_table(summary: list[dict]) -> str:
         return text + (f" ± {format(entry[m + '_std'], fmt)}" if entry.get("seeds", 1) > 1 else "")
 
     frame = pd.DataFrame([{
-        "judge": e["judge"], "loss": e["loss"], "win rate": pm(e, "win_rate", ".2f"),
+        "judge": e["judge"], "loss": e["loss"],
+        **({"annotation": e["annotation"]} if "annotation" in e else {}),
+        "judgments": pm(e, "human_judgments", ".0f"), "pairs": pm(e, "pairs_trained", ".0f"),
+        "win rate": pm(e, "win_rate", ".2f"),
         "score tuned": pm(e, "score_tuned", ".2f"), "score base": pm(e, "score_base", ".2f"),
         "held-out acc": pm(e, "heldout_acc", ".2f"), "words": pm(e, "mean_words", ".1f"),
         "<3 words": pm(e, "short_share", ".2f"), "rep. 3-grams": pm(e, "repeat_share", ".3f"),
@@ -191,6 +236,43 @@ def _link_model(model: str | None, source_data_dir: Path, data_dir: Path) -> str
         return resolve_model(model, source_data_dir)
     link_model_cache(source_data_dir, data_dir)
     return None
+
+
+def label_prompts(store, ids: list[int], judge, judge_name: str, annotator: str, annotation: str = "all",
+                  pairs_per_prompt: int = 1, seed: int = 0) -> dict:
+    """Let one judge label every training prompt's candidates the --annotation way and
+    store it; return counts: ``actions`` (what a person would have clicked: one per
+    pair, thumb or ranking), ``paired`` (decided pairs, a ranking's implied ones
+    included), ``tie``, ``up``, ``down``, ``rankings``, ``skipped`` (prompts with too
+    few distinct candidates to rank)."""
+    from rpo_app.judges import score
+    from rpo_app.rankings import MIN_ANSWERS, implied_pairs
+
+    counts = {"actions": 0, "paired": 0, "tie": 0, "up": 0, "down": 0, "rankings": 0, "skipped": 0}
+    for pid in ids:
+        responses = store.responses_for_prompt(pid)
+        scored = [(r["id"], score(judge, judge_name, r["prompt"], r["text"])) for r in responses]
+        if annotation == "ranking":
+            if len(scored) < MIN_ANSWERS:  # identical samples collapsed into one candidate
+                counts["skipped"] += 1
+                continue
+            tiers = rank_candidates(scored)
+            store.add_ranking(tiers, annotator, source="bench-effect", shown=[rid for rid, _ in scored])
+            counts["actions"] += 1
+            counts["rankings"] += 1
+            for _, _, verdict in implied_pairs(tiers):
+                counts["tie" if verdict == "tie" else "paired"] += 1
+            continue
+        made = (judge_candidates(scored) if annotation == "all"
+                else sample_pairs(scored, pairs_per_prompt, pair_rng(seed, pid)))
+        for kind, ra, rb, verdict in made:
+            store.add_judgment(kind, ra, rb, verdict, annotator=annotator, source="bench-effect")
+            counts["actions"] += 1
+            counts["tie" if verdict == "tie" else "paired" if kind == "paired" else verdict] += 1
+    if counts["skipped"]:
+        log.warning("judge %s: %d prompts have fewer than %d distinct candidates and were not ranked",
+                    judge_name, counts["skipped"], MIN_ANSWERS)
+    return counts
 
 
 def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) -> tuple[list[dict], dict]:
@@ -263,13 +345,8 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
     rows = []
     for judge_name, judge in judges.items():
         annotator = f"judge:{judge_name}"
-        counts = {"paired": 0, "tie": 0, "up": 0, "down": 0}
-        for pid in ids:
-            responses = store.responses_for_prompt(pid)
-            scored = [(r["id"], score(judge, judge_name, r["prompt"], r["text"])) for r in responses]
-            for kind, ra, rb, verdict in judge_candidates(scored):
-                store.add_judgment(kind, ra, rb, verdict, annotator=annotator, source="bench-effect")
-                counts["tie" if verdict == "tie" else "paired" if kind == "paired" else verdict] += 1
+        counts = label_prompts(store, ids, judge, judge_name, annotator, args.annotation,
+                               args.pairs_per_prompt, seed)
         base_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, base_answers)]
         base_metrics.setdefault("judge_scores", {})[judge_name] = statistics.fmean(base_scores)
         log.info("judge %s: %s", judge_name, counts)
@@ -296,7 +373,9 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
                 # The trainer caught Ctrl-C / SIGTERM and stopped cleanly: so does the benchmark.
                 raise KeyboardInterrupt
             row = {"seed": seed, "judge": judge_name, "loss": loss, "beta": cfg.beta, "train_s": train_s,
-                   "judgments": dict(counts), "rc": rc, "state": status.state}
+                   "annotation": args.annotation, "judgments": dict(counts),
+                   "human_judgments": counts["actions"], "pairs_trained": counts["paired"],
+                   "rc": rc, "state": status.state}
             if rc != 0 or not run.adapter.exists():
                 row["error"] = status.error or f"training exited with code {rc}"
                 log.error("seed %d %s %s: %s", seed, judge_name, loss, row["error"])
@@ -383,6 +462,12 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--train-prompts", type=int, default=40)
     p.add_argument("--test-prompts", type=int, default=30)
     p.add_argument("--candidates", type=int, default=4, help="answers sampled per training prompt (K)")
+    p.add_argument("--annotation", choices=ANNOTATIONS, default="all",
+                   help="how the judge labels each training prompt: all = every pair and every thumb; "
+                        "ranking = one ranking of the K candidates (needs K 3-6); pairs = "
+                        "--pairs-per-prompt randomly drawn pairs (default: all)")
+    p.add_argument("--pairs-per-prompt", type=int, default=1,
+                   help="with --annotation pairs: pairs judged per prompt, 1 to C(K,2) (default 1)")
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (0, 1, ...)")
     p.add_argument("--seed-offset", type=int, default=0, help="first seed")
     p.add_argument("--out", default="bench-results/effect")
@@ -437,6 +522,16 @@ def _check_args(args) -> dict:
         raise BenchError(f"--min-steps must be >= 0, got {args.min_steps}")
     if args.candidates < 2:
         raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")
+    if args.annotation == "ranking":
+        from rpo_app.rankings import MAX_ANSWERS, MIN_ANSWERS
+
+        if not MIN_ANSWERS <= args.candidates <= MAX_ANSWERS:
+            raise BenchError(f"--annotation ranking ranks {MIN_ANSWERS} to {MAX_ANSWERS} answers: "
+                             f"--candidates must be in that range, got {args.candidates}")
+    most = args.candidates * (args.candidates - 1) // 2
+    if not 1 <= args.pairs_per_prompt <= most:
+        raise BenchError(f"--pairs-per-prompt must be between 1 and {most} (the pairs among "
+                         f"{args.candidates} candidates), got {args.pairs_per_prompt}")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise BenchError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     return judges
@@ -472,6 +567,9 @@ def main_from_args(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     ok = [r for r in rows if "error" not in r]
     summary = aggregate(ok)
+    for entry in summary:
+        entry["annotation"] = (f"pairs x{args.pairs_per_prompt}" if args.annotation == "pairs"
+                               else args.annotation)
     base_summary = {m: statistics.fmean(b[m] for b in bases)
                     for m in ("mean_words", "short_share", "repeat_share", "base_logp")}
     base_summary.update({f"{m}_std": statistics.pstdev(b[m] for b in bases)
