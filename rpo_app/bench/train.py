@@ -7,6 +7,10 @@ the reference log-probs (adapter disabled) on every step. We compute them once p
 sequence before training; that one-off cost is reported too, and folded into an
 "amortised over one epoch" figure so the comparison does not hide it.
 
+Then a whole run each, end to end (see e2e_ours / e2e_trl), with TRL at its best:
+precomputed reference log-probs. Per-phase seconds for both, the measured totals, and
+both extrapolated to a default run's step count.
+
     python -m rpo_app bench ... (training part) / python -m rpo_app.bench.train --out bench.json
 """
 from __future__ import annotations
@@ -131,6 +135,138 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
     return _summary(timer.times[args.warmup_steps:], args.batch_size)
 
 
+# -- a whole run, end to end -------------------------------------------------------------
+# What a click on "Start training" costs, phase by phase: the reference pass, the steps,
+# the base model's previews and the tuned model's, saving. TRL's DPOTrainer does the same
+# work at its best settings for it (precompute_ref_log_probs=True: the reference
+# log-probs once, not at every step; TRL 1.16 has no logits-to-keep option for DPO), and
+# its previews are plain greedy `generate` calls on the same prompts and length.
+
+def e2e_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
+    """The product's trainer in this process (train.train), its phases from status.json."""
+    from rpo_app.runfolder import RunFolder
+    from rpo_app.train import train
+    from rpo_app.trainconfig import TrainConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "judgments.jsonl"
+        path.write_text("".join(json.dumps(j) + "\n" for j in judgments))
+        cfg = TrainConfig(loss=args.loss, batch_size=args.batch_size, max_length=args.max_length,
+                          max_prompt_length=args.max_prompt_length, max_steps=args.e2e_steps,
+                          eval_fraction=0.0, eval_every=0, sample_every=0, save_every=0,
+                          preview_prompts=list(PREVIEWS[:args.previews]),
+                          sample_max_new_tokens=args.preview_tokens, early_stop_patience=0,
+                          seed=args.seed, device=args.device, judgments=str(path),
+                          model=model_path, cpu_threads=args.threads or None)
+        t0 = time.time()
+        rc = train(cfg, Path(tmp) / "run", data_dir)
+        wall = time.time() - t0
+        status = RunFolder(Path(tmp) / "run", writable=False).status()
+    if rc != 0:
+        raise RuntimeError(f"our trainer exited with {rc}: {status.error}")
+    phases = status.phase_seconds()
+    return {"wall_s": wall, "phases": phases, "steps": status.step}
+
+
+def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
+    """TRL's DPOTrainer with the reference log-probs precomputed, plus the same previews."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from rpo_app.batches import judgment_pairs
+    from rpo_app.models import load_model
+    from rpo_app.trainconfig import TrainConfig
+
+    defaults = TrainConfig(loss="dpo")
+    rows = [{"prompt": [{"role": "user", "content": p.chosen.prompt}],
+             "chosen": [{"role": "assistant", "content": p.chosen.response}],
+             "rejected": [{"role": "assistant", "content": p.rejected.response}]}
+            for p in judgment_pairs(judgments)]
+    marks: dict[str, float] = {}
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            marks.setdefault("train_begin", time.time())
+
+        def on_step_begin(self, *a, **k):
+            marks.setdefault("first_step", time.time())
+
+        def on_train_end(self, *a, **k):
+            marks["train_end"] = time.time()
+
+    def previews(model, tok) -> float:
+        t = time.time()
+        texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                         tokenize=False) for q in PREVIEWS[:args.previews]]
+        tok.padding_side = "left"
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=args.preview_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        tok.padding_side = "right"
+        return time.time() - t
+
+    cuda = (args.device or "cpu").startswith("cuda")
+    phases: dict[str, float] = {}
+    t0 = time.time()
+    model, tok = load_model(model_path, data_dir, device=args.device or "cpu")
+    phases["loading the model"] = time.time() - t0
+    phases["the base model's previews"] = previews(model, tok)
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(
+            output_dir=out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+            learning_rate=defaults.learning_rate, beta=defaults.beta, max_length=args.max_length,
+            max_steps=args.e2e_steps, warmup_steps=defaults.warmup_ratio,
+            lr_scheduler_type=defaults.lr_scheduler, max_grad_norm=defaults.max_grad_norm,
+            logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
+            use_cpu=(args.device or "cpu") == "cpu", precompute_ref_log_probs=True,
+            precompute_ref_batch_size=args.batch_size, dataloader_num_workers=0,
+            gradient_checkpointing=False, bf16=cuda)
+        lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
+                          target_modules=defaults.lora_targets(), task_type="CAUSAL_LM", bias="none")
+        t = time.time()
+        # TRL 1.16 tokenizes and precomputes the reference log-probs while it builds the
+        # trainer: this phase is its counterpart of our tokenizing and reference pass.
+        trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok, peft_config=lora, callbacks=[Marks()])
+        phases["tokenizing + the reference pass"] = time.time() - t
+        t = time.time()
+        trainer.train()
+        phases["starting the training loop"] = marks["first_step"] - t
+        phases["training"] = marks["train_end"] - marks["first_step"]
+        phases["previews"] = previews(trainer.model, tok)
+        t = time.time()
+        trainer.save_model(out)
+        phases["saving the adapter"] = time.time() - t
+    return {"wall_s": time.time() - t0, "phases": phases, "steps": args.e2e_steps}
+
+
+PREVIEWS = ("Give me three tips for sleeping better.", "Explain what a hash table is.",
+            "How do I politely decline a meeting?")
+
+
+def e2e_summary(ours: dict, trl: dict, steps_default: int) -> dict:
+    """Both runs' totals, and each extrapolated to the default run's step count (one
+    step's time times the steps, the other phases as measured)."""
+    def parts(run):
+        ph = dict(run["phases"])
+        step = ph.get("training", 0.0) / max(run["steps"], 1)
+        rest = sum(v for k, v in ph.items() if k != "training")
+        return step, rest
+
+    totals = {}
+    for name, run in (("ours", ours), ("trl", trl)):
+        step, rest = parts(run)
+        totals[name] = {"measured_s": sum(run["phases"].values()), "step_s": step,
+                        "other_s": rest, "default_run_s": rest + steps_default * step}
+    return {"totals": totals, "default_steps": steps_default,
+            "speedup_measured": totals["trl"]["measured_s"] / totals["ours"]["measured_s"],
+            "speedup_default_run": totals["trl"]["default_run_s"] / totals["ours"]["default_run_s"]}
+
+
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", help="write the results as JSON to this file (or bench_train.json in this folder)")
     parser.add_argument("--model", default=None, help="HF id or folder (default: bundled SmolLM2)")
@@ -150,10 +286,19 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both trainers (0: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-trl", action="store_true", help="time only our trainer")
+    parser.add_argument("--skip-end-to-end", action="store_true",
+                        help="skip the whole-run comparison (reference pass, steps, previews, saving)")
+    parser.add_argument("--e2e-steps", type=int, default=None,
+                        help="steps of each whole run (default: one epoch); the report also "
+                             "extrapolates both to the default run's steps")
+    parser.add_argument("--previews", type=int, default=2, help="preview prompts in each whole run")
+    parser.add_argument("--preview-tokens", type=int, default=96,
+                        help="new tokens per preview (the trainer's default)")
     return parser
 
 
-QUICK = {"pairs": 8, "batch_size": 4, "max_length": 128, "max_prompt_length": 64, "steps": 2, "warmup_steps": 1}
+QUICK = {"pairs": 8, "batch_size": 4, "max_length": 128, "max_prompt_length": 64, "steps": 2, "warmup_steps": 1,
+         "e2e_steps": 2, "preview_tokens": 8, "previews": 1}
 
 
 def _complete(args: argparse.Namespace) -> argparse.Namespace:
@@ -193,6 +338,17 @@ def main_from_args(args: argparse.Namespace) -> int:
         result["trl"] = bench_trl(args, judgments, model_path, data_dir)
         result["speedup"] = result["ours"]["pairs_per_s"] / result["trl"]["pairs_per_s"]
         result["speedup_epoch_incl_ref"] = result["ours"]["pairs_per_s_epoch_incl_ref"] / result["trl"]["pairs_per_s"]
+    if not args.skip_trl and not args.skip_end_to_end:
+        from rpo_app.trainconfig import TrainConfig
+
+        if args.e2e_steps is None:
+            args.e2e_steps = max(1, args.pairs // args.batch_size)
+        print(f"whole run, ours ({args.e2e_steps} steps) ...", file=sys.stderr, flush=True)
+        ours = e2e_ours(args, judgments, model_path, data_dir)
+        print("whole run, TRL DPOTrainer (precompute_ref_log_probs=True) ...", file=sys.stderr, flush=True)
+        trl = e2e_trl(args, judgments, model_path, data_dir)
+        default_steps = TrainConfig().planned_steps(max(1, args.pairs // args.batch_size))
+        result["end_to_end"] = {"ours": ours, "trl": trl, **e2e_summary(ours, trl, default_steps)}
     print(format_table(result))
     if args.out:
         out = Path(args.out)
@@ -215,6 +371,19 @@ def format_table(r: dict) -> str:
         lines.append(f"{'TRL DPOTrainer':<34}{r['trl']['mean_step_s']:>10.2f}{r['trl']['pairs_per_s']:>10.3f}")
         lines.append(f"speedup: {r['speedup']:.2f}x per step, {r['speedup_epoch_incl_ref']:.2f}x over an epoch "
                      "including our reference pass")
+    e = r.get("end_to_end")
+    if e:
+        lines += ["", f"whole run, {e['ours']['steps']} steps; TRL with precompute_ref_log_probs=True "
+                  "(seconds per phase)", f"{'phase':<42}{'rpo_app':>10}{'TRL':>10}"]
+        for phase in dict.fromkeys([*e["ours"]["phases"], *e["trl"]["phases"]]):
+            a, b = e["ours"]["phases"].get(phase), e["trl"]["phases"].get(phase)
+            lines.append(f"{phase:<42}{'' if a is None else f'{a:.1f}':>10}{'' if b is None else f'{b:.1f}':>10}")
+        t = e["totals"]
+        lines.append(f"{'total':<42}{t['ours']['measured_s']:>10.1f}{t['trl']['measured_s']:>10.1f}"
+                     f"   speedup {e['speedup_measured']:.2f}x")
+        lines.append(f"{'a default run (' + str(e['default_steps']) + ' steps), extrapolated':<42}"
+                     f"{t['ours']['default_run_s']:>10.0f}{t['trl']['default_run_s']:>10.0f}"
+                     f"   speedup {e['speedup_default_run']:.2f}x")
     return "\n".join(lines)
 
 
