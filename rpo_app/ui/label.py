@@ -203,7 +203,7 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
     hist, prog = _history_and_progress(ctx, annotator)
     if item is None:
         empty, first_run, waiting = _nothing_to_judge(ctx, mode)
-        view = {"token": None, "prompt": gr.update(value="", visible=True, label="Prompt"),
+        view = {"token": None, "prompt": gr.update(value="", visible=True),
                 "left_prompt": gr.update(visible=False), "left": "",
                 "right_prompt": gr.update(visible=False), "right": "",
                 "right_col": gr.update(visible=True), "question": empty,
@@ -217,7 +217,8 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
                 "right_prompt": gr.update(visible=False), "right": "",
                 "right_col": gr.update(visible=True),
                 "question": (f"**Rank these {len(item.answers)} answers, best first.** Ties are "
-                             "allowed; if no answer is acceptable, say so."),
+                             "allowed; if no answer is acceptable, say so."
+                             + _conversation_note(item.left)),
                 "pair_row": gr.update(visible=False), "thumb_row": gr.update(visible=False),
                 "strength_col": gr.update(visible=False),
                 "related": _related(ctx, item.left["prompt_id"]),
@@ -234,7 +235,8 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
                 "right": item.right["text"] if item.right else "",
                 "right_col": gr.update(visible=not thumbs),
                 "question": ("**Which answer answers its own prompt better?**" if cross else
-                             "**Is this a good answer?**" if thumbs else "**Which answer is better?**"),
+                             "**Is this a good answer?**" if thumbs else "**Which answer is better?**")
+                            + ("" if cross else _conversation_note(item.left)),
                 "pair_row": gr.update(visible=not thumbs), "thumb_row": gr.update(visible=thumbs),
                 "strength_col": gr.update(visible=not thumbs),
                 "related": _related(ctx, item.left["prompt_id"]),
@@ -245,12 +247,15 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
 
 
 def _prompt_box(answer: dict, visible: bool):
-    """The prompt above the answers; a conversation shows every turn, the answers being
-    its next assistant turn."""
-    conv = bool(answer.get("prompt_messages"))
-    return gr.update(value=answer["prompt"], visible=visible,
-                     label="Conversation (each answer is its next assistant turn)" if conv
-                     else "Prompt")
+    """The prompt above the answers; a conversation shows every turn (its transcript).
+    The label stays put: changing it with the value redraws the box after the rest of
+    the view, and a reader could see the old prompt beside the new answers."""
+    return gr.update(value=answer["prompt"], visible=visible)
+
+
+def _conversation_note(answer: dict) -> str:
+    return (" The prompt is a conversation: each answer is its next assistant turn."
+            if answer.get("prompt_messages") else "")
 
 
 def _rank_view(item) -> dict:
