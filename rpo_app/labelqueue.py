@@ -295,20 +295,26 @@ class LabelQueue:
             seconds_spent = round(time.time() - item.shown_at, 3)
         if item.source != "label":  # a check keeps its own source whoever asked
             source = item.source
+        jid, created = self._close(item, annotator, lambda: self._store_judgment(
+            item, a, b, stored, annotator, source, strength, a_side, seconds_spent, token))
+        return {"judgment_id": jid, "created": created}
+
+    def _close(self, item: Item, annotator: str, write):
+        """Run the item's store write and close the item. A disk that refuses keeps the
+        item open, so the same click can be retried; a refusal by the store drops it."""
         try:
-            jid, created = self._store_judgment(item, a, b, stored, annotator, source, strength,
-                                                a_side, seconds_spent, token)
+            result = write()
         except StorageError:
-            raise  # the disk refused it: keep the item open so the same click can be retried
+            raise
         except StoreError:
             with self._lock:
                 self._drop(item, annotator)
             raise
         with self._lock:
-            self._items.pop(token, None)
-            if self._current.get(annotator) == token:
+            self._items.pop(item.token, None)
+            if self._current.get(annotator) == item.token:
                 del self._current[annotator]
-        return {"judgment_id": jid, "created": created}
+        return result
 
     def _store_judgment(self, item, a, b, stored, annotator, source, strength, a_side,
                         seconds_spent, token):
@@ -321,7 +327,7 @@ class LabelQueue:
     def submit_ranking(self, token: str, order: str, annotator: str,
                        seconds_spent: float | None = None) -> dict:
         """Store the ranking typed as `order` over the item's answers, by their labels
-        (rpo_app.rankings.ORDER_HELP). Returns {ranking_id, created, pairs, order}. A bad
+        (rpo_app.rankings.ORDER_HELP). Returns {ranking_id, created, pairs, decided, order}. A bad
         order raises RankingError and keeps the item open; repeating a token stores
         nothing new. `pairs` counts the implied pairs, `decided` those with a winner."""
         annotator = _check_annotator(annotator)
@@ -337,21 +343,10 @@ class LabelQueue:
         ids = [[item.answers[p]["id"] for p in tier] for tier in tiers]
         if seconds_spent is None:
             seconds_spent = round(time.time() - item.shown_at, 3)
-        try:
-            rid, created = self.store.add_ranking(
-                ids, annotator, none_acceptable=none_ok, shown=[r["id"] for r in item.answers],
-                seconds_spent=seconds_spent, request_id=token,
-                overlap=TeamSettings.load(self.store).overlap)
-        except StorageError:
-            raise
-        except StoreError:
-            with self._lock:
-                self._drop(item, annotator)
-            raise
-        with self._lock:
-            self._items.pop(token, None)
-            if self._current.get(annotator) == token:
-                del self._current[annotator]
+        rid, created = self._close(item, annotator, lambda: self.store.add_ranking(
+            ids, annotator, none_acceptable=none_ok, shown=[r["id"] for r in item.answers],
+            seconds_spent=seconds_spent, request_id=token,
+            overlap=TeamSettings.load(self.store).overlap))
         return self._ranking_result(self.store.ranking(rid), created)
 
     @staticmethod
