@@ -701,14 +701,24 @@ def _setup_logging(out: Path, main: bool) -> None:
         root.addHandler(h)
 
 
-def _make_accelerator(device: str | None):
+def _make_accelerator(device: str | None, precision: str = "auto"):
     import torch
     from accelerate import Accelerator
+
+    from rpo_app.models import pick_precision
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible")
-    mixed = "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    mixed = "bf16" if pick_precision("cpu" if cpu else "cuda", precision) == "bf16" else "no"
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, mixed):
+        # A process that trains twice (bench-effect, tests) may switch precision; accelerate
+        # keeps one state per process and refuses a change unless it is cleared. The
+        # distributed set-up (PartialState) stays.
+        AcceleratorState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=mixed)
 
 
@@ -747,7 +757,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
                 judgments, left_out, store_state = read_judgments_file(snapshot), {}, None
             else:
                 judgments, left_out, store_state = load_judgments(cfg, data_dir)
-            accelerator = _make_accelerator(cfg.device)
+            accelerator = _make_accelerator(cfg.device, cfg.precision)
             train_j, eval_j = check_data(cfg, judgments, accelerator.num_processes)
             model_path = check_model(cfg.model, data_dir)
         except ConfigError as err:

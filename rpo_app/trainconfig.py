@@ -18,6 +18,7 @@ import yaml
 
 from rpo_app.batches import KINDS
 from rpo_app.loss_registry import LOSS_NAMES, LOSSES, WEIGHTINGS, get_loss
+from rpo_app.models import PRECISIONS
 from rpo_app.runfolder import atomic_write_text
 
 
@@ -83,7 +84,10 @@ class TrainConfig:
         "help": "prompt tokens kept (default: half of max_length, 16-256)"})
     lora_r: int = 16
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scale (default: 2 x lora_r)"})
-    lora_dropout: float = 0.05
+    # Off: on a CPU the dropout masks cost a quarter of a training step (13.3 s against
+    # 17.4 s, batch 8, bundled model), and without them the policy at step 0 is exactly
+    # the reference model, in train mode too.
+    lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
                                       metadata={"help": "module names for LoRA, or all-linear"})
     warmup_ratio: float = 0.1
@@ -120,6 +124,9 @@ class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "HF id or folder (default: bundled SmolLM2)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: a GPU when there is one)"})
     gradient_checkpointing: bool = False
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 autocast on a GPU with bf16 and on a CPU with bf16 instructions, "
+                "else fp32), bf16 or fp32"})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice; 1 is faster when other jobs share the cores)"})
 
@@ -166,6 +173,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.sample_max_new_tokens >= 1, "sample_max_new_tokens must be >= 1")
+        need(self.precision in PRECISIONS,
+             f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         need(self.cpu_threads is None or self.cpu_threads >= 1, f"cpu_threads must be >= 1, got {self.cpu_threads}")
         need(self.sft_weight >= 0, f"sft_weight must be >= 0, got {self.sft_weight}")
         need(self.strength_margin >= 0, f"strength_margin must be >= 0, got {self.strength_margin}")

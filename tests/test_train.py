@@ -66,7 +66,10 @@ def judgments_file(tmp_path) -> Path:
 def tiny_args(out, judgments_file, model_dir, data_dir, **overrides) -> list[str]:
     settings = {"max-steps": 2, "batch-size": 2, "max-length": 96, "max-prompt-length": 48,
                 "eval-every": 0, "sample-every": 0, "save-every": 0, "sample-max-new-tokens": 4,
-                "weighting": "uniform", "cpu-threads": 1, **overrides}
+                "weighting": "uniform", "cpu-threads": 1,
+                # fp32 whatever the CPU: these tests compare losses with exact values; the
+                # bf16 path has its own test (test_bf16_run_on_cpu).
+                "precision": "fp32", **overrides}
     argv = ["--out", str(out), "--judgments", str(judgments_file), "--model", str(model_dir),
             "--data-dir", str(data_dir), "--device", "cpu"]
     for k, v in settings.items():
@@ -216,6 +219,41 @@ def test_every_loss_trains(tmp_path, judgments_file, tiny_model_dir, data_dir, l
     assert metrics[0]["loss"] == pytest.approx(start, rel=1e-4)
     assert 0 <= metrics[1]["eval/accuracy"] <= 1 and math.isfinite(metrics[1]["eval/loss"])
     assert status(out)["state"] == "finished" and (out / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_bf16_run_on_cpu(tmp_path, judgments_file, tiny_model_dir, data_dir):
+    """precision bf16 trains under CPU autocast on any CPU (emulated where there are no
+    bf16 instructions); its step-1 loss is log 2 up to bf16's rounding of the summed
+    log-probs, and the cached reference log-probs are keyed by the precision."""
+    out = tmp_path / "bf16"
+    assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, precision="bf16",
+                          **{"weighting": "embedding"})) == 0
+    assert TrainConfig.from_yaml(out / "config.yaml").precision == "bf16"
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
+    assert status(out)["state"] == "finished"
+    fp32 = tmp_path / "fp32"
+    assert main(tiny_args(fp32, judgments_file, tiny_model_dir, data_dir, **{"weighting": "embedding"})) == 0
+    import torch
+
+    keys = [torch.load(run / "ref_logps.pt")["fingerprint"] for run in (out, fp32)]
+    assert keys[0] != keys[1]
+
+
+def test_precision_rule():
+    from rpo_app.models import pick_precision
+
+    assert pick_precision("cpu", "auto", native_bf16=True) == "bf16"
+    assert pick_precision("cpu", "auto", native_bf16=False) == "fp32"
+    assert pick_precision("cpu", "fp32", native_bf16=True) == "fp32"
+    assert pick_precision("cpu", "bf16", native_bf16=False) == "bf16"
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        pick_precision("cpu", "fp8")
+    with pytest.raises(ConfigError, match="unknown precision 'half'"):
+        TrainConfig(precision="half").validate()
 
 
 @pytest.mark.slow

@@ -62,8 +62,9 @@ def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> 
     cfg = TrainConfig(loss=args.loss, batch_size=args.batch_size, max_length=args.max_length,
                       max_prompt_length=args.max_prompt_length, max_steps=args.warmup_steps + args.steps,
                       eval_fraction=0.0, eval_every=0, sample_every=0, save_every=0, preview_count=0,
-                      early_stop_patience=0, seed=args.seed, device=args.device).validate()
-    acc = _make_accelerator(cfg.device)
+                      early_stop_patience=0, seed=args.seed, device=args.device,
+                      precision=args.precision).validate()
+    acc = _make_accelerator(cfg.device, cfg.precision)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, RunFolder(out), data_dir, judgments, [], model_path, acc, resume=False)
         t0 = time.time()
@@ -111,7 +112,6 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
         def on_step_end(self, *a, **k):
             self.times.append(time.time() - self._t)
 
-    cuda = (args.device or "cpu").startswith("cuda")
     model, tok = load_model(model_path, data_dir, device=args.device or "cpu")
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
@@ -123,10 +123,10 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
             logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
             use_cpu=(args.device or "cpu") == "cpu", precompute_ref_log_probs=False, dataloader_num_workers=0,
             # TRL turns on activation checkpointing and bf16 autocast by default. Ours
-            # runs without checkpointing, and in bf16 only on CUDA (bf16 matmuls are
-            # emulated, so slow, on most CPUs): give TRL the same settings so both do the
+            # runs without checkpointing, and in bf16 where the device multiplies bf16
+            # natively (models.pick_precision): give TRL the same settings so both do the
             # same arithmetic.
-            gradient_checkpointing=False, bf16=cuda)
+            gradient_checkpointing=False, bf16=args.precision == "bf16")
         lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
                           target_modules=defaults.lora_targets(), task_type="CAUSAL_LM", bias="none")
         trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
@@ -157,7 +157,7 @@ def e2e_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> di
                           preview_prompts=list(PREVIEWS[:args.previews]),
                           sample_max_new_tokens=args.preview_tokens, early_stop_patience=0,
                           seed=args.seed, device=args.device, judgments=str(path),
-                          model=model_path, cpu_threads=args.threads or None)
+                          model=model_path, cpu_threads=args.threads or None, precision=args.precision)
         t0 = time.time()
         rc = train(cfg, Path(tmp) / "run", data_dir)
         wall = time.time() - t0
@@ -209,7 +209,6 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> dic
         tok.padding_side = "right"
         return time.time() - t
 
-    cuda = (args.device or "cpu").startswith("cuda")
     phases: dict[str, float] = {}
     t0 = time.time()
     model, tok = load_model(model_path, data_dir, device=args.device or "cpu")
@@ -224,7 +223,7 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> dic
             logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
             use_cpu=(args.device or "cpu") == "cpu", precompute_ref_log_probs=True,
             precompute_ref_batch_size=args.batch_size, dataloader_num_workers=0,
-            gradient_checkpointing=False, bf16=cuda)
+            gradient_checkpointing=False, bf16=args.precision == "bf16")
         lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
                           target_modules=defaults.lora_targets(), task_type="CAUSAL_LM", bias="none")
         t = time.time()
@@ -273,6 +272,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="data dir holding the converted default model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--loss", default="rpo-paired")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="both trainers' arithmetic (auto: the trainer's rule, models.pick_precision)")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
@@ -325,12 +326,16 @@ def main_from_args(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.steps is None:
         args.steps = max(1, args.pairs // args.batch_size)
+    from rpo_app.models import pick_precision
+
+    args.precision = pick_precision(args.device or "cpu", args.precision)
     data_dir = resolve_data_dir(args.data_dir)
     model_path = check_model(args.model, data_dir)
     judgments = synthetic_judgments(args.pairs, args.seed)
     result = {"model": model_path, "device": args.device, "threads": torch.get_num_threads(),
               "pairs": args.pairs, "batch_size": args.batch_size, "max_length": args.max_length,
-              "timed_steps": args.steps, "warmup_steps": args.warmup_steps, "loss": args.loss}
+              "timed_steps": args.steps, "warmup_steps": args.warmup_steps, "loss": args.loss,
+              "precision": args.precision}
     print(f"timing ours ({args.loss}) ...", file=sys.stderr, flush=True)
     result["ours"] = bench_ours(args, judgments, model_path, data_dir)
     if not args.skip_trl:
@@ -360,7 +365,8 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"training speed: {Path(r['model']).name}, {r['device']} ({r['threads']} threads), "
+    lines = [f"training speed: {Path(r['model']).name}, {r['device']} ({r['threads']} threads, "
+             f"{r.get('precision', 'fp32')}), "
              f"batch {r['batch_size']} pairs, max_length {r['max_length']}, {r['timed_steps']} timed steps",
              f"{'trainer':<34}{'s/step':>10}{'pairs/s':>10}"]
     ours = r["ours"]
