@@ -133,6 +133,18 @@ def _suspects_args(p):
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _score_args(p):
+    from rpo_app.active import POOL_ANSWERS
+
+    _data_dir_arg(p)
+    p.add_argument("--adapter", default=None, help="adapter name (default: the newest)")
+    p.add_argument("--pool", type=int, default=POOL_ANSWERS,
+                   help=f"answers to score, whole prompts, fewest judgments first (default {POOL_ANSWERS})")
+    p.add_argument("--model", default=None, help="base model (default: the bundled one)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the order's description as JSON")
+
+
 def _gold_args(p):
     _data_dir_arg(p)
     p.add_argument("action", choices=["mark", "unmark", "list"])
@@ -187,6 +199,8 @@ COMMANDS = {
              "rpo_app.team:cli_team"),
     "suspects": ("judgments the newest tuned model contradicts with high confidence",
                  _suspects_args, "rpo_app.team:cli_suspects"),
+    "score": ("score the unlabeled items with an adapter: the label queue's informative order",
+              _score_args, "rpo_app.active:cli_score"),
     "bench": ("speed benchmarks: training vs TRL, batched vs one-by-one generation",
               _bench_args, "rpo_app.bench:cli_bench"),
     "bench-effect": ("effect benchmark: simulated annotators, fine-tune, judge tuned vs base",

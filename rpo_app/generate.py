@@ -510,6 +510,26 @@ class ModelHost:
         else:
             yield {"adapter_names": [BASE if a is None else a for a in adapters]}
 
+    # -- scoring ------------------------------------------------------------------------
+    def sequence_logps(self, seqs, adapter: str | None = None, precision: str = "auto") -> list[float]:
+        """Summed log-probs of the answer tokens of tokenized (prompt, answer) sequences
+        (rpo_app.batches.Seq), under one loaded adapter or the base model (None), in one
+        forward pass: the same scorer the trainer uses (rpo_app.scoring)."""
+        import contextlib
+
+        import torch
+
+        from rpo_app.models import pick_precision
+        from rpo_app.scoring import keeps_logits_by_mask, sequence_logps
+
+        bf16 = pick_precision(str(self.device), precision) == "bf16"
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
+                    else contextlib.nullcontext())
+        with self.lock, self.compute(), _eval_mode(self.model), self._adapter_mode([adapter]), \
+                torch.inference_mode(), autocast:
+            keep = keeps_logits_by_mask(self.model)
+            return sequence_logps(self.model, seqs, self.pad_id, self.device, keep).tolist()
+
     # -- prompts -> token ids ------------------------------------------------------------
     def encode_chat(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
         return chat_template.chat_ids(self.tokenizer, messages, system_prompt)

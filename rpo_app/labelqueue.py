@@ -28,6 +28,10 @@ from rpo_app.store import (CHECK_SOURCES, CROSS_KEY, CROSS_PAIR_KEY, GOLD_CHECK_
 
 # "mixed" draws from the three kinds of single judgment; a ranking is asked for by name.
 MODES = ("paired", "cross", "unpaired", "mixed", "ranking")
+# The order items come in. queue: unlabeled prompts first, spread over prompt families;
+# random: any open item, uniformly; informative: the items the newest adapter would learn
+# most from (rpo_app.informative), once they are scored (rpo_app.active), else queue.
+ORDERS = ("informative", "queue", "random")
 SIDES = ("left", "right")
 UI_VERDICTS = ("left", "right", "tie", "both_bad", "up", "down")
 _SCAN = 40  # candidates read per look-up; enough to find a fresh family
@@ -47,6 +51,7 @@ class Item:
     shown_at: float = field(default_factory=time.time)
     source: str = "label"  # or a check source: the judgment is stored with it
     answers: list[dict] = field(default_factory=list)
+    order: str = "queue"  # the order that picked it (ORDERS); a check says "queue"
 
     @property
     def family(self) -> str | None:
@@ -63,7 +68,7 @@ class Item:
                 out["messages"] = r["prompt_messages"]
             return out
         out = {"kind": self.kind, "token": self.token, "left": side(self.left),
-               "right": side(self.right), "shown_at": self.shown_at}
+               "right": side(self.right), "shown_at": self.shown_at, "order": self.order}
         if self.kind == "ranking":
             out["answers"] = [{"label": label, **side(r)}
                               for label, r in zip(rankings.LABELS, self.answers)]
@@ -83,10 +88,14 @@ class LabelQueue:
         self._recent_families: dict[str, deque] = {}
 
     # -- choosing -----------------------------------------------------------------------
-    def next_item(self, annotator: str, mode: str = "paired") -> Item | None:
-        """The item on the annotator's screen if still open (reload resumes), else a new one."""
+    def next_item(self, annotator: str, mode: str = "paired", order: str = "queue") -> Item | None:
+        """The item on the annotator's screen if still open (reload resumes), else a new one
+        in the given order (ORDERS; "informative" falls back to "queue" where nothing is
+        scored, and the item's `order` says which one picked it)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if order not in ORDERS:
+            raise ValueError(f"unknown order {order!r}; expected one of {ORDERS}")
         annotator = _check_annotator(annotator)
         with self._lock:
             token = self._current.get(annotator)
@@ -102,9 +111,7 @@ class LabelQueue:
             check, kinds = None, ["ranking"]
         for kind in ([None] if check else []) + kinds:
             item = check if kind is None else self._next_ranking(annotator, team) \
-                if kind == "ranking" else {
-                    "paired": self._next_paired, "cross": self._next_cross,
-                    "unpaired": self._next_thumb}[kind](annotator, team.overlap)
+                if kind == "ranking" else self._next_of_kind(kind, annotator, team.overlap, order)
             if item is not None:
                 with self._lock:
                     self._items[item.token] = item
@@ -112,6 +119,45 @@ class LabelQueue:
                     self._recent(annotator).append(item.family)
                 return item
         return None
+
+    def _next_of_kind(self, kind: str, annotator: str, overlap: int, order: str) -> Item | None:
+        if order == "informative":
+            item = self._next_informative(kind, annotator, overlap)
+            if item is not None:
+                return item
+        fresh = order != "random"
+        item = {"paired": self._next_paired, "cross": self._next_cross,
+                "unpaired": self._next_thumb}[kind](annotator, overlap, fresh)
+        if item is not None and not fresh:
+            item.order = "random"
+        return item
+
+    def _next_informative(self, kind: str, annotator: str, overlap: int) -> Item | None:
+        """The highest-scored open item of this kind (Store.next_informative), leased."""
+        meta = self.store.informative_meta()
+        if not meta:
+            return None
+        for row in self.store.next_informative(annotator, meta["scorer"], kind, _SCAN, overlap):
+            a = self.store.response(row["response_a"])
+            b = self.store.response(row["response_b"]) if row["response_b"] else None
+            keys = judgment_lease_keys(kind, a["id"], b and b["id"], a["prompt_id"])
+            taken = [k for k in keys if self.store.try_lease(k, annotator)]
+            # Under the lease, look again: the last holder may have judged it meanwhile.
+            if len(taken) < len(keys) or not self._still_open(kind, a, b, annotator, overlap):
+                for key in taken:
+                    self.store.release_lease(key, annotator)
+                continue
+            if b is None:
+                return Item(kind, _token(), a, None, keys, order="informative")
+            left, right = self._shuffle(a, b)
+            return Item(kind, _token(), left, right, keys, order="informative")
+        return None
+
+    def _still_open(self, kind: str, a: dict, b: dict | None, annotator: str, overlap: int) -> bool:
+        if b is None:
+            still = self.store.next_responses_for_thumbs(annotator, a["id"], 1, True, overlap)
+            return bool(still) and still[0]["id"] == a["id"]
+        return _open(_judges_of(self.store.pair_judges([a["id"], b["id"]]), a, b), annotator, overlap)
 
     def _recent(self, annotator: str) -> deque:
         return self._recent_families.setdefault(annotator, deque(maxlen=6))
@@ -152,14 +198,25 @@ class LabelQueue:
         # No lease: a check takes nobody's item away, and any number may see it at once.
         return Item(row["kind"], _token(), left, right, [], source=source)
 
-    def _next_paired(self, annotator: str, overlap: int = 1) -> Item | None:
+    def _arrange(self, annotator: str, rows: list[dict], fresh: bool) -> list[dict]:
+        """Queue order: the least recently shown family first; random order: shuffled."""
+        if fresh:
+            return self._prefer_fresh_family(annotator, rows)
+        rows = list(rows)
+        self._rng.shuffle(rows)
+        return rows
+
+    def _next_paired(self, annotator: str, overlap: int = 1, fresh: bool = True) -> Item | None:
         # (partial, unjudged_only): items someone started, then fresh ones, then the rest.
+        # Random order: any prompt with an open pair.
         passes = [(True, False), (False, True), (False, False)] if overlap > 1 \
             else [(False, True), (False, False)]
+        if not fresh:
+            passes = passes[:1] + [(False, False)] if overlap > 1 else [(False, False)]
         for partial, unjudged_only in passes:
             rows = self._scan(lambda s: self.store.next_prompts_for_pairs(
                 annotator, s, _SCAN, unjudged_only, overlap, partial), self.store.max_prompt_id())
-            for prompt in self._prefer_fresh_family(annotator, rows):
+            for prompt in self._arrange(annotator, rows, fresh):
                 pair = self._open_pair(self.store.responses_for_prompt(prompt["id"]),
                                        annotator, overlap)
                 if pair is None:
@@ -190,12 +247,12 @@ class LabelQueue:
         most = max(len(_judges_of(judges, a, b)) for a, b in pairs)
         return self._rng.choice([p for p in pairs if len(_judges_of(judges, *p)) == most])
 
-    def _next_cross(self, annotator: str, overlap: int = 1) -> Item | None:
+    def _next_cross(self, annotator: str, overlap: int = 1, fresh: bool = True) -> Item | None:
         if self.index is None:
             return None
         rows = self._scan(lambda s: self.store.next_responses_for_thumbs(
             annotator, s, _SCAN, False), self.store.max_response_id())
-        for first in self._prefer_fresh_family(annotator, rows):
+        for first in self._arrange(annotator, rows, fresh):
             for prompt_id, _score in self.index.related(first["prompt_id"], k=5):
                 others = self.store.responses_for_prompt(prompt_id)
                 if not others:
@@ -222,11 +279,11 @@ class LabelQueue:
                 return Item("cross", _token(), left, right, keys)
         return None
 
-    def _next_thumb(self, annotator: str, overlap: int = 1) -> Item | None:
+    def _next_thumb(self, annotator: str, overlap: int = 1, fresh: bool = True) -> Item | None:
         for partial in ((True, False) if overlap > 1 else (False,)):
             rows = self._scan(lambda s: self.store.next_responses_for_thumbs(
                 annotator, s, _SCAN, True, overlap, partial), self.store.max_response_id())
-            for resp in self._prefer_fresh_family(annotator, rows):
+            for resp in self._arrange(annotator, rows, fresh):
                 key = item_key(RESPONSE_KEY, resp["id"])
                 if self.store.try_lease(key, annotator):
                     # Still open now that we hold the lease? (The last holder may have judged it.)

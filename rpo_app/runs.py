@@ -56,6 +56,9 @@ class RunManager:
         self._watchers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._finalize_lock = threading.Lock()
+        # Called (run id) after a finished run's adapter is registered: the app scores the
+        # unlabeled answers with it there (rpo_app.active).
+        self.on_finished = None
 
     def folder(self, run_id: str) -> RunFolder:
         return RunFolder(self.layout.run_dir(run_id), writable=False)
@@ -192,6 +195,8 @@ class RunManager:
                 from rpo_app import lineage
 
                 lineage.index(self.store, run_id, run.root)
+                if self.on_finished is not None:
+                    self.on_finished(run_id)
             return st
 
     def _register_adapter(self, run_id: str, run: RunFolder, row: dict) -> None:

@@ -178,7 +178,29 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE prompts ADD COLUMN messages TEXT;
     """,
+    """
+    CREATE TABLE answer_logps(
+        scorer TEXT NOT NULL,
+        response_id INTEGER NOT NULL REFERENCES responses(id),
+        logp REAL NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY(scorer, response_id)
+    );
+    CREATE TABLE item_scores(
+        scorer TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK(kind IN ('paired', 'cross', 'unpaired')),
+        response_a INTEGER NOT NULL REFERENCES responses(id),
+        response_b INTEGER NOT NULL DEFAULT 0,
+        margin REAL NOT NULL,
+        score REAL NOT NULL,
+        PRIMARY KEY(scorer, kind, response_a, response_b)
+    );
+    CREATE INDEX item_scores_order ON item_scores(scorer, kind, score DESC);
+    """,
 ]
+# The settings key under which the label queue finds the newest informative scores
+# (rpo_app.active writes it when a scoring job completes).
+INFORMATIVE_KEY = "informative"
 
 
 class StoreError(ValueError):
@@ -1111,6 +1133,89 @@ class Store:
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
         return ids, mat.reshape(len(rows), -1).copy()
+
+    # -- informative order: log-probs per answer and scorer, scores per item -------------
+    def answers_to_score(self) -> list[dict]:
+        """Every answer with its prompt (text and conversation) and `judged`, how many
+        counted active judgments it is in, for scoring."""
+        rows = self._read(
+            "SELECT r.id, r.prompt_id, r.text, p.text AS prompt, p.messages AS prompt_messages, "
+            "(SELECT COUNT(*) FROM judgments j WHERE (j.response_a = r.id OR j.response_b = r.id) "
+            f"AND j.retracted_at IS NULL AND j.{_COUNTED}) AS judged "
+            "FROM responses r JOIN prompts p ON p.id = r.prompt_id ORDER BY r.id")
+        return [_response_dict(r) for r in rows]
+
+    def answer_logps(self, scorer: str) -> dict[int, float]:
+        """Answer id -> summed log-prob of its tokens under `scorer` (a model or adapter key)."""
+        return {r[0]: r[1] for r in self._read(
+            "SELECT response_id, logp FROM answer_logps WHERE scorer = ?", (scorer,))}
+
+    def save_answer_logps(self, scorer: str, rows: Iterable[tuple[int, float, int]]) -> None:
+        """(answer id, log-prob, tokens scored) under `scorer`; one commit per call."""
+        with self.transaction() as tx:
+            tx.executemany("INSERT OR REPLACE INTO answer_logps(scorer, response_id, logp, tokens) "
+                           "VALUES (?, ?, ?, ?)", [(scorer, int(i), float(v), int(n)) for i, v, n in rows])
+
+    def replace_item_scores(self, scorer: str, rows: Iterable, meta: dict) -> None:
+        """Make `rows` (informative.Scored) the queue's informative order, and `meta` (which
+        adapter, when, how many) its description, in one transaction. Older scorers' item
+        rows go: only the newest adapter orders the queue."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM item_scores")
+            tx.executemany(
+                "INSERT OR REPLACE INTO item_scores(scorer, kind, response_a, response_b, margin, score) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(scorer, r.kind, *sorted((r.a, r.b)), r.margin, r.score) if r.b is not None
+                 else (scorer, r.kind, r.a, 0, r.margin, r.score) for r in rows])
+            tx.execute("INSERT OR REPLACE INTO settings(key, value, updated_by, updated_at) "
+                       "VALUES (?, ?, ?, ?)", (INFORMATIVE_KEY, json.dumps({**meta, "scorer": scorer}),
+                                               "scoring", _now()))
+
+    def informative_meta(self) -> dict | None:
+        """What the current informative order was scored with, or None before any."""
+        return self.setting(INFORMATIVE_KEY)
+
+    def next_informative(self, annotator: str, scorer: str, kind: str, limit: int,
+                         overlap: int = 1, offset: int = 0) -> list[dict]:
+        """The highest-scored items of `kind` still open to this annotator: fewer than
+        `overlap` counted judgments of that item, none theirs, not leased to someone
+        else, not skipped by them. Rows: response_a, response_b (None for a single
+        answer), prompt_a, prompt_b, score, margin."""
+        judged = ("(SELECT COUNT(*) FROM judgments j WHERE j.response_a = s.response_a "
+                  "AND j.kind = s.kind AND j.retracted_at IS NULL AND j." + _COUNTED +
+                  " AND COALESCE(j.response_b, 0) = s.response_b) < ? "
+                  "AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.response_a = s.response_a "
+                  "AND j.kind = s.kind AND j.retracted_at IS NULL AND j.annotator = ? "
+                  "AND COALESCE(j.response_b, 0) = s.response_b) ")
+        lease = ("NOT EXISTS (SELECT 1 FROM leases l WHERE l.item_key = ? || {id} "
+                 "AND l.annotator != ? AND l.expires_at > ?) ")
+        skip = "NOT EXISTS (SELECT 1 FROM skips k WHERE k.annotator = ? AND k.item_key = {key}) "
+        now = _now()
+        if kind == "paired":
+            held = lease.format(id="ra.prompt_id")
+            params = [PROMPT_KEY, annotator, now, annotator, PROMPT_KEY]
+            skipped = skip.format(key="? || ra.prompt_id")
+        elif kind == "unpaired":
+            held = lease.format(id="s.response_a")
+            params = [RESPONSE_KEY, annotator, now, annotator, RESPONSE_KEY]
+            skipped = skip.format(key="? || s.response_a")
+        else:
+            held = lease.format(id="s.response_a") + "AND " + lease.format(id="s.response_b")
+            params = [CROSS_KEY, annotator, now, CROSS_KEY, annotator, now, annotator, CROSS_PAIR_KEY]
+            skipped = skip.format(key="? || s.response_a || ':' || s.response_b")
+        rows = self._read(
+            "SELECT s.response_a, NULLIF(s.response_b, 0) AS response_b, ra.prompt_id AS prompt_a, "
+            "rb.prompt_id AS prompt_b, s.score, s.margin FROM item_scores s "
+            "JOIN responses ra ON ra.id = s.response_a "
+            "LEFT JOIN responses rb ON rb.id = s.response_b "
+            "WHERE s.scorer = ? AND s.kind = ? AND " + judged + "AND " + held + "AND " + skipped +
+            "ORDER BY s.score DESC, s.response_a, s.response_b LIMIT ? OFFSET ?",
+            (scorer, kind, overlap, annotator, *params, limit, offset))
+        return [dict(r) for r in rows]
+
+    def count_item_scores(self, scorer: str) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._read(
+            "SELECT kind, COUNT(*) FROM item_scores WHERE scorer = ? GROUP BY kind", (scorer,))}
 
     # -- runs and adapters --------------------------------------------------------------
     def record_run(self, run_id: str, config: dict, out_dir: str, state: str = "queued",

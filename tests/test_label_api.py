@@ -57,7 +57,10 @@ def test_endpoints_exist_with_stable_names_and_parameters(client):
     def params(name):
         return [p["parameter_name"] for p in api[name]["parameters"]]
 
-    assert params("/next_item") == ["annotator", "mode"]
+    assert params("/next_item") == ["annotator", "mode", "order"]
+    # the order is optional: scripts written before it keep the queue order
+    assert {p["parameter_name"]: p.get("parameter_default") for p in api["/next_item"]["parameters"]
+            if p["parameter_has_default"]} == {"mode": "paired", "order": "queue"}
     assert params("/submit_judgment") == ["token", "verdict", "annotator", "strength",
                                           "seconds_spent"]
     assert params("/skip_item") == ["token", "annotator"]
@@ -157,7 +160,7 @@ def test_ui_button_endpoints_judge_the_item_in_the_session(api_app):
     name = "button-bot"
     api = c.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert [p["parameter_name"] for p in api["/label_left"]["parameters"]] == \
-        ["mode_value", "strength_value", "typed"]
+        ["mode_value", "strength_value", "typed", "order_value"]
     shown = c.predict("paired", name, api_name="/label_mode")
     # Outputs (state and layout left out): prompt, left prompt, left answer, right prompt,
     # right answer, question, related, history, progress, status.

@@ -11,6 +11,7 @@ from datetime import datetime
 
 import gradio as gr
 
+from rpo_app.active import ScoringJobs
 from rpo_app.config import DataLayout, ServeConfig
 from rpo_app.cpushare import AppShare
 from rpo_app.genjob import GenerationJobs
@@ -75,6 +76,10 @@ class AppContext:
             log.info("loaded %d seed prompts", seeded)
         self.queue = LabelQueue(self.store)
         self.runs = RunManager(self.store, self.layout)
+        # After each finished run, its adapter scores the unlabeled answers in the
+        # background: the Label tab's "most informative first" order.
+        self.scoring = ScoringJobs(self.store, self.host, self.index, before=self._ready_to_score) \
+            if load_model else None
         self.runs.reattach()  # runs that ended (or go on) while the app was down
         # The app's model and a training run share the cores by rule (cpushare).
         self.cpu = AppShare(self.layout.root, run_active=lambda: self.runs.active_run() is not None)
@@ -89,6 +94,17 @@ class AppContext:
         self._adapter_errors: dict[str, str] = {}  # adapter name -> why it did not load
         self._index = _Loader("prompt embedder", self._load_index)
         self._host = _Loader("model", self._load_host) if load_model else None
+        if self.scoring is not None:
+            self.runs.on_finished = lambda _run_id: self.scoring.start_if_needed()
+            self.scoring.start_if_needed()  # an adapter whose scores were never completed
+
+    def _ready_to_score(self) -> None:
+        """Before a scoring job: the model and the new adapter loaded, and the start-up
+        timing done (scoring beside it would make the quoted times too long)."""
+        self.host()
+        self._index.wait(600)
+        self.host().decode_timing()
+        self.sync_adapters()
 
     def _load_index(self):
         from rpo_app.embed import Embedder, PromptIndex

@@ -14,12 +14,13 @@ import pandas as pd
 
 from rpo_app import rankings
 from rpo_app.config import TeamSettings
-from rpo_app.labelqueue import MODES
+from rpo_app.labelqueue import MODES, ORDERS
 from rpo_app.ui.context import AppContext, start_of_today
 
 MODE_CHOICES = [("Paired (same prompt)", "paired"), ("Cross-prompt (related prompts)", "cross"),
                 ("Unpaired (thumbs)", "unpaired"), ("Mixed", "mixed"),
                 ("Rank several answers", "ranking")]
+ORDER_CHOICES = [("Most informative first", "informative"), ("Queue", "queue"), ("Random", "random")]
 STRENGTH_CHOICES = [("no strength", "none"), ("slightly", "slightly"), ("clearly", "clearly")]
 VERDICT_WORDS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad",
                  "up": "thumbs up", "down": "thumbs down"}
@@ -194,11 +195,11 @@ RANK_CSS = """
 VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
         "pair_row", "thumb_row", "strength_col", "related", "history", "progress",
         "first_run", "poll", "answers_row", "rank_col", "rank_cards", "rank_order",
-        "status")  # status last: scripts read it as the last output
+        "order_info", "status")  # status last: scripts read it as the last output
 
 
 def render(ctx: AppContext, annotator: str | None, item, message: str = "",
-           mode: str | None = None) -> list:
+           mode: str | None = None, order: str = "informative") -> list:
     """The tab showing `item` (None: nothing left in `mode`), in VIEW order."""
     hist, prog = _history_and_progress(ctx, annotator)
     if item is None:
@@ -242,8 +243,42 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
                 "related": _related(ctx, item.left["prompt_id"]),
                 "first_run": gr.update(visible=False), "poll": gr.Timer(active=False),
                 **_rank_view(None)}
-    view.update(history=hist, progress=prog, status=message)
+    view.update(history=hist, progress=prog, status=message, order_info=order_line(ctx, item, order))
     return [view[name] for name in VIEW]
+
+
+ORDER_WORDS = {"informative": "most informative first", "queue": "queue (unlabeled prompts first, "
+               "spread over prompt families)", "random": "random"}
+
+
+def order_line(ctx: AppContext, item, asked: str) -> str:
+    """Which order picked the item on screen, and why it is not the one asked for."""
+    job = ctx.scoring.status() if ctx.scoring is not None else None
+    meta = ctx.store.informative_meta()
+    if item is not None and item.order == "informative":
+        done = "" if meta.get("complete") else " so far"
+        text = (f"Order: **most informative first**: items adapter **{meta['adapter']}** would "
+                f"learn most from ({meta['answers']:,} answers scored{done}).")
+    elif asked == "informative" and (item is None or item.kind in ("paired", "cross", "unpaired")):
+        if job is not None and job.running:
+            why = f"until the scores are in. {job.line()}"
+        elif job is not None and job.state == "failed":
+            why = f"({job.line()})"
+        elif meta is None:
+            why = ("until a training run has finished: its adapter then scores the unlabeled "
+                   "answers")
+        elif item is not None and item.shown_at < meta.get("updated_at", 0):
+            why = (f"for this item, picked before adapter {meta['adapter']}'s scores were in; "
+                   "the next one comes most informative first")
+        else:
+            why = (f"(every item adapter {meta['adapter']} scored is judged or taken; the next "
+                   "run scores more)")
+        text = f"Order: **{ORDER_WORDS['queue']}** {why}"
+    else:
+        text = f"Order: **{ORDER_WORDS[item.order if item is not None else asked]}**."
+    if job is not None and job.running and text.find(job.line()) < 0:
+        text += f" {job.line()}"
+    return text
 
 
 def _prompt_box(answer: dict, visible: bool):
@@ -329,7 +364,8 @@ def first_run_offer(ctx: AppContext) -> tuple[str, bool]:
             f"answers in about {human(total)} on this machine."), True
 
 
-def start_first_run(ctx: AppContext, mode: str, annotator: str | None) -> list:
+def start_first_run(ctx: AppContext, mode: str, annotator: str | None,
+                    order: str = "informative") -> list:
     """Generate the first answers in the background and show the tab waiting for them."""
     from rpo_app.generate import GenSettings, backlog
     from rpo_app.genjob import FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS
@@ -338,75 +374,78 @@ def start_first_run(ctx: AppContext, mode: str, annotator: str | None) -> list:
     todo = backlog(ctx.store, FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS)
     if todo and not ctx.generation.status().running:
         ctx.generation.start(todo, FIRST_RUN_ANSWERS, GenSettings(), first_batch=FIRST_RUN_ANSWERS)
-    return show_next(ctx, mode, annotator)
+    return show_next(ctx, mode, annotator, order=order)
 
 
-def poll(ctx: AppContext, token: str | None, mode: str, annotator: str | None) -> list:
+def poll(ctx: AppContext, token: str | None, mode: str, annotator: str | None,
+         order: str = "informative") -> list:
     """While answers are being written: the first item as soon as there is one."""
     if token:  # an item is on screen: leave it alone
         return [gr.Timer(active=False) if name == "poll" else gr.skip() for name in VIEW]
-    return show_next(ctx, mode, annotator)
+    return show_next(ctx, mode, annotator, order=order)
 
 
-def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = "") -> list:
-    """The annotator's next item in `mode`; without a name, a request for one."""
+def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = "",
+              order: str = "informative") -> list:
+    """The annotator's next item in `mode` and `order`; without a name, a request for one."""
     if annotator is None:
-        return render(ctx, None, None, "Enter your name above to start judging.")
-    return render(ctx, annotator, ctx.queue.next_item(annotator, mode), message, mode)
+        return render(ctx, None, None, "Enter your name above to start judging.", order=order)
+    return render(ctx, annotator, ctx.queue.next_item(annotator, mode, order), message, mode, order)
 
 
 def judge(ctx: AppContext, verdict: str, token: str | None, mode: str, strength: str,
-          annotator: str) -> list:
+          annotator: str, order: str = "informative") -> list:
     """Store the verdict on the item with `token`, then show the next one."""
     if not token:
-        return show_next(ctx, mode, annotator, "Nothing on screen to judge.")
+        return show_next(ctx, mode, annotator, "Nothing on screen to judge.", order)
     try:
         result = ctx.queue.submit(token, verdict, annotator,
                                   strength=None if strength == "none" else strength)
     except ValueError as err:  # nothing was stored; say why and move on
-        return show_next(ctx, mode, annotator, f"⚠ Not saved: {err}")
+        return show_next(ctx, mode, annotator, f"⚠ Not saved: {err}", order)
     msg = (f"Saved judgment #{result['judgment_id']} ({_verdict_word(verdict)})."
            if result["created"] else
            f"Already saved as #{result['judgment_id']} (not stored twice).")
-    return show_next(ctx, mode, annotator, msg)
+    return show_next(ctx, mode, annotator, msg, order)
 
 
-def save_ranking(ctx: AppContext, token: str | None, order: str, mode: str,
-                 annotator: str) -> list:
+def save_ranking(ctx: AppContext, token: str | None, ranked: str, mode: str,
+                 annotator: str, order: str = "informative") -> list:
     """Store the typed order of the ranking on screen, then show the next item. An order
     that does not rank every answer once keeps the item and the typed text on screen."""
     if not token:
-        return show_next(ctx, mode, annotator, "Nothing on screen to rank.")
+        return show_next(ctx, mode, annotator, "Nothing on screen to rank.", order)
     try:
-        result = ctx.queue.submit_ranking(token, order, annotator)
+        result = ctx.queue.submit_ranking(token, ranked, annotator)
     except rankings.RankingError as err:
-        view = render(ctx, annotator, ctx.queue.item(token), f"⚠ Not saved: {err}")
+        view = render(ctx, annotator, ctx.queue.item(token), f"⚠ Not saved: {err}", order=order)
         keep = {"rank_cards": gr.skip(), "rank_order": gr.skip()}  # the person's work stays
         return [keep.get(name, part) for name, part in zip(VIEW, view)]
     except ValueError as err:  # refused by the store: nothing stored; move on
-        return show_next(ctx, mode, annotator, f"⚠ Not saved: {err}")
+        return show_next(ctx, mode, annotator, f"⚠ Not saved: {err}", order)
     msg = (f"Saved ranking #{result['ranking_id']} ({result['order']}): {result['pairs']} "
            f"pairs, {result['decided']} with a winner." if result["created"] else
            f"Already saved as ranking #{result['ranking_id']} (not stored twice).")
-    return show_next(ctx, mode, annotator, msg)
+    return show_next(ctx, mode, annotator, msg, order)
 
 
-def skip(ctx: AppContext, token: str | None, mode: str, annotator: str) -> list:
+def skip(ctx: AppContext, token: str | None, mode: str, annotator: str,
+         order: str = "informative") -> list:
     if token:
         ctx.queue.skip(token, annotator)
-    return show_next(ctx, mode, annotator, "Skipped (nothing stored).")
+    return show_next(ctx, mode, annotator, "Skipped (nothing stored).", order)
 
 
-def undo(ctx: AppContext, mode: str, annotator: str) -> list:
+def undo(ctx: AppContext, mode: str, annotator: str, order: str = "informative") -> list:
     out = ctx.queue.undo(annotator)
     if out is None:
-        return show_next(ctx, mode, annotator, "Nothing to undo.")
+        return show_next(ctx, mode, annotator, "Nothing to undo.", order)
     j = out["undone"]
     what = (f"ranking #{out['ranking']['id']}" if out.get("ranking") else
             f"judgment #{j['id']} ({shown_verdict(j)})")
     return render(ctx, annotator, out["item"],
                   f"Undid {what}; it is back on screen. The retracted row stays in the "
-                  "history of the store.")
+                  "history of the store.", order=order)
 
 
 def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
@@ -415,7 +454,10 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     with gr.Row():
         mode = gr.Radio(MODE_CHOICES, value="paired", label="What to judge", scale=3,
                         elem_id="lbl-mode")
+        order = gr.Radio(ORDER_CHOICES, value="informative", label="Order", scale=2,
+                         elem_id="lbl-order")
         progress = gr.Markdown("", elem_id="lbl-progress")
+    order_info = gr.Markdown("", elem_id="lbl-order-info")
     with gr.Row():
         with gr.Column(scale=4):
             prompt = gr.Textbox(label="Prompt", interactive=False, lines=2, max_lines=8,
@@ -490,36 +532,41 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
              "strength_col": strength_col, "related": related, "history": history,
              "progress": progress, "status": status, "first_run": first_run, "poll": poll_timer,
              "answers_row": answers_row, "rank_col": rank_col, "rank_cards": rank_cards,
-             "rank_order": rank_order}
+             "rank_order": rank_order, "order_info": order_info}
     view = [parts[name] for name in VIEW]
 
-    # The wrappers' parameter names are the endpoints' API (tests/test_label_api.py).
-    def on_show(mode_value, typed, request: gr.Request):
-        return show_next(ctx, mode_value, _maybe_annotator(ctx, request, typed))
+    # The wrappers' parameter names are the endpoints' API (tests/test_label_api.py). The
+    # order comes last, so scripts that leave it out get the Order box's default.
+    def on_show(mode_value, typed, order_value, request: gr.Request):
+        return show_next(ctx, mode_value, _maybe_annotator(ctx, request, typed), order=order_value)
 
     def judge_as(verdict):
-        def on_judge(tok, mode_value, strength_value, typed, request: gr.Request):
+        def on_judge(tok, mode_value, strength_value, typed, order_value, request: gr.Request):
             return judge(ctx, verdict, tok, mode_value, strength_value,
-                         ctx.annotator(request, typed))
+                         ctx.annotator(request, typed), order_value)
         return on_judge
 
-    def on_rank(tok, order, mode_value, typed, request: gr.Request):
-        return save_ranking(ctx, tok, order, mode_value, ctx.annotator(request, typed))
+    def on_rank(tok, ranked, mode_value, typed, order_value, request: gr.Request):
+        return save_ranking(ctx, tok, ranked, mode_value, ctx.annotator(request, typed), order_value)
 
-    def on_rank_none(tok, mode_value, typed, request: gr.Request):
-        return save_ranking(ctx, tok, "none", mode_value, ctx.annotator(request, typed))
+    def on_rank_none(tok, mode_value, typed, order_value, request: gr.Request):
+        return save_ranking(ctx, tok, "none", mode_value, ctx.annotator(request, typed), order_value)
 
-    def on_skip(tok, mode_value, typed, request: gr.Request):
-        return skip(ctx, tok, mode_value, ctx.annotator(request, typed))
+    def on_skip(tok, mode_value, typed, order_value, request: gr.Request):
+        return skip(ctx, tok, mode_value, ctx.annotator(request, typed), order_value)
 
-    def on_undo(mode_value, typed, request: gr.Request):
-        return undo(ctx, mode_value, ctx.annotator(request, typed))
+    def on_undo(mode_value, typed, order_value, request: gr.Request):
+        return undo(ctx, mode_value, ctx.annotator(request, typed), order_value)
 
-    def on_first_run(mode_value, typed, request: gr.Request):
-        return start_first_run(ctx, mode_value, _maybe_annotator(ctx, request, typed))
+    def on_first_run(mode_value, typed, order_value, request: gr.Request):
+        return start_first_run(ctx, mode_value, _maybe_annotator(ctx, request, typed), order_value)
 
-    def on_poll(tok, mode_value, typed, request: gr.Request):
-        return poll(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed))
+    def on_poll(tok, mode_value, typed, order_value, request: gr.Request):
+        return poll(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed), order_value)
+
+    def on_order_tick(tok, order_value):
+        """Keeps the order line current: scoring starts when a run ends, and its progress moves."""
+        return order_line(ctx, ctx.queue.item(tok) if tok else None, order_value)
 
     def on_save_edit(tok, etok, side, text, typed, request: gr.Request):
         return save_edit(ctx, tok, etok, side, text, ctx.annotator(request, typed))
@@ -532,14 +579,16 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     edit_save.click(on_save_edit, [token, edit_token, edit_side, edit_text, annotator_box],
                     [edit_diff, edit_status], api_name=False)
 
-    base_inputs = [mode, annotator_box]
+    base_inputs = [mode, annotator_box, order]
     first_run.click(on_first_run, base_inputs, view, api_name="first_run")
     poll_timer.tick(on_poll, [token, *base_inputs], view, api_name=False, show_progress="hidden")
+    gr.Timer(3.0).tick(on_order_tick, [token, order], order_info, api_name=False,
+                       show_progress="hidden")
     for button, verdict, api in [(b_left, "left", "label_left"), (b_right, "right", "label_right"),
                                  (b_tie, "tie", "label_tie"), (b_bad, "both_bad", "label_both_bad"),
                                  (b_up, "up", "label_up"), (b_down, "down", "label_down")]:
-        button.click(judge_as(verdict), [token, mode, strength, annotator_box], view, api_name=api,
-                     concurrency_limit=None)
+        button.click(judge_as(verdict), [token, mode, strength, annotator_box, order], view,
+                     api_name=api, concurrency_limit=None)
     rank_save.click(on_rank, [token, rank_order, *base_inputs], view, api_name="label_rank",
                     concurrency_limit=None)
     rank_order.submit(on_rank, [token, rank_order, *base_inputs], view, api_name=False,
@@ -549,6 +598,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     b_skip.click(on_skip, [token, *base_inputs], view, api_name="label_skip", concurrency_limit=None)
     b_undo.click(on_undo, base_inputs, view, api_name="label_undo", concurrency_limit=None)
     mode.change(on_show, base_inputs, view, api_name="label_mode", concurrency_limit=None)
+    order.change(on_show, base_inputs, view, api_name="label_order", concurrency_limit=None)
     annotator_box.submit(on_show, base_inputs, view, api_name=False)
     _register_api(ctx)
     return {"view": view, "show_next": on_show, "inputs": base_inputs}
@@ -679,15 +729,20 @@ def _register_api(ctx: AppContext) -> None:
         # With --auth the login name is the annotator, whatever the script says.
         return getattr(request, "username", None) or annotator
 
-    def next_item(annotator: str, mode: str = "paired", request: gr.Request = None) -> dict:
-        """The next item for this annotator: {kind, token, left, right}; {} when none.
+    def next_item(annotator: str, mode: str = "paired", order: str = "queue",
+                  request: gr.Request = None) -> dict:
+        """The next item for this annotator: {kind, token, left, right, order}; {} when none.
         mode "ranking" gives {kind: "ranking", token, answers: [{label, response_id, text,
-        ...}], ...}: rank it with submit_ranking."""
+        ...}], ...}: rank it with submit_ranking. order: informative (the newest adapter's
+        scores; "queue" where there are none, and the item's "order" says which picked
+        it), queue or random."""
         annotator = who(annotator, request)
         if mode not in MODES:
             raise gr.Error(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if order not in ORDERS:
+            raise gr.Error(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
         try:
-            item = ctx.queue.next_item(annotator, mode)
+            item = ctx.queue.next_item(annotator, mode, order)
         except ValueError as err:
             raise gr.Error(str(err))
         return item.public() if item else {}

@@ -1,0 +1,382 @@
+"""Scoring the unlabeled items with the newest adapter, for the label queue's "most
+informative first" order (the math: rpo_app.informative).
+
+After a run finishes, the app scores a pool of answers in the background: each answer's
+log-prob under the base model (once per answer: cached in the store for good) and under
+the new adapter (once per adapter), in length-sorted batches through the app's model
+host. From those it ranks every pair of answers to one prompt, every cross-prompt pair
+with a related prompt, and every single answer, and stores the ranks; the queue reads
+them (LabelQueue, order "informative") and falls back to its usual order until they
+exist. The ranks are rewritten as each part of the pool is scored, so the order is
+usable long before the whole pool is.
+
+`python -m rpo_app score` runs the same job from the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Callable
+
+from rpo_app.progress import eta_seconds, human
+
+log = logging.getLogger(__name__)
+
+# Answers scored per job: the pool of pool-based active learning. Scoring is one forward
+# pass per answer and adapter; a pool keeps a large store's job to minutes, and the next
+# run's job draws a fresh pool (answers already scored are not scored again).
+POOL_ANSWERS = 1500
+# Tokens per forward batch; length-sorted, so little of it is padding.
+BATCH_TOKENS = 4096
+# The ranks are rewritten after every this many answers scored with the adapter.
+PUBLISH_EVERY = 256
+# Cross-prompt pairs: each answer against the answers of its few most related prompts.
+CROSS_RELATED = 3
+MAX_LENGTH = 512  # the trainer's default max_length: the same truncation as training
+
+
+def base_scorer(host, precision: str) -> str:
+    """The cache key of the base model's log-probs on this host."""
+    return f"base:{host.model_name}:{precision}:{MAX_LENGTH}"
+
+
+def adapter_scorer(adapter: dict, precision: str) -> str:
+    """The cache key of one adapter's log-probs: its run (which survives renames) or its
+    name and registration time."""
+    own = f"run:{adapter['run_id']}" if adapter.get("run_id") else \
+        f"adapter:{adapter['name']}@{adapter.get('created_at', 0):.0f}"
+    return f"{own}:{precision}:{MAX_LENGTH}"
+
+
+def newest_adapter(store) -> dict | None:
+    adapters = store.adapters()
+    return adapters[-1] if adapters else None
+
+
+def needs_scoring(store) -> dict | None:
+    """The newest adapter when the informative order is not (fully) scored with it."""
+    adapter = newest_adapter(store)
+    if adapter is None:
+        return None
+    meta = store.informative_meta() or {}
+    if meta.get("adapter_key") == _adapter_key(adapter) and meta.get("complete"):
+        return None
+    return adapter
+
+
+def _adapter_key(adapter: dict) -> str:
+    return adapter.get("run_id") or f"{adapter['name']}@{adapter.get('created_at', 0):.0f}"
+
+
+def adapter_beta(store, adapter: dict) -> float:
+    """The beta the adapter was trained with (its margin's scale), else RPO's default."""
+    from rpo_app.trainconfig import TrainConfig
+
+    run = store.run(adapter["run_id"]) if adapter.get("run_id") else None
+    beta = (run or {}).get("config", {}).get("beta")
+    return float(beta) if beta else float(TrainConfig().beta)
+
+
+@dataclass
+class Progress:
+    phase: str
+    done: int  # tokens scored in this phase
+    total: int
+
+
+def pick_pool(answers: list[dict], size: int, seed) -> list[dict]:
+    """Up to `size` answers, whole prompts at a time (a pair needs both of its answers):
+    the prompts with the fewest judgments first, in a seeded random order among equals."""
+    by_prompt: dict[int, list[dict]] = {}
+    for a in answers:
+        by_prompt.setdefault(a["prompt_id"], []).append(a)
+    prompts = sorted(by_prompt)
+    random.Random(str(seed)).shuffle(prompts)
+    prompts.sort(key=lambda p: sum(a.get("judged", 0) for a in by_prompt[p]))  # stable
+    pool: list[dict] = []
+    for pid in prompts:
+        if pool and len(pool) + len(by_prompt[pid]) > size:
+            break
+        pool.extend(by_prompt[pid])
+    return pool
+
+
+def _batches(order: list[int], lengths: dict[int, int]) -> list[list[int]]:
+    out, cur, width = [], [], 0
+    for i in order:
+        width = max(width, lengths[i])
+        if cur and width * (len(cur) + 1) > BATCH_TOKENS:
+            out.append(cur)
+            cur, width = [], lengths[i]
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_ANSWERS,
+                precision: str = "auto", seed: int = 0,
+                progress: Callable[[Progress], None] | None = None,
+                should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Score a pool of answers with the base model and `adapter` (loaded in `host` under
+    its name), rank the items and make them the queue's informative order. Returns the
+    order's description (also stored: Store.informative_meta)."""
+    from rpo_app import informative
+    from rpo_app.batches import Encoder, Item
+    from rpo_app.models import pick_precision
+    from rpo_app.trainconfig import MAX_PROMPT_LENGTH_CAP
+
+    t0 = time.time()
+    precision = pick_precision(str(host.device), precision)
+    base_key, ad_key = base_scorer(host, precision), adapter_scorer(adapter, precision)
+    beta = adapter_beta(store, adapter)
+    pool = pick_pool(store.answers_to_score(), pool_size, f"{seed}:{ad_key}")
+    encoder = Encoder(host.tokenizer, MAX_LENGTH, min(MAX_PROMPT_LENGTH_CAP, MAX_LENGTH // 2))
+    seqs = {a["id"]: encoder.encode(Item(a["prompt"], a["text"], _frozen(a.get("prompt_messages"))), 0)
+            for a in pool}
+    lengths = {i: len(s) for i, s in seqs.items()}
+    texts = {a["id"]: a["text"] for a in pool}
+    meta = {"adapter": adapter["name"], "adapter_key": _adapter_key(adapter), "beta": beta,
+            "pool": len(pool), "precision": precision, "started_at": t0}
+    logps = {base_key: store.answer_logps(base_key), ad_key: store.answer_logps(ad_key)}
+
+    def publish(complete: bool) -> dict:
+        reward = {i: logps[ad_key][i] - logps[base_key][i] for i in seqs
+                  if i in logps[ad_key] and i in logps[base_key]}
+        rows = _rank(pool, reward, beta, texts, index, informative)
+        info = {**meta, "answers": len(reward), "complete": complete,
+                "items": {k: sum(r.kind == k for r in rows) for k in ("paired", "cross", "unpaired")},
+                "seconds": round(time.time() - t0, 1), "updated_at": time.time(),
+                "finished_at": time.time() if complete else None}
+        store.replace_item_scores(ad_key, rows, info)
+        return info
+
+    info: dict = {}
+    # Longest first: the slowest batches show in the first ETA, not the last.
+    for phase, key, name in (("the base model", base_key, None), (f"adapter {adapter['name']}", ad_key,
+                                                                 adapter["name"])):
+        todo = sorted((i for i in seqs if i not in logps[key]), key=lambda i: -lengths[i])
+        total, done, since_publish = sum(lengths[i] for i in todo), 0, 0
+        if progress:
+            progress(Progress(phase, 0, total))
+        for batch in _batches(todo, lengths):
+            if should_stop():
+                return {**meta, "stopped": True}
+            values = host.sequence_logps([seqs[i] for i in batch], adapter=name, precision=precision)
+            rows = [(i, v, lengths[i] - seqs[i].prompt_len) for i, v in zip(batch, values)]
+            store.save_answer_logps(key, rows)
+            logps[key].update({i: v for i, v, _ in rows})
+            done += sum(lengths[i] for i in batch)
+            since_publish += len(batch)
+            if progress:
+                progress(Progress(phase, done, total))
+            if key == ad_key and since_publish >= PUBLISH_EVERY:
+                info = publish(complete=False)
+                since_publish = 0
+    info = publish(complete=True)
+    log.info("informative order: %d answers scored with %s in %.1f s; %s", info["answers"],
+             adapter["name"], info["seconds"], info["items"])
+    return info
+
+
+def _frozen(messages):
+    from rpo_app.conversation import frozen
+
+    return frozen(messages)
+
+
+def _rank(pool: list[dict], reward: dict[int, float], beta: float, texts: dict[int, str], index,
+          informative) -> list:
+    by_prompt: dict[int, list[int]] = {}
+    for a in pool:
+        by_prompt.setdefault(a["prompt_id"], []).append(a["id"])
+    same = [pair for ids in by_prompt.values() for pair in combinations(ids, 2)]
+    rows = informative.score_pairs("paired", same, reward, beta, texts)
+    if index is not None:
+        cross = set()
+        for pid, ids in by_prompt.items():
+            for other, _sim in index.related(pid, k=CROSS_RELATED):
+                for a in ids:
+                    for b in by_prompt.get(other, ()):
+                        cross.add(tuple(sorted((a, b))))
+        rows += informative.score_pairs("cross", sorted(cross), reward, beta, texts)
+    rows += informative.score_answers([a["id"] for a in pool], reward, beta)
+    return rows
+
+
+# -- the background job -------------------------------------------------------------------
+
+@dataclass
+class ScoreJobStatus:
+    state: str = "idle"  # idle | running | finished | failed | stopped
+    adapter: str | None = None
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    phase_started_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    answers: int = 0
+    items: dict = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def eta_s(self) -> float | None:
+        if not self.running or self.phase_started_at is None:
+            return None
+        return eta_seconds(time.time() - self.phase_started_at, self.done, self.total)
+
+    def line(self) -> str:
+        if self.state == "idle":
+            return ""
+        if self.state == "failed":
+            return f"⚠ Scoring for the informative order failed: {self.error}"
+        if self.state == "stopped":
+            return "Scoring for the informative order stopped."
+        if self.state == "finished":
+            took = (self.finished_at or 0) - (self.started_at or 0)
+            return (f"✔ Informative order ready: {self.answers} answers scored with adapter "
+                    f"{self.adapter} in {human(took)}.")
+        eta = self.eta_s()
+        pct = f"{100 * self.done / self.total:.0f}%" if self.total else "starting"
+        when = f"ETA {human(eta)}" if eta is not None else "measuring the speed"
+        return (f"Scoring answers for the informative order ({self.phase}): {pct} of "
+                f"{self.total:,} tokens · {when}")
+
+
+class ScoringJobs:
+    """One scoring job at a time in a thread; a newer adapter stops the older job."""
+
+    def __init__(self, store, host: Callable[[], object], index: Callable[[], object] | None = None,
+                 before: Callable[[], None] | None = None):
+        self.store = store
+        self._host = host
+        self._index = index
+        self._before = before or (lambda: None)  # e.g. load the new adapter into the host
+        self._lock = threading.Lock()
+        self._status = ScoreJobStatus()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def status(self) -> ScoreJobStatus:
+        with self._lock:
+            return dataclasses.replace(self._status)
+
+    def start_if_needed(self) -> bool:
+        """Start scoring for the newest adapter unless its order is complete or being made."""
+        adapter = needs_scoring(self.store)
+        with self._lock:
+            if adapter is None or (self._status.running and self._status.adapter == adapter["name"]):
+                return False
+        self.start(adapter)
+        return True
+
+    def start(self, adapter: dict) -> None:
+        old = self._thread
+        if old is not None and old.is_alive():
+            self._stop.set()
+            old.join()
+        self._stop = threading.Event()
+        stop = self._stop
+        with self._lock:
+            self._status = ScoreJobStatus(state="running", adapter=adapter["name"], started_at=time.time())
+
+        def report(p: Progress) -> None:
+            with self._lock:
+                if p.phase != self._status.phase:
+                    self._status.phase, self._status.phase_started_at = p.phase, time.time()
+                self._status.done, self._status.total = p.done, p.total
+
+        def work() -> None:
+            try:
+                self._before()
+                host = self._host()
+                index = self._index() if self._index else None
+                info = score_store(self.store, host, adapter, index=index, progress=report,
+                                   should_stop=stop.is_set)
+                with self._lock:
+                    self._status.state = "stopped" if info.get("stopped") else "finished"
+                    self._status.answers, self._status.items = info.get("answers", 0), info.get("items", {})
+            except BaseException as err:  # shown on the Label tab; the queue keeps its usual order
+                log.exception("scoring for the informative order failed")
+                with self._lock:
+                    self._status.state, self._status.error = "failed", str(err) or type(err).__name__
+            finally:
+                with self._lock:
+                    self._status.finished_at = time.time()
+
+        self._thread = threading.Thread(target=work, name="score-informative", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> ScoreJobStatus:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.status()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# -- the command line ---------------------------------------------------------------------
+
+def cli_score(args) -> int:
+    """`python -m rpo_app score`: what the app does after a run, with a progress bar."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from rpo_app.config import DataLayout, resolve_data_dir
+    from rpo_app.embed import Embedder, PromptIndex
+    from rpo_app.generate import ModelHost
+    from rpo_app.store import Store
+
+    layout = DataLayout(resolve_data_dir(args.data_dir))
+    store = Store(layout.db)
+    try:
+        adapters = {a["name"]: a for a in store.adapters()}
+        if args.adapter is not None and args.adapter not in adapters:
+            print(f"error: no adapter named {args.adapter!r} (have: {', '.join(adapters) or 'none'})",
+                  file=sys.stderr)
+            return 2
+        adapter = adapters[args.adapter] if args.adapter else newest_adapter(store)
+        if adapter is None:
+            print("error: no adapter yet: train once, then score", file=sys.stderr)
+            return 2
+        if args.pool < 2:
+            print(f"error: --pool must be at least 2 answers, got {args.pool}", file=sys.stderr)
+            return 2
+        host = ModelHost(args.model, data_dir=layout.root, device=args.device)
+        host.load_adapter(adapter["name"], adapter["path"])
+        index = PromptIndex(store, Embedder())
+        index.refresh()
+        bars: dict[str, tqdm] = {}
+
+        def progress(p: Progress) -> None:
+            bar = bars.get(p.phase)
+            if bar is None:
+                bar = bars[p.phase] = tqdm(total=p.total, desc=p.phase, unit="tok", dynamic_ncols=True)
+            bar.n = p.done
+            bar.refresh()
+            if p.done >= p.total:
+                bar.close()
+
+        info = score_store(store, host, adapter, index=index, pool_size=args.pool, progress=progress)
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            print(f"informative order: {info['answers']} answers scored with adapter {adapter['name']} "
+                  f"in {info['seconds']:.1f} s; items: " +
+                  ", ".join(f"{n} {k}" for k, n in info["items"].items()))
+        return 0
+    finally:
+        store.close()

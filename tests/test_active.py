@@ -1,0 +1,223 @@
+"""Active selection: the informative scores (pure math), the queue's orders on a real
+store, and the scoring job on a real (tiny) model with a real adapter."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from rpo_app.labelqueue import LabelQueue
+from rpo_app.informative import Scored, interleave, near_duplicate, score_answers, score_pairs
+
+
+# -- the math -----------------------------------------------------------------------------
+
+def test_interleave_takes_each_items_better_rank():
+    # item 0 is the most unsure, item 3 the most departing; item 1 and 2 are in the middle
+    scores = interleave([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0])
+    assert scores[0] == scores[3] == 1.0
+    assert scores[1] == scores[2] == 0.75
+    with pytest.raises(ValueError):
+        interleave([1.0], [])
+
+
+def test_pair_margin_is_the_adapters_log_odds_and_both_ends_come_first():
+    # r = log pi_adapter - log pi_base per answer
+    reward = {1: 2.0, 2: 2.1, 3: -3.0, 4: 0.0, 5: 0.01, 6: 5.0}
+    pairs = [(1, 2), (3, 6), (4, 5)]
+    rows = {(r.a, r.b): r for r in score_pairs("paired", pairs, reward, beta=1.0)}
+    assert rows[(1, 2)].margin == pytest.approx(-0.1)
+    assert rows[(3, 6)].margin == pytest.approx(-8.0)
+    # (1, 2): unsure and the adapter moved on both; (3, 6): departs most; (4, 5): unsure
+    # but the adapter never moved on either (two answers without the learned trait)
+    assert rows[(1, 2)].score == rows[(3, 6)].score == 1.0
+    assert rows[(4, 5)].score < 1.0
+    order = sorted(rows.values(), key=lambda r: -r.score)
+    assert order[-1].a == 4
+
+
+def test_beta_scales_the_margin():
+    rows = score_pairs("paired", [(1, 2)], {1: 1.0, 2: 0.0}, beta=0.1)
+    assert rows[0].margin == pytest.approx(0.1)
+
+
+def test_near_duplicates_and_unscored_answers_are_left_out():
+    texts = {1: "Paris is the capital of France.", 2: "paris is the capital of france.",
+             3: "The capital of France is Paris, a city on the Seine.", 4: "x"}
+    assert near_duplicate(texts[1], texts[2])
+    assert not near_duplicate(texts[1], texts[3])
+    rows = score_pairs("paired", [(1, 2), (1, 3), (3, 9)], {1: 0.0, 2: 1.0, 3: 2.0}, 1.0, texts)
+    assert [(r.a, r.b) for r in rows] == [(1, 3)]
+
+
+def test_single_answers_are_scored_against_the_median():
+    rows = {r.a: r for r in score_answers([1, 2, 3, 4, 5], {1: -4.0, 2: 0.0, 3: 0.1, 4: 0.2, 5: 6.0},
+                                          beta=1.0)}
+    assert rows[3].margin == pytest.approx(0.0)  # the median
+    assert rows[3].score == 1.0 and rows[5].score == 1.0  # most unsure, farthest out
+    # second in each list: -4.1 (departing) and -0.1 (unsure); then 0.1, third of the unsure
+    assert rows[1].score == rows[2].score > rows[4].score
+    assert all(r.kind == "unpaired" and r.b is None for r in rows.values())
+
+
+# -- the queue's orders --------------------------------------------------------------------
+
+WORDS = ("first stir the sauce then taste it and add salt slowly while the pan warms on low heat "
+         "before serving with bread").split()
+
+
+def _seed(store, n_prompts=6, answers=3):
+    out = {}
+    for i in range(n_prompts):
+        pid, _ = store.add_prompt(f"Question {i}: how do I do thing {i}?", "test", f"fam{i % 3}")
+        out[pid] = [store.add_response(pid, " ".join(WORDS[(i + k * 7 + j) % len(WORDS)]
+                                                     for j in range(4 + 2 * k)), "test")[0]
+                    for k in range(answers)]
+    return out
+
+
+def _scores(store, seeded, seed=0):
+    """Made-up informative scores over every pair and answer, as the job stores them."""
+    rng = random.Random(seed)
+    rows = []
+    for ids in seeded.values():
+        rows += [Scored("paired", a, b, rng.uniform(-3, 3), rng.random())
+                 for i, a in enumerate(ids) for b in ids[i + 1:]]
+        rows += [Scored("unpaired", a, None, rng.uniform(-3, 3), rng.random()) for a in ids]
+    store.replace_item_scores("run:test:fp32:512", rows, {"adapter": "tuned", "answers": 18,
+                                                           "complete": True, "updated_at": 0.0})
+    return rows
+
+
+def test_informative_order_falls_back_to_the_queue_until_scored(store):
+    _seed(store)
+    q = LabelQueue(store, seed=0)
+    item = q.next_item("ann", "paired", "informative")
+    assert item is not None and item.order == "queue"
+    assert item.public()["order"] == "queue"
+    with pytest.raises(ValueError, match="unknown order"):
+        q.next_item("ann", "paired", "smart")
+
+
+@pytest.mark.parametrize("mode", ["paired", "unpaired"])
+def test_informative_order_serves_the_highest_scores_first(store, mode):
+    seeded = _seed(store)
+    rows = [r for r in _scores(store, seeded) if r.kind == mode]
+    q = LabelQueue(store, seed=0)
+    served = []
+    while (item := q.next_item("ann", mode, "informative")) is not None and item.order == "informative":
+        key = (min(item.left["id"], item.right["id"]), max(item.left["id"], item.right["id"])) \
+            if item.right else (item.left["id"], None)
+        served.append(key)
+        q.submit(item.token, "left" if item.right else "up", "ann")
+    expected = [(r.a, r.b) for r in sorted(rows, key=lambda r: -r.score)]
+    assert served == expected  # each scored item once, best first
+    # every scored item is judged: the queue order takes over for whatever is left
+    assert q.next_item("ann", mode, "informative") is None or item.order == "queue"
+
+
+def test_informative_order_skips_judged_leased_and_skipped_items(store):
+    seeded = _seed(store)
+    rows = sorted((r for r in _scores(store, seeded) if r.kind == "paired"), key=lambda r: -r.score)
+    top, second, third = rows[0], rows[1], rows[2]
+    store.add_judgment("paired", top.a, top.b, "a", annotator="someone", source="label")
+    q = LabelQueue(store, seed=0)
+    item = q.next_item("ann", "paired", "informative")
+    pair = tuple(sorted((item.left["id"], item.right["id"])))
+    assert pair != (top.a, top.b)
+    # another annotator: the prompt of ann's item is leased, so a pair of another prompt
+    other = q.next_item("bob", "paired", "informative")
+    assert other.left["prompt_id"] != item.left["prompt_id"]
+    q.skip(item.token, "ann")
+    again = q.next_item("ann", "paired", "informative")
+    assert again.left["prompt_id"] != item.left["prompt_id"]  # a skipped prompt stays skipped
+    assert second.a and third.a  # (the list has enough items for the checks above)
+
+
+def test_random_order_reaches_every_open_pair(store):
+    seeded = _seed(store, n_prompts=4, answers=3)
+    q = LabelQueue(store, seed=3)
+    pairs = set()
+    while (item := q.next_item("ann", "paired", "random")) is not None:
+        assert item.order == "random"
+        pairs.add(tuple(sorted((item.left["id"], item.right["id"]))))
+        q.submit(item.token, "tie", "ann")
+    assert len(pairs) == sum(math.comb(len(v), 2) for v in seeded.values())
+
+
+# -- the scoring job on a real model --------------------------------------------------------
+
+@pytest.fixture
+def tiny_adapter(tiny_model_dir, tmp_path):
+    """A LoRA adapter with random weights (init_lora_weights=False) on the tiny model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear",
+                                            init_lora_weights=False))
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_scoring_job_scores_the_pool_and_orders_the_queue(store, data_dir, tiny_model_dir, tiny_adapter):
+    from rpo_app import active
+    from rpo_app.batches import Encoder, Item
+    from rpo_app.generate import ModelHost
+
+    seeded = _seed(store, n_prompts=5, answers=3)
+    store.register_adapter("tuned", str(tiny_adapter), None, str(tiny_model_dir))
+    adapter = store.adapter("tuned")
+    assert active.needs_scoring(store)["name"] == "tuned"
+    host = ModelHost(str(tiny_model_dir), data_dir, device="cpu")
+    host.load_adapter("tuned", tiny_adapter)
+    seen = []
+    info = active.score_store(store, host, adapter, precision="fp32",
+                              progress=lambda p: seen.append((p.phase, p.done, p.total)))
+    assert info["complete"] and info["answers"] == 15 and info["pool"] == 15
+    assert info["items"] == {"paired": 15, "cross": 0, "unpaired": 15}
+    assert active.needs_scoring(store) is None  # complete for the newest adapter
+    # progress moved in both phases and ended at its total
+    phases = [p for p, _, _ in seen]
+    assert phases[0] == "the base model" and phases[-1] == "adapter tuned"
+    assert all(done <= total for _, done, total in seen)
+    assert seen[-1][1] == seen[-1][2] > 0
+    # the stored log-probs are the trainer's scorer's, one answer checked by hand
+    base_lp = store.answer_logps(active.base_scorer(host, "fp32"))
+    ad_lp = store.answer_logps(active.adapter_scorer(adapter, "fp32"))
+    rid = seeded[min(seeded)][0]
+    answer = store.response(rid)
+    seq = Encoder(host.tokenizer, 512, 256).encode(Item(answer["prompt"], answer["text"]), 0)
+    assert ad_lp[rid] == pytest.approx(host.sequence_logps([seq], adapter="tuned", precision="fp32")[0],
+                                       rel=1e-4)
+    assert base_lp[rid] == pytest.approx(host.sequence_logps([seq], precision="fp32")[0], rel=1e-4)
+    assert ad_lp[rid] != pytest.approx(base_lp[rid], rel=1e-3)  # the adapter changes them
+    # the queue's first informative item is a top-scored one
+    item = LabelQueue(store, seed=0).next_item("ann", "paired", "informative")
+    assert item.order == "informative"
+    top = store.next_informative("someone-else", store.informative_meta()["scorer"], "paired", 1)[0]
+    assert top["score"] == 1.0
+    # a second job for the same adapter scores nothing again (cached), only re-ranks
+    seen.clear()
+    active.score_store(store, host, adapter, precision="fp32",
+                       progress=lambda p: seen.append((p.phase, p.done, p.total)))
+    assert all(total == 0 for _, _, total in seen)
+
+
+def test_pool_takes_whole_prompts_with_the_fewest_judgments_first():
+    from rpo_app.active import pick_pool
+
+    answers = [{"id": 10 * p + k, "prompt_id": p, "judged": 3 if p < 3 else 0}
+               for p in range(6) for k in range(2)]
+    pool = pick_pool(answers, 6, seed=1)
+    assert len(pool) == 6
+    prompts = {a["prompt_id"] for a in pool}
+    assert prompts == {3, 4, 5}  # the unjudged prompts, whole
+    assert pick_pool(answers, 6, seed=1) == pool  # seeded
+    assert len(pick_pool(answers, 100, seed=1)) == 12
+
