@@ -169,6 +169,12 @@ def _bench_effect_args(p):
     add_args(p)
 
 
+def _bench_curve_args(p):
+    from rpo_app.bench.curve import add_args
+
+    add_args(p)
+
+
 def _train_args(p):
     from rpo_app.trainconfig import add_train_args
 
@@ -205,6 +211,9 @@ COMMANDS = {
               _bench_args, "rpo_app.bench:cli_bench"),
     "bench-effect": ("effect benchmark: simulated annotators, fine-tune, judge tuned vs base",
                      _bench_effect_args, "rpo_app.bench.effect:main_from_args"),
+    "bench-curve": ("learning curves: win rate against labels for each label order, loss and "
+                    "data regime, simulated annotators labeling what the queue shows",
+                    _bench_curve_args, "rpo_app.bench.curve:main_from_args"),
 }
 
 

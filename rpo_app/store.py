@@ -1281,6 +1281,15 @@ class Store:
         with self.transaction() as tx:
             tx.execute("DELETE FROM adapters WHERE name = ?", (name,))
 
+    def copy_to(self, path: str | Path) -> None:
+        """A consistent copy of the whole store at `path` (SQLite's online backup), for a
+        benchmark that labels the same answers several ways."""
+        target = sqlite3.connect(str(path))
+        try:
+            self._conn().backup(target)
+        finally:
+            target.close()
+
     # -- for the tests -------------------------------------------------------------------
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every row of every table, in rowid order (tests compare before/after)."""

@@ -758,7 +758,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             else:
                 judgments, left_out, store_state = load_judgments(cfg, data_dir)
             accelerator = _make_accelerator(cfg.device, cfg.precision)
+            asked = cfg.batch_size
             train_j, eval_j = check_data(cfg, judgments, accelerator.num_processes)
+            if cfg.batch_size < asked:
+                log.info("batch size %d: the label set is smaller than a batch of %d", cfg.batch_size,
+                         asked)
             model_path = check_model(cfg.model, data_dir)
         except ConfigError as err:
             log.error("refused: %s", err)

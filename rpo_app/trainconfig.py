@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 
 # A prompt longer than this is cut from its start; half the length leaves room for the answer.
 MAX_PROMPT_LENGTH_CAP = 256
+# The fewest steps the small-label-set floor gives (TrainConfig.floor_epochs).
+SMALL_SET_MIN_STEPS = 16
 
 
 def derive_settings(cfg: "TrainConfig") -> None:
@@ -77,6 +79,9 @@ class TrainConfig:
     min_steps: int = field(default=60, metadata={
         "help": "when max_steps is unset, train at least this many steps (more passes over a "
                 "small label set; early stopping still ends a run that stops improving). 0: no floor"})
+    floor_epochs: int | None = field(default=None, metadata={
+        "help": "the min_steps floor stops after this many passes over a small label set (but "
+                f"trains at least {SMALL_SET_MIN_STEPS} steps); unset or 0: the floor is min_steps"})
     batch_size: int = field(default=8, metadata={"help": "examples per process per micro-batch"})
     grad_accum: int = 1
     max_length: int = 512
@@ -134,10 +139,16 @@ class TrainConfig:
         derive_settings(self)
 
     def planned_steps(self, batches_per_epoch: int) -> int:
-        """Optimizer steps a run will take: max_steps, else epochs with the min_steps floor."""
+        """Optimizer steps a run will take: max_steps, else `epochs` with a floor for small
+        label sets: min_steps, or floor_epochs passes when that is fewer (at least
+        SMALL_SET_MIN_STEPS)."""
         if self.max_steps:
             return self.max_steps
-        return max(1, self.min_steps, math.ceil(self.epochs * batches_per_epoch / self.grad_accum))
+        per_epoch = batches_per_epoch / self.grad_accum
+        floor = self.min_steps
+        if self.floor_epochs:
+            floor = min(floor, max(SMALL_SET_MIN_STEPS, math.ceil(self.floor_epochs * per_epoch)))
+        return max(1, floor, math.ceil(self.epochs * per_epoch))
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad setting."""
@@ -155,6 +166,8 @@ class TrainConfig:
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.min_steps >= 0, f"min_steps must be >= 0, got {self.min_steps}")
+        need(self.floor_epochs is None or self.floor_epochs >= 0,
+             f"floor_epochs must be >= 0, got {self.floor_epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.max_prompt_length is not None and self.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
@@ -248,12 +261,21 @@ def check_data(cfg: TrainConfig, judgments: list[dict], world_size: int) -> tupl
     if spec.pools and (chosen == 0 or rejected == 0):
         raise ConfigError(f"loss {cfg.loss} needs both liked and disliked answers; the training split has "
                           f"{chosen} chosen and {rejected} rejected items")
-    if max(chosen, rejected) < need:
-        raise ConfigError(
-            f"loss {cfg.loss} has {max(chosen, rejected)} training {spec.example_word()} after holding out "
-            f"{len(eval_j)} of {len(judgments)} judgments, fewer than one batch ({need}); "
-            "label more, lower batch_size, or lower eval_fraction")
+    have = max(chosen, rejected)
+    if have < need:
+        if have // world_size < MIN_BATCH:
+            raise ConfigError(
+                f"loss {cfg.loss} has {have} training {spec.example_word()} after holding out "
+                f"{len(eval_j)} of {len(judgments)} judgments, fewer than {MIN_BATCH * world_size} "
+                f"(a batch of {MIN_BATCH} per process); label more, or lower eval_fraction")
+        # A label set smaller than one batch trains in batches of all of it: the common
+        # first run (a handful of decided pairs) is not refused.
+        cfg.batch_size = have // world_size
     return train_j, eval_j
+
+
+# The smallest batch a label set is shrunk to when it is smaller than batch_size.
+MIN_BATCH = 2
 
 
 # --- command-line flags ---------------------------------------------------------------

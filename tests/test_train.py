@@ -99,7 +99,7 @@ def no_model_load(monkeypatch):
 
 @pytest.mark.parametrize("rows, overrides, message", [
     ([], {}, "no judgments"),
-    (make_judgments(3), {"batch-size": 8}, "fewer than one batch"),
+    (make_judgments(1), {"batch-size": 8}, "fewer than 2 (a batch of 2 per process)"),
     (None, {"loss": "orpo"}, "unknown loss"),
     (None, {"beta": 0}, "beta must be > 0"),
     (None, {"temperature": -0.5}, "temperature must be > 0"),

@@ -112,17 +112,17 @@ def test_usable_line_counts_what_each_loss_trains_on(ctx):
     assert "chosen /" in train.usable_line(ctx, {**FORM, "loss": "kto"}).split("trains on")[1]
     only_paired = train.usable_line(ctx, {**FORM, "kinds": ["paired"]})
     assert "**6 pairs** (6 same-prompt, 0 cross-prompt) and **6 chosen / 6 rejected" in only_paired
-    # Too few for one batch: the trainer's own reason.
+    # Fewer pairs than one batch: they train in batches of all of them, and the line says so.
     big = train.usable_line(ctx, {**FORM, "batch_size": 64})
-    assert "fewer than one batch (64)" in big
+    assert "✔ enough to start" in big and "fewer than the batch size (64)" in big
 
 
 def test_train_tab_never_imports_the_training_loop(ctx, monkeypatch):
     monkeypatch.setitem(sys.modules, "rpo_app.train", None)  # any import of it now fails
     _judge(ctx.store)
     assert "enough to start" in train.usable_line(ctx, FORM)
-    with pytest.raises(gr.Error, match="fewer than one batch"):
-        train.start_run(ctx, {**FORM, "batch_size": 64})
+    with pytest.raises(gr.Error, match="learning_rate must be > 0"):
+        train.start_run(ctx, {**FORM, "learning_rate": -1})
     code = "import sys, rpo_app.ui.app; sys.exit('rpo_app.train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
 

@@ -275,15 +275,13 @@ def label_prompts(store, ids: list[int], judge, judge_name: str, annotator: str,
     return counts
 
 
-def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) -> tuple[list[dict], dict]:
-    """Everything for one seed; returns (rows per judge x loss, base model metrics)."""
+def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: str = "bench-effect") -> dict:
+    """One seed's fixed part: a fresh store of the training prompts with their sampled
+    candidates, the model host, and the base model's greedy test answers with their
+    metrics (generations cached: OUT/cache). Returns its pieces by name."""
     from rpo_app import degeneration
     from rpo_app.generate import GenSettings, ModelHost, generate_candidates
-    from rpo_app.judges import score
     from rpo_app.store import Store
-    from rpo_app.runfolder import RunFolder
-    from rpo_app.train import train
-    from rpo_app.trainconfig import TrainConfig
 
     seed_dir = out / f"seed-{seed}"
     data_dir = seed_dir / "data"
@@ -309,7 +307,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
                          repetition_penalty=1.0)
 
     ids, _ = store.add_prompts([{"prompt": r["prompt"], "family": r.get("family")} for r in train_rows],
-                               "bench-effect")
+                               source)
     candidates_key = _hash("candidates", host.model_name, str(model), [r["prompt"] for r in train_rows],
                            args.candidates, sample.to_dict())
 
@@ -341,66 +339,103 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
         "base_logp": _cached(cache, _hash("sampled-logp", candidates_key, args.max_length),
                              lambda: statistics.fmean(mean_token_logps(
                                  host, [p for p, _ in sampled], [t for _, t in sampled], args.max_length)))}
+    return {"seed_dir": seed_dir, "data_dir": data_dir, "model": model, "store": store, "host": host,
+            "ids": ids, "test_prompts": test_prompts, "base_answers": base_answers,
+            "base_metrics": base_metrics, "greedy": greedy}
 
+
+def train_config(args, loss: str, seed: int, annotator: str, model, **overrides):
+    """The product's training settings for a benchmark run (the Train tab's defaults
+    unless the flags say otherwise)."""
+    from rpo_app.trainconfig import TrainConfig
+
+    return TrainConfig(
+        loss=loss, beta=args.beta, temperature=args.temperature, learning_rate=args.lr,
+        max_steps=args.steps, epochs=args.epochs, min_steps=args.min_steps,
+        floor_epochs=args.floor_epochs,
+        batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        max_length=args.max_length, seed=seed, eval_fraction=args.eval_fraction,
+        eval_every=args.eval_every, sample_every=0, save_every=0,
+        sample_max_new_tokens=args.max_new_tokens, annotators=[annotator], model=model,
+        device=args.device, cpu_threads=args.cpu_threads, **overrides)
+
+
+def train_and_judge(args, prep: dict, cfg, run_dir: Path, judge, judge_name: str, name: str) -> dict:
+    """Train `cfg` with the product's trainer into run_dir, then answer the test prompts
+    greedily with the adapter and let the judge compare with the base model's answers.
+    Returns the row's metrics (with "error" when training refused or failed)."""
+    from rpo_app import degeneration
+    from rpo_app.judges import score
+    from rpo_app.runfolder import RunFolder
+    from rpo_app.train import train
+
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.time()
+    rc = train(cfg, run_dir, prep["data_dir"])
+    train_s = time.time() - t0
+    run = RunFolder(run_dir, writable=False)
+    status = run.status()
+    if rc == 130 or status.state == "stopped":
+        # The trainer caught Ctrl-C / SIGTERM and stopped cleanly: so does the benchmark.
+        raise KeyboardInterrupt
+    row = {"beta": cfg.beta, "train_s": train_s, "rc": rc, "state": status.state}
+    if rc != 0 or not run.adapter.exists():
+        row["error"] = status.error or f"training exited with code {rc}"
+        return row
+    host, test_prompts = prep["host"], prep["test_prompts"]
+    host.load_adapter(name, run.adapter)
+    try:
+        tuned = [a[0] for a in host.generate(test_prompts, 1, prep["greedy"], adapter=name,
+                                             progress=_tqdm_progress(f"{name}: test"))]
+    finally:
+        host.unload_adapter(name)
+    base_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, prep["base_answers"])]
+    tuned_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, tuned)]
+    accs = [m.eval_accuracy for m in run.metrics() if m.eval_accuracy is not None]
+    row.update({
+        "win_rate": win_rate(tuned_scores, base_scores),
+        "score_tuned": statistics.fmean(tuned_scores), "score_base": statistics.fmean(base_scores),
+        "heldout_acc": accs[-1] if accs else None,
+        **{k: v for k, v in degeneration.summarize(tuned).items() if k != "n"},
+        "base_logp": statistics.fmean(mean_token_logps(host, test_prompts, tuned, args.max_length)),
+        "steps": status.step, "early_stopped": status.early_stopped, "adapter": str(run.adapter),
+        "answers": tuned,
+    })
+    return row
+
+
+def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) -> tuple[list[dict], dict]:
+    """Everything for one seed; returns (rows per judge x loss, base model metrics)."""
+    from rpo_app.judges import score
+
+    prep = prepare_seed(args, seed, prompt_rows, out)
+    store, ids, seed_dir = prep["store"], prep["ids"], prep["seed_dir"]
+    base_metrics = prep["base_metrics"]
     rows = []
     for judge_name, judge in judges.items():
         annotator = f"judge:{judge_name}"
         counts = label_prompts(store, ids, judge, judge_name, annotator, args.annotation,
                                args.pairs_per_prompt, seed)
-        base_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, base_answers)]
+        base_scores = [score(judge, judge_name, p, a) for p, a in zip(prep["test_prompts"],
+                                                                     prep["base_answers"])]
         base_metrics.setdefault("judge_scores", {})[judge_name] = statistics.fmean(base_scores)
         log.info("judge %s: %s", judge_name, counts)
         for loss in args.losses:
-            run_dir = seed_dir / judge_name / loss
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            cfg = TrainConfig(
-                loss=loss, beta=args.beta, temperature=args.temperature, learning_rate=args.lr,
-                max_steps=args.steps, epochs=args.epochs, min_steps=args.min_steps,
-                batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                max_length=args.max_length, seed=seed, eval_fraction=args.eval_fraction,
-                eval_every=args.eval_every, sample_every=0, save_every=0,
-                sample_max_new_tokens=args.max_new_tokens, annotators=[annotator], model=model,
-                device=args.device, cpu_threads=args.cpu_threads)
-            t0 = time.time()
-            rc = train(cfg, run_dir, data_dir)
-            train_s = time.time() - t0
-            run = RunFolder(run_dir, writable=False)
-            status = run.status()
-            if rc == 130 or status.state == "stopped":
-                # The trainer caught Ctrl-C / SIGTERM and stopped cleanly: so does the benchmark.
-                raise KeyboardInterrupt
-            row = {"seed": seed, "judge": judge_name, "loss": loss, "beta": cfg.beta, "train_s": train_s,
-                   "annotation": args.annotation, "judgments": dict(counts),
-                   "human_judgments": counts["actions"], "pairs_trained": counts["paired"],
-                   "rc": rc, "state": status.state}
-            if rc != 0 or not run.adapter.exists():
-                row["error"] = status.error or f"training exited with code {rc}"
+            cfg = train_config(args, loss, seed, annotator, prep["model"])
+            result = train_and_judge(args, prep, cfg, seed_dir / judge_name / loss, judge, judge_name,
+                                     f"{judge_name}-{loss}")
+            row = {"seed": seed, "judge": judge_name, "loss": loss, "annotation": args.annotation,
+                   "judgments": dict(counts), "human_judgments": counts["actions"],
+                   "pairs_trained": counts["paired"], **result}
+            row.pop("adapter", None)
+            if "error" in row:
                 log.error("seed %d %s %s: %s", seed, judge_name, loss, row["error"])
-                rows.append(row)
-                continue
-            name = f"{judge_name}-{loss}"
-            host.load_adapter(name, run.adapter)
-            try:
-                tuned = [a[0] for a in host.generate(test_prompts, 1, greedy, adapter=name,
-                                                     progress=_tqdm_progress(f"{judge_name}/{loss}: test"))]
-            finally:
-                host.unload_adapter(name)
-            tuned_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, tuned)]
-            accs = [m.eval_accuracy for m in run.metrics() if m.eval_accuracy is not None]
-            row.update({
-                "win_rate": win_rate(tuned_scores, base_scores),
-                "score_tuned": statistics.fmean(tuned_scores), "score_base": statistics.fmean(base_scores),
-                "heldout_acc": accs[-1] if accs else None,
-                **{k: v for k, v in degeneration.summarize(tuned).items() if k != "n"},
-                "base_logp": statistics.fmean(mean_token_logps(host, test_prompts, tuned, args.max_length)),
-                "steps": status.step, "early_stopped": status.early_stopped,
-                "answers": tuned,
-            })
-            log.info("seed %d %s %s: win rate %.2f, %.1f words (base %.1f)", seed, judge_name, loss,
-                     row["win_rate"], row["mean_words"], base_metrics["mean_words"])
+            else:
+                log.info("seed %d %s %s: win rate %.2f, %.1f words (base %.1f)", seed, judge_name, loss,
+                         row["win_rate"], row["mean_words"], base_metrics["mean_words"])
             rows.append(row)
     store.close()
     return rows, base_metrics
@@ -452,25 +487,31 @@ def _read_prompts(path: Path) -> list[dict]:
 
 
 def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from rpo_app.trainconfig import TrainConfig  # a plain dataclass module: no torch at import
-
-    d = TrainConfig()
-    p.add_argument("--judge", action="append", default=None,
-                   help="a shipped judge (concise, numbered_list, caveat), module:function or "
-                        "file.py:function; repeatable (default: all shipped judges)")
     p.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), help="losses to train")
-    p.add_argument("--train-prompts", type=int, default=40)
-    p.add_argument("--test-prompts", type=int, default=30)
-    p.add_argument("--candidates", type=int, default=4, help="answers sampled per training prompt (K)")
     p.add_argument("--annotation", choices=ANNOTATIONS, default="all",
                    help="how the judge labels each training prompt: all = every pair and every thumb; "
                         "ranking = one ranking of the K candidates (needs K 3-6); pairs = "
                         "--pairs-per-prompt randomly drawn pairs (default: all)")
     p.add_argument("--pairs-per-prompt", type=int, default=1,
                    help="with --annotation pairs: pairs judged per prompt, 1 to C(K,2) (default 1)")
+    return add_common_args(p, out="bench-results/effect", train_prompts=40, test_prompts=30)
+
+
+def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, test_prompts: int
+                    ) -> argparse.ArgumentParser:
+    """The flags bench-effect and bench-curve share: judges, data, generation, training."""
+    from rpo_app.trainconfig import TrainConfig  # a plain dataclass module: no torch at import
+
+    d = TrainConfig()
+    p.add_argument("--judge", action="append", default=None,
+                   help="a shipped judge (concise, numbered_list, caveat), module:function or "
+                        "file.py:function; repeatable (default: all shipped judges)")
+    p.add_argument("--train-prompts", type=int, default=train_prompts)
+    p.add_argument("--test-prompts", type=int, default=test_prompts)
+    p.add_argument("--candidates", type=int, default=4, help="answers sampled per training prompt (K)")
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (0, 1, ...)")
     p.add_argument("--seed-offset", type=int, default=0, help="first seed")
-    p.add_argument("--out", default="bench-results/effect")
+    p.add_argument("--out", default=out)
     p.add_argument("--model", default=None, help="HF id or folder (default: bundled SmolLM2-135M)")
     p.add_argument("--data-dir", dest="source_data_dir", default=None,
                    help="data dir holding the converted default model (default: $RPO_APP_DATA_DIR or ./data)")
@@ -492,6 +533,9 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--min-steps", type=int, default=d.min_steps,
                    help="when --steps is not given, at least this many steps even for a judge that "
                         "decides few pairs (0: no floor)")
+    g.add_argument("--floor-epochs", type=int, default=d.floor_epochs,
+                   help="the --min-steps floor stops after this many passes over a small label set "
+                        "(the trainer's floor_epochs; 0: off)")
     g.add_argument("--lr", type=float, default=d.learning_rate)
     g.add_argument("--beta", type=float, default=None,
                    help="default: each loss's own (RPO 1.0, DPO 0.1; see `train --help`)")
@@ -506,22 +550,12 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> dict:
-    from rpo_app.judges import SHIPPED, load_judge
     from rpo_app.loss_registry import LOSS_NAMES as LOSSES
 
-    judges = dict(load_judge(spec) for spec in (args.judge or list(SHIPPED)))
+    judges = check_common_args(args)
     bad = [loss for loss in args.losses if loss not in LOSSES]
     if bad:
         raise BenchError(f"unknown loss {bad[0]!r}; choose from {', '.join(LOSSES)}")
-    for name in ("train_prompts", "test_prompts", "seeds", "steps", "epochs", "batch_size", "max_new_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.beta is not None and args.beta <= 0:
-        raise BenchError(f"--beta must be > 0, got {args.beta}")
-    if args.min_steps < 0:
-        raise BenchError(f"--min-steps must be >= 0, got {args.min_steps}")
-    if args.candidates < 2:
-        raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")
     if args.annotation == "ranking":
         from rpo_app.rankings import MAX_ANSWERS, MIN_ANSWERS
 
@@ -532,6 +566,25 @@ def _check_args(args) -> dict:
     if not 1 <= args.pairs_per_prompt <= most:
         raise BenchError(f"--pairs-per-prompt must be between 1 and {most} (the pairs among "
                          f"{args.candidates} candidates), got {args.pairs_per_prompt}")
+    return judges
+
+
+def check_common_args(args) -> dict:
+    """Check the shared flags; returns the judges by name."""
+    from rpo_app.judges import SHIPPED, load_judge
+
+    judges = dict(load_judge(spec) for spec in (args.judge or list(SHIPPED)))
+    for name in ("train_prompts", "test_prompts", "seeds", "steps", "epochs", "batch_size", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.beta is not None and args.beta <= 0:
+        raise BenchError(f"--beta must be > 0, got {args.beta}")
+    if args.min_steps < 0:
+        raise BenchError(f"--min-steps must be >= 0, got {args.min_steps}")
+    if args.candidates < 2:
+        raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")
+    if args.floor_epochs is not None and args.floor_epochs < 0:
+        raise BenchError(f"--floor-epochs must be >= 0, got {args.floor_epochs}")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise BenchError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     return judges

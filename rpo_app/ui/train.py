@@ -113,6 +113,7 @@ def usable_line(ctx: AppContext, values: dict) -> str:
         given += f" (leaving out {name}: {info['judgments']} judgments, {info['why']})"
     if left_out.get("judgments"):
         given += f" (leaving out {left_out['judgments']['removed']} listed judgments)"
+    asked = cfg.batch_size
     try:
         train_j, eval_j = check_data(cfg, judgments, world_size=1)
     except ConfigError as err:
@@ -120,7 +121,9 @@ def usable_line(ctx: AppContext, values: dict) -> str:
     n_chosen, n_rejected = count_examples(train_j, spec)
     trains = (f"{n_chosen} chosen / {n_rejected} rejected items" if spec.pools
               else f"{n_chosen} pairs")
-    return (f"{given}; {cfg.loss} trains on {trains} of them. ✔ enough to start. "
+    shrunk = (f" They are fewer than the batch size ({asked}): it trains in batches of "
+              f"{cfg.batch_size}." if cfg.batch_size < asked else "")
+    return (f"{given}; {cfg.loss} trains on {trains} of them. ✔ enough to start.{shrunk} "
             f"{_estimate(ctx, cfg, train_j, eval_j, max(n_chosen, n_rejected))}")
 
 
