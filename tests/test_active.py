@@ -150,18 +150,9 @@ def test_random_order_reaches_every_open_pair(store):
 
 @pytest.fixture
 def tiny_adapter(tiny_model_dir, tmp_path):
-    """A LoRA adapter with random weights (init_lora_weights=False) on the tiny model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from apptools import make_lora_adapter
 
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear",
-                                            init_lora_weights=False))
-    out = tmp_path / "adapter"
-    model.save_pretrained(out)
-    return out
+    return make_lora_adapter(tiny_model_dir, tmp_path / "adapter")
 
 
 @pytest.mark.slow

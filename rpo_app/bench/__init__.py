@@ -7,6 +7,8 @@ one run on this machine (ratios, not absolute timings, are what carry across mac
   pairs) under a grid of temperature / top-p / min-p / repetition penalty settings.
 - first-run: from an empty data dir, seconds to a first pair, to 32 answers, and a
   default run over 32 pairs phase by phase (bench/firstrun.py).
+- score: the informative order's scoring job (base and adapter log-probs of every
+  candidate answer, ranks of every pair) per 1,000 candidate pairs (bench/score.py).
 - search: related-prompt search over 100k prompts.
 - queue: the label queue's next item and submit with 100k prompts and 200k judgments.
 - load: 20 gradio_client annotators x 50 judgments against the real server during a
@@ -27,7 +29,7 @@ def cli_bench(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(args.data_dir)
     parts = [args.only] if args.only else ["search", "queue", "generate", "sampling", "first-run",
-                                           "train", "load"]
+                                           "train", "score", "load"]
     summary: dict = {}
     if "search" in parts:
         from rpo_app.bench.search import bench_related_search
@@ -68,6 +70,12 @@ def cli_bench(args) -> int:
         if rc:
             return rc
         summary["train"] = json.loads((out / "bench_train.json").read_text())
+    if "score" in parts:
+        from rpo_app.bench import score as bench_score
+
+        summary["score"] = bench_score.run_benchmark(data_dir, quick=args.quick)
+        (out / "score.json").write_text(json.dumps(summary["score"], indent=1))
+        print(bench_score.format_table(summary["score"]))
     if "load" in parts:
         from rpo_app.bench.load import run as bench_load
 

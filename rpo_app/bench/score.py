@@ -1,0 +1,120 @@
+"""What the informative order costs: scoring candidate pairs with an adapter.
+
+A store of P prompts with K answers each (C(K,2) pairs per prompt; synthetic answers of
+chat-like length), an adapter on the bundled model (random LoRA weights: the cost does
+not depend on what it learned), and the scoring job the app runs after each training
+run (rpo_app.active.score_store), timed by phase:
+
+- the base model's pass: once per answer, cached in the store for good;
+- the adapter's pass: once per answer and adapter;
+- ranking the items and storing them.
+
+Then the same job for a second adapter, with the base model's log-probs already cached:
+what every later run costs. Reported per 1,000 candidate pairs.
+
+    python -m rpo_app bench --only score [--quick]
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+
+
+def _adapter(model_dir: str, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rpo_app.trainconfig import TrainConfig
+
+    torch.manual_seed(seed)
+    d = TrainConfig()
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                         LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha, target_modules=d.lora_targets(),
+                                    init_lora_weights=False, task_type="CAUSAL_LM"))
+    net.save_pretrained(out)
+    return out
+
+
+def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, answers: int = 4,
+                  max_words: int = 110, threads: int | None = None) -> dict:
+    import torch
+
+    from rpo_app import active
+    from rpo_app.bench.train import synthetic_judgments
+    from rpo_app.generate import ModelHost
+    from rpo_app.models import link_model_cache, pick_precision, resolve_model
+    from rpo_app.store import Store
+
+    if threads:
+        torch.set_num_threads(threads)
+    pairs_per_prompt = answers * (answers - 1) // 2
+    prompts = prompts or (6 if quick else -(-1000 // pairs_per_prompt))
+    rng = random.Random(0)
+    texts = [j["response_a_text"] for j in synthetic_judgments(prompts * answers, 0, max_words)]
+    result: dict = {"prompts": prompts, "answers_per_prompt": answers,
+                    "pairs": prompts * pairs_per_prompt, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        link_model_cache(data_dir, tmp)
+        store = Store(tmp)
+        k = 0
+        for p in range(prompts):
+            pid, _ = store.add_prompt(f"Question {p}: explain {rng.choice(['tides', 'taxes', 'trees'])} "
+                                      f"to someone new to it ({p}).", "bench-score")
+            for _ in range(answers):
+                store.add_response(pid, texts[k], "bench-score")
+                k += 1
+        model_dir = resolve_model(None, tmp)
+        host = ModelHost(None, tmp, device="cpu")
+        result["precision"] = pick_precision(str(host.device))
+        for n, label in ((0, "first"), (1, "next")):
+            path = _adapter(model_dir, tmp / f"adapter-{n}", seed=n)
+            name = f"bench-{n}"
+            store.register_adapter(name, str(path), None, model_dir)
+            host.load_adapter(name, path)
+            phases: dict[str, float] = {}
+            tokens: dict[str, int] = {}
+            marks = {"t": time.perf_counter(), "phase": None}
+
+            def progress(p, phases=phases, tokens=tokens, marks=marks) -> None:
+                # A phase's time runs from its first report (0 tokens done) to its last
+                # (all done); what follows the last is ranking and storing.
+                now = time.perf_counter()
+                if marks["phase"] == p.phase:
+                    phases[p.phase] = phases.get(p.phase, 0.0) + now - marks["t"]
+                marks["t"], marks["phase"] = now, p.phase
+                tokens[p.phase] = p.total
+
+            t0 = time.perf_counter()
+            info = active.score_store(store, host, store.adapter(name), progress=progress)
+            total = time.perf_counter() - t0
+            named = {("base model pass" if ph == "the base model" else "adapter pass"): s
+                     for ph, s in phases.items()}
+            named["ranking and storing"] = max(0.0, total - sum(phases.values()))
+            result[label] = {"seconds": total, "phases": named,
+                             "tokens": {("base model pass" if ph == "the base model" else "adapter pass"): t
+                                        for ph, t in tokens.items()},
+                             "items": info["items"],
+                             "seconds_per_1000_pairs": total * 1000 / result["pairs"]}
+            host.unload_adapter(name)
+        store.close()
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [f"informative-order scoring: {r['prompts']} prompts x {r['answers_per_prompt']} answers "
+             f"= {r['pairs']} candidate pairs, {r['threads']} threads, {r['precision']}",
+             f"{'job':<34}{'phase':<24}{'tokens':>10}{'seconds':>10}{'tok/s':>10}"]
+    for label, what in (("first", "first adapter (base not cached)"), ("next", "a later adapter")):
+        job = r[label]
+        for phase, sec in job["phases"].items():
+            tok = job["tokens"].get(phase)
+            rate = f"{tok / sec:>10.0f}" if tok and sec > 0 else f"{'':>10}"
+            lines.append(f"{what:<34}{phase:<24}{tok or '':>10}{sec:>10.1f}{rate}")
+            what = ""
+        lines.append(f"{'':<34}{'total':<24}{'':>10}{job['seconds']:>10.1f}"
+                     f"   ({job['seconds_per_1000_pairs']:.0f} s per 1,000 pairs)")
+    return "\n".join(lines)
