@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # A LoRA training step (forward, backward through the frozen base, optimizer) costs
-# about this many forward passes of the same tokens: measured 2.4 on 2 CPU cores with
-# the bundled model (LoRA r=16, all linear layers), rounded up.
-STEP_FORWARDS = 2.5
+# about this many forward passes of the same tokens, by the run's arithmetic: measured on
+# 2 CPU cores with the bundled model (LoRA r=16, all linear layers, batch 8 pairs), fp32
+# 2.2-2.4 and bf16 autocast 3.4 (its backward gains less than its forward), rounded up.
+# Used until a finished run on this machine has measured its own step speed.
+STEP_FORWARDS = {"fp32": 2.5, "bf16": 3.5}
 # Decoding through the training child's PeftModel (LoRA not merged) against the app's
 # plain model: the extra low-rank matmuls at every layer.
 LORA_DECODE_FACTOR = 1.3
@@ -50,14 +52,18 @@ def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens
 
 
 def estimate_phases(shape: RunShape, forward_s_per_token: float,
-                    decode_timing: tuple[float, float], past: dict[str, float] | None = None
+                    decode_timing: tuple[float, float], past: dict[str, float] | None = None,
+                    precision: str = "fp32", step_s_per_token: float | None = None
                     ) -> dict[str, float]:
-    """Seconds per phase (runfolder.PHASES names), in run order."""
+    """Seconds per phase (runfolder.PHASES names), in run order. `step_s_per_token`: a
+    training step's seconds per token measured by an earlier run here (else the forward
+    timing times STEP_FORWARDS)."""
     past = past or {}
     a, b = decode_timing
     preview = (shape.preview_tokens * (a + b * shape.preview_count) * LORA_DECODE_FACTOR
                if shape.preview_count else 0.0)
-    step = STEP_FORWARDS * forward_s_per_token * 2 * shape.batch_size * shape.mean_tokens
+    per_token = step_s_per_token or STEP_FORWARDS[precision] * forward_s_per_token
+    step = per_token * 2 * shape.batch_size * shape.mean_tokens
     out = {"loading the model": past.get("loading the model", TYPICAL["loading the model"])}
     if shape.embeds:
         out["embedding the prompts"] = past.get("embedding the prompts",

@@ -207,6 +207,12 @@ def test_estimate_covers_every_phase():
     assert phases["loading the model"] == 9.0
     assert phases["training"] == pytest.approx(60 * 2.5 * 0.002 * 16 * 170)
     assert phases["previews"] == pytest.approx(phases["the final previews"])
+    # bf16 autocast: its backward gains less than its forward, so more forwards per step
+    bf16 = estimate_phases(shape, 0.002, (0.05, 0.004), precision="bf16")
+    assert bf16["training"] == pytest.approx(60 * 3.5 * 0.002 * 16 * 170)
+    # a step speed measured by an earlier run here wins over the forward-pass rule
+    measured = estimate_phases(shape, 0.002, (0.05, 0.004), step_s_per_token=0.004)
+    assert measured["training"] == pytest.approx(60 * 0.004 * 16 * 170)
     no_eval = run_shape(cfg, 30, 60, 0, 170, 2, embeds=False)
     assert no_eval.evals == 0 and "embedding the prompts" not in estimate_phases(
         no_eval, 0.002, (0.05, 0.004))

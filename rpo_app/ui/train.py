@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import html
 import os
+import statistics
 import time
 
 import gradio as gr
@@ -147,7 +148,12 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     preview = min(cfg.preview_count, len({j["prompt_a_text"] for j in (eval_j or train_j)}))
     shape = run_shape(cfg, n_examples, per_item * n_examples, 2 * len(eval_j), mean_tokens,
                       len(cfg.preview_prompts) or preview, spec.needs_embeddings(cfg.weighting))
-    phases = estimate_phases(shape, host.seconds_per_token(), timing, _last_phase_times(ctx))
+    from rpo_app.models import pick_precision
+
+    precision = pick_precision(str(host.device), cfg.precision)
+    past, step_s_per_token = _last_run_timings(ctx, precision)
+    phases = estimate_phases(shape, host.seconds_per_token(precision), timing, past, precision,
+                             step_s_per_token)
     total = sum(phases.values())
     parts = [f"{name} {progress.human(sec)}" for name, sec in phases.items() if sec >= 0.5]
     return (f"Estimated time on this machine: **~{progress.human(total)}** "
@@ -155,14 +161,19 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
             + " · ".join(parts) + ").")
 
 
-def _last_phase_times(ctx: AppContext) -> dict[str, float]:
-    """The newest finished run's phase times: what loading and saving take here."""
+def _last_run_timings(ctx: AppContext, precision: str) -> tuple[dict[str, float], float | None]:
+    """The newest finished run's phase times (what loading and saving take here) and, if
+    it trained in the same arithmetic, its steps' seconds per token."""
     for row in ctx.store.runs():
         if row["state"] == "finished":
             seconds = ctx.runs.status(row["id"]).phase_seconds()
             if seconds:
-                return seconds
-    return {}
+                speeds = [m.tokens_per_s for m in ctx.runs.metrics(row["id"]) if m.tokens_per_s]
+                same = row["config"].get("precision", "auto") in ("auto", precision)
+                # its precision "auto" resolved on this machine as ours does
+                per_token = 1.0 / statistics.median(speeds) if speeds and same else None
+                return seconds, per_token
+    return {}, None
 
 
 # -- runs -------------------------------------------------------------------------------
