@@ -35,11 +35,12 @@ class RunShape:
     preview_count: int
     preview_tokens: int
     embeds: bool
+    check_labels: bool = True
 
 
 def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens: float,
               preview_count: int, embeds: bool) -> RunShape:
-    steps = cfg.planned_steps(max(1, -(-n_examples // cfg.batch_size)))
+    steps = cfg.planned_steps(max(1, n_examples // cfg.batch_size), n_examples)
     evals = 0
     if eval_seqs:
         evals = (steps // cfg.eval_every if cfg.eval_every else 0) + (
@@ -48,7 +49,7 @@ def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens
     return RunShape(steps=steps, batch_size=cfg.batch_size, train_seqs=train_seqs,
                     eval_seqs=eval_seqs, mean_tokens=mean_tokens, evals=evals, mid_previews=mid,
                     preview_count=preview_count, preview_tokens=cfg.sample_max_new_tokens,
-                    embeds=embeds)
+                    embeds=embeds, check_labels=cfg.check_labels)
 
 
 def estimate_phases(shape: RunShape, forward_s_per_token: float,
@@ -75,7 +76,8 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
     out["evaluating"] = forward_s_per_token * shape.eval_seqs * shape.mean_tokens * shape.evals
     out["previews"] = preview * shape.mid_previews
     # The final adapter scores every sequence once more (rpo_app.suspects).
-    out["checking the labels"] = out["scoring the answers with the base model"]
+    if shape.check_labels:
+        out["checking the labels"] = out["scoring the answers with the base model"]
     out["the final previews"] = preview
     out["saving the adapter"] = past.get("saving the adapter", TYPICAL["saving the adapter"])
     return out

@@ -202,7 +202,9 @@ class Trainer:
         if self.early_stop_note:
             log.warning("%s; training all steps", self.early_stop_note)
         self.plan = BatchPlan(self.train_data, cfg.batch_size * self.world, cfg.seed, pool=self.pool)
-        self.max_steps = cfg.planned_steps(self.plan.batches_per_epoch)
+        n_examples = (max(len(self.train_data.chosen), len(self.train_data.rejected)) if self.pool
+                      else len(self.train_data.pairs))
+        self.max_steps = cfg.planned_steps(self.plan.batches_per_epoch, n_examples)
         log.info("train: %d sequences, %d pairs, %d chosen, %d rejected; eval: %d pairs, %d chosen, %d rejected",
                  len(self.train_data.seqs), len(self.train_data.pairs), len(self.train_data.chosen),
                  len(self.train_data.rejected), len(self.eval_data.pairs), len(self.eval_data.chosen),
@@ -590,7 +592,8 @@ class Trainer:
         self._save_checkpoint()
         if early and self.early.adapter_state is not None:
             self._restore_best()
-        self.check_labels()
+        if self.cfg.check_labels:
+            self.check_labels()
         self.write_samples("the final previews")
         self.run.begin_phase("saving the adapter")
         self._save_adapter()

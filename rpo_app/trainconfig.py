@@ -28,8 +28,6 @@ class ConfigError(ValueError):
 
 # A prompt longer than this is cut from its start; half the length leaves room for the answer.
 MAX_PROMPT_LENGTH_CAP = 256
-# The fewest steps the small-label-set floor gives (TrainConfig.floor_epochs).
-SMALL_SET_MIN_STEPS = 16
 
 
 def derive_settings(cfg: "TrainConfig") -> None:
@@ -79,9 +77,12 @@ class TrainConfig:
     min_steps: int = field(default=60, metadata={
         "help": "when max_steps is unset, train at least this many steps (more passes over a "
                 "small label set; early stopping still ends a run that stops improving). 0: no floor"})
-    floor_epochs: int | None = field(default=None, metadata={
-        "help": "the min_steps floor stops after this many passes over a small label set (but "
-                f"trains at least {SMALL_SET_MIN_STEPS} steps); unset or 0: the floor is min_steps"})
+    small_set: int = field(default=64, metadata={
+        "help": "when max_steps is unset, a label set with fewer training examples than this "
+                "(pairs, or items in the larger pool) trains small_set_steps steps in batches of "
+                "at most small_set_batch instead (0: off)"})
+    small_set_batch: int = field(default=4, metadata={"help": "see small_set"})
+    small_set_steps: int = field(default=40, metadata={"help": "see small_set"})
     batch_size: int = field(default=8, metadata={"help": "examples per process per micro-batch"})
     grad_accum: int = 1
     max_length: int = 512
@@ -115,6 +116,9 @@ class TrainConfig:
         "help": "prompts to sample during training (default: a few held-out prompts)"})
     preview_count: int = 2
     sample_max_new_tokens: int = 96
+    check_labels: bool = field(default=True, metadata={
+        "help": "at the end, score every decided pair with the final adapter for the suspect-label "
+                "list (one forward pass over the run's answers)"})
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints (0: only on stop/end)"})
     keep_checkpoints: int = 2
     kinds: list[str] | None = field(default=None, metadata={"help": f"judgment kinds to use ({', '.join(KINDS)})"})
@@ -138,17 +142,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         derive_settings(self)
 
-    def planned_steps(self, batches_per_epoch: int) -> int:
-        """Optimizer steps a run will take: max_steps, else `epochs` with a floor for small
-        label sets: min_steps, or floor_epochs passes when that is fewer (at least
-        SMALL_SET_MIN_STEPS)."""
+    def is_small_set(self, n_examples: int) -> bool:
+        """Whether the default schedule takes its small-label-set branch (see small_set)."""
+        return not self.max_steps and 0 < n_examples < self.small_set
+
+    def planned_steps(self, batches_per_epoch: int, n_examples: int | None = None) -> int:
+        """Optimizer steps a run will take: max_steps; else, for a small label set of
+        n_examples, small_set_steps; else `epochs` but at least min_steps."""
         if self.max_steps:
             return self.max_steps
-        per_epoch = batches_per_epoch / self.grad_accum
-        floor = self.min_steps
-        if self.floor_epochs:
-            floor = min(floor, max(SMALL_SET_MIN_STEPS, math.ceil(self.floor_epochs * per_epoch)))
-        return max(1, floor, math.ceil(self.epochs * per_epoch))
+        floor = self.small_set_steps if n_examples is not None and self.is_small_set(n_examples) \
+            else self.min_steps
+        return max(1, floor, math.ceil(self.epochs * batches_per_epoch / self.grad_accum))
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad setting."""
@@ -166,8 +171,9 @@ class TrainConfig:
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.min_steps >= 0, f"min_steps must be >= 0, got {self.min_steps}")
-        need(self.floor_epochs is None or self.floor_epochs >= 0,
-             f"floor_epochs must be >= 0, got {self.floor_epochs}")
+        need(self.small_set >= 0, f"small_set must be >= 0, got {self.small_set}")
+        need(self.small_set_batch >= 1, f"small_set_batch must be >= 1, got {self.small_set_batch}")
+        need(self.small_set_steps >= 1, f"small_set_steps must be >= 1, got {self.small_set_steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.max_prompt_length is not None and self.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
@@ -262,15 +268,16 @@ def check_data(cfg: TrainConfig, judgments: list[dict], world_size: int) -> tupl
         raise ConfigError(f"loss {cfg.loss} needs both liked and disliked answers; the training split has "
                           f"{chosen} chosen and {rejected} rejected items")
     have = max(chosen, rejected)
-    if have < need:
-        if have // world_size < MIN_BATCH:
-            raise ConfigError(
-                f"loss {cfg.loss} has {have} training {spec.example_word()} after holding out "
-                f"{len(eval_j)} of {len(judgments)} judgments, fewer than {MIN_BATCH * world_size} "
-                f"(a batch of {MIN_BATCH} per process); label more, or lower eval_fraction")
-        # A label set smaller than one batch trains in batches of all of it: the common
-        # first run (a handful of decided pairs) is not refused.
-        cfg.batch_size = have // world_size
+    if have // world_size < MIN_BATCH:
+        raise ConfigError(
+            f"loss {cfg.loss} has {have} training {spec.example_word()} after holding out "
+            f"{len(eval_j)} of {len(judgments)} judgments, fewer than {MIN_BATCH * world_size} "
+            f"(a batch of {MIN_BATCH} per process); label more, or lower eval_fraction")
+    if cfg.is_small_set(have):
+        cfg.batch_size = min(cfg.batch_size, cfg.small_set_batch)
+    # A label set smaller than one batch trains in batches of all of it: the common first
+    # run (a handful of decided pairs) is not refused.
+    cfg.batch_size = min(cfg.batch_size, have // world_size)
     return train_j, eval_j
 
 

@@ -198,7 +198,7 @@ def test_estimate_covers_every_phase():
     from rpo_app.trainconfig import TrainConfig
 
     cfg = TrainConfig()  # the defaults: 60 steps, eval every 20, previews every 50
-    shape = run_shape(cfg, n_examples=30, train_seqs=60, eval_seqs=4, mean_tokens=170,
+    shape = run_shape(cfg, n_examples=80, train_seqs=160, eval_seqs=4, mean_tokens=170,
                       preview_count=2, embeds=True)
     assert shape.steps == 60 and shape.evals == 3 and shape.mid_previews == 1
     phases = estimate_phases(shape, forward_s_per_token=0.002, decode_timing=(0.05, 0.004),
@@ -213,9 +213,17 @@ def test_estimate_covers_every_phase():
     # a step speed measured by an earlier run here wins over the forward-pass rule
     measured = estimate_phases(shape, 0.002, (0.05, 0.004), step_s_per_token=0.004)
     assert measured["training"] == pytest.approx(60 * 0.004 * 16 * 170)
-    no_eval = run_shape(cfg, 30, 60, 0, 170, 2, embeds=False)
+    no_eval = run_shape(cfg, 80, 160, 0, 170, 2, embeds=False)
     assert no_eval.evals == 0 and "embedding the prompts" not in estimate_phases(
         no_eval, 0.002, (0.05, 0.004))
+    # a small label set: the small-set schedule (rpo_app.trainconfig), in its smaller batches
+    small = TrainConfig()
+    small.batch_size = small.small_set_batch  # as check_data sets it
+    shape = run_shape(small, 30, 60, 4, 170, 2, embeds=True)
+    assert shape.steps == small.small_set_steps and shape.batch_size == small.small_set_batch
+    # no label check asked for: no such phase
+    no_check = run_shape(TrainConfig(check_labels=False), 80, 160, 4, 170, 2, embeds=True)
+    assert "checking the labels" not in estimate_phases(no_check, 0.002, (0.05, 0.004))
 
 
 # -- sharing the cores ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from rpo_app.earlystop import eval_improved
 from rpo_app.loss_registry import LOSSES
 from rpo_app.runfolder import RunFolder, read_jsonl
 from rpo_app.train import main
-from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, config_from_args
+from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, check_data, config_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = ["cats", "the ocean", "bread", "lists", "the moon", "coffee", "chess", "rain", "trains", "tea",
@@ -308,6 +308,27 @@ def test_planned_steps_epochs_with_a_floor():
     assert TrainConfig(epochs=2, min_steps=0).planned_steps(4) == 8
     assert TrainConfig(epochs=1, min_steps=0, grad_accum=4).planned_steps(10) == 3
     assert TrainConfig(max_steps=5, min_steps=60).planned_steps(45) == 5  # asked for: exact
+    # a small label set (fewer than small_set examples) takes small_set_steps instead
+    small = TrainConfig(small_set=64, small_set_steps=40, min_steps=60)
+    assert small.planned_steps(7, n_examples=30) == 40
+    assert small.planned_steps(8, n_examples=64) == 60
+    assert TrainConfig(small_set=0).planned_steps(7, n_examples=30) == 60  # off
+    assert TrainConfig(max_steps=5).planned_steps(7, n_examples=30) == 5
+
+
+def test_small_label_sets_train_in_small_batches():
+    rows = make_judgments()  # 16 same-prompt pairs, 4 cross ones
+    cfg = TrainConfig(batch_size=8, small_set=64, small_set_batch=4, eval_fraction=0.0)
+    check_data(cfg, rows, world_size=1)
+    assert cfg.batch_size == 4
+    # steps asked for: the batch size stays
+    fixed = TrainConfig(batch_size=8, max_steps=10, eval_fraction=0.0)
+    check_data(fixed, rows, world_size=1)
+    assert fixed.batch_size == 8
+    # fewer examples than a batch: a batch of all of them
+    few = TrainConfig(batch_size=8, max_steps=10, eval_fraction=0.0)
+    check_data(few, make_judgments(3), world_size=1)
+    assert few.batch_size == 4  # 3 same-prompt pairs and 1 cross-prompt pair
 
 
 def test_eval_improved_counts_either_held_out_metric():

@@ -352,10 +352,14 @@ def train_config(args, loss: str, seed: int, annotator: str, model, **overrides)
     return TrainConfig(
         loss=loss, beta=args.beta, temperature=args.temperature, learning_rate=args.lr,
         max_steps=args.steps, epochs=args.epochs, min_steps=args.min_steps,
-        floor_epochs=args.floor_epochs,
+        small_set=args.small_set, small_set_batch=args.small_set_batch,
+        small_set_steps=args.small_set_steps,
         batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         max_length=args.max_length, seed=seed, eval_fraction=args.eval_fraction,
-        eval_every=args.eval_every, sample_every=0, save_every=0,
+        # No previews and no label check: the benchmark answers its own test prompts and
+        # never reads the suspect list; both would only add time to every run.
+        eval_every=args.eval_every, sample_every=0, save_every=0, preview_count=0,
+        check_labels=False,
         sample_max_new_tokens=args.max_new_tokens, annotators=[annotator], model=model,
         device=args.device, cpu_threads=args.cpu_threads, **overrides)
 
@@ -533,9 +537,11 @@ def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, te
     g.add_argument("--min-steps", type=int, default=d.min_steps,
                    help="when --steps is not given, at least this many steps even for a judge that "
                         "decides few pairs (0: no floor)")
-    g.add_argument("--floor-epochs", type=int, default=d.floor_epochs,
-                   help="the --min-steps floor stops after this many passes over a small label set "
-                        "(the trainer's floor_epochs; 0: off)")
+    g.add_argument("--small-set", type=int, default=d.small_set,
+                   help="when --steps is not given, a label set of fewer examples than this trains "
+                        "--small-set-steps steps of at most --small-set-batch (the trainer's rule; 0: off)")
+    g.add_argument("--small-set-batch", type=int, default=d.small_set_batch)
+    g.add_argument("--small-set-steps", type=int, default=d.small_set_steps)
     g.add_argument("--lr", type=float, default=d.learning_rate)
     g.add_argument("--beta", type=float, default=None,
                    help="default: each loss's own (RPO 1.0, DPO 0.1; see `train --help`)")
@@ -583,8 +589,8 @@ def check_common_args(args) -> dict:
         raise BenchError(f"--min-steps must be >= 0, got {args.min_steps}")
     if args.candidates < 2:
         raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")
-    if args.floor_epochs is not None and args.floor_epochs < 0:
-        raise BenchError(f"--floor-epochs must be >= 0, got {args.floor_epochs}")
+    if args.small_set < 0 or args.small_set_batch < 1 or args.small_set_steps < 1:
+        raise BenchError("--small-set must be >= 0, --small-set-batch and --small-set-steps >= 1")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise BenchError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     return judges
