@@ -429,6 +429,14 @@ def test_bench_settings_and_table():
               "trl": {"mean_step_s": 4.0, "pairs_per_s": 2.0}, "speedup": 2.0, "speedup_epoch_incl_ref": 1.5}
     table = format_table(result)
     assert "TRL DPOTrainer" in table and "2.00x per step" in table and "1.50x over an epoch" in table
+    # the whole runs: TRL does our default run's steps and batch; the totals add the phases
+    from rpo_app.bench.train import e2e_summary
+
+    ours = {"phases": {"training": 10.0, "loading the model": 1.0}, "steps": 40, "batch_size": 4}
+    trl = {"phases": {"training": 20.0, "loading the model": 2.0}, "steps": 40, "batch_size": 4}
+    result["end_to_end"] = {"ours": ours, "trl": trl, **e2e_summary(ours, trl)}
+    table = format_table(result)
+    assert "40 steps of 4 pairs" in table and "speedup 2.00x" in table
 
 
 @pytest.mark.slow

@@ -7,9 +7,11 @@ the reference log-probs (adapter disabled) on every step. We compute them once p
 sequence before training; that one-off cost is reported too, and folded into an
 "amortised over one epoch" figure so the comparison does not hide it.
 
-Then a whole run each, end to end (see e2e_ours / e2e_trl), with TRL at its best:
-precomputed reference log-probs. Per-phase seconds for both, the measured totals, and
-both extrapolated to a default run's step count.
+Then a whole run each, end to end (see e2e_ours / e2e_trl): ours is the product's
+default run on these pairs (the Train tab's defaults; its step count and batch size come
+from the trainer's own rule for the label set's size), and TRL's DPOTrainer does the
+same work (the same steps of the same batch, model, LoRA and previews) at its best:
+precomputed reference log-probs. Per-phase seconds for both, and the measured totals.
 
     python -m rpo_app bench ... (training part) / python -m rpo_app.bench.train --out bench.json
 """
@@ -143,7 +145,8 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
 # its previews are plain greedy `generate` calls on the same prompts and length.
 
 def e2e_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
-    """The product's trainer in this process (train.train), its phases from status.json."""
+    """The product's trainer in this process (train.train), its phases from status.json:
+    the default run (its own steps and batch for this label set) unless --e2e-steps."""
     from rpo_app.runfolder import RunFolder
     from rpo_app.train import train
     from rpo_app.trainconfig import TrainConfig
@@ -161,15 +164,19 @@ def e2e_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> di
         t0 = time.time()
         rc = train(cfg, Path(tmp) / "run", data_dir)
         wall = time.time() - t0
-        status = RunFolder(Path(tmp) / "run", writable=False).status()
+        run = RunFolder(Path(tmp) / "run", writable=False)
+        status = run.status()
+        batch = TrainConfig.from_yaml(run.config).batch_size if run.config.exists() else None
     if rc != 0:
         raise RuntimeError(f"our trainer exited with {rc}: {status.error}")
     phases = status.phase_seconds()
-    return {"wall_s": wall, "phases": phases, "steps": status.step}
+    return {"wall_s": wall, "phases": phases, "steps": status.step, "batch_size": batch}
 
 
-def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
-    """TRL's DPOTrainer with the reference log-probs precomputed, plus the same previews."""
+def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps: int,
+            batch_size: int) -> dict:
+    """TRL's DPOTrainer with the reference log-probs precomputed, plus the same previews:
+    `steps` optimizer steps of `batch_size` pairs (what our run did)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -216,13 +223,13 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> dic
     phases["the base model's previews"] = previews(model, tok)
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
-            output_dir=out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+            output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
             learning_rate=defaults.learning_rate, beta=defaults.beta, max_length=args.max_length,
-            max_steps=args.e2e_steps, warmup_steps=defaults.warmup_ratio,
+            max_steps=steps, warmup_steps=defaults.warmup_ratio,
             lr_scheduler_type=defaults.lr_scheduler, max_grad_norm=defaults.max_grad_norm,
             logging_steps=1, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=True,
             use_cpu=(args.device or "cpu") == "cpu", precompute_ref_log_probs=True,
-            precompute_ref_batch_size=args.batch_size, dataloader_num_workers=0,
+            precompute_ref_batch_size=batch_size, dataloader_num_workers=0,
             gradient_checkpointing=False, bf16=args.precision == "bf16")
         lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
                           target_modules=defaults.lora_targets(), task_type="CAUSAL_LM", bias="none")
@@ -240,30 +247,17 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> dic
         t = time.time()
         trainer.save_model(out)
         phases["saving the adapter"] = time.time() - t
-    return {"wall_s": time.time() - t0, "phases": phases, "steps": args.e2e_steps}
+    return {"wall_s": time.time() - t0, "phases": phases, "steps": steps, "batch_size": batch_size}
 
 
 PREVIEWS = ("Give me three tips for sleeping better.", "Explain what a hash table is.",
             "How do I politely decline a meeting?")
 
 
-def e2e_summary(ours: dict, trl: dict, steps_default: int) -> dict:
-    """Both runs' totals, and each extrapolated to the default run's step count (one
-    step's time times the steps, the other phases as measured)."""
-    def parts(run):
-        ph = dict(run["phases"])
-        step = ph.get("training", 0.0) / max(run["steps"], 1)
-        rest = sum(v for k, v in ph.items() if k != "training")
-        return step, rest
-
-    totals = {}
-    for name, run in (("ours", ours), ("trl", trl)):
-        step, rest = parts(run)
-        totals[name] = {"measured_s": sum(run["phases"].values()), "step_s": step,
-                        "other_s": rest, "default_run_s": rest + steps_default * step}
-    return {"totals": totals, "default_steps": steps_default,
-            "speedup_measured": totals["trl"]["measured_s"] / totals["ours"]["measured_s"],
-            "speedup_default_run": totals["trl"]["default_run_s"] / totals["ours"]["default_run_s"]}
+def e2e_summary(ours: dict, trl: dict) -> dict:
+    """Both runs' totals (the phases added up) and the ratio."""
+    totals = {name: sum(run["phases"].values()) for name, run in (("ours", ours), ("trl", trl))}
+    return {"totals": totals, "speedup": totals["trl"] / totals["ours"]}
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -290,8 +284,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--skip-end-to-end", action="store_true",
                         help="skip the whole-run comparison (reference pass, steps, previews, saving)")
     parser.add_argument("--e2e-steps", type=int, default=None,
-                        help="steps of each whole run (default: one epoch); the report also "
-                             "extrapolates both to the default run's steps")
+                        help="steps of each whole run at --batch-size (default: the product's "
+                             "default run on these pairs, its own steps and batch size)")
     parser.add_argument("--previews", type=int, default=2, help="preview prompts in each whole run")
     parser.add_argument("--preview-tokens", type=int, default=96,
                         help="new tokens per preview (the trainer's default)")
@@ -344,16 +338,13 @@ def main_from_args(args: argparse.Namespace) -> int:
         result["speedup"] = result["ours"]["pairs_per_s"] / result["trl"]["pairs_per_s"]
         result["speedup_epoch_incl_ref"] = result["ours"]["pairs_per_s_epoch_incl_ref"] / result["trl"]["pairs_per_s"]
     if not args.skip_trl and not args.skip_end_to_end:
-        from rpo_app.trainconfig import TrainConfig
-
-        if args.e2e_steps is None:
-            args.e2e_steps = max(1, args.pairs // args.batch_size)
-        print(f"whole run, ours ({args.e2e_steps} steps) ...", file=sys.stderr, flush=True)
+        what = f"{args.e2e_steps} steps" if args.e2e_steps else "the default run"
+        print(f"whole run, ours ({what}) ...", file=sys.stderr, flush=True)
         ours = e2e_ours(args, judgments, model_path, data_dir)
-        print("whole run, TRL DPOTrainer (precompute_ref_log_probs=True) ...", file=sys.stderr, flush=True)
-        trl = e2e_trl(args, judgments, model_path, data_dir)
-        default_steps = TrainConfig().planned_steps(max(1, args.pairs // args.batch_size))
-        result["end_to_end"] = {"ours": ours, "trl": trl, **e2e_summary(ours, trl, default_steps)}
+        print(f"whole run, TRL DPOTrainer ({ours['steps']} steps of {ours['batch_size']}, "
+              "precompute_ref_log_probs=True) ...", file=sys.stderr, flush=True)
+        trl = e2e_trl(args, judgments, model_path, data_dir, ours["steps"], ours["batch_size"])
+        result["end_to_end"] = {"ours": ours, "trl": trl, **e2e_summary(ours, trl)}
     print(format_table(result))
     if args.out:
         out = Path(args.out)
@@ -379,17 +370,14 @@ def format_table(r: dict) -> str:
                      "including our reference pass")
     e = r.get("end_to_end")
     if e:
-        lines += ["", f"whole run, {e['ours']['steps']} steps; TRL with precompute_ref_log_probs=True "
-                  "(seconds per phase)", f"{'phase':<42}{'rpo_app':>10}{'TRL':>10}"]
+        lines += ["", f"whole run, {e['ours']['steps']} steps of {e['ours']['batch_size']} pairs; TRL "
+                  "with precompute_ref_log_probs=True (seconds per phase)",
+                  f"{'phase':<42}{'rpo_app':>10}{'TRL':>10}"]
         for phase in dict.fromkeys([*e["ours"]["phases"], *e["trl"]["phases"]]):
             a, b = e["ours"]["phases"].get(phase), e["trl"]["phases"].get(phase)
             lines.append(f"{phase:<42}{'' if a is None else f'{a:.1f}':>10}{'' if b is None else f'{b:.1f}':>10}")
         t = e["totals"]
-        lines.append(f"{'total':<42}{t['ours']['measured_s']:>10.1f}{t['trl']['measured_s']:>10.1f}"
-                     f"   speedup {e['speedup_measured']:.2f}x")
-        lines.append(f"{'a default run (' + str(e['default_steps']) + ' steps), extrapolated':<42}"
-                     f"{t['ours']['default_run_s']:>10.0f}{t['trl']['default_run_s']:>10.0f}"
-                     f"   speedup {e['speedup_default_run']:.2f}x")
+        lines.append(f"{'total':<42}{t['ours']:>10.1f}{t['trl']:>10.1f}   speedup {e['speedup']:.2f}x")
     return "\n".join(lines)
 
 
