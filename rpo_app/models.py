@@ -168,8 +168,10 @@ def load_model(
     device: str | None = None,
     dtype=None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ):
-    """(model, tokenizer) on the chosen device, in eval mode.
+    """(model, tokenizer) on the chosen device, in eval mode. `attn_implementation`:
+    transformers' choice unless given.
 
     Only safetensors weights are accepted: pickled checkpoints can run code.
     """
@@ -180,8 +182,9 @@ def load_model(
     path = resolve_model(model, data_dir)
     try:
         tok = load_tokenizer(path, data_dir, trust_remote_code)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         net = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
         )
     except ModelLoadError:
         raise

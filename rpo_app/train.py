@@ -177,8 +177,13 @@ class Trainer:
         device = self.acc.device
         self.run.begin_phase("loading the model")
         log.info("loading model %s on %s", self.model_path, device)
+        # On a CPU under bf16 autocast, torch's fused attention is slow to differentiate:
+        # plain (eager) attention made a training step 11% faster (4.6 s against 5.1 s,
+        # 4 pairs of 190 tokens, 2 threads); in fp32 the two are even.
+        cpu_bf16 = device.type == "cpu" and self.acc.mixed_precision == "bf16"
         base, self.tok = load_model(self.model_path, self.data_dir, device=str(device),
-                                    dtype=pick_dtype(str(device)))
+                                    dtype=pick_dtype(str(device)),
+                                    attn_implementation="eager" if cpu_bf16 else None)
         _disable_dropout(base)
         if cfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -276,10 +276,11 @@ def test_without_steps_each_judge_trains_the_default_epochs(tiny_model_dir, tmp_
                  "--prompts", str(prompts), "--out", str(out), "--judge", "concise", "--losses", "dpo",
                  "--train-prompts", "6", "--test-prompts", "3", "--candidates", "3", "--epochs", "1",
                  "--min-steps", "7", "--batch-size", "4", "--max-new-tokens", "6", "--eval-fraction", "0.2",
-                 "--cpu-threads", "1", "--max-length", "96"]) == 0
+                 "--cpu-threads", "1", "--max-length", "96", "--small-set", "0"]) == 0
     run = out / "seed-0" / "concise" / "dpo"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["max_steps"] is None and cfg["epochs"] == 1 and cfg["min_steps"] == 7
+    assert cfg["small_set"] == 0  # the small-set schedule off: the floor decides
     status = json.loads((run / "status.json").read_text())
     # 18 candidate pairs less ties and the held-out prompt, 4 per batch: at most 5 steps
     # an epoch, so the floor sets the length

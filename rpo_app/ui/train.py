@@ -369,7 +369,9 @@ def build(ctx: AppContext) -> dict:
                 steps = gr.Number(defaults.max_steps, precision=0, minimum=0, label="Steps",
                                   elem_id="train-steps",
                                   info=f"0 or blank: {defaults.epochs} epoch{'s' if defaults.epochs > 1 else ''}, "
-                                       f"at least {defaults.min_steps} steps")
+                                       f"at least {defaults.min_steps} steps; fewer than "
+                                       f"{defaults.small_set} pairs: {defaults.small_set_steps} steps "
+                                       f"in batches of {defaults.small_set_batch}")
                 batch = gr.Number(defaults.batch_size, precision=0, minimum=1,
                                   label="Batch size (pairs)", elem_id="train-batch")
             with gr.Row():
