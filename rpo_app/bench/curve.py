@@ -134,7 +134,8 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                 counts = {k: 0 for k in ("labels", "decided", "wins", "ties", "ups", "downs",
                                          "skips", "informative")}
                 cell = {**prep, "data_dir": data_dir}
-                for budget in budgets:
+                order_budgets = sorted(args.active_budgets or budgets) if order_name == "active" else budgets
+                for budget in order_budgets:
                     more = label_until(queue, annotator, REGIMES[regime], ORDERS[order_name], budget,
                                        counts, judge, judge_name, medians)
                     adapters = {}
@@ -151,7 +152,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                             adapters[loss] = row.pop("adapter")
                         emit(row)
                     selector = next((adapters[loss] for loss in losses if loss in adapters), None)
-                    if order_name == "active" and selector is not None and budget != budgets[-1]:
+                    if order_name == "active" and selector is not None and budget != order_budgets[-1]:
                         name = f"{judge_name}-{regime}-{budget}"
                         store.register_adapter(name, selector, None, str(prep["model"]))
                         prep["host"].load_adapter(name, selector)
@@ -308,6 +309,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="label orders (default: random, queue, active)")
     p.add_argument("--budgets", nargs="+", type=int, default=[16, 32, 64, 128],
                    help="label budgets at which every loss is trained and judged")
+    p.add_argument("--active-budgets", nargs="+", type=int, default=None,
+                   help="budgets for the active order (default: --budgets)")
     for regime, losses in REGIME_LOSSES.items():
         p.add_argument(f"--{regime}-losses", nargs="+", default=None, dest=f"losses_{regime}",
                        help=f"losses trained in the {regime} regime (default: {' '.join(losses)}); "
@@ -321,8 +324,8 @@ def _check(args) -> dict:
     judges = effect.check_common_args(args)
     from rpo_app.loss_registry import LOSS_NAMES
 
-    if any(b < 1 for b in args.budgets):
-        raise BenchError(f"--budgets must be >= 1, got {args.budgets}")
+    if any(b < 1 for b in args.budgets + (args.active_budgets or [])):
+        raise BenchError(f"--budgets must be >= 1, got {args.budgets + (args.active_budgets or [])}")
     args.regime_losses = {}
     for regime in REGIMES:
         losses = getattr(args, f"losses_{regime}")
