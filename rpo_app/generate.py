@@ -350,10 +350,19 @@ class ModelHost:
     """
 
     def __init__(self, model: str | None = None, data_dir: str | Path = "data",
-                 device: str | None = None, trust_remote_code: bool = False):
-        from rpo_app.models import DEFAULT_MODEL_NAME, is_default, load_model
+                 device: str | None = None, trust_remote_code: bool = False,
+                 precision: str = "auto"):
+        """`precision` (models.pick_precision): the weights' dtype. auto: bf16 on a GPU with
+        bf16 and on a CPU with bf16 instructions, where decoding reads half the bytes per
+        token (2 answers of 192 tokens: 24 s in fp32, 13 s in bf16 on 2 cores)."""
+        import torch
 
-        net, tok = load_model(model, data_dir, device=device, trust_remote_code=trust_remote_code)
+        from rpo_app.models import DEFAULT_MODEL_NAME, is_default, load_model, pick_device, pick_precision
+
+        device = pick_device(device)
+        dtype = torch.bfloat16 if pick_precision(device, precision) == "bf16" else torch.float32
+        net, tok = load_model(model, data_dir, device=device, dtype=dtype,
+                              trust_remote_code=trust_remote_code)
         self._setup(net, tok, DEFAULT_MODEL_NAME if is_default(model) else str(model))
 
     @classmethod

@@ -296,7 +296,9 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
              len(train_rows), len({r.get('family') for r in train_rows}), len(test_rows),
              len({r.get('family') for r in test_rows}))
     store = Store(data_dir)
-    host = ModelHost(model, data_dir, device=args.device)
+    # fp32 whatever the CPU: the cached candidates and base answers, and the results
+    # recorded in the README, were made in fp32.
+    host = ModelHost(model, data_dir, device=args.device, precision="fp32")
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else out / "cache"
     # Its own flags only (no min-p, no repetition penalty): the candidates and the greedy
     # test answers stay comparable with the results recorded in the README.

@@ -52,8 +52,9 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
     from rpo_app.store import Store
 
     work = Path(tempfile.mkdtemp(prefix="bench-first-run-"))
-    link_model_cache(Path(data_dir) / "models" if (Path(data_dir) / "models").exists()
-                     else REPO / "tests" / ".cache", work)
+    # The converted default model of the data dir (or of the tests' cache) is reused.
+    link_model_cache(data_dir if (Path(data_dir) / "models").exists() else REPO / "tests" / ".cache",
+                     work)
     store = Store(work)
     io.seed_if_empty(store)
     queue = LabelQueue(store)
