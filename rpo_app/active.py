@@ -248,7 +248,9 @@ class ScoreJobStatus:
                     f"{self.adapter} in {human(took)}.")
         eta = self.eta_s()
         pct = f"{100 * self.done / self.total:.0f}%" if self.total else "starting"
-        when = f"ETA {human(eta)}" if eta is not None else "measuring the speed"
+        when = (f"ETA {human(eta)}" if eta is not None else
+                "ranking the items" if self.total and self.done >= self.total else
+                "measuring the speed")
         return (f"Scoring answers for the informative order ({self.phase}): {pct} of "
                 f"{self.total:,} tokens · {when}")
 

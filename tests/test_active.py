@@ -212,3 +212,19 @@ def test_pool_takes_whole_prompts_with_the_fewest_judgments_first():
     assert pick_pool(answers, 6, seed=1) == pool  # seeded
     assert len(pick_pool(answers, 100, seed=1)) == 12
 
+
+
+def test_scoring_status_line_never_says_eta_zero_while_work_remains():
+    import time
+
+    from rpo_app.active import ScoreJobStatus
+
+    st = ScoreJobStatus(state="running", adapter="run-1", phase="adapter run-1", done=0, total=1000,
+                        phase_started_at=time.time() - 5, started_at=time.time() - 5)
+    assert "measuring the speed" in st.line() and "ETA" not in st.line()
+    st.done = 250
+    assert "25% of 1,000 tokens" in st.line() and "ETA 15 s" in st.line()
+    st.done = 1000  # every token scored, the items are being ranked and stored
+    assert "ranking the items" in st.line() and "ETA" not in st.line()
+    st.state, st.answers, st.finished_at = "finished", 40, st.started_at + 90
+    assert st.line().startswith("✔ Informative order ready: 40 answers") and "in 2 min" in st.line()

@@ -21,14 +21,19 @@ RTL = "كيف أتعلم الطبخ؟ ‏How do I learn to cook? איך ללמו
 
 
 def _snapshot(data) -> dict:
-    """What a user wrote: every table but the embedding cache (the app fills it in the
-    background) and leases (the queue takes them)."""
+    """What a user wrote: every table but the caches the app fills in the background (the
+    prompt embeddings; the informative order's log-probs, scores and their description,
+    which its adapter writes after start) and leases (the queue takes them)."""
+    from rpo_app.store import INFORMATIVE_KEY
+
     store = Store(data)
     try:
         tables = store.snapshot()
     finally:
         store.close()
-    return {k: v for k, v in tables.items() if k not in ("prompt_embeddings", "leases")}
+    tables["settings"] = [row for row in tables["settings"] if row[0] != INFORMATIVE_KEY]
+    return {k: v for k, v in tables.items()
+            if k not in ("prompt_embeddings", "leases", "answer_logps", "item_scores")}
 
 
 @pytest.fixture(scope="module")
