@@ -39,7 +39,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             model_info = gr.Markdown(_model_line(ctx), elem_id="model-line")
         remembered = gr.BrowserState("", storage_key="rpo_app_annotator")
         with gr.Tabs():
-            with gr.Tab("Label", id="label"):
+            with gr.Tab("Label", id="label") as label_page:
                 label = label_tab.build(ctx, annotator)
             with gr.Tab("Train", id="train"):
                 train = train_tab.build(ctx)
@@ -64,6 +64,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         annotator.change(lambda name: name, annotator, remembered, api_name=False)
         # A run may have finished since the page loaded: offer its adapter at once.
         chat_page.select(chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
+        # Back on the Label tab after generating or importing in the Data tab: an empty
+        # screen fetches the next item (one on screen stays).
+        label_page.select(label["poll"], label["poll_inputs"], label["view"], api_name=False)
         # Figures are computed when someone looks, not on every page load.
         team_page.select(team["load"], None, team["load_outputs"], api_name=False)
         timer = gr.Timer(3.0)

@@ -601,7 +601,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     order.change(on_show, base_inputs, view, api_name="label_order", concurrency_limit=None)
     annotator_box.submit(on_show, base_inputs, view, api_name=False)
     _register_api(ctx)
-    return {"view": view, "show_next": on_show, "inputs": base_inputs}
+    return {"view": view, "show_next": on_show, "inputs": base_inputs, "poll": on_poll,
+            "poll_inputs": [token, *base_inputs]}
 
 
 # -- writing a better answer -------------------------------------------------------------
