@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Callable
 
+from rpo_app.jobs import BackgroundJob
 from rpo_app.progress import eta_seconds, human
 
 log = logging.getLogger(__name__)
@@ -255,23 +256,19 @@ class ScoreJobStatus:
                 f"{self.total:,} tokens · {when}")
 
 
-class ScoringJobs:
+class ScoringJobs(BackgroundJob):
     """One scoring job at a time in a thread; a newer adapter stops the older job."""
+
+    what = "scoring for the informative order"
 
     def __init__(self, store, host: Callable[[], object], index: Callable[[], object] | None = None,
                  before: Callable[[], None] | None = None):
+        super().__init__(ScoreJobStatus())
         self.store = store
         self._host = host
         self._index = index
         self._before = before or (lambda: None)  # e.g. load the new adapter into the host
-        self._lock = threading.Lock()
-        self._status = ScoreJobStatus()
-        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-
-    def status(self) -> ScoreJobStatus:
-        with self._lock:
-            return dataclasses.replace(self._status)
 
     def start_if_needed(self) -> bool:
         """Start scoring for the newest adapter unless its order is complete or being made."""
@@ -287,8 +284,7 @@ class ScoringJobs:
         if old is not None and old.is_alive():
             self._stop.set()
             old.join()
-        self._stop = threading.Event()
-        stop = self._stop
+        self._stop = stop = threading.Event()
         with self._lock:
             self._status = ScoreJobStatus(state="running", adapter=adapter["name"], started_at=time.time())
 
@@ -299,31 +295,14 @@ class ScoringJobs:
                 self._status.done, self._status.total = p.done, p.total
 
         def work() -> None:
-            try:
-                self._before()
-                host = self._host()
-                index = self._index() if self._index else None
-                info = score_store(self.store, host, adapter, index=index, progress=report,
-                                   should_stop=stop.is_set)
-                with self._lock:
-                    self._status.state = "stopped" if info.get("stopped") else "finished"
-                    self._status.answers, self._status.items = info.get("answers", 0), info.get("items", {})
-            except BaseException as err:  # shown on the Label tab; the queue keeps its usual order
-                log.exception("scoring for the informative order failed")
-                with self._lock:
-                    self._status.state, self._status.error = "failed", str(err) or type(err).__name__
-            finally:
-                with self._lock:
-                    self._status.finished_at = time.time()
+            self._before()
+            info = score_store(self.store, self._host(), adapter,
+                               index=self._index() if self._index else None, progress=report,
+                               should_stop=stop.is_set)
+            self._set(state="stopped" if info.get("stopped") else "finished",
+                      answers=info.get("answers", 0), items=info.get("items", {}))
 
-        self._thread = threading.Thread(target=work, name="score-informative", daemon=True)
-        self._thread.start()
-
-    def wait(self, timeout: float | None = None) -> ScoreJobStatus:
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        return self.status()
+        self._launch("score-informative", work)
 
     def stop(self) -> None:
         self._stop.set()

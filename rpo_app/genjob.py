@@ -6,16 +6,13 @@ being written, and every tab can show the same job's progress.
 """
 from __future__ import annotations
 
-import dataclasses
-import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from rpo_app.jobs import BackgroundJob
 from rpo_app.progress import eta_seconds, human
 
-log = logging.getLogger(__name__)
 
 # The first-run path: two answers for each of this many prompts make the first pairs,
 # and the first batch is one prompt's two answers (a pair within seconds).
@@ -72,19 +69,15 @@ class GenJobStatus:
         return f"Generating answers: {self.done}/{self.total} stored · {when}"
 
 
-class GenerationJobs:
+class GenerationJobs(BackgroundJob):
     """Runs `generate.top_up` in a thread; `status()` can be read from any thread."""
 
+    what = "generation"
+
     def __init__(self, store, host: Callable[[], object]):
+        super().__init__(GenJobStatus())
         self.store = store
         self._host = host  # waits for the model to load
-        self._lock = threading.Lock()
-        self._status = GenJobStatus()
-        self._thread: threading.Thread | None = None
-
-    def status(self) -> GenJobStatus:
-        with self._lock:
-            return dataclasses.replace(self._status)
 
     def start(self, todo: list[tuple[int, int]], n: int, settings, adapter: str | None = None,
               first_batch: int | None = None, batch_size: int = 32) -> GenJobStatus:
@@ -101,36 +94,13 @@ class GenerationJobs:
             self._status = GenJobStatus(state="running", total=total, prompts=len(todo),
                                         started_at=time.time())
 
-        def progress(done: int, _total: int) -> None:
-            with self._lock:
-                self._status.done = done
-
         def work() -> None:
-            try:
-                host = self._host()
-                estimate = host.estimate_seconds(total, settings.max_new_tokens, batch_size,
-                                                 first_batch)
-                with self._lock:
-                    self._status.estimate_s = estimate
-                result = top_up(self.store, host, todo, n, settings, adapter=adapter,
-                                batch_size=batch_size, progress=progress, first_batch=first_batch)
-                with self._lock:
-                    self._status.new, self._status.duplicates = result["new"], result["duplicates"]
-                    self._status.state = "finished"
-            except BaseException as err:  # shown on the page; the answers stored so far stay
-                log.exception("generation failed")
-                with self._lock:
-                    self._status.state, self._status.error = "failed", str(err) or type(err).__name__
-            finally:
-                with self._lock:
-                    self._status.finished_at = time.time()
+            host = self._host()
+            self._set(estimate_s=host.estimate_seconds(total, settings.max_new_tokens, batch_size,
+                                                       first_batch))
+            result = top_up(self.store, host, todo, n, settings, adapter=adapter, batch_size=batch_size,
+                            progress=lambda done, _total: self._set(done=done), first_batch=first_batch)
+            self._set(new=result["new"], duplicates=result["duplicates"], state="finished")
 
-        self._thread = threading.Thread(target=work, name="generate-candidates", daemon=True)
-        self._thread.start()
-        return self.status()
-
-    def wait(self, timeout: float | None = None) -> GenJobStatus:
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+        self._launch("generate-candidates", work)
         return self.status()

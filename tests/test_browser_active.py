@@ -8,7 +8,7 @@ import pytest
 
 from apptools import chromium_browser, screenshot, seed_store, start_app
 from rpo_app.store import Store
-from test_browser_train_chat import _box, _train_until_finished, _wait_for_adapter
+from test_browser_train_chat import _box, _label_pairs, _train_until_finished, _wait_for_adapter
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 TIMEOUT = 30_000
@@ -33,14 +33,7 @@ def test_label_tab_switches_to_the_informative_order_after_a_run(data_dir, tiny_
             # the queue's own order picks the items, and the line says why.
             assert page.locator("#lbl-order input[value='informative']").is_checked()
             assert "until a training run has finished" in _order_line(page)
-            for i in range(8):
-                page.wait_for_function("() => document.querySelector('#lbl-left-text textarea')"
-                                       ".value.length > 0", timeout=TIMEOUT)
-                left = _box(page, "lbl-left-text").input_value()
-                page.evaluate("() => document.activeElement && document.activeElement.blur()")
-                page.keyboard.press("1" if "Option A" in left else "2")
-                page.wait_for_function(f"() => document.querySelector('#lbl-status').innerText"
-                                       f".includes('Saved judgment #{i + 1} ')", timeout=TIMEOUT)
+            _label_pairs(page, 8)
 
             _train_until_finished(page, 8, "Say hi.", steps=4, batch=2)
             run_id = _wait_for_adapter(data_dir)

@@ -27,6 +27,19 @@ def _set_number(page, elem_id, value):
     box.press("Tab")
 
 
+def _label_pairs(page, n: int, first: int = 1) -> None:
+    """Judge n pairs with the keyboard, the answer that says "Option A" winning; judgment
+    numbers from `first`."""
+    for i in range(first, first + n):
+        page.wait_for_function("() => document.querySelector('#lbl-left-text textarea')"
+                               ".value.length > 0", timeout=TIMEOUT)
+        left = _box(page, "lbl-left-text").input_value()
+        page.evaluate("() => document.activeElement && document.activeElement.blur()")
+        page.keyboard.press("1" if "Option A" in left else "2")
+        page.wait_for_function(f"() => document.querySelector('#lbl-status').innerText"
+                               f".includes('Saved judgment #{i} ')", timeout=TIMEOUT)
+
+
 def _train_until_finished(page, pairs: int, previews: str, **numbers) -> None:
     """Fill the Train tab (numbers: elem id suffix -> value), start and wait for the end."""
     page.get_by_role("tab", name="Train").click()
@@ -101,15 +114,7 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
             _box(page, "annotator-name").fill("grace")
             _box(page, "annotator-name").press("Enter")
             # Label eight pairs with the keyboard: the answer ending in "A" always wins.
-            for i in range(8):
-                page.wait_for_function("() => document.querySelector('#lbl-left-text textarea')"
-                                       ".value.length > 0", timeout=TIMEOUT)
-                left = _box(page, "lbl-left-text").input_value()
-                page.evaluate("() => document.activeElement && document.activeElement.blur()")
-                page.keyboard.press("1" if "Option A" in left else "2")
-                page.wait_for_function(
-                    f"() => document.querySelector('#lbl-status').innerText"
-                    f".includes('Saved judgment #{i + 1} ')", timeout=TIMEOUT)
+            _label_pairs(page, 8)
 
             _train_until_finished(page, 8, "Say hi.", steps=4, batch=2)
             # The loss chart has drawn its points (vega renders marks into svg or canvas).
