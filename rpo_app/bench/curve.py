@@ -257,11 +257,16 @@ def plot(summary: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(regimes), len(judges), figsize=(4.2 * len(judges), 3.4 * len(regimes)),
                              squeeze=False, sharey=True)
     styles = {"random": ":", "queue": "--", "active": "-"}
+    # One colour per loss across panels, so rpo-paired in one panel is rpo-paired in the next.
+    losses = sorted({e["loss"] for e in summary})
+    colours = {loss: f"C{k}" for k, loss in enumerate(losses)}
+    budgets = sorted({e["budget"] for e in summary})
     for i, regime in enumerate(regimes):
         for j, judge in enumerate(judges):
             ax = axes[i][j]
             lines = sorted({(e["order"], e["loss"]) for e in summary
                             if e["judge"] == judge and e["regime"] == regime})
+            drawn = 0
             for order, loss in lines:
                 pts = sorted((e["budget"], e["win_rate"], e.get("win_rate_std", 0)) for e in summary
                              if (e["judge"], e["regime"], e["order"], e["loss"]) == (judge, regime, order, loss)
@@ -269,17 +274,24 @@ def plot(summary: list[dict], path: Path) -> None:
                 if pts:
                     xs, ys, sd = zip(*pts)
                     ax.errorbar(xs, ys, yerr=sd, ls=styles.get(order, "-"), marker="o", capsize=3,
-                                label=f"{loss}, {order}")
+                                color=colours[loss], label=f"{loss}, {order}")
+                    drawn += 1
             ax.axhline(0.5, color="grey", lw=1)
             ax.axhline(0.7, color="green", lw=1, ls=":")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.set_xlim(budgets[0] / 1.3, budgets[-1] * 1.3)
             ax.set_ylim(0, 1)
             ax.set_title(f"{judge} · {regime}", fontsize=10)
             if j == 0:
                 ax.set_ylabel("win rate vs base")
             if i == len(regimes) - 1:
                 ax.set_xlabel("labels")
-            ax.legend(fontsize=7)
+            if drawn:
+                ax.legend(fontsize=7)
+            else:  # say so rather than leave a blank frame that reads as "nothing learned"
+                ax.text(0.5, 0.5, "not measured" if not lines else "nothing to train on",
+                        ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.suptitle("Learning curves: simulated annotators labeling what the queue shows")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -349,6 +361,9 @@ def main_from_args(args: argparse.Namespace) -> int:
                 data = json.loads(Path(name).read_text())
             except (OSError, ValueError) as err:
                 print(f"error: cannot read {name}: {err}", file=sys.stderr)
+                return effect.EXIT_USAGE
+            if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+                print(f"error: {name} is not a bench-curve curve.json (no list of rows)", file=sys.stderr)
                 return effect.EXIT_USAGE
             rows += data["rows"]
             bases += data.get("base_per_seed", [])

@@ -11,7 +11,7 @@ From an empty data dir (the seed prompts, no answers), with the app's own parts:
    Train tab's defaults, in a child process as the app starts it), each phase timed from
    its run folder (`RunStatus.phases`), beside the Train tab's up-front estimate.
 
-`--quick` trains 4 steps instead of the default's 60.
+`--quick` trains 4 steps instead of the default run's (40 for a label set this small).
 """
 from __future__ import annotations
 

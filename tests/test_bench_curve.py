@@ -1,0 +1,121 @@
+"""bench-curve's pieces that need no training: the simulated annotator labeling through
+the real label queue, the summary over seeds, the targets read off it, and --merge."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rpo_app import judges
+from rpo_app.bench import curve
+from rpo_app.labelqueue import LabelQueue
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _seed(store, n_prompts=5):
+    """Answers of 13, 20 and 27 words per prompt: `concise` prefers the shortest."""
+    for i in range(n_prompts):
+        pid, _ = store.add_prompt(f"Question {i}: how do I do thing {i}?", "test", f"fam{i % 3}")
+        for k in range(3):
+            store.add_response(pid, " ".join(f"w{i}x{j}" for j in range(13 + 7 * k)), "test")
+
+
+def _counts():
+    return dict.fromkeys(("labels", "decided", "informative", "skips", "wins", "ties", "ups",
+                          "downs"), 0)
+
+
+def test_the_annotator_labels_what_the_queue_shows(store):
+    _seed(store)
+    medians = curve.prompt_medians(store, judges.concise, "concise")
+    assert len(medians) == 5
+    q = LabelQueue(store, seed=0)
+    counts = _counts()
+    assert curve.label_until(q, "judge:concise", "paired", "random", 6, counts,
+                             judges.concise, "concise", medians)
+    rows = store.judgments()
+    assert counts["labels"] == counts["decided"] == len(rows) == 6
+    for r in rows:  # every click is the judge's: the shorter answer wins
+        assert r["annotator"] == "judge:concise"
+    # 15 pairs in all: asking for more than the queue holds stops where it runs out
+    assert not curve.label_until(q, "judge:concise", "paired", "random", 100, counts,
+                                 judges.concise, "concise", medians)
+    assert counts["labels"] == store.count_judgments() == 15
+
+
+def test_thumbs_skip_the_median_answer(store):
+    _seed(store, n_prompts=2)
+    medians = curve.prompt_medians(store, judges.concise, "concise")
+    q = LabelQueue(store, seed=0)
+    counts = _counts()
+    assert not curve.label_until(q, "judge:concise", "unpaired", "queue", 10, counts,
+                                 judges.concise, "concise", medians)
+    # per prompt: the short answer up, the long one down, the middle one skipped (nothing stored)
+    assert (counts["ups"], counts["downs"], counts["skips"]) == (2, 2, 2)
+    assert store.count_judgments() == 4
+
+
+def _row(judge, regime, order, loss, budget, seed, win=None, error=None):
+    r = {"judge": judge, "regime": regime, "order": order, "loss": loss, "budget": budget,
+         "seed": seed, "labels": budget, "decided": budget // 2}
+    if error:
+        r["error"] = error
+    else:
+        r.update(win_rate=win, mean_words=30.0, short_share=0.0, repeat_share=0.02,
+                 base_logp=-1.0, steps=40, train_s=100.0)
+    return r
+
+
+ROWS = [
+    _row("caveat", "pairs", "random", "rpo-paired", 64, 0, 0.50),
+    _row("caveat", "pairs", "random", "rpo-paired", 128, 0, 0.56),
+    _row("caveat", "pairs", "random", "rpo-paired", 128, 1, 0.60),
+    _row("caveat", "pairs", "active", "rpo-paired", 32, 0, 0.55),
+    _row("caveat", "pairs", "active", "rpo-paired", 64, 0, 0.62),
+    _row("concise", "thumbs", "random", "rpo-unpaired", 64, 0, 0.70),
+    _row("concise", "thumbs", "random", "kto", 64, 0, 0.60),
+    _row("concise", "cross", "random", "rpo-paired", 64, 0, 0.75),
+    _row("concise", "cross", "random", "dpo", 64, 0, error="loss dpo has 0 training pairs; x"),
+]
+
+
+def test_summary_and_targets():
+    summary = curve.summarize(ROWS)
+    ref = next(e for e in summary if e["order"] == "random" and e["budget"] == 128)
+    assert ref["seeds"] == 2 and ref["win_rate"] == pytest.approx(0.58)
+    assert ref["win_rate_std"] == pytest.approx(0.02) and ref["win_rate_seeds"] == [0.56, 0.6]
+    dpo = next(e for e in summary if e["loss"] == "dpo")
+    assert dpo["trained"] == 0 and dpo["untrainable"] == 1 and "win_rate" not in dpo
+    lines = curve.targets(summary)
+    # active at 32 (0.55) is under random's 128 mean (0.58); at 64 (0.62) it is over
+    assert "caveat: active reaches random's 128-label win rate (0.58) with 64 labels" in lines
+    assert "concise, thumbs only, 64 labels: rpo-unpaired 0.70 vs kto 0.60 (+10 points)" in lines
+    assert "concise, cross-prompt only, 64 labels: rpo-paired 0.75; dpo has nothing to train on" in lines
+    table = curve.format_table(summary)
+    assert "no data" in table and "0.58 ± 0.02" in table
+
+
+def test_merge_combines_runs_and_refuses_a_bad_file(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"rows": ROWS[:5], "base_per_seed": []}))
+    b.write_text(json.dumps({"rows": ROWS[5:], "base_per_seed": []}))
+    out = tmp_path / "merged"
+    cmd = [sys.executable, "-m", "rpo_app", "bench-curve", "--merge", str(a), str(b), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    merged = json.loads((out / "curve.json").read_text())
+    assert len(merged["rows"]) == len(ROWS) and len(merged["summary"]) == 8
+    assert (out / "curve.png").stat().st_size > 0 and "rpo-unpaired" in (out / "curve.txt").read_text()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    out2 = tmp_path / "merged2"
+    wrong = tmp_path / "effect.json"
+    wrong.write_text(json.dumps({"summary": []}))
+    for name, says in ((bad, "cannot read"), (wrong, "not a bench-curve curve.json")):
+        done = subprocess.run(cmd[:5] + [str(a), str(name), "--out", str(out2)], cwd=REPO,
+                              capture_output=True, text=True)
+        assert done.returncode != 0 and says in done.stderr and str(name) in done.stderr
+        assert not out2.exists()  # nothing half-written
