@@ -59,6 +59,10 @@ def test_two_annotators_share_items_and_see_their_agreement(data_dir, tiny_model
             ctx_a, ada = _login(browser, app.url, "ada")
             # Ada makes every item go to two annotators, in the Team tab.
             ada.get_by_role("tab", name="Team").click()
+            # Selecting the tab loads the stored settings into the form: type after that
+            # lands, or the load overwrites the 2 with the stored 1 (CI saw overlap 1 saved).
+            ada.wait_for_function("() => document.querySelector('#team-summary').innerText"
+                                  ".includes('judgments')", timeout=TIMEOUT)
             box = ada.locator("#team-overlap input").first
             box.fill("2")
             box.press("Tab")
