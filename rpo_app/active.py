@@ -7,8 +7,9 @@ the new adapter (once per adapter), in length-sorted batches through the app's m
 host. From those it ranks every pair of answers to one prompt, every cross-prompt pair
 with a related prompt, and every single answer, and stores the ranks; the queue reads
 them (LabelQueue, order "informative") and falls back to its usual order until they
-exist. The ranks are rewritten as each part of the pool is scored, so the order is
-usable long before the whole pool is.
+exist. The pool is scored in chunks of whole prompts, both passes per chunk, and the
+ranks are rewritten after each: the first chunk is small, so the order is usable a
+minute or two after a run, long before the whole pool is scored.
 
 `python -m rpo_app score` runs the same job from the command line.
 """
@@ -35,8 +36,11 @@ log = logging.getLogger(__name__)
 POOL_ANSWERS = 1500
 # Tokens per forward batch; length-sorted, so little of it is padding.
 BATCH_TOKENS = 4096
-# The ranks are rewritten after every this many answers scored with the adapter.
-PUBLISH_EVERY = 256
+# Answers per chunk (whole prompts; both passes, then the ranks are rewritten). The first
+# chunk is small so the first ranks come soon; later ones double up to the largest, as
+# each rewrite re-ranks everything scored so far.
+FIRST_CHUNK = 32
+LARGEST_CHUNK = 256
 # Cross-prompt pairs: each answer against the answers of its few most related prompts.
 CROSS_RELATED = 3
 MAX_LENGTH = 512  # the trainer's default max_length: the same truncation as training
@@ -87,8 +91,9 @@ def adapter_beta(store, adapter: dict) -> float:
 @dataclass
 class Progress:
     phase: str
-    done: int  # tokens scored in this phase
+    done: int  # tokens scored in this phase (both passes)
     total: int
+    seconds: dict = dataclasses.field(default_factory=dict)  # per pass: base, adapter, ranking
 
 
 def pick_pool(answers: list[dict], size: int, seed) -> list[dict]:
@@ -106,6 +111,23 @@ def pick_pool(answers: list[dict], size: int, seed) -> list[dict]:
             break
         pool.extend(by_prompt[pid])
     return pool
+
+
+def chunks(pool: list[dict], first: int | None = None, largest: int | None = None) -> list[list[int]]:
+    """The pool's answer ids in chunks of whole prompts, in pool order: the first of at
+    least `first` answers (FIRST_CHUNK), each next one twice the last, up to `largest`."""
+    largest = largest or LARGEST_CHUNK
+    out: list[list[int]] = []
+    size, cur, cur_prompt = first or FIRST_CHUNK, [], None
+    for a in pool:
+        if cur and a["prompt_id"] != cur_prompt and len(cur) >= size:
+            out.append(cur)
+            cur, size = [], min(2 * size, largest)
+        cur.append(a["id"])
+        cur_prompt = a["prompt_id"]
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _batches(order: list[int], lengths: dict[int, int]) -> list[list[int]]:
@@ -151,6 +173,8 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
         reward = {i: logps[ad_key][i] - logps[base_key][i] for i in seqs
                   if i in logps[ad_key] and i in logps[base_key]}
         rows = _rank(pool, reward, beta, texts, index, informative)
+        # When the queue first had an order to serve: what a user waits for after a run.
+        meta.setdefault("first_ranks_s", round(time.time() - t0, 1))
         info = {**meta, "answers": len(reward), "complete": complete,
                 "items": {k: sum(r.kind == k for r in rows) for k in ("paired", "cross", "unpaired")},
                 "seconds": round(time.time() - t0, 1), "updated_at": time.time(),
@@ -158,29 +182,40 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
         store.replace_item_scores(ad_key, rows, info)
         return info
 
-    info: dict = {}
-    # Longest first: the slowest batches show in the first ETA, not the last.
-    for phase, key, name in (("the base model", base_key, None), (f"adapter {adapter['name']}", ad_key,
-                                                                 adapter["name"])):
-        todo = sorted((i for i in seqs if i not in logps[key]), key=lambda i: -lengths[i])
-        total, done, since_publish = sum(lengths[i] for i in todo), 0, 0
-        if progress:
-            progress(Progress(phase, 0, total))
-        for batch in _batches(todo, lengths):
-            if should_stop():
-                return {**meta, "stopped": True}
-            values = host.sequence_logps([seqs[i] for i in batch], adapter=name, precision=precision)
-            rows = [(i, v, lengths[i] - seqs[i].prompt_len) for i, v in zip(batch, values)]
-            store.save_answer_logps(key, rows)
-            logps[key].update({i: v for i, v, _ in rows})
-            done += sum(lengths[i] for i in batch)
-            since_publish += len(batch)
-            if progress:
-                progress(Progress(phase, done, total))
-            if key == ad_key and since_publish >= PUBLISH_EVERY:
-                info = publish(complete=False)
-                since_publish = 0
+    passes = ((base_key, None, "base model pass"), (ad_key, adapter["name"], "adapter pass"))
+    seconds = {"base model pass": 0.0, "adapter pass": 0.0, "ranking": 0.0}
+    # Both passes' tokens: they cost the same per token, so the ETA is honest across them.
+    total = sum(lengths[i] for key, _, _ in passes for i in seqs if i not in logps[key])
+    done = 0
+    phase = f"adapter {adapter['name']}" if all(i in logps[base_key] for i in seqs) else \
+        f"base model and adapter {adapter['name']}"
+    if progress:
+        progress(Progress(phase, 0, total, dict(seconds)))
+    parts = chunks(pool)
+    for n, chunk in enumerate(parts):
+        for key, name, what in passes:
+            todo = sorted((i for i in chunk if i not in logps[key]), key=lambda i: -lengths[i])
+            for batch in _batches(todo, lengths):
+                if should_stop():
+                    return {**meta, "stopped": True}
+                t = time.perf_counter()
+                values = host.sequence_logps([seqs[i] for i in batch], adapter=name, precision=precision)
+                rows = [(i, v, lengths[i] - seqs[i].prompt_len) for i, v in zip(batch, values)]
+                store.save_answer_logps(key, rows)
+                logps[key].update({i: v for i, v, _ in rows})
+                seconds[what] += time.perf_counter() - t
+                done += sum(lengths[i] for i in batch)
+                if progress:
+                    progress(Progress(phase, done, total, dict(seconds)))
+        if n < len(parts) - 1:
+            t = time.perf_counter()
+            publish(complete=False)
+            seconds["ranking"] += time.perf_counter() - t
+    t = time.perf_counter()
     info = publish(complete=True)
+    seconds["ranking"] += time.perf_counter() - t
+    if progress:
+        progress(Progress(phase, done, total, dict(seconds)))
     log.info("informative order: %d answers scored with %s in %.1f s; %s", info["answers"],
              adapter["name"], info["seconds"], info["items"])
     return info

@@ -28,6 +28,7 @@ answers are not worth a label (the verdict is a tie) and are left out.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import statistics
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Scored:
     score: float  # in (0, 1]; higher comes first
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the scoring job re-ranks the same pairs after each chunk
 def near_duplicate(text_a: str, text_b: str, threshold: float = NEAR_DUPLICATE) -> bool:
     """Whether two answers say the same thing in (almost) the same words."""
     a, b = text_a.lower().split(), text_b.lower().split()

@@ -173,11 +173,12 @@ def test_scoring_job_scores_the_pool_and_orders_the_queue(store, data_dir, tiny_
     assert info["complete"] and info["answers"] == 15 and info["pool"] == 15
     assert info["items"] == {"paired": 15, "cross": 0, "unpaired": 15}
     assert active.needs_scoring(store) is None  # complete for the newest adapter
-    # progress moved in both phases and ended at its total
-    phases = [p for p, _, _ in seen]
-    assert phases[0] == "the base model" and phases[-1] == "adapter tuned"
+    # one phase over both passes' tokens, moving up to its total
+    assert {p for p, _, _ in seen} == {"base model and adapter tuned"}
+    assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen)
     assert all(done <= total for _, done, total in seen)
     assert seen[-1][1] == seen[-1][2] > 0
+    assert info["first_ranks_s"] <= info["seconds"]
     # the stored log-probs are the trainer's scorer's, one answer checked by hand
     base_lp = store.answer_logps(active.base_scorer(host, "fp32"))
     ad_lp = store.answer_logps(active.adapter_scorer(adapter, "fp32"))
@@ -198,6 +199,50 @@ def test_scoring_job_scores_the_pool_and_orders_the_queue(store, data_dir, tiny_
     active.score_store(store, host, adapter, precision="fp32",
                        progress=lambda p: seen.append((p.phase, p.done, p.total)))
     assert all(total == 0 for _, _, total in seen)
+
+
+@pytest.mark.slow
+def test_first_ranks_come_after_the_first_chunk(store, data_dir, tiny_model_dir, tiny_adapter, monkeypatch):
+    """The queue gets an order after the first small chunk (both passes), not after a
+    base pass over the whole pool; later chunks re-rank, and the last completes it."""
+    from rpo_app import active
+    from rpo_app.generate import ModelHost
+
+    _seed(store, n_prompts=5, answers=3)
+    monkeypatch.setattr(active, "FIRST_CHUNK", 3)
+    monkeypatch.setattr(active, "LARGEST_CHUNK", 6)
+    store.register_adapter("tuned", str(tiny_adapter), None, str(tiny_model_dir))
+    host = ModelHost(str(tiny_model_dir), data_dir, device="cpu")
+    host.load_adapter("tuned", tiny_adapter)
+    orders = []
+
+    def progress(p):
+        meta = store.informative_meta()
+        orders.append((p.done, p.total, meta and meta["answers"], meta and meta["complete"],
+                       dict(p.seconds)))
+
+    info = active.score_store(store, host, store.adapter("tuned"), precision="fp32", progress=progress)
+    assert info["complete"] and info["answers"] == 15
+    published = [(answers, complete) for done, total, answers, complete, _ in orders
+                 if answers is not None and done < total]
+    # chunks of 3, 6 and 6 answers: ranks over 3, then 9, before the work is done
+    assert published[0] == (3, False) and (9, False) in published
+    last = orders[-1][4]
+    assert last["base model pass"] > 0 and last["adapter pass"] > 0 and last["ranking"] >= 0
+
+
+def test_chunks_are_whole_prompts_doubling_up_to_the_largest():
+    from rpo_app.active import chunks
+
+    pool = [{"id": 10 * p + k, "prompt_id": p} for p in range(20) for k in range(4)]
+    parts = chunks(pool, first=8, largest=16)
+    assert [len(c) for c in parts] == [8, 16, 16, 16, 16, 8]
+    assert [i for c in parts for i in c] == [a["id"] for a in pool]  # pool order, each once
+    for c in parts:  # whole prompts
+        assert all(len([i for i in c if i // 10 == i0 // 10]) == 4 for i0 in c)
+    # a prompt with more answers than a chunk is not split
+    big = [{"id": k, "prompt_id": 0} for k in range(10)] + [{"id": 99, "prompt_id": 1}]
+    assert chunks(big, first=4, largest=4) == [list(range(10)), [99]]
 
 
 def test_pool_takes_whole_prompts_with_the_fewest_judgments_first():

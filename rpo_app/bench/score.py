@@ -1,16 +1,18 @@
 """What the informative order costs: scoring candidate pairs with an adapter.
 
-A store of P prompts with K answers each (C(K,2) pairs per prompt; synthetic answers of
-chat-like length), an adapter on the bundled model (random LoRA weights: the cost does
-not depend on what it learned), and the scoring job the app runs after each training
-run (rpo_app.active.score_store), timed by phase:
+A store of P prompts with K answers each (C(K,2) same-prompt pairs per prompt, plus the
+cross-prompt pairs with each prompt's related prompts; synthetic answers of chat-like
+length), an adapter on the bundled model (random LoRA weights: the cost does not depend
+on what it learned), and the scoring job the app runs after each training run
+(rpo_app.active.score_store, with the app's prompt index), timed by pass:
 
 - the base model's pass: once per answer, cached in the store for good;
 - the adapter's pass: once per answer and adapter;
-- ranking the items and storing them.
+- ranking the items and storing them (after each chunk of the pool).
 
 Then the same job for a second adapter, with the base model's log-probs already cached:
-what every later run costs. Reported per 1,000 candidate pairs.
+what every later run costs. Reported per 1,000 candidate pairs (same-prompt and cross)
+and per 1,000 same-prompt pairs, with the time until the queue first had an order.
 
     python -m rpo_app bench --only score [--quick]
 """
@@ -44,6 +46,7 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
 
     from rpo_app import active
     from rpo_app.bench.train import synthetic_judgments
+    from rpo_app.embed import Embedder, PromptIndex
     from rpo_app.generate import ModelHost
     from rpo_app.models import link_model_cache, pick_precision, resolve_model
     from rpo_app.store import Store
@@ -69,52 +72,45 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
                 k += 1
         model_dir = resolve_model(None, tmp)
         host = ModelHost(None, tmp, device="cpu")
+        index = PromptIndex(store, Embedder())
+        index.refresh()
         result["precision"] = pick_precision(str(host.device))
         for n, label in ((0, "first"), (1, "next")):
             path = _adapter(model_dir, tmp / f"adapter-{n}", seed=n)
             name = f"bench-{n}"
             store.register_adapter(name, str(path), None, model_dir)
             host.load_adapter(name, path)
-            phases: dict[str, float] = {}
-            tokens: dict[str, int] = {}
-            marks = {"t": time.perf_counter(), "phase": None}
-
-            def progress(p, phases=phases, tokens=tokens, marks=marks) -> None:
-                # A phase's time runs from its first report (0 tokens done) to its last
-                # (all done); what follows the last is ranking and storing.
-                now = time.perf_counter()
-                if marks["phase"] == p.phase:
-                    phases[p.phase] = phases.get(p.phase, 0.0) + now - marks["t"]
-                marks["t"], marks["phase"] = now, p.phase
-                tokens[p.phase] = p.total
-
+            last: dict = {}
             t0 = time.perf_counter()
-            info = active.score_store(store, host, store.adapter(name), progress=progress)
+            info = active.score_store(store, host, store.adapter(name), index=index,
+                                      progress=lambda p, last=last: last.update(p=p))
             total = time.perf_counter() - t0
-            named = {("base model pass" if ph == "the base model" else "adapter pass"): s
-                     for ph, s in phases.items()}
-            named["ranking and storing"] = max(0.0, total - sum(phases.values()))
-            result[label] = {"seconds": total, "phases": named,
-                             "tokens": {("base model pass" if ph == "the base model" else "adapter pass"): t
-                                        for ph, t in tokens.items()},
-                             "items": info["items"],
-                             "seconds_per_1000_pairs": total * 1000 / result["pairs"]}
+            report = last["p"]
+            named = {k: v for k, v in report.seconds.items() if v > 0 or k == "ranking"}
+            named["loading and encoding"] = max(0.0, total - sum(report.seconds.values()))
+            pairs = info["items"]["paired"] + info["items"]["cross"]
+            result[label] = {"seconds": total, "phases": named, "tokens": report.total,
+                             "first_ranks_s": info["first_ranks_s"], "items": info["items"],
+                             "seconds_per_1000_pairs": total * 1000 / max(pairs, 1),
+                             "seconds_per_1000_same_prompt_pairs": total * 1000 / result["pairs"]}
             host.unload_adapter(name)
         store.close()
     return result
 
 
 def format_table(r: dict) -> str:
-    lines = [f"informative-order scoring: {r['prompts']} prompts x {r['answers_per_prompt']} answers "
-             f"= {r['pairs']} candidate pairs, {r['threads']} threads, {r['precision']}",
-             f"{'job':<34}{'phase':<24}{'tokens':>10}{'seconds':>10}{'tok/s':>10}"]
+    lines = [f"informative-order scoring: {r['prompts']} prompts x {r['answers_per_prompt']} answers, "
+             f"{r['threads']} threads, {r['precision']}",
+             f"{'job':<34}{'phase':<24}{'seconds':>10}"]
     for label, what in (("first", "first adapter (base not cached)"), ("next", "a later adapter")):
         job = r[label]
         for phase, sec in job["phases"].items():
-            tok = job["tokens"].get(phase)
-            rate = f"{tok / sec:>10.0f}" if tok and sec > 0 else f"{'':>10}"
-            lines.append(f"{what:<34}{phase:<24}{tok or '':>10}{sec:>10.1f}{rate}")
+            lines.append(f"{what:<34}{phase:<24}{sec:>10.1f}")
             what = ""
-        lines.append(f"{'':<34}{'total':<24}{'':>10}{job['seconds']:>10.1f}"
-                     f"   ({job['seconds_per_1000_pairs']:.0f} s per 1,000 pairs)")
+        items = job["items"]
+        lines.append(f"{'':<34}{'total':<24}{job['seconds']:>10.1f}   ({job['tokens']:,} tokens; "
+                     f"first ranks after {job['first_ranks_s']:.0f} s)")
+        lines.append(f"{'':<34}{items['paired']:,} same-prompt + {items['cross']:,} cross pairs: "
+                     f"{job['seconds_per_1000_pairs']:.0f} s per 1,000 candidate pairs, "
+                     f"{job['seconds_per_1000_same_prompt_pairs']:.0f} s per 1,000 same-prompt pairs")
     return "\n".join(lines)
