@@ -47,6 +47,13 @@ def _judge_all(page, n, prefer):
         _button(page, "lbl-left" if prefer(prompt, left, right) == "left" else "lbl-right").click()
         expect(page.locator("#lbl-status")).not_to_have_text(before, timeout=TIMEOUT)
         expect(page.locator("#lbl-status")).to_contain_text("Saved judgment", timeout=TIMEOUT)
+        # The status can render before the text boxes take the next item's values: reading
+        # them then records the judged prompt twice (CI saw it). Wait for the texts to move.
+        page.wait_for_function(
+            """([p, l, r]) => { const v = id => document.querySelector(id + ' textarea').value;
+                return v('#lbl-prompt') !== p || v('#lbl-left-text') !== l
+                    || v('#lbl-right-text') !== r; }""", arg=[prompt, left, right],
+            timeout=TIMEOUT)
     return shown
 
 
