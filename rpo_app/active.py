@@ -165,6 +165,10 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
             for a in pool}
     lengths = {i: len(s) for i, s in seqs.items()}
     texts = {a["id"]: a["text"] for a in pool}
+    prompt_of = {a["id"]: a["prompt_id"] for a in pool}
+    longest: dict[int, int] = {}
+    for i, n in lengths.items():
+        longest[prompt_of[i]] = max(longest.get(prompt_of[i], 0), n)
     meta = {"adapter": adapter["name"], "adapter_key": _adapter_key(adapter), "beta": beta,
             "pool": len(pool), "precision": precision, "started_at": t0}
     logps = {base_key: store.answer_logps(base_key), ad_key: store.answer_logps(ad_key)}
@@ -194,7 +198,10 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
     parts = chunks(pool)
     for n, chunk in enumerate(parts):
         for key, name, what in passes:
-            todo = sorted((i for i in chunk if i not in logps[key]), key=lambda i: -lengths[i])
+            # A prompt's answers side by side (the host runs each prompt once per batch),
+            # prompts by their longest answer so a batch pads little.
+            todo = sorted((i for i in chunk if i not in logps[key]),
+                          key=lambda i: (-longest[prompt_of[i]], prompt_of[i], -lengths[i]))
             for batch in _batches(todo, lengths):
                 if should_stop():
                     return {**meta, "stopped": True}

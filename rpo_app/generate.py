@@ -527,14 +527,15 @@ class ModelHost:
     # -- scoring ------------------------------------------------------------------------
     def sequence_logps(self, seqs, adapter: str | None = None, precision: str = "auto") -> list[float]:
         """Summed log-probs of the answer tokens of tokenized (prompt, answer) sequences
-        (rpo_app.batches.Seq), under one loaded adapter or the base model (None), in one
-        forward pass: the same scorer the trainer uses (rpo_app.scoring)."""
+        (rpo_app.batches.Seq), under one loaded adapter or the base model (None): the
+        trainer's scorer (rpo_app.scoring), each distinct prompt run once where the
+        model allows it (as the shared prefill does for generation)."""
         import contextlib
 
         import torch
 
         from rpo_app.models import pick_precision
-        from rpo_app.scoring import keeps_logits_by_mask, sequence_logps
+        from rpo_app.scoring import keeps_logits_by_mask, sequence_logps, shared_prompt_logps
 
         bf16 = pick_precision(str(self.device), precision) == "bf16"
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
@@ -542,6 +543,12 @@ class ModelHost:
         with self.lock, self.compute(), _eval_mode(self.model), self._adapter_mode([adapter]), \
                 torch.inference_mode(), autocast:
             keep = keeps_logits_by_mask(self.model)
+            if self.share_prefill and all(q.prompt_len for q in seqs):
+                try:
+                    return shared_prompt_logps(self.model, seqs, self.pad_id, self.device, keep).tolist()
+                except Exception as err:  # noqa: BLE001 - an odd architecture: plain path
+                    log.warning("shared-prompt scoring failed (%s); scoring each sequence whole", err)
+                    self.share_prefill = False
             return sequence_logps(self.model, seqs, self.pad_id, self.device, keep).tolist()
 
     # -- prompts -> token ids ------------------------------------------------------------

@@ -46,6 +46,77 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
 
 
+def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
+    """What `sequence_logps` returns, with each distinct prompt run once.
+
+    Scoring K answers to one prompt repeats the prompt K times, and every prompt starts
+    with the same chat-template system turn. Here the batch's common prefix runs once,
+    each distinct prompt once (layout [prefix | padding | rest of the prompt], the mask
+    hiding the padding and position ids counting real tokens, as in generation's shared
+    prefill), and the answers run on copies of their prompt's KV cache. The last prompt
+    position's logits score each answer's first token. Equal to `sequence_logps` up to
+    float rounding (other shapes, other sums).
+    """
+    import torch
+
+    prompts = [tuple(s.input_ids[:s.prompt_len]) for s in seqs]
+    answers = [s.input_ids[s.prompt_len:] for s in seqs]
+    if min(len(q) for q in prompts) == 0:
+        raise ValueError("a sequence without a prompt token has no position to score its first token from")
+    shortest, first = min(len(q) for q in prompts), prompts[0]
+    p = 0
+    while p < shortest - 1 and all(q[p] == first[p] for q in prompts):
+        p += 1
+    distinct: dict[tuple, int] = {}
+    slot = [distinct.setdefault(q, len(distinct)) for q in prompts]
+    width = max(len(q) for q in distinct) - p
+    ids = torch.full((len(distinct), p + width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(distinct), p + width), dtype=torch.long)
+    for j, q in enumerate(distinct):
+        ids[j, :p] = torch.tensor(q[:p], dtype=torch.long)
+        ids[j, p + width - (len(q) - p):] = torch.tensor(q[p:], dtype=torch.long)
+        mask[j, :p] = 1
+        mask[j, p + width - (len(q) - p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    last_only = {"logits_to_keep": 1} if keep_by_mask else {}
+    cache = None
+    if p:
+        cache = model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True,
+                      **last_only).past_key_values
+        cache.batch_repeat_interleave(len(distinct))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]  # real tokens only, as in generation
+    out = model(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, **last_only)
+    last = out.logits[:, -1].float().log_softmax(-1)
+    rows = torch.tensor(slot, device=device)
+    firsts = torch.tensor([a[0] if a else 0 for a in answers], device=device)
+    total = last[rows, firsts] * torch.tensor([1.0 if a else 0.0 for a in answers], device=device)
+    steps = max(len(a) for a in answers) - 1  # the last answer token predicts nothing
+    if steps <= 0:
+        return total
+    cache = out.past_key_values
+    cache.batch_select_indices(rows)
+    a_ids = torch.full((len(seqs), steps), pad_id, dtype=torch.long)
+    a_mask = torch.zeros((len(seqs), steps), dtype=torch.long)
+    labels = torch.full((len(seqs), steps), pad_id, dtype=torch.long)
+    for b, a in enumerate(answers):
+        if len(a) > 1:
+            a_ids[b, :len(a) - 1] = torch.tensor(a[:-1], dtype=torch.long)
+            a_mask[b, :len(a) - 1] = 1
+            labels[b, :len(a) - 1] = torch.tensor(a[1:], dtype=torch.long)
+    a_ids, a_mask, labels = a_ids.to(device), a_mask.to(device), labels.to(device)
+    score = a_mask.bool()
+    a_positions = mask.sum(-1)[rows][:, None] + torch.arange(steps, device=device)[None, :]
+    kwargs = dict(input_ids=a_ids, attention_mask=torch.cat([mask[rows], a_mask], dim=1),
+                  position_ids=a_positions, past_key_values=cache, use_cache=False)
+    if keep_by_mask:
+        logits = model(**kwargs, logits_to_keep=score).logits
+    else:
+        logits = model(**kwargs).logits[score]
+    token_logps = logits.float().log_softmax(-1).gather(-1, labels[score][:, None]).squeeze(-1)
+    return total.index_add(0, score.nonzero(as_tuple=True)[0], token_logps)
+
+
 def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],
                      max_length: int, batch_size: int = 8) -> list[float]:
     """The base model's mean log-prob per answer token (adapters off), a fluency proxy:

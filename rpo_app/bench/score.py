@@ -13,6 +13,8 @@ on what it learned), and the scoring job the app runs after each training run
 Then the same job for a second adapter, with the base model's log-probs already cached:
 what every later run costs. Reported per 1,000 candidate pairs (same-prompt and cross)
 and per 1,000 same-prompt pairs, with the time until the queue first had an order.
+A third adapter repeats the later job with every sequence run whole (prompt repeated
+per answer, as before the shared-prompt scorer): the two side by side give its speedup.
 
     python -m rpo_app bench --only score [--quick]
 """
@@ -75,7 +77,8 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
         index = PromptIndex(store, Embedder())
         index.refresh()
         result["precision"] = pick_precision(str(host.device))
-        for n, label in ((0, "first"), (1, "next")):
+        for n, label in ((0, "first"), (1, "next"), (2, "whole")):
+            host.share_prefill = label != "whole"
             path = _adapter(model_dir, tmp / f"adapter-{n}", seed=n)
             name = f"bench-{n}"
             store.register_adapter(name, str(path), None, model_dir)
@@ -95,6 +98,8 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
                              "seconds_per_1000_same_prompt_pairs": total * 1000 / result["pairs"]}
             host.unload_adapter(name)
         store.close()
+    result["shared_prompt_speedup"] = (result["whole"]["phases"]["adapter pass"]
+                                       / result["next"]["phases"]["adapter pass"])
     return result
 
 
@@ -102,7 +107,8 @@ def format_table(r: dict) -> str:
     lines = [f"informative-order scoring: {r['prompts']} prompts x {r['answers_per_prompt']} answers, "
              f"{r['threads']} threads, {r['precision']}",
              f"{'job':<34}{'phase':<24}{'seconds':>10}"]
-    for label, what in (("first", "first adapter (base not cached)"), ("next", "a later adapter")):
+    for label, what in (("first", "first adapter (base not cached)"), ("next", "a later adapter"),
+                        ("whole", "later, each sequence whole")):
         job = r[label]
         for phase, sec in job["phases"].items():
             lines.append(f"{what:<34}{phase:<24}{sec:>10.1f}")
@@ -113,4 +119,6 @@ def format_table(r: dict) -> str:
         lines.append(f"{'':<34}{items['paired']:,} same-prompt + {items['cross']:,} cross pairs: "
                      f"{job['seconds_per_1000_pairs']:.0f} s per 1,000 candidate pairs, "
                      f"{job['seconds_per_1000_same_prompt_pairs']:.0f} s per 1,000 same-prompt pairs")
+    lines.append(f"each prompt run once per batch: adapter pass {r['shared_prompt_speedup']:.2f}x "
+                 "faster than running each sequence whole")
     return "\n".join(lines)

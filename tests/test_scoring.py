@@ -1,0 +1,65 @@
+"""The scorer that runs each prompt once (rpo_app.scoring.shared_prompt_logps) against the
+plain one: the same log-probs up to float rounding, whatever the prompts share."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def lively_lm():
+    """A random Llama whose next-token distributions vary with the context (larger
+    weights than the default init), so a wrong position, mask or cache row shows."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+SYSTEM = (1, 5, 6, 7, 8)  # a common prefix, like the chat template's system turn
+
+
+def _seqs():
+    from rpo_app.batches import Seq
+
+    p1, p2, p3 = SYSTEM + (20, 21, 22), SYSTEM + (30,), SYSTEM + (40, 41, 42, 43, 44, 45)
+    return [Seq(p1 + (50, 51, 52, 2), len(p1), 0),
+            Seq(p2 + (60, 61, 62, 63, 64, 65, 66, 2), len(p2), 1),
+            Seq(p1 + (53, 2), len(p1), 0),          # same prompt as the first, shorter answer
+            Seq(p3 + (70,), len(p3), 2),             # a one-token answer: only the prompt's last logits
+            Seq(p1 + (50, 51, 54, 55, 56, 2), len(p1), 0),
+            Seq(p2, len(p2), 1)]                     # no answer tokens: scores 0
+
+
+@pytest.mark.parametrize("by_mask", [False, True])
+def test_shared_prompts_score_what_the_plain_scorer_scores(lively_lm, by_mask):
+    import torch
+
+    from rpo_app.scoring import keeps_logits_by_mask, sequence_logps, shared_prompt_logps
+
+    if by_mask and not keeps_logits_by_mask(lively_lm):
+        pytest.skip("this transformers' Llama has no boolean logits_to_keep")
+    s = _seqs()
+    with torch.no_grad():
+        plain = sequence_logps(lively_lm, s, 0, "cpu", by_mask)
+        shared = shared_prompt_logps(lively_lm, s, 0, "cpu", by_mask)
+        # one prompt alone (the whole prompt is the common prefix but its last token)
+        alone = shared_prompt_logps(lively_lm, [s[0], s[2], s[4]], 0, "cpu", by_mask)
+        single = shared_prompt_logps(lively_lm, [s[1]], 0, "cpu", by_mask)
+    assert torch.allclose(shared, plain, rtol=1e-4, atol=1e-4), (shared, plain)
+    assert torch.allclose(alone, plain[[0, 2, 4]], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(single, plain[[1]], rtol=1e-4, atol=1e-4)
+    assert shared[5] == 0 and (shared[:5] < 0).all()
+    assert len({round(v, 3) for v in shared[:5].tolist()}) == 5  # distinct: positions matter
+
+
+def test_a_sequence_without_a_prompt_is_refused(lively_lm):
+    from rpo_app.batches import Seq
+    from rpo_app.scoring import shared_prompt_logps
+
+    with pytest.raises(ValueError, match="without a prompt token"):
+        shared_prompt_logps(lively_lm, [Seq((3, 4, 5), 0, 0)], 0, "cpu", False)
