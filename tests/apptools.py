@@ -240,6 +240,22 @@ def wait_model_ready_in_page(page, timeout: float = 180.0) -> str:
 
 
 # -- screenshots --------------------------------------------------------------------------
+def on_screen(page) -> list[str]:
+    """The Label tab's item as the browser shows it: prompt, answer A, answer B."""
+    return [page.locator(f"#{box} textarea").first.input_value()
+            for box in ("lbl-prompt", "lbl-left-text", "lbl-right-text")]
+
+
+def wait_item_replaced(page, judged: list[str], timeout: float = 30_000) -> None:
+    """Wait until the text boxes no longer show the `judged` item (see on_screen). The
+    status line can render before the boxes take the next item's values, so reading them
+    right after the status changes can return the item just judged."""
+    page.wait_for_function(
+        """([p, l, r]) => { const v = id => document.querySelector(id + ' textarea').value;
+            return v('#lbl-prompt') !== p || v('#lbl-left-text') !== l
+                || v('#lbl-right-text') !== r; }""", arg=judged, timeout=timeout)
+
+
 def artifacts_dir() -> Path:
     """tests/.artifacts, created with a .gitignore of its own so nothing in it is committed
     (the repository's .gitignore does not need to know about it)."""

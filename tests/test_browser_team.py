@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from apptools import chromium_browser, make_lora_adapter, screenshot, seed_store, start_app
-from apptools import wait_model_ready_in_page
+from apptools import wait_item_replaced, wait_model_ready_in_page
 from rpo_app import agreement
 from rpo_app.adapters import BASE_LABEL
 from rpo_app.store import Store
@@ -47,13 +47,8 @@ def _judge_all(page, n, prefer):
         _button(page, "lbl-left" if prefer(prompt, left, right) == "left" else "lbl-right").click()
         expect(page.locator("#lbl-status")).not_to_have_text(before, timeout=TIMEOUT)
         expect(page.locator("#lbl-status")).to_contain_text("Saved judgment", timeout=TIMEOUT)
-        # The status can render before the text boxes take the next item's values: reading
-        # them then records the judged prompt twice (CI saw it). Wait for the texts to move.
-        page.wait_for_function(
-            """([p, l, r]) => { const v = id => document.querySelector(id + ' textarea').value;
-                return v('#lbl-prompt') !== p || v('#lbl-left-text') !== l
-                    || v('#lbl-right-text') !== r; }""", arg=[prompt, left, right],
-            timeout=TIMEOUT)
+        # Reading the boxes too early recorded the judged prompt twice (CI saw it).
+        wait_item_replaced(page, [prompt, left, right], TIMEOUT)
     return shown
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from apptools import chromium_browser, screenshot, seed_store, start_app
+from apptools import chromium_browser, on_screen, screenshot, seed_store, start_app, wait_item_replaced
 from rpo_app.store import Store
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -33,11 +33,12 @@ def _label_pairs(page, n: int, first: int = 1) -> None:
     for i in range(first, first + n):
         page.wait_for_function("() => document.querySelector('#lbl-left-text textarea')"
                                ".value.length > 0", timeout=TIMEOUT)
-        left = _box(page, "lbl-left-text").input_value()
+        shown = on_screen(page)
         page.evaluate("() => document.activeElement && document.activeElement.blur()")
-        page.keyboard.press("1" if "Option A" in left else "2")
+        page.keyboard.press("1" if "Option A" in shown[1] else "2")
         page.wait_for_function(f"() => document.querySelector('#lbl-status').innerText"
                                f".includes('Saved judgment #{i} ')", timeout=TIMEOUT)
+        wait_item_replaced(page, shown, TIMEOUT)
 
 
 def _train_until_finished(page, pairs: int, previews: str, **numbers) -> None:
