@@ -147,6 +147,12 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
             page.locator("#chat-blind input").check()
             page.wait_for_function("() => document.querySelector('#chat-reveal').innerText"
                                    ".includes('Blind mode')", timeout=TIMEOUT)
+            # Blind mode starts a new conversation: both sides empty before the question,
+            # or the vote is on two different histories (stored as cross-prompt; CI saw it).
+            _wait_until_streams_end(page, ("chat-left", "chat-right"))
+            page.wait_for_function(
+                "() => ['chat-left', 'chat-right'].every(i => !document.querySelector("
+                "'#' + i + ' .message-row, #' + i + ' [data-testid=\"bot\"]'))", timeout=TIMEOUT)
             _box(page, "chat-input").fill("Name a colour.")
             _button(page, "chat-send").click()
             _button(page, "vote-left").wait_for(state="visible", timeout=120_000)

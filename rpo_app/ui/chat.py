@@ -520,27 +520,30 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                    blind_how, *settings_inputs]
     chat_outputs = [left_bot, right_bot, blind_pair_state, vote_row, message, turn_pick]
     model_queue = {"concurrency_limit": 1, "concurrency_id": "model"}
-    send.click(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
-               api_name="chat_send", **model_queue)
-    message.submit(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
-                   api_name=False, **model_queue)
-    regen.click(functools.partial(regenerate, ctx), chat_inputs, chat_outputs,
-                api_name="chat_regenerate", **model_queue)
-    branch.click(functools.partial(regenerate_turn, ctx), [turn_pick, *chat_inputs],
-                 chat_outputs, api_name="chat_regenerate_turn", **model_queue)
+    streams = [
+        send.click(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
+                   api_name="chat_send", **model_queue),
+        message.submit(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
+                       api_name=False, **model_queue),
+        regen.click(functools.partial(regenerate, ctx), chat_inputs, chat_outputs,
+                    api_name="chat_regenerate", **model_queue),
+        branch.click(functools.partial(regenerate_turn, ctx), [turn_pick, *chat_inputs],
+                     chat_outputs, api_name="chat_regenerate_turn", **model_queue)]
     turn_pick.change(branch_button, [turn_pick, left_bot, right_bot], branch, api_name=False,
                      show_progress="hidden")
     blind_inputs = [blind, blind_how, left_pick, right_pick]
+    # Clearing or switching blind mode stops answers still streaming: their later chunks
+    # would write the old conversation back into the emptied chat (and a "blind" vote on it).
     clear.click(functools.partial(clear_all, ctx), blind_inputs,
                 [left_bot, right_bot, blind_pair_state, vote_row, reveal, turn_pick],
-                api_name="chat_clear")
+                api_name="chat_clear", cancels=streams)
     blind_outputs = [left_pick, right_pick, blind_pair_state, vote_row, reveal, left_bot,
                      right_bot, turn_pick]
     blind.change(functools.partial(toggle_blind, ctx), blind_inputs, blind_outputs,
-                 api_name=False)
+                 api_name=False, cancels=streams)
     # A new rule starts a new blind conversation (when blind mode is on).
     blind_how.change(functools.partial(toggle_blind, ctx), blind_inputs, blind_outputs,
-                     api_name=False)
+                     api_name=False, cancels=streams)
 
     def voter(verdict):
         def on_vote(left_hist, right_hist, pair, typed, turn, request: gr.Request):
