@@ -591,21 +591,10 @@ class ModelHost:
         """
         import torch
 
-        shortest = min(len(r) for r in rows)
-        first = rows[0]
-        p = 0
-        while p < shortest - 1 and all(r[p] == first[p] for r in rows):
-            p += 1
-        width = max(len(r) for r in rows) - p
-        batch = len(rows)
-        ids = torch.full((batch, p + width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, p + width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            rest = r[p:]
-            ids[i, :p] = torch.tensor(r[:p], dtype=torch.long)
-            ids[i, p + width - len(rest):] = torch.tensor(rest, dtype=torch.long)
-            mask[i, :p] = 1
-            mask[i, p + width - len(rest):] = 1
+        from rpo_app.scoring import shared_prefix_layout
+
+        p, ids, mask = shared_prefix_layout(rows, self.pad_id)
+        width, batch = ids.shape[1] - p, len(rows)
         ids, mask = ids.to(self.device), mask.to(self.device)
         distinct: dict[tuple, int] = {}
         slot = [distinct.setdefault(tuple(r), len(distinct)) for r in rows]

@@ -46,6 +46,29 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
 
 
+def shared_prefix_layout(rows, pad_id: int):
+    """Rows of token ids laid out to run their common prefix once: returns (p, ids, mask)
+    with p the prefix length (at most the shortest row less one, so every row keeps a
+    last token of its own) and each row as [prefix | padding | rest]. The mask hides the
+    padding; position ids must count real tokens only (mask.cumsum(-1) - 1)."""
+    import torch
+
+    shortest, first = min(len(r) for r in rows), rows[0]
+    p = 0
+    while p < shortest - 1 and all(r[p] == first[p] for r in rows):
+        p += 1
+    width = max(len(r) for r in rows) - p
+    ids = torch.full((len(rows), p + width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), p + width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        rest = r[p:]
+        ids[i, :p] = torch.tensor(r[:p], dtype=torch.long)
+        ids[i, p + width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+        mask[i, :p] = 1
+        mask[i, p + width - len(rest):] = 1
+    return p, ids, mask
+
+
 def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     """What `sequence_logps` returns, with each distinct prompt run once.
 
@@ -63,20 +86,9 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     answers = [s.input_ids[s.prompt_len:] for s in seqs]
     if min(len(q) for q in prompts) == 0:
         raise ValueError("a sequence without a prompt token has no position to score its first token from")
-    shortest, first = min(len(q) for q in prompts), prompts[0]
-    p = 0
-    while p < shortest - 1 and all(q[p] == first[p] for q in prompts):
-        p += 1
     distinct: dict[tuple, int] = {}
     slot = [distinct.setdefault(q, len(distinct)) for q in prompts]
-    width = max(len(q) for q in distinct) - p
-    ids = torch.full((len(distinct), p + width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(distinct), p + width), dtype=torch.long)
-    for j, q in enumerate(distinct):
-        ids[j, :p] = torch.tensor(q[:p], dtype=torch.long)
-        ids[j, p + width - (len(q) - p):] = torch.tensor(q[p:], dtype=torch.long)
-        mask[j, :p] = 1
-        mask[j, p + width - (len(q) - p):] = 1
+    p, ids, mask = shared_prefix_layout(list(distinct), pad_id)
     ids, mask = ids.to(device), mask.to(device)
     last_only = {"logits_to_keep": 1} if keep_by_mask else {}
     cache = None
