@@ -352,11 +352,27 @@ class ScoringJobs(BackgroundJob):
 
 # -- the command line ---------------------------------------------------------------------
 
+def terminal_progress() -> Callable[[Progress], None]:
+    """A scoring job's progress as a tqdm bar per phase, on stderr (the CLI, the benchmark)."""
+    from tqdm.auto import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(p: Progress) -> None:
+        bar = bars.get(p.phase)
+        if bar is None:
+            bar = bars[p.phase] = tqdm(total=p.total, desc=p.phase, unit="tok", dynamic_ncols=True)
+        bar.n = p.done
+        bar.refresh()
+        if p.done >= p.total:
+            bar.close()
+
+    return progress
+
+
 def cli_score(args) -> int:
     """`python -m rpo_app score`: what the app does after a run, with a progress bar."""
     import json
-
-    from tqdm.auto import tqdm
 
     from rpo_app.config import DataLayout, resolve_data_dir
     from rpo_app.embed import Embedder, PromptIndex
@@ -382,18 +398,8 @@ def cli_score(args) -> int:
         host.load_adapter(adapter["name"], adapter["path"])
         index = PromptIndex(store, Embedder())
         index.refresh()
-        bars: dict[str, tqdm] = {}
-
-        def progress(p: Progress) -> None:
-            bar = bars.get(p.phase)
-            if bar is None:
-                bar = bars[p.phase] = tqdm(total=p.total, desc=p.phase, unit="tok", dynamic_ncols=True)
-            bar.n = p.done
-            bar.refresh()
-            if p.done >= p.total:
-                bar.close()
-
-        info = score_store(store, host, adapter, index=index, pool_size=args.pool, progress=progress)
+        info = score_store(store, host, adapter, index=index, pool_size=args.pool,
+                           progress=terminal_progress())
         if args.json:
             print(json.dumps(info, indent=1))
         else:

@@ -213,8 +213,28 @@ def chromium_browser(headless: bool = True):
                                      args=CHROMIUM_ARGS)
         try:
             yield browser
+        except BaseException:
+            _record_failure(browser)
+            raise
         finally:
             browser.close()
+
+
+def _record_failure(browser) -> None:
+    """What each open page showed when a browser test failed: a screenshot in
+    tests/.artifacts and the page's text (with any error toast) on stdout, which pytest
+    prints with the failure. A wait that timed out says nothing of what it saw instead."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "test").split(" ")[0].split("::")[-1]
+    pages = [p for ctx in browser.contexts for p in ctx.pages]
+    for n, page in enumerate(pages):
+        try:
+            shot = screenshot(page, f"failure-{test}-{n}.png", full_page=True)
+            text = page.evaluate("() => document.body.innerText")
+        except Exception as err:  # the page may be gone with the failure
+            print(f"page {n}: could not record it ({err})")
+            continue
+        print(f"--- page {n} at the failure ({page.url}; screenshot {shot}) ---")
+        print(text[-6000:])
 
 
 @pytest.fixture(scope="module")

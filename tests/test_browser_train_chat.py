@@ -22,9 +22,24 @@ def _button(page, elem_id):
 
 
 def _set_number(page, elem_id, value):
+    """Type a number and check that the component took it: every input of it (a slider's
+    range as well) shows the value. CI once ran the chat at the default 256 tokens: the
+    typed 16 was lost while the settings accordion opened."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.locator(f"#{elem_id} input").first
-    box.fill(str(value))
-    box.press("Tab")
+    check = ("([id, v]) => [...document.querySelectorAll('#' + id + ' input')]"
+             ".every(i => parseFloat(i.value) === v)")
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            page.wait_for_function(check, arg=[elem_id, value], timeout=5_000)
+            return
+        except PlaywrightTimeout:  # typed again; a third miss fails the test
+            pass
+    raise AssertionError(f"#{elem_id} did not take {value}: shows "
+                         f"{box.input_value()!r}")
 
 
 def _label_pairs(page, n: int, first: int = 1) -> None:

@@ -84,9 +84,14 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
             store.register_adapter(name, str(path), None, model_dir)
             host.load_adapter(name, path)
             last: dict = {}
+            bar = active.terminal_progress()
+
+            def progress(p, last=last, bar=bar):
+                last["p"] = p
+                bar(p)
+
             t0 = time.perf_counter()
-            info = active.score_store(store, host, store.adapter(name), index=index,
-                                      progress=lambda p, last=last: last.update(p=p))
+            info = active.score_store(store, host, store.adapter(name), index=index, progress=progress)
             total = time.perf_counter() - t0
             report = last["p"]
             named = {k: v for k, v in report.seconds.items() if v > 0 or k == "ranking"}

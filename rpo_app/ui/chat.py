@@ -30,6 +30,7 @@ import pandas as pd
 
 from rpo_app.labelqueue import canonical_pair
 from rpo_app.adapters import BASE_LABEL
+from rpo_app.ui.chat_streams import session_of
 from rpo_app.ui.context import AppContext
 
 BLIND_SOURCE = "blind-chat"
@@ -40,6 +41,9 @@ NEWEST = "newest adapter vs base model"
 FEWEST = "the two with the fewest votes"
 PICKED = "the two picked above"
 PAIRINGS = (NEWEST, FEWEST, PICKED)
+# A stream's outputs when it must not write (chat_outputs: both chats, the blind pair,
+# the vote row, the message box, the turn picker).
+_SKIP_ALL = tuple(gr.skip() for _ in range(6))
 
 
 # -- the two pickers ----------------------------------------------------------------------
@@ -87,7 +91,13 @@ def load_view(ctx: AppContext, left: str | None, right: str | None,
 # -- chatting and voting ------------------------------------------------------------------
 
 def submit(ctx: AppContext, msg, left_hist, right_hist, left, right, is_blind, pair, how,
-           *settings):
+           temp, top_p, max_new, seed, system, conv=0, request: gr.Request = None):
+    """Send a message to both sides and stream their answers. `conv`: the conversation
+    number the page had when the message was sent (chat_streams)."""
+    session = session_of(request)
+    if not ctx.chat_streams.is_current(session, conv):  # sent before a Clear
+        yield _SKIP_ALL
+        return
     msg = (msg or "").strip()
     if not msg:
         raise gr.Error("type a message first")
@@ -99,21 +109,27 @@ def submit(ctx: AppContext, msg, left_hist, right_hist, left, right, is_blind, p
     # user types while answers stream in would be wiped.
     yield (left_hist, right_hist, pair, gr.update(visible=False), "",
            turn_update(left_hist, right_hist))
-    yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
+    yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair,
+                       (temp, top_p, max_new, seed, system), session, conv)
 
 
 def regenerate(ctx: AppContext, left_hist, right_hist, left, right, is_blind, pair, how,
-               *settings):
+               temp, top_p, max_new, seed, system, conv=0, request: gr.Request = None):
     """Answer the last turn again (on both sides)."""
     yield from regenerate_turn(ctx, None, left_hist, right_hist, left, right, is_blind, pair,
-                               how, *settings)
+                               how, temp, top_p, max_new, seed, system, conv, request)
 
 
 def regenerate_turn(ctx: AppContext, turn, left_hist, right_hist, left, right, is_blind, pair,
-                    how, *settings):
+                    how, temp, top_p, max_new, seed, system, conv=0,
+                    request: gr.Request = None):
     """Answer turn `turn` again (None: the last) on both sides, dropping every later turn:
     a branch of the conversation. Votes stored already keep their copy of it; this
     conversation forgets its votes on the dropped turns, so they can be voted on again."""
+    session = session_of(request)
+    if not ctx.chat_streams.is_current(session, conv):  # asked for before a Clear
+        yield _SKIP_ALL
+        return
     n = len(_turns(left_hist))
     if not n:
         raise gr.Error("nothing to regenerate")
@@ -127,9 +143,9 @@ def regenerate_turn(ctx: AppContext, turn, left_hist, right_hist, left, right, i
     yield (left_hist, right_hist, pair, gr.update(visible=False), gr.skip(),
            turn_update(left_hist, right_hist))
     # A new draw: the same seed on the same conversation would give the same answers.
-    temp, top_p, max_new, seed, system = settings
     settings = (temp, top_p, max_new, int(seed or 0) + random.randrange(1, 1 << 30), system)
-    yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings)
+    yield from _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings,
+                       session, conv)
 
 
 def vote(ctx: AppContext, verdict: str, left_hist, right_hist, pair, annotator: str,
@@ -177,19 +193,24 @@ BLIND_NOTE = ("Blind mode: the two sides are hidden and shuffled, and stay the s
 
 
 def toggle_blind(ctx: AppContext, is_blind: bool, how: str = NEWEST, left: str | None = None,
-                 right: str | None = None) -> tuple:
+                 right: str | None = None, conv=0, request: gr.Request = None) -> tuple:
+    """Blind mode on or off (or its rule changed): a new conversation. The last output is
+    its number, returned once the old conversation's answers stopped streaming."""
+    pair = blind_pair(ctx, how, left, right) if is_blind else None
+    conv = ctx.chat_streams.start_new(session_of(request), conv)
     if not is_blind:
         return (gr.update(visible=True), gr.update(visible=True), None,
-                gr.update(visible=False), "", [], [], turn_update([], []))
-    pair = blind_pair(ctx, how, left, right)
+                gr.update(visible=False), "", [], [], turn_update([], []), conv)
     return (gr.update(visible=False), gr.update(visible=False), pair,
-            gr.update(visible=False), BLIND_NOTE, [], [], turn_update([], []))
+            gr.update(visible=False), BLIND_NOTE, [], [], turn_update([], []), conv)
 
 
 def clear_all(ctx: AppContext, is_blind: bool, how: str = NEWEST, left: str | None = None,
-              right: str | None = None) -> tuple:
-    return ([], [], (blind_pair(ctx, how, left, right) if is_blind else None),
-            gr.update(visible=False), "", turn_update([], []))
+              right: str | None = None, conv=0, request: gr.Request = None) -> tuple:
+    """A new conversation (the last output: its number, as in toggle_blind)."""
+    pair = blind_pair(ctx, how, left, right) if is_blind else None
+    conv = ctx.chat_streams.start_new(session_of(request), conv)
+    return [], [], pair, gr.update(visible=False), "", turn_update([], []), conv
 
 
 # -- turns --------------------------------------------------------------------------------
@@ -424,6 +445,9 @@ def export_merged(ctx: AppContext, name, progress=gr.Progress()) -> str:
 
 def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     blind_pair_state = gr.State(None)  # {"left": name, "right": name} while blind
+    # The conversation number (chat_streams). A page field, not a State: an event carries
+    # the value the page had when it was triggered, which tells a stale one apart.
+    conversation = gr.Number(0, precision=0, visible=False, elem_id="chat-conversation")
     right_picked = gr.State(False)  # the user chose the right side: refreshes keep it
     with gr.Row():
         blind = gr.Checkbox(False, label="Blind mode: hide which model is which, then vote",
@@ -517,33 +541,32 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
 
     settings_inputs = [temp, top_p, max_new, seed, system]
     chat_inputs = [left_bot, right_bot, left_pick, right_pick, blind, blind_pair_state,
-                   blind_how, *settings_inputs]
+                   blind_how, *settings_inputs, conversation]
     chat_outputs = [left_bot, right_bot, blind_pair_state, vote_row, message, turn_pick]
     model_queue = {"concurrency_limit": 1, "concurrency_id": "model"}
-    streams = [
-        send.click(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
-                   api_name="chat_send", **model_queue),
-        message.submit(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
-                       api_name=False, **model_queue),
-        regen.click(functools.partial(regenerate, ctx), chat_inputs, chat_outputs,
-                    api_name="chat_regenerate", **model_queue),
-        branch.click(functools.partial(regenerate_turn, ctx), [turn_pick, *chat_inputs],
-                     chat_outputs, api_name="chat_regenerate_turn", **model_queue)]
+    send.click(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
+               api_name="chat_send", **model_queue)
+    message.submit(functools.partial(submit, ctx), [message, *chat_inputs], chat_outputs,
+                   api_name=False, **model_queue)
+    regen.click(functools.partial(regenerate, ctx), chat_inputs, chat_outputs,
+                api_name="chat_regenerate", **model_queue)
+    branch.click(functools.partial(regenerate_turn, ctx), [turn_pick, *chat_inputs],
+                 chat_outputs, api_name="chat_regenerate_turn", **model_queue)
     turn_pick.change(branch_button, [turn_pick, left_bot, right_bot], branch, api_name=False,
                      show_progress="hidden")
-    blind_inputs = [blind, blind_how, left_pick, right_pick]
-    # Clearing or switching blind mode stops answers still streaming: their later chunks
-    # would write the old conversation back into the emptied chat (and a "blind" vote on it).
+    # Clearing or switching blind mode starts a new conversation: answers still streaming
+    # into the old one stop before the chats are emptied (chat_streams).
+    blind_inputs = [blind, blind_how, left_pick, right_pick, conversation]
     clear.click(functools.partial(clear_all, ctx), blind_inputs,
-                [left_bot, right_bot, blind_pair_state, vote_row, reveal, turn_pick],
-                api_name="chat_clear", cancels=streams)
+                [left_bot, right_bot, blind_pair_state, vote_row, reveal, turn_pick,
+                 conversation], api_name="chat_clear")
     blind_outputs = [left_pick, right_pick, blind_pair_state, vote_row, reveal, left_bot,
-                     right_bot, turn_pick]
+                     right_bot, turn_pick, conversation]
     blind.change(functools.partial(toggle_blind, ctx), blind_inputs, blind_outputs,
-                 api_name=False, cancels=streams)
+                 api_name=False)
     # A new rule starts a new blind conversation (when blind mode is on).
     blind_how.change(functools.partial(toggle_blind, ctx), blind_inputs, blind_outputs,
-                     api_name=False, cancels=streams)
+                     api_name=False)
 
     def voter(verdict):
         def on_vote(left_hist, right_hist, pair, typed, turn, request: gr.Request):
@@ -582,7 +605,10 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
 
 # -- helpers ------------------------------------------------------------------------------
 
-def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings):
+def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings, session=None,
+            conv=0):
+    """Both sides' answers as they come, until they end or the session starts a new
+    conversation (then nothing more is written: chat_streams)."""
     from rpo_app.generate import GenSettings
 
     temp, top_p, max_new, seed, system = settings
@@ -598,12 +624,21 @@ def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings):
     left_hist = list(left_hist) + [{"role": "assistant", "content": ""}]
     right_hist = list(right_hist) + [{"role": "assistant", "content": ""}]
     convs = [_as_messages(left_hist[:-1]), _as_messages(right_hist[:-1])]
-    for texts in host.chat_stream(convs, adapters, gen):
-        left_hist[-1] = {"role": "assistant", "content": texts[0]}
-        right_hist[-1] = {"role": "assistant", "content": texts[1]}
-        yield left_hist, right_hist, pair, gr.update(visible=False), gr.skip(), gr.skip()
-    yield (left_hist, right_hist, pair, gr.update(visible=bool(is_blind)), gr.skip(),
-           turn_update(left_hist, right_hist))
+    with ctx.chat_streams.streaming(session, conv) as live:
+        answers = host.chat_stream(convs, adapters, gen)
+        try:
+            for texts in answers:
+                if not live():
+                    return
+                left_hist[-1] = {"role": "assistant", "content": texts[0]}
+                right_hist[-1] = {"role": "assistant", "content": texts[1]}
+                yield left_hist, right_hist, pair, gr.update(visible=False), gr.skip(), gr.skip()
+        finally:
+            answers.close()  # stops generating when the stream ends early
+        if not live():
+            return
+        yield (left_hist, right_hist, pair, gr.update(visible=bool(is_blind)), gr.skip(),
+               turn_update(left_hist, right_hist))
 
 
 def _as_messages(history) -> list[dict]:

@@ -18,6 +18,7 @@ from rpo_app.genjob import GenerationJobs
 from rpo_app.labelqueue import LabelQueue
 from rpo_app.runs import RunManager
 from rpo_app.store import Store
+from rpo_app.ui.chat_streams import ChatStreams
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class AppContext:
         if seeded:
             log.info("loaded %d seed prompts", seeded)
         self.queue = LabelQueue(self.store)
+        self.chat_streams = ChatStreams()  # which chat answers may still write to a page
         self.runs = RunManager(self.store, self.layout)
         # After each finished run, its adapter scores the unlabeled answers in the
         # background: the Label tab's "most informative first" order.
