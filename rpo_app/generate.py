@@ -447,14 +447,20 @@ class ModelHost:
             cached = self._decode_timing = (max(1e-4, times[1] - per_row), per_row)
         return cached
 
-    def estimate_seconds(self, n_answers: int, max_new_tokens: int, batch_size: int = 32,
-                         first_batch: int | None = None) -> float:
-        """Time to generate n_answers at most max_new_tokens long in the batches that
-        generate_batches would cut. An upper bound when answers end early; small
+    def estimate_batches(self, n_answers: int, max_new_tokens: int, batch_size: int = 32,
+                         first_batch: int | None = None) -> list[tuple[int, float]]:
+        """(answers, seconds) of each batch that generate_batches would cut for n_answers
+        at most max_new_tokens long. An upper bound when answers end early; small
         models' candidates mostly run to the limit, so it is close."""
         a, b = self.decode_timing()
-        return sum(max_new_tokens * (a + b * size)
-                   for size in batch_sizes(n_answers, batch_size, first_batch))
+        return [(size, max_new_tokens * (a + b * size))
+                for size in batch_sizes(n_answers, batch_size, first_batch)]
+
+    def estimate_seconds(self, n_answers: int, max_new_tokens: int, batch_size: int = 32,
+                         first_batch: int | None = None) -> float:
+        """The whole of estimate_batches."""
+        return sum(sec for _, sec in self.estimate_batches(n_answers, max_new_tokens, batch_size,
+                                                           first_batch))
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a PEFT LoRA adapter folder under `name` (replacing one of that name)."""

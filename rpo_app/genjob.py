@@ -7,11 +7,11 @@ being written, and every tab can show the same job's progress.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from rpo_app.jobs import BackgroundJob
-from rpo_app.progress import eta_seconds, human
+from rpo_app.progress import eta_between_updates, human
 
 
 # The first-run path: two answers for each of this many prompts make the first pairs,
@@ -31,6 +31,10 @@ class GenJobStatus:
     started_at: float | None = None
     finished_at: float | None = None
     estimate_s: float | None = None  # the up-front estimate, before any answer ends
+    # (answers, estimated seconds) per batch: an answer's share of the work, since a small
+    # first batch costs more per answer than the full ones after it
+    plan: list = field(default_factory=list)
+    updated_at: float | None = None  # when `done` last changed
     error: str | None = None
 
     @property
@@ -43,13 +47,32 @@ class GenJobStatus:
             return 0.0
         return (self.finished_at or time.time()) - self.started_at
 
+    def work(self, answers: int) -> float:
+        """The planned seconds of the batches that the first `answers` answers complete.
+        A batch's rows decode together until its longest ends, so an answer that ends
+        early says little of the time left: only whole batches count (and with no plan,
+        each answer is one unit)."""
+        if not self.plan:
+            return float(answers)
+        out, left = 0.0, answers
+        for size, seconds in self.plan:
+            if left < size:
+                break
+            out += seconds
+            left -= size
+        return out
+
     def eta_s(self) -> float | None:
-        """Seconds left: from the answers' own pace, or from the estimate before the first
-        one ends (None once the estimate has run out: the UI says "any moment")."""
+        """Seconds left: at the pace of the batches done so far (each weighed by its
+        planned cost: a small first batch costs more per answer), counting down while the
+        next batch runs; before the first batch ends, the estimate counting down. None
+        once either has run out (the line says so)."""
         if not self.running:
             return None
-        if self.done:
-            return eta_seconds(self.elapsed_s, self.done, self.total)
+        done = self.work(self.done)
+        if done > 0:
+            at = (self.updated_at or time.time()) - self.started_at
+            return eta_between_updates(at, done, self.work(self.total), self.elapsed_s)
         if self.estimate_s is not None and self.estimate_s > self.elapsed_s:
             return self.estimate_s - self.elapsed_s
         return None
@@ -65,7 +88,9 @@ class GenJobStatus:
                     f"{human(self.elapsed_s)} ({self.duplicates} duplicates not stored).")
         eta = self.eta_s()
         when = (f"ETA {human(eta)}" if eta is not None else
-                "measuring the speed" if not self.done else "finishing the last answers")
+                "measuring the speed" if not self.work(self.done) else
+                "finishing the last answers" if self.done >= self.total else
+                "slower than measured so far, still going")
         return f"Generating answers: {self.done}/{self.total} stored · {when}"
 
 
@@ -96,11 +121,19 @@ class GenerationJobs(BackgroundJob):
 
         def work() -> None:
             host = self._host()
-            self._set(estimate_s=host.estimate_seconds(total, settings.max_new_tokens, batch_size,
-                                                       first_batch))
+            plan = host.estimate_batches(total, settings.max_new_tokens, batch_size, first_batch)
+            self._set(estimate_s=sum(sec for _, sec in plan), plan=plan)
             result = top_up(self.store, host, todo, n, settings, adapter=adapter, batch_size=batch_size,
-                            progress=lambda done, _total: self._set(done=done), first_batch=first_batch)
+                            progress=lambda done, _total: self._progress(done),
+                            first_batch=first_batch)
             self._set(new=result["new"], duplicates=result["duplicates"], state="finished")
 
         self._launch("generate-candidates", work)
         return self.status()
+
+    def _progress(self, done: int) -> None:
+        with self._lock:
+            st = self._status
+            if st.work(done) != st.work(st.done):  # a batch ended: the pace is measured anew
+                st.updated_at = time.time()
+            st.done = done

@@ -17,6 +17,19 @@ def eta_seconds(elapsed: float, done: float, total: float) -> float | None:
     return elapsed / done * (total - done)
 
 
+def eta_between_updates(updated_at: float, done: float, total: float,
+                        now: float) -> float | None:
+    """Seconds left when progress arrives in steps (a batch of answers at a time): the
+    pace up to the last update (`updated_at` seconds into the work, `done` of `total`
+    then), counting down in between, so the ETA does not grow while the next step runs.
+    None when it cannot be told, or once it has run out."""
+    left = eta_seconds(updated_at, done, total)
+    if left is None:
+        return None
+    left -= max(0.0, now - updated_at)
+    return left if left > 0 else None
+
+
 def human(seconds: float) -> str:
     """12 s, 4 min, 1.5 h."""
     seconds = max(0.0, float(seconds))

@@ -102,6 +102,34 @@ def test_job_status_line_and_eta():
     assert st.eta_s() == pytest.approx(15, rel=0.2)
 
 
+def test_eta_counts_down_between_updates():
+    assert progress.eta_between_updates(10, 2, 10, now=10) == pytest.approx(40)
+    assert progress.eta_between_updates(10, 2, 10, now=30) == pytest.approx(20)
+    assert progress.eta_between_updates(10, 2, 10, now=60) is None  # ran out: "finishing"
+    assert progress.eta_between_updates(10, 0, 10, now=10) is None
+
+
+def test_a_small_first_batch_does_not_inflate_the_eta():
+    """The first-run job: 2 answers alone (planned 20 s), then 8 and 22 (planned 40 s and
+    80 s). Measured before: an ETA of 3-9 min after the first pair, for 96 s of work left,
+    because every answer was taken to cost what the small batch's did, and an answer that
+    ended early in a batch was taken as a share of it."""
+    now = time.time()
+    st = GenJobStatus(state="running", total=32, done=2, started_at=now - 24, updated_at=now,
+                      plan=[(2, 20.0), (8, 40.0), (22, 80.0)])
+    assert st.work(2) == 20 and st.work(6) == 20 and st.work(10) == 60 and st.work(32) == 140
+    assert st.eta_s() == pytest.approx(24 / 20 * 120, rel=0.02)  # 144 s, not 24/2*30 = 360
+    st.done = 6  # answers ending early in the second batch change nothing
+    assert st.eta_s() == pytest.approx(144, rel=0.02)
+    st.started_at, st.updated_at = now - 124, now - 100  # 100 s later: counted down
+    assert st.eta_s() == pytest.approx(44, rel=0.05)
+    st.started_at, st.updated_at = now - 224, now - 200  # the second batch is late
+    assert st.eta_s() is None and "slower than measured" in st.line()
+    st.done, st.updated_at = 10, now  # it ended at 224 s: 60 planned s took 224
+    assert st.eta_s() == pytest.approx(224 / 60 * 80, rel=0.02)
+    assert "ETA" in st.line()
+
+
 def test_generation_job_runs_in_the_background_one_at_a_time(store, tiny_host):
     ids, _ = store.add_prompts(["Hi.", "Name a colour."], "t")
     gate = threading.Event()
