@@ -34,7 +34,7 @@ class GenJobStatus:
     # (answers, estimated seconds) per batch: an answer's share of the work, since a small
     # first batch costs more per answer than the full ones after it
     plan: list = field(default_factory=list)
-    updated_at: float | None = None  # when `done` last changed
+    updated_at: float | None = None  # when the last whole batch ended (see work)
     error: str | None = None
 
     @property

@@ -74,3 +74,19 @@ def linked_data_dir(data_dir, model_cache_dir) -> Path:
     from rpo_app.models import link_model_cache
 
     return link_model_cache(model_cache_dir, data_dir)
+
+
+@pytest.fixture
+def model_ctx(data_dir, tiny_model_dir):
+    """The app's context over a small seeded store, with the tiny model loaded: for
+    handler tests that generate."""
+    from apptools import seed_store
+    from rpo_app.config import ServeConfig
+    from rpo_app.ui.context import AppContext
+
+    seed_store(data_dir, n_prompts=2, answers_per_prompt=2)
+    context = AppContext(ServeConfig(data_dir=data_dir, model=str(tiny_model_dir)))
+    context.host(timeout=300)
+    yield context
+    context.index(timeout=120)  # the embedder's loader writes to the store: let it finish
+    context.store.close()

@@ -10,12 +10,9 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from apptools import seed_store
 from rpo_app.adapters import BASE_LABEL
-from rpo_app.config import ServeConfig
 from rpo_app.ui import chat
 from rpo_app.ui.chat_streams import ChatStreams
-from rpo_app.ui.context import AppContext
 
 LONG = (0.7, 0.95, 64, 0, "")  # temperature, top-p, max new tokens, seed, system prompt
 ADA, BOB = SimpleNamespace(session_hash="ada"), SimpleNamespace(session_hash="bob")
@@ -43,16 +40,6 @@ def test_a_new_conversation_goes_ahead_when_an_old_stream_never_stops():
     streams = ChatStreams(wait_s=0.2)
     with streams.streaming("ada", 0):
         assert streams.start_new("ada", 0) == 1
-
-
-@pytest.fixture
-def model_ctx(data_dir, tiny_model_dir):
-    seed_store(data_dir, n_prompts=2, answers_per_prompt=2)
-    context = AppContext(ServeConfig(data_dir=data_dir, model=str(tiny_model_dir)))
-    context.host(timeout=300)
-    yield context
-    context.index(timeout=120)
-    context.store.close()
 
 
 def test_clear_waits_for_the_streaming_answer_which_then_writes_nothing(model_ctx):

@@ -159,16 +159,6 @@ def test_the_turn_picker_offers_the_turns_both_sides_answered():
 
 # -- regenerating a turn, with the tiny model -------------------------------------------------
 
-@pytest.fixture
-def model_ctx(data_dir, tiny_model_dir):
-    seed_store(data_dir, n_prompts=2, answers_per_prompt=2)
-    context = AppContext(ServeConfig(data_dir=data_dir, model=str(tiny_model_dir)))
-    context.host(timeout=300)
-    yield context
-    context.index(timeout=120)
-    context.store.close()
-
-
 def _last(gen):
     """Run a streaming handler to its end: its first and its last output."""
     outs = list(gen)
