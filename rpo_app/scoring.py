@@ -6,6 +6,8 @@ the response tokens only, in one forward pass per chunk.
 """
 from __future__ import annotations
 
+import functools
+
 
 def keeps_logits_by_mask(model) -> bool:
     """Whether the model computes logits only where a boolean `logits_to_keep` says.
@@ -22,9 +24,50 @@ def keeps_logits_by_mask(model) -> bool:
         return False
 
 
+# Response tokens per slice of the LM head (0: the model's own head, all tokens at once).
+# The response-tokens x vocabulary logits, their log-softmax and both gradients were a
+# step's largest tensors (4 bytes x 49,152 per token each on the bundled model); a slice
+# is recomputed in the backward pass instead of kept (`bench --only memory`).
+HEAD_SLICE = 512
+
+
+def runs_head_apart(model) -> bool:
+    """Whether the model's logits are its LM head applied to the decoder's last hidden
+    states and nothing more (no softcapping, no scale): then `sequence_logps` can run the
+    head itself, a slice of tokens at a time."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        parts = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return None not in parts and _plain_head(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_head(cls) -> bool:
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    # "logits = ..." assigns; the "logits=logits," keyword of the return value does not
+    assigned = re.findall(r"^\s*logits = (.+)$", source, flags=re.M)
+    return "slice_logits_to_keep" in source and assigned == ["self.lm_head(hidden_states)"]
+
+
+def _token_logps(head, hidden, labels):
+    # fp32: bf16 log-probs summed over hundreds of tokens lose too much. log_softmax is one
+    # fused kernel each way; gather minus logsumexp made several vocabulary-wide temporaries
+    # and took twice as long.
+    return head(hidden).float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
 def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     """Summed log-probs of each sequence's response tokens, one forward pass for all."""
     import torch
+    from torch.utils.checkpoint import checkpoint
 
     from rpo_app.batches import collate
 
@@ -34,15 +77,25 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     score = batch["score_mask"].to(device)
     # Position t predicts token t + 1: roll the ids left to line labels up with logits.
     labels = ids.roll(-1, dims=1)[score]
-    if keep_by_mask:
-        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=score, use_cache=False).logits
-    else:
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[score]
-    # fp32: bf16 log-probs summed over hundreds of tokens lose too much. log_softmax is one
-    # fused kernel each way; gather minus logsumexp made several vocabulary-wide temporaries
-    # (0.5 GB each for a batch of 8 pairs) and took twice as long.
-    token_logps = logits.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
     rows = score.nonzero(as_tuple=True)[0]
+    if keep_by_mask and HEAD_SLICE and runs_head_apart(model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(input_ids=ids, attention_mask=attention,
+                                    use_cache=False).last_hidden_state[score]
+        head = base.get_output_embeddings()
+        parts = []
+        for k in range(0, len(labels), HEAD_SLICE):
+            h, y = hidden[k:k + HEAD_SLICE], labels[k:k + HEAD_SLICE]
+            parts.append(checkpoint(_token_logps, head, h, y, use_reentrant=False)
+                         if torch.is_grad_enabled() and h.requires_grad else _token_logps(head, h, y))
+        token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    else:
+        if keep_by_mask:
+            logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=score,
+                           use_cache=False).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[score]
+        token_logps = logits.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
 
 

@@ -63,3 +63,46 @@ def test_a_sequence_without_a_prompt_is_refused(lively_lm):
 
     with pytest.raises(ValueError, match="without a prompt token"):
         shared_prompt_logps(lively_lm, [Seq((3, 4, 5), 0, 0)], 0, "cpu", False)
+
+
+def test_the_head_run_in_slices_gives_the_models_own_logps_and_gradients(lively_lm, monkeypatch):
+    """The LM head run apart, a few tokens at a time and recomputed in the backward pass,
+    must give what the model's own logits give: the same sums and the same LoRA gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rpo_app import scoring
+
+    torch.manual_seed(1)
+    net = get_peft_model(lively_lm, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
+                                               init_lora_weights=False))
+    net.train()
+    assert scoring.runs_head_apart(net) and scoring.keeps_logits_by_mask(net)
+    monkeypatch.setattr(scoring, "HEAD_SLICE", 3)  # 21 answer tokens: 7 slices
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+
+    def run(apart: bool):
+        monkeypatch.setattr(scoring, "runs_head_apart", lambda _m: apart)
+        net.zero_grad()
+        sums = scoring.sequence_logps(net, _seqs(), 0, "cpu", True)
+        (sums * weights).sum().backward()
+        return sums.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    (sliced, g_sliced), (whole, g_whole) = run(True), run(False)
+    net.unload()  # the module-scoped model goes back to the other tests without LoRA layers
+    assert torch.allclose(sliced, whole, rtol=1e-5, atol=1e-5), (sliced, whole)
+    assert sliced[5] == 0 and (sliced[:5] < 0).all()
+    # other sums, other rounding: compared by norm, not element by element
+    assert all((a - b).norm() <= 1e-4 * b.norm() for a, b in zip(g_sliced, g_whole))
+    assert any(g.abs().sum() > 0 for g in g_sliced)
+
+
+def test_a_model_that_scales_its_logits_keeps_its_own_head():
+    """Gemma 2 softcaps its logits after the head: running the head apart would skip that."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from rpo_app.scoring import runs_head_apart
+
+    cfg = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    assert not runs_head_apart(Gemma2ForCausalLM(cfg))
