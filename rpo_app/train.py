@@ -30,6 +30,7 @@ from rpo_app import checkpoints
 from rpo_app.batches import JUDGMENT_FIELDS
 from rpo_app.cpushare import RunShare
 from rpo_app.earlystop import EarlyStopping, off_reason
+from rpo_app.heap import map_large_blocks
 from rpo_app.loss_registry import get_loss
 from rpo_app.runfolder import MetricRow, RunFolder, SampleRow
 from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, check_data, config_from_args  # noqa: F401
@@ -756,6 +757,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     main = int(os.environ.get("RANK", "0")) == 0  # before the Accelerator exists: from the launcher's env
     run = RunFolder(out, writable=main)
     _setup_logging(out, main)
+    map_large_blocks()
     try:
         try:
             cfg.validate()
