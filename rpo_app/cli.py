@@ -99,7 +99,7 @@ def _merge_args(p):
 def _bench_args(p):
     _data_dir_arg(p)
     p.add_argument("--out", default="bench-results", help="folder for the JSON results")
-    p.add_argument("--only", choices=["search", "queue", "generate", "sampling", "first-run", "train",
+    p.add_argument("--only", choices=["search", "queue", "generate", "sampling", "first-run", "train", "memory",
                                       "score", "load"], default=None)
     p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
 

@@ -9,6 +9,8 @@ one run on this machine (ratios, not absolute timings, are what carry across mac
   default run over 32 pairs phase by phase (bench/firstrun.py).
 - score: the informative order's scoring job (base and adapter log-probs of every
   candidate answer, ranks of every pair) per 1,000 candidate pairs (bench/score.py).
+- memory: peak memory of a training step, before and after each memory lever, one
+  fresh process per variant (bench/memory.py).
 - search: related-prompt search over 100k prompts.
 - queue: the label queue's next item and submit with 100k prompts and 200k judgments.
 - load: 20 gradio_client annotators x 50 judgments against the real server during a
@@ -29,7 +31,7 @@ def cli_bench(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(args.data_dir)
     parts = [args.only] if args.only else ["search", "queue", "generate", "sampling", "first-run",
-                                           "train", "score", "load"]
+                                           "train", "memory", "score", "load"]
     summary: dict = {}
     if "search" in parts:
         from rpo_app.bench.search import bench_related_search
@@ -70,6 +72,12 @@ def cli_bench(args) -> int:
         if rc:
             return rc
         summary["train"] = json.loads((out / "bench_train.json").read_text())
+    if "memory" in parts:
+        from rpo_app.bench import memory as bench_memory
+
+        summary["memory"] = bench_memory.run_benchmark(data_dir, quick=args.quick)
+        (out / "memory.json").write_text(json.dumps(summary["memory"], indent=1))
+        print(bench_memory.format_table(summary["memory"]))
     if "score" in parts:
         from rpo_app.bench import score as bench_score
 
