@@ -1,5 +1,5 @@
-"""glibc malloc settings for the processes that train: one home for the rule and its
-measurement.
+"""The training process's memory: glibc's malloc settings (one home for the rule and its
+measurement) and the peak resident size it reports.
 
 glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after
 which blocks of activation size come from the heap, and a heap fragmented by a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import resource
 import sys
 
 log = logging.getLogger(__name__)
@@ -35,3 +36,9 @@ def map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     if not done:
         log.info("glibc's mallopt refused an mmap threshold of %d bytes", threshold)
     return done
+
+
+def peak_resident_gb() -> float:
+    """This process's largest resident size so far (GB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # macOS: bytes; Linux: KiB

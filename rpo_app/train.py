@@ -30,7 +30,7 @@ from rpo_app import checkpoints
 from rpo_app.batches import JUDGMENT_FIELDS
 from rpo_app.cpushare import RunShare
 from rpo_app.earlystop import EarlyStopping, off_reason
-from rpo_app.heap import map_large_blocks
+from rpo_app.heap import map_large_blocks, peak_resident_gb
 from rpo_app.loss_registry import get_loss
 from rpo_app.runfolder import MetricRow, RunFolder, SampleRow
 from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, check_data, config_from_args  # noqa: F401
@@ -582,7 +582,7 @@ class Trainer:
             bar.set_postfix(loss=f"{row.loss:.4f}", acc=f"{row.accuracy:.2f}")
             self.run.update_status(state="running", step=self.step, max_steps=self.max_steps, loss=row.loss,
                                    eval_accuracy=eval_accuracy, elapsed_s=row.elapsed_s, eta_s=row.eta_s,
-                                   phase_done=self.step)
+                                   phase_done=self.step, peak_memory_gb=peak_resident_gb())
             if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < self.max_steps:
                 self.write_samples()
                 self._resume_training_phase()
@@ -804,7 +804,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             return 0
         state = trainer.fit()
         run.end_phases(state=state, step=trainer.step, max_steps=trainer.max_steps,
-                          adapter=str(run.adapter) if state == "finished" else None)
+                       adapter=str(run.adapter) if state == "finished" else None,
+                       peak_memory_gb=peak_resident_gb())
         log.info("%s at step %d", state, trainer.step)
         return 0
     except KeyboardInterrupt:

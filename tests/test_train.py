@@ -219,6 +219,22 @@ def test_every_loss_trains(tmp_path, judgments_file, tiny_model_dir, data_dir, l
     assert metrics[0]["loss"] == pytest.approx(start, rel=1e-4)
     assert 0 <= metrics[1]["eval/accuracy"] <= 1 and math.isfinite(metrics[1]["eval/loss"])
     assert status(out)["state"] == "finished" and (out / "adapter" / "adapter_config.json").exists()
+    assert status(out)["peak_memory_gb"] > 0
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_steps(tmp_path, judgments_file, tiny_model_dir, data_dir):
+    """Recomputing activations (around the LM head's slices as well) changes memory, not
+    the arithmetic: the same losses and rewards up to float rounding."""
+    runs = {}
+    for name, flag in (("plain", "--no-gradient-checkpointing"), ("saving", "--gradient-checkpointing")):
+        out = tmp_path / name
+        assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir) + [flag]) == 0
+        runs[name] = read_jsonl(out / "metrics.jsonl")
+    assert TrainConfig.from_yaml(tmp_path / "saving" / "config.yaml").gradient_checkpointing
+    for plain, saving in zip(runs["plain"], runs["saving"], strict=True):
+        assert saving["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
+        assert saving["margin"] == pytest.approx(plain["margin"], rel=1e-3, abs=1e-5)
 
 
 @pytest.mark.slow
