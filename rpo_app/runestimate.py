@@ -18,6 +18,12 @@ STEP_FORWARDS = {"fp32": 2.5, "bf16": 3.5}
 # Decoding through the training child's PeftModel (LoRA not merged) against the app's
 # plain model: the extra low-rank matmuls at every layer.
 LORA_DECODE_FACTOR = 1.3
+# Gradient checkpointing runs each layer's forward again in the backward pass. Measured
+# with `bench --only memory` (one step, 8 x 512 tokens, fp32, 2 threads): 105.8 s against
+# 75.3 s, and a peak of 1.55 GB above the loaded model against 7.28 GB; earlier, 28.6 s
+# against 21.1 s (batch 8 x 256, 1 thread, `python -m rpo_app.bench.train`).
+CHECKPOINTING_STEP_FACTOR = 1.4
+CHECKPOINTING_MEMORY = 0.21
 TYPICAL = {"loading the model": 12.0, "embedding the prompts": 4.0, "saving the adapter": 2.0}
 
 
@@ -36,6 +42,7 @@ class RunShape:
     preview_tokens: int
     embeds: bool
     check_labels: bool = True
+    checkpointing: bool = False
 
 
 def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens: float,
@@ -49,21 +56,26 @@ def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens
     return RunShape(steps=steps, batch_size=cfg.batch_size, train_seqs=train_seqs,
                     eval_seqs=eval_seqs, mean_tokens=mean_tokens, evals=evals, mid_previews=mid,
                     preview_count=preview_count, preview_tokens=cfg.sample_max_new_tokens,
-                    embeds=embeds, check_labels=cfg.check_labels)
+                    embeds=embeds, check_labels=cfg.check_labels,
+                    checkpointing=cfg.gradient_checkpointing)
 
 
 def estimate_phases(shape: RunShape, forward_s_per_token: float,
                     decode_timing: tuple[float, float], past: dict[str, float] | None = None,
-                    precision: str = "fp32", step_s_per_token: float | None = None
-                    ) -> dict[str, float]:
+                    precision: str = "fp32", step_s_per_token: float | None = None,
+                    measured_with_checkpointing: bool = False) -> dict[str, float]:
     """Seconds per phase (runfolder.PHASES names), in run order. `step_s_per_token`: a
-    training step's seconds per token measured by an earlier run here (else the forward
-    timing times STEP_FORWARDS)."""
+    training step's seconds per token measured by an earlier run here, with gradient
+    checkpointing or not as `measured_with_checkpointing` says (else the forward timing
+    times STEP_FORWARDS, without)."""
     past = past or {}
     a, b = decode_timing
     preview = (shape.preview_tokens * (a + b * shape.preview_count) * LORA_DECODE_FACTOR
                if shape.preview_count else 0.0)
     per_token = step_s_per_token or STEP_FORWARDS[precision] * forward_s_per_token
+    measured_on = measured_with_checkpointing and bool(step_s_per_token)
+    if shape.checkpointing != measured_on:
+        per_token *= CHECKPOINTING_STEP_FACTOR if shape.checkpointing else 1 / CHECKPOINTING_STEP_FACTOR
     step = per_token * 2 * shape.batch_size * shape.mean_tokens
     out = {"loading the model": past.get("loading the model", TYPICAL["loading the model"])}
     if shape.embeds:

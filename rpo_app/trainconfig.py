@@ -132,7 +132,9 @@ class TrainConfig:
     judgments: str | None = field(default=None, metadata={"help": "JSONL file of judgments instead of the store"})
     model: str | None = field(default=None, metadata={"help": "HF id or folder (default: bundled SmolLM2)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: a GPU when there is one)"})
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: less memory per step, slower steps "
+                "(rpo_app.runestimate has the measured ratios)"})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 autocast on a GPU with bf16 and on a CPU with bf16 instructions, "
                 "else fp32), bf16 or fp32"})

@@ -241,6 +241,17 @@ def test_estimate_covers_every_phase():
     # a step speed measured by an earlier run here wins over the forward-pass rule
     measured = estimate_phases(shape, 0.002, (0.05, 0.004), step_s_per_token=0.004)
     assert measured["training"] == pytest.approx(60 * 0.004 * 16 * 170)
+    # gradient checkpointing: its measured step factor, whichever way the speed was taken
+    from rpo_app.runestimate import CHECKPOINTING_STEP_FACTOR as F
+
+    saving = run_shape(TrainConfig(gradient_checkpointing=True), 80, 160, 4, 170, 2, embeds=True)
+    assert estimate_phases(saving, 0.002, (0.05, 0.004))["training"] == pytest.approx(
+        F * 60 * 2.5 * 0.002 * 16 * 170)
+    assert estimate_phases(saving, 0.002, (0.05, 0.004), step_s_per_token=0.004,
+                           measured_with_checkpointing=True)["training"] == pytest.approx(measured["training"])
+    assert estimate_phases(shape, 0.002, (0.05, 0.004), step_s_per_token=0.004,
+                           measured_with_checkpointing=True)["training"] == pytest.approx(
+        measured["training"] / F)
     no_eval = run_shape(cfg, 80, 160, 0, 170, 2, embeds=False)
     assert no_eval.evals == 0 and "embedding the prompts" not in estimate_phases(
         no_eval, 0.002, (0.05, 0.004))

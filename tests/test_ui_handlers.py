@@ -156,12 +156,13 @@ def test_watch_reads_a_run_folder(ctx):
         folder.append_metric(MetricRow(step=step, loss=1.0 / step, margin=0.1 * step, accuracy=0.5,
                                        pairs_per_s=2.0, eval_accuracy=0.75 if step == 4 else None))
     folder.append_sample(SampleRow(step=4, prompt="Say hi.", base="Hello there.", tuned="Hi!"))
-    folder.write_status(RunStatus(state="finished", step=4, max_steps=4, elapsed_s=12.0))
+    folder.write_status(RunStatus(state="finished", step=4, max_steps=4, elapsed_s=12.0,
+                                  peak_memory_gb=3.25))
     _finished_run(ctx, rid)
 
     view = dict(zip(train.LIVE, train.watch(ctx, None)))
     assert view["status"].startswith(f"**Run {rid}** · **finished** · step 4/4 · loss 0.2500")
-    assert "held-out accuracy **0.75**" in view["status"]
+    assert "held-out accuracy **0.75**" in view["status"] and "peak memory 3.2 GB" in view["status"]
     assert set(view["acc_plot"]["series"]) == {"train acc", "train acc (smoothed)", "held-out acc"}
     assert view["samples"].to_dict("records") == [
         {"step": 4, "prompt": "Say hi.", "tuned": "Hi!", "base": "Hello there."}]
@@ -280,3 +281,24 @@ def test_train_bar_names_the_phase_and_never_says_eta_0(ctx):
     steps = RunStatus(state="running", phase="training", step=20, max_steps=60, eta_s=400.0,
                       elapsed_s=200.0)
     assert "ETA 7 min" in train.run_bar(steps) and "20/60 steps" in train.run_bar(steps)
+
+
+def test_save_memory_box_and_the_last_runs_memory(ctx):
+    import psutil
+
+    assert train.config_from_form(ctx, {**FORM, "gradient_checkpointing": True}).gradient_checkpointing
+    assert not train.config_from_form(ctx, {**FORM, "gradient_checkpointing": False}).gradient_checkpointing
+    rid = "run-m"
+    folder = RunFolder(ctx.layout.run_dir(rid))
+    folder.append_metric(MetricRow(step=1, loss=0.5, tokens_per_s=100.0))
+    free = psutil.virtual_memory().available / 1e9
+    folder.write_status(RunStatus(state="finished", step=1, max_steps=1, peak_memory_gb=2 * free,
+                                  phases=[{"phase": "loading the model", "seconds": 3.0}]))
+    _finished_run(ctx, rid)
+    last = train._last_run_timings(ctx, "fp32")
+    assert last["peak_memory_gb"] == 2 * free and last["step_s_per_token"] == pytest.approx(0.01)
+    note = train._memory_note(last)
+    assert f"({rid}, without gradient checkpointing) peaked at {2 * free:.1f} GB" in note
+    assert "Tick *Save memory*" in note  # it needed more than is free now
+    assert "Tick" not in train._memory_note({**last, "peak_memory_gb": free / 4})
+    assert train._memory_note({}) == ""

@@ -24,6 +24,7 @@ import pandas as pd
 from rpo_app import lineage, progress
 from rpo_app.batches import count_examples, judgment_pairs, judgment_pools
 from rpo_app.loss_registry import LOSSES, get_loss
+from rpo_app.runestimate import CHECKPOINTING_MEMORY, CHECKPOINTING_STEP_FACTOR
 from rpo_app.runfolder import MetricRow
 from rpo_app.trainconfig import ConfigError, TrainConfig, check_data
 from rpo_app.ui.context import AppContext
@@ -71,6 +72,8 @@ def _setting(name: str, value):
     if kind is None:
         return value  # TrainConfig.from_dict names the unknown field
     optional = "None" in kind
+    if kind == "bool":
+        return bool(value)
     if kind.startswith("list"):
         lines = value.splitlines() if isinstance(value, str) else list(value or [])
         items = [str(v).strip() for v in lines if str(v).strip()]
@@ -151,29 +154,51 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     from rpo_app.models import pick_precision
 
     precision = pick_precision(str(host.device), cfg.precision)
-    past, step_s_per_token = _last_run_timings(ctx, precision)
-    phases = estimate_phases(shape, host.seconds_per_token(precision), timing, past, precision,
-                             step_s_per_token)
+    last = _last_run_timings(ctx, precision)
+    phases = estimate_phases(shape, host.seconds_per_token(precision), timing, last.get("past"),
+                             precision, last.get("step_s_per_token"),
+                             measured_with_checkpointing=last.get("checkpointing", False))
     total = sum(phases.values())
     parts = [f"{name} {progress.human(sec)}" for name, sec in phases.items() if sec >= 0.5]
     return (f"Estimated time on this machine: **~{progress.human(total)}** "
             f"({shape.steps} steps of ~{phases['training'] / max(shape.steps, 1):.1f} s; "
-            + " · ".join(parts) + ").")
+            + " · ".join(parts) + ")." + _memory_note(last))
 
 
-def _last_run_timings(ctx: AppContext, precision: str) -> tuple[dict[str, float], float | None]:
-    """The newest finished run's phase times (what loading and saving take here) and, if
-    it trained in the same arithmetic, its steps' seconds per token."""
+def _memory_note(last: dict) -> str:
+    """What the newest finished run here needed, against what is free now: the figure
+    that tells whether to tick "Save memory"."""
+    import psutil
+
+    peak = last.get("peak_memory_gb")
+    if not peak:
+        return ""
+    free = psutil.virtual_memory().available / 1e9
+    how = "with" if last.get("checkpointing") else "without"
+    note = (f" Memory: the last run here ({last['run']}, {how} gradient checkpointing) "
+            f"peaked at {peak:.1f} GB; {free:.1f} GB is free now.")
+    return note + (" ⚠ Tick *Save memory* or lower the batch size or max length."
+                   if peak > free and not last.get("checkpointing") else "")
+
+
+def _last_run_timings(ctx: AppContext, precision: str) -> dict:
+    """The newest finished run's phase times (what loading and saving take here), its
+    steps' seconds per token if it trained in the same arithmetic, whether those steps
+    ran with gradient checkpointing, and its peak memory. Empty: no finished run."""
     for row in ctx.store.runs():
         if row["state"] == "finished":
-            seconds = ctx.runs.status(row["id"]).phase_seconds()
-            if seconds:
-                speeds = [m.tokens_per_s for m in ctx.runs.metrics(row["id"]) if m.tokens_per_s]
-                same = row["config"].get("precision", "auto") in ("auto", precision)
-                # its precision "auto" resolved on this machine as ours does
-                per_token = 1.0 / statistics.median(speeds) if speeds and same else None
-                return seconds, per_token
-    return {}, None
+            st = ctx.runs.status(row["id"])
+            if not st.phase_seconds():
+                return {}
+            metrics = ctx.runs.metrics(row["id"])
+            speeds = [v for v in metrics.get("tokens_per_s", pd.Series(dtype=float)).dropna() if v > 0]
+            same = row["config"].get("precision", "auto") in ("auto", precision)
+            # its precision "auto" resolved on this machine as ours does
+            return {"past": st.phase_seconds(),
+                    "step_s_per_token": 1.0 / statistics.median(speeds) if speeds and same else None,
+                    "checkpointing": bool(row["config"].get("gradient_checkpointing")),
+                    "peak_memory_gb": st.peak_memory_gb, "run": row["id"]}
+    return {}
 
 
 # -- runs -------------------------------------------------------------------------------
@@ -221,6 +246,8 @@ def watch(ctx: AppContext, rid: str | None, drawn=None) -> tuple:
     held_out = metrics["eval_accuracy"].dropna()
     if len(held_out):
         parts.append(f"held-out accuracy **{held_out.iloc[-1]:.2f}**")
+    if st.peak_memory_gb:
+        parts.append(f"peak memory {st.peak_memory_gb:.1f} GB")
     if st.early_stopped:
         parts.append("stopped early: held-out accuracy and loss stopped improving")
     elif st.early_stop_note:
@@ -388,6 +415,11 @@ def build(ctx: AppContext) -> dict:
                                  elem_id="train-gold-bar")
             previews = gr.Textbox("\n".join(defaults.preview_prompts), lines=3,
                                   label="Preview prompts (one per line)", elem_id="train-previews")
+            save_memory = gr.Checkbox(defaults.gradient_checkpointing, elem_id="train-save-memory",
+                                      label="Save memory (gradient checkpointing)",
+                                      info=f"recompute activations in the backward pass: a step "
+                                           f"needs about {CHECKPOINTING_MEMORY:.0%} of the memory "
+                                           f"and {CHECKPOINTING_STEP_FACTOR:.2f}x the time")
             usable = gr.Markdown("", elem_id="train-usable")
             with gr.Row():
                 start = gr.Button("Start fine-tuning", variant="primary", elem_id="train-start")
@@ -427,7 +459,7 @@ def build(ctx: AppContext) -> dict:
     form = {"loss": loss, "beta": beta, "temperature": temperature, "learning_rate": lr,
             "max_steps": steps, "batch_size": batch, "lora_r": rank, "max_length": max_len,
             "kinds": kinds, "annotators": annotators, "preview_prompts": previews,
-            "min_gold_accuracy": gold_bar}
+            "min_gold_accuracy": gold_bar, "gradient_checkpointing": save_memory}
     form_inputs = list(form.values())
 
     def by_name(handler):
