@@ -186,8 +186,9 @@ def _last_run_timings(ctx: AppContext, precision: str) -> dict:
     steps' seconds per token if it trained in the same arithmetic, whether those steps
     ran with gradient checkpointing, and its peak memory. Empty: no finished run."""
     for row in ctx.store.runs():
-        if row["state"] == "finished":
-            st = ctx.runs.status(row["id"])
+        # The run folder, not the store's row: the row learns of the end a moment later.
+        st = ctx.runs.status(row["id"])
+        if st.state == "finished":
             if not st.phase_seconds():
                 return {}
             metrics = ctx.runs.metrics(row["id"])
