@@ -4,9 +4,11 @@ measurement) and the peak resident size it reports.
 glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after
 which blocks of activation size come from the heap, and a heap fragmented by a
 training step's mix of sizes keeps its freed pages. Measured on the bundled model (one
-training step, 8 sequences x 512 tokens, fp32, 2 threads, peak resident size above the
-loaded model): 10.2 GB with glibc's defaults, 5.8 GB with blocks of 4 MB and more always
-mapped (and unmapped, returned, when freed), 9.4 GB with a 16 MB threshold.
+training step, 8 sequences of at most 512 tokens, fp32, peak resident size above the
+loaded model; `python -m rpo_app bench --only memory`): 12.3 GB with glibc's defaults,
+8.7 GB with blocks of 4 MB and more always mapped (and unmapped, returned, when freed).
+A 16 MB threshold kept most of the heap (9.4 GB against 5.8 GB for 4 MB, in an earlier
+calibration on full 512-token sequences).
 """
 from __future__ import annotations
 

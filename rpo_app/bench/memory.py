@@ -4,11 +4,12 @@ how it runs them now, side by side in one run.
 
 Each variant runs in a fresh process (a heap's history is the thing measured): load the
 model in fp32 with the trainer's LoRA, then one forward and backward over a batch like
-the default run's largest (`--seqs` sequences of `--length` tokens at most, lengths
-spread over the top half so the batch is padded, the first 48 tokens of each the
-prompt), through the trainer's scorer (rpo_app.scoring.sequence_logps). A thread reads
-the process's resident size every 5 ms; the peak is reported above the size after
-loading, with the step's seconds.
+the default run's largest (`seqs` sequences of `length` tokens at most: run_benchmark's
+arguments, the default run's batch and max length from the CLI; lengths spread over the
+top half so the batch is padded, the first 48 tokens of each the prompt), through the
+trainer's scorer (rpo_app.scoring.sequence_logps). A thread reads the process's resident
+size every 5 ms; the peak is reported above the size after loading, with the step's
+seconds.
 
     python -m rpo_app bench --only memory [--quick]
 """

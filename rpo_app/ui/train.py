@@ -189,13 +189,14 @@ def _last_run_timings(ctx: AppContext, precision: str) -> dict:
         # The run folder, not the store's row: the row learns of the end a moment later.
         st = ctx.runs.status(row["id"])
         if st.state == "finished":
-            if not st.phase_seconds():
+            past = st.phase_seconds()
+            if not past:
                 return {}
             metrics = ctx.runs.metrics(row["id"])
             speeds = [v for v in metrics.get("tokens_per_s", pd.Series(dtype=float)).dropna() if v > 0]
             same = row["config"].get("precision", "auto") in ("auto", precision)
             # its precision "auto" resolved on this machine as ours does
-            return {"past": st.phase_seconds(),
+            return {"past": past,
                     "step_s_per_token": 1.0 / statistics.median(speeds) if speeds and same else None,
                     "checkpointing": bool(row["config"].get("gradient_checkpointing")),
                     "peak_memory_gb": st.peak_memory_gb, "run": row["id"]}
