@@ -44,3 +44,14 @@ def peak_resident_gb() -> float:
     """This process's largest resident size so far (GB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # macOS: bytes; Linux: KiB
+
+
+def free_memory_gb(device) -> float:
+    """Memory a training step can still take (GB): the GPU's free memory on a CUDA
+    device, else the system's available memory (free plus reclaimable cache)."""
+    import psutil
+    import torch
+
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 1e9
+    return psutil.virtual_memory().available / 1e9

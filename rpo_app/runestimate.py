@@ -1,6 +1,8 @@
-"""The Train tab's up-front time estimate: every phase of a run, from timings taken on
-this machine (the loaded model's forward pass and decoding speed) and the run's own
-data (its sequence count and length), so nothing is left out of the total.
+"""What a run will cost before it starts: the Train tab's up-front time estimate (every
+phase of a run, from timings taken on this machine, the loaded model's forward pass and
+decoding speed, and the run's own data, its sequence count and length, so nothing is
+left out of the total), and a training step's peak memory, which the trainer also reads
+to switch gradient checkpointing on when a step would not fit.
 
 Fixed costs (starting the child and loading the model, saving) come from the newest
 finished run on this data dir when there is one, else from typical CPU figures.
@@ -24,6 +26,21 @@ LORA_DECODE_FACTOR = 1.3
 # against 21.1 s (batch 8 x 256, 1 thread, `python -m rpo_app.bench.train`).
 CHECKPOINTING_STEP_FACTOR = 1.4
 CHECKPOINTING_MEMORY = 0.21
+# A training step's peak memory above the loaded model grows with the padded tokens of
+# its largest forward pass (sequences x the longest), barely with their length: fused
+# attention keeps no score matrix. Counted in hidden-sized vectors kept per layer and
+# token, plus a fixed part in vocabulary-sized vectors per token of one LM-head slice
+# (logits, log-softmax and their gradients). Fitted from above to `bench --only memory`
+# on the bundled model (30 layers x 576, fp32, LoRA on every linear layer, heads of 512
+# tokens), GB at 2,048 padded tokens: 4.02 (4 x 512), 3.98 (8 x 256), 4.16 (2 x 1024);
+# at 4,096: 7.28 (8 x 512), 6.97 (16 x 256), 7.47 (4 x 1024). With gradient
+# checkpointing 1.20, 1.17 and 1.11 at 2,048; 1.56, 1.36 and 1.53 at 4,096. Not measured
+# beyond 1,024 tokens a sequence.
+STEP_VECTORS_PER_TOKEN = {False: 24, True: 3}  # key: gradient checkpointing
+HEAD_VECTORS_PER_TOKEN = 8
+# The share of the memory free that a step may plan to use: the rest is for the
+# optimizer's state, the heap's slack and whatever else the machine runs meanwhile.
+MEMORY_HEADROOM = 0.85
 TYPICAL = {"loading the model": 12.0, "embedding the prompts": 4.0, "saving the adapter": 2.0}
 
 
@@ -93,3 +110,28 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
     out["the final previews"] = preview
     out["saving the adapter"] = past.get("saving the adapter", TYPICAL["saving the adapter"])
     return out
+
+
+def step_memory_gb(model_config, seqs: int, longest: int, checkpointing: bool,
+                   element_size: int = 4, head_slice: int | None = None) -> float:
+    """A training step's peak memory above the loaded model (GB): one forward and backward
+    over `seqs` sequences padded to `longest` tokens (see STEP_VECTORS_PER_TOKEN)."""
+    from rpo_app.scoring import HEAD_SLICE
+
+    cfg = getattr(model_config, "text_config", None) or model_config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1)
+    tokens = seqs * longest
+    head_slice = HEAD_SLICE if head_slice is None else head_slice
+    head_tokens = min(head_slice, tokens) if head_slice else tokens
+    body = STEP_VECTORS_PER_TOKEN[checkpointing] * tokens * layers * hidden * element_size
+    head = HEAD_VECTORS_PER_TOKEN * head_tokens * cfg.vocab_size * 4  # fp32 log-softmax
+    return (body + head) / 1e9
+
+
+def needs_checkpointing(model_config, seqs: int, longest: int, free_gb: float,
+                        element_size: int = 4) -> tuple[bool, float]:
+    """Whether a step without gradient checkpointing would not fit in `free_gb`, and the
+    GB it would need."""
+    need = step_memory_gb(model_config, seqs, longest, False, element_size)
+    return need > MEMORY_HEADROOM * free_gb, need

@@ -125,6 +125,7 @@ class RunStatus:
     best_eval_accuracy: float | None = None
     adapter: str | None = None  # the final adapter folder, once finished
     peak_memory_gb: float | None = None  # the training process's largest resident size so far
+    gradient_checkpointing: bool | None = None  # whether the steps ran with it (asked or switched on)
     # The phase under way (one of PHASES) counts its own work, so its ETA comes from
     # its own speed: phase_done of phase_total phase_unit since phase_started_at.
     phase_done: float | None = None

@@ -186,14 +186,6 @@ class Trainer:
                                     dtype=pick_dtype(str(device)),
                                     attn_implementation="eager" if cpu_bf16 else None)
         _disable_dropout(base)
-        if cfg.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base.enable_input_require_grads()
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_targets(), task_type="CAUSAL_LM", bias="none")
-        model = get_peft_model(base, lora)
-        model.train()
-        self.keep_by_mask = keeps_logits_by_mask(model)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
 
         encoder = Encoder(self.tok, cfg.max_length, cfg.max_prompt_length)
@@ -216,10 +208,19 @@ class Trainer:
                  len(self.train_data.rejected), len(self.eval_data.pairs), len(self.eval_data.chosen),
                  len(self.eval_data.rejected))
         if self.spec.contrasts_batch and cfg.batch_size * self.world < 4:
-            warning = (f"RPO with a global batch of {cfg.batch_size * self.world} contrasts few items; "
+            self._warn(f"RPO with a global batch of {cfg.batch_size * self.world} contrasts few items; "
                        "it then behaves much like DPO (a batch of 8 or more is where RPO differs)")
-            log.warning(warning)
-            self.run.update_status(warning=warning)
+
+        self.checkpointing = self._save_memory(base)
+        self.run.update_status(gradient_checkpointing=self.checkpointing)
+        if self.checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_targets(), task_type="CAUSAL_LM", bias="none")
+        model = get_peft_model(base, lora)
+        model.train()
+        self.keep_by_mask = keeps_logits_by_mask(model)
 
         self.train_emb = self.eval_emb = None
         if self.spec.needs_embeddings(cfg.weighting):
@@ -245,6 +246,48 @@ class Trainer:
         self.preview = self._preview_prompts()
         self.base_answers = self._base_answers()
         self.base_logps: list[float] | None = None
+
+    def _warn(self, warning: str) -> None:
+        """Log a warning and add it to the status line's (each stays until the run ends)."""
+        log.warning(warning)
+        before = self.run.status().warning  # a resumed run's status has its first start's
+        if not before or warning not in before:
+            self.run.update_status(warning=f"{before}; {warning}" if before else warning)
+
+    def _largest_forward(self) -> tuple[int, int]:
+        """(sequences, longest) of the largest forward pass this process's steps make."""
+        lengths = self.train_data.lengths()
+        best = (0, 0)
+        for k in range(self.max_steps * self.cfg.grad_accum):
+            chosen, rejected = self.plan.batch(k)
+            mine = set(process_order(chosen, self.acc.process_index, self.world)[0]
+                       + process_order(rejected, self.acc.process_index, self.world)[0])
+            if mine:
+                shape = (len(mine), max(lengths[i] for i in mine))
+                best = max(best, shape, key=lambda sl: sl[0] * sl[1])
+        return best
+
+    def _save_memory(self, base) -> bool:
+        """Whether the steps recompute activations: asked for, or switched on here because
+        the largest step would not fit in the memory free (cfg.auto_checkpointing)."""
+        from rpo_app.heap import free_memory_gb
+        from rpo_app.runestimate import CHECKPOINTING_STEP_FACTOR, needs_checkpointing
+
+        cfg = self.cfg
+        if cfg.gradient_checkpointing or not cfg.auto_checkpointing:
+            return cfg.gradient_checkpointing
+        seqs, longest = self._largest_forward()
+        free = free_memory_gb(self.acc.device)
+        short, need = needs_checkpointing(base.config, seqs, longest, free,
+                                          next(base.parameters()).element_size())
+        if short:
+            self._warn(f"Save memory switched on: the largest step ({seqs} sequences of up to "
+                       f"{longest} tokens) would need about {need:.1f} GB and {free:.1f} GB is free; "
+                       f"steps take about {CHECKPOINTING_STEP_FACTOR:.1f}x as long")
+        else:
+            log.info("largest step: %d sequences of up to %d tokens, about %.1f GB; %.1f GB free",
+                     seqs, longest, need, free)
+        return short
 
     def _embed_prompts(self):
         import torch

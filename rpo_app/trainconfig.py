@@ -135,6 +135,9 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in the backward pass: less memory per step, slower steps "
                 "(rpo_app.runestimate has the measured ratios)"})
+    auto_checkpointing: bool = field(default=True, metadata={
+        "help": "switch gradient checkpointing on by itself when the run's largest step would "
+                "need more memory than is free (rpo_app.runestimate.step_memory_gb)"})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 autocast on a GPU with bf16 and on a CPU with bf16 instructions, "
                 "else fp32), bf16 or fp32"})

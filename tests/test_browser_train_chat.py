@@ -140,11 +140,13 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
             assert "tuned" in page.locator("#train-samples").inner_text().lower()
             assert "peak memory" in page.locator("#train-status").inner_text()
             # After a finished run the form's estimate line still works (it once failed on
-            # the run's own step speed) and says what that run needed in memory.
+            # the run's own step speed) and says what a step will need and what that run
+            # needed in memory.
             page.locator("#train-save-memory input").check()
             page.wait_for_function("() => document.querySelector('#train-usable').innerText"
-                                   ".includes('Memory: the last run here')", timeout=TIMEOUT)
-            assert "Estimated time" in page.locator("#train-usable").inner_text()
+                                   ".includes('The last run here')", timeout=TIMEOUT)
+            usable = page.locator("#train-usable").inner_text()
+            assert "Estimated time" in usable and "a step needs about" in usable
             screenshot(page, "train-tab.png", full_page=True)
             page.locator("#train-save-memory input").uncheck()
 

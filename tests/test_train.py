@@ -220,6 +220,52 @@ def test_every_loss_trains(tmp_path, judgments_file, tiny_model_dir, data_dir, l
     assert 0 <= metrics[1]["eval/accuracy"] <= 1 and math.isfinite(metrics[1]["eval/loss"])
     assert status(out)["state"] == "finished" and (out / "adapter" / "adapter_config.json").exists()
     assert status(out)["peak_memory_gb"] > 0
+    assert status(out)["gradient_checkpointing"] is False  # these steps fit in memory
+
+
+@pytest.mark.slow
+def test_a_step_that_would_not_fit_switches_checkpointing_on(tmp_path, judgments_file, tiny_model_dir,
+                                                             data_dir, monkeypatch):
+    """On a machine without the memory a step needs, the run recomputes activations rather
+    than being killed, says so, and records it; --no-auto-checkpointing keeps it off."""
+    from rpo_app import heap
+
+    monkeypatch.setattr(heap, "free_memory_gb", lambda device: 1e-6)  # no memory to spare
+    out = tmp_path / "short"
+    assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir)) == 0
+    st = status(out)
+    assert st["state"] == "finished" and st["gradient_checkpointing"] is True
+    assert "Save memory switched on" in st["warning"] and "GB is free" in st["warning"]
+    assert "Save memory switched on" in (out / "train.log").read_text()
+    assert not TrainConfig.from_yaml(out / "config.yaml").gradient_checkpointing  # not asked for
+    off = tmp_path / "off"
+    assert main(tiny_args(off, judgments_file, tiny_model_dir, data_dir) + ["--no-auto-checkpointing"]) == 0
+    assert status(off)["gradient_checkpointing"] is False
+    assert "RPO with a global batch of 2" in st["warning"]  # the run's other warning stays
+    assert "Save memory" not in status(off)["warning"]
+
+
+def test_largest_step_memory_rule():
+    """The rule's fit lies on or just above every shape `bench --only memory` measured on
+    the bundled model (runestimate.STEP_VECTORS_PER_TOKEN), and it plans checkpointing
+    only when a step would not fit."""
+    from types import SimpleNamespace
+
+    from rpo_app.runestimate import MEMORY_HEADROOM, needs_checkpointing, step_memory_gb
+
+    smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, vocab_size=49152)
+    measured = {(4, 512): (4.02, 1.20), (8, 256): (3.98, 1.17), (2, 1024): (4.16, 1.11),
+                (8, 512): (7.28, 1.56), (16, 256): (6.97, 1.36), (4, 1024): (7.47, 1.53)}
+    for (seqs, longest), (plain, saving) in measured.items():
+        assert plain <= step_memory_gb(smollm2, seqs, longest, False) <= 1.1 * plain
+        assert saving <= step_memory_gb(smollm2, seqs, longest, True) <= 1.25 * saving
+    need = step_memory_gb(smollm2, 8, 512, False)
+    assert needs_checkpointing(smollm2, 8, 512, need / MEMORY_HEADROOM * 1.01) == (False, need)
+    assert needs_checkpointing(smollm2, 8, 512, need / MEMORY_HEADROOM * 0.99) == (True, need)
+    # bf16 activations take half the bytes; the head's fp32 log-softmax does not shrink
+    assert step_memory_gb(smollm2, 8, 512, False, element_size=2) < need
+    # a text model inside a multimodal config is read through text_config
+    assert step_memory_gb(SimpleNamespace(text_config=smollm2), 8, 512, False) == need
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from apptools import REPO, seed_store
 from rpo_app.config import ServeConfig
 from rpo_app.runfolder import MetricRow, RunFolder, RunStatus, SampleRow
-from rpo_app.trainconfig import ConfigError
+from rpo_app.trainconfig import ConfigError, TrainConfig
 from rpo_app.ui import chat, label, train
 from rpo_app.adapters import BASE_LABEL
 from rpo_app.ui.context import AppContext
@@ -302,3 +302,26 @@ def test_save_memory_box_and_the_last_runs_memory(ctx):
     assert "Tick *Save memory*" in note  # it needed more than is free now
     assert "Tick" not in train._memory_note({**last, "peak_memory_gb": free / 4})
     assert train._memory_note({}) == ""
+
+
+def test_the_estimate_plans_a_steps_memory_as_the_trainer_will(tiny_model_dir):
+    """Before any run: what a step needs beside the model against the memory free, and
+    Save memory switching on by itself where the trainer would switch it on."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    host = SimpleNamespace(device="cpu", model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    fits = train._step_memory(host, TrainConfig(), 8, 64)
+    assert not fits["checkpointing"] and not fits["switched"] and 0 < fits["need_gb"] < fits["free_gb"]
+    note = train._memory_note({}, fits)
+    assert f"a step needs about {fits['need_gb']:.1f} GB" in note and "switch on" not in note
+    huge = 10 ** 8  # tokens: no machine has that memory
+    short = train._step_memory(host, TrainConfig(), 8, huge)
+    assert short["checkpointing"] and short["switched"]
+    assert "*Save memory* will switch on by itself" in train._memory_note({}, short)
+    asked = train._step_memory(host, TrainConfig(gradient_checkpointing=True), 8, huge)
+    assert asked["checkpointing"] and not asked["switched"]
+    assert asked["need_gb"] == short["need_gb"] < train._step_memory(
+        host, TrainConfig(auto_checkpointing=False), 8, huge)["need_gb"]  # planned without it
+    assert not train._step_memory(host, TrainConfig(auto_checkpointing=False), 8, huge)["checkpointing"]

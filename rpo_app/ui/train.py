@@ -144,13 +144,16 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     sample = train_j[:64]
     texts = [j["prompt_a_text"] + (j.get(k) or "") for j in sample
              for k in ("response_a_text", "response_b_text") if j.get(k)]
-    mean_tokens = (sum(len(ids) for ids in host.tokenizer(texts)["input_ids"]) / len(texts)
-                   if texts else 0.0) + 20  # + the chat template's tokens
-    mean_tokens = min(mean_tokens, cfg.max_length)
+    lengths = [len(ids) + 20 for ids in host.tokenizer(texts)["input_ids"]] if texts else [20]
+    # + 20: the chat template's tokens
+    mean_tokens = min(sum(lengths) / len(lengths), cfg.max_length)
     per_item = 2 if not spec.pools else 1
     preview = min(cfg.preview_count, len({j["prompt_a_text"] for j in (eval_j or train_j)}))
     shape = run_shape(cfg, n_examples, per_item * n_examples, 2 * len(eval_j), mean_tokens,
                       len(cfg.preview_prompts) or preview, spec.needs_embeddings(cfg.weighting))
+    memory = _step_memory(host, cfg, min(2 * cfg.batch_size, per_item * n_examples),
+                          min(max(lengths), cfg.max_length))
+    shape.checkpointing = memory["checkpointing"]
     from rpo_app.models import pick_precision
 
     precision = pick_precision(str(host.device), cfg.precision)
@@ -162,21 +165,45 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     parts = [f"{name} {progress.human(sec)}" for name, sec in phases.items() if sec >= 0.5]
     return (f"Estimated time on this machine: **~{progress.human(total)}** "
             f"({shape.steps} steps of ~{phases['training'] / max(shape.steps, 1):.1f} s; "
-            + " · ".join(parts) + ")." + _memory_note(last))
+            + " · ".join(parts) + ")." + _memory_note(last, memory))
 
 
-def _memory_note(last: dict) -> str:
-    """What the newest finished run here needed, against what is free now: the figure
-    that tells whether to tick "Save memory"."""
+def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int) -> dict:
+    """A step's memory as the trainer will plan it (runestimate): what it needs, the
+    memory free, and whether the run will recompute activations."""
+    from rpo_app.heap import free_memory_gb
+    from rpo_app.runestimate import needs_checkpointing, step_memory_gb
+
+    size = next(host.model.parameters()).element_size()
+    # The run's own process loads a copy of the model before it plans its steps.
+    free = free_memory_gb(host.device) - sum(p.numel() for p in host.model.parameters()) * size / 1e9
+    short, need = needs_checkpointing(host.model.config, seqs, longest, free, size)
+    switched = short and cfg.auto_checkpointing and not cfg.gradient_checkpointing
+    checkpointing = cfg.gradient_checkpointing or switched
+    if checkpointing:
+        need = step_memory_gb(host.model.config, seqs, longest, True, size)
+    return {"need_gb": need, "free_gb": free, "checkpointing": checkpointing, "switched": switched}
+
+
+def _memory_note(last: dict, memory: dict | None = None) -> str:
+    """A step's predicted memory against what is free now, and what the newest finished
+    run here needed: the figures that tell whether to tick "Save memory"."""
     import psutil
 
+    note = ""
+    if memory:
+        note = (f" Memory: a step needs about {memory['need_gb']:.1f} GB beside the model; "
+                f"{memory['free_gb']:.1f} GB is free.")
+        if memory["switched"]:
+            note += (" *Save memory* will switch on by itself (steps about "
+                     f"{CHECKPOINTING_STEP_FACTOR:.1f}× as long).")
     peak = last.get("peak_memory_gb")
     if not peak:
-        return ""
+        return note
     free = psutil.virtual_memory().available / 1e9
     how = "with" if last.get("checkpointing") else "without"
-    note = (f" Memory: the last run here ({last['run']}, {how} gradient checkpointing) "
-            f"peaked at {peak:.1f} GB; {free:.1f} GB is free now.")
+    note += (f" The last run here ({last['run']}, {how} gradient checkpointing) "
+             f"peaked at {peak:.1f} GB; {free:.1f} GB is free now.")
     return note + (" ⚠ Tick *Save memory* or lower the batch size or max length."
                    if peak > free and not last.get("checkpointing") else "")
 
@@ -198,7 +225,8 @@ def _last_run_timings(ctx: AppContext, precision: str) -> dict:
             # its precision "auto" resolved on this machine as ours does
             return {"past": past,
                     "step_s_per_token": 1.0 / statistics.median(speeds) if speeds and same else None,
-                    "checkpointing": bool(row["config"].get("gradient_checkpointing")),
+                    "checkpointing": bool(st.gradient_checkpointing if st.gradient_checkpointing is not None
+                                          else row["config"].get("gradient_checkpointing")),
                     "peak_memory_gb": st.peak_memory_gb, "run": row["id"]}
     return {}
 
