@@ -38,6 +38,12 @@ CHECKPOINTING_MEMORY = 0.21
 # beyond 1,024 tokens a sequence.
 STEP_VECTORS_PER_TOKEN = {False: 24, True: 3}  # key: gradient checkpointing
 HEAD_VECTORS_PER_TOKEN = 8
+# Plain (eager) attention, which the trainer takes under bf16 autocast on a CPU, keeps
+# each layer's attention probabilities, heads x longest^2 per sequence, for the backward
+# pass. Counted at 4 bytes a score: with fp32 eager attention 8 x 512 measured 8.48 GB
+# against 7.26 fused, 1.2 GB more where this counts 2.3 (bf16 autocast keeps the fp32
+# softmax and a bf16 copy of it, unmeasured: this CPU has no bf16 instructions).
+EAGER_SCORE_BYTES = 4
 # The share of the memory free that a step may plan to use: the rest is for the
 # optimizer's state, the heap's slack and whatever else the machine runs meanwhile.
 MEMORY_HEADROOM = 0.85
@@ -113,7 +119,8 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
 
 
 def step_memory_gb(model_config, seqs: int, longest: int, checkpointing: bool,
-                   element_size: int = 4, head_slice: int | None = None) -> float:
+                   element_size: int = 4, head_slice: int | None = None,
+                   eager_attention: bool = False) -> float:
     """A training step's peak memory above the loaded model (GB): one forward and backward
     over `seqs` sequences padded to `longest` tokens (see STEP_VECTORS_PER_TOKEN)."""
     from rpo_app.scoring import HEAD_SLICE
@@ -126,12 +133,17 @@ def step_memory_gb(model_config, seqs: int, longest: int, checkpointing: bool,
     head_tokens = min(head_slice, tokens) if head_slice else tokens
     body = STEP_VECTORS_PER_TOKEN[checkpointing] * tokens * layers * hidden * element_size
     head = HEAD_VECTORS_PER_TOKEN * head_tokens * cfg.vocab_size * 4  # fp32 log-softmax
-    return (body + head) / 1e9
+    scores = 0
+    if eager_attention:  # with checkpointing one layer's at a time, recomputed
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+        scores = EAGER_SCORE_BYTES * heads * longest ** 2 * seqs * (1 if checkpointing else layers)
+    return (body + head + scores) / 1e9
 
 
 def needs_checkpointing(model_config, seqs: int, longest: int, free_gb: float,
-                        element_size: int = 4) -> tuple[bool, float]:
+                        element_size: int = 4, eager_attention: bool = False) -> tuple[bool, float]:
     """Whether a step without gradient checkpointing would not fit in `free_gb`, and the
     GB it would need."""
-    need = step_memory_gb(model_config, seqs, longest, False, element_size)
+    need = step_memory_gb(model_config, seqs, longest, False, element_size,
+                          eager_attention=eager_attention)
     return need > MEMORY_HEADROOM * free_gb, need

@@ -253,7 +253,8 @@ def test_largest_step_memory_rule():
 
     from rpo_app.runestimate import MEMORY_HEADROOM, needs_checkpointing, step_memory_gb
 
-    smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, vocab_size=49152)
+    smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, vocab_size=49152,
+                              num_attention_heads=9)
     measured = {(4, 512): (4.02, 1.20), (8, 256): (3.98, 1.17), (2, 1024): (4.16, 1.11),
                 (8, 512): (7.28, 1.56), (16, 256): (6.97, 1.36), (4, 1024): (7.47, 1.53)}
     for (seqs, longest), (plain, saving) in measured.items():
@@ -264,6 +265,14 @@ def test_largest_step_memory_rule():
     assert needs_checkpointing(smollm2, 8, 512, need / MEMORY_HEADROOM * 0.99) == (True, need)
     # bf16 activations take half the bytes; the head's fp32 log-softmax does not shrink
     assert step_memory_gb(smollm2, 8, 512, False, element_size=2) < need
+    # plain attention keeps every layer's scores (8 x 512 with fp32 eager attention: 8.48 GB)
+    from rpo_app.models import training_attention
+
+    eager = step_memory_gb(smollm2, 8, 512, False, eager_attention=True)
+    assert 8.48 <= eager <= 1.2 * 8.48
+    assert step_memory_gb(smollm2, 8, 512, True, eager_attention=True) < 0.3 * eager
+    assert training_attention("cpu", "bf16") == "eager"  # where the trainer takes it
+    assert training_attention("cpu", "fp32") is None and training_attention("cuda:0", "bf16") is None
     # a text model inside a multimodal config is read through text_config
     assert step_memory_gb(SimpleNamespace(text_config=smollm2), 8, 512, False) == need
 

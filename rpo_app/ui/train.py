@@ -151,12 +151,12 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     preview = min(cfg.preview_count, len({j["prompt_a_text"] for j in (eval_j or train_j)}))
     shape = run_shape(cfg, n_examples, per_item * n_examples, 2 * len(eval_j), mean_tokens,
                       len(cfg.preview_prompts) or preview, spec.needs_embeddings(cfg.weighting))
-    memory = _step_memory(host, cfg, min(2 * cfg.batch_size, per_item * n_examples),
-                          min(max(lengths), cfg.max_length))
-    shape.checkpointing = memory["checkpointing"]
     from rpo_app.models import pick_precision
 
     precision = pick_precision(str(host.device), cfg.precision)
+    memory = _step_memory(host, cfg, min(2 * cfg.batch_size, per_item * n_examples),
+                          min(max(lengths), cfg.max_length), precision)
+    shape.checkpointing = memory["checkpointing"]
     last = _last_run_timings(ctx, precision)
     phases = estimate_phases(shape, host.seconds_per_token(precision), timing, last.get("past"),
                              precision, last.get("step_s_per_token"),
@@ -168,20 +168,22 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
             + " · ".join(parts) + ")." + _memory_note(last, memory))
 
 
-def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int) -> dict:
+def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int, precision: str = "fp32") -> dict:
     """A step's memory as the trainer will plan it (runestimate): what it needs, the
     memory free, and whether the run will recompute activations."""
     from rpo_app.heap import free_memory_gb
+    from rpo_app.models import training_attention
     from rpo_app.runestimate import needs_checkpointing, step_memory_gb
 
     size = next(host.model.parameters()).element_size()
+    eager = training_attention(str(host.device), precision) == "eager"
     # The run's own process loads a copy of the model before it plans its steps.
     free = free_memory_gb(host.device) - sum(p.numel() for p in host.model.parameters()) * size / 1e9
-    short, need = needs_checkpointing(host.model.config, seqs, longest, free, size)
+    short, need = needs_checkpointing(host.model.config, seqs, longest, free, size, eager)
     switched = short and cfg.auto_checkpointing and not cfg.gradient_checkpointing
     checkpointing = cfg.gradient_checkpointing or switched
     if checkpointing:
-        need = step_memory_gb(host.model.config, seqs, longest, True, size)
+        need = step_memory_gb(host.model.config, seqs, longest, True, size, eager_attention=eager)
     return {"need_gb": need, "free_gb": free, "checkpointing": checkpointing, "switched": switched}
 
 
@@ -203,7 +205,7 @@ def _memory_note(last: dict, memory: dict | None = None) -> str:
     free = psutil.virtual_memory().available / 1e9
     how = "with" if last.get("checkpointing") else "without"
     note += (f" The last run here ({last['run']}, {how} gradient checkpointing) "
-             f"peaked at {peak:.1f} GB; {free:.1f} GB is free now.")
+             f"peaked at {peak:.1f} GB" + (f"; {free:.1f} GB is free now." if not memory else "."))
     return note + (" ⚠ Tick *Save memory* or lower the batch size or max length."
                    if peak > free and not last.get("checkpointing") else "")
 
