@@ -124,6 +124,8 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
         sum(phases.get(k, 0.0) for k in ("the base model's previews", "previews", "the final previews"))
         / out["run_wall_s"], 3)
     out["seconds_per_step"] = round(train / max(status.step, 1), 2)
+    out["run_peak_memory_gb"] = round(status.peak_memory_gb or 0.0, 2)
+    out["run_gradient_checkpointing"] = bool(status.gradient_checkpointing)
     out["data_dir"] = str(work)
     return out
 
@@ -134,7 +136,9 @@ def format_table(result: dict) -> str:
             (f"click → all {result['answers']} first answers", result["click_to_all_answers_s"],
              f"estimated {result['estimate_all_s']}"),
             (f"default run over {result['pairs_judged']} pairs, wall", result["run_wall_s"],
-             f"{result['run_steps']} steps, {result['seconds_per_step']} s/step")]
+             f"{result['run_steps']} steps, {result['seconds_per_step']} s/step, peak memory "
+             f"{result.get('run_peak_memory_gb', 0):.1f} GB"
+             + (", gradient checkpointing switched on" if result.get("run_gradient_checkpointing") else ""))]
     rows += [(f"  {name}", sec, "") for name, sec in result["run_phases_s"].items()]
     rows.append(("  starting the process (imports)", result["run_outside_phases_s"], ""))
     lines = ["| step | seconds | note |", "| --- | ---: | --- |"]

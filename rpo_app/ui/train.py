@@ -451,7 +451,8 @@ def build(ctx: AppContext) -> dict:
                                       label="Save memory (gradient checkpointing)",
                                       info=f"recompute activations in the backward pass: a step "
                                            f"needs about {CHECKPOINTING_MEMORY:.0%} of the memory "
-                                           f"and {CHECKPOINTING_STEP_FACTOR:.2f}x the time")
+                                           f"and {CHECKPOINTING_STEP_FACTOR:.2f}x the time; a run "
+                                           "switches it on by itself when a step would not fit")
             usable = gr.Markdown("", elem_id="train-usable")
             with gr.Row():
                 start = gr.Button("Start fine-tuning", variant="primary", elem_id="train-start")
