@@ -252,10 +252,12 @@ class Trainer:
             self.run.update_status(warning=f"{before}; {warning}" if before else warning)
 
     def _largest_forward(self) -> tuple[int, int]:
-        """(sequences, longest) of the largest forward pass this process's steps make."""
+        """(sequences, longest) of the largest forward pass this process's steps make, over
+        the first epochs' batches (later epochs regroup the same lengths; a run of 100,000
+        steps would otherwise wait on the scan)."""
         lengths = self.train_data.lengths()
         best = (0, 0)
-        for k in range(self.max_steps * self.cfg.grad_accum):
+        for k in range(min(self.max_steps * self.cfg.grad_accum, 4 * self.plan.batches_per_epoch)):
             chosen, rejected = self.plan.batch(k)
             mine = set(process_order(chosen, self.acc.process_index, self.world)[0]
                        + process_order(rejected, self.acc.process_index, self.world)[0])
