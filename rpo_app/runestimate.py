@@ -140,10 +140,26 @@ def step_memory_gb(model_config, seqs: int, longest: int, checkpointing: bool,
     return (body + head + scores) / 1e9
 
 
-def needs_checkpointing(model_config, seqs: int, longest: int, free_gb: float,
-                        element_size: int = 4, eager_attention: bool = False) -> tuple[bool, float]:
-    """Whether a step without gradient checkpointing would not fit in `free_gb`, and the
-    GB it would need."""
-    need = step_memory_gb(model_config, seqs, longest, False, element_size,
-                          eager_attention=eager_attention)
-    return need > MEMORY_HEADROOM * free_gb, need
+@dataclass
+class MemoryPlan:
+    """How a run's largest step will run: the one rule for asked, switched on or off."""
+
+    plain_gb: float  # the step without gradient checkpointing
+    need_gb: float  # the step as it will run
+    free_gb: float
+    checkpointing: bool
+    switched: bool  # on because the step would not fit, not because it was asked for
+
+
+def plan_memory(model_config, seqs: int, longest: int, free_gb: float, *, asked: bool, auto: bool,
+                element_size: int = 4, eager_attention: bool = False) -> MemoryPlan:
+    """Gradient checkpointing when asked for, or (auto) when the step without it would
+    take more than MEMORY_HEADROOM of `free_gb`."""
+    def need(checkpointing: bool) -> float:
+        return step_memory_gb(model_config, seqs, longest, checkpointing, element_size,
+                              eager_attention=eager_attention)
+
+    plain = need(False)
+    switched = auto and not asked and plain > MEMORY_HEADROOM * free_gb
+    on = asked or switched
+    return MemoryPlan(plain, need(True) if on else plain, free_gb, on, switched)

@@ -178,10 +178,9 @@ class Trainer:
         device = self.acc.device
         self.run.begin_phase("loading the model")
         log.info("loading model %s on %s", self.model_path, device)
-        precision = "bf16" if self.acc.mixed_precision == "bf16" else "fp32"
+        attention = training_attention(device.type, "bf16" if self.acc.mixed_precision == "bf16" else "fp32")
         base, self.tok = load_model(self.model_path, self.data_dir, device=str(device),
-                                    dtype=pick_dtype(str(device)),
-                                    attn_implementation=training_attention(device.type, precision))
+                                    dtype=pick_dtype(str(device)), attn_implementation=attention)
         _disable_dropout(base)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
 
@@ -208,7 +207,7 @@ class Trainer:
             self._warn(f"RPO with a global batch of {cfg.batch_size * self.world} contrasts few items; "
                        "it then behaves much like DPO (a batch of 8 or more is where RPO differs)")
 
-        self.checkpointing = self._save_memory(base)
+        self.checkpointing = self._save_memory(base, eager_attention=attention == "eager")
         self.run.update_status(gradient_checkpointing=self.checkpointing)
         if self.checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -266,28 +265,26 @@ class Trainer:
                 best = max(best, shape, key=lambda sl: sl[0] * sl[1])
         return best
 
-    def _save_memory(self, base) -> bool:
+    def _save_memory(self, base, eager_attention: bool) -> bool:
         """Whether the steps recompute activations: asked for, or switched on here because
         the largest step would not fit in the memory free (cfg.auto_checkpointing)."""
         from rpo_app.heap import free_memory_gb
-        from rpo_app.runestimate import CHECKPOINTING_STEP_FACTOR, needs_checkpointing
+        from rpo_app.runestimate import CHECKPOINTING_STEP_FACTOR, plan_memory
 
-        cfg = self.cfg
-        if cfg.gradient_checkpointing or not cfg.auto_checkpointing:
-            return cfg.gradient_checkpointing
         seqs, longest = self._largest_forward()
-        free = free_memory_gb(self.acc.device)
-        short, need = needs_checkpointing(
-            base.config, seqs, longest, free, next(base.parameters()).element_size(),
-            eager_attention=getattr(base.config, "_attn_implementation", None) == "eager")
-        if short:
+        plan = plan_memory(base.config, seqs, longest, free_memory_gb(self.acc.device),
+                           asked=self.cfg.gradient_checkpointing, auto=self.cfg.auto_checkpointing,
+                           element_size=next(base.parameters()).element_size(),
+                           eager_attention=eager_attention)
+        if plan.switched:
             self._warn(f"Save memory switched on: the largest step ({seqs} sequences of up to "
-                       f"{longest} tokens) would need about {need:.1f} GB and {free:.1f} GB is free; "
-                       f"steps take about {CHECKPOINTING_STEP_FACTOR:.1f}x as long")
+                       f"{longest} tokens) would need about {plan.plain_gb:.1f} GB and "
+                       f"{plan.free_gb:.1f} GB is free; steps take about "
+                       f"{CHECKPOINTING_STEP_FACTOR:.1f}x as long")
         else:
             log.info("largest step: %d sequences of up to %d tokens, about %.1f GB; %.1f GB free",
-                     seqs, longest, need, free)
-        return short
+                     seqs, longest, plan.need_gb, plan.free_gb)
+        return plan.checkpointing
 
     def _embed_prompts(self):
         import torch

@@ -251,7 +251,7 @@ def test_largest_step_memory_rule():
     only when a step would not fit."""
     from types import SimpleNamespace
 
-    from rpo_app.runestimate import MEMORY_HEADROOM, needs_checkpointing, step_memory_gb
+    from rpo_app.runestimate import MEMORY_HEADROOM, plan_memory, step_memory_gb
 
     smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, vocab_size=49152,
                               num_attention_heads=9)
@@ -261,8 +261,9 @@ def test_largest_step_memory_rule():
         assert plain <= step_memory_gb(smollm2, seqs, longest, False) <= 1.1 * plain
         assert saving <= step_memory_gb(smollm2, seqs, longest, True) <= 1.25 * saving
     need = step_memory_gb(smollm2, 8, 512, False)
-    assert needs_checkpointing(smollm2, 8, 512, need / MEMORY_HEADROOM * 1.01) == (False, need)
-    assert needs_checkpointing(smollm2, 8, 512, need / MEMORY_HEADROOM * 0.99) == (True, need)
+    fits = plan_memory(smollm2, 8, 512, need / MEMORY_HEADROOM * 1.01, asked=False, auto=True)
+    short = plan_memory(smollm2, 8, 512, need / MEMORY_HEADROOM * 0.99, asked=False, auto=True)
+    assert (fits.switched, fits.plain_gb) == (False, need) and (short.switched, short.plain_gb) == (True, need)
     # bf16 activations take half the bytes; the head's fp32 log-softmax does not shrink
     assert step_memory_gb(smollm2, 8, 512, False, element_size=2) < need
     # plain attention keeps every layer's scores (8 x 512 with fp32 eager attention: 8.48 GB)

@@ -173,18 +173,16 @@ def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int, precision: str
     memory free, and whether the run will recompute activations."""
     from rpo_app.heap import free_memory_gb
     from rpo_app.models import training_attention
-    from rpo_app.runestimate import needs_checkpointing, step_memory_gb
+    from rpo_app.runestimate import plan_memory
 
     size = next(host.model.parameters()).element_size()
-    eager = training_attention(str(host.device), precision) == "eager"
     # The run's own process loads a copy of the model before it plans its steps.
     free = free_memory_gb(host.device) - sum(p.numel() for p in host.model.parameters()) * size / 1e9
-    short, need = needs_checkpointing(host.model.config, seqs, longest, free, size, eager)
-    switched = short and cfg.auto_checkpointing and not cfg.gradient_checkpointing
-    checkpointing = cfg.gradient_checkpointing or switched
-    if checkpointing:
-        need = step_memory_gb(host.model.config, seqs, longest, True, size, eager_attention=eager)
-    return {"need_gb": need, "free_gb": free, "checkpointing": checkpointing, "switched": switched}
+    plan = plan_memory(host.model.config, seqs, longest, free, asked=cfg.gradient_checkpointing,
+                       auto=cfg.auto_checkpointing, element_size=size,
+                       eager_attention=training_attention(str(host.device), precision) == "eager")
+    return {"need_gb": plan.need_gb, "free_gb": plan.free_gb, "checkpointing": plan.checkpointing,
+            "switched": plan.switched}
 
 
 def _memory_note(last: dict, memory: dict | None = None) -> str:
