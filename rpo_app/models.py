@@ -72,8 +72,14 @@ def resolve_model(model: str | None, data_dir: str | os.PathLike) -> str:
     if is_default(model):
         target = Path(data_dir) / "models" / DEFAULT_MODEL_NAME
         if not (target / "config.json").exists():
+            from filelock import FileLock
+
             target.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(target)
+            # Two processes on a fresh data dir (the app and a CLI run, two benchmarks)
+            # would share the temporary folder: one converts, the other waits and reads.
+            with FileLock(str(target.with_name(target.name + ".lock"))):
+                if not (target / "config.json").exists():
+                    _convert_gguf(target)
         return str(target)
     path = Path(model).expanduser()
     if path.exists():

@@ -110,3 +110,23 @@ def test_model_code_in_a_folder_never_runs_without_the_flag(tiny_model_dir, tmp_
     model, _ = load_model(str(folder), data_dir=tmp_path)
     assert type(model).__module__.startswith("transformers.models.llama")
     assert not marker.exists()
+
+
+def test_two_processes_on_a_fresh_data_dir_convert_the_bundled_model_once(tmp_path):
+    """Two benchmarks (or the app and a CLI run) started together on an empty data dir:
+    both get the model, and it is converted once (they shared one temporary folder and
+    the second failed mid-write before the lock)."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
+            "from rpo_app.models import resolve_model; print(resolve_model(None, sys.argv[1]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    folder = tmp_path / "models" / DEFAULT_MODEL_NAME
+    assert {out.strip() for out, _ in outs} == {str(folder)}
+    assert sum("converting" in err for _, err in outs) == 1
+    assert (folder / "model.safetensors").exists()
+    assert not (tmp_path / "models" / f"{DEFAULT_MODEL_NAME}.tmp").exists()
