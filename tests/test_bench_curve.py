@@ -57,6 +57,39 @@ def test_thumbs_skip_the_median_answer(store):
     assert store.count_judgments() == 4
 
 
+def test_with_a_cut_decided_pairs_carry_the_strength_of_their_gap(store):
+    """Answers of 13, 20 and 40 words: gaps of 7, 20 and 27 words, median 20. A pair 20 or
+    more words apart is "clearly" better, a closer one "slightly"; thumbs carry none."""
+    for i in range(4):
+        pid, _ = store.add_prompt(f"Question {i}: how do I do thing {i}?", "test", f"fam{i}")
+        for n in (13, 20, 40):
+            store.add_response(pid, " ".join(f"w{i}x{j}" for j in range(n)), "test")
+    cut = curve.strength_cut(store, judges.concise, "concise")
+    assert cut == 20
+    medians = curve.prompt_medians(store, judges.concise, "concise")
+    q = LabelQueue(store, seed=0)
+    counts = _counts()
+    assert not curve.label_until(q, "judge:concise", "paired", "random", 100, counts,
+                                 judges.concise, "concise", medians, cut)
+    rows = store.judgments()
+    assert len(rows) == 12
+    for r in rows:
+        gap = abs(len(r["response_a_text"].split()) - len(r["response_b_text"].split()))
+        assert r["strength"] == ("clearly" if gap >= 20 else "slightly"), (gap, r["strength"])
+    assert {r["strength"] for r in rows} == {"clearly", "slightly"}
+    assert not curve.label_until(q, "judge:concise", "unpaired", "queue", 100, counts,
+                                 judges.concise, "concise", medians, cut)
+    thumbs = [r for r in store.judgments() if r["kind"] == "unpaired"]
+    assert thumbs and all(r["strength"] is None for r in thumbs)
+
+
+def test_a_negative_strength_margin_is_refused(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rpo_app", "bench-curve", "--strength-margin", "-1",
+                          "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0 and "--strength-margin must be >= 0" in out.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def _row(judge, regime, order, loss, budget, seed, win=None, error=None):
     r = {"judge": judge, "regime": regime, "order": order, "loss": loss, "budget": budget,
          "seed": seed, "labels": budget, "decided": budget // 2}

@@ -50,17 +50,24 @@ METRICS = ("win_rate", "mean_words", "short_share", "repeat_share", "base_logp",
 
 # --- the simulated annotator ---------------------------------------------------------------
 
-def verdict(item, judge, judge_name: str, medians: dict[int, float]) -> str | None:
-    """What the judge clicks for a queue item; None: no opinion (a thumb at the median),
-    which a person would skip."""
+def verdict(item, judge, judge_name: str, medians: dict[int, float], cut: float | None = None
+           ) -> tuple[str | None, str | None]:
+    """(what the judge clicks for a queue item, its strength). The verdict is None for no
+    opinion (a thumb at the median), which a person would skip. A decided pair also gets the
+    Label tab's optional strength, "clearly" when the judge's score gap is at least `cut`
+    (a typical gap, see strength_cut) and "slightly" below it. Thumbs carry no strength,
+    as in the Label tab; without a cut the annotator leaves strength out."""
     from rpo_app.judges import score
 
     left = score(judge, judge_name, item.left["prompt"], item.left["text"])
     if item.right is None:
         mid = medians[item.left["prompt_id"]]
-        return "up" if left > mid else "down" if left < mid else None
+        return ("up" if left > mid else "down" if left < mid else None), None
     right = score(judge, judge_name, item.right["prompt"], item.right["text"])
-    return "left" if left > right else "right" if right > left else "tie"
+    if left == right:
+        return "tie", None
+    strength = None if cut is None else "clearly" if abs(left - right) >= cut else "slightly"
+    return ("left" if left > right else "right"), strength
 
 
 def prompt_medians(store, judge, judge_name: str) -> dict[int, float]:
@@ -76,21 +83,38 @@ def prompt_medians(store, judge, judge_name: str) -> dict[int, float]:
     return out
 
 
+def strength_cut(store, judge, judge_name: str) -> float | None:
+    """The median score gap between two different-scoring answers to one training prompt:
+    the simulated annotator calls a pair "clearly" better at or above it, so about half its
+    decided same-prompt pairs are clear and half slight. None when no prompt has two."""
+    from itertools import combinations
+
+    from rpo_app.judges import score
+
+    gaps = []
+    for row in store.prompts():
+        scores = [score(judge, judge_name, a["prompt"], a["text"])
+                  for a in store.responses_for_prompt(row["id"])]
+        gaps += [abs(a - b) for a, b in combinations(scores, 2) if a != b]
+    return statistics.median(gaps) if gaps else None
+
+
 def label_until(queue, annotator: str, mode: str, order: str, budget: int, counts: dict,
-                judge, judge_name: str, medians: dict[int, float]) -> bool:
+                judge, judge_name: str, medians: dict[int, float], cut: float | None = None) -> bool:
     """Label queue items until `counts["labels"]` reaches budget; False when the queue ran
     out first. `counts` keeps labels, decided pairs, ties, ups, downs, skips and how many
-    items the informative order picked."""
+    items the informative order picked. With a `cut`, decided pairs carry a strength."""
     while counts["labels"] < budget:
         item = queue.next_item(annotator, mode, order)
         if item is None:
             return False
-        v = verdict(item, judge, judge_name, medians)
+        v, strength = verdict(item, judge, judge_name, medians, cut)
         if v is None:
             queue.skip(item.token, annotator)
             counts["skips"] += 1
             continue
-        queue.submit(item.token, v, annotator, seconds_spent=0.0, source="bench-curve")
+        queue.submit(item.token, v, annotator, strength=strength, seconds_spent=0.0,
+                     source="bench-curve")
         counts["labels"] += 1
         counts["informative"] += item.order == "informative"
         # decided: labels that carry a preference (a winner, or a thumb either way)
@@ -106,6 +130,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
     from rpo_app import active
     from rpo_app.embed import Embedder, PromptIndex
     from rpo_app.labelqueue import LabelQueue
+    from rpo_app.loss_registry import get_loss
     from rpo_app.store import Store
 
     prep = effect.prepare_seed(args, seed, prompt_rows, out, source="bench-curve")
@@ -131,21 +156,26 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                 index.refresh()
                 queue = LabelQueue(store, index=index, seed=seed)
                 medians = prompt_medians(store, judge, judge_name)
+                cut = strength_cut(store, judge, judge_name) if args.strength_margin else None
                 counts = {k: 0 for k in ("labels", "decided", "wins", "ties", "ups", "downs",
                                          "skips", "informative")}
                 cell = {**prep, "data_dir": data_dir}
                 order_budgets = sorted(args.active_budgets or budgets) if order_name == "active" else budgets
                 for budget in order_budgets:
                     more = label_until(queue, annotator, REGIMES[regime], ORDERS[order_name], budget,
-                                       counts, judge, judge_name, medians)
+                                       counts, judge, judge_name, medians, cut)
                     adapters = {}
                     for loss in losses:
                         name = f"{judge_name}-{regime}-{order_name}-{budget}-{loss}"
-                        cfg = effect.train_config(args, loss, seed, annotator, prep["model"])
+                        margin = args.strength_margin if get_loss(loss).takes_offset else 0.0
+                        cfg = effect.train_config(args, loss, seed, annotator, prep["model"],
+                                                  strength_margin=margin)
                         result = effect.train_and_judge(args, cell, cfg, where / f"b{budget}" / loss,
                                                         judge, judge_name, name)
+                        # A margin is its own curve: the label keeps it apart in the summary.
                         row = {"seed": seed, "judge": judge_name, "regime": regime, "order": order_name,
-                               "budget": budget, "loss": loss, **counts,
+                               "budget": budget, "loss": f"{loss} +margin {margin:g}" if margin else loss,
+                               "strength_margin": margin, **counts,
                                "informative_share": counts["informative"] / max(counts["labels"], 1),
                                "exhausted": not more, **result}
                         if "adapter" in row:
@@ -327,6 +357,11 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(f"--{regime}-losses", nargs="+", default=None, dest=f"losses_{regime}",
                        help=f"losses trained in the {regime} regime (default: {' '.join(losses)}); "
                             "the first one's adapter picks the active order's next labels")
+    p.add_argument("--strength-margin", type=float, default=0.0, metavar="M",
+                   help="the simulated annotators add the Label tab's strength to decided pairs "
+                        "(clearly at or above the median score gap between a prompt's candidates, "
+                        "slightly below) and the losses that take a margin train with "
+                        "--strength-margin M (see `train --help`); 0: no strength, the default")
     p.add_argument("--merge", nargs="+", default=None, metavar="CURVE_JSON",
                    help="combine the rows of earlier runs' curve.json files into --out and stop")
     return effect.add_common_args(p, out="bench-results/curve", train_prompts=64, test_prompts=32)
@@ -336,6 +371,8 @@ def _check(args) -> dict:
     judges = effect.check_common_args(args)
     from rpo_app.loss_registry import LOSS_NAMES
 
+    if args.strength_margin < 0:
+        raise BenchError(f"--strength-margin must be >= 0, got {args.strength_margin}")
     if any(b < 1 for b in args.budgets + (args.active_budgets or [])):
         raise BenchError(f"--budgets must be >= 1, got {args.budgets + (args.active_budgets or [])}")
     args.regime_losses = {}
