@@ -39,4 +39,11 @@ def gradio_client(url: str, auth: tuple[str, str] | None = None):
     local_only()
     # httpx logs a line per request at INFO: noise in test output, and it skews timings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return Client(url, auth=auth, verbose=False, download_files=False, analytics_enabled=False)
+    # A browser waits for the queue to take a request; httpx's default 5 s read limit on
+    # that POST failed one of 20 simulated annotators on a loaded 2-core machine
+    # (ReadTimeout) though the server answered. The event streams send a heartbeat every
+    # 15 s, so 60 s also bounds a stream that went silent.
+    import httpx
+
+    return Client(url, auth=auth, verbose=False, download_files=False, analytics_enabled=False,
+                  httpx_kwargs={"timeout": httpx.Timeout(60.0)})
