@@ -69,6 +69,11 @@ def test_first_run_from_an_empty_store(data_dir, model_cache_dir):
             after = _responses(page)
             assert after > before >= 2, (before, after)
             screenshot(page, "first-run-data-tab.png")
+
+            # The Train tab counts the judgment made after the page loaded (it said
+            # "0 pairs ... label some first" until a reload).
+            page.get_by_role("tab", name="Train").click()
+            expect(page.locator("#train-usable")).to_contain_text("give 1 pair (1 same-prompt", timeout=TIMEOUT)
             print(f"first pair after {first_pair_s:.1f} s; Data tab {before} -> {after} answers")
     finally:
         app.stop()

@@ -41,7 +41,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Label", id="label") as label_page:
                 label = label_tab.build(ctx, annotator)
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Train", id="train") as train_page:
                 train = train_tab.build(ctx)
             with gr.Tab("Chat", id="chat") as chat_page:
                 chat = chat_tab.build(ctx, annotator)
@@ -62,6 +62,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             train["load"], train["load_inputs"], train["load_outputs"], api_name=False).then(
             chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
         annotator.change(lambda name: name, annotator, remembered, api_name=False)
+        # Judgments made since the page loaded: the count, the check and the estimate
+        # are the store's now, not those of an empty store at page load.
+        train_page.select(train["load"], train["load_inputs"], train["load_outputs"], api_name=False)
         # A run may have finished since the page loaded: offer its adapter at once.
         chat_page.select(chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
         # Back on the Label tab after generating or importing in the Data tab: an empty

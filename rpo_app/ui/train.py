@@ -111,7 +111,8 @@ def usable_line(ctx: AppContext, values: dict) -> str:
     pairs = judgment_pairs(judgments)
     same = sum(p.kind == "paired" for p in pairs)
     chosen, rejected = (len(pool) for pool in judgment_pools(judgments))
-    given = (f"Current judgments give **{len(pairs)} pairs** ({same} same-prompt, "
+    given = (f"Current judgments give **{len(pairs)} pair{'' if len(pairs) == 1 else 's'}** "
+             f"({same} same-prompt, "
              f"{len(pairs) - same} cross-prompt) and **{chosen} chosen / {rejected} rejected items**")
     for name, info in (left_out.get("annotators") or {}).items():
         given += f" (leaving out {name}: {info['judgments']} judgments, {info['why']})"
