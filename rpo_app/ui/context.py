@@ -126,13 +126,17 @@ class AppContext:
         host.compute = self.cpu.busy
         for adapter in self.store.adapters():
             self._load_adapter(host, adapter)
-        # The first-run time estimate needs the decoding speed: time it now, in the
-        # background, so the Label tab can quote it without a wait; after the embedder
-        # has indexed the prompts, which would otherwise share the cores and make the
-        # quoted time 4x too long.
+        # The first-run time estimate needs the decoding speed, the Train tab's the
+        # forward speed of a run's arithmetic: time both now, in the background, so the
+        # tabs quote them without a wait (a newcomer's Train tab waited a minute for the
+        # model behind the first answers); after the embedder has indexed the prompts,
+        # which would otherwise share the cores and make the quoted time 4x too long.
         def time_decoding():
+            from rpo_app.models import pick_precision
+
             self._index.wait(600)
             host.decode_timing()
+            host.seconds_per_token(pick_precision(str(host.device), "auto"))
 
         threading.Thread(target=time_decoding, name="decode-timing", daemon=True).start()
         return host
