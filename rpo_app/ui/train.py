@@ -157,7 +157,7 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     precision = pick_precision(str(host.device), cfg.precision)
     memory = _step_memory(host, cfg, min(2 * cfg.batch_size, per_item * n_examples),
                           min(max(lengths), cfg.max_length), precision)
-    shape.checkpointing = memory["checkpointing"]
+    shape.checkpointing = memory.checkpointing
     last = _last_run_timings(ctx, precision)
     phases = estimate_phases(shape, host.seconds_per_token(precision), timing, last.get("past"),
                              precision, last.get("step_s_per_token"),
@@ -169,9 +169,9 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
             + " · ".join(parts) + ")." + _memory_note(last, memory))
 
 
-def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int, precision: str = "fp32") -> dict:
-    """A step's memory as the trainer will plan it (runestimate): what it needs, the
-    memory free, and whether the run will recompute activations."""
+def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int, precision: str = "fp32"):
+    """A step's memory as the trainer will plan it (runestimate.MemoryPlan): what it
+    needs, the memory free, and whether the run will recompute activations."""
     from rpo_app.heap import free_memory_gb
     from rpo_app.models import training_attention
     from rpo_app.runestimate import plan_memory
@@ -179,23 +179,21 @@ def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int, precision: str
     size = next(host.model.parameters()).element_size()
     # The run's own process loads a copy of the model before it plans its steps.
     free = free_memory_gb(host.device) - sum(p.numel() for p in host.model.parameters()) * size / 1e9
-    plan = plan_memory(host.model.config, seqs, longest, free, asked=cfg.gradient_checkpointing,
+    return plan_memory(host.model.config, seqs, longest, free, asked=cfg.gradient_checkpointing,
                        auto=cfg.auto_checkpointing, element_size=size,
                        eager_attention=training_attention(str(host.device), precision) == "eager")
-    return {"need_gb": plan.need_gb, "free_gb": plan.free_gb, "checkpointing": plan.checkpointing,
-            "switched": plan.switched}
 
 
-def _memory_note(last: dict, memory: dict | None = None) -> str:
+def _memory_note(last: dict, memory=None) -> str:
     """A step's predicted memory against what is free now, and what the newest finished
     run here needed: the figures that tell whether to tick "Save memory"."""
     import psutil
 
     note = ""
     if memory:
-        note = (f" Memory: a step needs about {memory['need_gb']:.1f} GB beside the model; "
-                f"{memory['free_gb']:.1f} GB is free.")
-        if memory["switched"]:
+        note = (f" Memory: a step needs about {memory.need_gb:.1f} GB beside the model; "
+                f"{memory.free_gb:.1f} GB is free.")
+        if memory.switched:
             note += (" *Save memory* will switch on by itself (steps about "
                      f"{CHECKPOINTING_STEP_FACTOR:.1f}× as long).")
     peak = last.get("peak_memory_gb")
