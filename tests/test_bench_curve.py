@@ -29,7 +29,7 @@ def _counts():
 
 def test_the_annotator_labels_what_the_queue_shows(store):
     _seed(store)
-    medians = curve.prompt_medians(store, judges.concise, "concise")
+    medians = curve.prompt_medians(curve.candidate_scores(store, judges.concise, "concise"))
     assert len(medians) == 5
     q = LabelQueue(store, seed=0)
     counts = _counts()
@@ -47,7 +47,7 @@ def test_the_annotator_labels_what_the_queue_shows(store):
 
 def test_thumbs_skip_the_median_answer(store):
     _seed(store, n_prompts=2)
-    medians = curve.prompt_medians(store, judges.concise, "concise")
+    medians = curve.prompt_medians(curve.candidate_scores(store, judges.concise, "concise"))
     q = LabelQueue(store, seed=0)
     counts = _counts()
     assert not curve.label_until(q, "judge:concise", "unpaired", "queue", 10, counts,
@@ -64,9 +64,9 @@ def test_with_a_cut_decided_pairs_carry_the_strength_of_their_gap(store):
         pid, _ = store.add_prompt(f"Question {i}: how do I do thing {i}?", "test", f"fam{i}")
         for n in (13, 20, 40):
             store.add_response(pid, " ".join(f"w{i}x{j}" for j in range(n)), "test")
-    cut = curve.strength_cut(store, judges.concise, "concise")
+    cut = curve.strength_cut(curve.candidate_scores(store, judges.concise, "concise"))
     assert cut == 20
-    medians = curve.prompt_medians(store, judges.concise, "concise")
+    medians = curve.prompt_medians(curve.candidate_scores(store, judges.concise, "concise"))
     q = LabelQueue(store, seed=0)
     counts = _counts()
     assert not curve.label_until(q, "judge:concise", "paired", "random", 100, counts,

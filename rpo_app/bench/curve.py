@@ -70,32 +70,31 @@ def verdict(item, judge, judge_name: str, medians: dict[int, float], cut: float 
     return ("left" if left > right else "right"), strength
 
 
-def prompt_medians(store, judge, judge_name: str) -> dict[int, float]:
-    """Each training prompt's median candidate score: where a thumb turns from down to up."""
+def candidate_scores(store, judge, judge_name: str) -> dict[int, list[float]]:
+    """The judge's score of every candidate answer, by training prompt: what the simulated
+    annotator's thumbs and strengths are read against."""
     from rpo_app.judges import score
 
     out = {}
     for row in store.prompts():
         answers = store.responses_for_prompt(row["id"])
         if answers:
-            out[row["id"]] = statistics.median(score(judge, judge_name, a["prompt"], a["text"])
-                                               for a in answers)
+            out[row["id"]] = [score(judge, judge_name, a["prompt"], a["text"]) for a in answers]
     return out
 
 
-def strength_cut(store, judge, judge_name: str) -> float | None:
+def prompt_medians(scores: dict[int, list[float]]) -> dict[int, float]:
+    """Each training prompt's median candidate score: where a thumb turns from down to up."""
+    return {pid: statistics.median(values) for pid, values in scores.items()}
+
+
+def strength_cut(scores: dict[int, list[float]]) -> float | None:
     """The median score gap between two different-scoring answers to one training prompt:
     the simulated annotator calls a pair "clearly" better at or above it, so about half its
     decided same-prompt pairs are clear and half slight. None when no prompt has two."""
     from itertools import combinations
 
-    from rpo_app.judges import score
-
-    gaps = []
-    for row in store.prompts():
-        scores = [score(judge, judge_name, a["prompt"], a["text"])
-                  for a in store.responses_for_prompt(row["id"])]
-        gaps += [abs(a - b) for a, b in combinations(scores, 2) if a != b]
+    gaps = [abs(a - b) for values in scores.values() for a, b in combinations(values, 2) if a != b]
     return statistics.median(gaps) if gaps else None
 
 
@@ -155,8 +154,9 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                 index = PromptIndex(store, embedder)
                 index.refresh()
                 queue = LabelQueue(store, index=index, seed=seed)
-                medians = prompt_medians(store, judge, judge_name)
-                cut = strength_cut(store, judge, judge_name) if args.strength_margin else None
+                scores = candidate_scores(store, judge, judge_name)
+                medians = prompt_medians(scores)
+                cut = strength_cut(scores) if args.strength_margin else None
                 counts = {k: 0 for k in ("labels", "decided", "wins", "ties", "ups", "downs",
                                          "skips", "informative")}
                 cell = {**prep, "data_dir": data_dir}

@@ -131,14 +131,14 @@ class AppContext:
         # tabs quote them without a wait (a newcomer's Train tab waited a minute for the
         # model behind the first answers); after the embedder has indexed the prompts,
         # which would otherwise share the cores and make the quoted time 4x too long.
-        def time_decoding():
+        def time_model():
             from rpo_app.models import pick_precision
 
             self._index.wait(600)
             host.decode_timing()
             host.seconds_per_token(pick_precision(str(host.device), "auto"))
 
-        threading.Thread(target=time_decoding, name="decode-timing", daemon=True).start()
+        threading.Thread(target=time_model, name="model-timing", daemon=True).start()
         return host
 
     def _load_adapter(self, host, adapter: dict) -> None:
