@@ -329,6 +329,41 @@ def batch_sizes(n_jobs: int, batch_size: int, first: int | None = None) -> list[
     return sizes
 
 
+# The batch sizes a decoding step is timed at: those of a first run (batch_sizes with a
+# first batch of 2: 2, then 4x that, then full batches of 32); 2 is also the previews'.
+TIMED_ROWS = (2, 8, 32)
+
+
+@dataclass(frozen=True)
+class DecodeSpeed:
+    """Seconds per decoding step, measured at a few batch sizes: ((rows, seconds), ...).
+
+    Between two measured sizes the time is interpolated; above the largest the last
+    segment's slope goes on; below the smallest it is the smallest's time. No straight
+    line through one point covers every size: on a CPU one row decodes through a
+    matrix-vector kernel, and two rows already cost about 1.5x one (measured on an
+    AVX2 EPYC: 83 ms a step for one row of the bundled model, 128 for two, 149 for 8),
+    so a line fitted on 1 and 8 rows put the first pair 25-45% early."""
+    points: tuple[tuple[int, float], ...]
+
+    def __post_init__(self):
+        rows = [r for r, _ in self.points]
+        if len(rows) < 2 or rows != sorted(set(rows)) or rows[0] < 1 or any(s <= 0 for _, s in self.points):
+            raise ValueError("decode timings need at least two increasing row counts with positive "
+                             f"times, got {self.points}")
+
+    def step_seconds(self, rows: int) -> float:
+        pts = self.points
+        if rows <= pts[0][0]:
+            return pts[0][1]
+        for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
+            if rows <= r1:
+                return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+        # Beyond the largest: its slope, never downhill (timing noise can make it so).
+        (r0, s0), (r1, s1) = pts[-2:]
+        return s1 + max(0.0, (s1 - s0) / (r1 - r0)) * (rows - r1)
+
+
 @contextmanager
 def _eval_mode(model):
     """Dropout off while generating; a model that was training (a trainer's previews)
@@ -424,27 +459,40 @@ class ModelHost:
                 timed[precision] = (time.perf_counter() - t0) / ids.numel()
         return timed[precision]
 
-    def decode_timing(self, measure: bool = True) -> tuple[float, float] | None:
-        """(seconds per decoding step, seconds per step per row) on this machine: two
-        short greedy generations (1 and 8 rows) timed once, then kept. A step of a batch
-        of r rows takes about a + b*r; the estimates below build on it. With
-        measure=False: None until it has been timed."""
+    def decode_timing(self, measure: bool = True) -> "DecodeSpeed | None":
+        """This machine's seconds per decoding step at each of TIMED_ROWS batch sizes:
+        short generations with the default sampling, timed once, then kept (see
+        DecodeSpeed). With measure=False: None until it has been timed."""
         cached = getattr(self, "_decode_timing", None)
         if cached is None and measure:
             steps = 12
-            settings = GenSettings(temperature=0, max_new_tokens=steps, repetition_penalty=1.0)
-            row = self.encode_prompt("Write a long story about a lighthouse.")
+            settings = GenSettings(max_new_tokens=steps + 2)
+            # A step costs more as the context grows (each step copies and attends to the
+            # whole cache: at 32 rows of the bundled model, 233 ms a step at 143 tokens
+            # against 196 at 38), so the timed steps sit halfway through a default answer.
+            sentence = "Write a long story about a lighthouse. "
+            text, row = sentence, self.encode_prompt(sentence)
+            context = len(row) + GenSettings().max_new_tokens // 2
+            limit = getattr(self.base.config, "max_position_embeddings", None)
+            if limit:  # a small model's window: stay well inside it
+                context = min(context, limit // 2)
+            while len(row) < context:
+                text += sentence
+                row = self.encode_prompt(text)
             with self.lock, self.compute():  # the first call pays one-off setup costs
-                self._run([row], [0], GenSettings(temperature=0, max_new_tokens=2), [None])
-            times = {}
-            for rows in (1, 8):
+                self._run([row] * 2, [0, 1], GenSettings(max_new_tokens=2), [None] * 2)
+            points = []
+            for rows in TIMED_ROWS:
+                at: list[float] = []
+                # No stop token: the timing must cover every step. From the second step
+                # on: the first one also runs the prompt.
+                streamer = _row_streamer_class()(rows, set(), steps + 2, None,
+                                                 lambda _step: at.append(time.perf_counter()))
                 with self.lock, self.compute():
-                    t0 = time.perf_counter()
-                    # No stop token: the timing must cover every step.
-                    self._run([row] * rows, [0] * rows, settings, [None] * rows, stop_ids=set())
-                    times[rows] = (time.perf_counter() - t0) / steps
-            per_row = max(0.0, (times[8] - times[1]) / 7)
-            cached = self._decode_timing = (max(1e-4, times[1] - per_row), per_row)
+                    self._run([row] * rows, list(range(rows)), settings, [None] * rows,
+                              streamer=streamer, stop_ids=set())
+                points.append((rows, (at[-1] - at[1]) / (len(at) - 2)))
+            cached = self._decode_timing = DecodeSpeed(tuple(points))
         return cached
 
     def estimate_batches(self, n_answers: int, max_new_tokens: int, batch_size: int = 32,
@@ -452,8 +500,8 @@ class ModelHost:
         """(answers, seconds) of each batch that generate_batches would cut for n_answers
         at most max_new_tokens long. An upper bound when answers end early; small
         models' candidates mostly run to the limit, so it is close."""
-        a, b = self.decode_timing()
-        return [(size, max_new_tokens * (a + b * size))
+        speed = self.decode_timing()
+        return [(size, max_new_tokens * speed.step_seconds(size))
                 for size in batch_sizes(n_answers, batch_size, first_batch)]
 
     def estimate_seconds(self, n_answers: int, max_new_tokens: int, batch_size: int = 32,

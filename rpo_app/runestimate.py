@@ -84,16 +84,16 @@ def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens
 
 
 def estimate_phases(shape: RunShape, forward_s_per_token: float,
-                    decode_timing: tuple[float, float], past: dict[str, float] | None = None,
+                    decode_timing, past: dict[str, float] | None = None,
                     precision: str = "fp32", step_s_per_token: float | None = None,
                     measured_with_checkpointing: bool = False) -> dict[str, float]:
-    """Seconds per phase (runfolder.PHASES names), in run order. `step_s_per_token`: a
+    """Seconds per phase (runfolder.PHASES names), in run order. `decode_timing`: the
+    app's generate.DecodeSpeed (its step_seconds(rows)). `step_s_per_token`: a
     training step's seconds per token measured by an earlier run here, with gradient
     checkpointing or not as `measured_with_checkpointing` says (else the forward timing
     times STEP_FORWARDS, without)."""
     past = past or {}
-    a, b = decode_timing
-    preview = (shape.preview_tokens * (a + b * shape.preview_count) * LORA_DECODE_FACTOR
+    preview = (shape.preview_tokens * decode_timing.step_seconds(shape.preview_count) * LORA_DECODE_FACTOR
                if shape.preview_count else 0.0)
     per_token = step_s_per_token or STEP_FORWARDS[precision] * forward_s_per_token
     measured_on = measured_with_checkpointing and bool(step_s_per_token)

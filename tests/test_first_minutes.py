@@ -9,11 +9,14 @@ import time
 import pytest
 
 from rpo_app import cpushare, progress
-from rpo_app.generate import GenSettings, ModelHost, batch_sizes, generate_candidates
+from rpo_app.generate import (TIMED_ROWS, DecodeSpeed, GenSettings, ModelHost, batch_sizes,
+                              generate_candidates)
 from rpo_app.genjob import GenerationJobs, GenJobStatus
 from rpo_app.runfolder import PHASES, RunFolder
 
 from test_train import main, tiny_args, write_jsonl, make_judgments
+
+_SPEED = DecodeSpeed(((2, 0.058), (8, 0.082)))  # seconds per decoding step at 2 and 8 rows
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +76,28 @@ def test_on_answer_gets_every_row_once_before_its_batch_ends(tiny_host):
 
 
 def test_estimate_follows_the_decode_timing(tiny_host):
-    a, b = tiny_host.decode_timing()
-    assert a > 0 and b >= 0
-    assert tiny_host.decode_timing(measure=False) == (a, b)
+    speed = tiny_host.decode_timing()
+    assert [rows for rows, _ in speed.points] == list(TIMED_ROWS)
+    assert all(sec > 0 for _, sec in speed.points)
+    assert tiny_host.decode_timing(measure=False) is speed  # timed once, then kept
     one = tiny_host.estimate_seconds(2, 100, 32)
-    assert one == pytest.approx(100 * (a + 2 * b))
+    assert one == pytest.approx(100 * speed.step_seconds(2))
     assert tiny_host.estimate_seconds(24, 100, 32, first_batch=2) == pytest.approx(
-        100 * (a + 2 * b) + 100 * (a + 8 * b) + 100 * (a + 14 * b))
+        100 * speed.step_seconds(2) + 100 * speed.step_seconds(8) + 100 * speed.step_seconds(14))
+
+
+def test_decode_speed_between_and_beyond_the_timed_sizes():
+    speed = DecodeSpeed(((2, 0.10), (8, 0.16), (32, 0.40)))
+    assert speed.step_seconds(2) == pytest.approx(0.10)
+    assert speed.step_seconds(1) == pytest.approx(0.10)  # one row: no cheaper than two
+    assert speed.step_seconds(5) == pytest.approx(0.13)
+    assert speed.step_seconds(20) == pytest.approx(0.28)
+    assert speed.step_seconds(64) == pytest.approx(0.72)  # the last slope goes on
+    # noise made 32 rows faster than 8: beyond 32 it stays flat, never falls
+    assert DecodeSpeed(((2, 0.1), (8, 0.3), (32, 0.25))).step_seconds(64) == pytest.approx(0.25)
+    for bad in ((), ((2, 0.1),), ((8, 0.1), (2, 0.2)), ((2, 0.1), (2, 0.2)), ((2, 0.1), (8, 0.0))):
+        with pytest.raises(ValueError, match="decode timings"):
+            DecodeSpeed(bad)
 
 
 # -- ETAs never say 0 s while work remains --------------------------------------------------
@@ -229,32 +247,32 @@ def test_estimate_covers_every_phase():
     shape = run_shape(cfg, n_examples=80, train_seqs=160, eval_seqs=4, mean_tokens=170,
                       preview_count=2, embeds=True)
     assert shape.steps == 60 and shape.evals == 3 and shape.mid_previews == 1
-    phases = estimate_phases(shape, forward_s_per_token=0.002, decode_timing=(0.05, 0.004),
+    phases = estimate_phases(shape, forward_s_per_token=0.002, decode_timing=_SPEED,
                              past={"loading the model": 9.0})
     assert list(phases) == list(PHASES)  # every phase, in run order
     assert phases["loading the model"] == 9.0
     assert phases["training"] == pytest.approx(60 * 2.5 * 0.002 * 16 * 170)
     assert phases["previews"] == pytest.approx(phases["the final previews"])
     # bf16 autocast: its backward gains less than its forward, so more forwards per step
-    bf16 = estimate_phases(shape, 0.002, (0.05, 0.004), precision="bf16")
+    bf16 = estimate_phases(shape, 0.002, _SPEED, precision="bf16")
     assert bf16["training"] == pytest.approx(60 * 3.5 * 0.002 * 16 * 170)
     # a step speed measured by an earlier run here wins over the forward-pass rule
-    measured = estimate_phases(shape, 0.002, (0.05, 0.004), step_s_per_token=0.004)
+    measured = estimate_phases(shape, 0.002, _SPEED, step_s_per_token=0.004)
     assert measured["training"] == pytest.approx(60 * 0.004 * 16 * 170)
     # gradient checkpointing: its measured step factor, whichever way the speed was taken
     from rpo_app.runestimate import CHECKPOINTING_STEP_FACTOR as F
 
     saving = run_shape(TrainConfig(gradient_checkpointing=True), 80, 160, 4, 170, 2, embeds=True)
-    assert estimate_phases(saving, 0.002, (0.05, 0.004))["training"] == pytest.approx(
+    assert estimate_phases(saving, 0.002, _SPEED)["training"] == pytest.approx(
         F * 60 * 2.5 * 0.002 * 16 * 170)
-    assert estimate_phases(saving, 0.002, (0.05, 0.004), step_s_per_token=0.004,
+    assert estimate_phases(saving, 0.002, _SPEED, step_s_per_token=0.004,
                            measured_with_checkpointing=True)["training"] == pytest.approx(measured["training"])
-    assert estimate_phases(shape, 0.002, (0.05, 0.004), step_s_per_token=0.004,
+    assert estimate_phases(shape, 0.002, _SPEED, step_s_per_token=0.004,
                            measured_with_checkpointing=True)["training"] == pytest.approx(
         measured["training"] / F)
     no_eval = run_shape(cfg, 80, 160, 0, 170, 2, embeds=False)
     assert no_eval.evals == 0 and "embedding the prompts" not in estimate_phases(
-        no_eval, 0.002, (0.05, 0.004))
+        no_eval, 0.002, _SPEED)
     # a small label set: the small-set schedule (rpo_app.trainconfig), in its smaller batches
     small = TrainConfig()
     small.batch_size = small.small_set_batch  # as check_data sets it
@@ -262,7 +280,7 @@ def test_estimate_covers_every_phase():
     assert shape.steps == small.small_set_steps and shape.batch_size == small.small_set_batch
     # no label check asked for: no such phase
     no_check = run_shape(TrainConfig(check_labels=False), 80, 160, 4, 170, 2, embeds=True)
-    assert "checking the labels" not in estimate_phases(no_check, 0.002, (0.05, 0.004))
+    assert "checking the labels" not in estimate_phases(no_check, 0.002, _SPEED)
 
 
 # -- sharing the cores ---------------------------------------------------------------------------
