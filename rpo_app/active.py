@@ -161,7 +161,8 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
     beta = adapter_beta(store, adapter)
     pool = pick_pool(store.answers_to_score(), pool_size, f"{seed}:{ad_key}")
     encoder = Encoder(host.tokenizer, MAX_LENGTH, min(MAX_PROMPT_LENGTH_CAP, MAX_LENGTH // 2))
-    seqs = {a["id"]: encoder.encode(Item(a["prompt"], a["text"], _frozen(a.get("prompt_messages"))), 0)
+    seqs = {a["id"]: encoder.encode(Item(a["prompt"], a["text"], _frozen(a.get("prompt_messages")),
+                                           bool(a.get("cut_off"))), 0)
             for a in pool}
     lengths = {i: len(s) for i, s in seqs.items()}
     texts = {a["id"]: a["text"] for a in pool}

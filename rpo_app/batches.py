@@ -53,6 +53,8 @@ class Item:
     # A conversation's messages as (role, content) pairs, ending with the user turn the
     # response answers; None for a single user turn.
     messages: tuple | None = None
+    # The answer hit its token limit before it ended (store: responses.cut_off).
+    cut_off: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,15 @@ def filter_judgments(judgments: Iterable[dict], kinds: Sequence[str] | None = No
 
 
 def _sides(j: dict) -> tuple[Item, Item | None]:
-    a = Item(j["prompt_a_text"], j["response_a_text"], frozen(j.get("prompt_a_messages")))
+    a = Item(j["prompt_a_text"], j["response_a_text"], frozen(j.get("prompt_a_messages")),
+             bool(j.get("cut_off_a")))
     if j["kind"] == "unpaired":
         return a, None
+    cut_b = bool(j.get("cut_off_b"))
     # A paired judgment may leave prompt_b empty: both answers share prompt_a.
     if not j.get("prompt_b_text"):
-        return a, Item(a.prompt, j["response_b_text"], a.messages)
-    return a, Item(j["prompt_b_text"], j["response_b_text"], frozen(j.get("prompt_b_messages")))
+        return a, Item(a.prompt, j["response_b_text"], a.messages, cut_b)
+    return a, Item(j["prompt_b_text"], j["response_b_text"], frozen(j.get("prompt_b_messages")), cut_b)
 
 
 def judgment_pairs(judgments: Iterable[dict], kinds: Sequence[str] = ("paired", "cross")) -> list[Pair]:
@@ -265,7 +269,8 @@ class Encoder:
             # The whole conversation goes through the template; only the answer is scored.
             self._prompt_cache[item.prompt] = prompt_ids(self.tokenizer, item.messages or item.prompt)
         prompt, response = truncate(self._prompt_cache[item.prompt],
-                                    response_ids(self.tokenizer, item.response, self.eot),
+                                    response_ids(self.tokenizer, item.response, self.eot,
+                                                 ended=not item.cut_off),
                                     self.max_length, self.max_prompt_length)
         return Seq(tuple(prompt + response), len(prompt), prompt_idx)
 

@@ -61,6 +61,10 @@ def prompt_ids(tokenizer, prompt, system_prompt: str | None = None) -> list[int]
                                 for m in prompt], system_prompt)
 
 
-def response_ids(tokenizer, response: str, eot_id: int) -> list[int]:
-    """A response's tokens, closed with the end-of-turn token."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [eot_id]
+def response_ids(tokenizer, response: str, eot_id: int, ended: bool = True) -> list[int]:
+    """A response's tokens, closed with the end-of-turn token when it ended. An answer
+    cut at its token limit did not end: closing it would score a token the model never
+    wrote there (the bundled model gives an end-of-turn mid-sentence about -22 nats, a
+    tenth of a whole answer's log-prob) and teach it to stop mid-sentence."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [eot_id] if ended else ids

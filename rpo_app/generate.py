@@ -740,13 +740,14 @@ class ModelHost:
                          settings: GenSettings | None = None, adapter: str | None = None,
                          batch_size: int = 16, start_index: int = 0,
                          first_batch: int | None = None,
-                         on_answer: Callable[[tuple[int, int, str, int]], None] | None = None,
+                         on_answer: Callable[[tuple[int, int, str, int, bool]], None] | None = None,
                          on_step: Callable[[int, int], None] | None = None,
-                         ) -> Iterator[list[tuple[int, int, str, int]]]:
-        """Yield, per forward batch, (prompt index, sample index, text, tokens) tuples.
+                         ) -> Iterator[list[tuple[int, int, str, int, bool]]]:
+        """Yield, per forward batch, (prompt index, sample index, text, tokens, cut_off)
+        tuples.
 
         `tokens` counts the generated tokens including the end-of-turn token when one
-        was produced. Sample indices run from start_index to start_index + n - 1 (they
+        was produced; `cut_off` is True when the row hit max_new_tokens without ending. Sample indices run from start_index to start_index + n - 1 (they
         seed the sampler, so topping up a prompt draws fresh answers). `first_batch`
         sends a small batch ahead (see batch_sizes). `on_answer` gets each tuple the
         moment its row ends, before its batch does; `on_step(steps done, steps at most)`
@@ -770,13 +771,13 @@ class ModelHost:
             start += size
             rows = [encoded[pi] for pi, _ in chunk]
             seeds = [row_seed(settings.seed, _seed_text(prompts[pi]), k) for pi, k in chunk]
-            finished: dict[int, tuple[int, int, str, int]] = {}
+            finished: dict[int, tuple[int, int, str, int, bool]] = {}
 
             def row_done(i: int, toks: list[int], chunk=chunk, finished=finished) -> None:
                 pi, k = chunk[i]
-                n_tok = len(toks) + (1 if len(toks) < settings.max_new_tokens else 0)
+                cut_off = len(toks) >= settings.max_new_tokens
                 finished[i] = (pi, k, self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
-                               n_tok)
+                               len(toks) + (0 if cut_off else 1), cut_off)
                 if on_answer is not None:
                     on_answer(finished[i])
 
@@ -807,7 +808,7 @@ class ModelHost:
             progress(0, total)
         for batch in self.generate_batches(prompts, n, settings, adapter, batch_size,
                                            on_step=on_step):
-            for pi, k, text, _ in batch:
+            for pi, k, text, *_ in batch:
                 out[pi][k] = text
             done += len(batch)
             if progress:
@@ -890,10 +891,11 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
     if progress:
         progress(0, total)
 
-    def store_answer(answer: tuple[int, int, str, int]) -> None:
-        pi, _k, text, n_tok = answer
+    def store_answer(answer: tuple[int, int, str, int, bool]) -> None:
+        pi, _k, text, n_tok, cut_off = answer
         _, created = store.add_response(ids[pi], text, source="model", model=host.model_name,
-                                        adapter=adapter, gen_settings=settings.to_dict())
+                                        adapter=adapter, gen_settings=settings.to_dict(),
+                                        cut_off=cut_off)
         stats["generated"] += 1
         stats["new" if created else "duplicates"] += 1
         stats["tokens"] += n_tok

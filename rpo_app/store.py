@@ -197,6 +197,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX item_scores_order ON item_scores(scorer, kind, score DESC);
     """,
+    # 1: the model's answer was cut at its token limit before its end-of-turn token.
+    # Answers stored before this column existed read 0 (as they were trained on then).
+    """
+    ALTER TABLE responses ADD COLUMN cut_off INTEGER NOT NULL DEFAULT 0 CHECK(cut_off IN (0, 1));
+    """,
 ]
 # The settings key under which the label queue finds the newest informative scores
 # (rpo_app.active writes it when a scoring job completes).
@@ -431,15 +436,18 @@ class Store:
     # -- responses ----------------------------------------------------------------------
     def add_response(self, prompt_id: int, text: str, source: str, model: str | None = None,
                      adapter: str | None = None, gen_settings: dict | None = None,
-                     import_file: str | None = None) -> tuple[int, bool]:
-        """Return (response id, created). The same text for the same prompt is one row."""
+                     import_file: str | None = None, cut_off: bool = False) -> tuple[int, bool]:
+        """Return (response id, created). The same text for the same prompt is one row.
+        `cut_off`: a model's answer that hit its token limit before it ended (training
+        must not teach the model to end there, see batches.Encoder)."""
         text = _clean_text(text, "response", allow_empty=True, allow_control=True)
         with self.transaction() as tx:
             cur = tx.execute(
                 "INSERT OR IGNORE INTO responses(prompt_id, text, source, model, adapter, "
-                "gen_settings, import_file, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "gen_settings, import_file, created_at, cut_off) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (prompt_id, text, source, model, adapter,
-                 json.dumps(gen_settings) if gen_settings else None, import_file, _now()))
+                 json.dumps(gen_settings) if gen_settings else None, import_file, _now(),
+                 int(bool(cut_off))))
             if cur.rowcount:
                 return cur.lastrowid, True
             row = tx.execute("SELECT id FROM responses WHERE prompt_id = ? AND text = ?",
@@ -751,6 +759,7 @@ class Store:
             "rb.source AS response_b_source, ra.gen_settings AS gen_settings_a, "
             "rb.gen_settings AS gen_settings_b, ra.import_file AS import_file_a, "
             "rb.import_file AS import_file_b, ra.parent_id AS parent_a, rb.parent_id AS parent_b, "
+            "ra.cut_off AS cut_off_a, rb.cut_off AS cut_off_b, "
             "pa.messages AS prompt_a_messages, pb.messages AS prompt_b_messages "
             "FROM judgments j JOIN responses ra ON ra.id = j.response_a "
             "JOIN prompts pa ON pa.id = ra.prompt_id "
@@ -777,6 +786,8 @@ class Store:
                 "prompt_a_text": row["prompt_a"], "response_a_text": row["response_a_text"],
                 "prompt_b_text": row["prompt_b"], "response_b_text": row["response_b_text"],
                 "prompt_a_id": row["prompt_a_id"], "prompt_b_id": row["prompt_b_id"],
+                # An answer cut at its token limit is trained on without an ending.
+                "cut_off_a": bool(row["cut_off_a"]), "cut_off_b": bool(row["cut_off_b"]),
                 # Conversations (rpo_app.conversation): the whole history, for the template.
                 "prompt_a_messages": _messages(row["prompt_a_messages"]),
                 "prompt_b_messages": _messages(row["prompt_b_messages"]),
@@ -1139,7 +1150,8 @@ class Store:
         """Every answer with its prompt (text and conversation) and `judged`, how many
         counted active judgments it is in, for scoring."""
         rows = self._read(
-            "SELECT r.id, r.prompt_id, r.text, p.text AS prompt, p.messages AS prompt_messages, "
+            "SELECT r.id, r.prompt_id, r.text, r.cut_off, p.text AS prompt, "
+            "p.messages AS prompt_messages, "
             "(SELECT COUNT(*) FROM judgments j WHERE (j.response_a = r.id OR j.response_b = r.id) "
             f"AND j.retracted_at IS NULL AND j.{_COUNTED}) AS judged "
             "FROM responses r JOIN prompts p ON p.id = r.prompt_id ORDER BY r.id")

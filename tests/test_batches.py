@@ -148,6 +148,25 @@ def test_masks_cover_response_tokens_only(tokenizer):
 
 
 @pytest.mark.slow
+def test_an_answer_cut_at_its_token_limit_is_scored_without_an_ending(tokenizer):
+    """A cut answer did not end: no end-of-turn token is scored after it (training would
+    otherwise teach the model to stop mid-sentence); an answer that ended keeps it."""
+    enc = Encoder(tokenizer, max_length=256, max_prompt_length=128)
+    j = judgment(1, "paired", "a", "Tell me about sleep.", "Sleep is good because", rb="Sleep helps.")
+    j["cut_off_a"] = True
+    data = build_data([j], enc, "rpo-paired")
+    (c, r), = data.pairs
+    batch = collate([data.seqs[c], data.seqs[r]], tokenizer.pad_token_id)
+    labels = batch["input_ids"].roll(-1, dims=1)
+    scored = [tokenizer.decode(labels[b][batch["score_mask"][b]].tolist()) for b in (0, 1)]
+    assert scored == ["Sleep is good because", "Sleep helps.<|im_end|>"]
+    # the cut flag is part of the item: the same text that ended is another sequence
+    ended = build_data([judgment(1, "paired", "a", "Tell me about sleep.", "Sleep is good because",
+                                 rb="Sleep helps.")], enc, "rpo-paired")
+    assert len(ended.seqs[ended.pairs[0][0]]) == len(data.seqs[c]) + 1
+
+
+@pytest.mark.slow
 def test_truncation_left_prompt_right_response(tokenizer):
     assert truncate(list(range(10)), [100, 101, 102, 103], max_length=8, max_prompt_length=5) == (
         [5, 6, 7, 8, 9], [100, 101, 102])

@@ -75,6 +75,24 @@ def test_on_answer_gets_every_row_once_before_its_batch_ends(tiny_host):
     assert all(b[0] >= a[0] for a, b in zip(steps, steps[1:]))  # only forward
 
 
+def test_answers_record_whether_they_were_cut_at_the_token_limit(store, tiny_host):
+    """The store knows which answers hit max_new_tokens before their end-of-turn token."""
+    ids, _ = store.add_prompts(["Hi.", "Name a colour."], "t")
+    stops = tiny_host.stop_ids
+    try:
+        tiny_host.stop_ids = set()  # nothing ends: every answer runs to the limit
+        generate_candidates(store, tiny_host, ids, 2, GenSettings(max_new_tokens=3, seed=1))
+        tiny_host.stop_ids = set(range(tiny_host.base.config.vocab_size))  # every token ends a row
+        generate_candidates(store, tiny_host, ids, 1, GenSettings(max_new_tokens=3, seed=2),
+                            start_index=2)
+    finally:
+        tiny_host.stop_ids = stops
+    rows = [r for pid in ids for r in store.responses_for_prompt(pid)]
+    cut = [r["cut_off"] for r in rows if r["text"]]  # the 3-token answers
+    ended = [r["cut_off"] for r in rows if not r["text"]]  # ended at the first token: empty
+    assert cut == [1, 1, 1, 1] and ended == [0, 0]
+
+
 def test_estimate_follows_the_decode_timing(tiny_host):
     speed = tiny_host.decode_timing()
     assert [rows for rows, _ in speed.points] == list(TIMED_ROWS)

@@ -124,6 +124,12 @@ def test_all_three_judgment_kinds_keep_provenance(store):
     assert rows[0]["prompt_a_text"] == rows[0]["prompt_b_text"]
     # texts, never ids, in the fields training reads
     assert (rows[0]["response_a_text"], rows[0]["response_b_text"]) == ("Paris.", "Lyon.")
+    assert (rows[0]["cut_off_a"], rows[0]["cut_off_b"]) == (False, False)
+    cut, _ = store.add_response(pid, "Paris is the capital and", "model", cut_off=True)
+    j4, _ = store.add_judgment("paired", cut, b, "b", "bob")
+    assert store.response(cut)["cut_off"] == 1
+    row = [r for r in store.training_judgments(kinds=["paired"]) if r["judgment_id"] == j4][0]
+    assert (row["cut_off_a"], row["cut_off_b"]) == (True, False)  # training leaves its ending off
 
 
 def test_undo_and_retract_keep_history(store):

@@ -310,18 +310,21 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
 
     ids, _ = store.add_prompts([{"prompt": r["prompt"], "family": r.get("family")} for r in train_rows],
                                source)
-    candidates_key = _hash("candidates", host.model_name, str(model), [r["prompt"] for r in train_rows],
-                           args.candidates, sample.to_dict())
+    # "cut off": the cache keeps which answers hit the token limit (older caches did not).
+    candidates_key = _hash("candidates", "cut off", host.model_name, str(model),
+                           [r["prompt"] for r in train_rows], args.candidates, sample.to_dict())
 
     def make_candidates() -> dict:
         generate_candidates(store, host, ids, args.candidates, sample,
                             progress=_tqdm_progress(f"seed {seed}: candidates"))
-        return {str(p): [r["text"] for r in store.responses_for_prompt(p)] for p in ids}
+        return {str(p): [[r["text"], bool(r["cut_off"])] for r in store.responses_for_prompt(p)]
+                for p in ids}
 
     cached = _cached(cache, candidates_key, make_candidates)
-    for pid, texts in zip(ids, [cached[str(p)] for p in ids]):
-        for text in texts:  # a cache hit: the same rows generate_candidates wrote
-            store.add_response(pid, text, source="model", model=host.model_name, gen_settings=sample.to_dict())
+    for pid, rows in zip(ids, [cached[str(p)] for p in ids]):
+        for text, cut_off in rows:  # a cache hit: the same rows generate_candidates wrote
+            store.add_response(pid, text, source="model", model=host.model_name,
+                               gen_settings=sample.to_dict(), cut_off=cut_off)
 
     test_prompts = [r["prompt"] for r in test_rows]
     key = _hash("base-answers", host.model_name, str(model), test_prompts, greedy.to_dict())

@@ -117,7 +117,7 @@ def _measure(host, name: str, fields: dict, rows: list[dict], n: int) -> dict:
     with tqdm(total=len(prompts) * n, desc=f"sampling {name}", unit="answer",
               dynamic_ncols=True, file=sys.stderr) as bar:
         for batch in host.generate_batches(prompts, n, settings, batch_size=BATCH_SIZE):
-            for pi, k, text, n_tok in batch:
+            for pi, k, text, n_tok, _cut in batch:
                 texts[pi][k], tokens[pi][k] = text, n_tok
             bar.update(len(batch))
     seconds = time.perf_counter() - t0
