@@ -320,11 +320,12 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
         return {str(p): [[r["text"], bool(r["cut_off"])] for r in store.responses_for_prompt(p)]
                 for p in ids}
 
-    cached = _cached(cache, candidates_key, make_candidates)
-    for pid, rows in zip(ids, [cached[str(p)] for p in ids]):
-        for text, cut_off in rows:  # a cache hit: the same rows generate_candidates wrote
+    answers = _cached(cache, candidates_key, make_candidates)
+    for pid in ids:
+        for text, cut_off in answers[str(pid)]:  # a cache hit: the rows generate_candidates wrote
             store.add_response(pid, text, source="model", model=host.model_name,
                                gen_settings=sample.to_dict(), cut_off=cut_off)
+    cached = {pid: [text for text, _ in rows] for pid, rows in answers.items()}
 
     test_prompts = [r["prompt"] for r in test_rows]
     key = _hash("base-answers", host.model_name, str(model), test_prompts, greedy.to_dict())
