@@ -230,6 +230,27 @@ def test_label_handlers_judge_and_undo(ctx):
     assert undone["left"]["value"] == shown["left"]["value"]
 
 
+def test_label_tab_says_which_answer_stopped_at_the_token_limit(tmp_path):
+    from rpo_app.store import Store
+
+    store = Store(tmp_path)
+    (pid,), _ = store.add_prompts(["Tell me about sleep."], "t")
+    store.add_response(pid, "Sleep is good because it", "model", cut_off=True,
+                       gen_settings={"max_new_tokens": 192})
+    store.add_response(pid, "Sleep helps you recover.", "model", gen_settings={"max_new_tokens": 192})
+    store.close()
+    context = AppContext(ServeConfig(data_dir=tmp_path), load_model=False)
+    try:
+        shown = dict(zip(label.VIEW, label.show_next(context, "paired", "ada")))
+        cut_side = "A" if shown["left"]["value"].endswith("because it") else "B"
+        assert (f"Answer {cut_side} stopped at the model's token limit (192 new tokens) before it ended."
+                in shown["question"])
+        assert f"Answer {'AB'.replace(cut_side, '')} stopped" not in shown["question"]
+    finally:
+        context.index(timeout=120)
+        context.store.close()
+
+
 def test_data_tab_backlog_is_the_cli_backlog(ctx):
     from rpo_app.generate import backlog
 

@@ -237,7 +237,8 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
                 "right_col": gr.update(visible=not thumbs),
                 "question": ("**Which answer answers its own prompt better?**" if cross else
                              "**Is this a good answer?**" if thumbs else "**Which answer is better?**")
-                            + ("" if cross else _conversation_note(item.left)),
+                            + ("" if cross else _conversation_note(item.left))
+                            + _cut_note(item.left, item.right, thumbs),
                 "pair_row": gr.update(visible=not thumbs), "thumb_row": gr.update(visible=thumbs),
                 "strength_col": gr.update(visible=not thumbs),
                 "related": _related(ctx, item.left["prompt_id"]),
@@ -291,6 +292,22 @@ def _prompt_box(answer: dict, visible: bool):
 def _conversation_note(answer: dict) -> str:
     return (" The prompt is a conversation: each answer is its next assistant turn."
             if answer.get("prompt_messages") else "")
+
+
+def _cut_note(left: dict, right: dict | None, thumbs: bool) -> str:
+    """Which answers the model was stopped writing at its token limit: their missing end
+    is the limit's doing, which a reader may or may not hold against them."""
+    sides = [(name, answer) for name, answer in (("A", left), ("B", right))
+             if answer is not None and answer.get("cut_off")]
+    if not sides:
+        return ""
+    limits = {(a.get("gen_settings") or {}).get("max_new_tokens") for _, a in sides}
+    limit = f" ({limits.pop()} new tokens)" if len(limits) == 1 and None not in limits else ""
+    if thumbs:
+        return f" The answer stopped at the model's token limit{limit} before it ended."
+    names = " and ".join(f"answer {n}" for n, _ in sides)
+    return (f" {names[0].upper() + names[1:]} stopped at the model's token limit{limit} before "
+            f"{'they' if len(sides) == 2 else 'it'} ended.")
 
 
 def _rank_view(item) -> dict:
