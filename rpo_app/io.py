@@ -103,7 +103,9 @@ format        columns                 rows
                                       response id, or "none acceptable") are set on a
                                       ranking's implied pairs; ``prompt_a_messages`` and
                                       ``prompt_b_messages`` hold a conversation's messages
-                                      as JSON text (null for a single-turn prompt)
+                                      as JSON text (null for a single-turn prompt);
+                                      ``response_a_cut_off`` / ``response_b_cut_off``
+                                      are true for an answer cut at its token limit
 ============  ======================  =====================================================
 
 Conversations in exports: in ``trl-dpo``, ``trl-kto`` and ``rankings``, when any row's
@@ -1063,6 +1065,7 @@ FULL_COLUMNS = [
     "model_b", "adapter_b", "gen_settings_b", "import_file_b",
     "response_a_parent_id", "response_b_parent_id", "gold", "used_by_runs",
     "ranking_id", "ranking_order", "prompt_a_messages", "prompt_b_messages",
+    "response_a_cut_off", "response_b_cut_off",
 ]
 RETRACTED_COLUMNS = ["retracted", "retracted_at", "retracted_by"]
 
@@ -1108,6 +1111,10 @@ def _full_rows(store, judgments: list[dict], include_retracted: bool) -> list[di
                 f"import_file_{side}": j[f"import_file_{side}"],
                 # Set when the answer is a person's edit: the answer it was made from.
                 f"response_{side}_parent_id": j[f"parent_{side}"],
+                # A model's answer that hit its token limit before it ended; null for
+                # a thumb's missing side.
+                f"response_{side}_cut_off": (None if j[f"cut_off_{side}"] is None
+                                             else bool(j[f"cut_off_{side}"])),
             })
         if include_retracted:
             row.update({"retracted": j["retracted_at"] is not None,
@@ -1226,6 +1233,9 @@ def export(store, fmt: str, out_path: str | os.PathLike,
             df[column] = df[column].astype("Int64")  # ids stay integers next to nulls
     if fmt == "trl-kto":
         df["label"] = df["label"].astype(bool)
+    if fmt == "full":  # true/false, and null for a thumb's missing side
+        for side in ("a", "b"):
+            df[f"response_{side}_cut_off"] = df[f"response_{side}_cut_off"].astype("boolean")
     _write_table(df, out)
     return ExportReport(fmt, str(out), len(df), skipped)
 

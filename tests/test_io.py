@@ -417,7 +417,7 @@ def judged_store(store):
     p1, _ = store.add_prompt("What is 2+2?", "seed", "math")
     p2, _ = store.add_prompt("What is 3+3?", "seed", "math")
     a = store.add_response(p1, "Four.", "generate", model="base", gen_settings={"temperature": 0.8})[0]
-    b = store.add_response(p1, "Five.", "generate", model="base", adapter="tuned")[0]
+    b = store.add_response(p1, "Five.", "generate", model="base", adapter="tuned", cut_off=True)[0]
     c = store.add_response(p1, "Twenty-two.", "import", import_file="old.jsonl")[0]
     d = store.add_response(p2, "Six.", "generate", model="base")[0]
     e = store.add_response(p2, "Seven.", "generate", model="base")[0]
@@ -508,6 +508,12 @@ def test_full_export_round_trips_with_provenance(judged_store, tmp_path, ext):
     assert kinds.count("cross") == 2 and kinds.count("unpaired") == 2
     thumbs = df[df["kind"] == "unpaired"].iloc[0]
     assert pd.isna(thumbs["response_b"]) and thumbs["verdict"] == "up"
+    # Which answers stopped at their token limit ("Five." did), and none for a thumb's
+    # missing side. pandas reads JSON's true as 1.0 and CSV's as text.
+    flag = {True: True, "True": True, False: False, "False": False}
+    assert [flag[v] for v in df[["response_a_cut_off", "response_b_cut_off"]].iloc[0]] == [
+        False, True]
+    assert pd.isna(thumbs["response_b_cut_off"])
 
 
 def test_full_export_with_retracted(judged_store, tmp_path):
