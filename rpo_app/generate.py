@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 from rpo_app import chat_template
 
@@ -332,6 +332,12 @@ def batch_sizes(n_jobs: int, batch_size: int, first: int | None = None) -> list[
 # The batch sizes a decoding step is timed at: those of a first run (batch_sizes with a
 # first batch of 2: 2, then 4x that, then full batches of 32); 2 is also the previews'.
 TIMED_ROWS = (2, 8, 32)
+
+
+class Answer(NamedTuple):
+    text: str
+    # It hit max_new_tokens before its end-of-turn token: scored without an ending.
+    cut_off: bool
 
 
 @dataclass(frozen=True)
@@ -800,16 +806,25 @@ class ModelHost:
                  adapter: str | None = None, batch_size: int = 16,
                  progress: Progress | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> list[list[str]]:
+        """n answers' texts for every prompt, in prompt order: result[i][k] is sample k of
+        prompt i. Arguments as in `answers`."""
+        return [[a.text for a in row] for row in
+                self.answers(prompts, n, settings, adapter, batch_size, progress, on_step)]
+
+    def answers(self, prompts: list[str], n: int = 1, settings: GenSettings | None = None,
+                adapter: str | None = None, batch_size: int = 16,
+                progress: Progress | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> list[list[Answer]]:
         """n answers for every prompt, in prompt order: result[i][k] is sample k of prompt i.
         `progress(answers done, total)` per batch; `on_step` as in generate_batches."""
-        out: list[list[str | None]] = [[None] * n for _ in prompts]
+        out: list[list[Answer | None]] = [[None] * n for _ in prompts]
         total, done = len(prompts) * n, 0
         if progress:
             progress(0, total)
         for batch in self.generate_batches(prompts, n, settings, adapter, batch_size,
                                            on_step=on_step):
-            for pi, k, text, *_ in batch:
-                out[pi][k] = text
+            for pi, k, text, _tokens, cut_off in batch:
+                out[pi][k] = Answer(text, cut_off)
             done += len(batch)
             if progress:
                 progress(done, total)

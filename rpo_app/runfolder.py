@@ -14,7 +14,8 @@ tests read it while it is written, and after it was killed at any point:
     label_check.json    every decided pair scored by the final adapter: margin and how
                         sure the model is of the other answer (rpo_app.suspects)
     ref_logps.pt        cached reference log-probs
-    base_samples.json   the base model's preview answers
+    base_samples.json   the base model's preview answers: prompts, answers, cut_off (each
+                        answer hit its token limit; absent in older runs)
     checkpoints/step-N/ adapter, optimizer, scheduler, RNG state, trainer_state.json
     adapter/            the final adapter (PEFT format)
 

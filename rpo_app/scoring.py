@@ -7,6 +7,7 @@ the response tokens only, in one forward pass per chunk.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 
 def keeps_logits_by_mask(model) -> bool:
@@ -183,9 +184,12 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
 
 
 def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],
-                     max_length: int, batch_size: int = 8) -> list[float]:
+                     max_length: int, cut_off: Sequence[bool] | None = None,
+                     batch_size: int = 8) -> list[float]:
     """The base model's mean log-prob per answer token (adapters off), a fluency proxy:
-    garbled or made-up words score far below the base model's own answers."""
+    garbled or made-up words score far below the base model's own answers. `cut_off[i]`:
+    answer i hit its token limit, so it is scored without the end-of-turn token it never
+    wrote (that one token costs ~20 nats and would make long answers look garbled)."""
     import contextlib
 
     import torch
@@ -194,7 +198,9 @@ def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], an
     from rpo_app.batches import Encoder, Item
 
     enc = Encoder(tokenizer, max_length, max_length // 2)
-    seqs = [enc.encode(Item(p, a), 0) for p, a in zip(prompts, answers)]
+    cut_off = cut_off if cut_off is not None else [False] * len(answers)
+    seqs = [enc.encode(Item(p, a, cut_off=bool(c)), 0)
+            for p, a, c in zip(prompts, answers, cut_off, strict=True)]
     was_training = net.training
     net.eval()  # no LoRA dropout while scoring
     out: list[float] = []

@@ -350,23 +350,27 @@ class Trainer:
         source = self.eval_data.prompts or self.train_data.prompts
         return source[: self.cfg.preview_count]
 
-    def _base_answers(self) -> list[str]:
+    def _base_answers(self) -> list:
         """The base model's answers to the preview prompts, once (kept across resumes)."""
+        from rpo_app.generate import Answer
         from rpo_app.runfolder import atomic_write_text, read_json
 
         saved = read_json(self.run.base_samples)
         if saved and saved.get("prompts") == self.preview:
-            return saved["answers"]
+            # A run from before cut_off was kept scored every answer with its ending.
+            cut = saved.get("cut_off") or [False] * len(saved["answers"])
+            return [Answer(text, bool(c)) for text, c in zip(saved["answers"], cut)]
         if self.preview:
             self.run.begin_phase("the base model's previews", total=self.cfg.sample_max_new_tokens,
                                  unit="tokens")
         answers = self._generate(self.preview, adapter=False) if self.main else []
         if self.main:
-            atomic_write_text(self.run.base_samples,
-                              json.dumps({"prompts": self.preview, "answers": answers}, ensure_ascii=False))
+            atomic_write_text(self.run.base_samples, json.dumps(
+                {"prompts": self.preview, "answers": [a.text for a in answers],
+                 "cut_off": [a.cut_off for a in answers]}, ensure_ascii=False))
         return answers
 
-    def _generate(self, prompts: list[str], adapter: bool) -> list[str]:
+    def _generate(self, prompts: list[str], adapter: bool) -> list:
         """Greedy previews through the app's batched generator (same prompt encoding and
         end-of-turn rule as candidates and chat), with the trained adapter on or off."""
         import contextlib
@@ -394,11 +398,11 @@ class Trainer:
             # of 2 x 48 tokens: 16 s with autocast, 12 s without). On a GPU the weights are
             # bf16 already.
             with ctx:
-                answers = host.generate(prompts, n=1, settings=settings, batch_size=len(prompts),
-                                        on_step=steps)
+                answers = host.answers(prompts, n=1, settings=settings, batch_size=len(prompts),
+                                       on_step=steps)
         finally:
             net.train(was_training)
-        return [a[0] for a in answers]
+        return [a[0] for a in answers]  # generate.Answer: text and whether it was cut
 
     def _prompt_inputs(self, prompts: list[str]) -> list:
         """A preview prompt that is one of the data's conversations goes in as that."""
@@ -533,14 +537,15 @@ class Trainer:
             answers = self._generate(self.preview, adapter=True)
             net = self.acc.unwrap_model(self.model)
 
-            def score(texts: list[str]) -> list[float]:  # by the base model: the garbled-answer warning
+            def score(answers: list) -> list[float]:  # by the base model: the garbled-answer warning
                 return base_token_logps(net, self.tok, self.pad_id, self.acc.device,
-                                        self._prompt_inputs(self.preview), texts, self.cfg.max_length)
+                                        self._prompt_inputs(self.preview), [a.text for a in answers],
+                                        self.cfg.max_length, cut_off=[a.cut_off for a in answers])
 
             if self.base_logps is None:  # the base answers and the base model never change
                 self.base_logps = score(self.base_answers)
             rows = zip(self.preview, self.base_answers, answers, self.base_logps, score(answers))
-            for prompt, base, tuned, base_lp, tuned_lp in rows:
+            for prompt, (base, _), (tuned, _), base_lp, tuned_lp in rows:
                 self.run.append_sample(SampleRow(step=self.step, prompt=prompt, base=base, tuned=tuned,
                                                  base_logp=round(base_lp, 4), tuned_logp=round(tuned_lp, 4)))
         self.acc.wait_for_everyone()

@@ -93,6 +93,41 @@ def test_answers_record_whether_they_were_cut_at_the_token_limit(store, tiny_hos
     assert cut == [1, 1, 1, 1] and ended == [0, 0]
 
 
+def test_a_cut_answer_is_scored_for_fluency_without_an_ending(tiny_host):
+    """ModelHost.answers says which answers hit the limit, and the fluency score (the
+    previews' garbled-answer warning, the benchmarks' base logp/token) of a cut answer
+    is the mean over its own tokens: the end-of-turn token it never wrote is left out."""
+    import torch
+
+    from rpo_app.batches import Encoder, Item
+    from rpo_app.scoring import base_token_logps
+
+    stops = tiny_host.stop_ids
+    try:
+        tiny_host.stop_ids = set()
+        settings = GenSettings(max_new_tokens=5, seed=1)
+        [[answer]] = tiny_host.answers(["Name a colour."], 1, settings)
+        assert tiny_host.generate(["Name a colour."], 1, settings) == [[answer.text]]
+    finally:
+        tiny_host.stop_ids = stops
+    assert answer.cut_off and answer.text
+    # Per-token log-probs of the whole ended sequence, from the model directly.
+    enc = Encoder(tiny_host.tokenizer, 256, 128)
+    seq = enc.encode(Item("Name a colour.", answer.text), 0)
+    with torch.no_grad():
+        logits = tiny_host.base(torch.tensor([seq.input_ids])).logits[0].float()
+    token_logps = logits[:-1].log_softmax(-1).gather(
+        -1, torch.tensor(seq.input_ids[1:])[:, None]).squeeze(-1)[seq.prompt_len - 1:]
+    assert seq.input_ids[-1] == tiny_host.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def score(cut: bool) -> float:
+        return base_token_logps(tiny_host.base, tiny_host.tokenizer, tiny_host.pad_id, "cpu",
+                                ["Name a colour."], [answer.text], 256, cut_off=[cut])[0]
+
+    assert score(True) == pytest.approx(token_logps[:-1].mean().item(), abs=1e-4)
+    assert score(False) == pytest.approx(token_logps.mean().item(), abs=1e-4)
+
+
 def test_estimate_follows_the_decode_timing(tiny_host):
     speed = tiny_host.decode_timing()
     assert [rows for rows, _ in speed.points] == list(TIMED_ROWS)

@@ -190,6 +190,10 @@ def test_short_run_on_default_model_writes_every_file(tmp_path, judgments_file, 
     assert all(s["base_logp"] < 0 and s["tuned_logp"] < 0 for s in samples)
     first = [s["base_logp"] for s in samples if s["prompt"] == samples[0]["prompt"]]
     assert max(first) - min(first) < 1e-3
+    # which base answers hit the 6-token limit: they are scored without an ending
+    base = json.loads((out / "base_samples.json").read_text())
+    assert len(base["cut_off"]) == len(base["answers"]) and any(base["cut_off"])
+    assert all(isinstance(c, bool) for c in base["cut_off"])
     assert "finished at step 3" in (out / "train.log").read_text()
     assert read_jsonl(out / "judgments.jsonl") == read_jsonl(judgments_file)
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())

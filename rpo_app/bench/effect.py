@@ -188,13 +188,15 @@ def _hash(*parts) -> str:
 
 # --- model work ------------------------------------------------------------------------
 
-def mean_token_logps(host, prompts: list[str], answers: list[str], max_length: int) -> list[float]:
-    """Base model's mean log-prob per answer token (adapters off): fluency proxy."""
+def mean_token_logps(host, prompts: list[str], answers: list[str], max_length: int,
+                     cut_off: list[bool]) -> list[float]:
+    """Base model's mean log-prob per answer token (adapters off): fluency proxy.
+    `cut_off[i]`: answer i hit its token limit (scored without an ending)."""
     from rpo_app.scoring import base_token_logps
 
     with host.lock:
         return base_token_logps(host.model, host.tokenizer, host.pad_id, host.device, prompts, answers,
-                                max_length)
+                                max_length, cut_off=cut_off)
 
 
 def _tqdm_progress(desc: str):
@@ -328,10 +330,13 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
     cached = {pid: [text for text, _ in rows] for pid, rows in answers.items()}
 
     test_prompts = [r["prompt"] for r in test_rows]
-    key = _hash("base-answers", host.model_name, str(model), test_prompts, greedy.to_dict())
-    base_answers = _cached(cache, key, lambda: [a[0] for a in host.generate(
+    key = _hash("base-answers", "cut off", host.model_name, str(model), test_prompts,
+                greedy.to_dict())
+    base_generated = _cached(cache, key, lambda: [list(a[0]) for a in host.answers(
         test_prompts, 1, greedy, progress=_tqdm_progress(f"seed {seed}: base answers"))])
-    base_logp = mean_token_logps(host, test_prompts, base_answers, args.max_length)
+    base_answers = [text for text, _ in base_generated]
+    base_logp = mean_token_logps(host, test_prompts, base_answers, args.max_length,
+                                 [cut for _, cut in base_generated])
     base_metrics = {"seed": seed, **degeneration.summarize(base_answers),
                     "base_logp": statistics.fmean(base_logp), "answers": base_answers,
                     "test_prompts": test_prompts, "train_prompts": [r["prompt"] for r in train_rows]}
@@ -339,12 +344,15 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
     # answers differently scores a lower base log-probability. The sampled candidates
     # (what the annotator was shown) are the base model's fluency when it does vary.
     # Scoring every candidate costs minutes on a CPU, so it is cached with them.
-    sampled = [(r["prompt"], t) for r, pid in zip(train_rows, ids) for t in cached[str(pid)]]
+    sampled = [(r["prompt"], t, cut) for r, pid in zip(train_rows, ids)
+               for t, cut in answers[str(pid)]]
     base_metrics["sampled"] = {
-        **{k: v for k, v in degeneration.summarize([t for _, t in sampled]).items() if k != "n"},
-        "base_logp": _cached(cache, _hash("sampled-logp", candidates_key, args.max_length),
+        **{k: v for k, v in degeneration.summarize([t for _, t, _ in sampled]).items() if k != "n"},
+        "base_logp": _cached(cache, _hash("sampled-logp", "cut unended", candidates_key,
+                                                 args.max_length),
                              lambda: statistics.fmean(mean_token_logps(
-                                 host, [p for p, _ in sampled], [t for _, t in sampled], args.max_length)))}
+                                 host, [p for p, _, _ in sampled], [t for _, t, _ in sampled],
+                                 args.max_length, [cut for _, _, cut in sampled])))}
     return {"seed_dir": seed_dir, "data_dir": data_dir, "model": model, "store": store, "host": host,
             "ids": ids, "test_prompts": test_prompts, "base_answers": base_answers,
             "base_metrics": base_metrics, "greedy": greedy}
@@ -398,10 +406,11 @@ def train_and_judge(args, prep: dict, cfg, run_dir: Path, judge, judge_name: str
     host, test_prompts = prep["host"], prep["test_prompts"]
     host.load_adapter(name, run.adapter)
     try:
-        tuned = [a[0] for a in host.generate(test_prompts, 1, prep["greedy"], adapter=name,
-                                             progress=_tqdm_progress(f"{name}: test"))]
+        tuned_answers = [a[0] for a in host.answers(test_prompts, 1, prep["greedy"], adapter=name,
+                                                    progress=_tqdm_progress(f"{name}: test"))]
     finally:
         host.unload_adapter(name)
+    tuned = [a.text for a in tuned_answers]
     base_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, prep["base_answers"])]
     tuned_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, tuned)]
     accs = [m.eval_accuracy for m in run.metrics() if m.eval_accuracy is not None]
@@ -410,7 +419,8 @@ def train_and_judge(args, prep: dict, cfg, run_dir: Path, judge, judge_name: str
         "score_tuned": statistics.fmean(tuned_scores), "score_base": statistics.fmean(base_scores),
         "heldout_acc": accs[-1] if accs else None,
         **{k: v for k, v in degeneration.summarize(tuned).items() if k != "n"},
-        "base_logp": statistics.fmean(mean_token_logps(host, test_prompts, tuned, args.max_length)),
+        "base_logp": statistics.fmean(mean_token_logps(host, test_prompts, tuned, args.max_length,
+                                                       [a.cut_off for a in tuned_answers])),
         "steps": status.step, "early_stopped": status.early_stopped, "adapter": str(run.adapter),
         "answers": tuned,
     })

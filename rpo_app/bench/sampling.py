@@ -113,17 +113,19 @@ def _measure(host, name: str, fields: dict, rows: list[dict], n: int) -> dict:
     prompts = [r["prompt"] for r in rows]
     texts: list[list[str | None]] = [[None] * n for _ in prompts]
     tokens: list[list[int]] = [[0] * n for _ in prompts]
+    cut: list[list[bool]] = [[False] * n for _ in prompts]
     t0 = time.perf_counter()
     with tqdm(total=len(prompts) * n, desc=f"sampling {name}", unit="answer",
               dynamic_ncols=True, file=sys.stderr) as bar:
         for batch in host.generate_batches(prompts, n, settings, batch_size=BATCH_SIZE):
-            for pi, k, text, n_tok, _cut in batch:
-                texts[pi][k], tokens[pi][k] = text, n_tok
+            for pi, k, text, n_tok, cut_off in batch:
+                texts[pi][k], tokens[pi][k], cut[pi][k] = text, n_tok, cut_off
             bar.update(len(batch))
     seconds = time.perf_counter() - t0
     flat = [t for answers in texts for t in answers]
     flat_prompts = [p for p in prompts for _ in range(n)]
-    logps = mean_token_logps(host, flat_prompts, flat, SCORE_MAX_LENGTH)
+    logps = mean_token_logps(host, flat_prompts, flat, SCORE_MAX_LENGTH,
+                             [c for cs in cut for c in cs])
     per_prompt_logp = [statistics.fmean(logps[i * n:(i + 1) * n]) for i in range(len(prompts))]
     out = {
         "settings": settings.to_dict(),
