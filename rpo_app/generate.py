@@ -253,6 +253,11 @@ def _batch_streamer_class():
         def end(self):
             self.on_update(self.texts(partial=False))
 
+        def cut_off(self) -> list[bool]:
+            """Per row, once generation has run its course: it hit the token limit
+            before its end-of-turn token."""
+            return [not done for done in self.done]
+
         def texts(self, partial: bool) -> list[str]:
             out = []
             for toks in self.tokens:
@@ -832,10 +837,13 @@ class ModelHost:
 
     # -- streaming chat, one row per conversation ----------------------------------------
     def chat_stream(self, conversations: list[list[dict]], adapters: list[str | None],
-                    settings: GenSettings | None = None) -> Iterator[list[str]]:
+                    settings: GenSettings | None = None,
+                    on_end: Callable[[list[bool]], None] | None = None) -> Iterator[list[str]]:
         """Yield the partial answer of every row as tokens arrive (the last yield is the
         final text). Row i uses adapters[i] (None = the base model); all rows run in
-        one batched forward pass."""
+        one batched forward pass. `on_end(cut_off)`, before the last yield, when the
+        answers ran their course (not when the reader stopped early): per row, whether it
+        hit max_new_tokens before it ended."""
         settings = settings or GenSettings()
         if len(conversations) != len(adapters):
             raise ValueError("one adapter (or None) per conversation")
@@ -853,6 +861,8 @@ class ModelHost:
                 with self.lock, self.compute():
                     self._run(rows, seeds, settings, adapters, streamer=streamer,
                               stopping=_stop_flag(stop))
+                if on_end is not None and not stop.is_set():
+                    on_end(streamer.cut_off())
             except BaseException as err:  # handed to the consumer thread
                 updates.put(err)
             finally:

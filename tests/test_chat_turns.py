@@ -196,3 +196,42 @@ def test_regenerating_turn_1_of_a_two_turn_chat_leaves_one_turn(model_ctx):
     with pytest.raises(gr.Error, match="nothing to regenerate"):
         list(chat.regenerate(model_ctx, [], [], BASE_LABEL, BASE_LABEL, False, None,
                              chat.NEWEST, *SETTINGS))
+
+
+# -- answers cut at the token limit -------------------------------------------------------
+
+def _sides_cut(row) -> dict:
+    a, b = bool(row["cut_off_a"]), bool(row["cut_off_b"])
+    return {"left": a, "right": b} if row["a_side"] == "left" else {"left": b, "right": a}
+
+
+def test_a_vote_stores_which_answers_were_cut_at_the_token_limit(ctx):
+    pair = {**PAIR, "cut_off": {"2": [True, False]}}  # as _stream records it
+    chat.store_vote(ctx, LEFT, RIGHT, pair, "left", "ada", "tiny", turn=2)
+    chat.store_vote(ctx, LEFT, RIGHT, pair, "left", "ada", "tiny", turn=1)  # nothing recorded
+    by_turn = {len(json.loads(r["prompt_a_messages"] or "[0]")): r for r in ctx.store.judgments()}
+    assert _sides_cut(by_turn[3]) == {"left": True, "right": False}  # turn 2: 3 messages
+    assert _sides_cut(by_turn[1]) == {"left": False, "right": False}
+
+
+def test_the_chat_records_per_turn_which_answers_hit_the_token_limit(model_ctx):
+    host = model_ctx.host()
+    pair = {"left": BASE_LABEL, "right": BASE_LABEL, "how": chat.NEWEST}
+    stops = host.stop_ids
+    try:
+        host.stop_ids = set()  # nothing ends: both answers run to the 8-token limit
+        _, out = _last(chat.submit(model_ctx, "Name a fruit.", [], [], BASE_LABEL, BASE_LABEL,
+                                   False, pair, chat.NEWEST, *SETTINGS))
+        assert out[2]["cut_off"] == {"1": [True, True]}
+        _, two = _last(chat.submit(model_ctx, "Why?", out[0], out[1], BASE_LABEL, BASE_LABEL,
+                                   False, out[2], chat.NEWEST, *SETTINGS))
+        assert two[2]["cut_off"] == {"1": [True, True], "2": [True, True]}
+        chat.vote(model_ctx, "left", two[0], two[1], two[2], "ada", 2)
+        assert _sides_cut(model_ctx.store.judgments()[-1]) == {"left": True, "right": True}
+        host.stop_ids = set(range(host.base.config.vocab_size))  # every answer ends at once
+        _, again = _last(chat.regenerate_turn(model_ctx, 1, two[0], two[1], BASE_LABEL,
+                                              BASE_LABEL, False, two[2], chat.NEWEST,
+                                              *SETTINGS))
+    finally:
+        host.stop_ids = stops
+    assert again[2]["cut_off"] == {"1": [False, False]}  # turn 2 is gone, turn 1 redone

@@ -136,8 +136,8 @@ def regenerate_turn(ctx: AppContext, turn, left_hist, right_hist, left, right, i
     t = n if turn in (None, "") else _turn_number(turn, n)
     left_hist, right_hist = _until_user(left_hist, t), _until_user(right_hist, t)
     if pair:
-        pair = {**pair, "votes": {k: v for k, v in (pair.get("votes") or {}).items()
-                                  if int(k) < t}}
+        pair = {**pair, **{key: {k: v for k, v in (pair.get(key) or {}).items() if int(k) < t}
+                           for key in ("votes", "cut_off")}}
     elif is_blind:
         pair = blind_pair(ctx, how, left, right)
     yield (left_hist, right_hist, pair, gr.update(visible=False), gr.skip(),
@@ -624,8 +624,9 @@ def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings, s
     left_hist = list(left_hist) + [{"role": "assistant", "content": ""}]
     right_hist = list(right_hist) + [{"role": "assistant", "content": ""}]
     convs = [_as_messages(left_hist[:-1]), _as_messages(right_hist[:-1])]
+    cut_off: list[bool] = []
     with ctx.chat_streams.streaming(session, conv) as live:
-        answers = host.chat_stream(convs, adapters, gen)
+        answers = host.chat_stream(convs, adapters, gen, on_end=cut_off.extend)
         try:
             for texts in answers:
                 if not live():
@@ -637,6 +638,9 @@ def _stream(ctx, left_hist, right_hist, left, right, is_blind, pair, settings, s
             answers.close()  # stops generating when the stream ends early
         if not live():
             return
+        if pair and cut_off:  # a vote on this turn stores whether each answer was cut
+            turn = str(len(_turns(left_hist)))
+            pair = {**pair, "cut_off": {**(pair.get("cut_off") or {}), turn: cut_off}}
         yield (left_hist, right_hist, pair, gr.update(visible=bool(is_blind)), gr.skip(),
                turn_update(left_hist, right_hist))
 
@@ -671,12 +675,15 @@ def store_vote(ctx: AppContext, left_hist, right_hist, pair, verdict, annotator,
         raise gr.Error(f"both answers to turn {t} are identical; nothing to compare")
     prompt_ids, _ = ctx.store.add_prompts(
         [{"messages": sides[side][0]} for side in ("left", "right")], "chat")
+    # Which answers hit the token limit (recorded by _stream; none in older pairs).
+    cut_off = (pair.get("cut_off") or {}).get(str(t)) or [False, False]
     ids = {}
-    for side, pid in zip(("left", "right"), prompt_ids):
+    for side, pid, cut in zip(("left", "right"), prompt_ids, cut_off):
         name = pair[side]
         rid, _ = ctx.store.add_response(pid, sides[side][1], source="chat",
                                         model=model_name,
-                                        adapter=None if name == BASE_LABEL else name)
+                                        adapter=None if name == BASE_LABEL else name,
+                                        cut_off=bool(cut))
         ids[side] = rid
     kind = "paired" if prompt_ids[0] == prompt_ids[1] else "cross"
     a, b, stored, a_side = canonical_pair(ids["left"], ids["right"], verdict)
