@@ -182,6 +182,14 @@ def _train_args(p):
     add_train_args(p)
 
 
+def _mark_cut_args(p):
+    _data_dir_arg(p)
+    p.add_argument("--model", default=None,
+                   help="the model that wrote the answers (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dry-run", action="store_true", help="say what would be marked; write nothing")
+
+
 COMMANDS = {
     "serve": ("start the web app", _serve_args, "rpo_app.ui.app:main_from_args"),
     "import": ("import prompts, preference pairs, thumbs or rankings from files", _import_args,
@@ -206,6 +214,8 @@ COMMANDS = {
              "rpo_app.team:cli_team"),
     "suspects": ("judgments the newest tuned model contradicts with high confidence",
                  _suspects_args, "rpo_app.team:cli_suspects"),
+    "mark-cut": ("mark answers stored before cut flags existed that hit their token limit",
+                 _mark_cut_args, "rpo_app.cut_backfill:cli_mark_cut"),
     "score": ("score the unlabeled items with an adapter: the label queue's informative order",
               _score_args, "rpo_app.active:cli_score"),
     "bench": ("speed benchmarks: training vs TRL, batched vs one-by-one generation",

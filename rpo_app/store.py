@@ -1145,6 +1145,31 @@ class Store:
         mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
         return ids, mat.reshape(len(rows), -1).copy()
 
+    # -- answers stored before cut_off existed (rpo_app.cut_backfill) --------------------
+    def generated_answers_marked_ended(self) -> list[dict]:
+        """Every answer a model wrote here (it has generation settings) that the store
+        counts as ended, with its prompt (text and conversation), model and settings."""
+        rows = self._read(
+            "SELECT r.id, r.prompt_id, r.text, r.cut_off, r.model, r.adapter, r.gen_settings, "
+            "p.text AS prompt, p.messages AS prompt_messages "
+            "FROM responses r JOIN prompts p ON p.id = r.prompt_id "
+            "WHERE r.gen_settings IS NOT NULL AND r.cut_off = 0 ORDER BY r.id")
+        return [_response_dict(r) for r in rows]
+
+    def mark_cut_off(self, ids: Iterable[int]) -> int:
+        """Mark answers as cut at their token limit, in one transaction; returns how many
+        changed. Their cached log-probs go too: they were scored with an ending."""
+        ids = sorted({int(i) for i in ids})
+        changed = 0
+        with self.transaction() as tx:
+            for k in range(0, len(ids), 500):
+                part = ids[k:k + 500]
+                marks = ",".join("?" * len(part))
+                changed += tx.execute(f"UPDATE responses SET cut_off = 1 WHERE cut_off = 0 "
+                                      f"AND id IN ({marks})", part).rowcount
+                tx.execute(f"DELETE FROM answer_logps WHERE response_id IN ({marks})", part)
+        return changed
+
     # -- informative order: log-probs per answer and scorer, scores per item -------------
     def answers_to_score(self) -> list[dict]:
         """Every answer with its prompt (text and conversation) and `judged`, how many
