@@ -30,6 +30,14 @@ UNLIKELY_END = -8.0
 MAX_LENGTH = 4096
 
 
+def unchecked_advice(n: int) -> str:
+    """What a store with `n` answers from before the cut flag (Store.answers_unchecked_for_cut)
+    tells its user: the Data tab and a training run's warning say it."""
+    return (f"{_n(n, 'generated answer')} {'was' if n == 1 else 'were'} stored before the store "
+            "recorded which answers hit their token limit, so a cut one trains with an ending "
+            "the model never wrote; `python -m rpo_app mark-cut` finds and marks them")
+
+
 def near_limit(tokenizer, text: str, max_new_tokens: int) -> bool:
     """Whether `text` re-encodes to nearly `max_new_tokens` tokens (see NEAR_LIMIT)."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_new_tokens - NEAR_LIMIT
@@ -101,7 +109,7 @@ def cli_mark_cut(args) -> int:
               f"nothing written){skipped}")
         return 0
     try:
-        marked = store.mark_cut_off(found["cut"])
+        marked = store.mark_cut_off(found["cut"], unchecked_left=others)
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

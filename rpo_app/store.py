@@ -198,11 +198,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX item_scores_order ON item_scores(scorer, kind, score DESC);
     """,
     # 1: the model's answer was cut at its token limit before its end-of-turn token.
-    # Answers stored before this column existed read 0 (as they were trained on then).
+    # Answers stored before this column existed read 0 (as they were trained on then);
+    # the store remembers how many a model wrote, until `mark-cut` has checked them.
     """
     ALTER TABLE responses ADD COLUMN cut_off INTEGER NOT NULL DEFAULT 0 CHECK(cut_off IN (0, 1));
+    INSERT INTO settings(key, value, updated_by, updated_at)
+        SELECT 'cut_off_unchecked',
+               '{"answers": ' || (SELECT COUNT(*) FROM responses WHERE gen_settings IS NOT NULL) || '}',
+               'migration', CAST(strftime('%s', 'now') AS REAL)
+        WHERE EXISTS (SELECT 1 FROM responses WHERE gen_settings IS NOT NULL);
     """,
 ]
+# The settings key under which a store migrated from before `responses.cut_off` keeps
+# how many generated answers no one has checked for a cut (rpo_app.cut_backfill).
+CUT_UNCHECKED_KEY = "cut_off_unchecked"
 # The settings key under which the label queue finds the newest informative scores
 # (rpo_app.active writes it when a scoring job completes).
 INFORMATIVE_KEY = "informative"
@@ -806,7 +815,8 @@ class Store:
                         "FROM judgments")
         return {"path": str(self.path), "schema_version": self.schema_version(),
                 "active_judgments": self.count_judgments(), "all_judgments": row[0],
-                "max_judgment_id": row[1], "last_change_at": row[2], "read_at": _now()}
+                "max_judgment_id": row[1], "last_change_at": row[2],
+                "answers_unchecked_for_cut": self.answers_unchecked_for_cut(), "read_at": _now()}
 
     def count_judgments(self, include_retracted: bool = False) -> int:
         sql = "SELECT COUNT(*) FROM judgments"
@@ -836,6 +846,7 @@ class Store:
             "rankings": self._one("SELECT COUNT(*) FROM rankings WHERE retracted_at IS NULL")[0],
             "ranking_pairs": self._one("SELECT COUNT(*) FROM judgments "
                                        "WHERE retracted_at IS NULL AND ranking_id IS NOT NULL")[0],
+            "answers_unchecked_for_cut": self.answers_unchecked_for_cut(),
         }
         if since is not None:
             out["since"] = {r["kind"]: r["n"] for r in self._read(
@@ -1156,9 +1167,16 @@ class Store:
             "WHERE r.gen_settings IS NOT NULL AND r.cut_off = 0 ORDER BY r.id")
         return [_response_dict(r) for r in rows]
 
-    def mark_cut_off(self, ids: Iterable[int]) -> int:
+    def answers_unchecked_for_cut(self) -> int:
+        """Generated answers stored before the store recorded cut answers that `mark-cut`
+        has not checked yet (0 for a store that always recorded them)."""
+        return int((self.setting(CUT_UNCHECKED_KEY) or {}).get("answers", 0))
+
+    def mark_cut_off(self, ids: Iterable[int], unchecked_left: int | None = None) -> int:
         """Mark answers as cut at their token limit, in one transaction; returns how many
-        changed. Their cached log-probs go too: they were scored with an ending."""
+        changed. Their cached log-probs go too: they were scored with an ending.
+        `unchecked_left`: how many stored answers the check could not cover (another
+        model's); 0 records that every one was checked."""
         ids = sorted({int(i) for i in ids})
         changed = 0
         with self.transaction() as tx:
@@ -1168,6 +1186,12 @@ class Store:
                 changed += tx.execute(f"UPDATE responses SET cut_off = 1 WHERE cut_off = 0 "
                                       f"AND id IN ({marks})", part).rowcount
                 tx.execute(f"DELETE FROM answer_logps WHERE response_id IN ({marks})", part)
+            if unchecked_left == 0:
+                tx.execute("DELETE FROM settings WHERE key = ?", (CUT_UNCHECKED_KEY,))
+            elif unchecked_left is not None and self.answers_unchecked_for_cut():
+                tx.execute("UPDATE settings SET value = ?, updated_by = 'mark-cut', updated_at = ? "
+                           "WHERE key = ?", (json.dumps({"answers": int(unchecked_left)}), _now(),
+                                             CUT_UNCHECKED_KEY))
         return changed
 
     # -- informative order: log-probs per answer and scorer, scores per item -------------

@@ -839,6 +839,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         run.update_status(state="running", step=0, max_steps=cfg.max_steps, error=None, started_at=time.time())
         trainer = Trainer(cfg, run, data_dir, train_j, eval_j, model_path, accelerator, resume)
         trainer.stop_flag = stop["flag"]
+        if store_state and store_state.get("answers_unchecked_for_cut"):
+            from rpo_app.cut_backfill import unchecked_advice
+
+            trainer._warn(unchecked_advice(store_state["answers_unchecked_for_cut"]))
         try:
             trainer.setup()
         except StopRequested:

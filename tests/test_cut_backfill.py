@@ -25,7 +25,7 @@ def _answer(host, prompt: str, max_new_tokens: int):
 
 
 def test_an_old_store_gets_its_cut_answers_marked_and_nothing_else(host, linked_data_dir, capsys):
-    from rpo_app.store import Store
+    from rpo_app.store import CUT_UNCHECKED_KEY, Store
 
     store = Store(linked_data_dir)
     p1, _ = store.add_prompt("Explain how a bicycle works.", "seed")
@@ -44,6 +44,8 @@ def test_an_old_store_gets_its_cut_answers_marked_and_nothing_else(host, linked_
                                gen_settings=settings)[0]
     imported = store.add_response(p1, cut.text + " Imported", "import")[0]
     store.save_answer_logps("base", [(a, -50.0, 24), (b, -3.0, 2)])
+    # What the migration to the flag records for such a store (tests/test_store.py).
+    store.put_setting(CUT_UNCHECKED_KEY, {"answers": 3}, by="migration")
 
     assert main(["mark-cut", "--data-dir", str(linked_data_dir), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -51,9 +53,11 @@ def test_an_old_store_gets_its_cut_answers_marked_and_nothing_else(host, linked_
            "1 was cut and would be marked (dry run: nothing written)" in out
     assert "1 answer written by another model was skipped" in out
     assert not any(r["cut_off"] for r in store.answers_to_score())
+    assert store.answers_unchecked_for_cut() == 3  # a dry run writes nothing
 
     assert main(["mark-cut", "--data-dir", str(linked_data_dir)]) == 0
     assert "marked 1 as cut at their token limit" in capsys.readouterr().out
+    assert store.answers_unchecked_for_cut() == 1  # the other model's, until --model checks it
     flags = {r["id"]: bool(r["cut_off"]) for r in store.answers_to_score()}
     assert flags == {a: True, b: False, other: False, imported: False}
     # The cut answer's cached log-prob was scored with an ending: it goes, the other stays.

@@ -12,7 +12,7 @@ from apptools import seed_store
 from rpo_app import lineage
 from rpo_app.config import DataLayout
 from rpo_app.runs import RunManager
-from rpo_app.store import GOLD_CHECK_SOURCE, Store
+from rpo_app.store import CUT_UNCHECKED_KEY, GOLD_CHECK_SOURCE, Store
 from rpo_app.trainconfig import ConfigError, TrainConfig
 
 
@@ -93,9 +93,15 @@ def test_a_run_records_its_judgments_and_train_again_leaves_an_annotator_out(dat
             assert time.time() < deadline, runs.log_tail(rid)
             time.sleep(0.3)
 
+    # A store from before the cut flag, not yet checked: the run says so and records it.
+    store.put_setting(CUT_UNCHECKED_KEY, {"answers": 2}, by="migration")
     first = runs.start(cfg)
     finished(first)
+    warning = json.loads(runs.layout.run_dir(first).joinpath("status.json").read_text())["warning"]
+    assert "2 generated answers were stored before" in warning and "mark-cut" in warning
+    store.mark_cut_off([], unchecked_left=0)
     rec = json.loads(runs.layout.run_dir(first).joinpath("lineage.json").read_text())
+    assert rec["store"]["answers_unchecked_for_cut"] == 2
     assert sorted(rec["train_ids"] + rec["held_out_ids"]) == sorted(ids["alice"] + ids["bob"])
     assert rec["held_out_ids"] and rec["counts"]["by_annotator"] == {"alice": 6, "bob": 4}
     assert rec["store"]["active_judgments"] == 10 and rec["left_out"] == {}

@@ -57,6 +57,39 @@ def test_migration_step_keeps_data_and_newer_schema_is_refused(tmp_path, monkeyp
         Store(tmp_path)
 
 
+def test_a_store_from_before_the_cut_flag_remembers_its_unchecked_answers(tmp_path, monkeypatch):
+    import sqlite3
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:-1])  # the release before
+    s = Store(tmp_path)
+    pid, _ = s.add_prompt("old prompt", "seed")
+    s.close()
+    with sqlite3.connect(tmp_path / "rpo.sqlite3") as conn:  # as that release stored answers
+        conn.executemany("INSERT INTO responses(prompt_id, text, source, model, gen_settings, "
+                         "created_at) VALUES (?, ?, ?, ?, ?, 0)",
+                         [(pid, "a model's", "model", "m", '{"max_new_tokens": 8}'),
+                          (pid, "another", "model", "m", '{"max_new_tokens": 8}'),
+                          (pid, "typed in", "import", None, None)])
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    s = Store(tmp_path)
+    # Only the two a model wrote could have been cut; an imported answer has no limit.
+    assert s.answers_unchecked_for_cut() == 2 == s.stats()["answers_unchecked_for_cut"]
+    assert s.state()["answers_unchecked_for_cut"] == 2
+    # mark-cut could not check one (another model's): one stays unchecked; then none.
+    s.mark_cut_off([], unchecked_left=1)
+    assert s.answers_unchecked_for_cut() == 1
+    s.mark_cut_off([], unchecked_left=0)
+    assert s.answers_unchecked_for_cut() == 0 and s.setting(store_module.CUT_UNCHECKED_KEY) is None
+    s.close()
+    # A store that always recorded the flag has nothing to check, answers or not.
+    fresh = Store(tmp_path / "new")
+    fresh.add_response(fresh.add_prompt("p", "seed")[0], "t", "model", model="m",
+                       gen_settings={"max_new_tokens": 8})
+    assert fresh.answers_unchecked_for_cut() == 0
+    fresh.mark_cut_off([], unchecked_left=3)  # nothing to update when nothing was unchecked
+    assert fresh.answers_unchecked_for_cut() == 0
+
+
 def test_prompt_round_trip_and_duplicates(store):
     ids, n_new = store.add_prompts(["one?", {"prompt": "two?", "family": "f"}, "one?"], "seed")
     assert n_new == 2 and ids[0] == ids[2] != ids[1]  # one id per item, in order

@@ -264,6 +264,21 @@ def test_data_tab_backlog_is_the_cli_backlog(ctx):
     assert backlog(store, 2, prompt_ids=[fresh[1], fresh[0]]) == [(fresh[1], 1), (fresh[0], 0)]
 
 
+def test_data_tab_says_when_answers_await_the_cut_check(ctx):
+    from rpo_app.store import CUT_UNCHECKED_KEY
+    from rpo_app.ui import data
+
+    def rows():
+        frame = data.refresh(ctx)[0]
+        return frame[frame["what"] == "responses not checked for a cut"]
+
+    assert rows().empty  # a store that always recorded cut answers
+    ctx.store.put_setting(CUT_UNCHECKED_KEY, {"answers": 5}, by="migration")
+    row = rows().iloc[0]
+    assert row["count"] == 5 and "5 generated answers were stored before" in row["detail"]
+    assert "python -m rpo_app mark-cut" in row["detail"]
+
+
 def test_label_tab_offers_the_first_run_on_a_store_without_answers(tmp_path):
     ctx = AppContext(ServeConfig(data_dir=tmp_path), load_model=False)  # the seed prompts only
     try:

@@ -324,6 +324,11 @@ def _stats_frame(ctx: AppContext) -> pd.DataFrame:
             rows.append((f"{kind} judgments", verdict, n))
     for name, n in s["annotators"].items():
         rows.append(("annotator", name, n))
+    if s["answers_unchecked_for_cut"]:
+        from rpo_app.cut_backfill import unchecked_advice
+
+        rows.append(("responses not checked for a cut", unchecked_advice(s["answers_unchecked_for_cut"]),
+                     s["answers_unchecked_for_cut"]))
     return pd.DataFrame(rows, columns=["what", "detail", "count"])
 
 
