@@ -388,7 +388,14 @@ class Trainer:
                                repetition_penalty=1.0)
         self.cpu.adjust()
 
+        # When the first token comes and how fast the rest follow: where a slow preview's
+        # time goes (a one-off start-up cost or every step) shows in train.log.
+        clock = {"start": time.time(), "first": None, "calls": 0}
+
         def steps(done: int, total: int) -> None:
+            if clock["first"] is None:
+                clock["first"] = time.time()
+            clock["calls"] += 1  # once a step, and once more when the batch ends
             self.run.phase_progress(done, total)
 
         try:
@@ -402,6 +409,11 @@ class Trainer:
                                        on_step=steps)
         finally:
             net.train(was_training)
+        more = clock["calls"] - 2  # steps after the first
+        if more > 0:
+            log.info("previews (%s): %d prompts, first step %.2f s after the start, then %.1f ms a "
+                     "step over %d more", "tuned" if adapter else "base model", len(prompts),
+                     clock["first"] - clock["start"], 1000 * (time.time() - clock["first"]) / more, more)
         return [a[0] for a in answers]  # generate.Answer: text and whether it was cut
 
     def _prompt_inputs(self, prompts: list[str]) -> list:

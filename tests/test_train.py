@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -240,7 +241,12 @@ def test_a_step_that_would_not_fit_switches_checkpointing_on(tmp_path, judgments
     st = status(out)
     assert st["state"] == "finished" and st["gradient_checkpointing"] is True
     assert "Save memory switched on" in st["warning"] and "GB is free" in st["warning"]
-    assert "Save memory switched on" in (out / "train.log").read_text()
+    log_text = (out / "train.log").read_text()
+    assert "Save memory switched on" in log_text
+    # Each preview says where its time went: the first step, then the rest a step.
+    for who in ("base model", "tuned"):
+        assert re.search(rf"previews \({who}\): 2 prompts, first step [\d.]+ s after the start, "
+                         r"then [\d.]+ ms a step over 3 more", log_text), log_text
     assert not TrainConfig.from_yaml(out / "config.yaml").gradient_checkpointing  # not asked for
     off = tmp_path / "off"
     assert main(tiny_args(off, judgments_file, tiny_model_dir, data_dir) + ["--no-auto-checkpointing"]) == 0
