@@ -514,11 +514,14 @@ def test_bench_settings_and_table():
     # the whole runs: TRL does our default run's steps and batch; the totals add the phases
     from rpo_app.bench.train import e2e_summary
 
-    ours = {"phases": {"training": 10.0, "loading the model": 1.0}, "steps": 40, "batch_size": 4}
+    ours = {"phases": {"training": 10.0, "loading the model": 1.0}, "steps": 40, "batch_size": 4,
+            "previews": ["previews (base model): 2 prompts, first step 0.10 s after the start, "
+                         "then 25.0 ms a step over 95 more"]}
     trl = {"phases": {"training": 20.0, "loading the model": 2.0}, "steps": 40, "batch_size": 4}
     result["end_to_end"] = {"ours": ours, "trl": trl, **e2e_summary(ours, trl)}
     table = format_table(result)
     assert "40 steps of 4 pairs" in table and "speedup 2.00x" in table
+    assert "ours: previews (base model): 2 prompts, first step 0.10 s" in table
 
 
 @pytest.mark.slow

@@ -167,10 +167,16 @@ def e2e_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> di
         run = RunFolder(Path(tmp) / "run", writable=False)
         status = run.status()
         batch = TrainConfig.from_yaml(run.config).batch_size if run.config.exists() else None
+        log_file = Path(tmp) / "run" / "train.log"
+        # The previews' own timing (first step, then a step): the run folder goes with tmp.
+        previews = [line.split(" INFO ", 1)[-1] for line in
+                    (log_file.read_text().splitlines() if log_file.exists() else [])
+                    if "INFO previews (" in line]
     if rc != 0:
         raise RuntimeError(f"our trainer exited with {rc}: {status.error}")
     phases = status.phase_seconds()
-    return {"wall_s": wall, "phases": phases, "steps": status.step, "batch_size": batch}
+    return {"wall_s": wall, "phases": phases, "steps": status.step, "batch_size": batch,
+            "previews": previews}
 
 
 def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps: int,
@@ -378,6 +384,7 @@ def format_table(r: dict) -> str:
             lines.append(f"{phase:<42}{'' if a is None else f'{a:.1f}':>10}{'' if b is None else f'{b:.1f}':>10}")
         t = e["totals"]
         lines.append(f"{'total':<42}{t['ours']:>10.1f}{t['trl']:>10.1f}   speedup {e['speedup']:.2f}x")
+        lines += [f"  ours: {line}" for line in e["ours"].get("previews", [])]
     return "\n".join(lines)
 
 
