@@ -71,7 +71,10 @@ class LossSpec:
 # over the batch (on the seed prompts at tau 0.5 and batch 8: 0.48 on the diagonal,
 # 0.07 elsewhere), so at DPO's 0.1 its terms barely saturate and the model drifts until
 # its answers garble. The effect benchmark (README) measured 1.0 near the base model's
-# fluency and winning as often as DPO at 0.1.
+# fluency and winning as often as DPO at 0.1. Unpaired RPO on thumbs has no same-prompt
+# cell to carry the weight (at batch 4 about 0.25 on each), yet at 1.0 its loss saturates
+# halfway through a small-set run and it stops learning; bench-curve measured 0.25 ahead
+# of 1.0 (README, "Thumbs only, again").
 _RPO = dict(function="rpo_loss", contrasts_batch=True, default_beta=1.0,
             options=("temperature", "weighting"))
 
@@ -81,7 +84,7 @@ _SPECS = (
              trains_on="pairs", kinds=("paired", "cross"), takes_offset=True, **_RPO),
     LossSpec("rpo-unpaired", "RPO, unpaired (thumbs and every judgment)",
              "Relative Preference Optimization on pools of liked and disliked answers",
-             trains_on="pools", kinds=("paired", "cross", "unpaired"), **_RPO),
+             trains_on="pools", kinds=("paired", "cross", "unpaired"), **{**_RPO, "default_beta": 0.25}),
     LossSpec("dpo", "DPO (same-prompt pairs)", "Direct Preference Optimization (baseline)",
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss",
              takes_offset=True),
@@ -94,6 +97,11 @@ _SPECS = (
 
 LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}
 LOSS_NAMES = tuple(LOSSES)
+
+
+def default_betas() -> str:
+    """Each loss's default beta, for help texts: "rpo-paired 1, rpo-unpaired 0.25, ..."."""
+    return ", ".join(f"{s.name} {s.default_beta:g}" for s in _SPECS)
 
 
 def get_loss(name: str) -> LossSpec:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from rpo_app.batches import KINDS
-from rpo_app.loss_registry import LOSS_NAMES, LOSSES, WEIGHTINGS, get_loss
+from rpo_app.loss_registry import LOSS_NAMES, LOSSES, WEIGHTINGS, default_betas, get_loss
 from rpo_app.models import PRECISIONS
 from rpo_app.runfolder import atomic_write_text
 
@@ -51,7 +51,7 @@ class TrainConfig:
     loss: str = field(default="rpo-paired", metadata={"help": f"one of {', '.join(LOSS_NAMES)}"})
     beta: float | None = field(default=None, metadata={
         "help": "how strongly the model is held near the base model (> 0; default: per loss, "
-                "RPO 1.0, the others 0.1)"})
+                f"{default_betas()})"})
     temperature: float = field(default=0.5, metadata={"help": "RPO softmax temperature over prompt similarity (> 0)"})
     weighting: str = field(default="embedding", metadata={"help": f"RPO contrast weights: {', '.join(WEIGHTINGS)}"})
     # Measured with `python -m rpo_app bench-effect` on the bundled 135M model (README,

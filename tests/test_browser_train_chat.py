@@ -242,7 +242,9 @@ def test_collapse_warning_shows_in_train_tab(data_dir, tiny_model_dir):
             page.get_by_role("tab", name="Train").click()
             beta = page.locator("#train-beta input").first
             assert float(beta.input_value()) == 1.0
-            for label, value in (("DPO (same-prompt pairs)", 0.1), ("RPO, paired (same + related prompts)", 1.0)):
+            for label, value in (("DPO (same-prompt pairs)", 0.1),
+                                 ("RPO, unpaired (thumbs and every judgment)", 0.25),
+                                 ("RPO, paired (same + related prompts)", 1.0)):
                 page.locator("#train-loss input").first.click()
                 page.get_by_role("option", name=label).click()
                 page.wait_for_function(f"() => parseFloat(document.querySelector('#train-beta input')"

@@ -381,6 +381,12 @@ def test_beta_defaults_per_loss_unless_given():
     assert TrainConfig(loss="dpo").beta == 0.1
     assert TrainConfig(loss="dpo", beta=0.3).beta == 0.3
     assert TrainConfig.from_dict({"loss": "kto"}).beta == LOSSES["kto"].default_beta
+    # Unpaired RPO has its own (README, "Thumbs only, again"), and the help says so.
+    assert TrainConfig(loss="rpo-unpaired").beta == 0.25
+    from dataclasses import fields
+
+    help_text = next(f.metadata["help"] for f in fields(TrainConfig) if f.name == "beta")
+    assert "rpo-paired 1, rpo-unpaired 0.25, dpo 0.1" in help_text
 
 
 def test_planned_steps_epochs_with_a_floor():

@@ -520,6 +520,7 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, test_prompts: int
                     ) -> argparse.ArgumentParser:
     """The flags bench-effect and bench-curve share: judges, data, generation, training."""
+    from rpo_app.loss_registry import default_betas
     from rpo_app.trainconfig import TrainConfig  # a plain dataclass module: no torch at import
 
     d = TrainConfig()
@@ -560,7 +561,7 @@ def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, te
     g.add_argument("--small-set-steps", type=int, default=d.small_set_steps)
     g.add_argument("--lr", type=float, default=d.learning_rate)
     g.add_argument("--beta", type=float, default=None,
-                   help="default: each loss's own (RPO 1.0, DPO 0.1; see `train --help`)")
+                   help=f"default: each loss's own ({default_betas()})")
     g.add_argument("--temperature", type=float, default=d.temperature, help="RPO tau")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lora-r", type=int, default=d.lora_r)
