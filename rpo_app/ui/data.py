@@ -230,7 +230,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
             export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
             export_status = gr.Markdown("")
     gr.Markdown("### What is in the store")
-    stats_table = gr.Dataframe(interactive=False, elem_id="data-stats")
+    stats_table = gr.Dataframe(interactive=False, wrap=True, column_widths=["25%", "60%", "15%"],
+                               elem_id="data-stats")
     prompts_table = gr.Dataframe(interactive=False, wrap=True, max_height=400,
                                  label="Prompts (newest first, 200 shown)", elem_id="data-prompts")
     with gr.Accordion("Suspect labels", open=False, elem_id="data-suspects-box") as suspects_box:
