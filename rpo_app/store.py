@@ -1188,7 +1188,7 @@ class Store:
                 tx.execute(f"DELETE FROM answer_logps WHERE response_id IN ({marks})", part)
             if unchecked_left == 0:
                 tx.execute("DELETE FROM settings WHERE key = ?", (CUT_UNCHECKED_KEY,))
-            elif unchecked_left is not None and self.answers_unchecked_for_cut():
+            elif unchecked_left is not None:  # a store with nothing unchecked has no row to update
                 tx.execute("UPDATE settings SET value = ?, updated_by = 'mark-cut', updated_at = ? "
                            "WHERE key = ?", (json.dumps({"answers": int(unchecked_left)}), _now(),
                                              CUT_UNCHECKED_KEY))
