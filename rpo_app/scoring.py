@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Sequence
+
+log = logging.getLogger(__name__)
 
 
 def keeps_logits_by_mask(model) -> bool:
@@ -66,10 +69,34 @@ def _token_logps(head, hidden, labels):
     return head(hidden).float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
 
 
+def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool):
+    """Log-probs of `labels`, the tokens the positions `score` marks predict, from one
+    forward pass over `inputs` (keyword arguments of the model's forward). Where the
+    model allows it the LM head runs apart, a slice of tokens at a time, each slice
+    recomputed in the backward pass instead of kept (HEAD_SLICE)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if keep_by_mask and HEAD_SLICE and runs_head_apart(model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(**inputs).last_hidden_state[score]
+        head = base.get_output_embeddings()
+        parts = []
+        for k in range(0, len(labels), HEAD_SLICE):
+            h, y = hidden[k:k + HEAD_SLICE], labels[k:k + HEAD_SLICE]
+            parts.append(checkpoint(_token_logps, head, h, y, use_reentrant=False)
+                         if torch.is_grad_enabled() and h.requires_grad else _token_logps(head, h, y))
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    if keep_by_mask:
+        logits = model(**inputs, logits_to_keep=score).logits
+    else:
+        logits = model(**inputs).logits[score]
+    return logits.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
 def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     """Summed log-probs of each sequence's response tokens, one forward pass for all."""
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     from rpo_app.batches import collate
 
@@ -80,24 +107,8 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     # Position t predicts token t + 1: roll the ids left to line labels up with logits.
     labels = ids.roll(-1, dims=1)[score]
     rows = score.nonzero(as_tuple=True)[0]
-    if keep_by_mask and HEAD_SLICE and runs_head_apart(model):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = base.get_decoder()(input_ids=ids, attention_mask=attention,
-                                    use_cache=False).last_hidden_state[score]
-        head = base.get_output_embeddings()
-        parts = []
-        for k in range(0, len(labels), HEAD_SLICE):
-            h, y = hidden[k:k + HEAD_SLICE], labels[k:k + HEAD_SLICE]
-            parts.append(checkpoint(_token_logps, head, h, y, use_reentrant=False)
-                         if torch.is_grad_enabled() and h.requires_grad else _token_logps(head, h, y))
-        token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    else:
-        if keep_by_mask:
-            logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=score,
-                           use_cache=False).logits
-        else:
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[score]
-        token_logps = logits.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+    token_logps = _scored_logps(model, dict(input_ids=ids, attention_mask=attention, use_cache=False),
+                                score, labels, keep_by_mask)
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
 
 
@@ -133,7 +144,9 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     hiding the padding and position ids counting real tokens, as in generation's shared
     prefill), and the answers run on copies of their prompt's KV cache. The last prompt
     position's logits score each answer's first token. Equal to `sequence_logps` up to
-    float rounding (other shapes, other sums).
+    float rounding (other shapes, other sums), gradients included: the answers' gradient
+    flows back through the cache into the one prompt pass. The prompt pass needs the
+    model to return its cache, which gradient checkpointing turns off while training.
     """
     import torch
 
@@ -174,14 +187,33 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     a_ids, a_mask, labels = a_ids.to(device), a_mask.to(device), labels.to(device)
     score = a_mask.bool()
     a_positions = mask.sum(-1)[rows][:, None] + torch.arange(steps, device=device)[None, :]
-    kwargs = dict(input_ids=a_ids, attention_mask=torch.cat([mask[rows], a_mask], dim=1),
+    inputs = dict(input_ids=a_ids, attention_mask=torch.cat([mask[rows], a_mask], dim=1),
                   position_ids=a_positions, past_key_values=cache, use_cache=False)
-    if keep_by_mask:
-        logits = model(**kwargs, logits_to_keep=score).logits
-    else:
-        logits = model(**kwargs).logits[score]
-    token_logps = logits.float().log_softmax(-1).gather(-1, labels[score][:, None]).squeeze(-1)
+    token_logps = _scored_logps(model, inputs, score, labels[score], keep_by_mask)
     return total.index_add(0, score.nonzero(as_tuple=True)[0], token_logps)
+
+
+class PromptScorer:
+    """The trainer's scorer: `shared_prompt_logps` while it works for the model, else
+    `sequence_logps`. A model whose cache cannot be copied per row, or whose forward
+    takes no cache or position ids, fails on the first batch and is scored whole from
+    then on (with a warning in the log)."""
+
+    def __init__(self, share: bool = True):
+        self.share = share
+
+    def __call__(self, model, seqs, pad_id: int, device, keep_by_mask: bool):
+        import torch
+
+        if self.share and all(s.prompt_len for s in seqs):
+            try:
+                return shared_prompt_logps(model, seqs, pad_id, device, keep_by_mask)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - an odd architecture: the plain path
+                log.warning("shared-prompt scoring failed (%s); scoring each sequence whole", err)
+                self.share = False
+        return sequence_logps(model, seqs, pad_id, device, keep_by_mask)
 
 
 def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],
@@ -218,21 +250,26 @@ def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], an
 
 
 def _chunks_by_length(indices: list[int], lengths: list[int], size: int) -> list[list[int]]:
+    # Longest first, not grouped by prompt: a prompt's answers differ in length by up to
+    # the token limit, so grouping them would pad more than sharing their prompt saves;
+    # a shared-prompt scorer still runs the chat template's system turn once per chunk.
     order = sorted(indices, key=lambda i: -lengths[i])
     return [order[k:k + size] for k in range(0, len(order), size)]
 
 
 def score_all(accelerator, model, data, pad_id: int, chunk: int, keep_by_mask: bool,
-              adapter: bool, should_stop=lambda: False, progress=None):
+              adapter: bool, should_stop=lambda: False, progress=None, scorer=None):
     """Log-probs of every sequence in ``data``, computed once, shared by all processes.
 
     Each process scores a strided share, longest first so padding stays small, then
     the shares are gathered so every process holds the full table. `progress(tokens
-    scored, tokens in all)` after each chunk counts this process's share.
+    scored, tokens in all)` after each chunk counts this process's share. `scorer`
+    (default `sequence_logps`): how a chunk is scored, e.g. a PromptScorer.
     """
     import torch
     from accelerate.utils import gather_object
 
+    score = scorer or sequence_logps
     net = accelerator.unwrap_model(model)
     mine = list(range(accelerator.process_index, len(data.seqs), accelerator.num_processes))
     lengths = data.lengths()
@@ -249,10 +286,10 @@ def score_all(accelerator, model, data, pad_id: int, chunk: int, keep_by_mask: b
                     return None
                 seqs = [data.seqs[i] for i in part]
                 if adapter:
-                    vals = sequence_logps(net, seqs, pad_id, accelerator.device, keep_by_mask)
+                    vals = score(net, seqs, pad_id, accelerator.device, keep_by_mask)
                 else:
                     with net.disable_adapter():
-                        vals = sequence_logps(net, seqs, pad_id, accelerator.device, keep_by_mask)
+                        vals = score(net, seqs, pad_id, accelerator.device, keep_by_mask)
                 results.extend(zip(part, vals.tolist()))
                 if progress is not None:
                     scored += sum(lengths[i] for i in part)

@@ -106,3 +106,59 @@ def test_a_model_that_scales_its_logits_keeps_its_own_head():
     cfg = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     assert not runs_head_apart(Gemma2ForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_shared_prompts_train_as_whole_sequences_do(lively_lm, monkeypatch, apart):
+    """The training step scores with gradients through the prompt's cache: the same sums
+    and the same LoRA gradients as running each sequence whole, with the head run in
+    slices or not."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rpo_app import scoring
+
+    torch.manual_seed(2)
+    net = get_peft_model(lively_lm, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
+                                               init_lora_weights=False))
+    net.train()
+    monkeypatch.setattr(scoring, "HEAD_SLICE", 3)
+    monkeypatch.setattr(scoring, "runs_head_apart", lambda _m: apart)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+
+    def run(score):
+        net.zero_grad()
+        sums = score(net, _seqs(), 0, "cpu", True)
+        (sums * weights).sum().backward()
+        return sums.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    try:
+        (shared, g_shared), (whole, g_whole) = run(scoring.shared_prompt_logps), run(scoring.sequence_logps)
+    finally:
+        net.unload()
+    assert torch.allclose(shared, whole, rtol=1e-4, atol=1e-4), (shared, whole)
+    assert all((a - b).norm() <= 1e-4 * b.norm() for a, b in zip(g_shared, g_whole))
+    # the prompt pass gets its share: LoRA weights of the first layer's attention move
+    assert all(g.abs().sum() > 0 for g in g_shared)
+
+
+def test_a_model_the_shared_scorer_cannot_run_is_scored_whole_from_then_on(lively_lm, monkeypatch, caplog):
+    import torch
+
+    from rpo_app import scoring
+
+    calls = []
+
+    def broken(*_a, **_k):
+        calls.append(1)
+        raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+
+    monkeypatch.setattr(scoring, "shared_prompt_logps", broken)
+    scorer = scoring.PromptScorer()
+    with torch.no_grad():
+        first = scorer(lively_lm, _seqs(), 0, "cpu", False)
+        again = scorer(lively_lm, _seqs(), 0, "cpu", False)
+        plain = scoring.sequence_logps(lively_lm, _seqs(), 0, "cpu", False)
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+    assert calls == [1] and not scorer.share
+    assert "scoring each sequence whole" in caplog.text

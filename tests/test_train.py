@@ -195,7 +195,10 @@ def test_short_run_on_default_model_writes_every_file(tmp_path, judgments_file, 
     base = json.loads((out / "base_samples.json").read_text())
     assert len(base["cut_off"]) == len(base["answers"]) and any(base["cut_off"])
     assert all(isinstance(c, bool) for c in base["cut_off"])
-    assert "finished at step 3" in (out / "train.log").read_text()
+    log_text = (out / "train.log").read_text()
+    assert "finished at step 3" in log_text
+    # the bundled model runs each prompt once per batch, training steps included
+    assert "training steps too" in log_text and "scoring each sequence whole" not in log_text
     assert read_jsonl(out / "judgments.jsonl") == read_jsonl(judgments_file)
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step-2", "step-3"]  # no .tmp left behind
@@ -540,3 +543,24 @@ def test_strength_margin_enters_the_first_step(tmp_path, tiny_model_dir, data_di
                           **{"strength-margin": 1.5, "eval-fraction": 0})) == 0
     first = read_jsonl(out / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(math.log1p(math.exp(1.5)), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_bench_times_the_shared_prompt_scorer_against_whole_sequences(tiny_model_dir, data_dir):
+    """The training benchmark's A/B runs both scorers over the same batches and reference
+    pass: the same losses and log-probs up to rounding, a time for each, in its table."""
+    import argparse
+
+    from rpo_app.bench.train import _complete, bench_scorers, format_table, synthetic_judgments
+
+    args = _complete(argparse.Namespace(quick=True, threads=1))
+    args.steps = 2
+    r = bench_scorers(args, synthetic_judgments(args.pairs, seed=0), str(tiny_model_dir), data_dir)
+    assert r["steps"] == 2 and r["sequences"] == 2 * args.pairs and r["tokens"] > 0
+    assert all(r["step_s"][n] > 0 and r["ref_s"][n] > 0 for n in ("shared", "whole"))
+    assert r["max_loss_diff"] < 1e-4 and r["max_ref_logp_diff"] < 1e-3
+    table = format_table({"model": str(tiny_model_dir), "device": "cpu", "threads": 1, "batch_size": 4,
+                          "max_length": 128, "timed_steps": 2, "loss": "rpo-paired", "scorers": r,
+                          "ours": {"mean_step_s": 2.0, "pairs_per_s": 4.0, "pairs_per_s_epoch_incl_ref": 3.0,
+                                   "ref_precompute_s": 5.0}})
+    assert f"({r['step_speedup']:.2f}x)" in table and "each prompt once per batch" in table

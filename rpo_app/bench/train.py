@@ -87,6 +87,67 @@ def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> 
     return out
 
 
+def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
+    """Each distinct prompt once per batch (the trainer's PromptScorer) against every
+    sequence whole (`sequence_logps`), side by side in one trainer: the same batches
+    forward and backward (no optimizer step, so both see the same weights), and the
+    reference pass over the same sequences, the two scorers taking turns to go first.
+    Also the largest difference in the batch losses and reference log-probs."""
+    import torch
+
+    from rpo_app.runfolder import RunFolder
+    from rpo_app.scoring import score_all, sequence_logps
+    from rpo_app.train import Trainer, _make_accelerator
+    from rpo_app.trainconfig import TrainConfig
+
+    cfg = TrainConfig(loss=args.loss, batch_size=args.batch_size, max_length=args.max_length,
+                      max_prompt_length=args.max_prompt_length, max_steps=args.warmup_steps + args.steps,
+                      eval_fraction=0.0, eval_every=0, sample_every=0, save_every=0, preview_count=0,
+                      early_stop_patience=0, seed=args.seed, device=args.device,
+                      precision=args.precision).validate()
+    acc = _make_accelerator(cfg.device, cfg.precision)
+    times = {"shared": {"step": 0.0, "ref": 0.0}, "whole": {"step": 0.0, "ref": 0.0}}
+    loss_diff = ref_diff = 0.0
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(cfg, RunFolder(out), data_dir, judgments, [], model_path, acc, resume=False)
+        trainer.setup()
+        for _ in range(args.warmup_steps):  # the adapter moves off zero, as in a real step
+            trainer.train_step()
+        shared = trainer.scorer
+        scorers = {"shared": shared, "whole": sequence_logps}
+        for k in range(args.steps):
+            chosen, rejected = trainer.plan.batch(trainer.step + k)
+            losses = {}
+            for name in (("shared", "whole") if k % 2 == 0 else ("whole", "shared")):
+                trainer.step_scorer = scorers[name]
+                t0 = time.perf_counter()
+                loss, _ = trainer.batch_loss(chosen, rejected, ref=trainer.ref_train, emb=trainer.train_emb)
+                acc.backward(loss)
+                times[name]["step"] += time.perf_counter() - t0
+                trainer.optimizer.zero_grad(set_to_none=True)
+                losses[name] = loss.item()
+            loss_diff = max(loss_diff, abs(losses["shared"] - losses["whole"]))
+        refs = {}
+        for name in ("shared", "whole") if args.seed % 2 == 0 else ("whole", "shared"):
+            t0 = time.perf_counter()
+            refs[name] = score_all(acc, trainer.model, trainer.train_data, trainer.pad_id,
+                                   2 * cfg.batch_size, trainer.keep_by_mask, adapter=False,
+                                   scorer=scorers[name] if name == "shared" else None)
+            times[name]["ref"] += time.perf_counter() - t0
+        ref_diff = float((refs["shared"] - refs["whole"]).abs().max())
+        tokens = sum(trainer.train_data.lengths())
+        shared_ok = shared.share
+    if not shared_ok:
+        raise RuntimeError("the shared-prompt scorer failed on this model; see the log")
+    return {"steps": args.steps, "batch_size": args.batch_size, "sequences": len(trainer.train_data.seqs),
+            "tokens": tokens,
+            "step_s": {n: t["step"] / args.steps for n, t in times.items()},
+            "ref_s": {n: t["ref"] for n, t in times.items()},
+            "step_speedup": times["whole"]["step"] / times["shared"]["step"],
+            "ref_speedup": times["whole"]["ref"] / times["shared"]["ref"],
+            "max_loss_diff": loss_diff, "max_ref_logp_diff": ref_diff}
+
+
 def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
@@ -287,6 +348,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both trainers (0: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-trl", action="store_true", help="time only our trainer")
+    parser.add_argument("--skip-scorers", action="store_true",
+                        help="skip timing each prompt once per batch against every sequence whole")
     parser.add_argument("--skip-end-to-end", action="store_true",
                         help="skip the whole-run comparison (reference pass, steps, previews, saving)")
     parser.add_argument("--e2e-steps", type=int, default=None,
@@ -338,6 +401,9 @@ def main_from_args(args: argparse.Namespace) -> int:
               "precision": args.precision}
     print(f"timing ours ({args.loss}) ...", file=sys.stderr, flush=True)
     result["ours"] = bench_ours(args, judgments, model_path, data_dir)
+    if not args.skip_scorers:
+        print("timing the shared-prompt scorer against whole sequences ...", file=sys.stderr, flush=True)
+        result["scorers"] = bench_scorers(args, judgments, model_path, data_dir)
     if not args.skip_trl:
         print("timing TRL DPOTrainer ...", file=sys.stderr, flush=True)
         result["trl"] = bench_trl(args, judgments, model_path, data_dir)
@@ -370,6 +436,15 @@ def format_table(r: dict) -> str:
     lines.append(f"{'rpo_app ' + r['loss']:<34}{ours['mean_step_s']:>10.2f}{ours['pairs_per_s']:>10.3f}")
     lines.append(f"{'  incl. ref pass, 1 epoch':<34}{'':>10}{ours['pairs_per_s_epoch_incl_ref']:>10.3f}"
                  f"   (ref pass {ours['ref_precompute_s']:.1f}s once)")
+    sc = r.get("scorers")
+    if sc:
+        lines += [f"each prompt once per batch against every sequence whole, the same {sc['steps']} "
+                  f"batches and {sc['sequences']} sequences ({sc['tokens']} tokens):",
+                  f"  step (forward + backward) {sc['step_s']['shared']:.2f} s against "
+                  f"{sc['step_s']['whole']:.2f} s ({sc['step_speedup']:.2f}x), reference pass "
+                  f"{sc['ref_s']['shared']:.1f} s against {sc['ref_s']['whole']:.1f} s "
+                  f"({sc['ref_speedup']:.2f}x); largest difference: loss {sc['max_loss_diff']:.1e}, "
+                  f"log-prob {sc['max_ref_logp_diff']:.1e}"]
     if "trl" in r:
         lines.append(f"{'TRL DPOTrainer':<34}{r['trl']['mean_step_s']:>10.2f}{r['trl']['pairs_per_s']:>10.3f}")
         lines.append(f"speedup: {r['speedup']:.2f}x per step, {r['speedup_epoch_incl_ref']:.2f}x over an epoch "
