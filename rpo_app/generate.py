@@ -600,21 +600,17 @@ class ModelHost:
         import torch
 
         from rpo_app.models import pick_precision
-        from rpo_app.scoring import keeps_logits_by_mask, sequence_logps, shared_prompt_logps
+        from rpo_app.scoring import PromptScorer, keeps_logits_by_mask
 
         bf16 = pick_precision(str(self.device), precision) == "bf16"
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
                     else contextlib.nullcontext())
         with self.lock, self.compute(), _eval_mode(self.model), self._adapter_mode([adapter]), \
                 torch.inference_mode(), autocast:
-            keep = keeps_logits_by_mask(self.model)
-            if self.share_prefill and all(q.prompt_len for q in seqs):
-                try:
-                    return shared_prompt_logps(self.model, seqs, self.pad_id, self.device, keep).tolist()
-                except Exception as err:  # noqa: BLE001 - an odd architecture: plain path
-                    log.warning("shared-prompt scoring failed (%s); scoring each sequence whole", err)
-                    self.share_prefill = False
-            return sequence_logps(self.model, seqs, self.pad_id, self.device, keep).tolist()
+            scorer = PromptScorer(share=self.share_prefill)
+            out = scorer(self.model, seqs, self.pad_id, self.device, keeps_logits_by_mask(self.model))
+            self.share_prefill = scorer.share  # a model that failed it shares no prefill either
+            return out.tolist()
 
     # -- prompts -> token ids ------------------------------------------------------------
     def encode_chat(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
