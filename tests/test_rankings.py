@@ -863,13 +863,13 @@ def _fake_trainer(model, seqs, loss):
     import torch
 
     from rpo_app.batches import PreferenceData
+    from rpo_app import scoring
     from rpo_app.loss_registry import get_loss
-    from rpo_app.scoring import PromptScorer
     from rpo_app.train import Trainer
     from rpo_app.trainconfig import TrainConfig
 
     t = Trainer.__new__(Trainer)  # only what batch_loss reads
-    t.step_scorer = PromptScorer()  # as a one-process run without checkpointing has it
+    t.step_scorer = scoring.sequence_logps  # the trainer's
     t.acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"),
                             autocast=contextlib.nullcontext)
     t.world, t.model, t.pad_id, t.keep_by_mask = 1, model, 0, False
@@ -896,19 +896,19 @@ def test_batch_loss_scores_each_sequence_once_with_the_same_loss_and_gradient(
     trainer = _fake_trainer(small_lm, seqs, loss)
 
     calls = []
-    real, shared = scoring.sequence_logps, scoring.shared_prompt_logps
+    real = scoring.sequence_logps
 
     def spy(model, batch, *args, **kwargs):
         calls.append(list(batch))
-        return shared(model, batch, *args, **kwargs)
+        return real(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(scoring, "shared_prompt_logps", spy)
+    monkeypatch.setattr(scoring, "sequence_logps", spy)
+    trainer.step_scorer = spy
     small_lm.zero_grad()
     got, _metrics = trainer.batch_loss(chosen, rejected, ref=ref, emb=None)
     got.backward()
     grad = small_lm.model.embed_tokens.weight.grad.clone()
     assert len(calls) == 1 and calls[0] == seqs  # 4 unique sequences, not 12
-    assert trainer.step_scorer.share  # no fallback: the step ran each prompt once
 
     # The same loss with every side scored separately (no sharing at all).
     small_lm.zero_grad()

@@ -88,15 +88,17 @@ def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> 
 
 
 def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
-    """Each distinct prompt once per batch (the trainer's PromptScorer) against every
-    sequence whole (`sequence_logps`), side by side in one trainer: the same batches
+    """Each distinct prompt once per batch (PromptScorer, as the informative order's
+    scoring runs) against every sequence whole (`sequence_logps`, what the trainer
+    runs), side by side in one trainer: the same batches
     forward and backward (no optimizer step, so both see the same weights), and the
-    reference pass over the same sequences, the two scorers taking turns to go first.
+    reference pass over the same sequences twice each, the two scorers taking turns to
+    go first.
     Also the largest difference in the batch losses and reference log-probs."""
     import torch
 
     from rpo_app.runfolder import RunFolder
-    from rpo_app.scoring import score_all, sequence_logps
+    from rpo_app.scoring import PromptScorer, score_all, sequence_logps
     from rpo_app.train import Trainer, _make_accelerator
     from rpo_app.trainconfig import TrainConfig
 
@@ -113,7 +115,7 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
         trainer.setup()
         for _ in range(args.warmup_steps):  # the adapter moves off zero, as in a real step
             trainer.train_step()
-        shared = trainer.scorer
+        shared = PromptScorer()
         scorers = {"shared": shared, "whole": sequence_logps}
         for k in range(args.steps):
             chosen, rejected = trainer.plan.batch(trainer.step + k)
@@ -128,7 +130,7 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
                 losses[name] = loss.item()
             loss_diff = max(loss_diff, abs(losses["shared"] - losses["whole"]))
         refs = {}
-        for name in ("shared", "whole") if args.seed % 2 == 0 else ("whole", "shared"):
+        for name in ("shared", "whole", "whole", "shared"):  # each first once: load drifts
             t0 = time.perf_counter()
             refs[name] = score_all(acc, trainer.model, trainer.train_data, trainer.pad_id,
                                    2 * cfg.batch_size, trainer.keep_by_mask, adapter=False,
@@ -142,7 +144,7 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
     return {"steps": args.steps, "batch_size": args.batch_size, "sequences": len(trainer.train_data.seqs),
             "tokens": tokens,
             "step_s": {n: t["step"] / args.steps for n, t in times.items()},
-            "ref_s": {n: t["ref"] for n, t in times.items()},
+            "ref_s": {n: t["ref"] / 2 for n, t in times.items()},
             "step_speedup": times["whole"]["step"] / times["shared"]["step"],
             "ref_speedup": times["whole"]["ref"] / times["shared"]["ref"],
             "max_loss_diff": loss_diff, "max_ref_logp_diff": ref_diff}
