@@ -56,16 +56,23 @@ def _summary(step_times: list[float], batch: int) -> dict:
             "pairs_per_s": batch * len(step_times) / total}
 
 
+def _step_config(args):
+    """The timed-steps trainer's settings: no held-out split, evaluation, previews or
+    checkpoints, only warm-up and timed steps."""
+    from rpo_app.trainconfig import TrainConfig
+
+    return TrainConfig(loss=args.loss, batch_size=args.batch_size, max_length=args.max_length,
+                       max_prompt_length=args.max_prompt_length, max_steps=args.warmup_steps + args.steps,
+                       eval_fraction=0.0, eval_every=0, sample_every=0, save_every=0, preview_count=0,
+                       early_stop_patience=0, seed=args.seed, device=args.device,
+                       precision=args.precision).validate()
+
+
 def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
     from rpo_app.runfolder import RunFolder
     from rpo_app.train import Trainer, _make_accelerator
-    from rpo_app.trainconfig import TrainConfig
 
-    cfg = TrainConfig(loss=args.loss, batch_size=args.batch_size, max_length=args.max_length,
-                      max_prompt_length=args.max_prompt_length, max_steps=args.warmup_steps + args.steps,
-                      eval_fraction=0.0, eval_every=0, sample_every=0, save_every=0, preview_count=0,
-                      early_stop_patience=0, seed=args.seed, device=args.device,
-                      precision=args.precision).validate()
+    cfg = _step_config(args)
     acc = _make_accelerator(cfg.device, cfg.precision)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, RunFolder(out), data_dir, judgments, [], model_path, acc, resume=False)
@@ -95,18 +102,11 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
     reference pass over the same sequences twice each, the two scorers taking turns to
     go first.
     Also the largest difference in the batch losses and reference log-probs."""
-    import torch
-
     from rpo_app.runfolder import RunFolder
     from rpo_app.scoring import PromptScorer, score_all, sequence_logps
     from rpo_app.train import Trainer, _make_accelerator
-    from rpo_app.trainconfig import TrainConfig
 
-    cfg = TrainConfig(loss=args.loss, batch_size=args.batch_size, max_length=args.max_length,
-                      max_prompt_length=args.max_prompt_length, max_steps=args.warmup_steps + args.steps,
-                      eval_fraction=0.0, eval_every=0, sample_every=0, save_every=0, preview_count=0,
-                      early_stop_patience=0, seed=args.seed, device=args.device,
-                      precision=args.precision).validate()
+    cfg = _step_config(args)
     acc = _make_accelerator(cfg.device, cfg.precision)
     times = {"shared": {"step": 0.0, "ref": 0.0}, "whole": {"step": 0.0, "ref": 0.0}}
     loss_diff = ref_diff = 0.0
