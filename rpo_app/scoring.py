@@ -194,8 +194,9 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
 
 
 class PromptScorer:
-    """The trainer's scorer: `shared_prompt_logps` while it works for the model, else
-    `sequence_logps`. A model whose cache cannot be copied per row, or whose forward
+    """`shared_prompt_logps` while it works for the model, else `sequence_logps`: the app's
+    scoring (ModelHost.sequence_logps), and what bench.train times inside the trainer
+    against whole sequences. A model whose cache cannot be copied per row, or whose forward
     takes no cache or position ids, fails on the first batch and is scored whole from
     then on (with a warning in the log)."""
 
