@@ -217,10 +217,10 @@ class Trainer:
         model = get_peft_model(base, lora)
         model.train()
         self.keep_by_mask = keeps_logits_by_mask(model)
-        # Every sequence is scored whole. Running each distinct prompt once (PromptScorer,
-        # as the informative order's scoring does) measured 1.02-1.05x per training step,
-        # and the reference pass 1.36-1.56x under CPU bf16 but 0.49-0.61x in fp32
-        # (`python -m rpo_app.bench.train`, which swaps this to time both).
+        # Every sequence is scored whole: running each distinct prompt once (PromptScorer)
+        # gained about 5% a step and slowed the fp32 reference pass (README, "Each prompt
+        # once per batch, in training too?"). `python -m rpo_app.bench.train` swaps this
+        # to time both.
         self.step_scorer = sequence_logps
 
         self.train_emb = self.eval_emb = None

@@ -862,8 +862,8 @@ def test_scoring_a_sequence_twice_gives_what_scoring_it_once_gives(small_lm, by_
 def _fake_trainer(model, seqs, loss):
     import torch
 
-    from rpo_app.batches import PreferenceData
     from rpo_app import scoring
+    from rpo_app.batches import PreferenceData
     from rpo_app.loss_registry import get_loss
     from rpo_app.train import Trainer
     from rpo_app.trainconfig import TrainConfig

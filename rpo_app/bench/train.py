@@ -97,11 +97,10 @@ def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> 
 def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
     """Each distinct prompt once per batch (PromptScorer, as the informative order's
     scoring runs) against every sequence whole (`sequence_logps`, what the trainer
-    runs), side by side in one trainer: the same batches
-    forward and backward (no optimizer step, so both see the same weights), and the
-    reference pass over the same sequences twice each, the two scorers taking turns to
-    go first.
-    Also the largest difference in the batch losses and reference log-probs."""
+    runs), side by side in one trainer: the same batches forward and backward (no
+    optimizer step, so both see the same weights) and the reference pass over the same
+    sequences twice each, the two scorers taking turns to go first. Also the largest
+    difference in the batch losses and reference log-probs."""
     from rpo_app.runfolder import RunFolder
     from rpo_app.scoring import PromptScorer, score_all, sequence_logps
     from rpo_app.train import Trainer, _make_accelerator
@@ -109,7 +108,7 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
     cfg = _step_config(args)
     acc = _make_accelerator(cfg.device, cfg.precision)
     times = {"shared": {"step": 0.0, "ref": 0.0}, "whole": {"step": 0.0, "ref": 0.0}}
-    loss_diff = ref_diff = 0.0
+    loss_diff = 0.0
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, RunFolder(out), data_dir, judgments, [], model_path, acc, resume=False)
         trainer.setup()
@@ -134,7 +133,7 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
             t0 = time.perf_counter()
             refs[name] = score_all(acc, trainer.model, trainer.train_data, trainer.pad_id,
                                    2 * cfg.batch_size, trainer.keep_by_mask, adapter=False,
-                                   scorer=scorers[name] if name == "shared" else None)
+                                   scorer=scorers[name])
             times[name]["ref"] += time.perf_counter() - t0
         ref_diff = float((refs["shared"] - refs["whole"]).abs().max())
         tokens = sum(trainer.train_data.lengths())
