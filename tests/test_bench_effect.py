@@ -314,3 +314,34 @@ def test_end_to_end_ranking_and_pairs(tiny_model_dir, tmp_path, capsys, annotati
     assert row["judgments"]["up"] == row["judgments"]["down"] == 0
     (s,) = result["summary"]
     assert s["human_judgments"] == row["human_judgments"] and s["annotation"].startswith(annotation)
+
+
+def test_a_seeds_store_is_the_same_whether_its_candidates_were_sampled_or_cached(tiny_model_dir, tmp_path):
+    """Answer ids decide what bench-curve's random order shows, so a seed's first
+    invocation (sampling, answers finishing longest prompt first) and a later one
+    (reading the cache) must give the same ids, or one seed labels two different sets."""
+    import argparse
+
+    p = be.add_args(argparse.ArgumentParser())
+    # prompts of growing length: the generator runs the longest first, unlike prompt order
+    rows = [{"prompt": "word " * (k + 1) + f"question {k}", "family": f"f{k}"} for k in range(8)]
+    args = p.parse_args(["--model", str(tiny_model_dir), "--train-prompts", "5", "--test-prompts", "2",
+                         "--candidates", "3", "--max-new-tokens", "4", "--max-length", "64"])
+    args.source_data_dir = str(tmp_path / "src")
+
+    def answers_by_id(prep):
+        store = prep["store"]
+        found = sorted((r["id"], r["prompt_id"], r["text"]) for pid in prep["ids"]
+                       for r in store.responses_for_prompt(pid))
+        store.close()
+        return found
+
+    out = tmp_path / "bench"
+    sampled = answers_by_id(be.prepare_seed(args, 0, rows, out))
+    assert len({(pid, text) for _, pid, text in sampled}) == len(sampled) >= 5
+    assert (out / "cache").is_dir() and not (out / "seed-0" / "candidates-scratch").exists()
+    # the answers are stored prompt by prompt, in the order of the training prompts
+    prompt_ids = [pid for _, pid, _ in sampled]
+    assert prompt_ids == sorted(prompt_ids)
+    cached = answers_by_id(be.prepare_seed(args, 0, rows, out))
+    assert cached == sampled

@@ -317,14 +317,27 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
                            [r["prompt"] for r in train_rows], args.candidates, sample.to_dict())
 
     def make_candidates() -> dict:
-        generate_candidates(store, host, ids, args.candidates, sample,
+        # Sampled into a scratch store: generate_candidates stores answers in the order
+        # they finish, and answer ids decide what the queue's random order shows, so the
+        # cell's store is filled below from this dict whether it came from the cache or not.
+        import shutil
+
+        scratch_dir = seed_dir / "candidates-scratch"
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+        scratch = Store(scratch_dir)
+        scratch_ids, _ = scratch.add_prompts([{"prompt": r["prompt"], "family": r.get("family")}
+                                              for r in train_rows], source)
+        generate_candidates(scratch, host, scratch_ids, args.candidates, sample,
                             progress=_tqdm_progress(f"seed {seed}: candidates"))
-        return {str(p): [[r["text"], bool(r["cut_off"])] for r in store.responses_for_prompt(p)]
-                for p in ids}
+        answers = {str(pid): [[r["text"], bool(r["cut_off"])] for r in scratch.responses_for_prompt(sid)]
+                   for pid, sid in zip(ids, scratch_ids)}
+        scratch.close()
+        shutil.rmtree(scratch_dir)
+        return answers
 
     answers = _cached(cache, candidates_key, make_candidates)
     for pid in ids:
-        for text, cut_off in answers[str(pid)]:  # a cache hit: the rows generate_candidates wrote
+        for text, cut_off in answers[str(pid)]:
             store.add_response(pid, text, source="model", model=host.model_name,
                                gen_settings=sample.to_dict(), cut_off=cut_off)
     cached = {pid: [text for text, _ in rows] for pid, rows in answers.items()}
