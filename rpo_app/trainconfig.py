@@ -151,6 +151,13 @@ class TrainConfig:
         """Whether the default schedule takes its small-label-set branch (see small_set)."""
         return not self.max_steps and 0 < n_examples < self.small_set
 
+    def large_set_caution(self, n_examples: int) -> str | None:
+        """The loss's measured caution (loss_registry) when n_examples is beyond the
+        small-set schedule's size, whatever the step count."""
+        if self.small_set and n_examples < self.small_set:
+            return None
+        return get_loss(self.loss).large_set_caution or None
+
     def planned_steps(self, batches_per_epoch: int, n_examples: int | None = None) -> int:
         """Optimizer steps a run will take: max_steps; else, for a small label set of
         n_examples, small_set_steps; else `epochs` but at least min_steps."""

@@ -218,7 +218,11 @@ def test_short_run_on_default_model_writes_every_file(tmp_path, judgments_file, 
 def test_every_loss_trains(tmp_path, judgments_file, tiny_model_dir, data_dir, loss, start):
     out = tmp_path / loss
     assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, loss=loss, **{
-        "grad-accum": 2, "eval-every": 1, "early-stop-patience": 0, "weighting": "embedding"})) == 0
+        "grad-accum": 2, "eval-every": 1, "early-stop-patience": 0, "weighting": "embedding",
+        "small-set": 2})) == 0
+    # beyond the (lowered) small-set size: only the loss measured to trail there warns
+    cautioned = "KTO is the safer loss" in (status(out)["warning"] or "")
+    assert cautioned == (loss == "rpo-unpaired")
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     # step 1 sees the untouched model, so every reward is 0 and the loss is its value at 0
@@ -403,6 +407,19 @@ def test_planned_steps_epochs_with_a_floor():
     assert small.planned_steps(8, n_examples=64) == 60
     assert TrainConfig(small_set=0).planned_steps(7, n_examples=30) == 60  # off
     assert TrainConfig(max_steps=5).planned_steps(7, n_examples=30) == 5
+
+
+def test_a_loss_measured_to_trail_beyond_a_small_set_says_so_there():
+    """rpo-unpaired's caution (bench-curve, README "Thumbs only at 128 labels") holds for
+    sets of small_set examples or more, whatever the step count; other losses have none."""
+    cfg = TrainConfig(loss="rpo-unpaired", small_set=64)
+    assert cfg.large_set_caution(63) is None
+    caution = cfg.large_set_caution(64)
+    assert "KTO is the safer loss" in caution and "0.74" in caution
+    assert TrainConfig(loss="rpo-unpaired", small_set=64, max_steps=5).large_set_caution(64) == caution
+    assert TrainConfig(loss="rpo-unpaired", small_set=0).large_set_caution(3) == caution  # schedule off
+    for loss in ("kto", "rpo-paired", "dpo"):
+        assert TrainConfig(loss=loss, small_set=0).large_set_caution(500) is None
 
 
 def test_small_label_sets_train_in_small_batches():
