@@ -128,6 +128,23 @@ def test_summary_and_targets():
     assert "concise, cross-prompt only, 64 labels: rpo-paired 0.75; dpo has nothing to train on" in lines
     table = curve.format_table(summary)
     assert "no data" in table and "0.58 ± 0.02" in table
+    assert ref["collapsed"] == 0 and "win_rate_fluent" not in ref
+
+
+def test_a_collapsed_seed_is_counted_and_its_win_rate_set_apart():
+    """A word-counting judge gave a garbled model its best win rate (README, "Thumbs only
+    at 128 labels"): the summary says how many seeds the collapse rule flagged, and the
+    target line gives the win rate without them."""
+    garbled = {**_row("concise", "thumbs", "random", "rpo-unpaired", 64, 1, 0.94),
+               "collapse": "the tuned model may be collapsing: ..."}
+    summary = curve.summarize(ROWS + [garbled])
+    u = next(e for e in summary if e["loss"] == "rpo-unpaired")
+    assert u["collapsed"] == 1 and u["trained"] == 2
+    assert u["win_rate"] == pytest.approx(0.82) and u["win_rate_fluent"] == pytest.approx(0.70)
+    assert ("concise, thumbs only, 64 labels: rpo-unpaired 0.82 vs kto 0.60 (+22 points); "
+            "rpo-unpaired collapsed on 1 of 2 seeds, 0.70 without them") in curve.targets(summary)
+    table = curve.format_table(summary)
+    assert "collapsed" in table and "1/2" in table
 
 
 def test_merge_combines_runs_and_refuses_a_bad_file(tmp_path):

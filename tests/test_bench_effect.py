@@ -212,8 +212,10 @@ def test_win_rate_and_aggregate():
     rows = [{"judge": "j", "loss": "dpo", "win_rate": w, "train_s": 10.0} for w in (0.6, 0.8)]
     (s,) = be.aggregate(rows)
     assert s["win_rate"] == pytest.approx(0.7) and s["win_rate_std"] == pytest.approx(0.1)
-    assert s["seeds"] == 2 and "heldout_acc" not in s
+    assert s["seeds"] == 2 and "heldout_acc" not in s and s["collapsed"] == 0
     assert "0.70 ± 0.10" in be.format_table([s])
+    (s,) = be.aggregate([*rows, {**rows[0], "collapse": "the tuned model may be collapsing: ..."}])
+    assert s["collapsed"] == 1 and "1/3" in be.format_table([s])
     rows = [{"judge": "j", "loss": "dpo", "win_rate": 0.5, "human_judgments": n, "pairs_trained": 5 * n}
             for n in (24, 24)]
     (s,) = be.aggregate(rows)
@@ -255,6 +257,11 @@ def test_end_to_end_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert len(row["answers"]) == 3 and row["judgments"]["paired"] + row["judgments"]["tie"] == 6 * 3
     assert (out / "seed-0" / "concise" / "dpo" / "adapter").is_dir()
     assert result["failed"] == []
+    # the collapse rule ran on every row's test answers (a message, or None when fluent)
+    assert all("collapse" in r for r in result["per_seed"])
+    assert all(e["collapsed"] == sum(bool(r["collapse"]) for r in result["per_seed"]
+                                     if (r["judge"], r["loss"]) == (e["judge"], e["loss"]))
+               for e in result["summary"])
     base = result["base_per_seed"][0]
     assert not set(base["train_prompts"]) & set(base["test_prompts"])
     # the sampled reference covers every candidate (6 prompts x 3) and is a real log-prob

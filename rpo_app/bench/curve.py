@@ -213,8 +213,11 @@ def summarize(rows: list[dict]) -> list[dict]:
     for key, members in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0][:4]) + (kv[0][4],)):
         ok = [m for m in members if "error" not in m]
         entry = dict(zip(KEYS, key), seeds=len(members), trained=len(ok),
-                     untrainable=len(members) - len(ok),
+                     untrainable=len(members) - len(ok), collapsed=effect.collapsed_count(ok),
                      errors=sorted({m["error"].split(";")[0] for m in members if "error" in m}))
+        fluent = [m["win_rate"] for m in ok if not m.get("collapse") and m.get("win_rate") is not None]
+        if entry["collapsed"] and fluent:
+            entry["win_rate_fluent"] = statistics.fmean(fluent)
         for m in METRICS:
             vals = [r[m] for r in (ok if m not in ("labels", "decided", "informative_share") else members)
                     if r.get(m) is not None]
@@ -246,7 +249,8 @@ def targets(summary: list[dict]) -> list[str]:
             u, k = by.get((judge, "thumbs", "random", "rpo-unpaired", b)), by.get((judge, "thumbs", "random", "kto", b))
             if u and k and "win_rate" in u and "win_rate" in k:
                 lines.append(f"{judge}, thumbs only, {b} labels: rpo-unpaired {u['win_rate']:.2f} vs "
-                             f"kto {k['win_rate']:.2f} ({100 * (u['win_rate'] - k['win_rate']):+.0f} points)")
+                             f"kto {k['win_rate']:.2f} ({100 * (u['win_rate'] - k['win_rate']):+.0f} points)"
+                             + "".join(_collapses(e, name) for e, name in ((u, "rpo-unpaired"), (k, "kto"))))
             c = by.get((judge, "cross", "random", "rpo-paired", b))
             d = by.get((judge, "cross", "random", "dpo", b))
             if c and "win_rate" in c:
@@ -254,6 +258,14 @@ def targets(summary: list[dict]) -> list[str]:
                              f"dpo " + (f"{d['win_rate']:.2f}" if d and "win_rate" in d else
                                         "has nothing to train on"))
     return lines
+
+
+def _collapses(entry: dict, name: str) -> str:
+    """A target line's note on seeds whose answers collapsed (their win rate counts above)."""
+    if not entry.get("collapsed"):
+        return ""
+    rest = (f", {entry['win_rate_fluent']:.2f} without them" if "win_rate_fluent" in entry else "")
+    return f"; {name} collapsed on {entry['collapsed']} of {entry['trained']} seeds{rest}"
 
 
 def format_table(summary: list[dict]) -> str:
@@ -271,6 +283,7 @@ def format_table(summary: list[dict]) -> str:
         "per seed": ", ".join(f"{v:.2f}" for v in e.get("win_rate_seeds", [])),
         "words": pm(e, "mean_words", ".1f"), "<3 words": pm(e, "short_share", ".2f"),
         "rep. 3-grams": pm(e, "repeat_share", ".3f"), "base logp/tok": pm(e, "base_logp", ".2f"),
+        "collapsed": f"{e.get('collapsed', 0)}/{e['trained']}",
         "steps": pm(e, "steps", ".0f"), "train s": pm(e, "train_s", ".0f"),
     } for e in summary])
     return frame.to_string(index=False)

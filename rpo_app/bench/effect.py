@@ -143,6 +143,12 @@ def win_rate(tuned: list[float], base: list[float]) -> float:
     return sum(1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(tuned, base)) / len(tuned)
 
 
+def collapsed_count(rows: list[dict]) -> int:
+    """Runs whose test answers the Train tab's collapse rule flagged (row["collapse"]): a
+    judge that only counts words can give a garbled model its best win rate."""
+    return sum(1 for r in rows if r.get("collapse"))
+
+
 def aggregate(rows: list[dict], keys: tuple[str, ...] = ("judge", "loss")) -> list[dict]:
     """Mean and (population) standard deviation over seeds of every metric, per key."""
     groups: dict[tuple, list[dict]] = {}
@@ -150,7 +156,7 @@ def aggregate(rows: list[dict], keys: tuple[str, ...] = ("judge", "loss")) -> li
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     out = []
     for key, members in groups.items():
-        entry = dict(zip(keys, key), seeds=len(members))
+        entry = dict(zip(keys, key), seeds=len(members), collapsed=collapsed_count(members))
         for m in METRICS:
             vals = [r[m] for r in members if r.get(m) is not None]
             if vals:
@@ -177,7 +183,8 @@ def format_table(summary: list[dict]) -> str:
         "score tuned": pm(e, "score_tuned", ".2f"), "score base": pm(e, "score_base", ".2f"),
         "held-out acc": pm(e, "heldout_acc", ".2f"), "words": pm(e, "mean_words", ".1f"),
         "<3 words": pm(e, "short_share", ".2f"), "rep. 3-grams": pm(e, "repeat_share", ".3f"),
-        "base logp/tok": pm(e, "base_logp", ".2f"), "train s": pm(e, "train_s", ".0f"),
+        "base logp/tok": pm(e, "base_logp", ".2f"), "collapsed": f"{e.get('collapsed', 0)}/{e['seeds']}",
+        "train s": pm(e, "train_s", ".0f"),
     } for e in summary])
     return frame.to_string(index=False)
 
@@ -427,16 +434,22 @@ def train_and_judge(args, prep: dict, cfg, run_dir: Path, judge, judge_name: str
     base_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, prep["base_answers"])]
     tuned_scores = [score(judge, judge_name, p, a) for p, a in zip(test_prompts, tuned)]
     accs = [m.eval_accuracy for m in run.metrics() if m.eval_accuracy is not None]
+    tuned_logp = statistics.fmean(mean_token_logps(host, test_prompts, tuned, args.max_length,
+                                                   [a.cut_off for a in tuned_answers]))
     row.update({
         "win_rate": win_rate(tuned_scores, base_scores),
         "score_tuned": statistics.fmean(tuned_scores), "score_base": statistics.fmean(base_scores),
         "heldout_acc": accs[-1] if accs else None,
         **{k: v for k, v in degeneration.summarize(tuned).items() if k != "n"},
-        "base_logp": statistics.fmean(mean_token_logps(host, test_prompts, tuned, args.max_length,
-                                                       [a.cut_off for a in tuned_answers])),
+        "base_logp": tuned_logp,
+        # the Train tab's rule on the test answers (its previews are not run here)
+        "collapse": degeneration.collapse_warning(prep["base_answers"], tuned,
+                                                  prep["base_metrics"]["base_logp"], tuned_logp),
         "steps": status.step, "early_stopped": status.early_stopped, "adapter": str(run.adapter),
         "answers": tuned,
     })
+    if row["collapse"]:
+        log.warning("%s: %s", name, row["collapse"])
     return row
 
 
