@@ -147,6 +147,22 @@ def test_a_collapsed_seed_is_counted_and_its_win_rate_set_apart():
     assert "collapsed" in table and "1/2" in table
 
 
+def test_a_budget_the_queue_could_not_fill_says_what_was_labeled():
+    """A rare trait leaves most thumbs at the prompt's median (skipped): the queue runs out
+    before the budget, and the table and target line say how many labels there were."""
+    short = [{**_row("numbered_list", "thumbs", "random", loss, 64, seed, win), "labels": n,
+              "decided": n, "exhausted": True}
+             for loss, win in (("rpo-unpaired", 0.7), ("kto", 0.65)) for seed, n in ((0, 18), (1, 16))]
+    summary = curve.summarize(ROWS + short)
+    u = next(e for e in summary if e["judge"] == "numbered_list" and e["loss"] == "rpo-unpaired")
+    assert u["exhausted"] == 2 and u["labels"] == pytest.approx(17)
+    assert "64 (queue ran out on 2/2: 17 ± 1)" in curve.format_table(summary)
+    assert any(line.startswith("numbered_list, thumbs only, 64 labels (the queue ran out at 17 on average)")
+               for line in curve.targets(summary))
+    full = next(e for e in summary if e["judge"] == "concise" and e["loss"] == "kto")
+    assert full["exhausted"] == 0
+
+
 def test_merge_combines_runs_and_refuses_a_bad_file(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"rows": ROWS[:5], "base_per_seed": []}))

@@ -214,6 +214,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         ok = [m for m in members if "error" not in m]
         entry = dict(zip(KEYS, key), seeds=len(members), trained=len(ok),
                      untrainable=len(members) - len(ok), collapsed=effect.collapsed_count(ok),
+                     exhausted=sum(1 for m in members if m.get("exhausted")),
                      errors=sorted({m["error"].split(";")[0] for m in members if "error" in m}))
         fluent = [m["win_rate"] for m in ok if not m.get("collapse") and m.get("win_rate") is not None]
         if entry["collapsed"] and fluent:
@@ -248,7 +249,8 @@ def targets(summary: list[dict]) -> list[str]:
         for b in budgets:
             u, k = by.get((judge, "thumbs", "random", "rpo-unpaired", b)), by.get((judge, "thumbs", "random", "kto", b))
             if u and k and "win_rate" in u and "win_rate" in k:
-                lines.append(f"{judge}, thumbs only, {b} labels: rpo-unpaired {u['win_rate']:.2f} vs "
+                got = f" (the queue ran out at {u['labels']:.0f} on average)" if u.get("exhausted") else ""
+                lines.append(f"{judge}, thumbs only, {b} labels{got}: rpo-unpaired {u['win_rate']:.2f} vs "
                              f"kto {k['win_rate']:.2f} ({100 * (u['win_rate'] - k['win_rate']):+.0f} points)"
                              + "".join(_collapses(e, name) for e, name in ((u, "rpo-unpaired"), (k, "kto"))))
             c = by.get((judge, "cross", "random", "rpo-paired", b))
@@ -268,6 +270,14 @@ def _collapses(entry: dict, name: str) -> str:
     return f"; {name} collapsed on {entry['collapsed']} of {entry['trained']} seeds{rest}"
 
 
+def _labels(entry: dict, pm) -> str:
+    """The budget, and what the annotator could give where the queue ran out first (a
+    rare trait: most answers sit at their prompt's median, and a thumb there is a skip)."""
+    if not entry.get("exhausted"):
+        return str(entry["budget"])
+    return f"{entry['budget']} (queue ran out on {entry['exhausted']}/{entry['seeds']}: {pm(entry, 'labels', '.0f')})"
+
+
 def format_table(summary: list[dict]) -> str:
     import pandas as pd
 
@@ -278,7 +288,7 @@ def format_table(summary: list[dict]) -> str:
 
     frame = pd.DataFrame([{
         "judge": e["judge"], "regime": e["regime"], "order": e["order"], "loss": e["loss"],
-        "labels": e["budget"], "decided": pm(e, "decided", ".0f"),
+        "labels": _labels(e, pm), "decided": pm(e, "decided", ".0f"),
         "win rate": pm(e, "win_rate", ".2f") if e["trained"] else "no data",
         "per seed": ", ".join(f"{v:.2f}" for v in e.get("win_rate_seeds", [])),
         "words": pm(e, "mean_words", ".1f"), "<3 words": pm(e, "short_share", ".2f"),
