@@ -129,6 +129,9 @@ def test_summary_and_targets():
     table = curve.format_table(summary)
     assert "no data" in table and "0.58 ± 0.02" in table
     assert ref["collapsed"] == 0 and "win_rate_fluent" not in ref
+    # without an active run there is nothing to say about the active order
+    random_only = curve.targets(curve.summarize([r for r in ROWS if r["order"] != "active"]))
+    assert not any("active reaches" in line for line in random_only)
 
 
 def test_a_collapsed_seed_is_counted_and_its_win_rate_set_apart():

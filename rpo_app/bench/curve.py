@@ -239,7 +239,8 @@ def targets(summary: list[dict]) -> list[str]:
     budgets = sorted({e["budget"] for e in summary})
     for judge in judges:
         ref = by.get((judge, "pairs", "random", "rpo-paired", budgets[-1]))
-        if ref and "win_rate" in ref:
+        active_ran = any(k[:4] == (judge, "pairs", "active", "rpo-paired") for k in by)
+        if ref and "win_rate" in ref and active_ran:
             reach = [b for b in budgets
                      if by.get((judge, "pairs", "active", "rpo-paired", b), {}).get("win_rate", -1)
                      >= ref["win_rate"]]
