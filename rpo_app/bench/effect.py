@@ -332,15 +332,16 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
         scratch_dir = seed_dir / "candidates-scratch"
         shutil.rmtree(scratch_dir, ignore_errors=True)
         scratch = Store(scratch_dir)
-        scratch_ids, _ = scratch.add_prompts([{"prompt": r["prompt"], "family": r.get("family")}
-                                              for r in train_rows], source)
-        generate_candidates(scratch, host, scratch_ids, args.candidates, sample,
-                            progress=_tqdm_progress(f"seed {seed}: candidates"))
-        answers = {str(pid): [[r["text"], bool(r["cut_off"])] for r in scratch.responses_for_prompt(sid)]
-                   for pid, sid in zip(ids, scratch_ids)}
-        scratch.close()
-        shutil.rmtree(scratch_dir)
-        return answers
+        try:
+            scratch_ids, _ = scratch.add_prompts([{"prompt": r["prompt"], "family": r.get("family")}
+                                                  for r in train_rows], source)
+            generate_candidates(scratch, host, scratch_ids, args.candidates, sample,
+                                progress=_tqdm_progress(f"seed {seed}: candidates"))
+            return {str(pid): [[r["text"], bool(r["cut_off"])] for r in scratch.responses_for_prompt(sid)]
+                    for pid, sid in zip(ids, scratch_ids)}
+        finally:  # a stopped or failed sampling leaves no scratch store behind either
+            scratch.close()
+            shutil.rmtree(scratch_dir, ignore_errors=True)
 
     answers = _cached(cache, candidates_key, make_candidates)
     for pid in ids:

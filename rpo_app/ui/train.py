@@ -128,9 +128,10 @@ def usable_line(ctx: AppContext, values: dict) -> str:
               else f"{n_chosen} pairs")
     shrunk = (f" They are fewer than the batch size ({asked}): it trains in batches of "
               f"{cfg.batch_size}." if cfg.batch_size < asked else "")
-    caution = cfg.large_set_caution(max(n_chosen, n_rejected))
+    n_examples = max(n_chosen, n_rejected)
+    caution = cfg.large_set_caution(n_examples)
     return (f"{given}; {cfg.loss} trains on {trains} of them. ✔ enough to start.{shrunk} "
-            f"{_estimate(ctx, cfg, train_j, eval_j, max(n_chosen, n_rejected))}"
+            f"{_estimate(ctx, cfg, train_j, eval_j, n_examples)}"
             + (f"\n\n⚠ **Measured:** {html.escape(caution)}." if caution else ""))
 
 
