@@ -53,6 +53,10 @@ def _export_args(p):
     p.add_argument("--out", required=True, help="output file; .jsonl, .json, .csv or .parquet")
     p.add_argument("--include-retracted", action="store_true",
                    help="full format only: also list undone judgments")
+    p.add_argument("--cut", choices=["keep", "drop"], default="keep",
+                   help="TRL formats: keep (default, counted in the summary) or drop the rows that "
+                        "hold an answer cut at its token limit; TRL would train an end-of-turn "
+                        "after it that the model never wrote")
 
 
 def _stats_args(p):

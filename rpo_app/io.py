@@ -114,6 +114,14 @@ single-turn prompt as one user message) and, in the TRL formats, every answer as
 of one assistant message: TRL's conversational format, one type per column, so the file
 loads with ``datasets``. When none is, the rows are plain text. CSV cells hold message
 lists as JSON text; the import reads all of these back.
+
+Cut answers in the TRL formats: TRL ends every answer with an end-of-turn token (it
+appends the tokenizer's EOS to plain text; the chat template closes a conversational
+turn), so an answer cut at its token limit trains an ending the model never wrote, which
+rpo_app's own trainer leaves out (batches.Encoder). The TRL formats cannot say which
+answers were cut: the export counts the rows that hold one, and ``cut="drop"`` leaves
+them out (in ``trl-dpo`` a pair with either answer cut, in ``trl-kto`` the cut answer's
+own row). ``full`` keeps the flags.
 """
 from __future__ import annotations
 
@@ -142,6 +150,9 @@ IMPORT_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".c
                      ".parquet": "parquet", ".txt": "txt"}
 EXPORT_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 EXPORT_FORMATS = ("trl-dpo", "trl-kto", "rankings", "full")
+TRL_FORMATS = ("trl-dpo", "trl-kto")
+# What a TRL export does with rows that hold an answer cut at its token limit.
+CUT_CHOICES = ("keep", "drop")
 MULTI_TURN_POLICIES = ("keep", "last", "refuse")
 SEED_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
 
@@ -219,9 +230,21 @@ class ExportReport:
     out_path: str
     rows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    # TRL formats: rows that hold an answer cut at its token limit, written or left out
+    cut_rows: int = 0
+    cut_dropped: bool = False
 
     def summary(self) -> str:
         text = f"wrote {self.rows} rows ({self.fmt}) to {self.out_path}"
+        one = self.cut_rows == 1
+        if self.cut_rows and self.cut_dropped:
+            text += (f"; left out {self.cut_rows} row{'' if one else 's'} that "
+                     f"hold{'s' if one else ''} an answer cut at its token limit")
+        elif self.cut_rows:
+            text += (f"; {self.cut_rows} of them hold{'s' if one else ''} an answer cut at its token "
+                     "limit: TRL ends every answer with an end-of-turn token, so it will train an "
+                     "ending the model never wrote there (rpo_app's trainer does not); export with "
+                     "cut answers left out to avoid it")
         judgments = {w: n for w, n in self.skipped.items() if w not in RANKED_ANSWER_REASONS}
         answers = {w: n for w, n in self.skipped.items() if w in RANKED_ANSWER_REASONS}
         if judgments:
@@ -1007,7 +1030,8 @@ def _dpo_rows(judgments: list[dict], skipped: dict[str, int]) -> list[dict]:
             win, lose = ("a", "b") if j["verdict"] == "a" else ("b", "a")
             rows.append({"prompt": j["prompt_a"], "chosen": j[f"response_{win}_text"],
                          "rejected": j[f"response_{lose}_text"],
-                         "_messages": j["prompt_a_messages"]})
+                         "_messages": j["prompt_a_messages"],
+                         "_cut": bool(j["cut_off_a"]) or bool(j["cut_off_b"])})
         else:
             _count(skipped, f"{j['verdict']} (no preferred answer)")
     return rows
@@ -1024,7 +1048,8 @@ def _ranking_kto_rows(ranking: dict, skipped: dict[str, int]) -> list[dict]:
         for rid in tier:
             if rid in liked or rid in disliked:
                 rows.append({"prompt": ranking["prompt"], "completion": ranking["answers"][rid],
-                             "label": rid in liked, "_messages": ranking["messages"]})
+                             "label": rid in liked, "_messages": ranking["messages"],
+                             "_cut": rid in ranking["cut_off"]})
             else:
                 _count(skipped, SKIP_ALL_TIED if len(tiers) == 1 else SKIP_MIDDLE)
     return rows
@@ -1044,7 +1069,8 @@ def _kto_rows(judgments: list[dict], skipped: dict[str, int],
             continue
         if j["kind"] == "unpaired":
             rows.append({"prompt": j["prompt_a"], "completion": j["response_a_text"],
-                         "label": j["verdict"] == "up", "_messages": j["prompt_a_messages"]})
+                         "label": j["verdict"] == "up", "_messages": j["prompt_a_messages"],
+                         "_cut": bool(j["cut_off_a"])})
             continue
         labels = {"a": (True, False), "b": (False, True), "both_bad": (False, False)}
         if j["verdict"] not in labels:
@@ -1052,7 +1078,8 @@ def _kto_rows(judgments: list[dict], skipped: dict[str, int],
             continue
         for side, label in zip(("a", "b"), labels[j["verdict"]]):
             rows.append({"prompt": j[f"prompt_{side}"], "completion": j[f"response_{side}_text"],
-                         "label": label, "_messages": j[f"prompt_{side}_messages"]})
+                         "label": label, "_messages": j[f"prompt_{side}_messages"],
+                         "_cut": bool(j[f"cut_off_{side}"])})
     return rows
 
 
@@ -1194,29 +1221,40 @@ def _write_table(df, out: Path) -> None:
 
 
 def export(store, fmt: str, out_path: str | os.PathLike,
-           include_retracted: bool = False) -> ExportReport:
+           include_retracted: bool = False, cut: str = "keep") -> ExportReport:
     """Write judgments as a TRL dataset (trl-dpo, trl-kto), the rankings in their import
     shape (rankings) or every judgment with full provenance (full).
 
     Retracted judgments are never in the TRL or rankings formats; `include_retracted`
     adds them (with retracted/retracted_at/retracted_by columns) to the full format.
+    `cut` (TRL formats): "keep" or "drop" the rows that hold an answer cut at its token
+    limit (see the module's note); the report counts them either way.
     """
     import pandas as pd
 
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if cut not in CUT_CHOICES:
+        raise ExportError(f"unknown choice for cut answers {cut!r}; use one of {', '.join(CUT_CHOICES)}")
+    if cut == "drop" and fmt not in TRL_FORMATS:
+        kept = ("the full export keeps each answer's cut_off flag" if fmt == "full"
+                else "the rankings export keeps every ranked answer")
+        raise ExportError(f"leaving out cut answers applies to the TRL formats "
+                          f"({', '.join(TRL_FORMATS)}); {kept}")
     out = Path(out_path)
     if out.suffix.lower() not in EXPORT_EXTENSIONS:
         raise ExportError(f"{out}: unknown output type {out.suffix or '(no extension)'!r}; use "
                           f"one of {', '.join(EXPORT_EXTENSIONS)}")
     skipped: dict[str, int] = {}
+    cut_rows = 0
     if fmt == "full":
         judgments = store.judgments(include_retracted=include_retracted)
         columns = FULL_COLUMNS + (RETRACTED_COLUMNS if include_retracted else [])
         rows = _full_rows(store, judgments, include_retracted)
     elif fmt == "trl-dpo":
         columns = ["prompt", "chosen", "rejected"]
-        rows = _conversational(_dpo_rows(store.judgments(), skipped), ("chosen", "rejected"))
+        rows, cut_rows = _sort_out_cut(_dpo_rows(store.judgments(), skipped), cut)
+        rows = _conversational(rows, ("chosen", "rejected"))
     elif fmt == "rankings":
         columns, rows = RANKING_COLUMNS, _ranking_cells(_ranking_rows(store), out.suffix.lower())
     else:
@@ -1224,7 +1262,8 @@ def export(store, fmt: str, out_path: str | os.PathLike,
         ranked = ({k["id"]: k for k in _with_messages(store, store.rankings())}
                   if any(j["ranking_id"] is not None for j in judgments) else {})
         columns = ["prompt", "completion", "label"]
-        rows = _conversational(_kto_rows(judgments, skipped, ranked), ("completion",))
+        rows, cut_rows = _sort_out_cut(_kto_rows(judgments, skipped, ranked), cut)
+        rows = _conversational(rows, ("completion",))
     if fmt in ("trl-dpo", "trl-kto") and out.suffix.lower() == ".csv":
         rows = _csv_cells(rows)
     df = pd.DataFrame(rows, columns=columns)
@@ -1237,7 +1276,16 @@ def export(store, fmt: str, out_path: str | os.PathLike,
         for side in ("a", "b"):
             df[f"response_{side}_cut_off"] = df[f"response_{side}_cut_off"].astype("boolean")
     _write_table(df, out)
-    return ExportReport(fmt, str(out), len(df), skipped)
+    return ExportReport(fmt, str(out), len(df), skipped, cut_rows=cut_rows, cut_dropped=cut == "drop")
+
+
+def _sort_out_cut(rows: list[dict], cut: str) -> tuple[list[dict], int]:
+    """TRL rows without their `_cut` mark, less the marked ones when `cut` is "drop";
+    and how many were marked."""
+    marked = sum(r["_cut"] for r in rows)
+    kept = [{k: x for k, x in r.items() if k != "_cut"} for r in rows
+            if cut == "keep" or not r["_cut"]]
+    return kept, marked
 
 
 # -- CLI ------------------------------------------------------------------------------
@@ -1285,7 +1333,8 @@ def cli_export(args) -> int:
         if args.include_retracted and args.format != "full":
             print("note: --include-retracted only applies to --format full; retracted "
                   "judgments are never in TRL or rankings exports", file=sys.stderr)
-        report = export(store, args.format, args.out, include_retracted=args.include_retracted)
+        report = export(store, args.format, args.out, include_retracted=args.include_retracted,
+                        cut=getattr(args, "cut", "keep"))
     except (ExportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

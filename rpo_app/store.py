@@ -656,7 +656,8 @@ class Store:
     def rankings(self, include_retracted: bool = False, ids: Iterable[int] | None = None
                  ) -> list[dict]:
         """Rankings with their prompt and answers: `tiers` (response ids, best first),
-        `shown` (screen order, when known) and `answers` (id -> text)."""
+        `shown` (screen order, when known), `answers` (id -> text) and `cut_off` (the ids
+        of answers cut at their token limit)."""
         where, params = [], []
         if not include_retracted:
             where.append("k.retracted_at IS NULL")
@@ -668,12 +669,12 @@ class Store:
             "SELECT k.*, p.text AS prompt FROM rankings k JOIN prompts p ON p.id = k.prompt_id "
             + ("WHERE " + " AND ".join(where) if where else "") + " ORDER BY k.id", params)
         out = {r["id"]: {**dict(r), "none_acceptable": bool(r["none_acceptable"]),
-                         "tiers": [], "shown": [], "answers": {}} for r in rows}
+                         "tiers": [], "shown": [], "answers": {}, "cut_off": []} for r in rows}
         if not out:
             return []
         # The same filter again rather than an id list, which SQLite caps at 32k values.
         items = self._read(
-            "SELECT ri.*, r.text FROM ranking_items ri JOIN responses r ON r.id = ri.response_id "
+            "SELECT ri.*, r.text, r.cut_off FROM ranking_items ri JOIN responses r ON r.id = ri.response_id "
             "JOIN rankings k ON k.id = ri.ranking_id "
             + ("WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY ri.ranking_id, ri.tier, ri.response_id", params)
@@ -683,6 +684,8 @@ class Store:
                 k["tiers"].append([])
             k["tiers"][it["tier"]].append(it["response_id"])
             k["answers"][it["response_id"]] = it["text"]
+            if it["cut_off"]:
+                k["cut_off"].append(it["response_id"])
             if it["shown_pos"] is not None:
                 k["shown"].append((it["shown_pos"], it["response_id"]))
         for k in out.values():

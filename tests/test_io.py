@@ -544,6 +544,31 @@ def test_export_refusals_and_atomic_write(judged_store, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_trl_exports_count_the_rows_with_a_cut_answer_or_leave_them_out(judged_store, tmp_path):
+    # "Five." hit its token limit: TRL would end it with an end-of-turn the model never wrote.
+    dpo = export(judged_store, "trl-dpo", tmp_path / "dpo.jsonl")
+    assert (dpo.rows, dpo.cut_rows) == (2, 2)  # both decided pairs hold "Five."
+    assert "2 of them hold an answer cut at its token limit" in dpo.summary()
+    kept = export(judged_store, "trl-kto", tmp_path / "kto.jsonl")
+    rows = pd.read_json(tmp_path / "kto.jsonl", lines=True)
+    assert kept.cut_rows == (rows["completion"] == "Five.").sum() == 4
+    dropped = export(judged_store, "trl-kto", tmp_path / "kto-dropped.jsonl", cut="drop")
+    left = pd.read_json(tmp_path / "kto-dropped.jsonl", lines=True)
+    assert "Five." not in set(left["completion"]) and len(left) == len(rows) - 4
+    assert (dropped.rows, dropped.cut_rows, dropped.cut_dropped) == (len(rows) - 4, 4, True)
+    assert "left out 4 rows that hold an answer cut" in dropped.summary()
+    # the row of "Five." goes, not its judgment's other answer
+    assert ("What is 2+2?", "Four.", True) in set(left.itertuples(index=False, name=None))
+
+
+def test_leaving_out_cut_answers_is_refused_outside_the_trl_formats(judged_store, tmp_path):
+    with pytest.raises(ExportError, match="applies to the TRL formats.*keeps each answer's cut_off flag"):
+        export(judged_store, "full", tmp_path / "full.jsonl", cut="drop")
+    with pytest.raises(ExportError, match="unknown choice for cut answers 'maybe'"):
+        export(judged_store, "trl-dpo", tmp_path / "dpo.jsonl", cut="maybe")
+    assert not (tmp_path / "full.jsonl").exists() and not (tmp_path / "dpo.jsonl").exists()
+
+
 def test_export_of_an_empty_store(store, tmp_path):
     report = export(store, "trl-dpo", tmp_path / "dpo.csv")
     assert report.rows == 0 and list(pd.read_csv(tmp_path / "dpo.csv").columns) == [
@@ -597,6 +622,15 @@ def test_cli_export_and_stats_in_process(tmp_path, capsys):
     assert main(["stats", "--data-dir", str(data_dir)]) == 0
     table = capsys.readouterr().out
     assert "paired" in table and "ann" in table and "prompts" in table
+    s = Store(data_dir)
+    pid = s.prompts()[0]["id"]
+    cut = s.add_response(pid, "An answer that ran out of", "generate", model="m", cut_off=True)[0]
+    s.add_judgment("unpaired", cut, None, "down", "ann")
+    s.close()
+    assert main(["export", "--format", "trl-kto", "--out", str(tmp_path / "kto.jsonl"), "--cut", "drop",
+                 "--data-dir", str(data_dir)]) == 0
+    assert "left out 1 row that holds an answer cut" in capsys.readouterr().out
+    assert "ran out of" not in (tmp_path / "kto.jsonl").read_text()
 
 
 def test_right_to_left_text_and_tabs_import_unchanged(store, tmp_path):

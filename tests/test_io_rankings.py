@@ -312,6 +312,21 @@ def ranked_store(store):
     return store
 
 
+def test_trl_kto_export_leaves_out_a_ranked_answer_that_was_cut(store, tmp_path):
+    p, _ = store.add_prompt("Name a prime.", "seed")
+    a, b = (store.add_response(p, t, "generate", model="base")[0] for t in ("Two.", "Nine."))
+    c = store.add_response(p, "Seven is a prime because", "generate", model="base", cut_off=True)[0]
+    store.add_ranking([[a], [c], [b]], "alice")
+    assert store.rankings()[0]["cut_off"] == [c]
+    kept = export(store, "trl-kto", tmp_path / "kept.jsonl")
+    assert kept.cut_rows == 0  # the cut answer sits in the middle place: no row either way
+    store.add_ranking([[c], [a, b]], "bob")
+    report = export(store, "trl-kto", tmp_path / "kto.jsonl", cut="drop")
+    rows = pd.read_json(tmp_path / "kto.jsonl", lines=True)
+    assert report.cut_rows == 1 and "Seven is a prime because" not in set(rows["completion"])
+    assert sorted(rows["completion"]) == ["Nine.", "Nine.", "Two.", "Two."]
+
+
 @pytest.mark.parametrize("ext", [".jsonl", ".json", ".csv", ".parquet"])
 def test_export_rankings_round_trips(ranked_store, tmp_path, ext):
     out = tmp_path / f"rankings{ext}"

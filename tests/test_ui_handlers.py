@@ -284,6 +284,26 @@ def test_data_tab_says_when_answers_await_the_cut_check(ctx):
     assert "python -m rpo_app mark-cut" in row["detail"]
 
 
+def test_data_tab_export_leaves_out_cut_answers_when_asked(ctx):
+    import pandas as pd
+
+    from rpo_app.ui import data
+
+    pid = ctx.store.prompts()[0]["id"]
+    whole = ctx.store.add_response(pid, "A whole answer.", "generate", model="m")[0]
+    cut = ctx.store.add_response(pid, "An answer that ran out of", "generate", model="m", cut_off=True)[0]
+    ctx.store.add_judgment("unpaired", whole, None, "up", "ada")
+    ctx.store.add_judgment("unpaired", cut, None, "down", "ada")
+    path, status = data.export(ctx, "trl-kto:jsonl")
+    assert "1 of them holds an answer cut at its token limit" in status
+    assert len(pd.read_json(path, lines=True)) == 2
+    path, status = data.export(ctx, "trl-kto:jsonl", True)
+    assert list(pd.read_json(path, lines=True)["completion"]) == ["A whole answer."]
+    assert "left out 1 row that holds" in status
+    with pytest.raises(gr.Error, match="applies to the TRL formats"):
+        data.export(ctx, "full:csv", True)
+
+
 def test_label_tab_offers_the_first_run_on_a_store_without_answers(tmp_path):
     ctx = AppContext(ServeConfig(data_dir=tmp_path), load_model=False)  # the seed prompts only
     try:

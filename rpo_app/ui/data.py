@@ -51,14 +51,16 @@ def import_file(ctx: AppContext, file, annotator: str, gold: bool = False) -> tu
     return (None, f"✔ {report.summary()}", *refresh(ctx))
 
 
-def export(ctx: AppContext, choice: str) -> tuple:
+def export(ctx: AppContext, choice: str, drop_cut: bool = False) -> tuple:
+    """`drop_cut`: leave out the TRL rows that hold an answer cut at its token limit
+    (io.export's `cut`)."""
     from rpo_app import io
 
     fmt, ext = choice.split(":")
     ctx.layout.exports.mkdir(parents=True, exist_ok=True)
     out = ctx.layout.exports / f"{fmt}-{time.strftime('%Y%m%d-%H%M%S')}.{ext}"
     try:
-        report = io.export(ctx.store, fmt, out)
+        report = io.export(ctx.store, fmt, out, cut="drop" if drop_cut else "keep")
     except ValueError as err:
         raise gr.Error(str(err))
     return str(out), f"✔ {report.summary()}"
@@ -227,6 +229,9 @@ def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
                 export_fmt = gr.Dropdown(EXPORT_CHOICES, value="trl-dpo:jsonl", label="Format",
                                          scale=3, elem_id="export-format")
                 export_btn = gr.Button("Export", scale=1, elem_id="export-btn")
+            export_drop_cut = gr.Checkbox(
+                False, label="TRL formats: leave out answers cut at their token limit (TRL would "
+                             "train an ending the model never wrote)", elem_id="export-drop-cut")
             export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
             export_status = gr.Markdown("")
     gr.Markdown("### What is in the store")
@@ -276,7 +281,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
                   [pasted, data_status, stats_table, prompts_table], api_name="add_prompts")
     import_btn.click(on_import, [upload, import_gold], [upload, data_status, stats_table, prompts_table],
                      api_name="import_file")
-    export_btn.click(functools.partial(export, ctx), export_fmt, [export_file, export_status],
+    export_btn.click(functools.partial(export, ctx), [export_fmt, export_drop_cut], [export_file, export_status],
                      api_name="export")
     gen_inputs = [gen_adapter, gen_n, gen_limit, gen_temp, gen_top_p, gen_max, gen_seed, gen_min_p,
                   gen_rep]
