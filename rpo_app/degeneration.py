@@ -1,10 +1,14 @@
 """Signs that preference tuning went too far: answers that shrink to a word, balloon,
-or loop. Pure functions on text, shared by the effect benchmark and the Train tab's
-collapse warning.
+loop, or decline the task. Pure functions on text, shared by the benchmarks and the
+Train tab's collapse warning.
 
 Preference training is easy to overdo on a small model (a "shorter is better" judge
 and a high learning rate give one-word answers to everything), and the held-out
 preference accuracy does not show it: the reward goes up while the answers collapse.
+Labels can also teach a refusal: the bundled model's refusals add "However, I can ...",
+so a judge that likes caveats prefers them, and after 16 labels in the informative
+order the tuned model declined 41% of the test prompts (the base model 9%) while it
+won 61% of them against the base (bench-curve).
 """
 from __future__ import annotations
 
@@ -22,7 +26,21 @@ REPEAT_MARGIN = 0.15
 # garbled ones ("a poor aarnous spelling") 1.4-2.6 below.
 FLUENCY_MARGIN = 1.0
 
+# ... or when this much larger a share of them declines the task. Measured on 43 runs
+# of bench-effect and bench-curve: the refusal share moved -0.09 to +0.09 from the
+# base's on every run but the informative-order caveat ones, +0.13 to +0.32 there.
+REFUSAL_MARGIN = 0.15
+
 _WORD = re.compile(r"\S+")
+# How instruction-tuned models decline: speaking as an AI ("as a chatbot designed to ...,
+# I ..."), or saying they cannot do the task. Not "I'm sorry" alone: "I'm sorry to hear that" is sympathy, not a refusal; not
+# "I can't help but ...".
+_REFUSAL = re.compile(
+    r"\bas an? (?:[\w-]+ ){0,2}?(?:ai|chatbot|language model|assistant)(?:,? i\b|\s+(?:designed|trained)\b)"
+    r"|\bi (?:don't|do not) have the (?:ability|capability)\b"
+    r"|\bi(?:'m| am) (?:unable|not able) to\b"
+    r"|\bi can(?:not|'t) (?:help|assist|provide)\b(?! but)",
+    re.IGNORECASE)
 
 
 def words(text: str) -> list[str]:
@@ -43,15 +61,22 @@ def repeated_ngram_share(text: str, n: int = NGRAM) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def is_refusal(text: str) -> bool:
+    """Whether the answer declines the task ("as a text-based AI, I don't have the
+    ability to ...", "I'm unable to provide ...")."""
+    return bool(_REFUSAL.search((text or "").replace("\u2019", "'")))
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
 def summarize(texts: Sequence[str]) -> dict:
-    """Mean words, share of short answers, mean repeated 3-gram share."""
+    """Mean words, share of short answers, mean repeated 3-gram share, share of refusals."""
     return {"mean_words": _mean([word_count(t) for t in texts]),
             "short_share": _mean([1.0 if word_count(t) < SHORT_WORDS else 0.0 for t in texts]),
             "repeat_share": _mean([repeated_ngram_share(t) for t in texts]),
+            "refusal_share": _mean([1.0 if is_refusal(t) else 0.0 for t in texts]),
             "n": len(texts)}
 
 
@@ -78,10 +103,17 @@ def collapse_warning(base: Sequence[str], tuned: Sequence[str], base_logp: float
     if t["repeat_share"] > b["repeat_share"] + REPEAT_MARGIN:
         problems.append(f"answers repeat themselves ({t['repeat_share']:.0%} repeated "
                         f"{NGRAM}-grams vs {b['repeat_share']:.0%} for the base model)")
+    refusing = t["refusal_share"] > b["refusal_share"] + REFUSAL_MARGIN
+    if refusing:
+        problems.append(f"{t['refusal_share']:.0%} of answers decline the task (\"as an AI, I don't "
+                        f"have the ability ...\") vs {b['refusal_share']:.0%} for the base model")
     if base_logp is not None and tuned_logp is not None and tuned_logp < base_logp - FLUENCY_MARGIN:
         problems.append(f"the base model finds the answers far less likely ({tuned_logp:.2f} vs "
                         f"{base_logp:.2f} log-prob per token): words may be garbled")
     if not problems:
         return None
-    return ("the tuned model may be collapsing: " + "; ".join(problems)
-            + ". Lower the learning rate or the steps, or raise β.")
+    advice = " Lower the learning rate or the steps, or raise β."
+    if refusing:
+        advice += (" If the answers you preferred include refusals, the labels taught it to"
+                   " decline: retract those, or prefer answers that do the task.")
+    return "the tuned model may be collapsing: " + "; ".join(problems) + "." + advice

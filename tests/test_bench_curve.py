@@ -178,6 +178,24 @@ def test_merge_combines_runs_and_refuses_a_bad_file(tmp_path):
     assert len(merged["rows"]) == len(ROWS) and len(merged["summary"]) == 8
     assert (out / "curve.png").stat().st_size > 0 and "rpo-unpaired" in (out / "curve.txt").read_text()
 
+    # A file from before the refusal figure: the merge reads it, and the collapse flag by
+    # today's rule, off the answers each row stored, against its own file's base answers.
+    old = tmp_path / "old.json"
+    helpful = "Practise in front of a friend, then ask them what to keep and what to change."
+    refusal = ("I'm sorry for any confusion, but as a text-based AI, I don't have the ability "
+               "to give advice. However, I can help with other tasks you may have.")
+    row = dict(_row("caveat", "pairs", "active", "rpo-paired", 16, 0, 0.61), answers=[refusal, refusal],
+               collapse=None)
+    old.write_text(json.dumps({"rows": [row], "base_per_seed": [
+        {"seed": 0, "answers": [helpful, helpful], "base_logp": -1.0}]}))
+    done = subprocess.run(cmd[:5] + [str(old), "--out", str(tmp_path / "m3")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    m3 = json.loads((tmp_path / "m3" / "curve.json").read_text())
+    assert m3["rows"][0]["refusal_share"] == 1.0 and "decline the task" in m3["rows"][0]["collapse"]
+    assert m3["summary"][0]["collapsed"] == 1 and m3["base_per_seed"][0]["refusal_share"] == 0.0
+    assert "refusals" in (tmp_path / "m3" / "curve.txt").read_text()
+
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     out2 = tmp_path / "merged2"

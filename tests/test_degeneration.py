@@ -26,7 +26,43 @@ def test_repeated_ngram_share():
 
 
 def test_summarize_empty_list():
-    assert dg.summarize([]) == {"mean_words": 0.0, "short_share": 0.0, "repeat_share": 0.0, "n": 0}
+    assert dg.summarize([]) == {"mean_words": 0.0, "short_share": 0.0, "repeat_share": 0.0,
+                                "refusal_share": 0.0, "n": 0}
+
+
+# Refusals as the bundled model wrote them after training on a caveat judge's labels
+REFUSALS = ["I'm sorry for any confusion, but as a text-based AI, I don't have the ability to "
+            "provide grammatical assistance. However, I can help with other tasks.",
+            "I'm sorry for the misunderstanding, but as a chatbot designed to assist with customer "
+            "inquiries, I don't have the ability to provide personal advice. However, I can help.",
+            "I’m unable to provide a 20% tip in real time. However, I can explain how to work it out."]
+
+
+@pytest.mark.parametrize("text", REFUSALS)
+def test_a_refusal_is_one(text):
+    assert dg.is_refusal(text)
+
+
+@pytest.mark.parametrize("text", [
+    "I'm sorry to hear that. It's completely normal to feel hurt when a friend forgets.",
+    "I can't help but admire how the leaves turn gold in autumn.",
+    "Use it as a chatbot backend: the model answers each message in turn.",
+    "As an AI assistant, here is a short poem about the sea.",
+    "",
+])
+def test_sympathy_and_talk_about_chatbots_are_not_refusals(text):
+    assert not dg.is_refusal(text)
+
+
+def test_warning_when_the_answers_turn_into_refusals():
+    helpful = ["Start with a clear goal, then practise in front of a friend and ask for feedback.",
+               "Twenty percent of 45 dollars is 9 dollars, so the total comes to 54 dollars."]
+    assert dg.summarize(REFUSALS[:2] + helpful)["refusal_share"] == pytest.approx(0.5)
+    msg = dg.collapse_warning(helpful, REFUSALS[:2])
+    assert msg and "100% of answers decline the task" in msg and "vs 0% for the base model" in msg
+    assert "taught it to decline" in msg
+    # as many refusals as the base model wrote: nothing learned there
+    assert dg.collapse_warning(REFUSALS[:1] + helpful[:1], REFUSALS[1:2] + helpful[1:]) is None
 
 
 BASE = ["Sleep at the same time every night and keep the room dark and cool.",

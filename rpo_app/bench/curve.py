@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from rpo_app import degeneration
 from rpo_app.bench import effect
 from rpo_app.bench.effect import BenchError
 
@@ -44,8 +45,8 @@ REGIMES = {"pairs": "paired", "thumbs": "unpaired", "cross": "cross"}
 ORDERS = {"random": "random", "queue": "queue", "active": "informative"}
 REGIME_LOSSES = {"pairs": ("rpo-paired", "dpo"), "thumbs": ("rpo-unpaired", "kto"),
                  "cross": ("rpo-paired", "dpo")}
-METRICS = ("win_rate", "mean_words", "short_share", "repeat_share", "base_logp", "labels", "decided",
-           "steps", "train_s", "informative_share")
+METRICS = ("win_rate", "mean_words", "short_share", "repeat_share", "refusal_share", "base_logp",
+           "labels", "decided", "steps", "train_s", "informative_share")
 
 
 # --- the simulated annotator ---------------------------------------------------------------
@@ -293,8 +294,8 @@ def format_table(summary: list[dict]) -> str:
         "win rate": pm(e, "win_rate", ".2f") if e["trained"] else "no data",
         "per seed": ", ".join(f"{v:.2f}" for v in e.get("win_rate_seeds", [])),
         "words": pm(e, "mean_words", ".1f"), "<3 words": pm(e, "short_share", ".2f"),
-        "rep. 3-grams": pm(e, "repeat_share", ".3f"), "base logp/tok": pm(e, "base_logp", ".2f"),
-        "collapsed": f"{e.get('collapsed', 0)}/{e['trained']}",
+        "rep. 3-grams": pm(e, "repeat_share", ".3f"), "refusals": pm(e, "refusal_share", ".2f"),
+        "base logp/tok": pm(e, "base_logp", ".2f"), "collapsed": f"{e.get('collapsed', 0)}/{e['trained']}",
         "steps": pm(e, "steps", ".0f"), "train s": pm(e, "train_s", ".0f"),
     } for e in summary])
     return frame.to_string(index=False)
@@ -426,8 +427,11 @@ def main_from_args(args: argparse.Namespace) -> int:
             if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
                 print(f"error: {name} is not a bench-curve curve.json (no list of rows)", file=sys.stderr)
                 return effect.EXIT_USAGE
-            rows += data["rows"]
-            bases += data.get("base_per_seed", [])
+            # each file's rows against its own base answers (other files may hold other test prompts)
+            own = {b.get("seed"): b for b in data.get("base_per_seed", [])}
+            rows += [effect.degeneration_now(r, own.get(r.get("seed"))) for r in data["rows"]]
+            bases += [{**b, **degeneration.summarize(b["answers"])} if isinstance(b.get("answers"), list)
+                      else b for b in data.get("base_per_seed", [])]
         out.mkdir(parents=True, exist_ok=True)
         summary = write_outputs(out, {"merged": args.merge}, rows, bases)
         print(format_table(summary))

@@ -47,7 +47,8 @@ DEFAULT_LOSSES = ("rpo-paired", "rpo-unpaired", "dpo")
 ANNOTATIONS = ("all", "ranking", "pairs")
 EXIT_USAGE = 2
 METRICS = ("win_rate", "score_tuned", "score_base", "heldout_acc", "mean_words", "short_share",
-           "repeat_share", "base_logp", "train_s", "steps", "human_judgments", "pairs_trained")
+           "repeat_share", "refusal_share", "base_logp", "train_s", "steps", "human_judgments",
+           "pairs_trained")
 
 
 class BenchError(ValueError):
@@ -143,6 +144,22 @@ def win_rate(tuned: list[float], base: list[float]) -> float:
     return sum(1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(tuned, base)) / len(tuned)
 
 
+def degeneration_now(row: dict, base: dict | None) -> dict:
+    """`row` with its degeneration figures and collapse flag by today's rules, from the
+    test answers it stored (a file written before a figure existed lacks it). `base`:
+    the same seed's base_per_seed entry (its answers and their base log-prob)."""
+    from rpo_app import degeneration
+
+    answers = row.get("answers")
+    if "error" in row or not isinstance(answers, list):
+        return row
+    out = {**row, **{k: v for k, v in degeneration.summarize(answers).items() if k != "n"}}
+    if base and isinstance(base.get("answers"), list):
+        out["collapse"] = degeneration.collapse_warning(base["answers"], answers, base.get("base_logp"),
+                                                        row.get("base_logp"))
+    return out
+
+
 def collapsed_count(rows: list[dict]) -> int:
     """Runs whose test answers the Train tab's collapse rule flagged (row["collapse"]): a
     judge that only counts words can give a garbled model its best win rate."""
@@ -183,6 +200,7 @@ def format_table(summary: list[dict]) -> str:
         "score tuned": pm(e, "score_tuned", ".2f"), "score base": pm(e, "score_base", ".2f"),
         "held-out acc": pm(e, "heldout_acc", ".2f"), "words": pm(e, "mean_words", ".1f"),
         "<3 words": pm(e, "short_share", ".2f"), "rep. 3-grams": pm(e, "repeat_share", ".3f"),
+        "refusals": pm(e, "refusal_share", ".2f"),
         "base logp/tok": pm(e, "base_logp", ".2f"), "collapsed": f"{e.get('collapsed', 0)}/{e['seeds']}",
         "train s": pm(e, "train_s", ".0f"),
     } for e in summary])
@@ -673,12 +691,10 @@ def main_from_args(args: argparse.Namespace) -> int:
     for entry in summary:
         entry["annotation"] = (f"pairs x{args.pairs_per_prompt}" if args.annotation == "pairs"
                                else args.annotation)
-    base_summary = {m: statistics.fmean(b[m] for b in bases)
-                    for m in ("mean_words", "short_share", "repeat_share", "base_logp")}
-    base_summary.update({f"{m}_std": statistics.pstdev(b[m] for b in bases)
-                         for m in ("mean_words", "short_share", "repeat_share", "base_logp")})
-    base_summary["sampled"] = {m: statistics.fmean(b["sampled"][m] for b in bases)
-                               for m in ("mean_words", "short_share", "repeat_share", "base_logp")}
+    shown = ("mean_words", "short_share", "repeat_share", "refusal_share", "base_logp")
+    base_summary = {m: statistics.fmean(b[m] for b in bases) for m in shown}
+    base_summary.update({f"{m}_std": statistics.pstdev(b[m] for b in bases) for m in shown})
+    base_summary["sampled"] = {m: statistics.fmean(b["sampled"][m] for b in bases) for m in shown}
     config = {k: v for k, v in vars(args).items() if k != "func"}
     result = {"config": config, "judges": list(judges), "seconds": time.time() - t0,
               "summary": summary, "base": base_summary, "per_seed": rows, "base_per_seed": bases,
@@ -687,7 +703,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     table = format_table(summary) if summary else "(no successful runs)"
     base_line = "\n".join(
         f"{what}: {s['mean_words']:.1f} words, <3 words {s['short_share']:.2f}, "
-        f"rep. 3-grams {s['repeat_share']:.3f}, base logp/tok {s['base_logp']:.2f}"
+        f"rep. 3-grams {s['repeat_share']:.3f}, refusals {s['refusal_share']:.2f}, "
+        f"base logp/tok {s['base_logp']:.2f}"
         for what, s in (("base model, greedy test answers", base_summary),
                         (f"base model, sampled candidates (T={args.gen_temperature})", base_summary["sampled"])))
     (out / "effect.txt").write_text(table + "\n" + base_line + "\n")
