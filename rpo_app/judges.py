@@ -11,7 +11,8 @@ any .py file) and pass ``--judge my_module:my_judge`` or
 ``--judge path/to/file.py:my_judge``. Keep it pure (same input, same score) and
 make sure it cannot be gamed by degenerate output: a judge that rewards an empty or
 one-word answer teaches the model to say nothing. The shipped judges all score an
-answer under ``MIN_WORDS`` words below any real answer.
+answer under ``MIN_WORDS`` words below any real answer, and ``caveat`` gives a refusal
+no credit for the "However, I can ..." it ends with.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from rpo_app.degeneration import word_count
+from rpo_app.degeneration import is_refusal, word_count
 
 Judge = Callable[[str, str], float]
 
@@ -69,10 +70,16 @@ def numbered_list(prompt: str, response: str) -> float:
 
 def caveat(prompt: str, response: str) -> float:
     """Mentioning a caveat or limitation is better: one point per distinct caveat
-    phrase (see CAVEAT_PHRASES), up to 3."""
+    phrase (see CAVEAT_PHRASES), up to 3. A refusal (degeneration.is_refusal) scores 0:
+    a caveat qualifies an answer, and a refusal gives none. Without that rule, the
+    bundled model's refusals ("as a text-based AI, I don't have the ability to ...
+    However, I can ...") scored as caveats, and the runs trained on its labels learned
+    to refuse up to 47% of test prompts (the base model: 3-9%)."""
     n = word_count(response)
     if n < MIN_WORDS:
         return DEGENERATE + n
+    if is_refusal(response):
+        return 0.0
     text = (response or "").lower()
     return float(min(sum(1 for p in CAVEAT_PHRASES if p in text), 3))
 

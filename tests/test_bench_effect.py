@@ -49,6 +49,9 @@ def test_caveat():
     assert cv(PROMPT, hedged) == 3
     assert cv(PROMPT, MEDIUM + " Note that this may vary.") == 1
     assert cv(PROMPT, "However.") < cv(PROMPT, MEDIUM)
+    refusal = ("I'm sorry for any confusion, but as a text-based AI, I don't have the ability to "
+               "give medical advice. However, I can share general tips; consult a doctor.")
+    assert cv(PROMPT, refusal) == cv(PROMPT, MEDIUM) == 0  # a refusal's caveats qualify no answer
 
 
 def test_load_judge_specs(tmp_path):
