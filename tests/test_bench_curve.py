@@ -124,6 +124,7 @@ def test_summary_and_targets():
     lines = curve.targets(summary)
     # active at 32 (0.55) is under random's 128 mean (0.58); at 64 (0.62) it is over
     assert "caveat: active reaches random's 128-label win rate (0.58) with 64 labels" in lines
+    assert "caveat: active's best win rate within 128 labels: 0.62 at 64 labels" in lines
     assert "concise, thumbs only, 64 labels: rpo-unpaired 0.70 vs kto 0.60 (+10 points)" in lines
     assert "concise, cross-prompt only, 64 labels: rpo-paired 0.75; dpo has nothing to train on" in lines
     table = curve.format_table(summary)
@@ -164,6 +165,14 @@ def test_a_budget_the_queue_could_not_fill_says_what_was_labeled():
                for line in curve.targets(summary))
     full = next(e for e in summary if e["judge"] == "concise" and e["loss"] == "kto")
     assert full["exhausted"] == 0
+
+
+def test_the_active_target_lines_say_which_seeds_collapsed():
+    rows = [dict(r) for r in ROWS]
+    rows[2]["collapse"] = "the tuned model may be collapsing: 41% of answers decline the task"
+    lines = curve.targets(curve.summarize(rows))
+    assert ("caveat: active reaches random's 128-label win rate (0.58) with 64 labels; random "
+            "collapsed on 1 of 2 seeds, 0.56 without them") in lines
 
 
 def test_merge_combines_runs_and_refuses_a_bad_file(tmp_path):

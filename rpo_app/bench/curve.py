@@ -23,7 +23,8 @@ run), label on to the next budget, train, re-score, and so on.
 
 Outputs in --out: curve.json (every row, written as it comes, so an interrupted run
 keeps what it measured), curve.txt (mean ± spread over seeds) and curve.png. Several
-partial runs (other seeds or judges, run side by side) combine with --merge.
+partial runs (other seeds or judges, run side by side) combine with --merge, which reads
+each row's degeneration figures and collapse flag again from its stored answers.
 """
 from __future__ import annotations
 
@@ -245,9 +246,18 @@ def targets(summary: list[dict]) -> list[str]:
             reach = [b for b in budgets
                      if by.get((judge, "pairs", "active", "rpo-paired", b), {}).get("win_rate", -1)
                      >= ref["win_rate"]]
+            got = by[(judge, "pairs", "active", "rpo-paired", reach[0])] if reach else None
             lines.append(f"{judge}: active reaches random's {budgets[-1]}-label win rate "
                          f"({ref['win_rate']:.2f}) with " + (f"{reach[0]} labels" if reach else
-                                                             "none of the budgets"))
+                                                             "none of the budgets")
+                         + _collapses(ref, "random") + (_collapses(got, "active") if got else ""))
+        actives = [(by[k]["win_rate"], k[4]) for k in by
+                   if k[:4] == (judge, "pairs", "active", "rpo-paired") and k[4] <= 128
+                   and "win_rate" in by[k]]
+        if actives:
+            best, at = max(actives, key=lambda wb: (wb[0], -wb[1]))
+            lines.append(f"{judge}: active's best win rate within 128 labels: {best:.2f} at {at} labels"
+                         + _collapses(by[(judge, "pairs", "active", "rpo-paired", at)], "active"))
         for b in budgets:
             u, k = by.get((judge, "thumbs", "random", "rpo-unpaired", b)), by.get((judge, "thumbs", "random", "kto", b))
             if u and k and "win_rate" in u and "win_rate" in k:
