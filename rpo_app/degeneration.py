@@ -5,10 +5,10 @@ Train tab's collapse warning.
 Preference training is easy to overdo on a small model (a "shorter is better" judge
 and a high learning rate give one-word answers to everything), and the held-out
 preference accuracy does not show it: the reward goes up while the answers collapse.
-Labels can also teach a refusal: the bundled model's refusals add "However, I can ...",
-so a judge that likes caveats prefers them, and after 16 labels in the informative
-order the tuned model declined 41% of the test prompts (the base model 9%) while it
-won 61% of them against the base (bench-curve).
+Labels can also teach a refusal. The bundled model's refusals go on "However, I can
+...", and a few labels that prefer hedged answers pull that mode up with the hedges:
+with the caveat judge's 4 decided pairs (none of them a refusal) the tuned model
+declined 41% of the test prompts, the base model 9% (bench-curve).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ REPEAT_MARGIN = 0.15
 # garbled ones ("a poor aarnous spelling") 1.4-2.6 below.
 FLUENCY_MARGIN = 1.0
 
-# ... or when this much larger a share of them declines the task. Measured on 43 runs
-# of bench-effect and bench-curve: the refusal share moved -0.09 to +0.09 from the
-# base's on every run but the informative-order caveat ones, +0.13 to +0.32 there.
+# ... or when this much larger a share of them declines the task. Measured on the test
+# answers of 93 bench-curve runs: 53 on the concise and numbered_list judges moved
+# -0.09 to +0.03 from the base's share; 40 on caveat -0.06 to +0.44, 10 of them above.
 REFUSAL_MARGIN = 0.15
 
 _WORD = re.compile(r"\S+")
