@@ -33,8 +33,8 @@ REFUSAL_MARGIN = 0.15
 
 _WORD = re.compile(r"\S+")
 # How instruction-tuned models decline: speaking as an AI ("as a chatbot designed to ...,
-# I ..."), or saying they cannot do the task. Not "I'm sorry" alone: "I'm sorry to hear that" is sympathy, not a refusal; not
-# "I can't help but ...".
+# I ..."), or saying they cannot do the task. Not "I'm sorry" alone ("I'm sorry to hear
+# that" is sympathy), nor "I can't help but ...".
 _REFUSAL = re.compile(
     r"\bas an? (?:[\w-]+ ){0,2}?(?:ai|chatbot|language model|assistant)(?:,? i\b|\s+(?:designed|trained)\b)"
     r"|\bi (?:don't|do not) have the (?:ability|capability)\b"
