@@ -421,7 +421,6 @@ def train_and_judge(args, prep: dict, cfg, run_dir: Path, judge, judge_name: str
     """Train `cfg` with the product's trainer into run_dir, then answer the test prompts
     greedily with the adapter and let the judge compare with the base model's answers.
     Returns the row's metrics (with "error" when training refused or failed)."""
-    from rpo_app import degeneration
     from rpo_app.judges import score
     from rpo_app.runfolder import RunFolder
     from rpo_app.train import train
@@ -458,15 +457,13 @@ def train_and_judge(args, prep: dict, cfg, run_dir: Path, judge, judge_name: str
     row.update({
         "win_rate": win_rate(tuned_scores, base_scores),
         "score_tuned": statistics.fmean(tuned_scores), "score_base": statistics.fmean(base_scores),
-        "heldout_acc": accs[-1] if accs else None,
-        **{k: v for k, v in degeneration.summarize(tuned).items() if k != "n"},
-        "base_logp": tuned_logp,
-        # the Train tab's rule on the test answers (its previews are not run here)
-        "collapse": degeneration.collapse_warning(prep["base_answers"], tuned,
-                                                  prep["base_metrics"]["base_logp"], tuned_logp),
+        "heldout_acc": accs[-1] if accs else None, "base_logp": tuned_logp,
         "steps": status.step, "early_stopped": status.early_stopped, "adapter": str(run.adapter),
         "answers": tuned,
     })
+    # the degeneration figures, and the Train tab's collapse rule on the test answers (its
+    # previews are not run here), as --merge reads them again later
+    row.update(degeneration_now(row, prep["base_metrics"]))
     if row["collapse"]:
         log.warning("%s: %s", name, row["collapse"])
     return row
