@@ -61,6 +61,14 @@ def _wait_status(page, text: str) -> str:
     return _status(page)
 
 
+def _wait_asked_for_name(page) -> None:
+    """Until the tab asks for a name (the page's first item event has run): on a store with
+    answers the request stands where the item's question goes."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#lbl-question")).to_contain_text("Enter your name", timeout=TIMEOUT)
+
+
 def _settled_model_line(page, timeout: float = 90.0) -> str:
     """The model line once it no longer says "loading" (the model loads in the background;
     the Label tab does not need it, but a screenshot should not show "loading...")."""
@@ -114,6 +122,9 @@ def test_a_name_typed_while_the_page_loads_is_kept(label_app):
         box.press("Enter")
         page.wait_for_timeout(3000)  # the load chain has run by now
         assert box.input_value() == "early-bird"
+        # The item Enter showed stays: the load's own first-item event does not wipe it.
+        assert _box(page, "lbl-prompt").input_value()
+        assert "Enter your name" not in page.locator("#lbl-question").inner_text()
         assert "Enter your name" not in _status(page)
 
 
@@ -126,10 +137,9 @@ def test_label_tab_mouse_keyboard_undo_skip_thumbs_and_reload(label_app, tmp_pat
         page.on("pageerror", lambda err: errors.append(str(err)))
         page.goto(app.url, timeout=60_000)
 
-        # Before a name is given the tab asks for one and judges nothing. (Wait for this
-        # before typing: the page's load event overwrites a name typed earlier; see
-        # test_a_name_typed_while_the_page_loads_is_kept.)
-        _wait_status(page, "Enter your name")
+        # Before a name is given the tab asks for one and judges nothing. (A name typed
+        # sooner is kept too: test_a_name_typed_while_the_page_loads_is_kept.)
+        _wait_asked_for_name(page)
         name_box = _box(page, "annotator-name")
         name_box.click()
         name_box.fill(NAME)
@@ -260,7 +270,7 @@ def test_prompt_and_answers_are_shown_as_text_not_html(tmp_path_factory, model_c
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.add_init_script("window.__xss = undefined;")
         page.goto(app.url, timeout=60_000)
-        _wait_status(page, "Enter your name")  # the page's load events are done
+        _wait_asked_for_name(page)  # the page's load events are done
         name_box = _box(page, "annotator-name")
         name_box.fill("xss-check")
         name_box.press("Enter")
@@ -304,7 +314,7 @@ def test_right_to_left_prompts_are_shown_intact_in_their_own_direction(tmp_path_
     with start_app(data) as app, chromium_browser() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(app.url, timeout=60_000)
-        _wait_status(page, "Enter your name")
+        _wait_asked_for_name(page)
         name_box = _box(page, "annotator-name")
         name_box.fill("rtl-check")
         name_box.press("Enter")

@@ -124,8 +124,8 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
         with chromium_browser() as browser:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(app.url, timeout=60_000)
-            page.wait_for_function("() => document.querySelector('#lbl-status') && "
-                                   "document.querySelector('#lbl-status').innerText.includes('name')",
+            page.wait_for_function("() => document.querySelector('#lbl-question') && "
+                                   "document.querySelector('#lbl-question').innerText.includes('name')",
                                    timeout=TIMEOUT)
             _box(page, "annotator-name").fill("grace")
             _box(page, "annotator-name").press("Enter")

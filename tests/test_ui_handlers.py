@@ -224,9 +224,14 @@ def test_chat_opens_with_the_newest_adapter_on_the_right(ctx, tmp_path):
 
 def test_label_handlers_judge_and_undo(ctx):
     shown = dict(zip(label.VIEW, label.show_next(ctx, "paired", None)))
-    assert "Enter your name" in shown["status"] and shown["token"] is None
+    # The store has pairs: "nothing left" would be untrue, and the request is made once.
+    assert "Enter your name" in shown["question"] and "Nothing left" not in shown["question"]
+    assert shown["status"] == "" and shown["token"] is None
     shown = dict(zip(label.VIEW, label.show_next(ctx, "paired", "ada")))
     assert shown["token"] and shown["prompt"]["value"].startswith("Test prompt")
+    # The page load's late first item (or a name-less one) leaves the item on screen alone.
+    kept = dict(zip(label.VIEW, label.poll(ctx, shown["token"], "paired", None)))
+    assert all(kept[name] == gr.skip() for name in label.VIEW if name != "poll")
     judged = dict(zip(label.VIEW, label.judge(ctx, "left", shown["token"], "paired", "clearly", "ada")))
     assert judged["status"].startswith("Saved judgment #1 (A better)")
     assert ctx.store.judgment(1)["strength"] == "clearly"
@@ -319,6 +324,8 @@ def _first_run_then_nothing_left(ctx):
     assert "Start here" in shown["question"]
     assert shown["first_run"]["visible"] is True
     assert "once the model has loaded" in shown["question"]  # this ctx has no model
+    nameless = dict(zip(label.VIEW, label.show_next(ctx, "paired", None)))
+    assert "Start here" in nameless["question"] and "Enter your name" in nameless["status"]
     ctx.store.add_response(ctx.store.prompts(limit=1)[0]["id"], "An answer.", source="test")
     shown = dict(zip(label.VIEW, label.show_next(ctx, "paired", "ada")))
     assert "Nothing left to judge" in shown["question"] and shown["first_run"]["visible"] is False

@@ -57,7 +57,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             return (name if name else gr.update()), _model_line(ctx)
 
         demo.load(on_load, remembered, [annotator, model_info], api_name=False).then(
-            label["show_next"], label["inputs"], label["view"], api_name=False).then(
+            label["poll"], label["poll_inputs"], label["view"], api_name=False,
+            concurrency_id=label_tab.FIRST_ITEM_GROUP, concurrency_limit=1).then(
             data["refresh"], None, data["outputs"], api_name=False).then(
             train["load"], train["load_inputs"], train["load_outputs"], api_name=False).then(
             chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)

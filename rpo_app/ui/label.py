@@ -192,6 +192,12 @@ RANK_CSS = """
 """
 
 # The outputs of every handler below, in order.
+NO_NAME = "Enter your name above to start judging."
+# The page load's first item and the name box's Enter run one at a time, in the order they
+# came: a load that read the name box empty must not land after, and wipe, the item Enter
+# showed (CI saw that on a loaded machine).
+FIRST_ITEM_GROUP = "label-first-item"
+
 VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
         "pair_row", "thumb_row", "strength_col", "related", "history", "progress",
         "first_run", "poll", "answers_row", "rank_col", "rank_cards", "rank_order",
@@ -203,7 +209,7 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
     """The tab showing `item` (None: nothing left in `mode`), in VIEW order."""
     hist, prog = _history_and_progress(ctx, annotator)
     if item is None:
-        empty, first_run, waiting = _nothing_to_judge(ctx, mode)
+        empty, first_run, waiting = _nothing_to_judge(ctx, mode, named=annotator is not None)
         view = {"token": None, "prompt": gr.update(value="", visible=True),
                 "left_prompt": gr.update(visible=False), "left": "",
                 "right_prompt": gr.update(visible=False), "right": "",
@@ -335,8 +341,10 @@ def rank_cards_html(answers: list[dict]) -> str:
     return '<div class="rank-list">' + "".join(cards) + "</div>"
 
 
-def _nothing_to_judge(ctx: AppContext, mode: str | None = None) -> tuple[str, bool, bool]:
-    """(what to say, show the first-run button, keep polling) when no item is left."""
+def _nothing_to_judge(ctx: AppContext, mode: str | None = None,
+                      named: bool = True) -> tuple[str, bool, bool]:
+    """(what to say, show the first-run button, keep polling) when no item is on screen:
+    none is left in `mode`, or (named=False) nobody has said who is judging."""
     job = ctx.generation.status()
     if job.running:
         return (f"**Answers are being written.** {job.line()}. The next pair shows here "
@@ -347,6 +355,8 @@ def _nothing_to_judge(ctx: AppContext, mode: str | None = None) -> tuple[str, bo
     if no_answers:
         offer, timed = first_run_offer(ctx)
         return f"**Start here.** {offer}", True, not timed  # poll until the estimate is in
+    if not named:  # there may be plenty to judge: "nothing left" would be untrue
+        return f"**{NO_NAME}**", False, False
     if mode == "ranking":
         return (f"Nothing left to rank. A ranking needs at least {rankings.MIN_ANSWERS} "
                 "answers to one prompt that you have not ranked: in the **Data** tab, "
@@ -396,7 +406,8 @@ def start_first_run(ctx: AppContext, mode: str, annotator: str | None,
 
 def poll(ctx: AppContext, token: str | None, mode: str, annotator: str | None,
          order: str = "informative") -> list:
-    """While answers are being written: the first item as soon as there is one."""
+    """The next item unless one is on screen: while answers are being written, on page
+    load, and on coming back to the tab."""
     if token:  # an item is on screen: leave it alone
         return [gr.Timer(active=False) if name == "poll" else gr.skip() for name in VIEW]
     return show_next(ctx, mode, annotator, order=order)
@@ -406,7 +417,10 @@ def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = 
               order: str = "informative") -> list:
     """The annotator's next item in `mode` and `order`; without a name, a request for one."""
     if annotator is None:
-        return render(ctx, None, None, "Enter your name above to start judging.", order=order)
+        view = render(ctx, None, None, order=order, mode=mode)
+        if view[VIEW.index("question")] != f"**{NO_NAME}**":  # said once, not twice
+            view[VIEW.index("status")] = NO_NAME
+        return view
     return render(ctx, annotator, ctx.queue.next_item(annotator, mode, order), message, mode, order)
 
 
@@ -616,7 +630,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     b_undo.click(on_undo, base_inputs, view, api_name="label_undo", concurrency_limit=None)
     mode.change(on_show, base_inputs, view, api_name="label_mode", concurrency_limit=None)
     order.change(on_show, base_inputs, view, api_name="label_order", concurrency_limit=None)
-    annotator_box.submit(on_show, base_inputs, view, api_name=False)
+    annotator_box.submit(on_show, base_inputs, view, api_name=False,
+                         concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
     _register_api(ctx)
     return {"view": view, "show_next": on_show, "inputs": base_inputs, "poll": on_poll,
             "poll_inputs": [token, *base_inputs]}
