@@ -70,7 +70,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         chat_page.select(chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
         # Back on the Label tab after generating or importing in the Data tab: an empty
         # screen fetches the next item (one on screen stays).
-        label_page.select(label["poll"], label["poll_inputs"], label["view"], api_name=False)
+        label_page.select(label["poll"], label["poll_inputs"], label["view"], api_name=False,
+                          concurrency_id=label_tab.FIRST_ITEM_GROUP, concurrency_limit=1)
         # Figures are computed when someone looks, not on every page load.
         team_page.select(team["load"], None, team["load_outputs"], api_name=False)
         timer = gr.Timer(3.0)

@@ -193,9 +193,11 @@ RANK_CSS = """
 
 # The outputs of every handler below, in order.
 NO_NAME = "Enter your name above to start judging."
-# The page load's first item and the name box's Enter run one at a time, in the order they
-# came: a load that read the name box empty must not land after, and wipe, the item Enter
-# showed (CI saw that on a loaded machine).
+# The events that show an item by themselves (the page load, the Label tab's select, which
+# Gradio also fires on page load, and the poll timer) run one at a time with the name box's
+# Enter, in the order they came. One that read the name box empty then either lands before
+# Enter's item or runs after it and finds the item on screen (poll leaves it alone); run
+# side by side, its "enter your name" view could land last and wipe the item (CI saw that).
 FIRST_ITEM_GROUP = "label-first-item"
 
 VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
@@ -612,7 +614,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
 
     base_inputs = [mode, annotator_box, order]
     first_run.click(on_first_run, base_inputs, view, api_name="first_run")
-    poll_timer.tick(on_poll, [token, *base_inputs], view, api_name=False, show_progress="hidden")
+    poll_timer.tick(on_poll, [token, *base_inputs], view, api_name=False, show_progress="hidden",
+                    concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
     gr.Timer(3.0).tick(on_order_tick, [token, order], order_info, api_name=False,
                        show_progress="hidden")
     for button, verdict, api in [(b_left, "left", "label_left"), (b_right, "right", "label_right"),
