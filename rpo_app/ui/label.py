@@ -191,7 +191,6 @@ RANK_CSS = """
   height: 14px; margin: 0 4px 0 0; vertical-align: middle}
 """
 
-# The outputs of every handler below, in order.
 NO_NAME = "Enter your name above to start judging."
 # The events that show an item by themselves (the page load, the Label tab's select, which
 # Gradio also fires on page load, and the poll timer) run one at a time with the name box's
@@ -200,6 +199,7 @@ NO_NAME = "Enter your name above to start judging."
 # side by side, its "enter your name" view could land last and wipe the item (CI saw that).
 FIRST_ITEM_GROUP = "label-first-item"
 
+# The outputs of every handler below, in order.
 VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
         "pair_row", "thumb_row", "strength_col", "related", "history", "progress",
         "first_run", "poll", "answers_row", "rank_col", "rank_cards", "rank_order",
