@@ -636,8 +636,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     annotator_box.submit(on_show, base_inputs, view, api_name=False,
                          concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
     _register_api(ctx)
-    return {"view": view, "show_next": on_show, "inputs": base_inputs, "poll": on_poll,
-            "poll_inputs": [token, *base_inputs]}
+    return {"view": view, "poll": on_poll, "poll_inputs": [token, *base_inputs]}
 
 
 # -- writing a better answer -------------------------------------------------------------
