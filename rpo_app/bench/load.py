@@ -42,15 +42,44 @@ def summary_ms(values: list[float]) -> dict:
             "mean_ms": round(statistics.mean(values) * 1000, 1) if values else None}
 
 
+# A call the client itself cancelled is made again, at most this many times in a row.
+CLIENT_RETRIES = 3
+
+
+def predict(client, *args, api_name: str, retried: list | None = None):
+    """`client.predict`, made again when gradio_client cancels it on its own side.
+
+    gradio_client 2.7.2 can raise an empty CancelledError for a call made right after the
+    previous one on the same client: the server closes the session's event stream once
+    nothing is pending, and when the client's reader thread is slow to read that close
+    (20 annotator threads and their readers on a loaded 2-core machine), the new call is
+    registered on the stream that is closing and is cancelled with it. The server still
+    receives the call. Every endpoint called here may be repeated: a repeated
+    submit_judgment token returns the first judgment and stores nothing new, and a
+    repeated next_item gives an item again. `retried` collects the api names retried."""
+    import concurrent.futures
+
+    for attempt in range(CLIENT_RETRIES + 1):
+        try:
+            return client.predict(*args, api_name=api_name)
+        except concurrent.futures.CancelledError:
+            if attempt == CLIENT_RETRIES:
+                raise
+            if retried is not None:
+                retried.append(api_name)
+
+
 def annotate(url: str, annotators: int, per_annotator: int, modes=("paired", "unpaired"),
              prefix: str = "load") -> dict:
     """`annotators` threads, each a gradio_client annotator judging `per_annotator` items.
-    Returns the acknowledged judgments (token -> judgment id), latencies and errors."""
+    Returns the acknowledged judgments (token -> judgment id), latencies, errors and the
+    calls the client cancelled on its side and made again (`predict`)."""
     clients = [gradio_client(url) for _ in range(annotators)]
     acked: dict[str, dict] = {}
     t_next: list[float] = []
     t_submit: list[float] = []
     errors: list[str] = []
+    retried: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(annotators)
 
@@ -60,13 +89,14 @@ def annotate(url: str, annotators: int, per_annotator: int, modes=("paired", "un
             start.wait()
             for n in range(per_annotator):
                 t0 = time.perf_counter()
-                item = c.predict(name, mode, api_name="/next_item")
+                item = predict(c, name, mode, api_name="/next_item", retried=retried)
                 t1 = time.perf_counter()
                 if not item:
                     break
                 verdict = (["left", "right", "tie", "both_bad"][n % 4] if item["kind"] != "unpaired"
                            else ["up", "down"][n % 2])
-                out = c.predict(item["token"], verdict, name, api_name="/submit_judgment")
+                out = predict(c, item["token"], verdict, name, api_name="/submit_judgment",
+                              retried=retried)
                 t2 = time.perf_counter()
                 with lock:
                     t_next.append(t1 - t0)
@@ -83,7 +113,7 @@ def annotate(url: str, annotators: int, per_annotator: int, modes=("paired", "un
     for t in threads:
         t.join()
     return {"acked": acked, "next_s": t_next, "submit_s": t_submit, "errors": errors,
-            "wall_s": time.perf_counter() - t0}
+            "retried": dict(Counter(retried)), "wall_s": time.perf_counter() - t0}
 
 
 def check_exactly_once(store, acked: dict[str, dict], prefix: str = "load") -> dict:
@@ -146,9 +176,9 @@ def baseline(annotators: int, calls: int, port: int) -> dict:
             start.wait()
             for _ in range(calls):
                 t0 = time.perf_counter()
-                c.predict("x", "paired", api_name="/next_item")
+                predict(c, "x", "paired", api_name="/next_item")
                 t1 = time.perf_counter()
-                c.predict("t", "left", "x", api_name="/submit_judgment")
+                predict(c, "t", "left", "x", api_name="/submit_judgment")
                 with lock:
                     times.append(time.perf_counter() - t1)
                     times.append(t1 - t0)
@@ -265,6 +295,7 @@ def run(annotators: int = 20, per_annotator: int = 50, data_dir: str | Path = "d
         "wall_s": round(result["wall_s"], 1),
         "next_item": summary_ms(result["next_s"]), "submit_judgment": summary_ms(result["submit_s"]),
         "bare_gradio_noop": base, "checks": checks, "errors": result["errors"][:5],
+        "client_cancelled_and_retried": result["retried"],
         "training_during": {"state": training.state, "step": training.step}
         if training else None,
         "chat_during": chat_result or None,
