@@ -27,7 +27,8 @@ def test_repeated_ngram_share():
 
 def test_summarize_empty_list():
     assert dg.summarize([]) == {"mean_words": 0.0, "short_share": 0.0, "repeat_share": 0.0,
-                                "refusal_share": 0.0, "n": 0}
+                                "loop_share": 0.0, "refusal_share": 0.0, "n": 0}
+    assert tuple(k for k in dg.summarize([]) if k != "n") == dg.FIGURES
 
 
 # Refusals as the bundled model wrote them after training on a caveat judge's labels
@@ -86,6 +87,38 @@ def test_warning_on_ballooning_answers():
     long = " ".join(f"word{i}" for i in range(100))
     msg = dg.collapse_warning(BASE, [long, long])
     assert msg and "grew" in msg
+
+
+# Loops the bundled model wrote after preference training (bench-curve test answers),
+# which word 3-grams do not see: inside one word, or a small part of a longer answer.
+CHAR_LOOPS = ["1. Sustainable and eco-friendly: 1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1",
+              "SmolLM, you're right, I'm not a full-out-Jump-Jump-Jump-Jump-Jump-Jump-Jump-Jump-Jump",
+              "Merging creates a new branch with a different origin origin.git.git.git.git.git.git.git."]
+
+
+def test_looped_char_share():
+    assert dg.looped_char_share("") == 0.0
+    assert dg.looped_char_share("Mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm") == 1.0
+    for text in CHAR_LOOPS:
+        assert dg.looped_char_share(text) >= dg.LOOPING_ANSWER, text
+        assert dg.repeated_ngram_share(text) < dg.REPEAT_MARGIN, text
+    # Short runs, whitespace, rules and a small table are not loops that make an answer loop.
+    prose = ("Wait... really?!! Yes - see below.\n\n----\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+             "                indented code\n" + BASE[0])
+    assert dg.looped_char_share(prose) < dg.LOOPING_ANSWER
+    assert dg.looped_char_share("hahaha, nice") == 0.0  # under LOOP_MIN_CHARS
+    for text in BASE:
+        assert dg.looped_char_share(text) == 0.0
+
+
+def test_warning_on_character_loops_the_other_rules_miss():
+    tuned = BASE[:1] + CHAR_LOOPS[:1]
+    assert dg.summarize(tuned)["loop_share"] == pytest.approx(0.5)
+    msg = dg.collapse_warning(BASE[:2], tuned)
+    assert msg and "loop on a few characters" in msg and '"1.1.1.1.1.1' in msg
+    assert "repeat themselves" not in msg and "shrank" not in msg
+    # The same share of loops in the base model's answers is no drift.
+    assert dg.collapse_warning(tuned, tuned[::-1]) is None
 
 
 def test_warning_on_repetition():

@@ -46,8 +46,8 @@ REGIMES = {"pairs": "paired", "thumbs": "unpaired", "cross": "cross"}
 ORDERS = {"random": "random", "queue": "queue", "active": "informative"}
 REGIME_LOSSES = {"pairs": ("rpo-paired", "dpo"), "thumbs": ("rpo-unpaired", "kto"),
                  "cross": ("rpo-paired", "dpo")}
-METRICS = ("win_rate", "mean_words", "short_share", "repeat_share", "refusal_share", "base_logp",
-           "labels", "decided", "steps", "train_s", "informative_share")
+METRICS = ("win_rate", *degeneration.FIGURES, "base_logp", "labels", "decided", "steps", "train_s",
+           "informative_share")
 
 
 # --- the simulated annotator ---------------------------------------------------------------
@@ -304,7 +304,8 @@ def format_table(summary: list[dict]) -> str:
         "win rate": pm(e, "win_rate", ".2f") if e["trained"] else "no data",
         "per seed": ", ".join(f"{v:.2f}" for v in e.get("win_rate_seeds", [])),
         "words": pm(e, "mean_words", ".1f"), "<3 words": pm(e, "short_share", ".2f"),
-        "rep. 3-grams": pm(e, "repeat_share", ".3f"), "refusals": pm(e, "refusal_share", ".2f"),
+        "rep. 3-grams": pm(e, "repeat_share", ".3f"), "loops": pm(e, "loop_share", ".2f"),
+        "refusals": pm(e, "refusal_share", ".2f"),
         "base logp/tok": pm(e, "base_logp", ".2f"), "collapsed": f"{e.get('collapsed', 0)}/{e['trained']}",
         "steps": pm(e, "steps", ".0f"), "train s": pm(e, "train_s", ".0f"),
     } for e in summary])

@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from rpo_app import degeneration
+
 log = logging.getLogger("rpo_app.bench.effect")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,9 +48,8 @@ SEED_PROMPTS = REPO / "data" / "prompts.jsonl"
 DEFAULT_LOSSES = ("rpo-paired", "rpo-unpaired", "dpo")
 ANNOTATIONS = ("all", "ranking", "pairs")
 EXIT_USAGE = 2
-METRICS = ("win_rate", "score_tuned", "score_base", "heldout_acc", "mean_words", "short_share",
-           "repeat_share", "refusal_share", "base_logp", "train_s", "steps", "human_judgments",
-           "pairs_trained")
+METRICS = ("win_rate", "score_tuned", "score_base", "heldout_acc", *degeneration.FIGURES, "base_logp",
+           "train_s", "steps", "human_judgments", "pairs_trained")
 
 
 class BenchError(ValueError):
@@ -148,7 +149,6 @@ def degeneration_now(row: dict, base: dict | None) -> dict:
     """`row` with its degeneration figures and collapse flag by today's rules, from the
     test answers it stored (a file written before a figure existed lacks it). `base`:
     the same seed's base_per_seed entry (its answers and their base log-prob)."""
-    from rpo_app import degeneration
 
     answers = row.get("answers")
     if "error" in row or not isinstance(answers, list):
@@ -200,7 +200,7 @@ def format_table(summary: list[dict]) -> str:
         "score tuned": pm(e, "score_tuned", ".2f"), "score base": pm(e, "score_base", ".2f"),
         "held-out acc": pm(e, "heldout_acc", ".2f"), "words": pm(e, "mean_words", ".1f"),
         "<3 words": pm(e, "short_share", ".2f"), "rep. 3-grams": pm(e, "repeat_share", ".3f"),
-        "refusals": pm(e, "refusal_share", ".2f"),
+        "loops": pm(e, "loop_share", ".2f"), "refusals": pm(e, "refusal_share", ".2f"),
         "base logp/tok": pm(e, "base_logp", ".2f"), "collapsed": f"{e.get('collapsed', 0)}/{e['seeds']}",
         "train s": pm(e, "train_s", ".0f"),
     } for e in summary])
@@ -306,7 +306,6 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
     """One seed's fixed part: a fresh store of the training prompts with their sampled
     candidates, the model host, and the base model's greedy test answers with their
     metrics (generations cached: OUT/cache). Returns its pieces by name."""
-    from rpo_app import degeneration
     from rpo_app.generate import GenSettings, ModelHost, generate_candidates
     from rpo_app.store import Store
 
@@ -688,7 +687,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     for entry in summary:
         entry["annotation"] = (f"pairs x{args.pairs_per_prompt}" if args.annotation == "pairs"
                                else args.annotation)
-    shown = ("mean_words", "short_share", "repeat_share", "refusal_share", "base_logp")
+    shown = (*degeneration.FIGURES, "base_logp")
     base_summary = {m: statistics.fmean(b[m] for b in bases) for m in shown}
     base_summary.update({f"{m}_std": statistics.pstdev(b[m] for b in bases) for m in shown})
     base_summary["sampled"] = {m: statistics.fmean(b["sampled"][m] for b in bases) for m in shown}
@@ -700,7 +699,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     table = format_table(summary) if summary else "(no successful runs)"
     base_line = "\n".join(
         f"{what}: {s['mean_words']:.1f} words, <3 words {s['short_share']:.2f}, "
-        f"rep. 3-grams {s['repeat_share']:.3f}, refusals {s['refusal_share']:.2f}, "
+        f"rep. 3-grams {s['repeat_share']:.3f}, loops {s['loop_share']:.2f}, "
+        f"refusals {s['refusal_share']:.2f}, "
         f"base logp/tok {s['base_logp']:.2f}"
         for what, s in (("base model, greedy test answers", base_summary),
                         (f"base model, sampled candidates (T={args.gen_temperature})", base_summary["sampled"])))
