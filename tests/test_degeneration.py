@@ -143,6 +143,17 @@ def test_train_tab_collapse_line_uses_newest_previews():
     assert collapse_line(healthy + collapsed + recovered) is None
 
 
+def test_train_tab_collapse_line_shows_a_quoted_loop_as_written():
+    from rpo_app.ui.train import collapse_line
+
+    looping = [{"step": 60, "prompt": "p", "base": BASE[0], "tuned": "1. **1. **1. **1. **1. **1. **1. **"},
+               {"step": 60, "prompt": "q", "base": BASE[1], "tuned": BASE[1]}]
+    line = collapse_line(looping)
+    assert line.startswith("⚠ **collapse warning:**") and "loop on a few characters" in line
+    # Markdown would make the model's asterisks bold; they come out escaped, the rest as it was.
+    assert "1. \\*\\*1. \\*\\*1." in line and "**1." not in line
+
+
 def test_warning_on_garbled_answers_only_with_a_large_fluency_drop():
     tuned = ["The auskure tipping is a poor aarnous spelling that I can sobify on Monday.",
              "A 20% rule-of-two environment is a beautiful multi-purpose tool for sleep."]

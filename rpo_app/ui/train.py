@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import html
 import os
+import re
 import statistics
 import time
 
@@ -400,7 +401,12 @@ def collapse_line(sample_rows: list[dict]) -> str | None:
     message = collapse_warning([text(r.get("base")) for r in newest],
                                [text(r.get("tuned")) for r in newest],
                                mean_logp("base_logp"), mean_logp("tuned_logp"))
-    return f"⚠ **collapse warning:** {html.escape(message)}" if message else None
+    if not message:
+        return None
+    # The message quotes the model's own text ("1. **1. **1. ..."): shown as written, not
+    # read as Markdown.
+    quoted = html.escape(re.sub(r"([\\`*_\[\]#|~])", r"\\\1", message))
+    return f"⚠ **collapse warning:** {quoted}"
 
 
 # -- layout and wiring --------------------------------------------------------------------
