@@ -203,6 +203,7 @@ def test_annotation_options_are_checked(capsys):
     assert "--pairs-per-prompt must be between 1 and 6" in err("--annotation", "pairs", "--pairs-per-prompt", "7")
     assert "got 0" in err("--annotation", "pairs", "--pairs-per-prompt", "0")
     assert "between 1 and 3" in err("--annotation", "pairs", "--candidates", "3", "--pairs-per-prompt", "4")
+    assert "--sft-weight must be >= 0, got -1.0" in err("--sft-weight", "-1")
     with pytest.raises(SystemExit):
         main(["bench-effect", "--annotation", "thumbs"])
     capsys.readouterr()
@@ -286,10 +287,12 @@ def test_without_steps_each_judge_trains_the_default_epochs(tiny_model_dir, tmp_
                  "--prompts", str(prompts), "--out", str(out), "--judge", "concise", "--losses", "dpo",
                  "--train-prompts", "6", "--test-prompts", "3", "--candidates", "3", "--epochs", "1",
                  "--min-steps", "7", "--batch-size", "4", "--max-new-tokens", "6", "--eval-fraction", "0.2",
-                 "--cpu-threads", "1", "--max-length", "96", "--small-set", "0"]) == 0
+                 "--cpu-threads", "1", "--max-length", "96", "--small-set", "0",
+                 "--sft-weight", "0.5"]) == 0
     run = out / "seed-0" / "concise" / "dpo"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["max_steps"] is None and cfg["epochs"] == 1 and cfg["min_steps"] == 7
+    assert cfg["sft_weight"] == 0.5
     assert cfg["small_set"] == 0  # the small-set schedule off: the floor decides
     status = json.loads((run / "status.json").read_text())
     # 18 candidate pairs less ties and the held-out prompt, 4 per batch: at most 5 steps
@@ -298,6 +301,7 @@ def test_without_steps_each_judge_trains_the_default_epochs(tiny_model_dir, tmp_
     (row,) = json.loads((out / "effect.json").read_text())["per_seed"]
     assert row["steps"] == status["step"]
     assert row["beta"] == cfg["beta"] == 0.1  # DPO's own default, not RPO's
+    assert row["loss"] == "dpo +sft 0.5"  # its own curve, apart from plain DPO
 
 
 @pytest.mark.slow

@@ -174,10 +174,9 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                                                   strength_margin=margin)
                         result = effect.train_and_judge(args, cell, cfg, where / f"b{budget}" / loss,
                                                         judge, judge_name, name)
-                        # A margin is its own curve: the label keeps it apart in the summary.
                         row = {"seed": seed, "judge": judge_name, "regime": regime, "order": order_name,
-                               "budget": budget, "loss": f"{loss} +margin {margin:g}" if margin else loss,
-                               "strength_margin": margin, **counts,
+                               "budget": budget, "loss": effect.loss_label(loss, margin, args.sft_weight),
+                               "strength_margin": margin, "sft_weight": args.sft_weight, **counts,
                                "informative_share": counts["informative"] / max(counts["labels"], 1),
                                "exhausted": not more, **result}
                         if "adapter" in row:

@@ -413,7 +413,13 @@ def train_config(args, loss: str, seed: int, annotator: str, model, **overrides)
         eval_every=args.eval_every, sample_every=0, save_every=0, preview_count=0,
         check_labels=False,
         sample_max_new_tokens=args.max_new_tokens, annotators=[annotator], model=model,
-        device=args.device, cpu_threads=args.cpu_threads, **overrides)
+        device=args.device, cpu_threads=args.cpu_threads, sft_weight=args.sft_weight, **overrides)
+
+
+def loss_label(loss: str, margin: float = 0.0, sft_weight: float = 0.0) -> str:
+    """A row's loss as the tables show it: a strength margin or an NLL term is its own
+    curve, kept apart from the plain loss in the summary."""
+    return loss + (f" +margin {margin:g}" if margin else "") + (f" +sft {sft_weight:g}" if sft_weight else "")
 
 
 def train_and_judge(args, prep: dict, cfg, run_dir: Path, judge, judge_name: str, name: str) -> dict:
@@ -488,7 +494,8 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path) 
             cfg = train_config(args, loss, seed, annotator, prep["model"])
             result = train_and_judge(args, prep, cfg, seed_dir / judge_name / loss, judge, judge_name,
                                      f"{judge_name}-{loss}")
-            row = {"seed": seed, "judge": judge_name, "loss": loss, "annotation": args.annotation,
+            row = {"seed": seed, "judge": judge_name, "loss": loss_label(loss, sft_weight=args.sft_weight),
+                   "annotation": args.annotation,
                    "judgments": dict(counts), "human_judgments": counts["actions"],
                    "pairs_trained": counts["paired"], **result}
             row.pop("adapter", None)
@@ -610,6 +617,9 @@ def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, te
     g.add_argument("--max-length", type=int, default=320)
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--eval-every", type=int, default=10)
+    g.add_argument("--sft-weight", type=float, default=d.sft_weight,
+                   help="weight of an NLL term on the chosen answers (see `train --help`); rows "
+                        "trained with one are labeled 'LOSS +sft W'")
     return p
 
 
@@ -645,6 +655,8 @@ def check_common_args(args) -> dict:
         raise BenchError(f"--beta must be > 0, got {args.beta}")
     if args.min_steps < 0:
         raise BenchError(f"--min-steps must be >= 0, got {args.min_steps}")
+    if args.sft_weight < 0:
+        raise BenchError(f"--sft-weight must be >= 0, got {args.sft_weight}")
     if args.candidates < 2:
         raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")
     if args.small_set < 0 or args.small_set_batch < 1 or args.small_set_steps < 1:
