@@ -92,8 +92,8 @@ _SPECS = (
              large_set_caution=(
                  "beyond a small label set, rpo-unpaired trailed KTO on thumbs-only data "
                  "(win rate 0.74 ± 0.10 against 0.79 ± 0.06 over 5 seeds at 128 thumbs) and its "
-                 "answers collapsed into repeats on one seed: KTO is the safer loss for this "
-                 "set, or watch the previews' collapse warning")),
+                 "answers collapsed on two seeds (garbled on one, looping on the other): KTO is "
+                 "the safer loss for this set, or watch the previews' collapse warning")),
     LossSpec("dpo", "DPO (same-prompt pairs)", "Direct Preference Optimization (baseline)",
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss",
              takes_offset=True),
