@@ -409,13 +409,13 @@ def test_planned_steps_epochs_with_a_floor():
     assert TrainConfig(max_steps=5).planned_steps(7, n_examples=30) == 5
 
 
-def test_a_loss_measured_to_trail_beyond_a_small_set_says_so_there():
+def test_a_loss_measured_to_collapse_beyond_a_small_set_says_so_there():
     """rpo-unpaired's caution (bench-curve, README "Thumbs only at 128 labels") holds for
     sets of small_set examples or more, whatever the step count; other losses have none."""
     cfg = TrainConfig(loss="rpo-unpaired", small_set=64)
     assert cfg.large_set_caution(63) is None
     caution = cfg.large_set_caution(64)
-    assert "KTO is the safer loss" in caution and "0.74" in caution
+    assert "KTO is the safer loss" in caution and "3 of 3" in caution
     assert TrainConfig(loss="rpo-unpaired", small_set=64, max_steps=5).large_set_caution(64) == caution
     assert TrainConfig(loss="rpo-unpaired", small_set=0).large_set_caution(3) == caution  # schedule off
     for loss in ("kto", "rpo-paired", "dpo"):
