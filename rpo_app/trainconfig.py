@@ -154,8 +154,11 @@ class TrainConfig:
 
     def large_set_caution(self, n_examples: int) -> str | None:
         """The loss's measured caution (loss_registry) when n_examples is beyond the
-        small-set schedule's size, whatever the step count."""
+        small-set schedule's size, unless the run is set to train no more than that
+        schedule does (the remedy the caution names)."""
         if self.small_set and n_examples < self.small_set:
+            return None
+        if self.max_steps and self.max_steps <= self.small_set_steps and self.batch_size <= self.small_set_batch:
             return None
         return get_loss(self.loss).large_set_caution or None
 

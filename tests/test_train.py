@@ -219,9 +219,10 @@ def test_every_loss_trains(tmp_path, judgments_file, tiny_model_dir, data_dir, l
     out = tmp_path / loss
     assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, loss=loss, **{
         "grad-accum": 2, "eval-every": 1, "early-stop-patience": 0, "weighting": "embedding",
-        "small-set": 2})) == 0
-    # beyond the (lowered) small-set size: only the loss measured to trail there warns
-    cautioned = "KTO is the safer loss" in (status(out)["warning"] or "")
+        "small-set": 2, "small-set-batch": 1})) == 0
+    # beyond the (lowered) small-set size, in batches larger than its schedule's: only the
+    # loss measured to collapse there warns
+    cautioned = "or use KTO" in (status(out)["warning"] or "")
     assert cautioned == (loss == "rpo-unpaired")
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
@@ -411,12 +412,16 @@ def test_planned_steps_epochs_with_a_floor():
 
 def test_a_loss_measured_to_collapse_beyond_a_small_set_says_so_there():
     """rpo-unpaired's caution (bench-curve, README "Thumbs only at 128 labels") holds for
-    sets of small_set examples or more, whatever the step count; other losses have none."""
+    sets of small_set examples or more, unless the run trains no more than the small-set
+    schedule; other losses have none."""
     cfg = TrainConfig(loss="rpo-unpaired", small_set=64)
     assert cfg.large_set_caution(63) is None
     caution = cfg.large_set_caution(64)
-    assert "KTO is the safer loss" in caution and "3 of 3" in caution
+    assert "use KTO" in caution and "6 of 6" in caution
     assert TrainConfig(loss="rpo-unpaired", small_set=64, max_steps=5).large_set_caution(64) == caution
+    # the remedy it names, Steps 40 in batches of 4, silences it; more steps do not
+    assert TrainConfig(loss="rpo-unpaired", max_steps=40, batch_size=4).large_set_caution(500) is None
+    assert TrainConfig(loss="rpo-unpaired", max_steps=41, batch_size=4).large_set_caution(500) == caution
     assert TrainConfig(loss="rpo-unpaired", small_set=0).large_set_caution(3) == caution  # schedule off
     for loss in ("kto", "rpo-paired", "dpo"):
         assert TrainConfig(loss=loss, small_set=0).large_set_caution(500) is None

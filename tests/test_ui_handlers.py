@@ -116,10 +116,10 @@ def test_usable_line_counts_what_each_loss_trains_on(ctx):
     big = train.usable_line(ctx, {**FORM, "batch_size": 64})
     assert "✔ enough to start" in big and "fewer than the batch size (64)" in big
     # rpo-unpaired beyond the small-set size: the measured caution, before the run starts
-    assert "KTO is the safer loss" not in train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired"})
+    assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired"})
     beyond = train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired", "small_set": 4})
     assert "✔ enough to start" in beyond and "⚠ **Measured:** beyond a small label set" in beyond
-    assert "KTO is the safer loss" not in train.usable_line(ctx, {**FORM, "loss": "kto", "small_set": 4})
+    assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "kto", "small_set": 4})
 
 
 def test_train_tab_never_imports_the_training_loop(ctx, monkeypatch):
