@@ -80,8 +80,10 @@ def _assert_greedy_continuation(host: ModelHost, prompt: list[int], new: list[in
     """`new`, generated in a padded batch, is greedy decoding of `prompt` alone up to
     float rounding: run unpadded with the tokens before it, every token is within
     `tol + rel_tol * |best|` of the best logit, and an answer that ended early ended where
-    a stop token is best. `rel_tol` is for bf16 weights, whose logits are rounded to
-    2^-8 of their size, so a batch of another shape can move them by a step or two."""
+    a stop token is best. `rel_tol` is for bf16 weights: every layer rounds to 2^-8 of
+    a value's size, so a batch of another shape moves a logit by a few such steps (3 at
+    a logit of 10.75 on an AVX-512 BF16 EPYC), while a padding fault picks tokens whole
+    nats below the best."""
     import torch
 
     ids = torch.tensor([prompt + new], device=host.device)
@@ -218,7 +220,7 @@ def test_system_prompt_changes_the_input(tiny_host):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,rel_tol", [("fp32", 0.0), ("bf16", 4 * 2 ** -8)])
+@pytest.mark.parametrize("precision,rel_tol", [("fp32", 0.0), ("bf16", 8 * 2 ** -8)])
 def test_greedy_padding_on_default_model(default_model_dir, precision, rel_tol):
     # Both weight dtypes the app loads (ModelHost: bf16 where the CPU has bf16
     # instructions); on a CPU without them torch emulates bf16, slower but the same rule.
