@@ -11,6 +11,7 @@ the report separates what rpo_app adds from what any Gradio app pays.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import statistics
 import subprocess
@@ -57,8 +58,6 @@ def predict(client, *args, api_name: str, retried: list | None = None):
     receives the call. Every endpoint called here may be repeated: a repeated
     submit_judgment token returns the first judgment and stores nothing new, and a
     repeated next_item gives an item again. `retried` collects the api names retried."""
-    import concurrent.futures
-
     for attempt in range(CLIENT_RETRIES + 1):
         try:
             return client.predict(*args, api_name=api_name)
