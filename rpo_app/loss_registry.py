@@ -40,9 +40,13 @@ class LossSpec:
     options: tuple[str, ...] = ()  # TrainConfig fields passed to the function by keyword
     # Takes a per-pair margin its aligned pairs must clear (`offset`: the strength margin).
     takes_offset: bool = False
-    # What a benchmark measured against this loss on a label set beyond the small-set
-    # schedule (TrainConfig.large_set_caution says when; the Train tab and the trainer say it).
-    large_set_caution: str = ""
+    # TrainConfig.small_set's default: a label set with fewer training examples than this
+    # (pairs, or items in the larger pool) trains the small-set schedule (40 steps of 4).
+    small_set: int = 64
+    # What a benchmark measured against this loss when a set smaller than its small_set
+    # trained longer than the small-set schedule (TrainConfig.overtraining_caution says
+    # when; the Train tab and the trainer say it).
+    overtraining_caution: str = ""
 
     @property
     def pools(self) -> bool:
@@ -81,6 +85,14 @@ class LossSpec:
 _RPO = dict(function="rpo_loss", contrasts_batch=True, default_beta=1.0,
             options=("temperature", "weighting"))
 
+# The pooled losses' small-set bound, in items of the larger pool (bench-curve, concise,
+# README "The small-set bound, measured"). At 128 thumbs (larger training pools of 58-67)
+# 40 steps of 4 won more than 60 steps of 8 for KTO and kept rpo-unpaired from collapsing;
+# at 232-234 thumbs (pools of 105-106) it fell 0.02-0.31 behind 60 steps of 8, where
+# neither loss collapsed. 80 lies between the two. Pairs keep 64: 115-118 pairs lost 0.15
+# (dpo) and 0.23 (rpo-paired) of mean win rate on 40 steps of 4.
+_POOLED_SMALL_SET = 80
+
 _SPECS = (
     LossSpec("rpo-paired", "RPO, paired (same + related prompts)",
              "Relative Preference Optimization on A/B pairs, also across related prompts",
@@ -88,11 +100,14 @@ _SPECS = (
     LossSpec("rpo-unpaired", "RPO, unpaired (thumbs and every judgment)",
              "Relative Preference Optimization on pools of liked and disliked answers",
              trains_on="pools", kinds=("paired", "cross", "unpaired"), **{**_RPO, "default_beta": 0.25},
-             # README, "Thumbs only at 128 labels": the schedule forced each way, 6-7 seeds, concise.
-             large_set_caution=(
-                 "beyond a small label set, rpo-unpaired collapsed on every thumbs-only run that "
-                 "trained on the ordinary schedule (6 of 6 at 128 thumbs, 60 steps of 8) and on "
-                 "none of 7 at 40 steps of 4: set Steps to 40 and Batch size to 4, or use KTO")),
+             small_set=_POOLED_SMALL_SET,
+             # README, "Thumbs only at 128 labels" and "The small-set bound, measured": the
+             # schedule forced each way, concise.
+             overtraining_caution=(
+                 f"on fewer than {_POOLED_SMALL_SET} liked or disliked items, rpo-unpaired collapsed "
+                 "on every thumbs-only run that trained 60 steps of 8 (6 of 6 at 128 thumbs) and on "
+                 "none of 7 at 40 steps of 4, the default for a set this size: leave Steps blank, "
+                 "or set Steps to 40 and Batch size to 4, or use KTO")),
     LossSpec("dpo", "DPO (same-prompt pairs)", "Direct Preference Optimization (baseline)",
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss",
              takes_offset=True),
@@ -100,11 +115,16 @@ _SPECS = (
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="ipo_loss"),
     LossSpec("kto", "KTO (baseline, thumbs)", "Kahneman-Tversky Optimization on liked/disliked pools",
              trains_on="pools", kinds=("paired", "cross", "unpaired"), default_beta=0.1,
-             function="kto_loss"),
+             function="kto_loss", small_set=_POOLED_SMALL_SET),
 )
 
 LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}
 LOSS_NAMES = tuple(LOSSES)
+
+
+def default_small_sets() -> str:
+    """Each loss's small-set bound, for help texts: "rpo-paired 64, rpo-unpaired 128, ..."."""
+    return ", ".join(f"{s.name} {s.small_set}" for s in _SPECS)
 
 
 def default_betas() -> str:

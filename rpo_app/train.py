@@ -199,7 +199,7 @@ class Trainer:
         n_examples = (max(len(self.train_data.chosen), len(self.train_data.rejected)) if self.pool
                       else len(self.train_data.pairs))
         self.max_steps = cfg.planned_steps(self.plan.batches_per_epoch, n_examples)
-        if caution := cfg.large_set_caution(n_examples):
+        if caution := cfg.overtraining_caution(n_examples, self.plan.batches_per_epoch):
             self._warn(caution)
         log.info("train: %d sequences, %d pairs, %d chosen, %d rejected; eval: %d pairs, %d chosen, %d rejected",
                  len(self.train_data.seqs), len(self.train_data.pairs), len(self.train_data.chosen),

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from rpo_app.batches import KINDS
-from rpo_app.loss_registry import LOSS_NAMES, LOSSES, WEIGHTINGS, default_betas, get_loss
+from rpo_app.loss_registry import LOSS_NAMES, LOSSES, WEIGHTINGS, default_betas, default_small_sets, get_loss
 from rpo_app.models import PRECISIONS
 from rpo_app.runfolder import atomic_write_text
 
@@ -33,13 +33,15 @@ MAX_PROMPT_LENGTH_CAP = 256
 def derive_settings(cfg: "TrainConfig") -> None:
     """Fill the settings that follow from others when they were not given (None).
 
-    The one rule for the Train tab, the CLI and bench-effect: beta from the loss
-    (loss_registry), LoRA alpha = 2 x rank (the usual scale, so a rank change keeps the
+    The one rule for the Train tab, the CLI and bench-effect: beta and the small-set
+    bound from the loss (loss_registry), LoRA alpha = 2 x rank (the usual scale, so a rank change keeps the
     update size), max prompt length = half the max length, between 16 and 256 tokens.
     The saved config.yaml holds the resolved values.
     """
     if cfg.beta is None and cfg.loss in LOSS_NAMES:
         cfg.beta = get_loss(cfg.loss).default_beta
+    if cfg.small_set is None and cfg.loss in LOSS_NAMES:
+        cfg.small_set = get_loss(cfg.loss).small_set
     if cfg.lora_alpha is None and cfg.lora_r is not None:
         cfg.lora_alpha = 2 * cfg.lora_r
     if cfg.max_prompt_length is None and cfg.max_length is not None:
@@ -78,10 +80,10 @@ class TrainConfig:
     min_steps: int = field(default=60, metadata={
         "help": "when max_steps is unset, train at least this many steps (more passes over a "
                 "small label set; early stopping still ends a run that stops improving). 0: no floor"})
-    small_set: int = field(default=64, metadata={
+    small_set: int | None = field(default=None, metadata={
         "help": "when max_steps is unset, a label set with fewer training examples than this "
                 "(pairs, or items in the larger pool) trains small_set_steps steps in batches of "
-                "at most small_set_batch instead (0: off)"})
+                f"at most small_set_batch instead (0: off; default: per loss, {default_small_sets()})"})
     small_set_batch: int = field(default=4, metadata={"help": "see small_set"})
     small_set_steps: int = field(default=40, metadata={"help": "see small_set"})
     batch_size: int = field(default=8, metadata={"help": "examples per process per micro-batch"})
@@ -152,15 +154,24 @@ class TrainConfig:
         """Whether the default schedule takes its small-label-set branch (see small_set)."""
         return not self.max_steps and 0 < n_examples < self.small_set
 
-    def large_set_caution(self, n_examples: int) -> str | None:
-        """The loss's measured caution (loss_registry) when n_examples is beyond the
-        small-set schedule's size, unless the run is set to train no more than that
-        schedule does (the remedy the caution names)."""
-        if self.small_set and n_examples < self.small_set:
+    def overtraining_caution(self, n_examples: int, batches_per_epoch: int | None = None) -> str | None:
+        """The loss's measured caution (loss_registry) when a set smaller than the loss's
+        own small-set bound will see more examples than the small-set schedule shows it
+        (more steps, or larger batches): where the benchmark saw the loss collapse.
+        batches_per_epoch: the trainer's count (default: one process at batch_size)."""
+        spec = get_loss(self.loss)
+        if not spec.overtraining_caution or not 0 < n_examples < spec.small_set:
             return None
-        if self.max_steps and self.max_steps <= self.small_set_steps and self.batch_size <= self.small_set_batch:
-            return None
-        return get_loss(self.loss).large_set_caution or None
+        batch = self.planned_batch(n_examples)
+        batches = batches_per_epoch or math.ceil(n_examples / batch)
+        seen = self.planned_steps(batches, n_examples) * batch * self.grad_accum
+        small = self.small_set_steps * self.small_set_batch
+        return spec.overtraining_caution if seen > small else None
+
+    def planned_batch(self, n_examples: int) -> int:
+        """Examples per process per micro-batch: batch_size, at most small_set_batch on a
+        small label set."""
+        return min(self.batch_size, self.small_set_batch) if self.is_small_set(n_examples) else self.batch_size
 
     def planned_steps(self, batches_per_epoch: int, n_examples: int | None = None) -> int:
         """Optimizer steps a run will take: max_steps; else, for a small label set of
@@ -289,8 +300,7 @@ def check_data(cfg: TrainConfig, judgments: list[dict], world_size: int) -> tupl
             f"loss {cfg.loss} has {have} training {spec.example_word()} after holding out "
             f"{len(eval_j)} of {len(judgments)} judgments, fewer than {MIN_BATCH * world_size} "
             f"(a batch of {MIN_BATCH} per process); label more, or lower eval_fraction")
-    if cfg.is_small_set(have):
-        cfg.batch_size = min(cfg.batch_size, cfg.small_set_batch)
+    cfg.batch_size = cfg.planned_batch(have)
     # A label set smaller than one batch trains in batches of all of it: the common first
     # run (a handful of decided pairs) is not refused.
     cfg.batch_size = min(cfg.batch_size, have // world_size)

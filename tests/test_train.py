@@ -219,9 +219,9 @@ def test_every_loss_trains(tmp_path, judgments_file, tiny_model_dir, data_dir, l
     out = tmp_path / loss
     assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, loss=loss, **{
         "grad-accum": 2, "eval-every": 1, "early-stop-patience": 0, "weighting": "embedding",
-        "small-set": 2, "small-set-batch": 1})) == 0
-    # beyond the (lowered) small-set size, in batches larger than its schedule's: only the
-    # loss measured to collapse there warns
+        "small-set": 2, "small-set-batch": 1, "small-set-steps": 1})) == 0
+    # a set below rpo-unpaired's own small-set bound that sees more examples than the
+    # (lowered) small-set schedule would show it: only the loss measured to collapse so warns
     cautioned = "or use KTO" in (status(out)["warning"] or "")
     assert cautioned == (loss == "rpo-unpaired")
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -410,21 +410,40 @@ def test_planned_steps_epochs_with_a_floor():
     assert TrainConfig(max_steps=5).planned_steps(7, n_examples=30) == 5
 
 
-def test_a_loss_measured_to_collapse_beyond_a_small_set_says_so_there():
+def test_a_loss_measured_to_collapse_when_overtrained_says_so_there():
     """rpo-unpaired's caution (bench-curve, README "Thumbs only at 128 labels") holds for
-    sets of small_set examples or more, unless the run trains no more than the small-set
-    schedule; other losses have none."""
-    cfg = TrainConfig(loss="rpo-unpaired", small_set=64)
-    assert cfg.large_set_caution(63) is None
-    caution = cfg.large_set_caution(64)
-    assert "use KTO" in caution and "6 of 6" in caution
-    assert TrainConfig(loss="rpo-unpaired", small_set=64, max_steps=5).large_set_caution(64) == caution
-    # the remedy it names, Steps 40 in batches of 4, silences it; more steps do not
-    assert TrainConfig(loss="rpo-unpaired", max_steps=40, batch_size=4).large_set_caution(500) is None
-    assert TrainConfig(loss="rpo-unpaired", max_steps=41, batch_size=4).large_set_caution(500) == caution
-    assert TrainConfig(loss="rpo-unpaired", small_set=0).large_set_caution(3) == caution  # schedule off
+    a set below its small-set bound that trains longer than the small-set schedule; the
+    default schedule, and sets beyond the bound (measured fluent), get none; nor do other
+    losses."""
+    caution = TrainConfig(loss="rpo-unpaired", small_set=0).overtraining_caution(60)
+    assert "use KTO" in caution and "6 of 6" in caution and "fewer than 80" in caution
+    assert TrainConfig(loss="rpo-unpaired").overtraining_caution(60) is None  # 40 steps of 4
+    assert TrainConfig(loss="rpo-unpaired", small_set=0).overtraining_caution(80) is None  # beyond
+    assert TrainConfig(loss="rpo-unpaired").overtraining_caution(500) is None
+    # steps asked for: the remedy it names (40 of 4) and anything shorter are quiet; more is not
+    assert TrainConfig(loss="rpo-unpaired", max_steps=40, batch_size=4).overtraining_caution(60) is None
+    assert TrainConfig(loss="rpo-unpaired", max_steps=20, batch_size=8).overtraining_caution(60) is None
+    assert TrainConfig(loss="rpo-unpaired", max_steps=41, batch_size=4).overtraining_caution(60) == caution
+    assert TrainConfig(loss="rpo-unpaired", max_steps=40, batch_size=8).overtraining_caution(60) == caution
     for loss in ("kto", "rpo-paired", "dpo"):
-        assert TrainConfig(loss=loss, small_set=0).large_set_caution(500) is None
+        assert TrainConfig(loss=loss, small_set=0).overtraining_caution(60) is None
+
+
+def test_the_small_set_bound_is_the_losss_own():
+    """Pooled losses keep the small-set schedule to a larger set (bench-curve, README
+    "The small-set schedule at 128 labels"); a bound that is given wins."""
+    from rpo_app.loss_registry import LOSSES
+
+    assert TrainConfig().small_set == 64 == TrainConfig(loss="dpo").small_set
+    assert TrainConfig(loss="kto").small_set == 80 == TrainConfig(loss="rpo-unpaired").small_set
+    assert TrainConfig(loss="kto", small_set=0).small_set == 0
+    for spec in LOSSES.values():
+        assert TrainConfig(loss=spec.name).small_set == spec.small_set
+    # 70 liked / 70 disliked items: the pooled schedule is the small one, the pairs' is not
+    assert TrainConfig(loss="kto").planned_steps(9, n_examples=70) == 40
+    assert TrainConfig(loss="rpo-paired").planned_steps(9, n_examples=70) == 60
+    # the form's config and a run's config.yaml keep the resolved bound
+    assert TrainConfig.from_dict(TrainConfig(loss="kto").to_dict()).small_set == 80
 
 
 def test_small_label_sets_train_in_small_batches():

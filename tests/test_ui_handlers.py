@@ -115,11 +115,14 @@ def test_usable_line_counts_what_each_loss_trains_on(ctx):
     # Fewer pairs than one batch: they train in batches of all of them, and the line says so.
     big = train.usable_line(ctx, {**FORM, "batch_size": 64})
     assert "✔ enough to start" in big and "fewer than the batch size (64)" in big
-    # rpo-unpaired beyond the small-set size: the measured caution, before the run starts
+    # rpo-unpaired on a small set trained longer than the small-set schedule: the measured
+    # caution, before the run starts
     assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired"})
-    beyond = train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired", "small_set": 4})
-    assert "✔ enough to start" in beyond and "⚠ **Measured:** beyond a small label set" in beyond
-    assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "kto", "small_set": 4})
+    beyond = train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired", "small_set": 4, "batch_size": 8})
+    assert "✔ enough to start" in beyond and "⚠ **Measured:** on fewer than 80 liked" in beyond
+    assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "kto", "small_set": 4, "batch_size": 8})
+    # 60 steps of 2 show it fewer examples than 40 of 4: no caution
+    assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired", "small_set": 4})
 
 
 def test_train_tab_never_imports_the_training_loop(ctx, monkeypatch):

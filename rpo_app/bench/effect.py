@@ -568,7 +568,7 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, test_prompts: int
                     ) -> argparse.ArgumentParser:
     """The flags bench-effect and bench-curve share: judges, data, generation, training."""
-    from rpo_app.loss_registry import default_betas
+    from rpo_app.loss_registry import default_betas, default_small_sets
     from rpo_app.trainconfig import TrainConfig  # a plain dataclass module: no torch at import
 
     d = TrainConfig()
@@ -602,9 +602,10 @@ def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, te
     g.add_argument("--min-steps", type=int, default=d.min_steps,
                    help="when --steps is not given, at least this many steps even for a judge that "
                         "decides few pairs (0: no floor)")
-    g.add_argument("--small-set", type=int, default=d.small_set,
+    g.add_argument("--small-set", type=int, default=None,
                    help="when --steps is not given, a label set of fewer examples than this trains "
-                        "--small-set-steps steps of at most --small-set-batch (the trainer's rule; 0: off)")
+                        "--small-set-steps steps of at most --small-set-batch (the trainer's rule; 0: off; "
+                        f"default: per loss, {default_small_sets()})")
     g.add_argument("--small-set-batch", type=int, default=d.small_set_batch)
     g.add_argument("--small-set-steps", type=int, default=d.small_set_steps)
     g.add_argument("--lr", type=float, default=d.learning_rate)
@@ -659,7 +660,7 @@ def check_common_args(args) -> dict:
         raise BenchError(f"--sft-weight must be >= 0, got {args.sft_weight}")
     if args.candidates < 2:
         raise BenchError(f"--candidates must be >= 2 (judgments compare candidates), got {args.candidates}")
-    if args.small_set < 0 or args.small_set_batch < 1 or args.small_set_steps < 1:
+    if (args.small_set or 0) < 0 or args.small_set_batch < 1 or args.small_set_steps < 1:
         raise BenchError("--small-set must be >= 0, --small-set-batch and --small-set-steps >= 1")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise BenchError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")

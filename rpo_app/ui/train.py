@@ -130,7 +130,7 @@ def usable_line(ctx: AppContext, values: dict) -> str:
     shrunk = (f" They are fewer than the batch size ({asked}): it trains in batches of "
               f"{cfg.batch_size}." if cfg.batch_size < asked else "")
     n_examples = max(n_chosen, n_rejected)
-    caution = cfg.large_set_caution(n_examples)
+    caution = cfg.overtraining_caution(n_examples)
     return (f"{given}; {cfg.loss} trains on {trains} of them. ✔ enough to start.{shrunk} "
             f"{_estimate(ctx, cfg, train_j, eval_j, n_examples)}"
             + (f"\n\n⚠ **Measured:** {html.escape(caution)}." if caution else ""))
@@ -434,8 +434,8 @@ def build(ctx: AppContext) -> dict:
                 steps = gr.Number(defaults.max_steps, precision=0, minimum=0, label="Steps",
                                   elem_id="train-steps",
                                   info=f"0 or blank: {defaults.epochs} epoch{'s' if defaults.epochs > 1 else ''}, "
-                                       f"at least {defaults.min_steps} steps; fewer than "
-                                       f"{defaults.small_set} pairs: {defaults.small_set_steps} steps "
+                                       f"at least {defaults.min_steps} steps; a small set "
+                                       f"({_small_sets()}): {defaults.small_set_steps} steps "
                                        f"in batches of {defaults.small_set_batch}")
                 batch = gr.Number(defaults.batch_size, precision=0, minimum=1,
                                   label="Batch size (pairs)", elem_id="train-batch")
@@ -537,6 +537,19 @@ def build(ctx: AppContext) -> dict:
 
 
 # -- formatting ---------------------------------------------------------------------------
+
+def _small_sets() -> str:
+    """Each kind of loss's small-set bound as the Steps box explains it: "fewer than 64
+    pairs, or 128 liked or disliked items for rpo-unpaired and kto"."""
+    pairs = {spec.small_set for spec in LOSSES.values() if not spec.pools}
+    pooled = [spec for spec in LOSSES.values() if spec.pools]
+    pools = {spec.small_set for spec in pooled}
+    text = f"fewer than {'/'.join(map(str, sorted(pairs)))} pairs"
+    if pools != pairs:
+        text += (f", or {'/'.join(map(str, sorted(pools)))} liked or disliked items for "
+                 + " and ".join(spec.name for spec in pooled))
+    return text
+
 
 def _device_line() -> str:
     import torch
