@@ -113,8 +113,13 @@ def test_usable_line_counts_what_each_loss_trains_on(ctx):
     only_paired = train.usable_line(ctx, {**FORM, "kinds": ["paired"]})
     assert "**6 pairs** (6 same-prompt, 0 cross-prompt) and **6 chosen / 6 rejected" in only_paired
     # Fewer pairs than one batch: they train in batches of all of them, and the line says so.
-    big = train.usable_line(ctx, {**FORM, "batch_size": 64})
+    big = train.usable_line(ctx, {**FORM, "batch_size": 64, "max_steps": 5})
     assert "✔ enough to start" in big and "fewer than the batch size (64)" in big
+    assert "small set" not in big
+    # a small set trains in the small-set schedule's batches, and the line says why
+    small = train.usable_line(ctx, {**FORM, "loss": "kto", "batch_size": 8})
+    assert "A small set (fewer than 80): it trains in batches of 4." in small
+    assert "fewer than the batch size" not in small
     # rpo-unpaired on a small set trained longer than the small-set schedule: the measured
     # caution, before the run starts
     assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired"})

@@ -127,9 +127,13 @@ def usable_line(ctx: AppContext, values: dict) -> str:
     n_chosen, n_rejected = count_examples(train_j, spec)
     trains = (f"{n_chosen} chosen / {n_rejected} rejected items" if spec.pools
               else f"{n_chosen} pairs")
-    shrunk = (f" They are fewer than the batch size ({asked}): it trains in batches of "
-              f"{cfg.batch_size}." if cfg.batch_size < asked else "")
     n_examples = max(n_chosen, n_rejected)
+    shrunk = ""
+    if cfg.batch_size < asked:
+        shrunk = (f" A small set (fewer than {cfg.small_set}): it trains in batches of {cfg.batch_size}."
+                  if cfg.is_small_set(n_examples) and cfg.batch_size == cfg.small_set_batch
+                  else f" They are fewer than the batch size ({asked}): it trains in batches of "
+                       f"{cfg.batch_size}.")
     caution = cfg.overtraining_caution(n_examples)
     return (f"{given}; {cfg.loss} trains on {trains} of them. ✔ enough to start.{shrunk} "
             f"{_estimate(ctx, cfg, train_j, eval_j, n_examples)}"
