@@ -89,8 +89,8 @@ _RPO = dict(function="rpo_loss", contrasts_batch=True, default_beta=1.0,
 # README "The small-set bound, measured"). At 128 thumbs (larger training pools of 58-67)
 # 40 steps of 4 won more than 60 steps of 8 for KTO and kept rpo-unpaired from collapsing;
 # at 232-234 thumbs (pools of 105-106) it fell 0.02-0.31 behind 60 steps of 8, where
-# neither loss collapsed. 80 lies between the two. Pairs keep 64: 115-118 pairs lost 0.15
-# (dpo) and 0.23 (rpo-paired) of mean win rate on 40 steps of 4.
+# neither loss collapsed. 80 lies between the two. Pairs keep 64: 102-109 training pairs
+# lost 0.15 (dpo) and 0.23 (rpo-paired) of mean win rate on 40 steps of 4.
 _POOLED_SMALL_SET = 80
 
 _SPECS = (
