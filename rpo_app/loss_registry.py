@@ -85,13 +85,16 @@ class LossSpec:
 _RPO = dict(function="rpo_loss", contrasts_batch=True, default_beta=1.0,
             options=("temperature", "weighting"))
 
-# The pooled losses' small-set bound, in items of the larger pool (bench-curve, concise,
-# README "The small-set bound, measured"). At 128 thumbs (larger training pools of 58-67)
-# 40 steps of 4 won more than 60 steps of 8 for KTO and kept rpo-unpaired from collapsing;
-# at 232-234 thumbs (pools of 105-106) it fell 0.02-0.31 behind 60 steps of 8, where
-# neither loss collapsed. 80 lies between the two. Pairs keep 64: 102-109 training pairs
-# lost 0.15 (dpo) and 0.23 (rpo-paired) of mean win rate on 40 steps of 4.
-_POOLED_SMALL_SET = 80
+# The pooled losses' small-set bounds, in items of the larger pool (bench-curve, concise,
+# thumbs only, the schedule forced each way; README "The small-set bound, measured").
+# KTO: 40 steps of 4 won more than 60 steps of 8 at pools of 58-67 and 81-82, less at
+# 105-109, so 96. rpo-unpaired: 60 steps of 8 collapsed it at 58-67 (6 of 6), garbled it at
+# 81-82 (2 of 2, read) and drifted it at 105-109 (-1.18 log-prob per token against -0.69,
+# one seed of 3 partly garbled); 40 steps of 4 kept it fluent at every size, so 128.
+# Pairs keep 64: 102-109 training pairs lost 0.15 (dpo) and 0.23 (rpo-paired) of mean
+# win rate on 40 steps of 4, and stayed fluent on 60 steps of 8.
+_KTO_SMALL_SET = 96
+_RPO_UNPAIRED_SMALL_SET = 128
 
 _SPECS = (
     LossSpec("rpo-paired", "RPO, paired (same + related prompts)",
@@ -100,14 +103,12 @@ _SPECS = (
     LossSpec("rpo-unpaired", "RPO, unpaired (thumbs and every judgment)",
              "Relative Preference Optimization on pools of liked and disliked answers",
              trains_on="pools", kinds=("paired", "cross", "unpaired"), **{**_RPO, "default_beta": 0.25},
-             small_set=_POOLED_SMALL_SET,
-             # README, "Thumbs only at 128 labels" and "The small-set bound, measured": the
-             # schedule forced each way, concise.
+             small_set=_RPO_UNPAIRED_SMALL_SET,
              overtraining_caution=(
-                 f"on fewer than {_POOLED_SMALL_SET} liked or disliked items, rpo-unpaired collapsed "
-                 "on every thumbs-only run that trained 60 steps of 8 (6 of 6 at 128 thumbs) and on "
-                 "none of 7 at 40 steps of 4, the default for a set this size: leave Steps blank, "
-                 "or set Steps to 40 and Batch size to 4, or use KTO")),
+                 f"on fewer than {_RPO_UNPAIRED_SMALL_SET} liked or disliked items, rpo-unpaired "
+                 "collapsed or garbled on 9 of 11 thumbs-only runs that trained 60 steps of 8 (all "
+                 "8 at 128 and 176 thumbs) and on none of 12 at 40 steps of 4, the default for a set "
+                 "this size: leave Steps blank, or set Steps to 40 and Batch size to 4, or use KTO")),
     LossSpec("dpo", "DPO (same-prompt pairs)", "Direct Preference Optimization (baseline)",
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss",
              takes_offset=True),
@@ -115,7 +116,7 @@ _SPECS = (
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="ipo_loss"),
     LossSpec("kto", "KTO (baseline, thumbs)", "Kahneman-Tversky Optimization on liked/disliked pools",
              trains_on="pools", kinds=("paired", "cross", "unpaired"), default_beta=0.1,
-             function="kto_loss", small_set=_POOLED_SMALL_SET),
+             function="kto_loss", small_set=_KTO_SMALL_SET),
 )
 
 LOSSES: dict[str, LossSpec] = {s.name: s for s in _SPECS}

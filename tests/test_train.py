@@ -416,9 +416,9 @@ def test_a_loss_measured_to_collapse_when_overtrained_says_so_there():
     default schedule, and sets beyond the bound (measured fluent), get none; nor do other
     losses."""
     caution = TrainConfig(loss="rpo-unpaired", small_set=0).overtraining_caution(60)
-    assert "use KTO" in caution and "6 of 6" in caution and "fewer than 80" in caution
+    assert "use KTO" in caution and "9 of 11" in caution and "fewer than 128" in caution
     assert TrainConfig(loss="rpo-unpaired").overtraining_caution(60) is None  # 40 steps of 4
-    assert TrainConfig(loss="rpo-unpaired", small_set=0).overtraining_caution(80) is None  # beyond
+    assert TrainConfig(loss="rpo-unpaired", small_set=0).overtraining_caution(128) is None  # beyond
     assert TrainConfig(loss="rpo-unpaired").overtraining_caution(500) is None
     # steps asked for: the remedy it names (40 of 4) and anything shorter are quiet; more is not
     assert TrainConfig(loss="rpo-unpaired", max_steps=40, batch_size=4).overtraining_caution(60) is None
@@ -431,11 +431,11 @@ def test_a_loss_measured_to_collapse_when_overtrained_says_so_there():
 
 def test_the_small_set_bound_is_the_losss_own():
     """Pooled losses keep the small-set schedule to a larger set (bench-curve, README
-    "The small-set schedule at 128 labels"); a bound that is given wins."""
+    "The small-set bound, measured"); a bound that is given wins."""
     from rpo_app.loss_registry import LOSSES
 
     assert TrainConfig().small_set == 64 == TrainConfig(loss="dpo").small_set
-    assert TrainConfig(loss="kto").small_set == 80 == TrainConfig(loss="rpo-unpaired").small_set
+    assert TrainConfig(loss="kto").small_set == 96 and TrainConfig(loss="rpo-unpaired").small_set == 128
     assert TrainConfig(loss="kto", small_set=0).small_set == 0
     for spec in LOSSES.values():
         assert TrainConfig(loss=spec.name).small_set == spec.small_set
@@ -443,7 +443,7 @@ def test_the_small_set_bound_is_the_losss_own():
     assert TrainConfig(loss="kto").planned_steps(9, n_examples=70) == 40
     assert TrainConfig(loss="rpo-paired").planned_steps(9, n_examples=70) == 60
     # the form's config and a run's config.yaml keep the resolved bound
-    assert TrainConfig.from_dict(TrainConfig(loss="kto").to_dict()).small_set == 80
+    assert TrainConfig.from_dict(TrainConfig(loss="kto").to_dict()).small_set == 96
 
 
 def test_small_label_sets_train_in_small_batches():

@@ -118,13 +118,13 @@ def test_usable_line_counts_what_each_loss_trains_on(ctx):
     assert "small set" not in big
     # a small set trains in the small-set schedule's batches, and the line says why
     small = train.usable_line(ctx, {**FORM, "loss": "kto", "batch_size": 8})
-    assert "A small set (fewer than 80): it trains in batches of 4." in small
+    assert "A small set (fewer than 96): it trains in batches of 4." in small
     assert "fewer than the batch size" not in small
     # rpo-unpaired on a small set trained longer than the small-set schedule: the measured
     # caution, before the run starts
     assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired"})
     beyond = train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired", "small_set": 4, "batch_size": 8})
-    assert "✔ enough to start" in beyond and "⚠ **Measured:** on fewer than 80 liked" in beyond
+    assert "✔ enough to start" in beyond and "⚠ **Measured:** on fewer than 128 liked" in beyond
     assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "kto", "small_set": 4, "batch_size": 8})
     # 60 steps of 2 show it fewer examples than 40 of 4: no caution
     assert "or use KTO" not in train.usable_line(ctx, {**FORM, "loss": "rpo-unpaired", "small_set": 4})

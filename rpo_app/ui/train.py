@@ -543,16 +543,11 @@ def build(ctx: AppContext) -> dict:
 # -- formatting ---------------------------------------------------------------------------
 
 def _small_sets() -> str:
-    """Each kind of loss's small-set bound as the Steps box explains it: "fewer than 64
-    pairs, or 128 liked or disliked items for rpo-unpaired and kto"."""
-    pairs = {spec.small_set for spec in LOSSES.values() if not spec.pools}
-    pooled = [spec for spec in LOSSES.values() if spec.pools]
-    pools = {spec.small_set for spec in pooled}
-    text = f"fewer than {'/'.join(map(str, sorted(pairs)))} pairs"
-    if pools != pairs:
-        text += (f", or {'/'.join(map(str, sorted(pools)))} liked or disliked items for "
-                 + " and ".join(spec.name for spec in pooled))
-    return text
+    """The losses' small-set bounds as the Steps box explains them: "fewer than 64 pairs,
+    or liked or disliked items: rpo-unpaired 128, kto 96"."""
+    pairs = sorted({spec.small_set for spec in LOSSES.values() if not spec.pools})
+    pooled = ", ".join(f"{spec.name} {spec.small_set}" for spec in LOSSES.values() if spec.pools)
+    return f"fewer than {'/'.join(map(str, pairs))} pairs, or liked or disliked items: {pooled}"
 
 
 def _device_line() -> str:
