@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 from rpo_app import checkpoints
-from rpo_app.batches import JUDGMENT_FIELDS
+from rpo_app.batches import JUDGMENT_FIELDS, count_examples
 from rpo_app.cpushare import RunShare
 from rpo_app.earlystop import EarlyStopping, off_reason
 from rpo_app.heap import map_large_blocks, peak_resident_gb
 from rpo_app.loss_registry import get_loss
 from rpo_app.runfolder import MetricRow, RunFolder, SampleRow
-from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, check_data, config_from_args  # noqa: F401
+from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, batch_note, check_data, config_from_args  # noqa: F401
 
 log = logging.getLogger("rpo_app.train")
 
@@ -838,9 +838,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             accelerator = _make_accelerator(cfg.device, cfg.precision)
             asked = cfg.batch_size
             train_j, eval_j = check_data(cfg, judgments, accelerator.num_processes)
-            if cfg.batch_size < asked:
-                log.info("batch size %d: the label set is smaller than a batch of %d", cfg.batch_size,
-                         asked)
+            if note := batch_note(cfg, asked, max(count_examples(train_j, get_loss(cfg.loss)))):
+                log.info("batch size %d: %s", cfg.batch_size, note)
             model_path = check_model(cfg.model, data_dir)
         except ConfigError as err:
             log.error("refused: %s", err)

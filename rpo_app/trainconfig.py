@@ -307,6 +307,16 @@ def check_data(cfg: TrainConfig, judgments: list[dict], world_size: int) -> tupl
     return train_j, eval_j
 
 
+def batch_note(cfg: TrainConfig, asked: int, n_examples: int) -> str | None:
+    """Why check_data left a smaller batch than the `asked` one, in words (the Train tab
+    and train.log): the small-set schedule, or too few examples for one batch."""
+    if cfg.batch_size >= asked:
+        return None
+    if cfg.is_small_set(n_examples) and cfg.batch_size == cfg.small_set_batch:
+        return f"a small set (fewer than {cfg.small_set}): it trains in batches of {cfg.batch_size}"
+    return f"they are fewer than the batch size ({asked}): it trains in batches of {cfg.batch_size}"
+
+
 # The smallest batch a label set is shrunk to when it is smaller than batch_size.
 MIN_BATCH = 2
 

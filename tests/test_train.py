@@ -17,7 +17,7 @@ from rpo_app.earlystop import eval_improved
 from rpo_app.loss_registry import LOSSES
 from rpo_app.runfolder import RunFolder, read_jsonl
 from rpo_app.train import main
-from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, check_data, config_from_args
+from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, batch_note, check_data, config_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = ["cats", "the ocean", "bread", "lists", "the moon", "coffee", "chess", "rain", "trains", "tea",
@@ -451,6 +451,7 @@ def test_small_label_sets_train_in_small_batches():
     cfg = TrainConfig(batch_size=8, small_set=64, small_set_batch=4, eval_fraction=0.0)
     check_data(cfg, rows, world_size=1)
     assert cfg.batch_size == 4
+    assert batch_note(cfg, 8, 16) == "a small set (fewer than 64): it trains in batches of 4"
     # steps asked for: the batch size stays
     fixed = TrainConfig(batch_size=8, max_steps=10, eval_fraction=0.0)
     check_data(fixed, rows, world_size=1)
@@ -459,6 +460,8 @@ def test_small_label_sets_train_in_small_batches():
     few = TrainConfig(batch_size=8, max_steps=10, eval_fraction=0.0)
     check_data(few, make_judgments(3), world_size=1)
     assert few.batch_size == 4  # 3 same-prompt pairs and 1 cross-prompt pair
+    assert batch_note(few, 8, 4) == "they are fewer than the batch size (8): it trains in batches of 4"
+    assert batch_note(fixed, 8, 16) is None
 
 
 def test_eval_improved_counts_either_held_out_metric():

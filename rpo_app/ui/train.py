@@ -27,7 +27,7 @@ from rpo_app.batches import count_examples, judgment_pairs, judgment_pools
 from rpo_app.loss_registry import LOSSES, get_loss
 from rpo_app.runestimate import CHECKPOINTING_MEMORY, CHECKPOINTING_STEP_FACTOR
 from rpo_app.runfolder import MetricRow
-from rpo_app.trainconfig import ConfigError, TrainConfig, check_data
+from rpo_app.trainconfig import ConfigError, TrainConfig, batch_note, check_data
 from rpo_app.ui.context import AppContext
 from rpo_app.ui.widgets import progress_bar
 
@@ -128,12 +128,8 @@ def usable_line(ctx: AppContext, values: dict) -> str:
     trains = (f"{n_chosen} chosen / {n_rejected} rejected items" if spec.pools
               else f"{n_chosen} pairs")
     n_examples = max(n_chosen, n_rejected)
-    shrunk = ""
-    if cfg.batch_size < asked:
-        shrunk = (f" A small set (fewer than {cfg.small_set}): it trains in batches of {cfg.batch_size}."
-                  if cfg.is_small_set(n_examples) and cfg.batch_size == cfg.small_set_batch
-                  else f" They are fewer than the batch size ({asked}): it trains in batches of "
-                       f"{cfg.batch_size}.")
+    note = batch_note(cfg, asked, n_examples)
+    shrunk = f" {note[0].upper()}{note[1:]}." if note else ""
     caution = cfg.overtraining_caution(n_examples)
     return (f"{given}; {cfg.loss} trains on {trains} of them. ✔ enough to start.{shrunk} "
             f"{_estimate(ctx, cfg, train_j, eval_j, n_examples)}"
