@@ -87,9 +87,9 @@ _RPO = dict(function="rpo_loss", contrasts_batch=True, default_beta=1.0,
 
 # The pooled losses' small-set bounds, in items of the larger pool (bench-curve, concise,
 # thumbs only, the schedule forced each way; README "The small-set bound, measured").
-# KTO: 40 steps of 4 won more than 60 steps of 8 at pools of 58-67 and 81-82, less at
+# KTO: 40 steps of 4 won more than 60 steps of 8 at pools of 58-67 and 81-83, less at
 # 105-109, so 96. rpo-unpaired: 60 steps of 8 collapsed it at 58-67 (6 of 6), garbled it at
-# 81-82 (2 of 2, read) and drifted it at 105-109 (-1.18 log-prob per token against -0.69,
+# 81-83 (3 of 3, read) and drifted it at 105-109 (-1.18 log-prob per token against -0.69,
 # one seed of 3 partly garbled); 40 steps of 4 kept it fluent at every size, so 128.
 # Pairs keep 64: 102-109 training pairs lost 0.15 (dpo) and 0.23 (rpo-paired) of mean
 # win rate on 40 steps of 4, and stayed fluent on 60 steps of 8.
@@ -106,8 +106,8 @@ _SPECS = (
              small_set=_RPO_UNPAIRED_SMALL_SET,
              overtraining_caution=(
                  f"on fewer than {_RPO_UNPAIRED_SMALL_SET} liked or disliked items, rpo-unpaired "
-                 "collapsed or garbled on 9 of 11 thumbs-only runs that trained 60 steps of 8 (all "
-                 "8 at 128 and 176 thumbs) and on none of 12 at 40 steps of 4, the default for a set "
+                 "collapsed or garbled on 10 of 12 thumbs-only runs that trained 60 steps of 8 (all "
+                 "9 at 128 and 176 thumbs) and on none of 13 at 40 steps of 4, the default for a set "
                  "this size: leave Steps blank, or set Steps to 40 and Batch size to 4, or use KTO")),
     LossSpec("dpo", "DPO (same-prompt pairs)", "Direct Preference Optimization (baseline)",
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss",

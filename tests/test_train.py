@@ -416,7 +416,7 @@ def test_a_loss_measured_to_collapse_when_overtrained_says_so_there():
     default schedule, and sets beyond the bound (measured fluent), get none; nor do other
     losses."""
     caution = TrainConfig(loss="rpo-unpaired", small_set=0).overtraining_caution(60)
-    assert "use KTO" in caution and "9 of 11" in caution and "fewer than 128" in caution
+    assert "use KTO" in caution and "10 of 12" in caution and "fewer than 128" in caution
     assert TrainConfig(loss="rpo-unpaired").overtraining_caution(60) is None  # 40 steps of 4
     assert TrainConfig(loss="rpo-unpaired", small_set=0).overtraining_caution(128) is None  # beyond
     assert TrainConfig(loss="rpo-unpaired").overtraining_caution(500) is None
