@@ -426,6 +426,9 @@ class ModelHost:
         return host
 
     def _setup(self, model, tokenizer, name: str) -> None:
+        from rpo_app.models import contiguous_head_input
+
+        contiguous_head_input(model)
         self.base = model
         self.model = model  # becomes a PeftModel once an adapter is loaded
         self.tokenizer = tokenizer

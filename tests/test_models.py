@@ -130,3 +130,27 @@ def test_two_processes_on_a_fresh_data_dir_convert_the_bundled_model_once(tmp_pa
     assert sum("converting" in err for _, err in outs) == 1
     assert (folder / "model.safetensors").exists()
     assert not (tmp_path / "models" / f"{DEFAULT_MODEL_NAME}.tmp").exists()
+
+
+def test_lm_head_gets_a_contiguous_input_for_the_last_position(tiny_model_dir, tmp_path):
+    """logits_to_keep=1 slices the last position out of the hidden states; a [B, 1, d]
+    view makes torch's matmul copy the head once per row (2.2 s against 2.5 ms for 32
+    prompts on the bundled model in bf16). The loaded model's head sees a contiguous
+    input, and the logits are those of the plain model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rpo_app.models import contiguous_head_input, load_model
+
+    net, _ = load_model(str(tiny_model_dir), tmp_path, device="cpu")
+    contiguous_head_input(net)  # idempotent: one hook however often it is called
+    head = net.get_output_embeddings()
+    assert len(head._forward_pre_hooks) == 1
+    seen = []
+    head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, 100, (3, 7))
+    with torch.inference_mode():
+        last = net(input_ids=ids, logits_to_keep=1).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(input_ids=ids).logits[:, -1:]
+    assert seen == [True]
+    torch.testing.assert_close(last, plain)
