@@ -538,13 +538,20 @@ class ModelHost:
         with self.lock:
             if name in self._adapter_paths:
                 self._delete_adapter(name)
+            # The adapter in the weights' own dtype: peft would keep a bf16 model's LoRA
+            # weights in fp32 and cast every LoRA input up and back, 10% of a bf16 scoring
+            # pass on the bundled model for the same log-probs (autocast runs those matmuls
+            # in bf16 either way); generation runs them in bf16 like the rest of the model.
+            # This host only infers; the trainer keeps its LoRA weights in fp32.
+            same_dtype = {"autocast_adapter_dtype": False}
             try:
                 if isinstance(self.model, PeftModel):
                     self.model.load_adapter(str(folder), adapter_name=name,
-                                            torch_device=str(self.device))
+                                            torch_device=str(self.device), **same_dtype)
                 else:
                     self.model = PeftModel.from_pretrained(
-                        self.base, str(folder), adapter_name=name, torch_device=str(self.device))
+                        self.base, str(folder), adapter_name=name, torch_device=str(self.device),
+                        **same_dtype)
             except Exception as err:  # peft raises many kinds; name the adapter and the cause
                 if isinstance(self.model, PeftModel) and name in self.model.peft_config:
                     try:  # drop the half-loaded adapter; the others stay usable

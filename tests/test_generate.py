@@ -308,6 +308,38 @@ def test_adapter_changes_output_and_unloads(model_dir, tiny_adapter):
         host.unload_adapter("tuned")
 
 
+def test_adapter_takes_the_weights_dtype_and_scores_like_the_fp32_one(model_dir, tiny_adapter):
+    """A bf16 host keeps a loaded adapter's LoRA weights in bf16 (peft would upcast them to
+    fp32 and cast every LoRA input up and back); under the scorer's bf16 autocast the
+    log-probs are those of the fp32 LoRA weights, whose matmuls autocast runs in bf16."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rpo_app.batches import Encoder, Item
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    host = ModelHost.from_loaded(bf16, tok, "tiny-bf16")
+    host.load_adapter("tuned", tiny_adapter)
+    lora = {p.dtype for n, p in host.model.named_parameters() if "lora_" in n}
+    assert lora == {torch.bfloat16}
+    enc = Encoder(tok, 128, 64)
+    seqs = [enc.encode(Item(p, "An answer of a few words."), 0) for p in PROMPTS]
+    ours = host.sequence_logps(seqs, adapter="tuned", precision="bf16")
+
+    upcast = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval(), str(tiny_adapter),
+        adapter_name="tuned")
+    assert {p.dtype for n, p in upcast.named_parameters() if "lora_" in n} == {torch.float32}
+    theirs = ModelHost.from_loaded(upcast, tok, "tiny-bf16-upcast")
+    theirs._adapter_paths["tuned"] = str(tiny_adapter)
+    expected = theirs.sequence_logps(seqs, adapter="tuned", precision="bf16")
+    base = host.sequence_logps(seqs, adapter=None, precision="bf16")
+    assert ours == pytest.approx(expected, rel=1e-3)
+    assert ours != pytest.approx(base, rel=1e-3)  # the adapter is in use
+
+
 def test_load_adapter_refuses_bad_folders(tiny_host, tiny_adapter, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
