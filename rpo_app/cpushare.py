@@ -31,9 +31,8 @@ Threads inside one process count too. Each OS thread that has computed keeps Ope
 workers of its own while it lives, and libgomp spin-waits only while it manages no more
 threads than there are cores; past that every wait is nearly passive. Measured on a
 2-core Xeon with AMX (bf16, 2-row decode of the bundled model): 40 ms a step in a thread
-alone, 70 ms once another living thread had decoded. The app computes in threads that
-end with their work (loading, timing, each job, each chat turn), so one team is
-usually all there is; the first-run benchmark times the decoding the same way.
+alone, 70 ms once another living thread had decoded. So the app's model computes on one
+thread of its own (ModelHost.use_own_thread), whichever thread asked.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 from rpo_app import chat_template
 
@@ -388,11 +388,39 @@ def _eval_mode(model):
             model.train()
 
 
+class _ModelThread:
+    """One daemon thread that runs the calls handed to it, in order (ModelHost.use_own_thread)."""
+
+    def __init__(self):
+        self._calls: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, done = self._calls.get()
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(fn())
+                except BaseException as err:  # re-raised in the caller's thread
+                    done.set_exception(err)
+
+    def call(self, fn):
+        if threading.current_thread() is self._thread:
+            return fn()
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        self._calls.put((fn, done))
+        return done.result()
+
+
 # -- the host ----------------------------------------------------------------------------
 class ModelHost:
     """One base model + tokenizer, with LoRA adapters loaded by name.
 
-    Thread-safe: every use of the model holds `self.lock`.
+    Thread-safe: every use of the model holds `self.lock` (and runs on the host's own
+    thread once `use_own_thread` gave it one).
     """
 
     def __init__(self, model: str | None = None, data_dir: str | Path = "data",
@@ -445,6 +473,26 @@ class ModelHost:
         # Wraps every computation (the app passes cpushare.AppShare.busy, so a training
         # run gives back cores while this model generates).
         self.compute: Callable[[], ContextManager] = nullcontext
+        self._own_thread: _ModelThread | None = None
+
+    def use_own_thread(self) -> None:
+        """From now on every computation of this host runs on one long-lived thread of its
+        own (the app's host, whose chat turns, jobs and timings come from many threads).
+        A thread that has computed keeps OpenMP workers while it lives, and with more of
+        them than cores libgomp stops spin-waiting (cpushare): on 2 cores, 2 rows on an
+        adapter decoded at 112-124 ms a step beside a living thread that had scored, against
+        60 ms alone or on the host's own thread."""
+        if self._own_thread is None:
+            self._own_thread = _ModelThread()
+
+    def _computing(self, fn: Callable[[], Any], share_cores: bool = True) -> Any:
+        """fn() holding the model (self.lock) and, with share_cores, the app's cores
+        (self.compute), on the host's own thread when it has one."""
+        def locked():
+            with self.lock, self.compute() if share_cores else nullcontext():
+                return fn()
+
+        return locked() if self._own_thread is None else self._own_thread.call(locked)
 
     # -- adapters ------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -466,11 +514,15 @@ class ModelHost:
             ids = torch.randint(0, self.tokenizer.vocab_size, (4, 128), device=self.device)
             autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
                         else contextlib.nullcontext())
-            with self.lock, torch.inference_mode(), autocast:
-                self.base(input_ids=ids)  # warm-up: the first pass allocates
-                t0 = time.perf_counter()
-                self.base(input_ids=ids)
-                timed[precision] = (time.perf_counter() - t0) / ids.numel()
+
+            def timed_pass() -> float:
+                with torch.inference_mode(), autocast:
+                    self.base(input_ids=ids)  # warm-up: the first pass allocates
+                    t0 = time.perf_counter()
+                    self.base(input_ids=ids)
+                    return (time.perf_counter() - t0) / ids.numel()
+
+            timed[precision] = self._computing(timed_pass, share_cores=False)
         return timed[precision]
 
     def decode_timing(self, measure: bool = True) -> "DecodeSpeed | None":
@@ -493,8 +545,9 @@ class ModelHost:
             while len(row) < context:
                 text += sentence
                 row = self.encode_prompt(text)
-            with self.lock, self.compute():  # the first call pays one-off setup costs
-                self._run([row] * 2, [0, 1], GenSettings(max_new_tokens=2), [None] * 2)
+            # the first call pays one-off setup costs
+            self._computing(lambda: self._run([row] * 2, [0, 1], GenSettings(max_new_tokens=2),
+                                              [None] * 2))
             points = []
             for rows in TIMED_ROWS:
                 at: list[float] = []
@@ -502,9 +555,9 @@ class ModelHost:
                 # on: the first one also runs the prompt.
                 streamer = _row_streamer_class()(rows, set(), steps + 2, None,
                                                  lambda _step: at.append(time.perf_counter()))
-                with self.lock, self.compute():
-                    self._run([row] * rows, list(range(rows)), settings, [None] * rows,
-                              streamer=streamer, stop_ids=set())
+                self._computing(lambda rows=rows, streamer=streamer: self._run(
+                    [row] * rows, list(range(rows)), settings, [None] * rows, streamer=streamer,
+                    stop_ids=set()))
                 points.append((rows, (at[-1] - at[1]) / (len(at) - 2)))
             cached = self._decode_timing = DecodeSpeed(tuple(points))
         return cached
@@ -535,7 +588,8 @@ class ModelHost:
         if name == BASE:
             raise ValueError(f"{BASE!r} is reserved for the base model")
         folder = check_adapter_dir(path)
-        with self.lock:
+
+        def load() -> None:
             if name in self._adapter_paths:
                 self._delete_adapter(name)
             # The adapter in the weights' own dtype: peft would keep a bf16 model's LoRA
@@ -565,11 +619,15 @@ class ModelHost:
             self.model.eval()
             self._adapter_paths[name] = str(folder)
 
+        self._computing(load, share_cores=False)
+
     def unload_adapter(self, name: str) -> None:
-        with self.lock:
+        def unload() -> None:
             if name not in self._adapter_paths:
                 raise KeyError(f"no adapter named {name!r} is loaded")
             self._delete_adapter(name)
+
+        self._computing(unload, share_cores=False)
 
     def _delete_adapter(self, name: str) -> None:
         del self._adapter_paths[name]
@@ -615,12 +673,15 @@ class ModelHost:
         bf16 = pick_precision(str(self.device), precision) == "bf16"
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
                     else contextlib.nullcontext())
-        with self.lock, self.compute(), _eval_mode(self.model), self._adapter_mode([adapter]), \
-                torch.inference_mode(), autocast:
-            scorer = PromptScorer(share=self.share_prefill)
-            out = scorer(self.model, seqs, self.pad_id, self.device, keeps_logits_by_mask(self.model))
-            self.share_prefill = scorer.share  # a model that failed it shares no prefill either
-            return out.tolist()
+
+        def score() -> list[float]:
+            with _eval_mode(self.model), self._adapter_mode([adapter]), torch.inference_mode(), autocast:
+                scorer = PromptScorer(share=self.share_prefill)
+                out = scorer(self.model, seqs, self.pad_id, self.device, keeps_logits_by_mask(self.model))
+                self.share_prefill = scorer.share  # a model that failed it shares no prefill either
+                return out.tolist()
+
+        return self._computing(score)
 
     # -- prompts -> token ids ------------------------------------------------------------
     def encode_chat(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
@@ -804,8 +865,8 @@ class ModelHost:
 
             streamer = _row_streamer_class()(len(chunk), self.stop_ids, settings.max_new_tokens,
                                              row_done, step_done)
-            with self.lock, self.compute():
-                new = self._run(rows, seeds, settings, [adapter] * len(chunk), streamer=streamer)
+            new = self._computing(lambda: self._run(rows, seeds, settings, [adapter] * len(chunk),
+                                                    streamer=streamer))
             for i, toks in enumerate(new):
                 if i not in finished:  # the streamer saw every row; this is a safety net
                     row_done(i, toks)
@@ -864,9 +925,8 @@ class ModelHost:
 
         def work():
             try:
-                with self.lock, self.compute():
-                    self._run(rows, seeds, settings, adapters, streamer=streamer,
-                              stopping=_stop_flag(stop))
+                self._computing(lambda: self._run(rows, seeds, settings, adapters, streamer=streamer,
+                                                  stopping=_stop_flag(stop)))
                 if on_end is not None and not stop.is_set():
                     on_end(streamer.cut_off())
             except BaseException as err:  # handed to the consumer thread

@@ -340,6 +340,48 @@ def test_adapter_takes_the_weights_dtype_and_scores_like_the_fp32_one(model_dir,
     assert ours != pytest.approx(base, rel=1e-3)  # the adapter is in use
 
 
+def test_own_thread_runs_every_computation_there_with_the_same_results(model_dir, tiny_adapter):
+    """The app's host computes on one thread of its own whichever thread asks (a second
+    computing thread makes OpenMP stop spin-waiting: cpushare), with the answers and
+    log-probs of a host that computes in the caller's thread, and errors re-raised in
+    the caller."""
+    from rpo_app.batches import Encoder, Item
+
+    plain = _tiny_host(model_dir)
+    plain.load_adapter("tuned", tiny_adapter)
+    host = _tiny_host(model_dir)
+    host.use_own_thread()
+    computed_on: set[int] = set()
+    host.base.get_input_embeddings().register_forward_pre_hook(
+        lambda *_: computed_on.add(threading.get_ident()))
+    host.load_adapter("tuned", tiny_adapter)
+    answers: dict[int, list] = {}
+    callers = [threading.Thread(target=lambda i=i, a=a: answers.__setitem__(
+        i, host.generate(PROMPTS, settings=GREEDY, adapter=a))) for i, a in enumerate([None, "tuned"])]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    chat = list(host.chat_stream([[{"role": "user", "content": "Hi"}]], ["tuned"], GREEDY))[-1]
+    seqs = [Encoder(host.tokenizer, 128, 64).encode(Item(p, "A short answer."), 0) for p in PROMPTS]
+    logps = host.sequence_logps(seqs, adapter="tuned")
+    assert host.decode_timing() is not None
+
+    assert len(computed_on) == 1
+    assert computed_on.isdisjoint({threading.get_ident(), *(t.ident for t in callers)})
+    # Greedy texts could split on a near-tie if the two threads' OpenMP teams differ in
+    # size; the log-probs compare with a tolerance, the texts by what they must show.
+    assert logps == pytest.approx(plain.sequence_logps(seqs, adapter="tuned"), rel=1e-4)
+    assert logps != pytest.approx(plain.sequence_logps(seqs, adapter=None), rel=1e-4)
+    assert [len(a) for a in answers.values()] == [len(PROMPTS)] * 2
+    assert answers[0] != answers[1]  # the adapter applied on the host's thread
+    assert isinstance(chat, list) and len(chat) == 1 and chat[0]
+    with pytest.raises(KeyError, match="no adapter named"):
+        host.unload_adapter("nope")
+    host.unload_adapter("tuned")
+    assert host.adapter_names() == []
+
+
 def test_load_adapter_refuses_bad_folders(tiny_host, tiny_adapter, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -124,6 +124,7 @@ class AppContext:
             host = ModelHost(self.cfg.model, data_dir=self.layout.root, device=self.cfg.device,
                              trust_remote_code=self.cfg.trust_remote_code)
         host.compute = self.cpu.busy
+        host.use_own_thread()  # chat, jobs and timings arrive on many threads
         for adapter in self.store.adapters():
             self._load_adapter(host, adapter)
         # The first-run time estimate needs the decoding speed, the Train tab's the
