@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -63,14 +62,13 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
 
     t0 = time.perf_counter()
     host = ModelHost(None, work)
+    # As the app's host (ui.context): the timing here and the job's decoding below on one
+    # thread. Timed on this thread and decoded on the job's, every decode step waited
+    # passively and ran 1.7x slower than the estimate (cpushare).
+    host.use_own_thread()
     out["load_model_s"] = round(time.perf_counter() - t0, 2)
     t1 = time.perf_counter()
-    # In a thread that then ends, as the app times it (ui.context): a thread that has
-    # computed keeps its OpenMP workers, and with more of them than cores libgomp stops
-    # spin-waiting, so the job's decoding below ran 1.7x slower per step (cpushare).
-    timing = threading.Thread(target=host.decode_timing, name="model-timing")
-    timing.start()
-    timing.join()
+    host.decode_timing()
     out["time_decoding_s"] = round(time.perf_counter() - t1, 2)
     settings = GenSettings()
     n_answers = FIRST_RUN_PROMPTS * FIRST_RUN_ANSWERS
