@@ -588,6 +588,24 @@ def test_strength_margin_enters_the_first_step(tmp_path, tiny_model_dir, data_di
 
 
 @pytest.mark.slow
+def test_bench_runs_each_whole_run_in_a_process_of_its_own(tiny_model_dir, data_dir):
+    """Ours, then TRL doing our run's steps at our batch, each in a fresh process (our
+    trainer sets glibc's malloc for its process, which TRL must not inherit)."""
+    import argparse
+
+    from rpo_app.bench.train import _complete, _e2e_in_child
+
+    args = _complete(argparse.Namespace(quick=True, threads=1, model=str(tiny_model_dir),
+                                        data_dir=str(data_dir)))
+    args.precision = "fp32"
+    ours = _e2e_in_child(args, "ours", args.e2e_steps, args.batch_size)
+    assert ours["steps"] == args.e2e_steps and ours["phases"]["training"] > 0
+    trl = _e2e_in_child(args, "trl", ours["steps"], ours["batch_size"])
+    assert (trl["steps"], trl["batch_size"]) == (ours["steps"], ours["batch_size"])
+    assert trl["phases"]["training"] > 0 and trl["phases"]["previews"] > 0
+
+
+@pytest.mark.slow
 def test_bench_times_the_shared_prompt_scorer_against_whole_sequences(tiny_model_dir, data_dir):
     """The training benchmark's A/B runs both scorers over the same batches and reference
     pass: the same losses and log-probs up to rounding, a time for each, in its table."""

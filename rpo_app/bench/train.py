@@ -322,6 +322,31 @@ PREVIEWS = ("Give me three tips for sleeping better.", "Explain what a hash tabl
             "How do I politely decline a meeting?")
 
 
+def _e2e_in_child(args, side: str, steps: int | None, batch_size: int) -> dict:
+    """One whole run (`side`: ours or trl) in a fresh process, as the app runs training: a
+    process's heap keeps its history, and our trainer sets glibc's malloc for its own
+    process (rpo_app.heap), which TRL would otherwise inherit (measured on a 2-core Xeon
+    VM: TRL's 40 steps 227 s after our run in the same process, 194 s with a heap of its own)."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "rpo_app.bench.train", "--e2e-side", side,
+            "--device", args.device, "--loss", args.loss,
+            "--precision", args.precision, "--pairs", str(args.pairs), "--batch-size", str(batch_size),
+            "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
+            "--threads", str(args.threads), "--seed", str(args.seed), "--previews", str(args.previews),
+            "--preview-tokens", str(args.preview_tokens)]
+    if args.model:
+        argv += ["--model", args.model]
+    if args.data_dir:
+        argv += ["--data-dir", str(args.data_dir)]
+    if steps:
+        argv += ["--e2e-steps", str(steps)]
+    out = subprocess.run(argv, stdout=subprocess.PIPE, text=True)  # progress goes to our stderr
+    if out.returncode:
+        raise RuntimeError(f"the whole run ({side}) exited with {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def e2e_summary(ours: dict, trl: dict) -> dict:
     """Both runs' totals (the phases added up) and the ratio."""
     totals = {name: sum(run["phases"].values()) for name, run in (("ours", ours), ("trl", trl))}
@@ -359,6 +384,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--previews", type=int, default=2, help="preview prompts in each whole run")
     parser.add_argument("--preview-tokens", type=int, default=96,
                         help="new tokens per preview (the trainer's default)")
+    parser.add_argument("--e2e-side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     return parser
 
 
@@ -396,6 +422,12 @@ def main_from_args(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(args.data_dir)
     model_path = check_model(args.model, data_dir)
     judgments = synthetic_judgments(args.pairs, args.seed)
+    if args.e2e_side == "ours":  # one whole run in this fresh process (_e2e_in_child)
+        print(json.dumps(e2e_ours(args, judgments, model_path, data_dir)))
+        return 0
+    if args.e2e_side == "trl":
+        print(json.dumps(e2e_trl(args, judgments, model_path, data_dir, args.e2e_steps, args.batch_size)))
+        return 0
     result = {"model": model_path, "device": args.device, "threads": torch.get_num_threads(),
               "pairs": args.pairs, "batch_size": args.batch_size, "max_length": args.max_length,
               "timed_steps": args.steps, "warmup_steps": args.warmup_steps, "loss": args.loss,
@@ -413,10 +445,10 @@ def main_from_args(args: argparse.Namespace) -> int:
     if not args.skip_trl and not args.skip_end_to_end:
         what = f"{args.e2e_steps} steps" if args.e2e_steps else "the default run"
         print(f"whole run, ours ({what}) ...", file=sys.stderr, flush=True)
-        ours = e2e_ours(args, judgments, model_path, data_dir)
+        ours = _e2e_in_child(args, "ours", args.e2e_steps, args.batch_size)
         print(f"whole run, TRL DPOTrainer ({ours['steps']} steps of {ours['batch_size']}, "
               "precompute_ref_log_probs=True) ...", file=sys.stderr, flush=True)
-        trl = e2e_trl(args, judgments, model_path, data_dir, ours["steps"], ours["batch_size"])
+        trl = _e2e_in_child(args, "trl", ours["steps"], ours["batch_size"])
         result["end_to_end"] = {"ours": ours, "trl": trl, **e2e_summary(ours, trl)}
     print(format_table(result))
     if args.out:
