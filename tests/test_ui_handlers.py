@@ -248,25 +248,6 @@ def test_label_handlers_judge_and_undo(ctx):
     assert undone["left"]["value"] == shown["left"]["value"]
 
 
-def test_a_name_that_reaches_the_box_without_enter_brings_an_item_once_it_stops_changing(ctx):
-    # Without a name the tab asks for one and keeps its timer running.
-    asked = dict(zip(label.VIEW, label.show_next(ctx, "paired", None)))
-    assert "Enter your name" in asked["question"] and asked["poll"].active
-    # A tick while the name is still being typed leaves the screen alone (no item is
-    # fetched for "ad" on the way to "ada"); the next tick with the same name shows one.
-    typing = dict(zip(label.VIEW, label.tick(ctx, None, "paired", "ad", name_settled=False)))
-    assert all(typing[name] == gr.skip() for name in label.VIEW)
-    settled = dict(zip(label.VIEW, label.tick(ctx, None, "paired", "ada", name_settled=True)))
-    assert settled["token"] and settled["prompt"]["value"].startswith("Test prompt")
-    assert not settled["poll"].active
-    # Once an item is on screen a tick leaves it alone, whatever the box says.
-    kept = dict(zip(label.VIEW, label.tick(ctx, settled["token"], "paired", None, name_settled=False)))
-    assert all(kept[name] == gr.skip() for name in label.VIEW if name != "poll")
-    # Without a name at all a tick asks again (and the timer keeps running).
-    again = dict(zip(label.VIEW, label.tick(ctx, None, "paired", None, name_settled=True)))
-    assert "Enter your name" in again["question"] and again["poll"].active
-
-
 def test_label_tab_says_which_answer_stopped_at_the_token_limit(tmp_path):
     from rpo_app.store import Store
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import html
 import time
-from collections import OrderedDict
 
 import gradio as gr
 import pandas as pd
@@ -199,7 +198,6 @@ NO_NAME = "Enter your name above to start judging."
 # Enter's item or runs after it and finds the item on screen (poll leaves it alone); run
 # side by side, its "enter your name" view could land last and wipe the item (CI saw that).
 FIRST_ITEM_GROUP = "label-first-item"
-MAX_SESSIONS_SEEN = 10_000  # browser sessions whose name box the ticks remember
 
 # The outputs of every handler below, in order.
 VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
@@ -360,9 +358,7 @@ def _nothing_to_judge(ctx: AppContext, mode: str | None = None,
         offer, timed = first_run_offer(ctx)
         return f"**Start here.** {offer}", True, not timed  # poll until the estimate is in
     if not named:  # there may be plenty to judge: "nothing left" would be untrue
-        # Polled: a name that reaches the box without an Enter the server saw (typed and
-        # left, or typed while the page loaded) still brings the next item (`tick`).
-        return f"**{NO_NAME}**", False, True
+        return f"**{NO_NAME}**", False, False
     if mode == "ranking":
         return (f"Nothing left to rank. A ranking needs at least {rankings.MIN_ANSWERS} "
                 "answers to one prompt that you have not ranked: in the **Data** tab, "
@@ -417,16 +413,6 @@ def poll(ctx: AppContext, token: str | None, mode: str, annotator: str | None,
     if token:  # an item is on screen: leave it alone
         return [gr.Timer(active=False) if name == "poll" else gr.skip() for name in VIEW]
     return show_next(ctx, mode, annotator, order=order)
-
-
-def tick(ctx: AppContext, token: str | None, mode: str, annotator: str | None,
-         order: str = "informative", name_settled: bool = True) -> list:
-    """The poll timer's tick: `poll`, except that an empty screen stays as it is while the
-    name in the box is still changing (not `name_settled` since the last tick), so a name
-    being typed does not fetch items for each of its prefixes."""
-    if not token and annotator is not None and not name_settled:
-        return [gr.skip() for _ in VIEW]  # the timer keeps running
-    return poll(ctx, token, mode, annotator, order)
 
 
 def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = "",
@@ -584,22 +570,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
 
     # The wrappers' parameter names are the endpoints' API (tests/test_label_api.py). The
     # order comes last, so scripts that leave it out get the Order box's default.
-    # The name box's value at each session's last poll or tick (server-side, so a tick
-    # compares with the one before it whatever the browser sent in between).
-    names_seen: OrderedDict[str, str] = OrderedDict()
-
-    def _seen(request: gr.Request, typed) -> bool:
-        """Records the box's value for this session; whether it is the value seen last."""
-        key = getattr(request, "session_hash", None) or ""
-        settled = names_seen.get(key) == (typed or "")
-        names_seen[key] = typed or ""
-        names_seen.move_to_end(key)
-        while len(names_seen) > MAX_SESSIONS_SEEN:
-            names_seen.popitem(last=False)
-        return settled
-
     def on_show(mode_value, typed, order_value, request: gr.Request):
-        _seen(request, typed)
         return show_next(ctx, mode_value, _maybe_annotator(ctx, request, typed), order=order_value)
 
     def judge_as(verdict):
@@ -624,13 +595,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         return start_first_run(ctx, mode_value, _maybe_annotator(ctx, request, typed), order_value)
 
     def on_poll(tok, mode_value, typed, order_value, request: gr.Request):
-        _seen(request, typed)
         return poll(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed), order_value)
-
-    def on_tick(tok, mode_value, typed, order_value, request: gr.Request):
-        settled = _seen(request, typed)
-        return tick(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed), order_value,
-                    name_settled=settled)
 
     def on_order_tick(tok, order_value):
         """Keeps the order line current: scoring starts when a run ends, and its progress moves."""
@@ -649,7 +614,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
 
     base_inputs = [mode, annotator_box, order]
     first_run.click(on_first_run, base_inputs, view, api_name="first_run")
-    poll_timer.tick(on_tick, [token, *base_inputs], view, api_name=False, show_progress="hidden",
+    poll_timer.tick(on_poll, [token, *base_inputs], view, api_name=False, show_progress="hidden",
                     concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
     gr.Timer(3.0).tick(on_order_tick, [token, order], order_info, api_name=False,
                        show_progress="hidden")
