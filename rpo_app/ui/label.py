@@ -194,9 +194,10 @@ RANK_CSS = """
 NO_NAME = "Enter your name above to start judging."
 # The events that show an item by themselves (the page load, the Label tab's select, which
 # Gradio also fires on page load, and the poll timer) run one at a time with the name box's
-# Enter and the mode and order pickers, in the order they came. One that read the name box empty then either lands before
-# Enter's item or runs after it and finds the item on screen (poll leaves it alone); run
-# side by side, its "enter your name" view could land last and wipe the item (CI saw that).
+# Enter and the mode and order pickers, in the order they came. One that read the name box
+# empty then either lands before Enter's item or runs after it and finds the item on screen
+# (poll leaves it alone); run side by side, its "enter your name" view could land last and
+# wipe the item (CI saw that), and Enter's item could land after the picked mode's.
 FIRST_ITEM_GROUP = "label-first-item"
 
 # The outputs of every handler below, in order.
@@ -631,9 +632,6 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                     concurrency_limit=None)
     b_skip.click(on_skip, [token, *base_inputs], view, api_name="label_skip", concurrency_limit=None)
     b_undo.click(on_undo, base_inputs, view, api_name="label_undo", concurrency_limit=None)
-    # In the group too: a mode picked right after Enter must show the picked mode's item,
-    # not whichever of the two finished last (CI saw Enter's paired item land after the
-    # ranking that "Rank several answers" asked for).
     mode.change(on_show, base_inputs, view, api_name="label_mode",
                 concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
     order.change(on_show, base_inputs, view, api_name="label_order",
