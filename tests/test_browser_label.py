@@ -113,6 +113,20 @@ def label_app(tmp_path_factory, model_cache_dir):
         app.stop()
 
 
+def _wait_item_settled(page, seconds: float = 5.0) -> str:
+    """Wait for an item on screen, then check it stays there for `seconds` (two ticks of
+    the tab's timer): a page left behind is drawn again, an item in step is left alone."""
+    prompt = _wait_prompt(page)
+    shown = page.locator("#lbl-shown textarea, #lbl-shown input").first.input_value()
+    assert shown, "the page carries the token of the item it shows"
+    page.wait_for_timeout(int(seconds * 1000))
+    assert _box(page, "lbl-prompt").input_value() == prompt
+    assert page.locator("#lbl-shown textarea, #lbl-shown input").first.input_value() == shown
+    assert "Enter your name" not in page.locator("#lbl-question").inner_text()
+    assert "Enter your name" not in _status(page)
+    return prompt
+
+
 def test_a_name_typed_while_the_page_loads_is_kept(label_app):
     with chromium_browser() as browser:
         page = browser.new_page()
@@ -122,10 +136,38 @@ def test_a_name_typed_while_the_page_loads_is_kept(label_app):
         box.press("Enter")
         page.wait_for_timeout(3000)  # the load chain has run by now
         assert box.input_value() == "early-bird"
-        # The item Enter showed stays: the load's own first-item event does not wipe it.
-        assert _box(page, "lbl-prompt").input_value()
-        assert "Enter your name" not in page.locator("#lbl-question").inner_text()
-        assert "Enter your name" not in _status(page)
+        # The item Enter showed is on screen and stays.
+        _wait_item_settled(page)
+
+
+def test_a_late_nameless_answer_over_the_item_is_drawn_over_again(label_app):
+    """The CI flake of stops 38 and 39, made to happen: the page load's name-less first-item
+    event runs on the server before Enter's, but its answer reaches the page after the item
+    (Gradio's client holds back an answer that arrives before its /queue/join reply)."""
+    held = []
+
+    def hold_the_nameless_poll(route, request):
+        data = (request.post_data_json or {}).get("data") or []
+        if not held and len(data) == 4 and data[0] is None and data[2] == "":
+            held.append((route, route.fetch()))  # answered below, after Enter's item
+        else:
+            route.continue_()
+
+    with chromium_browser() as browser:
+        page = browser.new_page()
+        page.route("**/queue/join*", hold_the_nameless_poll)
+        page.goto(label_app.url, timeout=60_000)
+        box = _box(page, "annotator-name")
+        box.fill("late-answer")
+        box.press("Enter")
+        prompt = _wait_prompt(page)
+        assert held, "the page load's first-item event was not sent without a name"
+        route, reply = held[0]
+        route.fulfill(response=reply)
+        # Its "enter your name" view lands over the item, the server still holding the item
+        # (before the tick, nothing drew the item again: the flake).
+        _wait_asked_for_name(page)
+        assert _wait_item_settled(page) == prompt
 
 
 def test_label_tab_mouse_keyboard_undo_skip_thumbs_and_reload(label_app, tmp_path):

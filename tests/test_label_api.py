@@ -160,7 +160,7 @@ def test_ui_button_endpoints_judge_the_item_in_the_session(api_app):
     name = "button-bot"
     api = c.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert [p["parameter_name"] for p in api["/label_left"]["parameters"]] == \
-        ["mode_value", "strength_value", "typed", "order_value"]
+        ["mode_value", "strength_value", "typed", "order_value", "shown_value"]
     shown = c.predict("paired", name, api_name="/label_mode")
     # Outputs (state and layout left out): prompt, left prompt, left answer, right prompt,
     # right answer, question, related, history, progress, status.

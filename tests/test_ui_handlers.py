@@ -248,6 +248,40 @@ def test_label_handlers_judge_and_undo(ctx):
     assert undone["left"]["value"] == shown["left"]["value"]
 
 
+def test_a_page_left_behind_is_redrawn_and_judges_nothing_it_did_not_show(ctx):
+    item = dict(zip(label.VIEW, label.show_next(ctx, "paired", "ada")))
+    assert item["shown"] == item["token"]  # the page carries the token it shows
+    # In step with the server: the tick keeps the order line current and nothing else.
+    line, seen, behind = label.sync(ctx, item["token"], item["token"], None)
+    assert line.startswith("Order:") and seen is None and not behind
+    # An older "enter your name" answer landed over the item (the page shows no token while
+    # the server holds one). One tick waits: an answer may still be on its way.
+    _, seen, behind = label.sync(ctx, item["token"], "", None)
+    assert seen and not behind
+    _, _, behind = label.sync(ctx, item["token"], "", seen)
+    assert behind
+    _, again, behind = label.sync(ctx, item["token"], "", "some-other|mismatch")
+    assert again == seen and not behind  # a different difference starts over
+    redrawn = dict(zip(label.VIEW, label.redraw(ctx, item["token"], "paired", "ada")))
+    assert redrawn["token"] == redrawn["shown"] == item["token"]
+    assert redrawn["left"]["value"] == item["left"]["value"]
+    assert "Enter your name" not in redrawn["question"]
+    # A click on a page that showed another item stores nothing and shows the server's item.
+    late = dict(zip(label.VIEW, label.judge(ctx, "left", item["token"], "paired", "none", "ada",
+                                            shown="an-older-token")))
+    assert late["status"].startswith("⚠ Not saved: the page was showing an older item")
+    assert late["token"] == item["token"] and ctx.store.stats()["judgments"] == 0
+    late = dict(zip(label.VIEW, label.skip(ctx, item["token"], "paired", "ada",
+                                           shown="an-older-token")))
+    assert late["token"] == item["token"] and ctx.queue.item(item["token"]) is not None
+    # The page in step (or a script that does not say what it shows): stored.
+    done = dict(zip(label.VIEW, label.judge(ctx, "left", item["token"], "paired", "none", "ada",
+                                            shown=item["token"])))
+    assert done["status"].startswith("Saved judgment #1")
+    done = dict(zip(label.VIEW, label.judge(ctx, "right", done["token"], "paired", "none", "ada")))
+    assert done["status"].startswith("Saved judgment #2")
+
+
 def test_label_tab_says_which_answer_stopped_at_the_token_limit(tmp_path):
     from rpo_app.store import Store
 

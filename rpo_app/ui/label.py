@@ -195,16 +195,16 @@ NO_NAME = "Enter your name above to start judging."
 # The events that show an item by themselves (the page load, the Label tab's select, which
 # Gradio also fires on page load, and the poll timer) run one at a time with the name box's
 # Enter and the mode and order pickers, in the order they came. One that read the name box
-# empty then either lands before Enter's item or runs after it and finds the item on screen
-# (poll leaves it alone); run side by side, its "enter your name" view could land last and
-# wipe the item (CI saw that), and Enter's item could land after the picked mode's.
+# empty then either runs before Enter's item or after it and finds the item on the server
+# (poll leaves it alone), and Enter's item runs before the picked mode's. The browser may
+# still apply the answers in another order; the tab's tick (`sync`) mends that.
 FIRST_ITEM_GROUP = "label-first-item"
 
 # The outputs of every handler below, in order.
 VIEW = ("token", "prompt", "left_prompt", "left", "right_prompt", "right", "right_col", "question",
         "pair_row", "thumb_row", "strength_col", "related", "history", "progress",
         "first_run", "poll", "answers_row", "rank_col", "rank_cards", "rank_order",
-        "order_info", "status")  # status last: scripts read it as the last output
+        "order_info", "shown", "status")  # status last: scripts read it as the last output
 
 
 def render(ctx: AppContext, annotator: str | None, item, message: str = "",
@@ -253,7 +253,8 @@ def render(ctx: AppContext, annotator: str | None, item, message: str = "",
                 "related": _related(ctx, item.left["prompt_id"]),
                 "first_run": gr.update(visible=False), "poll": gr.Timer(active=False),
                 **_rank_view(None)}
-    view.update(history=hist, progress=prog, status=message, order_info=order_line(ctx, item, order))
+    view.update(history=hist, progress=prog, status=message, order_info=order_line(ctx, item, order),
+                shown=view["token"] or "")
     return [view[name] for name in VIEW]
 
 
@@ -416,6 +417,42 @@ def poll(ctx: AppContext, token: str | None, mode: str, annotator: str | None,
     return show_next(ctx, mode, annotator, order=order)
 
 
+def redraw(ctx: AppContext, token: str | None, mode: str, annotator: str | None,
+           order: str = "informative", message: str = "") -> list:
+    """The item the server holds for this page again (the next one if it is gone)."""
+    item = ctx.queue.item(token) if token else None
+    if item is None:
+        return show_next(ctx, mode, annotator, message, order)
+    return render(ctx, annotator, item, message, mode, order)
+
+
+def sync(ctx: AppContext, token: str | None, shown: str | None, seen: str | None,
+         order: str = "informative") -> tuple[str, str | None, bool]:
+    """The tab's tick: (the order line, the mismatch to remember, draw the server's item again).
+
+    The browser can apply one event's answer after a later one's (Gradio's client holds
+    back an answer that arrives before the browser has registered its event), so a page-load
+    view asking for a name once landed over the item that Enter had shown, with the item's
+    token still on the server. The tick compares the token the page shows (`shown`, a
+    browser-side value) with the server's: a difference seen on two ticks in a row is a page
+    left behind; on one tick it is only an answer still on its way. The order line is kept
+    current too (scoring starts when a run ends, and its progress moves)."""
+    now = None if (shown or "") == (token or "") else f"{token or ''}|{shown or ''}"
+    line = order_line(ctx, ctx.queue.item(token) if token else None, order)
+    return line, now, now is not None and now == seen
+
+
+def _behind(ctx: AppContext, token: str | None, shown: str | None, mode: str,
+            annotator: str | None, order: str) -> list | None:
+    """The server's item drawn again, when the page showed another one (see `sync`): a
+    verdict is stored only for the item the person saw. None when the page is current or
+    the caller (a script) did not say what it shows."""
+    if not shown or shown == (token or ""):
+        return None
+    return redraw(ctx, token, mode, annotator, order,
+                  "⚠ Not saved: the page was showing an older item. This is the item to judge.")
+
+
 def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = "",
               order: str = "informative") -> list:
     """The annotator's next item in `mode` and `order`; without a name, a request for one."""
@@ -428,8 +465,10 @@ def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = 
 
 
 def judge(ctx: AppContext, verdict: str, token: str | None, mode: str, strength: str,
-          annotator: str, order: str = "informative") -> list:
+          annotator: str, order: str = "informative", shown: str | None = None) -> list:
     """Store the verdict on the item with `token`, then show the next one."""
+    if (late := _behind(ctx, token, shown, mode, annotator, order)) is not None:
+        return late
     if not token:
         return show_next(ctx, mode, annotator, "Nothing on screen to judge.", order)
     try:
@@ -444,9 +483,11 @@ def judge(ctx: AppContext, verdict: str, token: str | None, mode: str, strength:
 
 
 def save_ranking(ctx: AppContext, token: str | None, ranked: str, mode: str,
-                 annotator: str, order: str = "informative") -> list:
+                 annotator: str, order: str = "informative", shown: str | None = None) -> list:
     """Store the typed order of the ranking on screen, then show the next item. An order
     that does not rank every answer once keeps the item and the typed text on screen."""
+    if (late := _behind(ctx, token, shown, mode, annotator, order)) is not None:
+        return late
     if not token:
         return show_next(ctx, mode, annotator, "Nothing on screen to rank.", order)
     try:
@@ -464,7 +505,9 @@ def save_ranking(ctx: AppContext, token: str | None, ranked: str, mode: str,
 
 
 def skip(ctx: AppContext, token: str | None, mode: str, annotator: str,
-         order: str = "informative") -> list:
+         order: str = "informative", shown: str | None = None) -> list:
+    if (late := _behind(ctx, token, shown, mode, annotator, order)) is not None:
+        return late
     if token:
         ctx.queue.skip(token, annotator)
     return show_next(ctx, mode, annotator, "Skipped (nothing stored).", order)
@@ -533,6 +576,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                 b_skip = gr.Button("Skip  [S]", size="sm", elem_id="lbl-skip")
                 b_undo = gr.Button("Undo last  [Z]", size="sm", elem_id="lbl-undo")
             status = gr.Markdown("", elem_id="lbl-status")
+            # The token of the item on the page, as the browser has it (see `sync`).
+            shown = gr.Textbox("", visible="hidden", interactive=False, elem_id="lbl-shown")
             with gr.Accordion("Write a better answer", open=False, elem_id="lbl-edit-box"):
                 with gr.Row():
                     edit_side = gr.Radio(EDIT_SIDES, value="left", label="Start from",
@@ -566,7 +611,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
              "strength_col": strength_col, "related": related, "history": history,
              "progress": progress, "status": status, "first_run": first_run, "poll": poll_timer,
              "answers_row": answers_row, "rank_col": rank_col, "rank_cards": rank_cards,
-             "rank_order": rank_order, "order_info": order_info}
+             "rank_order": rank_order, "order_info": order_info, "shown": shown}
     view = [parts[name] for name in VIEW]
 
     # The wrappers' parameter names are the endpoints' API (tests/test_label_api.py). The
@@ -574,20 +619,24 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     def on_show(mode_value, typed, order_value, request: gr.Request):
         return show_next(ctx, mode_value, _maybe_annotator(ctx, request, typed), order=order_value)
 
+    # shown_value: the token of the item the page shows; scripts leave it out (no check).
     def judge_as(verdict):
-        def on_judge(tok, mode_value, strength_value, typed, order_value, request: gr.Request):
+        def on_judge(tok, mode_value, strength_value, typed, order_value, shown_value,
+                     request: gr.Request):
             return judge(ctx, verdict, tok, mode_value, strength_value,
-                         ctx.annotator(request, typed), order_value)
+                         ctx.annotator(request, typed), order_value, shown_value)
         return on_judge
 
-    def on_rank(tok, ranked, mode_value, typed, order_value, request: gr.Request):
-        return save_ranking(ctx, tok, ranked, mode_value, ctx.annotator(request, typed), order_value)
+    def on_rank(tok, ranked, mode_value, typed, order_value, shown_value, request: gr.Request):
+        return save_ranking(ctx, tok, ranked, mode_value, ctx.annotator(request, typed),
+                            order_value, shown_value)
 
-    def on_rank_none(tok, mode_value, typed, order_value, request: gr.Request):
-        return save_ranking(ctx, tok, "none", mode_value, ctx.annotator(request, typed), order_value)
+    def on_rank_none(tok, mode_value, typed, order_value, shown_value, request: gr.Request):
+        return save_ranking(ctx, tok, "none", mode_value, ctx.annotator(request, typed),
+                            order_value, shown_value)
 
-    def on_skip(tok, mode_value, typed, order_value, request: gr.Request):
-        return skip(ctx, tok, mode_value, ctx.annotator(request, typed), order_value)
+    def on_skip(tok, mode_value, typed, order_value, shown_value, request: gr.Request):
+        return skip(ctx, tok, mode_value, ctx.annotator(request, typed), order_value, shown_value)
 
     def on_undo(mode_value, typed, order_value, request: gr.Request):
         return undo(ctx, mode_value, ctx.annotator(request, typed), order_value)
@@ -598,9 +647,14 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     def on_poll(tok, mode_value, typed, order_value, request: gr.Request):
         return poll(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed), order_value)
 
-    def on_order_tick(tok, order_value):
-        """Keeps the order line current: scoring starts when a run ends, and its progress moves."""
-        return order_line(ctx, ctx.queue.item(tok) if tok else None, order_value)
+    def on_tick(tok, shown_value, seen, order_value):
+        line, now, behind = sync(ctx, tok, shown_value, seen, order_value)
+        # Only a page left behind is drawn again (in an event of its own), so the tick
+        # leaves the rest of the tab alone.
+        return line, (None if behind else now), (time.time() if behind else gr.skip())
+
+    def on_redraw(tok, mode_value, typed, order_value, request: gr.Request):
+        return redraw(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed), order_value)
 
     def on_save_edit(tok, etok, side, text, typed, request: gr.Request):
         return save_edit(ctx, tok, etok, side, text, ctx.annotator(request, typed))
@@ -617,20 +671,24 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     first_run.click(on_first_run, base_inputs, view, api_name="first_run")
     poll_timer.tick(on_poll, [token, *base_inputs], view, api_name=False, show_progress="hidden",
                     concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
-    gr.Timer(3.0).tick(on_order_tick, [token, order], order_info, api_name=False,
-                       show_progress="hidden")
+    mismatch = gr.State(None)  # what `sync` saw on the tick before
+    behind = gr.Number(visible="hidden")  # set when the page was left behind: draw it again
+    gr.Timer(2.0).tick(on_tick, [token, shown, mismatch, order], [order_info, mismatch, behind],
+                       api_name=False, show_progress="hidden")
+    behind.change(on_redraw, [token, *base_inputs], view, api_name=False, show_progress="hidden")
     for button, verdict, api in [(b_left, "left", "label_left"), (b_right, "right", "label_right"),
                                  (b_tie, "tie", "label_tie"), (b_bad, "both_bad", "label_both_bad"),
                                  (b_up, "up", "label_up"), (b_down, "down", "label_down")]:
-        button.click(judge_as(verdict), [token, mode, strength, annotator_box, order], view,
+        button.click(judge_as(verdict), [token, mode, strength, annotator_box, order, shown], view,
                      api_name=api, concurrency_limit=None)
-    rank_save.click(on_rank, [token, rank_order, *base_inputs], view, api_name="label_rank",
+    rank_save.click(on_rank, [token, rank_order, *base_inputs, shown], view, api_name="label_rank",
                     concurrency_limit=None)
-    rank_order.submit(on_rank, [token, rank_order, *base_inputs], view, api_name=False,
+    rank_order.submit(on_rank, [token, rank_order, *base_inputs, shown], view, api_name=False,
                       concurrency_limit=None)
-    rank_none.click(on_rank_none, [token, *base_inputs], view, api_name="label_rank_none",
+    rank_none.click(on_rank_none, [token, *base_inputs, shown], view, api_name="label_rank_none",
                     concurrency_limit=None)
-    b_skip.click(on_skip, [token, *base_inputs], view, api_name="label_skip", concurrency_limit=None)
+    b_skip.click(on_skip, [token, *base_inputs, shown], view, api_name="label_skip",
+                 concurrency_limit=None)
     b_undo.click(on_undo, base_inputs, view, api_name="label_undo", concurrency_limit=None)
     mode.change(on_show, base_inputs, view, api_name="label_mode",
                 concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
