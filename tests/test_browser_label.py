@@ -367,3 +367,53 @@ def test_right_to_left_prompts_are_shown_intact_in_their_own_direction(tmp_path_
             document.querySelector('#lbl-prompt textarea, #lbl-prompt input')).unicodeBidi""")
         assert bidi == "plaintext"
         screenshot(page, "label-rtl.png")
+
+
+def test_a_click_on_an_item_the_server_has_moved_past_stores_nothing(tmp_path_factory,
+                                                                     model_cache_dir):
+    """Two quick clicks (A better, then B better: Gradio drops a second click on the same
+    button while the first is pending, not one on another button). The first click's
+    answer has not reached the page when the second is made, so the second names the item
+    the page shows, which the server has already judged and replaced. Before the page
+    carried its token, that click judged the next item, which the person never saw."""
+    name = "double-click"
+    held = []
+
+    def hold_the_first_judgment(route, request):
+        data = (request.post_data_json or {}).get("data") or []
+        if not held and len(data) == 6 and data[3] == name:  # a judge button's inputs
+            held.append((route, route.fetch()))  # its answer waits until released below
+        else:
+            route.continue_()
+
+    data = link_model_cache(model_cache_dir, tmp_path_factory.mktemp("double-click") / "data")
+    seed_store(data, 3, 2, prefix="Paired question")
+    app = start_app(data)
+    try:
+        with chromium_browser() as browser:
+            page = browser.new_page()
+            page.goto(app.url, timeout=60_000)
+            _wait_asked_for_name(page)
+            box = _box(page, "annotator-name")
+            box.fill(name)
+            box.press("Enter")
+            seen = _wait_item_settled(page, seconds=0)
+            page.route("**/queue/join*", hold_the_first_judgment)
+            _button(page, "lbl-left").click()
+            page.wait_for_timeout(500)
+            assert held and _box(page, "lbl-prompt").input_value() == seen  # not moved on
+            _button(page, "lbl-right").click()
+            assert "earlier item" in _wait_status(page, "Not saved")
+            route, reply = held[0]
+            route.fulfill(response=reply)
+            _wait_status(page, "Saved judgment #")
+            shown_after = _wait_item_settled(page, seconds=0)
+    finally:
+        app.stop()
+    s = _store(data)
+    try:
+        mine = s.judgments(include_retracted=True, annotator=name)
+        assert len(mine) == 1, mine  # the first click only
+        assert mine[0]["prompt_a"] == seen and shown_after != seen
+    finally:
+        s.close()

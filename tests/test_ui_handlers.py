@@ -269,7 +269,7 @@ def test_a_page_left_behind_is_redrawn_and_judges_nothing_it_did_not_show(ctx):
     # A click on a page that showed another item stores nothing and shows the server's item.
     late = dict(zip(label.VIEW, label.judge(ctx, "left", item["token"], "paired", "none", "ada",
                                             shown="an-older-token")))
-    assert late["status"].startswith("⚠ Not saved: the page was showing an older item")
+    assert late["status"].startswith("⚠ Not saved: the click was on an earlier item")
     assert late["token"] == item["token"] and ctx.store.stats()["judgments"] == 0
     late = dict(zip(label.VIEW, label.skip(ctx, item["token"], "paired", "ada",
                                            shown="an-older-token")))

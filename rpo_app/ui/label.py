@@ -450,7 +450,8 @@ def _behind(ctx: AppContext, token: str | None, shown: str | None, mode: str,
     if not shown or shown == (token or ""):
         return None
     return redraw(ctx, token, mode, annotator, order,
-                  "⚠ Not saved: the page was showing an older item. This is the item to judge.")
+                  "⚠ Not saved: the click was on an earlier item that the page still showed. "
+                  "Judge the item shown now.")
 
 
 def show_next(ctx: AppContext, mode: str, annotator: str | None, message: str = "",
