@@ -465,6 +465,43 @@ def test_chat_stream_all_base_and_reader_leaving_early(host_with_adapter):
     assert not [t for t in threading.enumerate() if t.name == "chat-stream"]
 
 
+@pytest.mark.parametrize("batch_adapter,chat_adapters", [(None, [None, "tuned"]),
+                                                          ("tuned", [None, None])])
+def test_a_chat_turn_runs_between_the_steps_of_a_candidate_batch(host_with_adapter, batch_adapter,
+                                                                 chat_adapters):
+    """On the app's host (its own thread), a chat turn asked for while candidates decode
+    answers at once, between two of their steps, not after the batch. Neither answer
+    changes: the batch gets its adapter setup back after a chat that used another."""
+    import time
+
+    host = host_with_adapter
+    host.use_own_thread()
+    settings = GenSettings(temperature=0, max_new_tokens=24, repetition_penalty=1.0)
+    convs = [[{"role": "user", "content": PROMPTS[0]}]] * 2
+    batch_alone = host.generate(PROMPTS, 1, settings, batch_adapter, batch_size=len(PROMPTS))
+    chat_alone = list(host.chat_stream(convs, chat_adapters, settings))[-1]
+    assert chat_alone[0] != chat_alone[1] or chat_adapters == [None, None]
+    steps: list[int] = []
+    chat: dict = {}
+
+    def chat_turn():
+        chat["texts"] = list(host.chat_stream(convs, chat_adapters, settings))[-1]
+        chat["batch_step"] = steps[-1]
+
+    def on_step(done, _total):  # on the model thread, inside the batch
+        steps.append(done)
+        if done == 2:
+            threading.Thread(target=chat_turn).start()
+            deadline = time.monotonic() + 30
+            while not host._own_thread.urgent_waiting() and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    batch = host.generate(PROMPTS, 1, settings, batch_adapter, batch_size=len(PROMPTS),
+                          on_step=on_step)
+    assert chat["batch_step"] < settings.max_new_tokens  # answered before the batch ended
+    assert chat["texts"] == chat_alone and batch == batch_alone
+
+
 def test_chat_stream_no_adapters_and_errors(tiny_host):
     conv = [{"role": "user", "content": "Hi."}]
     final = list(tiny_host.chat_stream([conv], [None], GREEDY))[-1]
