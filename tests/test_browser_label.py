@@ -95,6 +95,31 @@ def _wait_related(page, needles, timeout: float = 60.0) -> str:
         page.wait_for_timeout(1000)
 
 
+def _wait_held(page, held: list, what: str = "no request was held") -> None:
+    """Until a route handler has put a request on `held`: handlers run (and their
+    route.fetch() returns) only while Playwright waits."""
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, what
+
+
+def _wait_stored(data, n: int) -> None:
+    """Until the store holds n judgments (the server has answered a click the page has
+    not heard back about)."""
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while True:
+        s = _store(data)
+        try:
+            count = s.count_judgments(include_retracted=True)
+        finally:
+            s.close()
+        if count >= n or time.monotonic() > deadline:
+            assert count == n, f"the store holds {count} judgments, expected {n}"
+            return
+        time.sleep(0.1)
+
+
 def _store(data):
     from rpo_app.store import Store
 
@@ -157,11 +182,13 @@ def test_a_late_nameless_answer_over_the_item_is_drawn_over_again(label_app):
         page = browser.new_page()
         page.route("**/queue/join*", hold_the_nameless_poll)
         page.goto(label_app.url, timeout=60_000)
+        # Type once the page has sent its first-item event without a name (a fast typist
+        # can beat it: the box is on screen before the page's load events go out).
+        _wait_held(page, held, "the page load's first-item event was not sent without a name")
         box = _box(page, "annotator-name")
         box.fill("late-answer")
         box.press("Enter")
         prompt = _wait_prompt(page)
-        assert held, "the page load's first-item event was not sent without a name"
         route, reply = held[0]
         route.fulfill(response=reply)
         # Its "enter your name" view lands over the item, the server still holding the item
@@ -400,8 +427,9 @@ def test_a_click_on_an_item_the_server_has_moved_past_stores_nothing(tmp_path_fa
             seen = _wait_item_settled(page, seconds=0)
             page.route("**/queue/join*", hold_the_first_judgment)
             _button(page, "lbl-left").click()
-            page.wait_for_timeout(500)
-            assert held and _box(page, "lbl-prompt").input_value() == seen  # not moved on
+            _wait_stored(data, 1)  # the server has judged the item and moved on
+            _wait_held(page, held)
+            assert _box(page, "lbl-prompt").input_value() == seen  # the page has not
             _button(page, "lbl-right").click()
             assert "earlier item" in _wait_status(page, "Not saved")
             route, reply = held[0]
