@@ -23,6 +23,7 @@ one copy per prompt).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import queue
 import threading
@@ -213,19 +214,6 @@ def _stop_flag(event: threading.Event):
     return StopOnEvent()
 
 
-def _between_steps(fn: Callable[[], None]):
-    """A stopping criterion that never stops: it calls fn() after every decoding step."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class BetweenSteps(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            fn()
-            return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
-
-    return BetweenSteps()
-
-
 def _batch_streamer_class():
     from transformers.generation.streamers import BaseStreamer
 
@@ -410,8 +398,7 @@ class _ModelThread:
 
     def __init__(self):
         self._calls: queue.PriorityQueue = queue.PriorityQueue()
-        self._order = 0  # ties in priority go first come, first served
-        self._order_lock = threading.Lock()
+        self._order = itertools.count()  # ties in priority go first come, first served
         self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
         self._thread.start()
 
@@ -434,9 +421,7 @@ class _ModelThread:
         from concurrent.futures import Future
 
         done: Future = Future()
-        with self._order_lock:
-            self._order += 1
-            self._calls.put((self.URGENT if urgent else self.BACKGROUND, self._order, fn, done))
+        self._calls.put((self.URGENT if urgent else self.BACKGROUND, next(self._order), fn, done))
         return done.result()
 
     def urgent_waiting(self) -> bool:
@@ -858,20 +843,17 @@ class ModelHost:
 
     def _run(self, rows: list[list[int]], seeds: list[int], settings: GenSettings,
              adapters: Sequence[str | None], streamer=None, stopping=None,
-             stop_ids: set[int] | None = None, let_urgent_in: bool = False):
+             stop_ids: set[int] | None = None):
         """One generate call over left-padded rows; returns the new token ids per row,
         cut at each row's own end-of-turn (the stop token is kept out). `stop_ids`
-        replaces the end-of-turn rule for this call only (decode_timing: none).
-        `let_urgent_in`: urgent calls (chat turns) run between its steps."""
+        replaces the end-of-turn rule for this call only (decode_timing: none)."""
         stops = self.stop_ids if stop_ids is None else stop_ids
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         kwargs = {}
-        criteria = [c for c in (stopping, _between_steps(self._let_urgent_in) if let_urgent_in
-                                else None) if c is not None]
-        if criteria:
-            kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+        if stopping is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
         with _eval_mode(self.model), self._adapter_mode(adapters) as extra, torch.inference_mode():
             ids = mask = cache = None
             if not extra and len(rows) > 1 and self.share_prefill:
@@ -951,11 +933,12 @@ class ModelHost:
             def step_done(step: int, base=b * settings.max_new_tokens) -> None:
                 if on_step is not None:
                     on_step(base + step, max_steps)
+                self._let_urgent_in()  # on the model thread, between two decoding steps
 
             streamer = _row_streamer_class()(len(chunk), self.stop_ids, settings.max_new_tokens,
                                              row_done, step_done)
             new = self._computing(lambda: self._run(rows, seeds, settings, [adapter] * len(chunk),
-                                                    streamer=streamer, let_urgent_in=True))
+                                                    streamer=streamer))
             for i, toks in enumerate(new):
                 if i not in finished:  # the streamer saw every row; this is a safety net
                     row_done(i, toks)
