@@ -130,6 +130,50 @@ def test_two_processes_on_a_fresh_data_dir_convert_the_bundled_model_once(tmp_pa
     assert sum("converting" in err for _, err in outs) == 1
     assert (folder / "model.safetensors").exists()
     assert not (tmp_path / "models" / f"{DEFAULT_MODEL_NAME}.tmp").exists()
+    # converted with the split its vocabulary was learned with, and saying so
+    pre = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"]
+    assert [p["type"] for p in pre["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert json.loads((folder / "rpo_conversion.json").read_text()) == {"version": 2}
+
+
+def test_the_bundled_tokenizer_splits_text_as_its_vocabulary_was_learned(default_model_dir):
+    """The GGUF names the "smollm" pre-tokenizer: each digit on its own first. transformers'
+    GGUF reader leaves it out, and "\n\n1." encoded as two newline tokens where the model
+    writes "\n\n" as one (it never learned the merge the other way)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+
+    def pieces(text):
+        return tok.convert_ids_to_tokens(tok.encode(text, add_special_tokens=False))
+
+    assert pieces("Tips:\n\n1. Sleep") == ["Tips", ":", "ĊĊ", "1", ".", "ĠSleep"]
+    assert pieces("x  12") == ["x", "ĠĠ", "1", "2"]
+    assert pieces("in 2024, a\n\nb") == ["in", "Ġ", "2", "0", "2", "4", ",", "Ġa", "Ċ", "Ċ", "b"]
+
+
+def test_a_folder_converted_before_gets_the_split_in_place(default_model_dir, tmp_path):
+    """A data dir whose model was converted before the split was restored is brought up to
+    date the next time it is used, without converting the weights again."""
+    from rpo_app import models
+
+    folder = tmp_path / "models" / DEFAULT_MODEL_NAME
+    folder.mkdir(parents=True)
+    for name in ("config.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (default_model_dir / name).exists():
+            (folder / name).write_bytes((default_model_dir / name).read_bytes())
+    spec = json.loads((default_model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = spec["pre_tokenizer"]["pretokenizers"][-1]  # as converted before
+    assert spec["pre_tokenizer"]["type"] == "ByteLevel"
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    assert resolve_model(None, tmp_path) == str(folder)
+    fixed = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"]
+    assert [p["type"] for p in fixed["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert models._conversion_version(folder) == models._CONVERSION_VERSION
+    assert not (folder / "model.safetensors").exists()  # nothing converted again
+    before = (folder / "tokenizer.json").stat().st_mtime_ns
+    resolve_model(None, tmp_path)
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == before
 
 
 def test_lm_head_gets_a_contiguous_input_for_the_last_position(tiny_model_dir, tmp_path):
