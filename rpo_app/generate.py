@@ -202,6 +202,30 @@ def _logits_processors(settings: GenSettings, seeds: Sequence[int], prompt_width
     return out
 
 
+def _chosen_logps():
+    """A logits processor that passes the scores on untouched and keeps their log-softmax,
+    so the row streamer can take each row's log-prob of the token then chosen (`take`).
+
+    Put first, it sees the model's own logits, before the repetition penalty and the
+    sampler's temperature: the log-probs are the model's, as the scorer's are. The
+    answers' log-probs under the model that wrote them come out of the decoding steps,
+    one log-softmax a step, instead of a second pass over every answer later."""
+    from transformers import LogitsProcessor
+
+    class ChosenLogps(LogitsProcessor):
+        last = None
+
+        def __call__(self, input_ids, scores):
+            # A tensor of our own: a later processor may change `scores` in place.
+            self.last = scores.float().log_softmax(-1)
+            return scores
+
+        def take(self, tokens) -> list[float]:
+            return self.last.gather(-1, tokens.reshape(-1, 1).to(self.last.device)).squeeze(-1).tolist()
+
+    return ChosenLogps()
+
+
 def _stop_flag(event: threading.Event):
     import torch
     from transformers import StoppingCriteria
@@ -278,33 +302,41 @@ def _row_streamer_class():
         """Reports every decoding step and every row the moment it ends (at its
         end-of-turn token or its token limit), so answers can be stored as they finish
         while the batch keeps its speed. Each row is reported exactly once, with the
-        same tokens `ModelHost._run` returns for it."""
+        same tokens `ModelHost._run` returns for it, the stop token that ended it (None:
+        the limit, or stopped from outside) and, given `logps` (_chosen_logps, in the
+        same generate call), the summed log-prob of its tokens and that stop token."""
 
         def __init__(self, n_rows: int, stop_ids: set[int], max_new: int,
-                     on_row: Callable[[int, list[int]], None] | None,
-                     on_step: Callable[[int], None] | None):
+                     on_row: Callable[[int, list[int], int | None, float | None], None] | None,
+                     on_step: Callable[[int], None] | None, logps=None):
             self.stop_ids, self.max_new = stop_ids, max_new
             self.on_row, self.on_step = on_row, on_step
             self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
             self.done = [False] * n_rows
+            self.logps = logps
+            self.sums = [0.0] * n_rows
             self.step = 0
             self._prompt_seen = False
 
-        def _finish(self, i: int) -> None:
+        def _finish(self, i: int, stop: int | None = None) -> None:
             self.done[i] = True
             if self.on_row is not None:
-                self.on_row(i, self.tokens[i])
+                self.on_row(i, self.tokens[i], stop, self.sums[i] if self.logps is not None else None)
 
         def put(self, value):
             if not self._prompt_seen:  # the first call carries the prompt ids
                 self._prompt_seen = True
                 return
             self.step += 1
-            for i, tok in enumerate(value.reshape(len(self.tokens), -1)[:, -1].tolist()):
+            new = value.reshape(len(self.tokens), -1)[:, -1]
+            taken = self.logps.take(new) if self.logps is not None else None
+            for i, tok in enumerate(new.tolist()):
                 if self.done[i]:
                     continue
+                if taken is not None:
+                    self.sums[i] += taken[i]
                 if tok in self.stop_ids:
-                    self._finish(i)
+                    self._finish(i, tok)
                     continue
                 self.tokens[i].append(tok)
                 if len(self.tokens[i]) >= self.max_new:
@@ -338,6 +370,20 @@ def batch_sizes(n_jobs: int, batch_size: int, first: int | None = None) -> list[
 # The batch sizes a decoding step is timed at: those of a first run (batch_sizes with a
 # first batch of 2: 2, then 4x that, then full batches of 32); 2 is also the previews'.
 TIMED_ROWS = (2, 8, 32)
+
+
+class Generated(NamedTuple):
+    """One answer of `ModelHost.generate_batches`."""
+    prompt: int  # index into the prompts asked
+    sample: int
+    text: str
+    tokens: int  # generated tokens, the end-of-turn token included when one was produced
+    cut_off: bool  # it hit max_new_tokens before its end-of-turn token
+    # The prompt's token ids, the answer's and the stop token that ended it (if one did),
+    # and the summed log-prob of the answer's tokens and that stop token under the base
+    # model, taken as it was written (None: written by an adapter).
+    sequence: tuple[int, ...]
+    logp: float | None
 
 
 class Answer(NamedTuple):
@@ -843,10 +889,11 @@ class ModelHost:
 
     def _run(self, rows: list[list[int]], seeds: list[int], settings: GenSettings,
              adapters: Sequence[str | None], streamer=None, stopping=None,
-             stop_ids: set[int] | None = None):
+             stop_ids: set[int] | None = None, logps=None):
         """One generate call over left-padded rows; returns the new token ids per row,
         cut at each row's own end-of-turn (the stop token is kept out). `stop_ids`
-        replaces the end-of-turn rule for this call only (decode_timing: none)."""
+        replaces the end-of-turn rule for this call only (decode_timing: none); `logps`
+        (_chosen_logps) goes ahead of the other logits processors."""
         stops = self.stop_ids if stop_ids is None else stop_ids
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -868,6 +915,8 @@ class ModelHost:
             if cache is not None:
                 kwargs["past_key_values"] = cache
             processors = _logits_processors(settings, seeds, prompt_width=ids.shape[1])
+            if logps is not None:
+                processors.insert(0, logps)
             if processors:
                 kwargs["logits_processor"] = LogitsProcessorList(processors)
             out = self.model.generate(input_ids=ids, attention_mask=mask,
@@ -889,19 +938,18 @@ class ModelHost:
                          settings: GenSettings | None = None, adapter: str | None = None,
                          batch_size: int = 16, start_index: int = 0,
                          first_batch: int | None = None,
-                         on_answer: Callable[[tuple[int, int, str, int, bool]], None] | None = None,
+                         on_answer: Callable[[Generated], None] | None = None,
                          on_step: Callable[[int, int], None] | None = None,
-                         ) -> Iterator[list[tuple[int, int, str, int, bool]]]:
-        """Yield, per forward batch, (prompt index, sample index, text, tokens, cut_off)
-        tuples.
+                         ) -> Iterator[list[Generated]]:
+        """Yield the answers (Generated) of each forward batch.
 
-        `tokens` counts the generated tokens including the end-of-turn token when one
-        was produced; `cut_off` is True when the row hit max_new_tokens without ending. Sample indices run from start_index to start_index + n - 1 (they
-        seed the sampler, so topping up a prompt draws fresh answers). `first_batch`
-        sends a small batch ahead (see batch_sizes). `on_answer` gets each tuple the
-        moment its row ends, before its batch does; `on_step(steps done, steps at most)`
-        counts decoding steps over all batches (a batch whose rows all end early skips
-        the rest of its steps, so the count is an upper bound that only moves forward).
+        Sample indices run from start_index to start_index + n - 1 (they seed the
+        sampler, so topping up a prompt draws fresh answers). `first_batch` sends a small
+        batch ahead (see batch_sizes). `on_answer` gets each answer the moment its row
+        ends, before its batch does; `on_step(steps done, steps at most)` counts decoding
+        steps over all batches (a batch whose rows all end early skips the rest of its
+        steps, so the count is an upper bound that only moves forward). Answers of the
+        base model carry their log-prob as written (Generated.logp).
         """
         settings = settings or GenSettings()
         if n < 1:
@@ -920,13 +968,16 @@ class ModelHost:
             start += size
             rows = [encoded[pi] for pi, _ in chunk]
             seeds = [row_seed(settings.seed, _seed_text(prompts[pi]), k) for pi, k in chunk]
-            finished: dict[int, tuple[int, int, str, int, bool]] = {}
+            finished: dict[int, Generated] = {}
 
-            def row_done(i: int, toks: list[int], chunk=chunk, finished=finished) -> None:
+            def row_done(i: int, toks: list[int], stop: int | None = None, logp: float | None = None,
+                         chunk=chunk, finished=finished) -> None:
                 pi, k = chunk[i]
                 cut_off = len(toks) >= settings.max_new_tokens
-                finished[i] = (pi, k, self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
-                               len(toks) + (0 if cut_off else 1), cut_off)
+                ended = [] if stop is None else [stop]
+                finished[i] = Generated(pi, k, self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                                        len(toks) + (0 if cut_off else 1), cut_off,
+                                        tuple(encoded[pi] + toks + ended), logp)
                 if on_answer is not None:
                     on_answer(finished[i])
 
@@ -935,10 +986,11 @@ class ModelHost:
                     on_step(base + step, max_steps)
                 self._let_urgent_in()  # on the model thread, between two decoding steps
 
+            logps = _chosen_logps() if adapter is None else None
             streamer = _row_streamer_class()(len(chunk), self.stop_ids, settings.max_new_tokens,
-                                             row_done, step_done)
+                                             row_done, step_done, logps)
             new = self._computing(lambda: self._run(rows, seeds, settings, [adapter] * len(chunk),
-                                                    streamer=streamer))
+                                                    streamer=streamer, logps=logps))
             for i, toks in enumerate(new):
                 if i not in finished:  # the streamer saw every row; this is a safety net
                     row_done(i, toks)
@@ -967,8 +1019,8 @@ class ModelHost:
             progress(0, total)
         for batch in self.generate_batches(prompts, n, settings, adapter, batch_size,
                                            on_step=on_step):
-            for pi, k, text, _tokens, cut_off in batch:
-                out[pi][k] = Answer(text, cut_off)
+            for a in batch:
+                out[a.prompt][a.sample] = Answer(a.text, a.cut_off)
             done += len(batch)
             if progress:
                 progress(done, total)
@@ -1039,6 +1091,8 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
     batch of 32 does not hold its short answers back until its longest is done).
     `first_batch` sends a small batch ahead (one prompt's answers: a pair to judge
     within seconds)."""
+    from rpo_app.active import keep_written_logp
+
     settings = settings or GenSettings()
     rows = store.prompts(prompt_ids)
     if len(rows) != len(set(prompt_ids)):
@@ -1048,20 +1102,23 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
     # A conversation is answered as one: its whole history, then the next assistant turn.
     texts = [r["messages"] or r["text"] for r in rows]
     ids = [r["id"] for r in rows]
-    stats = {"prompts": len(ids), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0}
+    # base_logps: answers whose base-model log-prob was kept as written (active.keep_written_logp)
+    stats = {"prompts": len(ids), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0,
+             "base_logps": 0}
     total = len(ids) * n
     t0 = time.perf_counter()
     if progress:
         progress(0, total)
 
-    def store_answer(answer: tuple[int, int, str, int, bool]) -> None:
-        pi, _k, text, n_tok, cut_off = answer
-        _, created = store.add_response(ids[pi], text, source="model", model=host.model_name,
-                                        adapter=adapter, gen_settings=settings.to_dict(),
-                                        cut_off=cut_off)
+    def store_answer(answer: Generated) -> None:
+        rid, created = store.add_response(ids[answer.prompt], answer.text, source="model",
+                                          model=host.model_name, adapter=adapter,
+                                          gen_settings=settings.to_dict(), cut_off=answer.cut_off)
+        if created and answer.logp is not None:
+            stats["base_logps"] += keep_written_logp(store, host, rid, rows[answer.prompt], answer)
         stats["generated"] += 1
         stats["new" if created else "duplicates"] += 1
-        stats["tokens"] += n_tok
+        stats["tokens"] += answer.tokens
         if progress:
             progress(stats["generated"], total)
 

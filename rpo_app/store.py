@@ -1220,6 +1220,12 @@ class Store:
             tx.executemany("INSERT OR REPLACE INTO answer_logps(scorer, response_id, logp, tokens) "
                            "VALUES (?, ?, ?, ?)", [(scorer, int(i), float(v), int(n)) for i, v, n in rows])
 
+    def forget_answer_logps(self, scorer: str) -> int:
+        """Drop every log-prob cached under `scorer` (they are scored again when next
+        needed); returns how many went."""
+        with self.transaction() as tx:
+            return tx.execute("DELETE FROM answer_logps WHERE scorer = ?", (scorer,)).rowcount
+
     def replace_item_scores(self, scorer: str, rows: Iterable, meta: dict) -> None:
         """Make `rows` (informative.Scored) the queue's informative order, and `meta` (which
         adapter, when, how many) its description, in one transaction. Older scorers' item

@@ -259,6 +259,97 @@ def test_generate_candidates_writes_with_provenance(store, tiny_host):
     assert again["new"] == 0 and again["duplicates"] == 6
 
 
+def _written(host, monkeypatch) -> list:
+    """Every answer (Generated) the host's generate_batches yields from now on."""
+    seen, real = [], host.generate_batches
+
+    def collecting(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            seen.extend(batch)
+            yield batch
+
+    monkeypatch.setattr(host, "generate_batches", collecting)
+    return seen
+
+
+def test_base_answers_carry_the_log_prob_of_the_tokens_written(tiny_host, host_with_adapter):
+    """Generated.logp is the scorer's log-prob of exactly the tokens written (the answer's
+    and the stop token that ended it), under the model's own logits: before the
+    repetition penalty and the temperature. Adapter answers carry none."""
+    from rpo_app.batches import Seq
+
+    settings = GenSettings(max_new_tokens=8, seed=4, repetition_penalty=1.3, temperature=0.7)
+    answers = [a for b in tiny_host.generate_batches(PROMPTS, 2, settings, batch_size=4) for a in b]
+    assert len(answers) == 6
+    for a in answers:
+        prompt = tiny_host.encode_prompt(PROMPTS[a.prompt])
+        assert a.sequence[:len(prompt)] == tuple(prompt)
+        assert len(a.sequence) - len(prompt) == a.tokens
+        scored = tiny_host.sequence_logps([Seq(a.sequence, len(prompt), 0)], precision="fp32")[0]
+        assert a.logp == pytest.approx(scored, rel=1e-4, abs=1e-3)
+    tuned = [a for b in host_with_adapter.generate_batches(PROMPTS, 1, settings, adapter="tuned")
+             for a in b]
+    assert [a.logp for a in tuned] == [None] * 3
+
+
+def test_generate_candidates_keeps_the_base_log_prob_where_the_scorer_scores_those_tokens(
+        store, tiny_host, monkeypatch):
+    from rpo_app import active
+
+    ids, _ = store.add_prompts(PROMPTS + ["Say yes.", "Count to three."], source="test")
+    written = _written(tiny_host, monkeypatch)
+    stats = generate_candidates(store, tiny_host, ids, n=3, settings=GenSettings(max_new_tokens=6, seed=7))
+    key = active.base_scorer(tiny_host, "fp32")
+    kept = store.answer_logps(key)
+    encoder = active.scoring_encoder(tiny_host.tokenizer)
+    by_text = {(ids[a.prompt], a.text): a for a in written}
+    same = set()
+    for pid in ids:
+        prompt = store.prompts([pid])[0]
+        for r in store.responses_for_prompt(pid):
+            a = by_text[(pid, r["text"])]
+            seq = active.answer_sequence(encoder, prompt["text"], None, r["text"], r["cut_off"])
+            if tuple(seq.input_ids) == a.sequence:
+                same.add(r["id"])
+                assert kept[r["id"]] == pytest.approx(
+                    tiny_host.sequence_logps([seq], precision="fp32")[0], rel=1e-4, abs=1e-3)
+    assert set(kept) == same and stats["base_logps"] == len(same)
+    assert same, "no answer of this run decodes and encodes back to its tokens"
+    # With a system prompt the answers were written to another input: nothing is kept.
+    more = generate_candidates(store, tiny_host, ids, n=1, start_index=3,
+                               settings=GenSettings(max_new_tokens=6, seed=7, system_prompt="Be brief."))
+    assert more["new"] > 0 and more["base_logps"] == 0
+    assert store.answer_logps(key) == kept
+
+
+def test_the_first_scoring_job_skips_the_base_pass_over_the_answers_kept(store, model_dir, tiny_adapter,
+                                                                          monkeypatch):
+    from rpo_app import active
+
+    host = _tiny_host(model_dir)
+    host.load_adapter("tuned", tiny_adapter)
+    ids, _ = store.add_prompts(PROMPTS + ["Say yes.", "Count to three."], source="test")
+    stats = generate_candidates(store, host, ids, n=3, settings=GenSettings(max_new_tokens=6, seed=7))
+    key = active.base_scorer(host, "fp32")
+    kept = store.answer_logps(key)
+    assert stats["base_logps"] == len(kept) > 0
+    store.register_adapter("tuned", str(tiny_adapter), None, str(model_dir))
+    scored = []
+    real = host.sequence_logps
+
+    def counting(seqs, adapter=None, precision="auto"):
+        scored.extend((adapter, len(s)) for s in seqs)
+        return real(seqs, adapter=adapter, precision=precision)
+
+    monkeypatch.setattr(host, "sequence_logps", counting)
+    info = active.score_store(store, host, store.adapter("tuned"), precision="fp32")
+    assert info["complete"] and info["answers"] == store.count_responses()
+    # the base pass ran over the other answers only, and left the kept values alone
+    assert sum(a is None for a, _ in scored) == store.count_responses() - len(kept)
+    assert sum(a == "tuned" for a, _ in scored) == store.count_responses()
+    assert {i: v for i, v in store.answer_logps(key).items() if i in kept} == kept
+
+
 def test_generate_candidates_with_adapter_and_unknown_ids(store, host_with_adapter):
     ids, _ = store.add_prompts(PROMPTS[:2], source="test")
     stats = generate_candidates(store, host_with_adapter, ids, n=1, adapter="tuned",

@@ -344,3 +344,15 @@ def test_eight_concurrent_writers_lose_and_duplicate_nothing(store):
     assert store.stats()["annotators"] == {f"ann{t}": per_thread for t in range(8)}
     assert store.count_prompts() == 1 + 8  # _two_answers' prompt + one per thread
     assert store.integrity_check() == "ok"
+
+
+def test_forget_answer_logps_drops_one_scorers_cache_only(store):
+    pid, _ = store.add_prompt("Hi.", "t")
+    a, _ = store.add_response(pid, "Hello.", "t")
+    b, _ = store.add_response(pid, "Hey there.", "t")
+    store.save_answer_logps("base:m", [(a, -3.0, 2), (b, -5.0, 3)])
+    store.save_answer_logps("run:1", [(a, -2.0, 2)])
+    assert store.forget_answer_logps("base:m") == 2
+    assert store.answer_logps("base:m") == {}
+    assert store.answer_logps("run:1") == {a: -2.0}
+    assert store.forget_answer_logps("base:m") == 0

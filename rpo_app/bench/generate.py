@@ -58,7 +58,7 @@ def _one_at_a_time(host, prompts: list[str], n: int, settings) -> dict:
 def _batched(host, prompts: list[str], n: int, settings, batch_size: int) -> dict:
     tokens, answers, t0 = 0, 0, time.perf_counter()
     for batch in host.generate_batches(prompts, n, settings, batch_size=batch_size):
-        tokens += sum(row[3] for row in batch)
+        tokens += sum(a.tokens for a in batch)
         answers += len(batch)
     return {"answers": answers, "tokens": tokens, "seconds": time.perf_counter() - t0}
 

@@ -118,8 +118,9 @@ def _measure(host, name: str, fields: dict, rows: list[dict], n: int) -> dict:
     with tqdm(total=len(prompts) * n, desc=f"sampling {name}", unit="answer",
               dynamic_ncols=True, file=sys.stderr) as bar:
         for batch in host.generate_batches(prompts, n, settings, batch_size=BATCH_SIZE):
-            for pi, k, text, n_tok, cut_off in batch:
-                texts[pi][k], tokens[pi][k], cut[pi][k] = text, n_tok, cut_off
+            for a in batch:
+                texts[a.prompt][a.sample], tokens[a.prompt][a.sample], cut[a.prompt][a.sample] = \
+                    a.text, a.tokens, a.cut_off
             bar.update(len(batch))
     seconds = time.perf_counter() - t0
     flat = [t for answers in texts for t in answers]

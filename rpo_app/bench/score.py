@@ -16,11 +16,18 @@ and per 1,000 same-prompt pairs, with the time until the queue first had an orde
 A third adapter repeats the later job with every sequence run whole (prompt repeated
 per answer, as before the shared-prompt scorer): the two side by side give its speedup.
 
+Last, the first job again on a store whose answers the app wrote (`generate_candidates`
+on the same prompts, the Data tab's sampling settings): the base model's log-prob of each
+answer it wrote is kept as written (`active.keep_written_logp`), so the base pass runs
+only over the answers whose scored tokens differ from the written ones. Reported beside
+it: how many were kept, and how far the kept values are from the scorer's.
+
     python -m rpo_app bench --only score [--quick]
 """
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,29 +90,88 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
             name = f"bench-{n}"
             store.register_adapter(name, str(path), None, model_dir)
             host.load_adapter(name, path)
-            last: dict = {}
-            bar = active.terminal_progress()
-
-            def progress(p, last=last, bar=bar):
-                last["p"] = p
-                bar(p)
-
-            t0 = time.perf_counter()
-            info = active.score_store(store, host, store.adapter(name), index=index, progress=progress)
-            total = time.perf_counter() - t0
-            report = last["p"]
-            named = {k: v for k, v in report.seconds.items() if v > 0 or k == "ranking"}
-            named["loading and encoding"] = max(0.0, total - sum(report.seconds.values()))
-            pairs = info["items"]["paired"] + info["items"]["cross"]
-            result[label] = {"seconds": total, "phases": named, "tokens": report.total,
-                             "first_ranks_s": info["first_ranks_s"], "items": info["items"],
-                             "seconds_per_1000_pairs": total * 1000 / max(pairs, 1),
-                             "seconds_per_1000_same_prompt_pairs": total * 1000 / result["pairs"]}
+            job = _job(store, host, store.adapter(name), index)
+            pairs = job["items"]["paired"] + job["items"]["cross"]
+            result[label] = {**job, "seconds_per_1000_pairs": job["seconds"] * 1000 / max(pairs, 1),
+                             "seconds_per_1000_same_prompt_pairs": job["seconds"] * 1000 / result["pairs"]}
             host.unload_adapter(name)
         store.close()
+        result["written"] = _written_job(tmp, host, model_dir, prompts, answers, rng_seed=0)
     result["shared_prompt_speedup"] = (result["whole"]["phases"]["adapter pass"]
                                        / result["next"]["phases"]["adapter pass"])
     return result
+
+
+def _job(store, host, adapter: dict, index) -> dict:
+    """One scoring job, timed by phase."""
+    from rpo_app import active
+
+    last: dict = {}
+    bar = active.terminal_progress()
+
+    def progress(p):
+        last["p"] = p
+        bar(p)
+
+    t0 = time.perf_counter()
+    info = active.score_store(store, host, adapter, index=index, progress=progress)
+    total = time.perf_counter() - t0
+    report = last["p"]
+    named = {k: v for k, v in report.seconds.items() if v > 0 or k == "ranking"}
+    named["loading and encoding"] = max(0.0, total - sum(report.seconds.values()))
+    return {"seconds": total, "phases": named, "tokens": report.total,
+            "first_ranks_s": info["first_ranks_s"], "items": info["items"]}
+
+
+def _written_job(tmp: Path, host, model_dir: str, prompts: int, answers: int, rng_seed: int) -> dict:
+    import statistics
+
+    from tqdm import tqdm
+
+    from rpo_app import active
+    from rpo_app.embed import Embedder, PromptIndex
+    from rpo_app.generate import GenSettings, generate_candidates
+    from rpo_app.models import link_model_cache
+    from rpo_app.store import Store
+
+    rng = random.Random(rng_seed)
+    data = tmp / "written"
+    link_model_cache(tmp, data)
+    store = Store(data)
+    ids = [store.add_prompt(f"Question {p}: explain {rng.choice(['tides', 'taxes', 'trees'])} "
+                            f"to someone new to it ({p}).", "bench-score")[0] for p in range(prompts)]
+    t0 = time.perf_counter()
+    with tqdm(total=prompts * answers, desc="writing the answers", unit="answer", file=sys.stderr) as bar:
+        stats = generate_candidates(store, host, ids, answers, GenSettings(), batch_size=32,
+                                    progress=lambda done, _total: bar.update(done - bar.n))
+    generation_s = time.perf_counter() - t0
+    index = PromptIndex(store, Embedder())
+    index.refresh()
+    base_key = active.base_scorer(host, active.written_precision(host))
+    kept = store.answer_logps(base_key)
+    out: dict = {"generation_s": generation_s, "answers": stats["new"], "kept_answers": stats["base_logps"]}
+    # The same first job twice, side by side: with the base log-probs kept as written, then
+    # with none kept (every base log-prob computed by the scorer).
+    for n, label in ((3, "kept"), (4, "none kept")):
+        if label == "none kept":
+            store.forget_answer_logps(base_key)
+        name = f"bench-{n}"
+        path = _adapter(model_dir, tmp / f"adapter-{n}", seed=n)
+        store.register_adapter(name, str(path), None, model_dir)
+        host.load_adapter(name, path)
+        out[label] = _job(store, host, store.adapter(name), index)
+        host.unload_adapter(name)
+    scored = store.answer_logps(base_key)
+    diffs = [v - scored[i] for i, v in kept.items()]
+    out["same_prompt_pairs"] = sum(n * (n - 1) // 2 for n in store.response_counts(ids).values())
+    for label in ("kept", "none kept"):
+        out[label]["seconds_per_1000_same_prompt_pairs"] = \
+            out[label]["seconds"] * 1000 / max(out["same_prompt_pairs"], 1)
+    out["kept_minus_scored"] = {"mean": statistics.fmean(diffs) if diffs else None,
+                                "sd": statistics.pstdev(diffs) if diffs else None,
+                                "max_abs": max(map(abs, diffs)) if diffs else None}
+    store.close()
+    return out
 
 
 def format_table(r: dict) -> str:
@@ -126,4 +192,19 @@ def format_table(r: dict) -> str:
                      f"{job['seconds_per_1000_same_prompt_pairs']:.0f} s per 1,000 same-prompt pairs")
     lines.append(f"each prompt run once per batch: adapter pass {r['shared_prompt_speedup']:.2f}x "
                  "faster than running each sequence whole")
+    w = r["written"]
+    lines.append(f"the app's own answers: {w['answers']} written in {w['generation_s']:.0f} s, the base "
+                 f"log-prob kept as written for {w['kept_answers']}; {w['same_prompt_pairs']:,} same-prompt pairs")
+    for label, what in (("kept", "first adapter, kept as written"), ("none kept", "first adapter, none kept")):
+        job = w[label]
+        for phase, sec in job["phases"].items():
+            lines.append(f"{what:<34}{phase:<24}{sec:>10.1f}")
+            what = ""
+        lines.append(f"{'':<34}{'total':<24}{job['seconds']:>10.1f}   ({job['tokens']:,} tokens; "
+                     f"first ranks after {job['first_ranks_s']:.0f} s; "
+                     f"{job['seconds_per_1000_same_prompt_pairs']:.0f} s per 1,000 same-prompt pairs)")
+    d = w["kept_minus_scored"]
+    if d["mean"] is not None:
+        lines.append(f"kept as written - the scorer's: {d['mean']:+.2f} ± {d['sd']:.2f} nats per answer, "
+                     f"at most {d['max_abs']:.2f}")
     return "\n".join(lines)
