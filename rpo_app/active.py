@@ -83,7 +83,7 @@ def written_precision(host) -> str | None:
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(next(host.base.parameters()).dtype)
 
 
-def keep_written_logp(store, host, response_id: int, prompt: dict, answer) -> bool:
+def keep_written_logp(store, host, encoder, response_id: int, prompt: dict, answer) -> bool:
     """Store the log-prob a base-model answer was written with (generate.Generated.logp)
     as its base-model score, so the first scoring job after a run skips the base pass
     over the answers the app wrote. Only where the scorer would score exactly the tokens
@@ -95,12 +95,12 @@ def keep_written_logp(store, host, response_id: int, prompt: dict, answer) -> bo
     the kept values sit 0.3 ± 0.6 nats above the scorer's per answer of up to 192 tokens
     (higher: each token was drawn from the very logits that rounded it up), about as far
     as the scorer's own batch layouts differ from each other (± 0.6-0.8);
-    `python -m rpo_app bench --only score` measures it."""
+    `python -m rpo_app bench --only score` measures it. `encoder`: scoring_encoder's,
+    made once per generation job."""
     written = written_precision(host)
     if answer.logp is None or written is None:
         return False
-    seq = answer_sequence(scoring_encoder(host.tokenizer), prompt["text"], prompt.get("messages"),
-                          answer.text, answer.cut_off)
+    seq = answer_sequence(encoder, prompt["text"], prompt.get("messages"), answer.text, answer.cut_off)
     if tuple(seq.input_ids) != tuple(answer.sequence):
         return False
     store.save_answer_logps(base_scorer(host, written), [(response_id, answer.logp, len(seq) - seq.prompt_len)])

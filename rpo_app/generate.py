@@ -1091,7 +1091,7 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
     batch of 32 does not hold its short answers back until its longest is done).
     `first_batch` sends a small batch ahead (one prompt's answers: a pair to judge
     within seconds)."""
-    from rpo_app.active import keep_written_logp
+    from rpo_app.active import keep_written_logp, scoring_encoder
 
     settings = settings or GenSettings()
     rows = store.prompts(prompt_ids)
@@ -1106,6 +1106,7 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
     stats = {"prompts": len(ids), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0,
              "base_logps": 0}
     total = len(ids) * n
+    encoder = scoring_encoder(host.tokenizer) if adapter is None else None
     t0 = time.perf_counter()
     if progress:
         progress(0, total)
@@ -1115,7 +1116,7 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
                                           model=host.model_name, adapter=adapter,
                                           gen_settings=settings.to_dict(), cut_off=answer.cut_off)
         if created and answer.logp is not None:
-            stats["base_logps"] += keep_written_logp(store, host, rid, rows[answer.prompt], answer)
+            stats["base_logps"] += keep_written_logp(store, host, encoder, rid, rows[answer.prompt], answer)
         stats["generated"] += 1
         stats["new" if created else "duplicates"] += 1
         stats["tokens"] += answer.tokens

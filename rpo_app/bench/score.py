@@ -64,7 +64,6 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
         torch.set_num_threads(threads)
     pairs_per_prompt = answers * (answers - 1) // 2
     prompts = prompts or (6 if quick else -(-1000 // pairs_per_prompt))
-    rng = random.Random(0)
     texts = [j["response_a_text"] for j in synthetic_judgments(prompts * answers, 0, max_words)]
     result: dict = {"prompts": prompts, "answers_per_prompt": answers,
                     "pairs": prompts * pairs_per_prompt, "threads": torch.get_num_threads()}
@@ -73,9 +72,8 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
         link_model_cache(data_dir, tmp)
         store = Store(tmp)
         k = 0
-        for p in range(prompts):
-            pid, _ = store.add_prompt(f"Question {p}: explain {rng.choice(['tides', 'taxes', 'trees'])} "
-                                      f"to someone new to it ({p}).", "bench-score")
+        for text in _prompt_texts(prompts):
+            pid, _ = store.add_prompt(text, "bench-score")
             for _ in range(answers):
                 store.add_response(pid, texts[k], "bench-score")
                 k += 1
@@ -96,10 +94,18 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
                              "seconds_per_1000_same_prompt_pairs": job["seconds"] * 1000 / result["pairs"]}
             host.unload_adapter(name)
         store.close()
-        result["written"] = _written_job(tmp, host, model_dir, prompts, answers, rng_seed=0)
+        result["written"] = _written_job(tmp, host, model_dir, prompts, answers)
     result["shared_prompt_speedup"] = (result["whole"]["phases"]["adapter pass"]
                                        / result["next"]["phases"]["adapter pass"])
     return result
+
+
+def _prompt_texts(n: int) -> list[str]:
+    """The bench's prompts: the synthetic store's and the one the app writes answers for
+    are the same, so their figures compare."""
+    rng = random.Random(0)
+    return [f"Question {p}: explain {rng.choice(['tides', 'taxes', 'trees'])} to someone new to it ({p})."
+            for p in range(n)]
 
 
 def _job(store, host, adapter: dict, index) -> dict:
@@ -123,7 +129,7 @@ def _job(store, host, adapter: dict, index) -> dict:
             "first_ranks_s": info["first_ranks_s"], "items": info["items"]}
 
 
-def _written_job(tmp: Path, host, model_dir: str, prompts: int, answers: int, rng_seed: int) -> dict:
+def _written_job(tmp: Path, host, model_dir: str, prompts: int, answers: int) -> dict:
     import statistics
 
     from tqdm import tqdm
@@ -134,12 +140,10 @@ def _written_job(tmp: Path, host, model_dir: str, prompts: int, answers: int, rn
     from rpo_app.models import link_model_cache
     from rpo_app.store import Store
 
-    rng = random.Random(rng_seed)
     data = tmp / "written"
     link_model_cache(tmp, data)
     store = Store(data)
-    ids = [store.add_prompt(f"Question {p}: explain {rng.choice(['tides', 'taxes', 'trees'])} "
-                            f"to someone new to it ({p}).", "bench-score")[0] for p in range(prompts)]
+    ids = [store.add_prompt(text, "bench-score")[0] for text in _prompt_texts(prompts)]
     t0 = time.perf_counter()
     with tqdm(total=prompts * answers, desc="writing the answers", unit="answer", file=sys.stderr) as bar:
         stats = generate_candidates(store, host, ids, answers, GenSettings(), batch_size=32,
