@@ -57,6 +57,25 @@ def test_thumbs_skip_the_median_answer(store):
     assert store.count_judgments() == 4
 
 
+def test_decidable_counts_what_any_order_could_find(store):
+    _seed(store)
+    concise = curve.candidate_scores(store, judges.concise, "concise")
+    # three answers of different lengths per prompt: every pair decides, and two thumbs
+    # per prompt sit off the median
+    assert curve.decidable(concise, "pairs") == 5 * 3
+    assert curve.decidable(concise, "thumbs") == 5 * 2
+    assert curve.decidable(concise, "cross") is None
+    # no answer mentions a caveat: every pair ties, every answer is at its median
+    none = curve.candidate_scores(store, judges.caveat, "caveat")
+    assert curve.decidable(none, "pairs") == curve.decidable(none, "thumbs") == 0
+    # what the annotator decides over the whole queue is what decidable said
+    q = LabelQueue(store, seed=0)
+    counts = _counts()
+    curve.label_until(q, "judge:concise", "paired", "random", 100, counts, judges.concise, "concise",
+                      curve.prompt_medians(concise))
+    assert counts["decided"] == curve.decidable(concise, "pairs")
+
+
 def test_with_a_cut_decided_pairs_carry_the_strength_of_their_gap(store):
     """Answers of 13, 20 and 40 words: gaps of 7, 20 and 27 words, median 20. A pair 20 or
     more words apart is "clearly" better, a closer one "slightly"; thumbs carry none."""
@@ -133,6 +152,20 @@ def test_summary_and_targets():
     # without an active run there is nothing to say about the active order
     random_only = curve.targets(curve.summarize([r for r in ROWS if r["order"] != "active"]))
     assert not any("active reaches" in line for line in random_only)
+
+
+def test_the_targets_say_how_many_decided_pairs_each_order_found():
+    rows = [{**_row("caveat", "pairs", order, "rpo-paired", 128, seed, 0.6), "decided": d,
+             "decidable": 40 + 2 * seed}
+            for order, seed, d in (("random", 0, 12), ("random", 1, 14), ("active", 0, 20), ("active", 1, 24))]
+    summary = curve.summarize(rows)
+    # the pool's count is a mean over seeds, as the decided counts are
+    assert ("caveat: decided pairs found in 128 labels, of the 41 the candidates hold: random 13, active 22"
+            in curve.targets(summary))
+    assert "41 ± 1" in curve.format_table(summary)
+    # rows from before the count existed (a --merge of old files) say nothing about it
+    old = [{k: v for k, v in r.items() if k != "decidable"} for r in rows]
+    assert not any("decided pairs found" in line for line in curve.targets(curve.summarize(old)))
 
 
 def test_a_collapsed_seed_is_counted_and_its_win_rate_set_apart():

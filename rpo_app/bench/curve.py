@@ -46,8 +46,10 @@ REGIMES = {"pairs": "paired", "thumbs": "unpaired", "cross": "cross"}
 ORDERS = {"random": "random", "queue": "queue", "active": "informative"}
 REGIME_LOSSES = {"pairs": ("rpo-paired", "dpo"), "thumbs": ("rpo-unpaired", "kto"),
                  "cross": ("rpo-paired", "dpo")}
-METRICS = ("win_rate", *degeneration.FIGURES, "base_logp", "labels", "decided", "steps", "train_s",
-           "informative_share")
+METRICS = ("win_rate", *degeneration.FIGURES, "base_logp", "labels", "decided", "decidable", "steps",
+           "train_s", "informative_share")
+# Counted over every seed's labels, trained or not (the rest: over the runs that trained).
+LABEL_COUNTS = ("labels", "decided", "decidable", "informative_share")
 
 
 # --- the simulated annotator ---------------------------------------------------------------
@@ -98,6 +100,21 @@ def strength_cut(scores: dict[int, list[float]]) -> float | None:
 
     gaps = [abs(a - b) for values in scores.values() for a, b in combinations(values, 2) if a != b]
     return statistics.median(gaps) if gaps else None
+
+
+def decidable(scores: dict[int, list[float]], regime: str) -> int | None:
+    """How many items of the candidate pool carry a preference for this judge: the most
+    decided labels any order could find (a rare trait leaves most pairs tied). Same-prompt
+    pairs that differ in score, or single answers off their prompt's median; None for
+    cross-prompt pairs, which depend on the prompt index's neighbours."""
+    from itertools import combinations
+
+    if regime == "pairs":
+        return sum(a != b for values in scores.values() for a, b in combinations(values, 2))
+    if regime == "thumbs":
+        medians = prompt_medians(scores)
+        return sum(v != medians[pid] for pid, values in scores.items() for v in values)
+    return None
 
 
 def label_until(queue, annotator: str, mode: str, order: str, budget: int, counts: dict,
@@ -177,6 +194,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                         row = {"seed": seed, "judge": judge_name, "regime": regime, "order": order_name,
                                "budget": budget, "loss": effect.loss_label(loss, margin, args.sft_weight),
                                "strength_margin": margin, "sft_weight": args.sft_weight, **counts,
+                               "decidable": decidable(scores, regime),
                                "informative_share": counts["informative"] / max(counts["labels"], 1),
                                "exhausted": not more, **result}
                         if "adapter" in row:
@@ -221,7 +239,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         if entry["collapsed"] and fluent:
             entry["win_rate_fluent"] = statistics.fmean(fluent)
         for m in METRICS:
-            vals = [r[m] for r in (ok if m not in ("labels", "decided", "informative_share") else members)
+            vals = [r[m] for r in (members if m in LABEL_COUNTS else ok)
                     if r.get(m) is not None]
             if vals:
                 entry[m] = statistics.fmean(vals)
@@ -250,6 +268,9 @@ def targets(summary: list[dict]) -> list[str]:
                          f"({ref['win_rate']:.2f}) with " + (f"{reach[0]} labels" if reach else
                                                              "none of the budgets")
                          + _collapses(ref, "random") + (_collapses(got, "active") if got else ""))
+        found = _found(by, judge, budgets[-1])
+        if found:
+            lines.append(found)
         actives = [(by[k]["win_rate"], k[4]) for k in by
                    if k[:4] == (judge, "pairs", "active", "rpo-paired") and k[4] <= 128
                    and "win_rate" in by[k]]
@@ -271,6 +292,18 @@ def targets(summary: list[dict]) -> list[str]:
                              f"dpo " + (f"{d['win_rate']:.2f}" if d and "win_rate" in d else
                                         "has nothing to train on"))
     return lines
+
+
+def _found(by: dict, judge: str, budget: int) -> str | None:
+    """How many of the pool's decided same-prompt pairs each order found by `budget` labels."""
+    found = [(order, by[(judge, "pairs", order, "rpo-paired", budget)]) for order in ORDERS
+             if (judge, "pairs", order, "rpo-paired", budget) in by]
+    found = [(order, e) for order, e in found if e.get("decidable") is not None]
+    if not found:
+        return None
+    return (f"{judge}: decided pairs found in {budget} labels, of the "
+            f"{found[0][1]['decidable']:.0f} the candidates hold: "
+            + ", ".join(f"{order} {e['decided']:.0f}" for order, e in found))
 
 
 def _collapses(entry: dict, name: str) -> str:
@@ -300,6 +333,7 @@ def format_table(summary: list[dict]) -> str:
     frame = pd.DataFrame([{
         "judge": e["judge"], "regime": e["regime"], "order": e["order"], "loss": e["loss"],
         "labels": _labels(e, pm), "decided": pm(e, "decided", ".0f"),
+        "decidable": pm(e, "decidable", ".0f"),
         "win rate": pm(e, "win_rate", ".2f") if e["trained"] else "no data",
         "per seed": ", ".join(f"{v:.2f}" for v in e.get("win_rate_seeds", [])),
         "words": pm(e, "mean_words", ".1f"), "<3 words": pm(e, "short_share", ".2f"),
