@@ -209,7 +209,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
             with gr.Row():
                 gen_adapter = gr.Dropdown([BASE_LABEL], value=BASE_LABEL, label="Generator",
                                           elem_id="gen-adapter")
-                gen_n = gr.Slider(1, 6, value=2, step=1, label="Answers per prompt")
+                gen_n = gr.Slider(1, 8, value=2, step=1, label="Answers per prompt")
                 gen_limit = gr.Number(value=20, precision=0, minimum=1, label="Prompts (max)")
             with gr.Row():
                 gen_temp = gr.Slider(0, 1.5, value=dflt.temperature, step=0.05, label="Temperature")
