@@ -60,20 +60,22 @@ def test_thumbs_skip_the_median_answer(store):
 def test_decidable_counts_what_any_order_could_find(store):
     _seed(store)
     concise = curve.candidate_scores(store, judges.concise, "concise")
+    medians = curve.prompt_medians(concise)
     # three answers of different lengths per prompt: every pair decides, and two thumbs
     # per prompt sit off the median
-    assert curve.decidable(concise, "pairs") == 5 * 3
-    assert curve.decidable(concise, "thumbs") == 5 * 2
-    assert curve.decidable(concise, "cross") is None
+    assert curve.decidable(concise, medians, "pairs") == 5 * 3
+    assert curve.decidable(concise, medians, "thumbs") == 5 * 2
+    assert curve.decidable(concise, medians, "cross") is None
     # no answer mentions a caveat: every pair ties, every answer is at its median
     none = curve.candidate_scores(store, judges.caveat, "caveat")
-    assert curve.decidable(none, "pairs") == curve.decidable(none, "thumbs") == 0
+    none_medians = curve.prompt_medians(none)
+    assert curve.decidable(none, none_medians, "pairs") == curve.decidable(none, none_medians, "thumbs") == 0
     # what the annotator decides over the whole queue is what decidable said
     q = LabelQueue(store, seed=0)
     counts = _counts()
     curve.label_until(q, "judge:concise", "paired", "random", 100, counts, judges.concise, "concise",
-                      curve.prompt_medians(concise))
-    assert counts["decided"] == curve.decidable(concise, "pairs")
+                      medians)
+    assert counts["decided"] == curve.decidable(concise, medians, "pairs")
 
 
 def test_with_a_cut_decided_pairs_carry_the_strength_of_their_gap(store):

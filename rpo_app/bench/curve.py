@@ -92,27 +92,29 @@ def prompt_medians(scores: dict[int, list[float]]) -> dict[int, float]:
     return {pid: statistics.median(values) for pid, values in scores.items()}
 
 
+def _decided_gaps(scores: dict[int, list[float]]) -> list[float]:
+    """The score gap of every same-prompt pair of candidates the judge does not tie."""
+    from itertools import combinations
+
+    return [abs(a - b) for values in scores.values() for a, b in combinations(values, 2) if a != b]
+
+
 def strength_cut(scores: dict[int, list[float]]) -> float | None:
     """The median score gap between two different-scoring answers to one training prompt:
     the simulated annotator calls a pair "clearly" better at or above it, so about half its
     decided same-prompt pairs are clear and half slight. None when no prompt has two."""
-    from itertools import combinations
-
-    gaps = [abs(a - b) for values in scores.values() for a, b in combinations(values, 2) if a != b]
+    gaps = _decided_gaps(scores)
     return statistics.median(gaps) if gaps else None
 
 
-def decidable(scores: dict[int, list[float]], regime: str) -> int | None:
+def decidable(scores: dict[int, list[float]], medians: dict[int, float], regime: str) -> int | None:
     """How many items of the candidate pool carry a preference for this judge: the most
     decided labels any order could find (a rare trait leaves most pairs tied). Same-prompt
     pairs that differ in score, or single answers off their prompt's median; None for
     cross-prompt pairs, which depend on the prompt index's neighbours."""
-    from itertools import combinations
-
     if regime == "pairs":
-        return sum(a != b for values in scores.values() for a, b in combinations(values, 2))
+        return len(_decided_gaps(scores))
     if regime == "thumbs":
-        medians = prompt_medians(scores)
         return sum(v != medians[pid] for pid, values in scores.items() for v in values)
     return None
 
@@ -176,6 +178,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                 scores = candidate_scores(store, judge, judge_name)
                 medians = prompt_medians(scores)
                 cut = strength_cut(scores) if args.strength_margin else None
+                pool = decidable(scores, medians, regime)
                 counts = {k: 0 for k in ("labels", "decided", "wins", "ties", "ups", "downs",
                                          "skips", "informative")}
                 cell = {**prep, "data_dir": data_dir}
@@ -194,7 +197,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                         row = {"seed": seed, "judge": judge_name, "regime": regime, "order": order_name,
                                "budget": budget, "loss": effect.loss_label(loss, margin, args.sft_weight),
                                "strength_margin": margin, "sft_weight": args.sft_weight, **counts,
-                               "decidable": decidable(scores, regime),
+                               "decidable": pool,
                                "informative_share": counts["informative"] / max(counts["labels"], 1),
                                "exhausted": not more, **result}
                         if "adapter" in row:
@@ -296,9 +299,8 @@ def targets(summary: list[dict]) -> list[str]:
 
 def _found(by: dict, judge: str, budget: int) -> str | None:
     """How many of the pool's decided same-prompt pairs each order found by `budget` labels."""
-    found = [(order, by[(judge, "pairs", order, "rpo-paired", budget)]) for order in ORDERS
-             if (judge, "pairs", order, "rpo-paired", budget) in by]
-    found = [(order, e) for order, e in found if e.get("decidable") is not None]
+    entries = {order: by.get((judge, "pairs", order, "rpo-paired", budget), {}) for order in ORDERS}
+    found = [(order, e) for order, e in entries.items() if e.get("decidable") is not None]
     if not found:
         return None
     return (f"{judge}: decided pairs found in {budget} labels, of the "
