@@ -223,13 +223,25 @@ def contiguous_head_input(net) -> None:
     last-position logits of 32 prompts took 2.2 s in bf16 that way against 2.5 ms from a
     contiguous copy (78 ms against 8 ms in fp32); the informative order's prompt passes
     spent a quarter of their time there. Upstream: pytorch/pytorch#186148 (the missed
-    fold) and #151934 (bf16 bmm on a CPU copies the shared operand per batch)."""
+    fold) and #151934 (bf16 bmm on a CPU copies the shared operand per batch).
+
+    `.contiguous()` alone is not enough for one row: the [1, 1, d] slice of a [1, T, d]
+    tensor counts as contiguous, yet keeps the stride T x d in its first dimension, and
+    the matmul still takes the slow path (74 ms against 2 ms in bf16, a chat turn's
+    prefill and the scorers' shared-prefix pass). Viewing it flat and back gives it the
+    standard strides without a copy."""
     head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
     if head is None or getattr(head, "_rpo_contiguous_input", False):
         return
     head.register_forward_pre_hook(
-        lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None)
+        lambda _module, args: (standard_strides(args[0]), *args[1:]) if args else None)
     head._rpo_contiguous_input = True
+
+
+def standard_strides(x):
+    """`x` as a row-major tensor whose strides are the standard ones for its shape (each
+    the product of the later sizes), copying only if it is not contiguous."""
+    return x.contiguous().view(-1).view(x.shape)
 
 
 def load_tokenizer(model: str | None = None, data_dir="data", trust_remote_code: bool = False):

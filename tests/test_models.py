@@ -191,10 +191,31 @@ def test_lm_head_gets_a_contiguous_input_for_the_last_position(tiny_model_dir, t
     head = net.get_output_embeddings()
     assert len(head._forward_pre_hooks) == 1
     seen = []
-    head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
-    ids = torch.randint(0, 100, (3, 7))
-    with torch.inference_mode():
-        last = net(input_ids=ids, logits_to_keep=1).logits
-        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(input_ids=ids).logits[:, -1:]
-    assert seen == [True]
-    torch.testing.assert_close(last, plain)
+    head.register_forward_pre_hook(lambda _m, args: seen.append((args[0].is_contiguous(), args[0].stride())))
+    plain_net = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    # One row as well as several: a [1, 1, d] slice counts as contiguous but keeps the
+    # stride of the whole sequence in its first dimension, which the matmul also trips on.
+    for rows in (3, 1):
+        seen.clear()
+        ids = torch.randint(0, 100, (rows, 7))
+        with torch.inference_mode():
+            last = net(input_ids=ids, logits_to_keep=1).logits
+            plain = plain_net(input_ids=ids).logits[:, -1:]
+        d = plain_net.config.hidden_size
+        assert seen == [(True, (d, d, 1))]
+        torch.testing.assert_close(last, plain)
+
+
+def test_standard_strides_copies_only_what_is_not_contiguous():
+    import torch
+
+    from rpo_app.models import standard_strides
+
+    whole = torch.arange(2 * 5 * 4.0).view(2, 5, 4)
+    last = whole[:1, -1:]  # "contiguous", strides (20, 4, 1)
+    out = standard_strides(last)
+    assert out.stride() == (4, 4, 1) and out.data_ptr() == last.data_ptr()
+    torch.testing.assert_close(out, last)
+    picked = whole[:, :, 1]  # not contiguous: copied
+    assert standard_strides(picked).stride() == (5, 1)
+    torch.testing.assert_close(standard_strides(picked), picked)
