@@ -691,6 +691,7 @@ class ModelHost:
 
         from rpo_app.adapters import check_adapter_dir
         from rpo_app.config import check_name
+        from rpo_app.lora_fused import fuse_lora_layers
 
         name = check_name(name, "adapter name")
         if name == BASE:
@@ -725,6 +726,7 @@ class ModelHost:
                     f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 ) from err
             self.model.eval()
+            fuse_lora_layers(self.model)  # this host never trains: the adapter's add in the GEMM
             self._adapter_paths[name] = str(folder)
 
         self._computing(load, share_cores=False)
@@ -793,7 +795,9 @@ class ModelHost:
 
         def score() -> list[float]:
             with _eval_mode(self.model), self._adapter_mode([adapter]), torch.inference_mode(), autocast:
-                scorer = PromptScorer(share=self.share_prefill)
+                # The log-softmax in bf16 too when the model runs in bf16: ranking answers
+                # needs no more (scoring.py, _log_softmax).
+                scorer = PromptScorer(share=self.share_prefill, fp32=not bf16)
                 out = scorer(self.model, seqs, self.pad_id, self.device, keeps_logits_by_mask(self.model))
                 self.share_prefill = scorer.share  # a model that failed it shares no prefill either
                 return out.tolist()

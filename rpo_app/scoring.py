@@ -62,14 +62,24 @@ def _plain_head(cls) -> bool:
     return "slice_logits_to_keep" in source and assigned == ["self.lm_head(hidden_states)"]
 
 
-def _token_logps(head, hidden, labels):
-    # fp32: bf16 log-probs summed over hundreds of tokens lose too much. log_softmax is one
-    # fused kernel each way; gather minus logsumexp made several vocabulary-wide temporaries
-    # and took twice as long.
-    return head(hidden).float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+def _log_softmax(logits, fp32: bool):
+    # fp32 by default: training and the reference pass must agree to the last bit (at step
+    # 0 the policy is exactly the reference), and the loss's gradient flows through it.
+    # log_softmax is one fused kernel each way; gather minus logsumexp made several
+    # vocabulary-wide temporaries and took twice as long. fp32=False keeps bf16 logits in
+    # bf16 (the kernel still sums in fp32; only each log-prob is rounded). The fp32 copy of
+    # the tokens x vocabulary logits and its log-softmax cost 0.075 of a bf16 scoring
+    # pass's 0.55 ms a token on the bundled model; the rounding moves an
+    # answer's sum by 0.03 +- 0.09 nats, where scoring in bf16 at all moves it by 0.6
+    # (README, "What the informative order costs").
+    return (logits.float() if fp32 else logits).log_softmax(-1)
 
 
-def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool):
+def _token_logps(head, hidden, labels, fp32: bool = True):
+    return _log_softmax(head(hidden), fp32).gather(-1, labels[:, None]).squeeze(-1).float()
+
+
+def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool, fp32: bool = True):
     """Log-probs of `labels`, the tokens the positions `score` marks predict, from one
     forward pass over `inputs` (keyword arguments of the model's forward). Where the
     model allows it the LM head runs apart, a slice of tokens at a time, each slice
@@ -84,18 +94,19 @@ def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool):
         parts = []
         for k in range(0, len(labels), HEAD_SLICE):
             h, y = hidden[k:k + HEAD_SLICE], labels[k:k + HEAD_SLICE]
-            parts.append(checkpoint(_token_logps, head, h, y, use_reentrant=False)
-                         if torch.is_grad_enabled() and h.requires_grad else _token_logps(head, h, y))
+            parts.append(checkpoint(_token_logps, head, h, y, fp32, use_reentrant=False)
+                         if torch.is_grad_enabled() and h.requires_grad else _token_logps(head, h, y, fp32))
         return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     if keep_by_mask:
         logits = model(**inputs, logits_to_keep=score).logits
     else:
         logits = model(**inputs).logits[score]
-    return logits.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+    return _log_softmax(logits, fp32).gather(-1, labels[:, None]).squeeze(-1).float()
 
 
-def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
-    """Summed log-probs of each sequence's response tokens, one forward pass for all."""
+def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
+    """Summed log-probs of each sequence's response tokens, one forward pass for all.
+    `fp32=False`: the log-softmax in the logits' own dtype (_log_softmax)."""
     import torch
 
     from rpo_app.batches import collate
@@ -108,7 +119,7 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     labels = ids.roll(-1, dims=1)[score]
     rows = score.nonzero(as_tuple=True)[0]
     token_logps = _scored_logps(model, dict(input_ids=ids, attention_mask=attention, use_cache=False),
-                                score, labels, keep_by_mask)
+                                score, labels, keep_by_mask, fp32)
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
 
 
@@ -135,7 +146,7 @@ def shared_prefix_layout(rows, pad_id: int):
     return p, ids, mask
 
 
-def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
+def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
     """What `sequence_logps` returns, with each distinct prompt run once.
 
     Scoring K answers to one prompt repeats the prompt K times, and every prompt starts
@@ -167,7 +178,7 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]  # real tokens only, as in generation
     out = model(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, **last_only)
-    last = out.logits[:, -1].float().log_softmax(-1)
+    last = _log_softmax(out.logits[:, -1], fp32).float()
     rows = torch.tensor(slot, device=device)
     firsts = torch.tensor([a[0] if a else 0 for a in answers], device=device)
     total = last[rows, firsts] * torch.tensor([1.0 if a else 0.0 for a in answers], device=device)
@@ -189,7 +200,7 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool):
     a_positions = mask.sum(-1)[rows][:, None] + torch.arange(steps, device=device)[None, :]
     inputs = dict(input_ids=a_ids, attention_mask=torch.cat([mask[rows], a_mask], dim=1),
                   position_ids=a_positions, past_key_values=cache, use_cache=False)
-    token_logps = _scored_logps(model, inputs, score, labels[score], keep_by_mask)
+    token_logps = _scored_logps(model, inputs, score, labels[score], keep_by_mask, fp32)
     return total.index_add(0, score.nonzero(as_tuple=True)[0], token_logps)
 
 
@@ -198,23 +209,24 @@ class PromptScorer:
     scoring (ModelHost.sequence_logps), and what bench.train times inside the trainer
     against whole sequences. A model whose cache cannot be copied per row, or whose forward
     takes no cache or position ids, fails on the first batch and is scored whole from
-    then on (with a warning in the log)."""
+    then on (with a warning in the log). `fp32`: as for `sequence_logps`."""
 
-    def __init__(self, share: bool = True):
+    def __init__(self, share: bool = True, fp32: bool = True):
         self.share = share
+        self.fp32 = fp32
 
     def __call__(self, model, seqs, pad_id: int, device, keep_by_mask: bool):
         import torch
 
         if self.share and all(s.prompt_len for s in seqs):
             try:
-                return shared_prompt_logps(model, seqs, pad_id, device, keep_by_mask)
+                return shared_prompt_logps(model, seqs, pad_id, device, keep_by_mask, self.fp32)
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # noqa: BLE001 - an odd architecture: the plain path
                 log.warning("shared-prompt scoring failed (%s); scoring each sequence whole", err)
                 self.share = False
-        return sequence_logps(model, seqs, pad_id, device, keep_by_mask)
+        return sequence_logps(model, seqs, pad_id, device, keep_by_mask, self.fp32)
 
 
 def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],

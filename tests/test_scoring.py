@@ -162,3 +162,28 @@ def test_a_model_the_shared_scorer_cannot_run_is_scored_whole_from_then_on(livel
     assert torch.equal(first, plain) and torch.equal(again, plain)
     assert calls == [1] and not scorer.share
     assert "scoring each sequence whole" in caplog.text
+
+
+def test_the_log_softmax_in_the_logits_dtype_rounds_only_each_token(lively_lm):
+    """fp32=False (the informative order's bf16 scoring) leaves the log-softmax in the
+    logits' own dtype: with fp32 logits nothing changes, with bf16 logits each token's
+    log-prob is rounded to bf16 and no more. Both scorers and PromptScorer pass it on."""
+    import copy
+
+    import torch
+
+    from rpo_app.scoring import PromptScorer, sequence_logps, shared_prompt_logps
+
+    s = _seqs()
+    with torch.no_grad():
+        for scorer in (sequence_logps, shared_prompt_logps):
+            assert torch.equal(scorer(lively_lm, s, 0, "cpu", False, fp32=False),
+                               scorer(lively_lm, s, 0, "cpu", False))
+        low = copy.deepcopy(lively_lm).to(torch.bfloat16)
+        for share in (True, False):
+            exact = PromptScorer(share)(low, s, 0, "cpu", False)
+            rounded = PromptScorer(share, fp32=False)(low, s, 0, "cpu", False)
+            tokens = torch.tensor([len(q) - q.prompt_len for q in s], dtype=torch.float32)
+            # each token within half a bf16 step of its log-prob (|log p| < 16 here: 2^-5)
+            assert ((rounded - exact).abs() <= tokens * 2 ** -5).all(), (rounded, exact)
+            assert not torch.equal(rounded, exact)  # the flag reached the scorer
