@@ -23,34 +23,30 @@ from __future__ import annotations
 import types
 
 
-def _plain(layer, x, args, kwargs) -> bool:
+def _active(layer) -> list[str]:
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def _plain(layer, args, kwargs) -> bool:
     import torch
 
     if args or kwargs or layer.training or layer.merged or layer.disable_adapters:
         return False
     if torch.is_grad_enabled():
         return False
-    for name in layer.active_adapters:
-        if name not in layer.lora_A:
-            continue
-        if name in layer.lora_variant or layer.lora_B[name].bias is not None:
-            return False
-    return True
+    return not any(name in layer.lora_variant or layer.lora_B[name].bias is not None
+                   for name in _active(layer))
 
 
 def fused_forward(self, x, *args, **kwargs):
     """The forward of a peft `lora.Linear` with the adapters' products added in place."""
     import torch
 
-    if not _plain(self, x, args, kwargs):
+    if not _plain(self, args, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    if not result.is_contiguous():
-        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x).contiguous()  # a no-op for nn.Linear's output
     flat = result.view(-1, result.shape[-1])
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
+    for name in _active(self):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         # Eval mode, so the dropout is the identity and is skipped.
         low = torch.nn.functional.linear(x.to(a.dtype), a)

@@ -69,14 +69,19 @@ def _log_softmax(logits, fp32: bool):
     # vocabulary-wide temporaries and took twice as long. fp32=False keeps bf16 logits in
     # bf16 (the kernel still sums in fp32; only each log-prob is rounded). The fp32 copy of
     # the tokens x vocabulary logits and its log-softmax cost 0.075 of a bf16 scoring
-    # pass's 0.55 ms a token on the bundled model; the rounding moves an
-    # answer's sum by 0.03 +- 0.09 nats, where scoring in bf16 at all moves it by 0.6
-    # (README, "What the informative order costs").
+    # pass's 0.55 ms a token on the bundled model; the rounding moves an answer's sum by
+    # 0.03 +- 0.09 nats, where scoring in bf16 at all moves it by 0.6 (README, "What the
+    # informative order costs").
     return (logits.float() if fp32 else logits).log_softmax(-1)
 
 
+def _picked_logps(logits, labels, fp32: bool):
+    """The fp32 log-prob of each row's label under `logits` (tokens x vocabulary)."""
+    return _log_softmax(logits, fp32).gather(-1, labels[:, None]).squeeze(-1).float()
+
+
 def _token_logps(head, hidden, labels, fp32: bool = True):
-    return _log_softmax(head(hidden), fp32).gather(-1, labels[:, None]).squeeze(-1).float()
+    return _picked_logps(head(hidden), labels, fp32)
 
 
 def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool, fp32: bool = True):
@@ -101,7 +106,7 @@ def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool, fp32: 
         logits = model(**inputs, logits_to_keep=score).logits
     else:
         logits = model(**inputs).logits[score]
-    return _log_softmax(logits, fp32).gather(-1, labels[:, None]).squeeze(-1).float()
+    return _picked_logps(logits, labels, fp32)
 
 
 def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
