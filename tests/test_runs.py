@@ -70,10 +70,9 @@ def test_killed_run_is_failed_then_resumes(manager, tiny_model_dir, data_dir):
     run_id = runs.start(_config(tiny_model_dir, steps=6))
     st = _wait_step(runs, run_id, 2)
     os.kill(st.pid or store.run(run_id)["pid"], signal.SIGKILL)
-    deadline = time.time() + 30
-    while runs.status(run_id).state == "running" and time.time() < deadline:
-        time.sleep(0.2)
-    st = runs.status(run_id)
+    # wait() returns once the watcher has recorded the end in the store too; status.json
+    # alone turns "failed" a moment before the store's row does.
+    st = runs.wait(run_id, timeout=30)
     assert st.state == "failed" and "died" in st.error
     assert store.run(run_id)["state"] == "failed"
     run_dir = runs.layout.run_dir(run_id)
