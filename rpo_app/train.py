@@ -169,6 +169,7 @@ class Trainer:
         from peft import LoraConfig, get_peft_model
 
         from rpo_app.batches import BatchPlan, Encoder, build_data
+        from rpo_app.lora_fused import fuse_lora_layers
         from rpo_app.models import load_model, pick_dtype, training_attention
         from rpo_app.scoring import keeps_logits_by_mask, sequence_logps
 
@@ -217,6 +218,7 @@ class Trainer:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_targets(), task_type="CAUSAL_LM", bias="none")
         model = get_peft_model(base, lora)
+        fuse_lora_layers(model)  # LoRA's scaled add inside the GEMM, in the step and the previews
         model.train()
         self.keep_by_mask = keeps_logits_by_mask(model)
         # Every sequence is scored whole: running each distinct prompt once (PromptScorer)

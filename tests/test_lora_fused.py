@@ -91,12 +91,43 @@ def test_everything_but_the_plain_case_runs_peft_forward(two_adapters, counted):
         mixed = fused(input_ids=ids, adapter_names=["one", "__base__"]).logits
         assert counted
         torch.testing.assert_close(mixed, two_adapters(input_ids=ids, adapter_names=["one", "__base__"]).logits)
-    # gradients: peft's forward, and they reach the LoRA weights
+    # LoRA dropout in training: peft's forward
+    dropped = _fused(two_adapters).train()
+    for module in dropped.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["one"] = torch.nn.Dropout(0.5)
     counted.clear()
-    fused(input_ids=ids).logits.sum().backward()
+    dropped(input_ids=ids)
     assert counted
-    grads = [p.grad for n, p in fused.named_parameters() if "lora_A.one" in n]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_training_through_the_fused_forward_gives_peft_gradients(two_adapters, counted):
+    """The trainer's LoRA layers take the fused path with gradients on: the same loss and
+    the same gradient on every LoRA weight as peft's own graph."""
+    import torch
+
+    ids = torch.tensor(IDS)
+
+    def grads(net):
+        net = net.train()
+        net.set_adapter("one")
+        for n, p in net.named_parameters():
+            p.requires_grad_("lora_" in n and ".one." in n)
+            p.grad = None
+        loss = net(input_ids=ids).logits.log_softmax(-1)[..., 7].mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+
+    theirs_loss, theirs = grads(copy.deepcopy(two_adapters))
+    assert counted
+    counted.clear()
+    ours_loss, ours = grads(_fused(two_adapters))
+    assert not counted  # the fused path, not peft's
+    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-6)
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 7 * 2
+    for name, g in ours.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, theirs[name], rtol=1e-4, atol=1e-6)
 
 
 def test_in_bf16_the_fused_forward_is_no_further_from_fp32_than_peft(two_adapters):
@@ -113,3 +144,41 @@ def test_in_bf16_the_fused_forward_is_no_further_from_fp32_than_peft(two_adapter
         theirs = low(input_ids=ids).logits.float()
         ours = fused(input_ids=ids).logits.float()
     assert (ours - exact).abs().mean() <= 1.1 * (theirs - exact).abs().mean()
+
+
+@pytest.mark.parametrize("case", ["autocast", "bf16 model, fp32 LoRA"])
+def test_training_in_bf16_through_the_fused_forward(two_adapters, counted, case):
+    """Under CPU autocast (the trainer's bf16), and for a bf16 model whose LoRA weights
+    peft keeps in fp32 (the trainer's CUDA case): peft's output dtype, and gradients no
+    further from fp32's than peft's own."""
+    import contextlib
+
+    import torch
+
+    ids = torch.tensor(IDS)
+
+    def run(net, low: bool):
+        net = net.train()
+        net.set_adapter("one")
+        if low and case != "autocast":
+            net = net.to(torch.bfloat16)
+            for n, p in net.named_parameters():
+                if "lora_" in n:
+                    p.data = p.data.float()
+        for n, p in net.named_parameters():
+            p.requires_grad_("lora_" in n and ".one." in n)
+        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if low and case == "autocast"
+               else contextlib.nullcontext())
+        with ctx:
+            logits = net(input_ids=ids).logits
+        logits.float().log_softmax(-1)[..., 7].mean().backward()
+        return logits.dtype, {n: p.grad.float() for n, p in net.named_parameters() if p.requires_grad}
+
+    _, exact = run(copy.deepcopy(two_adapters), low=False)
+    theirs_dtype, theirs = run(copy.deepcopy(two_adapters), low=True)
+    counted.clear()
+    ours_dtype, ours = run(_fused(two_adapters), low=True)
+    assert not counted and ours_dtype == theirs_dtype
+    ours_err = sum((ours[n] - g).norm() for n, g in exact.items())
+    theirs_err = sum((theirs[n] - g).norm() for n, g in exact.items())
+    assert ours_err <= 1.25 * theirs_err
