@@ -47,33 +47,27 @@ def _plain(layer, args, kwargs) -> bool:
 
 
 def fused_forward(self, x, *args, **kwargs):
-    """The forward of a peft `lora.Linear` with the adapters' products added in place."""
+    """The forward of a peft `lora.Linear` with the adapters' products added inside the GEMM."""
     import torch
 
     if not _plain(self, args, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    out_features = result.shape[-1]
-    if torch.is_grad_enabled():
-        # Out of place: autograd records one addmm, whose backward scales only the
-        # rank-r products (and under autocast it runs in bf16, as peft's matmuls do).
-        # Outside autocast a bf16 model's fp32 LoRA weights add in fp32 and the sum is cast
-        # back, as in peft's forward.
-        flat = result.reshape(-1, out_features)
-        for name in _active(self):
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            low = torch.nn.functional.linear(x.to(a.dtype), a)
-            flat = torch.addmm(flat.to(low.dtype), low.reshape(-1, low.shape[-1]), b.t(),
-                               alpha=self.scaling[name])
-        return flat.view(result.shape).to(result.dtype)
-    result = result.contiguous()  # a no-op for nn.Linear's output
-    flat = result.view(-1, out_features)
+    grad = torch.is_grad_enabled()
+    # Without gradients the sum goes into the base output itself (a no-op .contiguous()
+    # for nn.Linear's output). With them, out of place: autograd records one addmm, whose
+    # backward scales only the rank-r products; under autocast it runs in bf16, as peft's
+    # matmuls do, and outside it a bf16 model's fp32 LoRA weights add in fp32 and the sum
+    # is cast back, as in peft's forward.
+    flat = (result if grad else result.contiguous()).reshape(-1, result.shape[-1])
     for name in _active(self):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        low = torch.nn.functional.linear(x.to(a.dtype), a)
-        flat.addmm_(low.reshape(-1, low.shape[-1]).to(flat.dtype), b.t().to(flat.dtype),
-                    alpha=self.scaling[name])
-    return result
+        low = torch.nn.functional.linear(x.to(a.dtype), a).flatten(0, -2)
+        if grad:
+            flat = torch.addmm(flat.to(low.dtype), low, b.t(), alpha=self.scaling[name])
+        else:
+            flat.addmm_(low.to(flat.dtype), b.t().to(flat.dtype), alpha=self.scaling[name])
+    return flat.view(result.shape).to(result.dtype)
 
 
 def fuse_lora_layers(model) -> int:

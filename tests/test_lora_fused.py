@@ -101,6 +101,16 @@ def test_everything_but_the_plain_case_runs_peft_forward(two_adapters, counted):
     assert counted
 
 
+def _training_adapter_one(net):
+    """`net` in training mode with adapter "one" active and its LoRA weights alone trainable."""
+    net = net.train()
+    net.set_adapter("one")
+    for n, p in net.named_parameters():
+        p.requires_grad_("lora_" in n and ".one." in n)
+        p.grad = None
+    return net
+
+
 def test_training_through_the_fused_forward_gives_peft_gradients(two_adapters, counted):
     """The trainer's LoRA layers take the fused path with gradients on: the same loss and
     the same gradient on every LoRA weight as peft's own graph."""
@@ -109,11 +119,7 @@ def test_training_through_the_fused_forward_gives_peft_gradients(two_adapters, c
     ids = torch.tensor(IDS)
 
     def grads(net):
-        net = net.train()
-        net.set_adapter("one")
-        for n, p in net.named_parameters():
-            p.requires_grad_("lora_" in n and ".one." in n)
-            p.grad = None
+        net = _training_adapter_one(net)
         loss = net(input_ids=ids).logits.log_softmax(-1)[..., 7].mean()
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
@@ -158,15 +164,12 @@ def test_training_in_bf16_through_the_fused_forward(two_adapters, counted, case)
     ids = torch.tensor(IDS)
 
     def run(net, low: bool):
-        net = net.train()
-        net.set_adapter("one")
         if low and case != "autocast":
             net = net.to(torch.bfloat16)
             for n, p in net.named_parameters():
                 if "lora_" in n:
                     p.data = p.data.float()
-        for n, p in net.named_parameters():
-            p.requires_grad_("lora_" in n and ".one." in n)
+        net = _training_adapter_one(net)
         ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if low and case == "autocast"
                else contextlib.nullcontext())
         with ctx:
