@@ -139,6 +139,31 @@ def test_estimate_follows_the_decode_timing(tiny_host):
         100 * speed.step_seconds(2) + 100 * speed.step_seconds(8) + 100 * speed.step_seconds(14))
 
 
+def test_a_caller_during_the_timing_waits_for_it_instead_of_timing_again(tiny_model_dir):
+    """The app times the model in the background once it has loaded; a first-run click
+    during that timing used to time the model a second time before its first batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    host = ModelHost.from_loaded(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                 AutoTokenizer.from_pretrained(tiny_model_dir), "tiny")
+    real, started, timings = host._time_decoding, threading.Event(), []
+
+    def counted():
+        timings.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.5)  # the second caller comes while this one is still timing
+        return real()
+
+    host._time_decoding = counted
+    background = threading.Thread(target=host.decode_timing, name="model-timing")
+    background.start()
+    assert started.wait(30)
+    speed = host.decode_timing()
+    background.join(60)
+    assert timings == ["model-timing"]
+    assert speed is host.decode_timing(measure=False) and speed.points
+
+
 def test_decode_speed_between_and_beyond_the_timed_sizes():
     speed = DecodeSpeed(((2, 0.10), (8, 0.16), (32, 0.40)))
     assert speed.step_seconds(2) == pytest.approx(0.10)
