@@ -188,6 +188,25 @@ def test_watch_reads_a_run_folder(ctx):
     assert status["final_metrics"]["eval_accuracy"] == 0.75
 
 
+def _skipped(value) -> bool:
+    return isinstance(value, dict) and value == gr.skip()
+
+
+def test_watch_without_a_run_draws_the_empty_charts_once(ctx):
+    """A newcomer's Train tab has no run for minutes; the timer used to send three empty
+    charts and a table every 2 s, and the browser redrew them each time."""
+    first = dict(zip(train.LIVE, train.watch(ctx, None)))
+    assert first["status"] == "No run yet." and not _skipped(first["loss_plot"])
+    again = dict(zip(train.LIVE, train.watch(ctx, None, first["drawn"])))
+    assert [n for n in train.LIVE if not _skipped(again[n])] == ["drawn"]
+    assert again["drawn"] == first["drawn"]
+    # A run that starts is drawn at the next tick.
+    RunFolder(ctx.layout.run_dir("run-new")).write_status(RunStatus(state="running", step=1, max_steps=4))
+    _finished_run(ctx, "run-new")
+    started = dict(zip(train.LIVE, train.watch(ctx, None, again["drawn"])))
+    assert started["status"].startswith("**Run run-new**") and not _skipped(started["loss_plot"])
+
+
 def test_watch_names_the_phase_instead_of_a_step_eta_outside_the_steps(ctx):
     """Before step 1 (loading, reference scoring) and after the last step (final previews,
     saving) the step ETA would read 0 s or nothing while work remains."""
@@ -371,6 +390,34 @@ def _first_run_then_nothing_left(ctx):
     ctx.store.add_response(ctx.store.prompts(limit=1)[0]["id"], "An answer.", source="test")
     shown = dict(zip(label.VIEW, label.show_next(ctx, "paired", "ada")))
     assert "Nothing left to judge" in shown["question"] and shown["first_run"]["visible"] is False
+
+
+def test_a_waiting_label_tab_redraws_only_its_line(tmp_path):
+    """While the first answers are written the tab's timer asks every 2 s. It sends the line
+    that says how far they are, not the whole tab (two tables and the ranking cards each
+    time kept the browser busy beside the model); the item, once there, comes whole."""
+    import time
+
+    from rpo_app.genjob import GenJobStatus
+
+    ctx = AppContext(ServeConfig(data_dir=tmp_path), load_model=False)
+    try:
+        ctx.generation._status = GenJobStatus(state="running", total=32, prompts=16,
+                                              started_at=time.time())
+        loaded = dict(zip(label.VIEW, label.poll(ctx, None, "paired", "ada")))  # page load
+        assert "being written" in loaded["question"] and not any(map(_skipped, loaded.values()))
+        ticked = dict(zip(label.VIEW, label.poll(ctx, None, "paired", "ada", timer=True)))
+        assert "being written" in ticked["question"] and ticked["poll"].active
+        assert [n for n in label.VIEW if not _skipped(ticked[n])] == list(label.WAITING_VIEW)
+        prompt = ctx.store.prompts(limit=1)[0]["id"]
+        for text in ("A first answer.", "A second, different answer."):
+            ctx.store.add_response(prompt, text, source="test")
+        shown = dict(zip(label.VIEW, label.poll(ctx, None, "paired", "ada", timer=True)))
+        assert shown["token"] and shown["left"]["value"] and not shown["poll"].active
+        assert not any(map(_skipped, shown.values()))
+    finally:
+        ctx.index(timeout=120)
+        ctx.store.close()
 
 
 def test_train_bar_names_the_phase_and_never_says_eta_0(ctx):

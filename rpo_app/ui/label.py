@@ -408,13 +408,23 @@ def start_first_run(ctx: AppContext, mode: str, annotator: str | None,
     return show_next(ctx, mode, annotator, order=order)
 
 
+# What a waiting tab's timer redraws until an item comes: the line that says how far the
+# answers are, and the button and timer. Sending the whole tab every 2 s (two tables and
+# the ranking cards) kept the browser redrawing it while the model wrote the first answers.
+WAITING_VIEW = ("question", "first_run", "poll")
+
+
 def poll(ctx: AppContext, token: str | None, mode: str, annotator: str | None,
-         order: str = "informative") -> list:
-    """The next item unless one is on screen: while answers are being written, on page
+         order: str = "informative", timer: bool = False) -> list:
+    """The next item unless one is on screen: while answers are being written (`timer`:
+    the tab already shows the wait, so only its line changes until an item comes), on page
     load, and on coming back to the tab."""
     if token:  # an item is on screen: leave it alone
         return [gr.Timer(active=False) if name == "poll" else gr.skip() for name in VIEW]
-    return show_next(ctx, mode, annotator, order=order)
+    view = show_next(ctx, mode, annotator, order=order)
+    if timer and view[VIEW.index("token")] is None:
+        return [value if name in WAITING_VIEW else gr.skip() for name, value in zip(VIEW, view)]
+    return view
 
 
 def redraw(ctx: AppContext, token: str | None, mode: str, annotator: str | None,
@@ -648,6 +658,10 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     def on_poll(tok, mode_value, typed, order_value, request: gr.Request):
         return poll(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed), order_value)
 
+    def on_wait(tok, mode_value, typed, order_value, request: gr.Request):
+        return poll(ctx, tok, mode_value, _maybe_annotator(ctx, request, typed), order_value,
+                    timer=True)
+
     def on_tick(tok, shown_value, seen, order_value):
         line, now, behind = sync(ctx, tok, shown_value, seen, order_value)
         # Only a page left behind is drawn again (in an event of its own), so the tick
@@ -670,7 +684,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
 
     base_inputs = [mode, annotator_box, order]
     first_run.click(on_first_run, base_inputs, view, api_name="first_run")
-    poll_timer.tick(on_poll, [token, *base_inputs], view, api_name=False, show_progress="hidden",
+    poll_timer.tick(on_wait, [token, *base_inputs], view, api_name=False, show_progress="hidden",
                     concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
     mismatch = gr.State(None)  # what `sync` saw on the tick before
     behind = gr.Number(visible="hidden")  # set when the page was left behind: draw it again

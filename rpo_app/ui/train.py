@@ -260,8 +260,12 @@ def watch(ctx: AppContext, rid: str | None, drawn=None) -> tuple:
     rows, samples); unchanged charts are skipped so the timer never re-renders them."""
     rid = current_run(ctx, rid)
     if rid is None:
+        # Drawn once: a newcomer's page has no run for minutes, and three charts and a
+        # table sent again every tick kept the browser redrawing them (a third of a core).
+        if drawn == [None]:
+            return (gr.skip(),) * (len(LIVE) - 1) + ([None],)
         return ("No run yet.", progress_bar(0, 0, None), _empty_plot(), _empty_plot(), _empty_plot(),
-                _empty_samples(), gr.update(visible=False), None)
+                _empty_samples(), gr.update(visible=False), [None])
     st = ctx.runs.status(rid)
     metrics = ctx.runs.metrics(rid)
     sample_rows = [s.to_record() for s in ctx.runs.samples(rid)]
