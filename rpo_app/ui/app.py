@@ -74,9 +74,11 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                           concurrency_id=label_tab.FIRST_ITEM_GROUP, concurrency_limit=1)
         # Figures are computed when someone looks, not on every page load.
         team_page.select(team["load"], None, team["load_outputs"], api_name=False)
+        # Until the model has loaded or failed: after that the line never changes, and
+        # every tick is work for the app and the browser beside the model.
         timer = gr.Timer(3.0)
-        timer.tick(lambda: _model_line(ctx), None, model_info, api_name=False,
-                   show_progress="hidden")
+        timer.tick(lambda: (_model_line(ctx), gr.Timer(active=ctx.model_loading)), None,
+                   [model_info, timer], api_name=False, show_progress="hidden")
     return demo
 
 

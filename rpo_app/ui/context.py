@@ -185,7 +185,12 @@ class AppContext:
             return "no model"
         if self._host.error is not None:
             return f"model failed to load: {self._host.error}"
-        return "model ready" if self.model_ready else "model loading..."
+        return "model loading..." if self.model_loading else "model ready"
+
+    @property
+    def model_loading(self) -> bool:
+        """The model line will change: the model is neither loaded nor failed yet."""
+        return self._host is not None and self._host.error is None and not self.model_ready
 
     def annotator(self, request: gr.Request | None, typed: str | None) -> str:
         """The login name when --auth is on, else the name typed in the page."""

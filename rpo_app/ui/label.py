@@ -562,6 +562,10 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                     right = gr.Textbox(label="Answer B", interactive=False, lines=10,
                                        max_lines=24, elem_id="lbl-right-text")
             question = gr.Markdown("**Which answer is better?**", elem_id="lbl-question")
+            # Right under the words that offer it ("the button below"), not past Skip, Undo
+            # and the edit box, which do nothing on an empty store.
+            first_run = gr.Button("Generate the first answers", variant="primary", visible=False,
+                                  elem_id="lbl-first-run")
             with gr.Column(visible=False) as rank_col:
                 rank_cards = gr.HTML("", elem_id="lbl-rank-cards")
                 with gr.Row(equal_height=True):
@@ -600,8 +604,6 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                 edit_save = gr.Button("Save as a better answer", elem_id="lbl-edit-save")
                 edit_status = gr.Markdown("", elem_id="lbl-edit-status")
                 edit_token = gr.State(None)
-            first_run = gr.Button("Generate the first answers", variant="primary", visible=False,
-                                  elem_id="lbl-first-run")
             poll_timer = gr.Timer(2.0, active=False)
         with gr.Column(scale=2):
             related = gr.Dataframe(headers=["sim.", "related prompt"], label="Related prompts",
