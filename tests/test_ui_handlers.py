@@ -482,3 +482,17 @@ def test_the_estimate_plans_a_steps_memory_as_the_trainer_will(tiny_model_dir):
     assert asked.need_gb == short.need_gb < train._step_memory(
         host, TrainConfig(auto_checkpointing=False), 8, huge).need_gb  # planned without it
     assert not train._step_memory(host, TrainConfig(auto_checkpointing=False), 8, huge).checkpointing
+
+
+def test_gradio_queue_polls_gently_when_idle():
+    """Gradio's queue looks for work every 1 ms when it has none: 8% of a core on an idle
+    2-core machine. The app slows that through Gradio's private attributes; a Gradio
+    release that renames them fails here rather than burning the cores unnoticed."""
+    from rpo_app.ui import app as app_ui
+
+    with gr.Blocks() as demo:
+        gr.Markdown("idle")
+    demo.queue()
+    assert app_ui.quiet_queue(demo)
+    assert demo._queue.sleep_when_free == app_ui.QUEUE_IDLE_POLL_S
+    assert demo._queue.progress_update_sleep_when_free == app_ui.QUEUE_PROGRESS_POLL_S
