@@ -544,7 +544,8 @@ class ModelHost:
         self._own_thread: _ModelThread | None = None
         # One decode timing at a time: the app times the model in the background at
         # start-up, and a first-run click during it timed it a second time before its
-        # first batch (the first pair 43.5 s after the click instead of 22 s, AVX2 EPYC).
+        # first batch (the first pair 45-54 s after the click against 31-32 s with one
+        # timing, alternating, on a 2-core AVX2 EPYC).
         self._timing_lock = threading.Lock()
         self._decode_timing: DecodeSpeed | None = None
 

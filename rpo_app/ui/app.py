@@ -105,9 +105,9 @@ def parse_auth(values: list[str]) -> list[tuple[str, str]]:
 
 
 # How often Gradio's queue looks for work when it has none. Gradio 6 looks every 1 ms on
-# Linux (10 ms for progress updates): an idle app with no page open spent 8% of a core
-# on it (2.6 CPU s per 30 s on a 2-core AVX2 EPYC), cores the model and a training run
-# need. 20 ms is below what any of our events takes to answer.
+# Linux (10 ms for progress updates): an idle app with no page open spent 9% of a core
+# on it (2.7 CPU s per 30 s on a 2-core AVX2 EPYC, 0.5 s at 20 ms), cores the model and
+# a training run need. 20 ms is below what any of our events takes to answer.
 QUEUE_IDLE_POLL_S = 0.02
 QUEUE_PROGRESS_POLL_S = 0.1
 

@@ -261,7 +261,7 @@ def watch(ctx: AppContext, rid: str | None, drawn=None) -> tuple:
     rid = current_run(ctx, rid)
     if rid is None:
         # Drawn once: a newcomer's page has no run for minutes, and three charts and a
-        # table sent again every tick kept the browser redrawing them (a third of a core).
+        # table sent again every tick kept the browser redrawing them.
         if drawn == [None]:
             return (gr.skip(),) * (len(LIVE) - 1) + ([None],)
         return ("No run yet.", progress_bar(0, 0, None), _empty_plot(), _empty_plot(), _empty_plot(),
