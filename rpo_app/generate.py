@@ -1103,11 +1103,13 @@ class ModelHost:
 def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
                         settings: GenSettings | None = None, adapter: str | None = None,
                         progress: Progress | None = None, batch_size: int = 32,
-                        start_index: int = 0, first_batch: int | None = None) -> dict:
+                        start_index: int = 0, first_batch: int | None = None,
+                        between_batches: Callable[[], None] | None = None) -> dict:
     """Generate n answers per prompt and store each one the moment its row ends (a
     batch of 32 does not hold its short answers back until its longest is done).
     `first_batch` sends a small batch ahead (one prompt's answers: a pair to judge
-    within seconds)."""
+    within seconds). `between_batches` runs on the caller's thread after each batch,
+    before the next one starts."""
     from rpo_app.active import keep_written_logp, scoring_encoder
 
     settings = settings or GenSettings()
@@ -1142,7 +1144,9 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
 
     for _batch in host.generate_batches(texts, n, settings, adapter, batch_size, start_index,
                                         first_batch=first_batch, on_answer=store_answer):
-        pass  # each answer was stored as it ended
+        # each answer was stored as it ended
+        if between_batches is not None:
+            between_batches()
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     stats["tokens_per_second"] = round(stats["tokens"] / stats["seconds"], 1) if stats["seconds"] else 0.0
     return stats
@@ -1175,12 +1179,14 @@ def backlog(store, n: int, limit: int | None = None, adapter: str | None = None,
 def top_up(store, host: ModelHost, todo: list[tuple[int, int]], n: int,
            settings: GenSettings | None = None, adapter: str | None = None,
            batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
-           first_batch: int | None = None) -> dict:
+           first_batch: int | None = None,
+           between_batches: Callable[[], None] | None = None) -> dict:
     """Bring each (prompt_id, answers it has) up to n answers.
 
     Prompts with the same count go together so sample indices continue from what
     exists: a top-up never redraws an earlier sample (which would be a duplicate).
-    `first_batch` applies to the first group only (the rest follows at full speed).
+    `first_batch` applies to the first group only (the rest follows at full speed);
+    `between_batches` as in generate_candidates.
     """
     groups: dict[int, list[int]] = {}
     for pid, have in todo:
@@ -1195,7 +1201,8 @@ def top_up(store, host: ModelHost, todo: list[tuple[int, int]], n: int,
 
         stats = generate_candidates(store, host, pids, n - have, settings, adapter=adapter,
                                     progress=tick, batch_size=batch_size, start_index=have,
-                                    first_batch=first_batch if g == 0 else None)
+                                    first_batch=first_batch if g == 0 else None,
+                                    between_batches=between_batches)
         for key in ("generated", "new", "duplicates", "tokens", "seconds"):
             totals[key] += stats[key]
     return totals

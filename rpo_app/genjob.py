@@ -50,10 +50,11 @@ class GenJobStatus:
     def work(self, answers: int) -> float:
         """The planned seconds of the batches that the first `answers` answers complete.
         A batch's rows decode together until its longest ends, so an answer that ends
-        early says little of the time left: only whole batches count (and with no plan,
-        each answer is one unit)."""
+        early says little of the time left: only whole batches count. No plan yet (the
+        decoding not yet timed): nothing counts, since every answer taken at the small
+        first batch's cost put the ETA at several times the work left."""
         if not self.plan:
-            return float(answers)
+            return 0.0
         out, left = 0.0, answers
         for size, seconds in self.plan:
             if left < size:
@@ -88,8 +89,8 @@ class GenJobStatus:
                     f"{human(self.elapsed_s)} ({self.duplicates} duplicates not stored).")
         eta = self.eta_s()
         when = (f"ETA {human(eta)}" if eta is not None else
-                "measuring the speed" if not self.work(self.done) else
                 "finishing the last answers" if self.done >= self.total else
+                "measuring the speed" if not self.work(self.done) else
                 "slower than measured so far, still going")
         return f"Generating answers: {self.done}/{self.total} stored · {when}"
 
@@ -103,6 +104,7 @@ class GenerationJobs(BackgroundJob):
         super().__init__(GenJobStatus())
         self.store = store
         self._host = host  # waits for the model to load
+        self._answered_at: float | None = None  # when the job's last answer was stored
 
     def start(self, todo: list[tuple[int, int]], n: int, settings, adapter: str | None = None,
               first_batch: int | None = None, batch_size: int = 32) -> GenJobStatus:
@@ -121,19 +123,39 @@ class GenerationJobs(BackgroundJob):
 
         def work() -> None:
             host = self._host()
-            plan = host.estimate_batches(total, settings.max_new_tokens, batch_size, first_batch)
-            self._set(estimate_s=sum(sec for _, sec in plan), plan=plan)
+
+            def plan() -> None:  # waits for the host's decode timing
+                if not self._status.plan:
+                    self._planned(host.estimate_batches(total, settings.max_new_tokens, batch_size,
+                                                        first_batch))
+
+            # A click before the app has timed the model's decoding (at "model ready";
+            # about 10 s on a 2-core AVX2 CPU) sends its first batch at once and waits for
+            # the timing after it: the first pair came 31-32 s after such a click, 22 s
+            # after one made once the timing was done. The rest of the job waits, or the
+            # timing's calls would take turns with its batches on the model's thread and
+            # leave the ETA unknown for most of the job.
+            if host.decode_timing(measure=False) is not None:
+                plan()
             result = top_up(self.store, host, todo, n, settings, adapter=adapter, batch_size=batch_size,
                             progress=lambda done, _total: self._progress(done),
-                            first_batch=first_batch)
+                            first_batch=first_batch, between_batches=plan)
             self._set(new=result["new"], duplicates=result["duplicates"], state="finished")
 
         self._launch("generate-candidates", work)
         return self.status()
 
+    def _planned(self, plan: list) -> None:
+        with self._lock:
+            st = self._status
+            st.plan, st.estimate_s = plan, sum(sec for _, sec in plan)
+            if st.work(st.done):  # the first batch ended before the timing: its end is the pace
+                st.updated_at = self._answered_at
+
     def _progress(self, done: int) -> None:
         with self._lock:
             st = self._status
+            self._answered_at = time.time()
             if st.work(done) != st.work(st.done):  # a batch ended: the pace is measured anew
-                st.updated_at = time.time()
+                st.updated_at = self._answered_at
             st.done = done

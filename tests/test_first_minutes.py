@@ -164,6 +164,47 @@ def test_a_caller_during_the_timing_waits_for_it_instead_of_timing_again(tiny_mo
     assert speed is host.decode_timing(measure=False) and speed.points
 
 
+def test_a_click_during_the_timing_gets_its_first_batch_before_the_timing_ends(store, tiny_model_dir):
+    """A first-run click at "model ready" found the app timing the model's decoding (about
+    10 s on a 2-core AVX2 CPU) and waited for it: its first pair came 31-32 s after the
+    click, against 22 s once the timing was done. The first batch now goes at once; the
+    rest waits for the timing, so the ETA, which needs it, comes right after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    host = ModelHost.from_loaded(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                 AutoTokenizer.from_pretrained(tiny_model_dir), "tiny")
+    host.use_own_thread()  # as the app's: timing and batches take turns on one thread
+    real, timing, release = host._time_decoding, threading.Event(), threading.Event()
+
+    def held():  # the app's start-up timing, still running when the click comes
+        timing.set()
+        assert release.wait(60)
+        return real()
+
+    host._time_decoding = held
+    background = threading.Thread(target=host.decode_timing, name="model-timing")
+    background.start()
+    assert timing.wait(30)
+    ids, _ = store.add_prompts(["Hi.", "Name a colour.", "Tell me about the sea.", "Why?"], "t")
+    jobs = GenerationJobs(store, lambda: host)
+    try:
+        jobs.start([(i, 0) for i in ids], 2, GenSettings(max_new_tokens=6), first_batch=2)
+        deadline = time.time() + 60
+        while jobs.status().done < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        first = jobs.status()
+        assert first.done == 2 and sum(store.response_counts(ids).values()) == 2
+        assert "measuring the speed" in first.line() and not first.plan
+        time.sleep(0.5)  # the tiny model would finish the other 6 answers in far less
+        assert jobs.status().done == 2  # the rest waits for the timing
+    finally:
+        release.set()
+        background.join(60)
+    st = jobs.wait(60)
+    assert st.state == "finished" and st.done == 8
+    assert [size for size, _ in st.plan] == [2, 6] and st.estimate_s > 0
+
+
 def test_decode_speed_between_and_beyond_the_timed_sizes():
     speed = DecodeSpeed(((2, 0.10), (8, 0.16), (32, 0.40)))
     assert speed.step_seconds(2) == pytest.approx(0.10)
@@ -194,8 +235,10 @@ def test_job_status_line_and_eta():
     assert st.eta_s() is None and "measuring" in st.line()
     st.done = 24
     assert st.eta_s() is None and "finishing" in st.line()
-    st.done = 6
+    st.done, st.plan = 6, [(6, 7.5)] * 4
     assert st.eta_s() == pytest.approx(15, rel=0.2)
+    st.plan = []  # answers but no plan yet (the decoding not timed): no pace to tell
+    assert st.eta_s() is None and "measuring" in st.line()
 
 
 def test_eta_counts_down_between_updates():
