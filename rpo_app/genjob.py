@@ -125,7 +125,7 @@ class GenerationJobs(BackgroundJob):
             host = self._host()
 
             def plan() -> None:  # waits for the host's decode timing
-                if not self._status.plan:
+                if not self._status.plan and self._status.done < total:
                     self._planned(host.estimate_batches(total, settings.max_new_tokens, batch_size,
                                                         first_batch))
 

@@ -197,6 +197,11 @@ def test_a_click_during_the_timing_gets_its_first_batch_before_the_timing_ends(s
         assert "measuring the speed" in first.line() and not first.plan
         time.sleep(0.5)  # the tiny model would finish the other 6 answers in far less
         assert jobs.status().done == 2  # the rest waits for the timing
+        # a job that is one batch has nothing to wait for
+        other, more = GenerationJobs(store, lambda: host), store.add_prompts(["Say yes."], "t")[0]
+        other.start([(more[0], 0)], 2, GenSettings(max_new_tokens=6), first_batch=2)
+        alone = other.wait(60)
+        assert alone.state == "finished" and alone.done == 2 and jobs.status().done == 2
     finally:
         release.set()
         background.join(60)
