@@ -2,9 +2,11 @@
 
 From an empty data dir (the seed prompts, no answers), with the app's own parts:
 
-1. load the bundled model and time its decoding (what the first-run estimate needs);
-2. the Label tab's first-run job (`genjob.GenerationJobs`, first batch one prompt's
-   answers): seconds until the label queue has a first pair, and until 32 answers exist;
+1. load the bundled model and start timing its decoding in the background (what the
+   first-run estimate needs), as the app does once its model has loaded;
+2. at once, as a newcomer who clicks when the model line says ready, the Label tab's
+   first-run job (`genjob.GenerationJobs`, first batch one prompt's answers): seconds
+   until the label queue has a first pair, and until 32 answers exist;
 3. 32 more answers for 16 more prompts, then 32 pairs judged through the label queue by
    a simulated annotator (the `concise` judge) exactly as a person would see them;
 4. a default training run over those 32 pairs (`python -m rpo_app train` with the
@@ -19,6 +21,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,15 +70,15 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
     # passively and ran 1.7x slower than the estimate (cpushare).
     host.use_own_thread()
     out["load_model_s"] = round(time.perf_counter() - t0, 2)
-    t1 = time.perf_counter()
-    host.decode_timing()
-    out["time_decoding_s"] = round(time.perf_counter() - t1, 2)
-    settings = GenSettings()
-    n_answers = FIRST_RUN_PROMPTS * FIRST_RUN_ANSWERS
-    out["estimate_first_pair_s"] = round(host.estimate_seconds(FIRST_RUN_ANSWERS, settings.max_new_tokens), 1)
-    out["estimate_all_s"] = round(host.estimate_seconds(n_answers, settings.max_new_tokens,
-                                                        first_batch=FIRST_RUN_ANSWERS), 1)
+    timed: dict = {}
 
+    def time_decoding() -> None:  # the app's start-up timing (ui.context)
+        host.decode_timing()
+        timed["timing_ended"] = time.perf_counter()
+
+    timing = threading.Thread(target=time_decoding, name="model-timing")
+    timing.start()
+    settings = GenSettings()
     jobs = GenerationJobs(store, lambda h=host: h)
     todo = backlog(store, FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS)
     click = time.perf_counter()
@@ -90,6 +93,15 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
         raise RuntimeError(st.line())
     out["click_to_all_answers_s"] = round(time.perf_counter() - click, 1)
     out["answers"] = st.new
+    timing.join()
+    # The timing takes turns with the job's first batch on the model's thread.
+    out["click_to_timing_ended_s"] = round(timed["timing_ended"] - click, 1)
+    # What the Label tab quotes once the timing is done (a click made after it waits for
+    # nothing: its first pair comes in about the first estimate).
+    n_answers = FIRST_RUN_PROMPTS * FIRST_RUN_ANSWERS
+    out["estimate_first_pair_s"] = round(host.estimate_seconds(FIRST_RUN_ANSWERS, settings.max_new_tokens), 1)
+    out["estimate_all_s"] = round(host.estimate_seconds(n_answers, settings.max_new_tokens,
+                                                        first_batch=FIRST_RUN_ANSWERS), 1)
 
     # 16 more prompts, then 32 pairs judged through the queue
     todo = backlog(store, FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS)
@@ -135,8 +147,9 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
 
 
 def format_table(result: dict) -> str:
-    rows = [("click → first pair labelable", result["click_to_first_pair_s"],
-             f"estimated {result['estimate_first_pair_s']}"),
+    rows = [("click at 'model ready' → first pair labelable", result["click_to_first_pair_s"],
+             f"estimated {result['estimate_first_pair_s']}; the start-up decode timing "
+             f"ended {result['click_to_timing_ended_s']} s after the click"),
             (f"click → all {result['answers']} first answers", result["click_to_all_answers_s"],
              f"estimated {result['estimate_all_s']}"),
             (f"default run over {result['pairs_judged']} pairs, wall", result["run_wall_s"],
