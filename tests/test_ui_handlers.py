@@ -392,6 +392,28 @@ def _first_run_then_nothing_left(ctx):
     assert "Nothing left to judge" in shown["question"] and shown["first_run"]["visible"] is False
 
 
+def test_the_data_tabs_job_line_moves_between_answers(ctx):
+    """The Data tab's timer redraws the store tables only when the counts change, and a
+    running job's line every time: its ETA counts down while a batch stores nothing."""
+    import time
+
+    from rpo_app.genjob import GenJobStatus
+    from rpo_app.ui import data
+
+    line, _stats, _prompts, shown = data.poll(ctx)
+    assert not _skipped(line)
+    assert all(map(_skipped, data.poll(ctx, shown)[:3]))  # no job, nothing changed
+    ctx.generation._status = GenJobStatus(state="running", total=32, done=2, prompts=16,
+                                          started_at=time.time() - 24, updated_at=time.time() - 4,
+                                          plan=[(2, 20.0), (8, 40.0), (22, 80.0)])
+    line, _stats, _prompts, shown = data.poll(ctx, shown)
+    again = data.poll(ctx, shown)
+    assert _skipped(again[1]) and _skipped(again[2]) and again[3] == shown  # tables kept
+    assert "ETA" in again[0] and "2/32 stored" in again[0]
+    ctx.generation._status.started_at -= 30  # 30 s on with no new answer: the ETA moved
+    assert data.poll(ctx, shown)[0] != again[0]
+
+
 def test_a_waiting_label_tab_redraws_only_its_line(tmp_path):
     """While the first answers are written the tab's timer asks every 2 s. It sends the line
     that says how far they are, not the whole tab (two tables and the ranking cards each

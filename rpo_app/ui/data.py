@@ -113,13 +113,15 @@ def generate_answers(ctx: AppContext, adapter, n, limit, temp, top_p, max_new, s
 
 
 def poll(ctx: AppContext, shown=None) -> tuple:
-    """The generation line and the store tables, redrawn only when they changed
-    (a timer calls this every few seconds)."""
+    """The generation line and the store tables (a timer calls this every few seconds).
+    The tables are redrawn only when the counts changed; a running job's line every time,
+    since its elapsed time and ETA move between answers (a batch of 32 can store nothing
+    for a minute, and the line froze at its last answer's "ETA 42 s")."""
     st = ctx.generation.status()
     stats = ctx.store.stats()
     key = [st.state, st.done, stats["responses"], stats["judgments"], stats["prompts"]]
     if key == shown:
-        return gr.skip(), gr.skip(), gr.skip(), shown
+        return (_job_view(st) if st.running else gr.skip()), gr.skip(), gr.skip(), shown
     return (_job_view(st), *refresh(ctx), key)
 
 
