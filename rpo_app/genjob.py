@@ -131,10 +131,10 @@ class GenerationJobs(BackgroundJob):
 
             # A click before the app has timed the model's decoding (at "model ready";
             # about 10 s on a 2-core AVX2 CPU) sends its first batch at once and waits for
-            # the timing after it: the first pair came 31-32 s after such a click, 22 s
-            # after one made once the timing was done. The rest of the job waits, or the
-            # timing's calls would take turns with its batches on the model's thread and
-            # leave the ETA unknown for most of the job.
+            # the timing after it: the first pair came 35.0 and 33.9 s after such a click
+            # when the job waited for the timing first, 23.1 and 20.9 s now. The rest of
+            # the job waits, or the timing's calls would take turns with its batches on
+            # the model's thread and leave the ETA unknown for most of the job.
             if host.decode_timing(measure=False) is not None:
                 plan()
             result = top_up(self.store, host, todo, n, settings, adapter=adapter, batch_size=batch_size,
