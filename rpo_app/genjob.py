@@ -104,7 +104,6 @@ class GenerationJobs(BackgroundJob):
         super().__init__(GenJobStatus())
         self.store = store
         self._host = host  # waits for the model to load
-        self._answered_at: float | None = None  # when the job's last answer was stored
 
     def start(self, todo: list[tuple[int, int]], n: int, settings, adapter: str | None = None,
               first_batch: int | None = None, batch_size: int = 32) -> GenJobStatus:
@@ -124,10 +123,11 @@ class GenerationJobs(BackgroundJob):
         def work() -> None:
             host = self._host()
 
-            def plan() -> None:  # waits for the host's decode timing
+            def plan() -> None:  # before any batch or right after one; waits for the timing
                 if not self._status.plan and self._status.done < total:
+                    batch_ended = time.time()
                     self._planned(host.estimate_batches(total, settings.max_new_tokens, batch_size,
-                                                        first_batch))
+                                                        first_batch), batch_ended)
 
             # A click before the app has timed the model's decoding (at "model ready";
             # about 10 s on a 2-core AVX2 CPU) sends its first batch at once and waits for
@@ -145,17 +145,16 @@ class GenerationJobs(BackgroundJob):
         self._launch("generate-candidates", work)
         return self.status()
 
-    def _planned(self, plan: list) -> None:
+    def _planned(self, plan: list, batch_ended: float) -> None:
         with self._lock:
             st = self._status
             st.plan, st.estimate_s = plan, sum(sec for _, sec in plan)
             if st.work(st.done):  # the first batch ended before the timing: its end is the pace
-                st.updated_at = self._answered_at
+                st.updated_at = batch_ended
 
     def _progress(self, done: int) -> None:
         with self._lock:
             st = self._status
-            self._answered_at = time.time()
             if st.work(done) != st.work(st.done):  # a batch ended: the pace is measured anew
-                st.updated_at = self._answered_at
+                st.updated_at = time.time()
             st.done = done
