@@ -17,6 +17,13 @@ from dataclasses import dataclass
 # 2.2-2.4 and bf16 autocast 3.4 (its backward gains less than its forward), rounded up.
 # Used until a finished run on this machine has measured its own step speed.
 STEP_FORWARDS = {"fp32": 2.5, "bf16": 3.5}
+# LoRA on the top k of n decoder layers (rpo_app.frozen_prefix): a step runs those layers
+# from the kept hidden states, the LM head and the optimizer. Measured on the bundled model
+# (a step's forward and backward over 8 sequences of 120-250 tokens, fp32, 1 thread, a
+# 2-core AVX2-only EPYC): 19.5 s with LoRA on all 30 layers, 7.4 s on the top 8, 5.3 s on
+# the top 4, i.e. about 3.2 s plus 0.53 s a layer: the part that does not shrink with the
+# layers is 0.16 of an every-layer step.
+FIXED_STEP_SHARE = 0.16
 # Decoding through the training child's PeftModel (LoRA not merged) against the app's
 # plain model: the extra low-rank matmuls at every layer.
 LORA_DECODE_FACTOR = 1.3
@@ -66,10 +73,20 @@ class RunShape:
     embeds: bool
     check_labels: bool = True
     checkpointing: bool = False
+    step_share: float = 1.0  # of a step with LoRA on every layer (step_share)
+
+
+def step_share(n_layers: int, lora_layers: int) -> float:
+    """A step's cost with LoRA on the top `lora_layers` of `n_layers` (0: all) against
+    one with LoRA on every layer (FIXED_STEP_SHARE)."""
+    from rpo_app.frozen_prefix import adapted_count
+
+    return FIXED_STEP_SHARE + (1 - FIXED_STEP_SHARE) * adapted_count(n_layers, lora_layers) / n_layers
 
 
 def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens: float,
-              preview_count: int, embeds: bool) -> RunShape:
+              preview_count: int, embeds: bool, n_layers: int | None = None) -> RunShape:
+    """`n_layers`: the model's decoder layers, for a run with LoRA on the top few only."""
     steps = cfg.planned_steps(max(1, n_examples // cfg.batch_size), n_examples)
     evals = 0
     if eval_seqs:
@@ -80,22 +97,26 @@ def run_shape(cfg, n_examples: int, train_seqs: int, eval_seqs: int, mean_tokens
                     eval_seqs=eval_seqs, mean_tokens=mean_tokens, evals=evals, mid_previews=mid,
                     preview_count=preview_count, preview_tokens=cfg.sample_max_new_tokens,
                     embeds=embeds, check_labels=cfg.check_labels,
-                    checkpointing=cfg.gradient_checkpointing)
+                    checkpointing=cfg.gradient_checkpointing,
+                    step_share=step_share(n_layers, cfg.lora_layers) if n_layers else 1.0)
 
 
 def estimate_phases(shape: RunShape, forward_s_per_token: float,
                     decode_timing, past: dict[str, float] | None = None,
                     precision: str = "fp32", step_s_per_token: float | None = None,
-                    measured_with_checkpointing: bool = False) -> dict[str, float]:
+                    measured_with_checkpointing: bool = False,
+                    measured_step_share: float = 1.0) -> dict[str, float]:
     """Seconds per phase (runfolder.PHASES names), in run order. `decode_timing`: the
     app's generate.DecodeSpeed (its step_seconds(rows)). `step_s_per_token`: a
     training step's seconds per token measured by an earlier run here, with gradient
-    checkpointing or not as `measured_with_checkpointing` says (else the forward timing
-    times STEP_FORWARDS, without)."""
+    checkpointing or not as `measured_with_checkpointing` says, and LoRA on the layers
+    that make `measured_step_share` (else the forward timing times STEP_FORWARDS,
+    without, on every layer)."""
     past = past or {}
     preview = (shape.preview_tokens * decode_timing.step_seconds(shape.preview_count) * LORA_DECODE_FACTOR
                if shape.preview_count else 0.0)
-    per_token = step_s_per_token or STEP_FORWARDS[precision] * forward_s_per_token
+    per_token = shape.step_share * (step_s_per_token / measured_step_share if step_s_per_token
+                                    else STEP_FORWARDS[precision] * forward_s_per_token)
     measured_on = measured_with_checkpointing and bool(step_s_per_token)
     if shape.checkpointing != measured_on:
         per_token *= CHECKPOINTING_STEP_FACTOR if shape.checkpointing else 1 / CHECKPOINTING_STEP_FACTOR
@@ -108,11 +129,13 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
         forward_s_per_token * (shape.train_seqs + shape.eval_seqs) * shape.mean_tokens)
     out["the base model's previews"] = preview
     out["training"] = step * shape.steps
-    out["evaluating"] = forward_s_per_token * shape.eval_seqs * shape.mean_tokens * shape.evals
+    # Evaluating and the label check run the adapted layers only, as the steps do.
+    out["evaluating"] = (shape.step_share * forward_s_per_token * shape.eval_seqs * shape.mean_tokens
+                         * shape.evals)
     out["previews"] = preview * shape.mid_previews
     # The final adapter scores every sequence once more (rpo_app.suspects).
     if shape.check_labels:
-        out["checking the labels"] = out["scoring the answers with the base model"]
+        out["checking the labels"] = shape.step_share * out["scoring the answers with the base model"]
     out["the final previews"] = preview
     out["saving the adapter"] = past.get("saving the adapter", TYPICAL["saving the adapter"])
     return out
@@ -120,13 +143,15 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
 
 def step_memory_gb(model_config, seqs: int, longest: int, checkpointing: bool,
                    element_size: int = 4, head_slice: int | None = None,
-                   eager_attention: bool = False) -> float:
+                   eager_attention: bool = False, lora_layers: int = 0) -> float:
     """A training step's peak memory above the loaded model (GB): one forward and backward
-    over `seqs` sequences padded to `longest` tokens (see STEP_VECTORS_PER_TOKEN)."""
+    over `seqs` sequences padded to `longest` tokens (see STEP_VECTORS_PER_TOKEN). With
+    LoRA on the top `lora_layers` only, only those keep activations for the backward."""
+    from rpo_app.frozen_prefix import adapted_count, decoder_layers
     from rpo_app.scoring import HEAD_SLICE
 
     cfg = getattr(model_config, "text_config", None) or model_config
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1)
+    layers = adapted_count(decoder_layers(cfg), lora_layers)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1)
     tokens = seqs * longest
     head_slice = HEAD_SLICE if head_slice is None else head_slice
@@ -152,12 +177,12 @@ class MemoryPlan:
 
 
 def plan_memory(model_config, seqs: int, longest: int, free_gb: float, *, asked: bool, auto: bool,
-                element_size: int = 4, eager_attention: bool = False) -> MemoryPlan:
+                element_size: int = 4, eager_attention: bool = False, lora_layers: int = 0) -> MemoryPlan:
     """Gradient checkpointing when asked for, or (auto) when the step without it would
     take more than MEMORY_HEADROOM of `free_gb`."""
     def need(checkpointing: bool) -> float:
         return step_memory_gb(model_config, seqs, longest, checkpointing, element_size,
-                              eager_attention=eager_attention)
+                              eager_attention=eager_attention, lora_layers=lora_layers)
 
     plain = need(False)
     switched = auto and not asked and plain > MEMORY_HEADROOM * free_gb

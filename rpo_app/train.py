@@ -169,6 +169,7 @@ class Trainer:
         from peft import LoraConfig, get_peft_model
 
         from rpo_app.batches import BatchPlan, Encoder, build_data
+        from rpo_app.frozen_prefix import FrozenPrefixScorer, decoder_layers, lora_placement
         from rpo_app.lora_fused import fuse_lora_layers
         from rpo_app.models import load_model, pick_dtype, training_attention
         from rpo_app.scoring import keeps_logits_by_mask, sequence_logps
@@ -215,8 +216,10 @@ class Trainer:
         if self.checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
+        placement = lora_placement(base, cfg.lora_targets(), cfg.lora_layers)
+        layers = placement["layers_to_transform"]
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_targets(), task_type="CAUSAL_LM", bias="none")
+                          task_type="CAUSAL_LM", bias="none", **placement)
         model = get_peft_model(base, lora)
         fuse_lora_layers(model)  # LoRA's scaled add inside the GEMM, in the step and the previews
         model.train()
@@ -226,6 +229,14 @@ class Trainer:
         # once per batch, in training too?"). `python -m rpo_app.bench.train` swaps this
         # to time both.
         self.step_scorer = sequence_logps
+        # Below the first adapted layer the model is frozen: its hidden states come from
+        # the reference pass, once, and a step runs only the adapted layers. One process
+        # only: the scorer calls the decoder itself, and with several processes the
+        # gradients are averaged by the wrapper's forward, which that would bypass.
+        self.prefix = (FrozenPrefixScorer(layers[0]) if layers and self.world == 1
+                       and FrozenPrefixScorer.supports(model, decoder_layers(base.config)) else None)
+        if self.prefix:
+            self.step_scorer = self.prefix
 
         self.train_emb = self.eval_emb = None
         if self.spec.needs_embeddings(cfg.weighting):
@@ -246,6 +257,8 @@ class Trainer:
         self.ref_train, self.ref_eval = self._reference_logps()
         if self.ref_train is None:
             raise StopRequested()
+        if self.prefix:
+            self._check_prefix()
         if self.resume:
             self._load_checkpoint()
         self.preview = self._preview_prompts()
@@ -284,7 +297,7 @@ class Trainer:
         plan = plan_memory(base.config, seqs, longest, free_memory_gb(self.acc.device),
                            asked=self.cfg.gradient_checkpointing, auto=self.cfg.auto_checkpointing,
                            element_size=next(base.parameters()).element_size(),
-                           eager_attention=eager_attention)
+                           eager_attention=eager_attention, lora_layers=self.cfg.lora_layers)
         if plan.switched:
             self._warn(f"Save memory switched on: the largest step ({seqs} sequences of up to "
                        f"{longest} tokens) would need about {plan.plain_gb:.1f} GB and "
@@ -342,16 +355,33 @@ class Trainer:
         for offset, data in ((0, self.train_data), (n_train, self.eval_data)):
             ref.append(score_all(self.acc, self.model, data, self.pad_id, chunk, self.keep_by_mask,
                                  adapter=False, should_stop=lambda: self.stop_flag,
+                                 scorer=self.prefix.capture if self.prefix else None,
                                  progress=lambda done, _t, o=offset: self.run.phase_progress(o + done)))
             if ref[-1] is None:
                 return None, None
         self.ref_seconds = time.time() - t0
         log.info("reference log-probs done in %.1fs", self.ref_seconds)
+        if self.prefix:
+            log.info("kept the frozen layers' hidden states: %.0f MB", self.prefix.kept_mb())
         if self.main:
             tmp = cache.with_suffix(".tmp")
             torch.save({"fingerprint": fingerprint, "train": ref[0].cpu(), "eval": ref[1].cpu()}, tmp)
             os.replace(tmp, cache)
         return ref[0], ref[1]
+
+    def _check_prefix(self) -> None:
+        """The steps run the whole model where starting from the kept hidden states does
+        not give this model's reference log-probs (FrozenPrefixScorer.reproduces)."""
+        from rpo_app.scoring import sequence_logps
+
+        sample = list(range(min(2, len(self.train_data.seqs))))
+        with self.acc.autocast():
+            ok = self.prefix.reproduces(self.model, [self.train_data.seqs[i] for i in sample], self.pad_id,
+                                        self.acc.device, self.keep_by_mask, self.ref_train[sample])
+        if not ok:
+            self._warn("LoRA on the top layers: this model's decoder changes a layer's input given "
+                       "to it, so every step runs the whole model (the frozen layers' time is not saved)")
+            self.prefix, self.step_scorer = None, sequence_logps
 
     def _preview_prompts(self) -> list[str]:
         if self.cfg.preview_prompts:
@@ -523,7 +553,7 @@ class Trainer:
             return {}
         self.run.begin_phase("evaluating", total=sum(data.lengths()) // self.world, unit="tokens")
         table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
-                          self.keep_by_mask, adapter=True,
+                          self.keep_by_mask, adapter=True, scorer=self.prefix,
                           progress=lambda done, _t: self.run.phase_progress(done))
         losses = []
         with torch.no_grad():
@@ -699,7 +729,7 @@ class Trainer:
         before = 0
         for data, ref, pairs in work:
             table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
-                              self.keep_by_mask, adapter=True,
+                              self.keep_by_mask, adapter=True, scorer=self.prefix,
                               progress=lambda done, _t, b=before: self.run.phase_progress(b + done))
             before += sum(data.lengths()) // self.world
             rows += check_rows(pairs, table.tolist(), ref.tolist(), self.cfg.beta)

@@ -99,6 +99,9 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
                                       metadata={"help": "module names for LoRA, or all-linear"})
+    lora_layers: int = field(default=0, metadata={
+        "help": "LoRA on the top N decoder layers only (0: on every layer). The frozen layers "
+                "below then run once per answer, in the reference pass, instead of at every step"})
     warmup_ratio: float = 0.1
     lr_scheduler: str = field(default="linear", metadata={"help": "transformers scheduler name"})
     weight_decay: float = 0.0
@@ -210,6 +213,9 @@ class TrainConfig:
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(bool(self.target_modules), "target_modules is empty")
+        need(isinstance(self.lora_layers, int) and not isinstance(self.lora_layers, bool)
+             and self.lora_layers >= 0,
+             f"lora_layers must be a whole number of layers (0: every layer), got {self.lora_layers!r}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")

@@ -396,6 +396,20 @@ def test_estimate_covers_every_phase():
     assert estimate_phases(shape, 0.002, _SPEED, step_s_per_token=0.004,
                            measured_with_checkpointing=True)["training"] == pytest.approx(
         measured["training"] / F)
+    # LoRA on the top 8 of 30 layers: the steps, the evaluation and the label check run
+    # those layers only; a speed measured by such a run counts for an every-layer one
+    from rpo_app.runestimate import FIXED_STEP_SHARE, step_share
+
+    top = run_shape(TrainConfig(lora_layers=8), 80, 160, 4, 170, 2, embeds=True, n_layers=30)
+    share = FIXED_STEP_SHARE + (1 - FIXED_STEP_SHARE) * 8 / 30
+    assert top.step_share == pytest.approx(share) == step_share(30, 8)
+    assert step_share(30, 0) == step_share(30, 30) == 1.0
+    fast = estimate_phases(top, 0.002, _SPEED)
+    assert fast["training"] == pytest.approx(share * phases["training"])
+    assert fast["checking the labels"] == pytest.approx(share * phases["checking the labels"])
+    assert fast["scoring the answers with the base model"] == phases["scoring the answers with the base model"]
+    assert estimate_phases(shape, 0.002, _SPEED, step_s_per_token=share * 0.004,
+                           measured_step_share=share)["training"] == pytest.approx(measured["training"])
     no_eval = run_shape(cfg, 80, 160, 0, 170, 2, embeds=False)
     assert no_eval.evals == 0 and "embedding the prompts" not in estimate_phases(
         no_eval, 0.002, _SPEED)

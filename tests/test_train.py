@@ -292,6 +292,11 @@ def test_largest_step_memory_rule():
     assert training_attention("cpu", "fp32") is None and training_attention("cuda:0", "bf16") is None
     # a text model inside a multimodal config is read through text_config
     assert step_memory_gb(SimpleNamespace(text_config=smollm2), 8, 512, False) == need
+    # LoRA on the top 8 of 30 layers: only those keep activations for the backward pass
+    top = step_memory_gb(smollm2, 8, 512, False, lora_layers=8)
+    assert 0.2 * need < top < 0.5 * need
+    assert plan_memory(smollm2, 8, 512, need / MEMORY_HEADROOM * 0.99, asked=False, auto=True,
+                       lora_layers=8).checkpointing is False
 
 
 @pytest.mark.slow
@@ -307,6 +312,40 @@ def test_gradient_checkpointing_trains_the_same_steps(tmp_path, judgments_file, 
     for plain, saving in zip(runs["plain"], runs["saving"], strict=True):
         assert saving["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
         assert saving["margin"] == pytest.approx(plain["margin"], rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_on_the_top_layers_trains_from_the_kept_hidden_states(tmp_path, judgments_file, tiny_model_dir,
+                                                                   data_dir):
+    """--lora-layers 1 on the 2-layer model: the adapter holds the top layer only, the
+    steps and the evaluation run from the reference pass's kept hidden states, and a run
+    that reuses saved reference log-probs (a resumed one), so keeps none, fills them in
+    and trains the same steps."""
+    from safetensors.torch import load_file
+
+    settings = {"lora-layers": 1, "max-steps": 6, "eval-every": 2, "early-stop-patience": 0,
+                "save-every": 3}
+    whole = tmp_path / "whole"
+    assert main(tiny_args(whole, judgments_file, tiny_model_dir, data_dir, **settings)) == 0
+    adapter = json.loads((whole / "adapter" / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == [1]
+    assert "kept the frozen layers' hidden states" in (whole / "train.log").read_text()
+    assert "top layers" not in (status(whole)["warning"] or "")  # the kept states reproduce the reference
+    weights = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(".layers.1." in k for k in weights)
+    metrics = read_jsonl(whole / "metrics.jsonl")
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)  # step 1: policy == reference
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and math.isfinite(metrics[-1]["eval/loss"])
+
+    out = tmp_path / "reused"
+    out.mkdir()
+    (out / "ref_logps.pt").write_bytes((whole / "ref_logps.pt").read_bytes())
+    assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **settings)) == 0
+    assert "reference log-probs: reusing" in (out / "train.log").read_text()
+    got = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in got] == list(range(1, 7))
+    for g, w in zip(got, metrics, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-6), g["step"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,131 @@
+"""LoRA on the top layers only (rpo_app.frozen_prefix): a step that starts from the kept
+hidden states of the frozen layers gives the whole model's log-probs and gradients."""
+from __future__ import annotations
+
+import pytest
+
+
+def _net(layers: int = 4, top: int = 2):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rpo_app.frozen_prefix import adapted_layers, all_linear_names
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=all_linear_names(base), init_lora_weights=False,
+                      layers_to_transform=adapted_layers(layers, top))
+    return get_peft_model(base, lora).train()
+
+
+def _seqs():
+    from rpo_app.batches import Seq
+
+    rows = [(1, 5, 9, 13, 17, 21, 25), (1, 6, 10, 14, 18), (1, 7, 11, 15, 19, 23, 27, 31, 35)]
+    return [Seq(input_ids=r, prompt_len=3, prompt_idx=0) for r in rows]
+
+
+def _grads(net, scorer, seqs):
+    net.zero_grad(set_to_none=True)
+    values = scorer(net, seqs, 0, "cpu", True)
+    (values * values.new_tensor([1.0, -2.0, 0.5])).sum().backward()
+    return values.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def test_adapted_layers_rule():
+    from rpo_app.frozen_prefix import adapted_layers
+
+    assert adapted_layers(30, 8) == list(range(22, 30))
+    assert adapted_layers(30, None) is None and adapted_layers(30, 0) is None
+    assert adapted_layers(30, 30) is None and adapted_layers(30, 64) is None  # every layer: peft's None
+
+
+def test_only_the_top_layers_are_adapted():
+    net = _net()
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, p in net.named_parameters() if p.requires_grad}
+    assert adapted == {2, 3}
+
+
+@pytest.mark.parametrize("captured", ["one at a time", "as the step's batch", "not at all"])
+def test_a_step_from_the_kept_hidden_states_matches_the_whole_model(captured):
+    """Hidden states kept from batches of another layout (the reference pass sorts by
+    length), or filled in by the step itself (a resumed run), score as the whole model."""
+    import torch
+
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+    from rpo_app.scoring import sequence_logps
+
+    net, seqs = _net(), _seqs()
+    prefix = FrozenPrefixScorer(2)
+    with torch.no_grad():
+        if captured == "one at a time":
+            for s in seqs:
+                prefix.capture(net, [s], 0, "cpu", True)
+        elif captured == "as the step's batch":
+            want = sequence_logps(net, seqs, 0, "cpu", True)
+            assert torch.equal(prefix.capture(net, seqs, 0, "cpu", True), want)  # scores as it keeps
+    assert len(prefix.hidden) == (0 if captured == "not at all" else 3)
+    whole, whole_grads = _grads(net, sequence_logps, seqs)
+    got, got_grads = _grads(net, prefix, seqs)
+    assert len(prefix.hidden) == 3
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    assert whole_grads.keys() == got_grads.keys() and len(got_grads) == 2 * 7 * 2  # A, B; 7 linears; 2 layers
+    for name, g in whole_grads.items():
+        assert g.abs().max() > 0, name
+        # float rounding differs with the batch layout: close to the gradient's own scale
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-3, atol=1e-4 * g.abs().max().item())
+    assert len(net.get_base_model().get_decoder().layers) == 4  # the layer list is put back
+
+
+def test_the_layer_list_is_put_back_when_a_step_fails():
+    import torch
+
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+
+    net, seqs = _net(), _seqs()
+    prefix = FrozenPrefixScorer(2)
+    with torch.no_grad():
+        prefix.capture(net, seqs, 0, "cpu", True)
+    layers = net.get_base_model().get_decoder().layers
+    prefix.hidden[tuple(seqs[0].input_ids)] = torch.zeros(7, 31)  # the wrong width
+    with pytest.raises(RuntimeError):
+        prefix(net, seqs, 0, "cpu", True)
+    assert net.get_base_model().get_decoder().layers is layers
+
+
+
+def test_a_decoder_that_changes_its_input_is_caught():
+    """A decoder that adds to `inputs_embeds` in its own forward (learned positions, say)
+    does not give the reference pass's log-probs from the kept states: the trainer
+    checks before its first step and then runs the whole model (Trainer._check_prefix)."""
+    import torch
+
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+
+    net, seqs = _net(), _seqs()
+    prefix = FrozenPrefixScorer(2)
+    with torch.no_grad(), net.disable_adapter():
+        want = prefix.capture(net, seqs, 0, "cpu", True)
+    assert prefix.reproduces(net, seqs, 0, "cpu", True, want)
+
+    def shift(_module, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + 1.0
+        return args, kwargs
+
+    net.get_base_model().get_decoder().register_forward_pre_hook(shift, with_kwargs=True)
+    assert not prefix.reproduces(net, seqs, 0, "cpu", True, want)
+
+
+def test_only_a_decoder_with_a_layers_list_takes_the_kept_states():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+
+    assert FrozenPrefixScorer.supports(_net(), 4)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    assert not FrozenPrefixScorer.supports(gpt2, 2)
