@@ -407,7 +407,7 @@ def train_config(args, loss: str, seed: int, annotator: str, model, **overrides)
         small_set=args.small_set, small_set_batch=args.small_set_batch,
         small_set_steps=args.small_set_steps,
         batch_size=args.batch_size, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        max_length=args.max_length, seed=seed, eval_fraction=args.eval_fraction,
+        lora_layers=args.lora_layers, max_length=args.max_length, seed=seed, eval_fraction=args.eval_fraction,
         # No previews and no label check: the benchmark answers its own test prompts and
         # never reads the suspect list; both would only add time to every run.
         eval_every=args.eval_every, sample_every=0, save_every=0, preview_count=0,
@@ -615,6 +615,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, te
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lora-r", type=int, default=d.lora_r)
     g.add_argument("--lora-alpha", type=int, default=None, help="default: the trainer's rule (2 x rank)")
+    g.add_argument("--lora-layers", type=int, default=d.lora_layers,
+                   help="LoRA on the top N decoder layers only (default: the trainer's)")
     g.add_argument("--max-length", type=int, default=320)
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--eval-every", type=int, default=10)

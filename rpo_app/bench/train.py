@@ -65,7 +65,7 @@ def _step_config(args):
                        max_prompt_length=args.max_prompt_length, max_steps=args.warmup_steps + args.steps,
                        eval_fraction=0.0, eval_every=0, sample_every=0, save_every=0, preview_count=0,
                        early_stop_patience=0, seed=args.seed, device=args.device,
-                       precision=args.precision).validate()
+                       precision=args.precision, lora_layers=args.lora_layers).validate()
 
 
 def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
@@ -192,7 +192,7 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
             # same arithmetic.
             gradient_checkpointing=False, bf16=args.precision == "bf16")
         lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
-                          target_modules=defaults.lora_targets(), task_type="CAUSAL_LM", bias="none")
+                          task_type="CAUSAL_LM", bias="none", **_lora_layers(model, args.lora_layers))
         trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=tok, peft_config=lora, callbacks=[timer])
         trainer.train()
@@ -222,7 +222,8 @@ def e2e_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> di
                           preview_prompts=list(PREVIEWS[:args.previews]),
                           sample_max_new_tokens=args.preview_tokens, early_stop_patience=0,
                           seed=args.seed, device=args.device, judgments=str(path),
-                          model=model_path, cpu_threads=args.threads or None, precision=args.precision)
+                          model=model_path, cpu_threads=args.threads or None, precision=args.precision,
+                          lora_layers=args.lora_layers)
         t0 = time.time()
         rc = train(cfg, Path(tmp) / "run", data_dir)
         wall = time.time() - t0
@@ -300,7 +301,7 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps:
             precompute_ref_batch_size=batch_size, dataloader_num_workers=0,
             gradient_checkpointing=False, bf16=args.precision == "bf16")
         lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
-                          target_modules=defaults.lora_targets(), task_type="CAUSAL_LM", bias="none")
+                          task_type="CAUSAL_LM", bias="none", **_lora_layers(model, args.lora_layers))
         t = time.time()
         # TRL 1.16 tokenizes and precomputes the reference log-probs while it builds the
         # trainer: this phase is its counterpart of our tokenizing and reference pass.
@@ -316,6 +317,15 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps:
         trainer.save_model(out)
         phases["saving the adapter"] = time.time() - t
     return {"wall_s": time.time() - t0, "phases": phases, "steps": steps, "batch_size": batch_size}
+
+
+def _lora_layers(model, top: int | None) -> dict:
+    """TRL's LoRA on the same layers as ours (`--lora-layers`): the same work."""
+    from rpo_app.frozen_prefix import lora_placement
+    from rpo_app.trainconfig import TrainConfig
+
+    defaults = TrainConfig()
+    return lora_placement(model, defaults.lora_targets(), defaults.lora_layers if top is None else top)
 
 
 PREVIEWS = ("Give me three tips for sleeping better.", "Explain what a hash table is.",
@@ -363,6 +373,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None,
                         help="timed optimizer steps for each trainer (default: one epoch, pairs // batch size; "
                              "length-grouped batches differ in cost, so time whole epochs)")
+    parser.add_argument("--lora-layers", type=int, default=None,
+                        help="LoRA on the top N decoder layers only, in both trainers (0: every layer; "
+                             "default: the trainer's)")
     parser.add_argument("--warmup-steps", type=int, default=1)
     # One thread by default: with more, a core taken by any other job stalls every
     # thread at each sync point and the timings swing 10x; one thread stays repeatable.
