@@ -467,6 +467,10 @@ def test_save_memory_box_and_the_last_runs_memory(ctx):
 
     assert train.config_from_form(ctx, {**FORM, "gradient_checkpointing": True}).gradient_checkpointing
     assert not train.config_from_form(ctx, {**FORM, "gradient_checkpointing": False}).gradient_checkpointing
+    assert train.config_from_form(ctx, {**FORM, "lora_layers": 8}).lora_layers == 8
+    assert train.config_from_form(ctx, FORM).lora_layers == 0  # every layer, the default
+    with pytest.raises(ConfigError, match="lora_layers"):
+        train.config_from_form(ctx, {**FORM, "lora_layers": -1})
     rid = "run-m"
     folder = RunFolder(ctx.layout.run_dir(rid))
     folder.append_metric(MetricRow(step=1, loss=0.5, tokens_per_s=100.0))

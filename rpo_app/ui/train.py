@@ -139,7 +139,8 @@ def usable_line(ctx: AppContext, values: dict) -> str:
 def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: list[dict],
               n_examples: int) -> str:
     """Every phase of the run, from this machine's timings and this data (runestimate)."""
-    from rpo_app.runestimate import estimate_phases, run_shape
+    from rpo_app.frozen_prefix import decoder_layers
+    from rpo_app.runestimate import estimate_phases, run_shape, step_share
 
     if not ctx.model_ready:
         return "(time estimate once the model has loaded)"
@@ -154,8 +155,10 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     mean_tokens = min(sum(lengths) / len(lengths), cfg.max_length)
     per_item = 2 if not spec.pools else 1
     preview = min(cfg.preview_count, len({j["prompt_a_text"] for j in (eval_j or train_j)}))
+    n_layers = decoder_layers(host.model.config)
     shape = run_shape(cfg, n_examples, per_item * n_examples, 2 * len(eval_j), mean_tokens,
-                      len(cfg.preview_prompts) or preview, spec.needs_embeddings(cfg.weighting))
+                      len(cfg.preview_prompts) or preview, spec.needs_embeddings(cfg.weighting),
+                      n_layers=n_layers)
     from rpo_app.models import pick_precision
 
     precision = pick_precision(str(host.device), cfg.precision)
@@ -165,7 +168,8 @@ def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: li
     last = _last_run_timings(ctx, precision)
     phases = estimate_phases(shape, host.seconds_per_token(precision), timing, last.get("past"),
                              precision, last.get("step_s_per_token"),
-                             measured_with_checkpointing=last.get("checkpointing", False))
+                             measured_with_checkpointing=last.get("checkpointing", False),
+                             measured_step_share=step_share(n_layers, last.get("lora_layers", 0)))
     total = sum(phases.values())
     parts = [f"{name} {progress.human(sec)}" for name, sec in phases.items() if sec >= 0.5]
     return (f"Estimated time on this machine: **~{progress.human(total)}** "
@@ -185,7 +189,8 @@ def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int, precision: str
     free = free_memory_gb(host.device) - sum(p.numel() for p in host.model.parameters()) * size / 1e9
     return plan_memory(host.model.config, seqs, longest, free, asked=cfg.gradient_checkpointing,
                        auto=cfg.auto_checkpointing, element_size=size,
-                       eager_attention=training_attention(str(host.device), precision) == "eager")
+                       eager_attention=training_attention(str(host.device), precision) == "eager",
+                       lora_layers=cfg.lora_layers)
 
 
 def _memory_note(last: dict, memory=None) -> str:
@@ -214,7 +219,8 @@ def _memory_note(last: dict, memory=None) -> str:
 def _last_run_timings(ctx: AppContext, precision: str) -> dict:
     """The newest finished run's phase times (what loading and saving take here), its
     steps' seconds per token if it trained in the same arithmetic, whether those steps
-    ran with gradient checkpointing, and its peak memory. Empty: no finished run."""
+    ran with gradient checkpointing, on how many top layers its LoRA was (0: all), and its
+    peak memory. Empty: no finished run."""
     for row in ctx.store.runs():
         # The run folder, not the store's row: the row learns of the end a moment later.
         st = ctx.runs.status(row["id"])
@@ -230,6 +236,7 @@ def _last_run_timings(ctx: AppContext, precision: str) -> dict:
                     "step_s_per_token": 1.0 / statistics.median(speeds) if speeds and same else None,
                     "checkpointing": bool(st.gradient_checkpointing if st.gradient_checkpointing is not None
                                           else row["config"].get("gradient_checkpointing")),
+                    "lora_layers": row["config"].get("lora_layers") or 0,
                     "peak_memory_gb": st.peak_memory_gb, "run": row["id"]}
     return {}
 
@@ -447,6 +454,10 @@ def build(ctx: AppContext) -> dict:
                 rank = gr.Number(defaults.lora_r, precision=0, minimum=1, label="LoRA rank")
                 max_len = gr.Number(defaults.max_length, precision=0, minimum=32,
                                     label="Max length (tokens)")
+                lora_layers = gr.Number(defaults.lora_layers, precision=0, minimum=0,
+                                        label="LoRA layers (top N; 0 = all)", elem_id="train-lora-layers",
+                                        info="the top 8 of 30: a run 2x as fast, a little "
+                                             "weaker; raise the learning rate with it")
             kinds = gr.CheckboxGroup(KIND_CHOICES, value=["paired", "cross", "unpaired"],
                                      label="Judgments to use")
             annotators = gr.Dropdown([], multiselect=True, label="Annotators (empty = all)",
@@ -502,7 +513,8 @@ def build(ctx: AppContext) -> dict:
     form = {"loss": loss, "beta": beta, "temperature": temperature, "learning_rate": lr,
             "max_steps": steps, "batch_size": batch, "lora_r": rank, "max_length": max_len,
             "kinds": kinds, "annotators": annotators, "preview_prompts": previews,
-            "min_gold_accuracy": gold_bar, "gradient_checkpointing": save_memory}
+            "min_gold_accuracy": gold_bar, "gradient_checkpointing": save_memory,
+            "lora_layers": lora_layers}
     form_inputs = list(form.values())
 
     def by_name(handler):
