@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
-from rpo_app.scoring import _scored_logps, sequence_logps
+from rpo_app.scoring import sequence_logps
 
 
 def decoder_layers(model_config) -> int:
@@ -148,22 +148,16 @@ class FrozenPrefixScorer:
     def __call__(self, model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
         import torch
 
-        from rpo_app.batches import collate
-
         self._fill(model, seqs, pad_id, device, keep_by_mask)
-        batch = collate(seqs, pad_id)
-        ids = batch["input_ids"].to(device)
-        attention = batch["attention_mask"].to(device)
-        score = batch["score_mask"].to(device)
-        labels = ids.roll(-1, dims=1)[score]
-        rows = score.nonzero(as_tuple=True)[0]
         dtype = next(p for p in _decoder(model).parameters()).dtype
-        embeds = torch.zeros(*ids.shape, self.hidden[_key(seqs[0])].shape[-1], device=device, dtype=dtype)
-        for b, s in enumerate(seqs):
-            h = self.hidden[_key(s)]
-            embeds[b, :len(h)] = h.to(device=device, dtype=dtype)
+
+        def kept(ids):
+            width = self.hidden[_key(seqs[0])].shape[-1]
+            embeds = torch.zeros(*ids.shape, width, device=ids.device, dtype=dtype)  # right padding
+            for b, s in enumerate(seqs):
+                h = self.hidden[_key(s)]
+                embeds[b, :len(h)] = h.to(device=ids.device, dtype=dtype)
+            return embeds
+
         with _top_layers_only(_decoder(model), self.first):
-            token_logps = _scored_logps(model, dict(inputs_embeds=embeds, attention_mask=attention,
-                                                    use_cache=False),
-                                        score, labels, keep_by_mask, fp32)
-        return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
+            return sequence_logps(model, seqs, pad_id, device, keep_by_mask, fp32, embed=kept)

@@ -109,9 +109,12 @@ def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool, fp32: 
     return _picked_logps(logits, labels, fp32)
 
 
-def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
+def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True,
+                   embed=None):
     """Summed log-probs of each sequence's response tokens, one forward pass for all.
-    `fp32=False`: the log-softmax in the logits' own dtype (_log_softmax)."""
+    `fp32=False`: the log-softmax in the logits' own dtype (_log_softmax). `embed(ids)`:
+    the model's input as `inputs_embeds` for the padded ids, instead of the ids
+    (rpo_app.frozen_prefix gives a layer's kept input)."""
     import torch
 
     from rpo_app.batches import collate
@@ -123,7 +126,8 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: b
     # Position t predicts token t + 1: roll the ids left to line labels up with logits.
     labels = ids.roll(-1, dims=1)[score]
     rows = score.nonzero(as_tuple=True)[0]
-    token_logps = _scored_logps(model, dict(input_ids=ids, attention_mask=attention, use_cache=False),
+    given = dict(input_ids=ids) if embed is None else dict(inputs_embeds=embed(ids))
+    token_logps = _scored_logps(model, dict(**given, attention_mask=attention, use_cache=False),
                                 score, labels, keep_by_mask, fp32)
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
 
