@@ -319,13 +319,12 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps:
     return {"wall_s": time.time() - t0, "phases": phases, "steps": steps, "batch_size": batch_size}
 
 
-def _lora_layers(model, top: int | None) -> dict:
+def _lora_layers(model, top: int) -> dict:
     """TRL's LoRA on the same layers as ours (`--lora-layers`): the same work."""
     from rpo_app.frozen_prefix import lora_placement
     from rpo_app.trainconfig import TrainConfig
 
-    defaults = TrainConfig()
-    return lora_placement(model, defaults.lora_targets(), defaults.lora_layers if top is None else top)
+    return lora_placement(model, TrainConfig().lora_targets(), top)
 
 
 PREVIEWS = ("Give me three tips for sleeping better.", "Explain what a hash table is.",
@@ -373,9 +372,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None,
                         help="timed optimizer steps for each trainer (default: one epoch, pairs // batch size; "
                              "length-grouped batches differ in cost, so time whole epochs)")
-    parser.add_argument("--lora-layers", type=int, default=None,
-                        help="LoRA on the top N decoder layers only, in both trainers (0: every layer; "
-                             "default: the trainer's)")
+    from rpo_app.trainconfig import TrainConfig
+
+    parser.add_argument("--lora-layers", type=int, default=TrainConfig().lora_layers,
+                        help="LoRA on the top N decoder layers only, in both trainers (0: every layer)")
     parser.add_argument("--warmup-steps", type=int, default=1)
     # One thread by default: with more, a core taken by any other job stalls every
     # thread at each sync point and the timings swing 10x; one thread stays repeatable.
