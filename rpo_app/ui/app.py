@@ -61,13 +61,15 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             concurrency_id=label_tab.FIRST_ITEM_GROUP, concurrency_limit=1).then(
             data["refresh"], None, data["outputs"], api_name=False).then(
             train["load"], train["load_inputs"], train["load_outputs"], api_name=False).then(
-            chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
+            chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False,
+            concurrency_id=chat_tab.VOTES_GROUP, concurrency_limit=1)
         annotator.change(lambda name: name, annotator, remembered, api_name=False)
         # Judgments made since the page loaded: the count, the check and the estimate
         # are the store's now, not those of an empty store at page load.
         train_page.select(train["load"], train["load_inputs"], train["load_outputs"], api_name=False)
         # A run may have finished since the page loaded: offer its adapter at once.
-        chat_page.select(chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False)
+        chat_page.select(chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False,
+                         concurrency_id=chat_tab.VOTES_GROUP, concurrency_limit=1)
         # Back on the Label tab after generating or importing in the Data tab: an empty
         # screen fetches the next item (one on screen stays).
         label_page.select(label["poll"], label["poll_inputs"], label["view"], api_name=False,

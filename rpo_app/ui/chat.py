@@ -186,6 +186,12 @@ def vote(ctx: AppContext, verdict: str, left_hist, right_hist, pair, annotator: 
     return text, tally, pair, gr.update(visible=True), board
 
 
+# The tab's load (page open, tab select) and the votes write the tally and the leaderboard.
+# One at a time, so a load that read the votes before a vote was stored cannot finish
+# after it and put the old tally back (CI saw "Blind votes: 3" after the fourth).
+VOTES_GROUP = "chat-votes"
+
+
 BLIND_NOTE = ("Blind mode: the two sides are hidden and shuffled, and stay the same two "
               "models for the whole conversation. Chat, pick a turn, then vote; names are "
               "revealed after the first vote. Later votes in the same conversation are "
@@ -580,7 +586,8 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
         button.click(voter(verdict),
                      [left_bot, right_bot, blind_pair_state, annotator_box, turn_pick],
                      [reveal, tally, blind_pair_state, vote_row, board],
-                     api_name=f"chat_vote_{verdict}")
+                     api_name=f"chat_vote_{verdict}", concurrency_id=VOTES_GROUP,
+                     concurrency_limit=1)
     picks = [left_pick, right_pick, right_picked]
     for pick in (left_pick, right_pick):
         pick.focus(functools.partial(refresh_picks, ctx), picks, [left_pick, right_pick],
