@@ -32,7 +32,9 @@ def keeps_logits_by_mask(model) -> bool:
 # Response tokens per slice of the LM head (0: the model's own head, all tokens at once).
 # The response-tokens x vocabulary logits, their log-softmax and both gradients were a
 # step's largest tensors (4 bytes x 49,152 per token each on the bundled model); a slice
-# is recomputed in the backward pass instead of kept (`bench --only memory`).
+# keeps only its log-probs' gradient with respect to its hidden states (_FrozenHeadLogps),
+# or, where the head itself trains, is recomputed in the backward pass
+# (`bench --only memory`).
 HEAD_SLICE = 512
 
 
@@ -84,23 +86,65 @@ def _token_logps(head, hidden, labels, fp32: bool = True):
     return _picked_logps(head(hidden), labels, fp32)
 
 
+@functools.lru_cache(maxsize=None)
+def _frozen_head_logps():
+    """An autograd function: `_token_logps` through a head that does not train (LoRA leaves
+    it frozen), with its backward worked out in the forward pass.
+
+    d log p(y | h) / d h = (onehot(y) - softmax(W h)) W needs the vocabulary-wide softmax
+    once, while it is at hand; kept, it is one hidden-size vector a token, where
+    checkpointing kept nothing but ran the head a third time (a forward again, then the
+    backward's product) - about 5% of a step on the bundled model. The backward only
+    scales the kept rows by the upstream gradient.
+    """
+    import torch
+
+    class FrozenHeadLogps(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, head, labels, fp32):
+            lsm = _log_softmax(head(hidden), fp32)
+            logps = lsm.gather(-1, labels[:, None]).squeeze(-1).float()
+            rows = torch.arange(len(labels), device=labels.device)
+            probs = lsm.exp_()  # the log-softmax is not needed any more
+            probs[rows, labels] -= 1
+            ctx.save_for_backward(-(probs.to(head.weight.dtype) @ head.weight).to(hidden.dtype))
+            return logps
+
+        @staticmethod
+        def backward(ctx, grad):
+            (d_hidden,) = ctx.saved_tensors
+            return grad.to(d_hidden.dtype)[:, None] * d_hidden, None, None, None
+
+    return FrozenHeadLogps
+
+
+def _head_slice_logps(head, hidden, labels, fp32: bool):
+    """One slice of `_scored_logps`'s head: plain without a gradient, through the frozen
+    head's own backward when only the hidden states need one, else checkpointed."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        return _token_logps(head, hidden, labels, fp32)
+    if (isinstance(head, torch.nn.Linear) and head.bias is None
+            and not head.weight.requires_grad):
+        return _frozen_head_logps().apply(hidden, head, labels, fp32)
+    return checkpoint(_token_logps, head, hidden, labels, fp32, use_reentrant=False)
+
+
 def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool, fp32: bool = True):
     """Log-probs of `labels`, the tokens the positions `score` marks predict, from one
     forward pass over `inputs` (keyword arguments of the model's forward). Where the
-    model allows it the LM head runs apart, a slice of tokens at a time, each slice
-    recomputed in the backward pass instead of kept (HEAD_SLICE)."""
+    model allows it the LM head runs apart, a slice of tokens at a time, keeping no
+    vocabulary-wide tensor for the backward pass (HEAD_SLICE)."""
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     if keep_by_mask and HEAD_SLICE and runs_head_apart(model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         hidden = base.get_decoder()(**inputs).last_hidden_state[score]
         head = base.get_output_embeddings()
-        parts = []
-        for k in range(0, len(labels), HEAD_SLICE):
-            h, y = hidden[k:k + HEAD_SLICE], labels[k:k + HEAD_SLICE]
-            parts.append(checkpoint(_token_logps, head, h, y, fp32, use_reentrant=False)
-                         if torch.is_grad_enabled() and h.requires_grad else _token_logps(head, h, y, fp32))
+        parts = [_head_slice_logps(head, hidden[k:k + HEAD_SLICE], labels[k:k + HEAD_SLICE], fp32)
+                 for k in range(0, len(labels), HEAD_SLICE)]
         return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     if keep_by_mask:
         logits = model(**inputs, logits_to_keep=score).logits

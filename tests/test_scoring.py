@@ -65,9 +65,12 @@ def test_a_sequence_without_a_prompt_is_refused(lively_lm):
         shared_prompt_logps(lively_lm, [Seq((3, 4, 5), 0, 0)], 0, "cpu", False)
 
 
-def test_the_head_run_in_slices_gives_the_models_own_logps_and_gradients(lively_lm, monkeypatch):
-    """The LM head run apart, a few tokens at a time and recomputed in the backward pass,
-    must give what the model's own logits give: the same sums and the same LoRA gradients."""
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_the_head_run_in_slices_gives_the_models_own_logps_and_gradients(lively_lm, monkeypatch,
+                                                                         head_trains):
+    """The LM head run apart, a few tokens at a time, must give what the model's own logits
+    give: the same sums and the same gradients, whether the frozen head's backward was
+    worked out in the forward pass (LoRA) or the head trains and each slice is recomputed."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -76,10 +79,16 @@ def test_the_head_run_in_slices_gives_the_models_own_logps_and_gradients(lively_
     torch.manual_seed(1)
     net = get_peft_model(lively_lm, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
                                                init_lora_weights=False))
+    head = net.get_base_model().get_output_embeddings()
+    head.weight.requires_grad_(head_trains)
     net.train()
     assert scoring.runs_head_apart(net) and scoring.keeps_logits_by_mask(net)
     monkeypatch.setattr(scoring, "HEAD_SLICE", 3)  # 21 answer tokens: 7 slices
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+    frozen_path = []
+    apply = scoring._frozen_head_logps().apply
+    monkeypatch.setattr(scoring._frozen_head_logps(), "apply",
+                        lambda *a: frozen_path.append(1) or apply(*a))
 
     def run(apart: bool):
         monkeypatch.setattr(scoring, "runs_head_apart", lambda _m: apart)
@@ -88,8 +97,13 @@ def test_the_head_run_in_slices_gives_the_models_own_logps_and_gradients(lively_
         (sums * weights).sum().backward()
         return sums.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
 
-    (sliced, g_sliced), (whole, g_whole) = run(True), run(False)
-    net.unload()  # the module-scoped model goes back to the other tests without LoRA layers
+    try:
+        (sliced, g_sliced), (whole, g_whole) = run(True), run(False)
+    finally:
+        head.weight.requires_grad_(False)
+        net.unload()  # the module-scoped model goes back to the other tests without LoRA layers
+    assert len(frozen_path) == (0 if head_trains else 7)
+    assert len(g_sliced) == 2 * 2 * 7 + head_trains  # A and B of 7 linears in 2 layers (+ the head)
     assert torch.allclose(sliced, whole, rtol=1e-5, atol=1e-5), (sliced, whole)
     assert sliced[5] == 0 and (sliced[:5] < 0).all()
     # other sums, other rounding: compared by norm, not element by element
