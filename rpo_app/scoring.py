@@ -32,7 +32,7 @@ def keeps_logits_by_mask(model) -> bool:
 # Response tokens per slice of the LM head (0: the model's own head, all tokens at once).
 # The response-tokens x vocabulary logits, their log-softmax and both gradients were a
 # step's largest tensors (4 bytes x 49,152 per token each on the bundled model); a slice
-# keeps only its log-probs' gradient with respect to its hidden states (_FrozenHeadLogps),
+# keeps only its log-probs' gradient with respect to its hidden states (_frozen_head_logps),
 # or, where the head itself trains, is recomputed in the backward pass
 # (`bench --only memory`).
 HEAD_SLICE = 512
@@ -94,7 +94,8 @@ def _frozen_head_logps():
     d log p(y | h) / d h = (onehot(y) - softmax(W h)) W needs the vocabulary-wide softmax
     once, while it is at hand; kept, it is one hidden-size vector a token, where
     checkpointing kept nothing but ran the head a third time (a forward again, then the
-    backward's product) - about 5% of a step on the bundled model. The backward only
+    backward's product): 6-12% of a step on the bundled model (README, "Memory of a
+    training step"). The backward only
     scales the kept rows by the upstream gradient.
     """
     import torch
