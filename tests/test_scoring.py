@@ -201,3 +201,43 @@ def test_the_log_softmax_in_the_logits_dtype_rounds_only_each_token(lively_lm):
             # each token within half a bf16 step of its log-prob (|log p| < 16 here: 2^-5)
             assert ((rounded - exact).abs() <= tokens * 2 ** -5).all(), (rounded, exact)
             assert not torch.equal(rounded, exact)  # the flag reached the scorer
+
+
+def test_the_frozen_heads_backward_under_bf16_autocast_matches_the_checkpointed_one(lively_lm, monkeypatch):
+    """Under autocast (the trainer's bf16 on a GPU or a bf16 CPU) the head's products run in
+    bf16 inside the autograd function too: its gradients must stay as close to the
+    checkpointed head's as bf16 allows."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rpo_app import scoring
+
+    torch.manual_seed(3)
+    net = get_peft_model(lively_lm, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
+                                               init_lora_weights=False))
+    net.train()
+    monkeypatch.setattr(scoring, "HEAD_SLICE", 3)
+    monkeypatch.setattr(scoring, "runs_head_apart", lambda _m: True)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+    frozen = scoring._head_slice_logps
+
+    def checkpointed(head, hidden, labels, fp32):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(scoring._token_logps, head, hidden, labels, fp32, use_reentrant=False)
+
+    def run(slice_logps):
+        monkeypatch.setattr(scoring, "_head_slice_logps", slice_logps)
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sums = scoring.sequence_logps(net, _seqs(), 0, "cpu", True)
+        (sums * weights).sum().backward()
+        return sums.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    try:
+        (ours, g_ours), (theirs, g_theirs) = run(frozen), run(checkpointed)
+    finally:
+        net.unload()
+    assert ours.dtype == torch.float32 and torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert all(g.dtype == torch.float32 for g in g_ours)
+    assert all((a - b).norm() <= 2e-2 * b.norm() for a, b in zip(g_ours, g_theirs))
+    assert any(g.abs().sum() > 0 for g in g_ours)
