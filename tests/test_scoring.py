@@ -2,6 +2,8 @@
 plain one: the same log-probs up to float rounding, whatever the prompts share."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 
@@ -33,6 +35,30 @@ def _seqs():
             Seq(p3 + (70,), len(p3), 2),             # a one-token answer: only the prompt's last logits
             Seq(p1 + (50, 51, 54, 55, 56, 2), len(p1), 0),
             Seq(p2, len(p2), 1)]                     # no answer tokens: scores 0
+
+
+def _lora(lm, seed: int):
+    """`lm` with a rank-2 LoRA on every linear layer, B not zero (so it changes the
+    answers), in train mode. Callers unload it: the model is module-scoped."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    net = get_peft_model(lm, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
+                                        init_lora_weights=False))
+    return net.train()
+
+
+def _sums_and_grads(net, score, bf16: bool = False):
+    """`score`'s sums over _seqs() and the trainable gradients of a weighted sum of them
+    (bf16: under CPU bf16 autocast, as the trainer runs on bf16 hardware)."""
+    import torch
+
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        sums = score(net, _seqs(), 0, "cpu", True)
+    (sums * torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])).sum().backward()
+    return sums.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("by_mask", [False, True])
@@ -72,19 +98,14 @@ def test_the_head_run_in_slices_gives_the_models_own_logps_and_gradients(lively_
     give: the same sums and the same gradients, whether the frozen head's backward was
     worked out in the forward pass (LoRA) or the head trains and each slice is recomputed."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from rpo_app import scoring
 
-    torch.manual_seed(1)
-    net = get_peft_model(lively_lm, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
-                                               init_lora_weights=False))
+    net = _lora(lively_lm, 1)
     head = net.get_base_model().get_output_embeddings()
     head.weight.requires_grad_(head_trains)
-    net.train()
     assert scoring.runs_head_apart(net) and scoring.keeps_logits_by_mask(net)
     monkeypatch.setattr(scoring, "HEAD_SLICE", 3)  # 21 answer tokens: 7 slices
-    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
     frozen_path = []
     apply = scoring._frozen_head_logps().apply
     monkeypatch.setattr(scoring._frozen_head_logps(), "apply",
@@ -92,10 +113,7 @@ def test_the_head_run_in_slices_gives_the_models_own_logps_and_gradients(lively_
 
     def run(apart: bool):
         monkeypatch.setattr(scoring, "runs_head_apart", lambda _m: apart)
-        net.zero_grad()
-        sums = scoring.sequence_logps(net, _seqs(), 0, "cpu", True)
-        (sums * weights).sum().backward()
-        return sums.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+        return _sums_and_grads(net, scoring.sequence_logps)
 
     try:
         (sliced, g_sliced), (whole, g_whole) = run(True), run(False)
@@ -128,23 +146,13 @@ def test_shared_prompts_train_as_whole_sequences_do(lively_lm, monkeypatch, apar
     and the same LoRA gradients as running each sequence whole, with the head run in
     slices or not."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from rpo_app import scoring
 
-    torch.manual_seed(2)
-    net = get_peft_model(lively_lm, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
-                                               init_lora_weights=False))
-    net.train()
+    net = _lora(lively_lm, 2)
     monkeypatch.setattr(scoring, "HEAD_SLICE", 3)
     monkeypatch.setattr(scoring, "runs_head_apart", lambda _m: apart)
-    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
-
-    def run(score):
-        net.zero_grad()
-        sums = score(net, _seqs(), 0, "cpu", True)
-        (sums * weights).sum().backward()
-        return sums.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+    run = functools.partial(_sums_and_grads, net)
 
     try:
         (shared, g_shared), (whole, g_whole) = run(scoring.shared_prompt_logps), run(scoring.sequence_logps)
@@ -208,17 +216,12 @@ def test_the_frozen_heads_backward_under_bf16_autocast_matches_the_checkpointed_
     bf16 inside the autograd function too: its gradients must stay as close to the
     checkpointed head's as bf16 allows."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from rpo_app import scoring
 
-    torch.manual_seed(3)
-    net = get_peft_model(lively_lm, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM",
-                                               init_lora_weights=False))
-    net.train()
+    net = _lora(lively_lm, 3)
     monkeypatch.setattr(scoring, "HEAD_SLICE", 3)
     monkeypatch.setattr(scoring, "runs_head_apart", lambda _m: True)
-    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
     frozen = scoring._head_slice_logps
 
     def checkpointed(head, hidden, labels, fp32):
@@ -227,11 +230,7 @@ def test_the_frozen_heads_backward_under_bf16_autocast_matches_the_checkpointed_
 
     def run(slice_logps):
         monkeypatch.setattr(scoring, "_head_slice_logps", slice_logps)
-        net.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            sums = scoring.sequence_logps(net, _seqs(), 0, "cpu", True)
-        (sums * weights).sum().backward()
-        return sums.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+        return _sums_and_grads(net, scoring.sequence_logps, bf16=True)
 
     try:
         (ours, g_ours), (theirs, g_theirs) = run(frozen), run(checkpointed)
