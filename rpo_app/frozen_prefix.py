@@ -142,7 +142,10 @@ class FrozenPrefixScorer:
 
         missing = list({_key(s): s for s in seqs if _key(s) not in self.hidden}.values())
         if missing:
-            with torch.no_grad():
+            # The adapter off: the states below it do not depend on it, and its dropout
+            # would draw from the RNG that the step's own dropout masks come from (a
+            # resumed run would no longer retrace the run it continues).
+            with torch.no_grad(), model.disable_adapter():
                 self.capture(model, missing, pad_id, device, keep_by_mask)
 
     def __call__(self, model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
