@@ -22,11 +22,13 @@ def decoder_layers(model_config) -> int:
 
 
 def adapted_layers(n_layers: int, top: int | None) -> list[int] | None:
-    """The decoder layers LoRA adapts: the top `top` of `n_layers` (0, None or at least
-    `n_layers`: all, which peft spells None)."""
-    if not top or top >= n_layers:
-        return None
-    return list(range(n_layers - top, n_layers))
+    """The decoder layers LoRA adapts: the top `top` of `n_layers` as
+    `trainconfig.lora_layers_for` counts them (None: the top half); all is None, as peft
+    spells it."""
+    from rpo_app.trainconfig import lora_layers_for
+
+    top = lora_layers_for(top, n_layers)
+    return None if top >= n_layers else list(range(n_layers - top, n_layers))
 
 
 def adapted_count(n_layers: int, top: int | None) -> int:
@@ -45,11 +47,17 @@ def all_linear_names(model) -> list[str]:
 
 def lora_placement(model, target_modules, lora_layers: int | None) -> dict:
     """peft's `target_modules` and `layers_to_transform` for LoRA on the top
-    `lora_layers` decoder layers of `model` (0 or None: every layer)."""
+    `lora_layers` decoder layers of `model` (0: every layer; None: the top half)."""
     layers = adapted_layers(decoder_layers(model.config), lora_layers)
     if layers and target_modules == "all-linear":
         target_modules = all_linear_names(model)
     return {"target_modules": target_modules, "layers_to_transform": layers}
+
+
+def kept_states_gb(seqs, model_config) -> float:
+    """What `FrozenPrefixScorer` keeps for `seqs`: a token's hidden state in fp32."""
+    cfg = getattr(model_config, "text_config", None) or model_config
+    return sum(len(s) for s in seqs) * cfg.hidden_size * 4 / 1e9
 
 
 def _decoder(model):

@@ -77,7 +77,7 @@ class RunShape:
 
 
 def step_share(n_layers: int, lora_layers: int) -> float:
-    """A step's cost with LoRA on the top `lora_layers` of `n_layers` (0: all) against
+    """A step's cost with LoRA on the top `lora_layers` of `n_layers` (0: all; None: half) against
     one with LoRA on every layer (FIXED_STEP_SHARE)."""
     from rpo_app.frozen_prefix import adapted_count
 

@@ -33,7 +33,7 @@ from rpo_app.earlystop import EarlyStopping, off_reason
 from rpo_app.heap import map_large_blocks, peak_resident_gb
 from rpo_app.loss_registry import get_loss
 from rpo_app.runfolder import MetricRow, RunFolder, SampleRow
-from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, batch_note, check_data, config_from_args  # noqa: F401
+from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, batch_note, check_data, config_from_args, resolve_for_model  # noqa: F401
 
 log = logging.getLogger("rpo_app.train")
 
@@ -102,6 +102,22 @@ def check_model(model: str | None, data_dir: str | os.PathLike) -> str:
         raise ConfigError(f"unknown model {model!r}: not a folder, not in the Hugging Face cache, and "
                           f"not downloadable ({err.__class__.__name__})") from err
     return path
+
+
+def model_layers(path: str) -> int:
+    """A checked model's decoder layer count, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    from rpo_app.frozen_prefix import decoder_layers
+
+    try:
+        return decoder_layers(AutoConfig.from_pretrained(path))
+    except Exception as err:  # noqa: BLE001 - any failure here means "cannot use this model"
+        raise ConfigError(f"cannot read the config of model {path!r}: {err}") from err
+
+
+# The share of free memory the frozen layers' kept outputs may take (Trainer._room_for_kept_states).
+KEPT_STATES_SHARE = 0.5
 
 
 # --- the forward pass ------------------------------------------------------------------
@@ -184,6 +200,8 @@ class Trainer:
         base, self.tok = load_model(self.model_path, self.data_dir, device=str(device),
                                     dtype=pick_dtype(str(device)), attn_implementation=attention)
         _disable_dropout(base)
+        # `train` resolved these before config.yaml was written; a benchmark's own Trainer may not have.
+        resolve_for_model(cfg, decoder_layers(base.config))
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
 
         encoder = Encoder(self.tok, cfg.max_length, cfg.max_prompt_length)
@@ -234,7 +252,8 @@ class Trainer:
         # only: the scorer calls the decoder itself, and with several processes the
         # gradients are averaged by the wrapper's forward, which that would bypass.
         self.prefix = (FrozenPrefixScorer(layers[0]) if layers and self.world == 1
-                       and FrozenPrefixScorer.supports(model, decoder_layers(base.config)) else None)
+                       and FrozenPrefixScorer.supports(model, decoder_layers(base.config))
+                       and self._room_for_kept_states(base.config) else None)
         if self.prefix:
             self.step_scorer = self.prefix
 
@@ -271,6 +290,21 @@ class Trainer:
         before = self.run.status().warning  # a resumed run's status has its first start's
         if not before or warning not in before:
             self.run.update_status(warning=f"{before}; {warning}" if before else warning)
+
+    def _room_for_kept_states(self, model_config) -> bool:
+        """Whether the frozen layers' outputs for every answer fit in half the memory free
+        (a large label set: thousands of answers keep gigabytes). Without room, the steps
+        run the frozen layers too, without gradients, and the run says so."""
+        from rpo_app.frozen_prefix import kept_states_gb
+        from rpo_app.heap import free_memory_gb
+
+        seqs = self.train_data.seqs + self.eval_data.seqs
+        need, free = kept_states_gb(seqs, model_config), free_memory_gb(self.acc.device)
+        if need <= KEPT_STATES_SHARE * free:
+            return True
+        self._warn(f"the frozen layers run at every step: keeping their output for {len(seqs)} "
+                   f"answers would take about {need:.1f} GB and {free:.1f} GB is free")
+        return False
 
     def _largest_forward(self) -> tuple[int, int]:
         """(sequences, longest) of the largest forward pass this process's steps make, over
@@ -873,6 +907,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             if note := batch_note(cfg, asked, max(count_examples(train_j, get_loss(cfg.loss)))):
                 log.info("batch size %d: %s", cfg.batch_size, note)
             model_path = check_model(cfg.model, data_dir)
+            resolve_for_model(cfg, model_layers(model_path))
         except ConfigError as err:
             log.error("refused: %s", err)
             run.update_status(state="failed", error=str(err), step=0)

@@ -48,6 +48,44 @@ def derive_settings(cfg: "TrainConfig") -> None:
         cfg.max_prompt_length = min(MAX_PROMPT_LENGTH_CAP, max(16, cfg.max_length // 2))
 
 
+# The learning rate measured with LoRA on every layer (the effect benchmark: 3e-4 wins
+# ~70% at 30 steps and stays close to the base model; 5e-4 at batch 8 loops and drifts).
+# LoRA on fewer layers moves the model less per step, so the rate scales with all layers
+# over adapted ones: measured on the bundled model's 30 (README, "LoRA on the top layers
+# only"), the top 15 won 0.70 at 3e-4 and 0.73 at 6e-4 on `concise`, the top 8 0.59 at
+# 3e-4 and 0.71 at 1e-3. The cap: at 2e-3 the top 8's answers repeated 3x the 3-grams.
+LEARNING_RATE_EVERY_LAYER = 3e-4
+LEARNING_RATE_MAX_SCALE = 4.0
+
+
+def lora_layers_for(setting: int | None, n_layers: int) -> int:
+    """How many top decoder layers LoRA adapts, of a model's `n_layers`: the setting;
+    the top half when unset (None); every layer for 0 or more than the model has.
+
+    The top half by default: the layers below run once per answer, in the reference
+    pass, instead of at every step (rpo_app.frozen_prefix), so a default run on a 2-core
+    CPU took 287 s against 451 s on every layer and won as often (README, "LoRA on the
+    top layers only").
+    """
+    if setting is None:
+        return max(1, (n_layers + 1) // 2)
+    return n_layers if not setting or setting >= n_layers else setting
+
+
+def resolve_for_model(cfg: "TrainConfig", n_layers: int) -> "TrainConfig":
+    """Fill the settings that follow from the model (None until it is known): LoRA's
+    layers (`lora_layers_for`, saved as 0 when that is every layer) and the learning
+    rate, LEARNING_RATE_EVERY_LAYER x all layers / adapted layers, at most
+    LEARNING_RATE_MAX_SCALE x. The trainer resolves before it writes config.yaml; the
+    Train tab before it estimates or starts a run."""
+    top = lora_layers_for(cfg.lora_layers, n_layers)
+    if cfg.lora_layers is None:
+        cfg.lora_layers = 0 if top >= n_layers else top
+    if cfg.learning_rate is None:
+        cfg.learning_rate = LEARNING_RATE_EVERY_LAYER * min(n_layers / top, LEARNING_RATE_MAX_SCALE)
+    return cfg
+
+
 @dataclass
 class TrainConfig:
     loss: str = field(default="rpo-paired", metadata={"help": f"one of {', '.join(LOSS_NAMES)}"})
@@ -56,11 +94,6 @@ class TrainConfig:
                 f"{default_betas()})"})
     temperature: float = field(default=0.5, metadata={"help": "RPO softmax temperature over prompt similarity (> 0)"})
     weighting: str = field(default="embedding", metadata={"help": f"RPO contrast weights: {', '.join(WEIGHTINGS)}"})
-    # Measured with `python -m rpo_app bench-effect` on the bundled 135M model (README,
-    # "Effect benchmark"): 5e-5 does nothing measurable in 30 steps; 5e-4 at batch 8
-    # wins 92% but answers start to loop and drift; 3e-4 wins ~70% at 30 steps and
-    # stays close to the base model. At 60 steps RPO's garbling came from its beta
-    # (above), not from this rate: 1.5e-4 was fluent but no longer won 70%.
     sft_weight: float = field(default=0.0, metadata={
         "help": "weight of an NLL term on the chosen answers (TRL's loss_type ['sigmoid', 'sft']); "
                 "0 = off, the default: on thumbs-only data 0.2 kept every rpo-unpaired run from "
@@ -70,7 +103,15 @@ class TrainConfig:
                 "margin of beta-scaled log-ratios, 'slightly' by half of it, one without a "
                 "strength by none (dpo, rpo-paired); 0 = strength ignored, the default: its "
                 "effect is not measured yet"})
-    learning_rate: float = 3e-4
+    # Measured with `python -m rpo_app bench-effect` on the bundled 135M model (README,
+    # "Effect benchmark"): 5e-5 does nothing measurable in 30 steps; 5e-4 at batch 8
+    # wins 92% but answers start to loop and drift; 3e-4 wins ~70% at 30 steps and
+    # stays close to the base model. At 60 steps RPO's garbling came from its beta
+    # (above), not from this rate: 1.5e-4 was fluent but no longer won 70%.
+    learning_rate: float | None = field(default=None, metadata={
+        "help": f"AdamW's rate (default: {LEARNING_RATE_EVERY_LAYER:g} x the model's layers / the "
+                f"adapted layers, at most {LEARNING_RATE_MAX_SCALE:g}x: {2 * LEARNING_RATE_EVERY_LAYER:g} "
+                "on the top half)"})
     max_steps: int | None = field(default=None, metadata={
         "help": "optimizer steps; unset: run `epochs` epochs, but at least `min_steps`"})
     # One pass over a large label set; a few dozen pairs make only a handful of batches,
@@ -99,9 +140,10 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
                                       metadata={"help": "module names for LoRA, or all-linear"})
-    lora_layers: int = field(default=0, metadata={
-        "help": "LoRA on the top N decoder layers only (0: on every layer). The frozen layers "
-                "below then run once per answer, in the reference pass, instead of at every step"})
+    lora_layers: int | None = field(default=None, metadata={
+        "help": "LoRA on the top N decoder layers only (0: on every layer; default: the top "
+                "half). The frozen layers below run once per answer, in the reference pass, "
+                "instead of at every step"})
     warmup_ratio: float = 0.1
     lr_scheduler: str = field(default="linear", metadata={"help": "transformers scheduler name"})
     weight_decay: float = 0.0
@@ -197,7 +239,8 @@ class TrainConfig:
              "weighting 'diagonal' needs aligned pairs: use it with loss rpo-paired")
         need(self.beta is not None and self.beta > 0, f"beta must be > 0, got {self.beta}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(self.learning_rate is None or self.learning_rate > 0,
+             f"learning_rate must be > 0, got {self.learning_rate}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.min_steps >= 0, f"min_steps must be >= 0, got {self.min_steps}")
@@ -213,8 +256,8 @@ class TrainConfig:
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(bool(self.target_modules), "target_modules is empty")
-        need(isinstance(self.lora_layers, int) and not isinstance(self.lora_layers, bool)
-             and self.lora_layers >= 0,
+        need(self.lora_layers is None or (isinstance(self.lora_layers, int)
+                                         and not isinstance(self.lora_layers, bool) and self.lora_layers >= 0),
              f"lora_layers must be a whole number of layers (0: every layer), got {self.lora_layers!r}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

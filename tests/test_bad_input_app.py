@@ -111,7 +111,6 @@ def test_uploaded_files_are_read_never_run_and_bad_ones_refused(app_on_tiny, tmp
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"param_3": 0}, "learning_rate must be > 0"),
     ({"param_3": -1e-4}, "learning_rate must be > 0"),
     ({"param_5": 0}, "batch_size|minimum"),
     ({"param_1": -0.5}, "beta|minimum"),

@@ -4,6 +4,8 @@ watch the chart fill and the status reach finished, chat on both sides, cast a b
 vote and find it in the store."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from apptools import chromium_browser, on_screen, screenshot, seed_store, start_app, wait_item_replaced
@@ -151,6 +153,14 @@ def test_label_train_chat_vote(data_dir, tiny_model_dir):
             page.locator("#train-save-memory input").uncheck()
 
             run_id = _wait_for_adapter(data_dir)
+            # The form's defaults: LoRA on the top half (1 of the tiny model's 2 layers) at
+            # twice the every-layer rate, recorded as resolved and trained as recorded.
+            store = Store(data_dir)
+            config = store.run(run_id)["config"]
+            store.close()
+            assert (config["lora_layers"], config["learning_rate"]) == (1, pytest.approx(6e-4))
+            adapter = json.loads((data_dir / "runs" / run_id / "adapter" / "adapter_config.json").read_text())
+            assert adapter["layers_to_transform"] == [1]
             page.get_by_role("tab", name="Chat").click()
             # The run's adapter is on the right without the user picking it (defect 6).
             page.wait_for_function("id => document.querySelector('#chat-right-pick input')"

@@ -40,8 +40,30 @@ def test_adapted_layers_rule():
     from rpo_app.frozen_prefix import adapted_layers
 
     assert adapted_layers(30, 8) == list(range(22, 30))
-    assert adapted_layers(30, None) is None and adapted_layers(30, 0) is None
+    assert adapted_layers(30, None) == list(range(15, 30))  # unset: the top half
+    assert adapted_layers(3, None) == [1, 2] and adapted_layers(1, None) is None
+    assert adapted_layers(30, 0) is None
     assert adapted_layers(30, 30) is None and adapted_layers(30, 64) is None  # every layer: peft's None
+
+
+def test_the_learning_rate_follows_the_adapted_layers():
+    """Unset, the rate is 3e-4 x all layers / adapted layers (at most 4x); a rate or a
+    layer count that was given stays."""
+    from rpo_app.trainconfig import TrainConfig, resolve_for_model
+
+    half = resolve_for_model(TrainConfig(), 30)
+    assert (half.lora_layers, half.learning_rate) == (15, pytest.approx(6e-4))
+    every = resolve_for_model(TrainConfig(lora_layers=0), 30)
+    assert (every.lora_layers, every.learning_rate) == (0, pytest.approx(3e-4))
+    assert resolve_for_model(TrainConfig(lora_layers=8), 30).learning_rate == pytest.approx(1.125e-3)
+    assert resolve_for_model(TrainConfig(lora_layers=2), 30).learning_rate == pytest.approx(1.2e-3)  # the cap
+    assert resolve_for_model(TrainConfig(lora_layers=40), 30).learning_rate == pytest.approx(3e-4)
+    given = resolve_for_model(TrainConfig(learning_rate=1e-4), 30)
+    assert (given.lora_layers, given.learning_rate) == (15, 1e-4)
+    one = resolve_for_model(TrainConfig(), 1)  # a one-layer model: its layer is every layer
+    assert (one.lora_layers, one.learning_rate) == (0, pytest.approx(3e-4))
+    again = resolve_for_model(TrainConfig.from_dict(half.to_dict()), 30)  # a resumed run's config.yaml
+    assert again.to_dict() == half.to_dict()
 
 
 def test_only_the_top_layers_are_adapted():

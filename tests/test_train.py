@@ -315,6 +315,34 @@ def test_gradient_checkpointing_trains_the_same_steps(tmp_path, judgments_file, 
 
 
 @pytest.mark.slow
+def test_the_default_run_adapts_the_top_half_and_keeps_states_only_where_they_fit(
+        tmp_path, judgments_file, tiny_model_dir, data_dir, monkeypatch):
+    """Unset, LoRA goes on the top half (1 of the tiny model's 2 layers) at twice the
+    every-layer rate, as config.yaml records. Without room for the frozen layers' kept
+    outputs (a large label set) the steps run those layers too, the run says so, and it
+    trains the same steps."""
+    import rpo_app.train as trainer_module
+
+    runs = {}
+    for name in ("kept", "no room"):
+        if name == "no room":
+            monkeypatch.setattr(trainer_module, "KEPT_STATES_SHARE", 0.0)
+        out = tmp_path / name
+        assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **{"max-steps": 3})) == 0
+        saved = TrainConfig.from_yaml(out / "config.yaml")
+        assert (saved.lora_layers, saved.learning_rate) == (1, pytest.approx(6e-4))
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+        runs[name] = out
+    assert "kept the frozen layers' hidden states" in (runs["kept"] / "train.log").read_text()
+    assert "kept the frozen layers' hidden states" not in (runs["no room"] / "train.log").read_text()
+    assert "the frozen layers run at every step" not in status(runs["kept"])["warning"]
+    assert "the frozen layers run at every step" in status(runs["no room"])["warning"]
+    got, want = (read_jsonl(runs[n] / "metrics.jsonl") for n in ("no room", "kept"))
+    for g, w in zip(got, want, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-6), g["step"]
+
+
+@pytest.mark.slow
 def test_lora_on_the_top_layers_trains_from_the_kept_hidden_states(tmp_path, judgments_file, tiny_model_dir,
                                                                    data_dir):
     """--lora-layers 1 on the 2-layer model: the adapter holds the top layer only, the

@@ -76,7 +76,7 @@ def test_steps_box_at_zero_means_epochs(ctx):
     ({"batch_size": None}, "batch_size is empty"),
     ({"learning_rate": "fast"}, "learning_rate must be a number, got 'fast'"),
     ({"lora_r": 2.5}, "lora_r must be a whole number"),
-    ({"learning_rate": 0}, "learning_rate must be > 0"),
+    ({"learning_rate": -1e-4}, "learning_rate must be > 0"),
     ({"loss": "nope"}, "unknown loss 'nope'"),
     ({"kinds": ["paired", "gossip"]}, "unknown judgment kinds"),
     ({"lora_rank": 8}, "unknown training settings: lora_rank"),
@@ -468,7 +468,15 @@ def test_save_memory_box_and_the_last_runs_memory(ctx):
     assert train.config_from_form(ctx, {**FORM, "gradient_checkpointing": True}).gradient_checkpointing
     assert not train.config_from_form(ctx, {**FORM, "gradient_checkpointing": False}).gradient_checkpointing
     assert train.config_from_form(ctx, {**FORM, "lora_layers": 8}).lora_layers == 8
-    assert train.config_from_form(ctx, FORM).lora_layers == 0  # every layer, the default
+    assert train.config_from_form(ctx, {**FORM, "lora_layers": "8"}).lora_layers == 8  # typed in the box
+    assert train.config_from_form(ctx, {**FORM, "lora_layers": "all"}).lora_layers == 0
+    assert train.config_from_form(ctx, {**FORM, "lora_layers": "half"}).lora_layers is None
+    assert train.config_from_form(ctx, FORM).lora_layers is None  # the top half, the default
+    # 0 or blank: the rate follows the layers (trainconfig.resolve_for_model)
+    assert train.config_from_form(ctx, {**FORM, "learning_rate": 0}).learning_rate is None
+    assert train.config_from_form(ctx, {**FORM, "learning_rate": None}).learning_rate is None
+    with pytest.raises(ConfigError, match="lora_layers must be a number, got 'most'"):
+        train.config_from_form(ctx, {**FORM, "lora_layers": "most"})
     with pytest.raises(ConfigError, match="lora_layers"):
         train.config_from_form(ctx, {**FORM, "lora_layers": -1})
     rid = "run-m"

@@ -608,7 +608,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, te
                         f"default: per loss, {default_small_sets()})")
     g.add_argument("--small-set-batch", type=int, default=d.small_set_batch)
     g.add_argument("--small-set-steps", type=int, default=d.small_set_steps)
-    g.add_argument("--lr", type=float, default=d.learning_rate)
+    g.add_argument("--lr", type=float, default=d.learning_rate,
+                   help="default: the trainer's rule (3e-4 x all layers / adapted layers)")
     g.add_argument("--beta", type=float, default=None,
                    help=f"default: each loss's own ({default_betas()})")
     g.add_argument("--temperature", type=float, default=d.temperature, help="RPO tau")
@@ -616,7 +617,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str, train_prompts: int, te
     g.add_argument("--lora-r", type=int, default=d.lora_r)
     g.add_argument("--lora-alpha", type=int, default=None, help="default: the trainer's rule (2 x rank)")
     g.add_argument("--lora-layers", type=int, default=d.lora_layers,
-                   help="LoRA on the top N decoder layers only (default: the trainer's)")
+                   help="LoRA on the top N decoder layers only (0: every layer; default: the trainer's, "
+                        "the top half)")
     g.add_argument("--max-length", type=int, default=320)
     g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     g.add_argument("--eval-every", type=int, default=10)

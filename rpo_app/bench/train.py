@@ -157,9 +157,7 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
 
     from rpo_app.batches import judgment_pairs
     from rpo_app.models import load_model
-    from rpo_app.trainconfig import TrainConfig
 
-    defaults = TrainConfig(loss="dpo")  # TRL trains DPO here
     rows = [{"prompt": [{"role": "user", "content": p.chosen.prompt}],
              "chosen": [{"role": "assistant", "content": p.chosen.response}],
              "rejected": [{"role": "assistant", "content": p.rejected.response}]}
@@ -177,6 +175,7 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
             self.times.append(time.time() - self._t)
 
     model, tok = load_model(model_path, data_dir, device=args.device or "cpu")
+    defaults, placement = _trl_settings(model, args.lora_layers)
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
@@ -192,7 +191,7 @@ def bench_trl(args, judgments: list[dict], model_path: str, data_dir: Path) -> d
             # same arithmetic.
             gradient_checkpointing=False, bf16=args.precision == "bf16")
         lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
-                          task_type="CAUSAL_LM", bias="none", **_lora_layers(model, args.lora_layers))
+                          task_type="CAUSAL_LM", bias="none", **placement)
         trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                              processing_class=tok, peft_config=lora, callbacks=[timer])
         trainer.train()
@@ -254,9 +253,7 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps:
 
     from rpo_app.batches import judgment_pairs
     from rpo_app.models import load_model
-    from rpo_app.trainconfig import TrainConfig
 
-    defaults = TrainConfig(loss="dpo")
     rows = [{"prompt": [{"role": "user", "content": p.chosen.prompt}],
              "chosen": [{"role": "assistant", "content": p.chosen.response}],
              "rejected": [{"role": "assistant", "content": p.rejected.response}]}
@@ -288,6 +285,7 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps:
     phases: dict[str, float] = {}
     t0 = time.time()
     model, tok = load_model(model_path, data_dir, device=args.device or "cpu")
+    defaults, placement = _trl_settings(model, args.lora_layers)
     phases["loading the model"] = time.time() - t0
     phases["the base model's previews"] = previews(model, tok)
     with tempfile.TemporaryDirectory() as out:
@@ -301,7 +299,7 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps:
             precompute_ref_batch_size=batch_size, dataloader_num_workers=0,
             gradient_checkpointing=False, bf16=args.precision == "bf16")
         lora = LoraConfig(r=defaults.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
-                          task_type="CAUSAL_LM", bias="none", **_lora_layers(model, args.lora_layers))
+                          task_type="CAUSAL_LM", bias="none", **placement)
         t = time.time()
         # TRL 1.16 tokenizes and precomputes the reference log-probs while it builds the
         # trainer: this phase is its counterpart of our tokenizing and reference pass.
@@ -319,12 +317,15 @@ def e2e_trl(args, judgments: list[dict], model_path: str, data_dir: Path, steps:
     return {"wall_s": time.time() - t0, "phases": phases, "steps": steps, "batch_size": batch_size}
 
 
-def _lora_layers(model, top: int) -> dict:
-    """TRL's LoRA on the same layers as ours (`--lora-layers`): the same work."""
-    from rpo_app.frozen_prefix import lora_placement
-    from rpo_app.trainconfig import TrainConfig
+def _trl_settings(model, lora_layers: int | None):
+    """TRL's settings: ours for DPO (TRL trains DPO here), resolved for this model as our
+    trainer resolves them, so LoRA sits on the same layers (`--lora-layers`) at the same
+    rate; and peft's placement of that LoRA."""
+    from rpo_app.frozen_prefix import decoder_layers, lora_placement
+    from rpo_app.trainconfig import TrainConfig, resolve_for_model
 
-    return lora_placement(model, TrainConfig().lora_targets(), top)
+    cfg = resolve_for_model(TrainConfig(loss="dpo", lora_layers=lora_layers), decoder_layers(model.config))
+    return cfg, lora_placement(model, cfg.lora_targets(), cfg.lora_layers)
 
 
 PREVIEWS = ("Give me three tips for sleeping better.", "Explain what a hash table is.",
@@ -375,7 +376,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from rpo_app.trainconfig import TrainConfig
 
     parser.add_argument("--lora-layers", type=int, default=TrainConfig().lora_layers,
-                        help="LoRA on the top N decoder layers only, in both trainers (0: every layer)")
+                        help="LoRA on the top N decoder layers only, in both trainers (0: every layer; "
+                             "default: the trainer's, the top half)")
     parser.add_argument("--warmup-steps", type=int, default=1)
     # One thread by default: with more, a core taken by any other job stalls every
     # thread at each sync point and the timings swing 10x; one thread stays repeatable.

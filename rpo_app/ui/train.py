@@ -27,7 +27,8 @@ from rpo_app.batches import count_examples, judgment_pairs, judgment_pools
 from rpo_app.loss_registry import LOSSES, get_loss
 from rpo_app.runestimate import CHECKPOINTING_MEMORY, CHECKPOINTING_STEP_FACTOR
 from rpo_app.runfolder import MetricRow
-from rpo_app.trainconfig import ConfigError, TrainConfig, batch_note, check_data
+from rpo_app.trainconfig import (LEARNING_RATE_EVERY_LAYER, ConfigError, TrainConfig, batch_note, check_data,
+                                 resolve_for_model)
 from rpo_app.ui.context import AppContext
 from rpo_app.ui.widgets import progress_bar
 
@@ -56,6 +57,8 @@ def config_from_form(ctx: AppContext, values: dict) -> TrainConfig:
     None, so dependent settings (lora_alpha, max_prompt_length, a blank beta) follow
     `derive_settings` like everywhere else. Raises ConfigError naming the bad field.
     """
+    if "lora_layers" in values:
+        values = {**values, "lora_layers": LORA_LAYER_NAMES.get(values["lora_layers"], values["lora_layers"])}
     settings = {name: _setting(name, value) for name, value in values.items()}
     # Gradio shows a blank number box as 0 once the page is up, and sends 0 from then on:
     # 0 steps means what blank means (epochs, with the step floor).
@@ -63,8 +66,15 @@ def config_from_form(ctx: AppContext, values: dict) -> TrainConfig:
         settings["max_steps"] = None
     if settings.get("min_gold_accuracy") == 0:  # the same blank box: no bar
         settings["min_gold_accuracy"] = None
+    if settings.get("learning_rate") == 0:  # the same blank box: the rate follows the layers
+        settings["learning_rate"] = None
     cfg = TrainConfig.from_dict({**settings, "model": ctx.cfg.model, "device": ctx.cfg.device})
     return cfg.validate()
+
+
+# The LoRA layers box: two named choices (label, value), or a number of top layers typed in.
+LORA_LAYER_CHOICES = [("top half (default)", "half"), ("every layer", "all")]
+LORA_LAYER_NAMES = {"half": None, "all": 0}
 
 
 def _setting(name: str, value):
@@ -236,7 +246,8 @@ def _last_run_timings(ctx: AppContext, precision: str) -> dict:
                     "step_s_per_token": 1.0 / statistics.median(speeds) if speeds and same else None,
                     "checkpointing": bool(st.gradient_checkpointing if st.gradient_checkpointing is not None
                                           else row["config"].get("gradient_checkpointing")),
-                    "lora_layers": row["config"].get("lora_layers") or 0,
+                    # a row without the key: a run from before the setting, on every layer
+                    "lora_layers": row["config"].get("lora_layers", 0),
                     "peak_memory_gb": st.peak_memory_gb, "run": row["id"]}
     return {}
 
@@ -245,9 +256,13 @@ def _last_run_timings(ctx: AppContext, precision: str) -> dict:
 
 def start_run(ctx: AppContext, values: dict) -> tuple:
     """Start a run from the form; returns its id and its live view (LIVE)."""
+    from rpo_app.frozen_prefix import decoder_layers
+
     try:
         cfg = config_from_form(ctx, values)
         check_data(cfg, lineage.from_store(cfg, ctx.store)[0], world_size=1)
+        # The run's record then holds the layers and the rate the trainer will use.
+        resolve_for_model(cfg, decoder_layers(ctx.host().model.config))
         rid = ctx.runs.start(cfg)
     except (RuntimeError, ValueError) as err:
         raise gr.Error(str(err))
@@ -441,7 +456,9 @@ def build(ctx: AppContext) -> dict:
                                         minimum=0.01,
                                         info="low: only near-identical prompts are contrasted")
             with gr.Row():
-                lr = gr.Number(defaults.learning_rate, label="Learning rate", elem_id="train-lr")
+                lr = gr.Number(defaults.learning_rate, label="Learning rate", elem_id="train-lr",
+                               info=f"0 or blank: {LEARNING_RATE_EVERY_LAYER:g} x all layers / "
+                                    f"LoRA's layers ({2 * LEARNING_RATE_EVERY_LAYER:g} on the top half)")
                 steps = gr.Number(defaults.max_steps, precision=0, minimum=0, label="Steps",
                                   elem_id="train-steps",
                                   info=f"0 or blank: {defaults.epochs} epoch{'s' if defaults.epochs > 1 else ''}, "
@@ -454,10 +471,10 @@ def build(ctx: AppContext) -> dict:
                 rank = gr.Number(defaults.lora_r, precision=0, minimum=1, label="LoRA rank")
                 max_len = gr.Number(defaults.max_length, precision=0, minimum=32,
                                     label="Max length (tokens)")
-                lora_layers = gr.Number(defaults.lora_layers, precision=0, minimum=0,
-                                        label="LoRA layers (top N; 0 = all)", elem_id="train-lora-layers",
-                                        info="top 15 of 30 at lr 6e-4: 1.6x as fast, "
-                                             "about as good; fewer need a higher lr")
+                lora_layers = gr.Dropdown(LORA_LAYER_CHOICES, value="half", allow_custom_value=True,
+                                          label="LoRA layers", elem_id="train-lora-layers",
+                                          info="or type N: the top N. The top half ran 1.6x as "
+                                               "fast as every layer and won as often")
             kinds = gr.CheckboxGroup(KIND_CHOICES, value=["paired", "cross", "unpaired"],
                                      label="Judgments to use")
             annotators = gr.Dropdown([], multiselect=True, label="Annotators (empty = all)",
