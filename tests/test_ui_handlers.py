@@ -472,7 +472,9 @@ def test_save_memory_box_and_the_last_runs_memory(ctx):
     assert train.config_from_form(ctx, {**FORM, "lora_layers": "all"}).lora_layers == 0
     assert train.config_from_form(ctx, {**FORM, "lora_layers": "half"}).lora_layers is None
     assert train.config_from_form(ctx, FORM).lora_layers is None  # the top half, the default
-    # 0 or blank: the rate follows the layers (trainconfig.resolve_for_model)
+    # "auto", 0 or blank: the rate follows the layers (trainconfig.resolve_for_model)
+    assert train.config_from_form(ctx, {**FORM, "learning_rate": "auto"}).learning_rate is None
+    assert train.config_from_form(ctx, {**FORM, "learning_rate": "6e-4"}).learning_rate == 6e-4
     assert train.config_from_form(ctx, {**FORM, "learning_rate": 0}).learning_rate is None
     assert train.config_from_form(ctx, {**FORM, "learning_rate": None}).learning_rate is None
     with pytest.raises(ConfigError, match="lora_layers must be a number, got 'most'"):

@@ -57,8 +57,8 @@ def config_from_form(ctx: AppContext, values: dict) -> TrainConfig:
     None, so dependent settings (lora_alpha, max_prompt_length, a blank beta) follow
     `derive_settings` like everywhere else. Raises ConfigError naming the bad field.
     """
-    if "lora_layers" in values:
-        values = {**values, "lora_layers": LORA_LAYER_NAMES.get(values["lora_layers"], values["lora_layers"])}
+    values = {name: NAMED_VALUES.get(name, {}).get(value, value) if isinstance(value, str) else value
+              for name, value in values.items()}
     settings = {name: _setting(name, value) for name, value in values.items()}
     # Gradio shows a blank number box as 0 once the page is up, and sends 0 from then on:
     # 0 steps means what blank means (epochs, with the step floor).
@@ -66,15 +66,17 @@ def config_from_form(ctx: AppContext, values: dict) -> TrainConfig:
         settings["max_steps"] = None
     if settings.get("min_gold_accuracy") == 0:  # the same blank box: no bar
         settings["min_gold_accuracy"] = None
-    if settings.get("learning_rate") == 0:  # the same blank box: the rate follows the layers
+    if settings.get("learning_rate") == 0:  # as blank, from a script: the rate follows the layers
         settings["learning_rate"] = None
     cfg = TrainConfig.from_dict({**settings, "model": ctx.cfg.model, "device": ctx.cfg.device})
     return cfg.validate()
 
 
-# The LoRA layers box: two named choices (label, value), or a number of top layers typed in.
-LORA_LAYER_CHOICES = [("top half (default)", "half"), ("every layer", "all")]
-LORA_LAYER_NAMES = {"half": None, "all": 0}
+# Boxes that offer named choices (label, value) and take a typed number; the names'
+# settings (None: trainconfig.resolve_for_model decides).
+LORA_LAYER_CHOICES = [("top half", "half"), ("all", "all")]
+RATE_CHOICES = [("follows the layers", "auto")]
+NAMED_VALUES = {"lora_layers": {"half": None, "all": 0}, "learning_rate": {"auto": None}}
 
 
 def _setting(name: str, value):
@@ -261,8 +263,10 @@ def start_run(ctx: AppContext, values: dict) -> tuple:
     try:
         cfg = config_from_form(ctx, values)
         check_data(cfg, lineage.from_store(cfg, ctx.store)[0], world_size=1)
-        # The run's record then holds the layers and the rate the trainer will use.
-        resolve_for_model(cfg, decoder_layers(ctx.host().model.config))
+        # The run's record then holds the layers and the rate the trainer will use; a
+        # click before the model has loaded leaves them to the trainer (its config.yaml).
+        if ctx.model_ready():
+            resolve_for_model(cfg, decoder_layers(ctx.host().model.config))
         rid = ctx.runs.start(cfg)
     except (RuntimeError, ValueError) as err:
         raise gr.Error(str(err))
@@ -456,9 +460,10 @@ def build(ctx: AppContext) -> dict:
                                         minimum=0.01,
                                         info="low: only near-identical prompts are contrasted")
             with gr.Row():
-                lr = gr.Number(defaults.learning_rate, label="Learning rate", elem_id="train-lr",
-                               info=f"0 or blank: {LEARNING_RATE_EVERY_LAYER:g} x all layers / "
-                                    f"LoRA's layers ({2 * LEARNING_RATE_EVERY_LAYER:g} on the top half)")
+                lr = gr.Dropdown(RATE_CHOICES, value="auto", allow_custom_value=True,
+                                 label="Learning rate", elem_id="train-lr",
+                                 info=f"or type one. It follows: {_rate(LEARNING_RATE_EVERY_LAYER)} "
+                                      f"on all layers, {_rate(2 * LEARNING_RATE_EVERY_LAYER)} on the top half")
                 steps = gr.Number(defaults.max_steps, precision=0, minimum=0, label="Steps",
                                   elem_id="train-steps",
                                   info=f"0 or blank: {defaults.epochs} epoch{'s' if defaults.epochs > 1 else ''}, "
@@ -473,8 +478,8 @@ def build(ctx: AppContext) -> dict:
                                     label="Max length (tokens)")
                 lora_layers = gr.Dropdown(LORA_LAYER_CHOICES, value="half", allow_custom_value=True,
                                           label="LoRA layers", elem_id="train-lora-layers",
-                                          info="or type N: the top N. The top half ran 1.6x as "
-                                               "fast as every layer and won as often")
+                                          info="or type N for the top N. The top half ran 1.6x "
+                                               "as fast as all, and won as often")
             kinds = gr.CheckboxGroup(KIND_CHOICES, value=["paired", "cross", "unpaired"],
                                      label="Judgments to use")
             annotators = gr.Dropdown([], multiselect=True, label="Annotators (empty = all)",
@@ -588,6 +593,12 @@ def _device_line() -> str:
                 f"({torch.cuda.device_count()} visible) · training uses bf16")
     return (f"**No GPU found:** training runs on the CPU ({os.cpu_count()} cores), fp32. "
             "Fine for the bundled 135M model and a few hundred steps.")
+
+
+def _rate(value: float) -> str:
+    """A learning rate as people write it: 3e-4."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def _fmt(value, digits: int = 3) -> str:
