@@ -75,7 +75,7 @@ def config_from_form(ctx: AppContext, values: dict) -> TrainConfig:
 # Boxes that offer named choices (label, value) and take a typed number; the names'
 # settings (None: trainconfig.resolve_for_model decides).
 LORA_LAYER_CHOICES = [("top half", "half"), ("all", "all")]
-RATE_CHOICES = [("follows the layers", "auto")]
+RATE_CHOICES = [("auto", "auto")]
 NAMED_VALUES = {"lora_layers": {"half": None, "all": 0}, "learning_rate": {"auto": None}}
 
 
@@ -265,7 +265,7 @@ def start_run(ctx: AppContext, values: dict) -> tuple:
         check_data(cfg, lineage.from_store(cfg, ctx.store)[0], world_size=1)
         # The run's record then holds the layers and the rate the trainer will use; a
         # click before the model has loaded leaves them to the trainer (its config.yaml).
-        if ctx.model_ready():
+        if ctx.model_ready:
             resolve_for_model(cfg, decoder_layers(ctx.host().model.config))
         rid = ctx.runs.start(cfg)
     except (RuntimeError, ValueError) as err:
@@ -462,8 +462,8 @@ def build(ctx: AppContext) -> dict:
             with gr.Row():
                 lr = gr.Dropdown(RATE_CHOICES, value="auto", allow_custom_value=True,
                                  label="Learning rate", elem_id="train-lr",
-                                 info=f"or type one. It follows: {_rate(LEARNING_RATE_EVERY_LAYER)} "
-                                      f"on all layers, {_rate(2 * LEARNING_RATE_EVERY_LAYER)} on the top half")
+                                 info=f"or type one. auto follows the layers: {_rate(LEARNING_RATE_EVERY_LAYER)} "
+                                      f"on all, {_rate(2 * LEARNING_RATE_EVERY_LAYER)} on the top half")
                 steps = gr.Number(defaults.max_steps, precision=0, minimum=0, label="Steps",
                                   elem_id="train-steps",
                                   info=f"0 or blank: {defaults.epochs} epoch{'s' if defaults.epochs > 1 else ''}, "
