@@ -24,7 +24,7 @@ from pathlib import Path
 from rpo_app.config import DataLayout, check_name
 from rpo_app.runfolder import ACTIVE_STATES, RunFolder, RunStatus
 from rpo_app.store import Store
-from rpo_app.trainconfig import TrainConfig
+from rpo_app.trainconfig import TrainConfig, recorded
 
 log = logging.getLogger(__name__)
 DIED = ("the training process died without saying why (killed, out of memory, or the machine "
@@ -91,7 +91,7 @@ class RunManager:
         row = self.store.run(run_id)
         if row is None:
             raise RuntimeError(f"no run named {run_id}")
-        cfg = TrainConfig.from_dict(row["config"])
+        cfg = TrainConfig.from_dict(recorded(row["config"]))
         if exclude_annotators:
             cfg.exclude_annotators = sorted(set(cfg.exclude_annotators or ()) | set(exclude_annotators))
         if exclude_judgments:

@@ -314,6 +314,12 @@ class TrainConfig:
         return cls.from_dict(yaml_values(path))
 
 
+def recorded(values: dict) -> dict:
+    """The settings a run recorded (its config.yaml, the store's row), to run it again: a
+    run from before `lora_layers` existed trained every layer, not today's default."""
+    return {"lora_layers": 0, **values}
+
+
 def yaml_values(path: str | os.PathLike) -> dict:
     """The settings a YAML file gives, unresolved: a flag that changes the loss must
     still get that loss's beta when the file does not set one."""
@@ -413,7 +419,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         values = yaml_values(args.config)
     elif getattr(args, "resume", False) and saved.exists():
-        values = yaml_values(saved)
+        values = recorded(yaml_values(saved))
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)

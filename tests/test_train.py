@@ -154,6 +154,24 @@ def test_config_precedence_and_yaml(tmp_path):
         TrainConfig(lr_scheduler="sawtooth").validate()
 
 
+def test_a_run_recorded_before_lora_layers_existed_resumes_on_every_layer(tmp_path):
+    """Its config.yaml has no lora_layers: it trained every layer, and a resume (or a
+    train-again of its store row) keeps that instead of taking today's top half."""
+    import argparse
+
+    from rpo_app.trainconfig import recorded
+
+    out = tmp_path / "old-run"
+    out.mkdir()
+    (out / "config.yaml").write_text("loss: rpo-paired\nlearning_rate: 0.0003\nlora_r: 16\n")
+    args = add_train_args(argparse.ArgumentParser()).parse_args(["--out", str(out), "--resume"])
+    assert config_from_args(args).lora_layers == 0
+    assert TrainConfig.from_dict(recorded({"loss": "dpo"})).lora_layers == 0
+    assert TrainConfig.from_dict(recorded({"lora_layers": None})).lora_layers is None
+    fresh = add_train_args(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path / "new")])
+    assert config_from_args(fresh).lora_layers is None  # a new run: the top half
+
+
 # --- real runs -------------------------------------------------------------------------
 
 @pytest.mark.slow
