@@ -77,7 +77,8 @@ def resolve_for_model(cfg: "TrainConfig", n_layers: int) -> "TrainConfig":
     layers (`lora_layers_for`, saved as 0 when that is every layer) and the learning
     rate, LEARNING_RATE_EVERY_LAYER x all layers / adapted layers, at most
     LEARNING_RATE_MAX_SCALE x. The trainer resolves before it writes config.yaml; the
-    Train tab before it estimates or starts a run."""
+    Train tab before it records a run (its estimate reads None as the top half, through
+    frozen_prefix.adapted_layers)."""
     top = lora_layers_for(cfg.lora_layers, n_layers)
     if cfg.lora_layers is None:
         cfg.lora_layers = 0 if top >= n_layers else top
