@@ -28,7 +28,7 @@ from rpo_app.loss_registry import LOSSES, get_loss
 from rpo_app.runestimate import CHECKPOINTING_MEMORY, CHECKPOINTING_STEP_FACTOR
 from rpo_app.runfolder import MetricRow
 from rpo_app.trainconfig import (LEARNING_RATE_EVERY_LAYER, ConfigError, TrainConfig, batch_note, check_data,
-                                 resolve_for_model)
+                                 recorded, resolve_for_model)
 from rpo_app.ui.context import AppContext
 from rpo_app.ui.widgets import progress_bar
 
@@ -248,8 +248,7 @@ def _last_run_timings(ctx: AppContext, precision: str) -> dict:
                     "step_s_per_token": 1.0 / statistics.median(speeds) if speeds and same else None,
                     "checkpointing": bool(st.gradient_checkpointing if st.gradient_checkpointing is not None
                                           else row["config"].get("gradient_checkpointing")),
-                    # a row without the key: a run from before the setting, on every layer
-                    "lora_layers": row["config"].get("lora_layers", 0),
+                    "lora_layers": recorded(row["config"])["lora_layers"],
                     "peak_memory_gb": st.peak_memory_gb, "run": row["id"]}
     return {}
 
