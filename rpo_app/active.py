@@ -26,7 +26,7 @@ from itertools import combinations
 from typing import Callable
 
 from rpo_app.jobs import BackgroundJob
-from rpo_app.progress import eta_seconds, human
+from rpo_app.progress import eta_seconds, eta_words, human
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ class ScoreJobStatus:
                     f"{self.adapter} in {human(took)}.")
         eta = self.eta_s()
         pct = f"{100 * self.done / self.total:.0f}%" if self.total else "starting"
-        when = (f"ETA {human(eta)}" if eta is not None else
+        when = (eta_words(eta) if eta is not None else
                 "ranking the items" if self.total and self.done >= self.total else
                 "measuring the speed")
         return (f"Scoring answers for the informative order ({self.phase}): {pct} of "

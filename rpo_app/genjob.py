@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rpo_app.jobs import BackgroundJob
-from rpo_app.progress import eta_between_updates, human
+from rpo_app.progress import eta_between_updates, eta_words, human
 
 
 # The first-run path: two answers for each of this many prompts make the first pairs,
@@ -88,7 +88,7 @@ class GenJobStatus:
             return (f"✔ {self.new} new answers for {self.prompts} prompts in "
                     f"{human(self.elapsed_s)} ({self.duplicates} duplicates not stored).")
         eta = self.eta_s()
-        when = (f"ETA {human(eta)}" if eta is not None else
+        when = (eta_words(eta) if eta is not None else
                 "finishing the last answers" if self.done >= self.total else
                 "measuring the speed" if not self.work(self.done) else
                 "slower than measured so far, still going")

@@ -9,6 +9,8 @@ never as "ETA 0 s".
 """
 from __future__ import annotations
 
+import math
+
 
 def eta_seconds(elapsed: float, done: float, total: float) -> float | None:
     """Seconds left at the speed so far; None when that cannot be told."""
@@ -28,6 +30,12 @@ def eta_between_updates(updated_at: float, done: float, total: float,
         return None
     left -= max(0.0, now - updated_at)
     return left if left > 0 else None
+
+
+def eta_words(seconds: float) -> str:
+    """"ETA 12 s": rounded up, since work remains while there is an ETA at all (0.3 s left
+    once read "ETA 0 s" at 97% of a preview)."""
+    return "ETA " + human(math.ceil(seconds))
 
 
 def human(seconds: float) -> str:

@@ -268,7 +268,8 @@ def test_scoring_status_line_never_says_eta_zero_while_work_remains():
                         phase_started_at=time.time() - 5, started_at=time.time() - 5)
     assert "measuring the speed" in st.line() and "ETA" not in st.line()
     st.done = 250
-    assert "25% of 1,000 tokens" in st.line() and "ETA 15 s" in st.line()
+    assert "25% of 1,000 tokens" in st.line()
+    assert "ETA 15 s" in st.line() or "ETA 16 s" in st.line()  # 15 s and a moment, rounded up
     st.done = 1000  # every token scored, the items are being ranked and stored
     assert "ranking the items" in st.line() and "ETA" not in st.line()
     st.state, st.answers, st.finished_at = "finished", 40, st.started_at + 90

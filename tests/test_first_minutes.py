@@ -231,6 +231,7 @@ def test_eta_rule():
     assert progress.eta_seconds(10, 10, 10) is None  # counted all, work may remain
     assert progress.eta_seconds(0, 1, 10) is None
     assert progress.human(12.4) == "12 s" and progress.human(600) == "10 min"
+    assert progress.eta_words(0.3) == "ETA 1 s" and progress.eta_words(12.1) == "ETA 13 s"
 
 
 def test_job_status_line_and_eta():

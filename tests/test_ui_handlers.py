@@ -455,6 +455,8 @@ def test_train_bar_names_the_phase_and_never_says_eta_0(ctx):
     previews = RunStatus(state="running", phase="the final previews", phase_done=96, phase_total=96,
                          phase_unit="tokens", phase_started_at=time.time() - 3, step=60, max_steps=60)
     assert "finishing" in train.run_bar(previews) and "ETA 0" not in train.run_bar(previews)
+    previews.phase_done = 93  # 3 tokens left, about 0.1 s: work remains, so never "ETA 0 s"
+    assert "ETA 1 s" in train.run_bar(previews)
     loading = RunStatus(state="running", phase="loading the model", phase_started_at=time.time())
     assert "loading the model" in train.run_bar(loading) and "value=" not in train.run_bar(loading)
     steps = RunStatus(state="running", phase="training", step=20, max_steps=60, eta_s=400.0,

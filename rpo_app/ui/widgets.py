@@ -26,7 +26,7 @@ def progress_bar(done: float | None, total: float | None, eta: float | None,
     if elapsed:
         extra.append(f"elapsed {progress.human(float(elapsed))}")
     if eta is not None:
-        extra.append(f"ETA {progress.human(eta)}")
+        extra.append(progress.eta_words(eta))
     elif running and done:
         extra.append("ETA: measuring" if done < (total or 0) else "finishing")
     return (f'<div style="width:100%">{bar}'
