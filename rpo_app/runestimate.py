@@ -24,9 +24,6 @@ STEP_FORWARDS = {"fp32": 2.5, "bf16": 3.5}
 # the top 4, i.e. about 3.2 s plus 0.53 s a layer: the part that does not shrink with the
 # layers is 0.16 of an every-layer step.
 FIXED_STEP_SHARE = 0.16
-# Decoding through the training child's PeftModel (LoRA not merged) against the app's
-# plain model: the extra low-rank matmuls at every layer.
-LORA_DECODE_FACTOR = 1.3
 # Gradient checkpointing runs each layer's forward again in the backward pass. Measured
 # with `bench --only memory` (one step, 8 x 512 tokens, fp32, 2 threads): 105.8 s against
 # 75.3 s, and a peak of 1.55 GB above the loaded model against 7.28 GB; earlier, 28.6 s
@@ -113,7 +110,10 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
     that make `measured_step_share` (else the forward timing times STEP_FORWARDS,
     without, on every layer)."""
     past = past or {}
-    preview = (shape.preview_tokens * decode_timing.step_seconds(shape.preview_count) * LORA_DECODE_FACTOR
+    # The trainer's previews decode at the app's speed: its LoRA's add runs inside the
+    # matrix product (rpo_app.lora_fused), so the tuned previews cost what the base
+    # model's do (the first-run benchmark, 2 prompts: 109.9 ms a step against 111.7).
+    preview = (shape.preview_tokens * decode_timing.step_seconds(shape.preview_count)
                if shape.preview_count else 0.0)
     per_token = shape.step_share * (step_s_per_token / measured_step_share if step_s_per_token
                                     else STEP_FORWARDS[precision] * forward_s_per_token)
@@ -188,3 +188,69 @@ def plan_memory(model_config, seqs: int, longest: int, free_gb: float, *, asked:
     switched = auto and not asked and plain > MEMORY_HEADROOM * free_gb
     on = asked or switched
     return MemoryPlan(plain, need(True) if on else plain, free_gb, on, switched)
+
+
+@dataclass
+class Estimate:
+    """The Train tab's up-front estimate of a run: its shape, a step's memory plan and the
+    seconds of each phase (runfolder.PHASES names, in run order)."""
+
+    shape: RunShape
+    memory: MemoryPlan
+    phases: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+
+def estimate_run(host, cfg, train_j: list[dict], eval_j: list[dict], n_examples: int,
+                 last: dict | None = None) -> Estimate:
+    """What a run of `cfg` over these judgments (trainconfig.check_data's split) will take
+    on the loaded app model `host` (generate.ModelHost: its timings, times once if not
+    yet). `last`: the newest finished run's timings here (ui.train._last_run_timings),
+    which replace the typical figures; {} or None before any run."""
+    from rpo_app.frozen_prefix import decoder_layers
+    from rpo_app.loss_registry import get_loss
+    from rpo_app.models import pick_precision
+
+    last = last or {}
+    timing = host.decode_timing()  # timed once (a few seconds), then kept
+    spec = get_loss(cfg.loss)
+    sample = train_j[:64]
+    texts = [j["prompt_a_text"] + (j.get(k) or "") for j in sample
+             for k in ("response_a_text", "response_b_text") if j.get(k)]
+    lengths = [len(ids) + 20 for ids in host.tokenizer(texts)["input_ids"]] if texts else [20]
+    # + 20: the chat template's tokens
+    mean_tokens = min(sum(lengths) / len(lengths), cfg.max_length)
+    per_item = 2 if not spec.pools else 1
+    preview = min(cfg.preview_count, len({j["prompt_a_text"] for j in (eval_j or train_j)}))
+    n_layers = decoder_layers(host.model.config)
+    shape = run_shape(cfg, n_examples, per_item * n_examples, 2 * len(eval_j), mean_tokens,
+                      len(cfg.preview_prompts) or preview, spec.needs_embeddings(cfg.weighting),
+                      n_layers=n_layers)
+    precision = pick_precision(str(host.device), cfg.precision)
+    memory = step_plan(host, cfg, min(2 * cfg.batch_size, per_item * n_examples),
+                       min(max(lengths), cfg.max_length), precision)
+    shape.checkpointing = memory.checkpointing
+    phases = estimate_phases(shape, host.seconds_per_token(precision), timing, last.get("past"),
+                             precision, last.get("step_s_per_token"),
+                             measured_with_checkpointing=last.get("checkpointing", False),
+                             measured_step_share=step_share(n_layers, last.get("lora_layers", 0)))
+    return Estimate(shape, memory, phases)
+
+
+def step_plan(host, cfg, seqs: int, longest: int, precision: str = "fp32") -> MemoryPlan:
+    """A step's memory as the trainer will plan it (plan_memory) for a run of `cfg` whose
+    child loads the app model's copy: what it needs, the memory free, and whether the
+    run will recompute activations."""
+    from rpo_app.heap import free_memory_gb
+    from rpo_app.models import training_attention
+
+    size = next(host.model.parameters()).element_size()
+    # The run's own process loads a copy of the model before it plans its steps.
+    free = free_memory_gb(host.device) - sum(p.numel() for p in host.model.parameters()) * size / 1e9
+    return plan_memory(host.model.config, seqs, longest, free, asked=cfg.gradient_checkpointing,
+                       auto=cfg.auto_checkpointing, element_size=size,
+                       eager_attention=training_attention(str(host.device), precision) == "eager",
+                       lora_layers=cfg.lora_layers)

@@ -424,6 +424,36 @@ def test_estimate_covers_every_phase():
     assert "checking the labels" not in estimate_phases(no_check, 0.002, _SPEED)
 
 
+
+def test_the_train_tabs_estimate_reads_the_data_and_the_loaded_models_timings(tiny_model_dir):
+    """runestimate.estimate_run, what the Train tab and the first-run benchmark quote: the
+    run's shape from the judgments themselves (check_data's split and small-set batch), the
+    phases from the app model's timings, the previews at the app's own decoding speed."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rpo_app.runestimate import estimate_run
+    from rpo_app.trainconfig import TrainConfig, check_data, resolve_for_model
+
+    host = SimpleNamespace(device="cpu", model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+                           decode_timing=lambda: _SPEED, seconds_per_token=lambda precision: 0.002)
+    cfg = resolve_for_model(TrainConfig(), n_layers=2)
+    judgments = [j for j in make_judgments() if j["kind"] == "paired" and j["verdict"] in ("a", "b")]
+    train_j, eval_j = check_data(cfg, judgments, world_size=1)
+    est = estimate_run(host, cfg, train_j, eval_j, n_examples=len(train_j))
+    assert est.shape.steps == cfg.small_set_steps and est.shape.batch_size == cfg.small_set_batch
+    assert list(est.phases) == [p for p in PHASES if p in est.phases] and est.total == sum(est.phases.values())
+    previews = est.shape.preview_count
+    assert previews == min(cfg.preview_count, len({j["prompt_a_text"] for j in eval_j or train_j}))
+    # no factor for LoRA: its add runs inside the matrix product (rpo_app.lora_fused)
+    assert est.phases["the final previews"] == pytest.approx(
+        cfg.sample_max_new_tokens * _SPEED.step_seconds(previews))
+    scored = est.phases["scoring the answers with the base model"]
+    assert scored == pytest.approx(0.002 * 2 * (len(train_j) + len(eval_j)) * est.shape.mean_tokens)
+    assert not est.memory.checkpointing and est.memory.need_gb < est.memory.free_gb
+
 # -- sharing the cores ---------------------------------------------------------------------------
 @pytest.mark.parametrize("cores, app_idle_run, app_busy_run, app_with_run, app_alone", [
     (2, 2, 1, 1, 2), (4, 4, 3, 1, 4), (16, 16, 12, 4, 16), (1, 1, 1, 1, 1)])

@@ -506,20 +506,22 @@ def test_the_estimate_plans_a_steps_memory_as_the_trainer_will(tiny_model_dir):
 
     from transformers import AutoModelForCausalLM
 
+    from rpo_app.runestimate import step_plan
+
     host = SimpleNamespace(device="cpu", model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    fits = train._step_memory(host, TrainConfig(), 8, 64)
+    fits = step_plan(host, TrainConfig(), 8, 64)
     assert not fits.checkpointing and not fits.switched and 0 < fits.need_gb < fits.free_gb
     note = train._memory_note({}, fits)
     assert f"a step needs about {fits.need_gb:.1f} GB" in note and "switch on" not in note
     huge = 10 ** 8  # tokens: no machine has that memory
-    short = train._step_memory(host, TrainConfig(), 8, huge)
+    short = step_plan(host, TrainConfig(), 8, huge)
     assert short.checkpointing and short.switched
     assert "*Save memory* will switch on by itself" in train._memory_note({}, short)
-    asked = train._step_memory(host, TrainConfig(gradient_checkpointing=True), 8, huge)
+    asked = step_plan(host, TrainConfig(gradient_checkpointing=True), 8, huge)
     assert asked.checkpointing and not asked.switched
-    assert asked.need_gb == short.need_gb < train._step_memory(
+    assert asked.need_gb == short.need_gb < step_plan(
         host, TrainConfig(auto_checkpointing=False), 8, huge).need_gb  # planned without it
-    assert not train._step_memory(host, TrainConfig(auto_checkpointing=False), 8, huge).checkpointing
+    assert not step_plan(host, TrainConfig(auto_checkpointing=False), 8, huge).checkpointing
 
 
 def test_gradio_queue_polls_gently_when_idle():

@@ -151,58 +151,18 @@ def usable_line(ctx: AppContext, values: dict) -> str:
 def _estimate(ctx: AppContext, cfg: TrainConfig, train_j: list[dict], eval_j: list[dict],
               n_examples: int) -> str:
     """Every phase of the run, from this machine's timings and this data (runestimate)."""
-    from rpo_app.frozen_prefix import decoder_layers
-    from rpo_app.runestimate import estimate_phases, run_shape, step_share
+    from rpo_app.models import pick_precision
+    from rpo_app.runestimate import estimate_run
 
     if not ctx.model_ready:
         return "(time estimate once the model has loaded)"
     host = ctx.host()
-    timing = host.decode_timing()  # timed once (a few seconds), then kept
-    spec = get_loss(cfg.loss)
-    sample = train_j[:64]
-    texts = [j["prompt_a_text"] + (j.get(k) or "") for j in sample
-             for k in ("response_a_text", "response_b_text") if j.get(k)]
-    lengths = [len(ids) + 20 for ids in host.tokenizer(texts)["input_ids"]] if texts else [20]
-    # + 20: the chat template's tokens
-    mean_tokens = min(sum(lengths) / len(lengths), cfg.max_length)
-    per_item = 2 if not spec.pools else 1
-    preview = min(cfg.preview_count, len({j["prompt_a_text"] for j in (eval_j or train_j)}))
-    n_layers = decoder_layers(host.model.config)
-    shape = run_shape(cfg, n_examples, per_item * n_examples, 2 * len(eval_j), mean_tokens,
-                      len(cfg.preview_prompts) or preview, spec.needs_embeddings(cfg.weighting),
-                      n_layers=n_layers)
-    from rpo_app.models import pick_precision
-
-    precision = pick_precision(str(host.device), cfg.precision)
-    memory = _step_memory(host, cfg, min(2 * cfg.batch_size, per_item * n_examples),
-                          min(max(lengths), cfg.max_length), precision)
-    shape.checkpointing = memory.checkpointing
-    last = _last_run_timings(ctx, precision)
-    phases = estimate_phases(shape, host.seconds_per_token(precision), timing, last.get("past"),
-                             precision, last.get("step_s_per_token"),
-                             measured_with_checkpointing=last.get("checkpointing", False),
-                             measured_step_share=step_share(n_layers, last.get("lora_layers", 0)))
-    total = sum(phases.values())
-    parts = [f"{name} {progress.human(sec)}" for name, sec in phases.items() if sec >= 0.5]
-    return (f"Estimated time on this machine: **~{progress.human(total)}** "
-            f"({shape.steps} steps of ~{phases['training'] / max(shape.steps, 1):.1f} s; "
-            + " · ".join(parts) + ")." + _memory_note(last, memory))
-
-
-def _step_memory(host, cfg: TrainConfig, seqs: int, longest: int, precision: str = "fp32"):
-    """A step's memory as the trainer will plan it (runestimate.MemoryPlan): what it
-    needs, the memory free, and whether the run will recompute activations."""
-    from rpo_app.heap import free_memory_gb
-    from rpo_app.models import training_attention
-    from rpo_app.runestimate import plan_memory
-
-    size = next(host.model.parameters()).element_size()
-    # The run's own process loads a copy of the model before it plans its steps.
-    free = free_memory_gb(host.device) - sum(p.numel() for p in host.model.parameters()) * size / 1e9
-    return plan_memory(host.model.config, seqs, longest, free, asked=cfg.gradient_checkpointing,
-                       auto=cfg.auto_checkpointing, element_size=size,
-                       eager_attention=training_attention(str(host.device), precision) == "eager",
-                       lora_layers=cfg.lora_layers)
+    last = _last_run_timings(ctx, pick_precision(str(host.device), cfg.precision))
+    est = estimate_run(host, cfg, train_j, eval_j, n_examples, last)
+    parts = [f"{name} {progress.human(sec)}" for name, sec in est.phases.items() if sec >= 0.5]
+    return (f"Estimated time on this machine: **~{progress.human(est.total)}** "
+            f"({est.shape.steps} steps of ~{est.phases['training'] / max(est.shape.steps, 1):.1f} s; "
+            + " · ".join(parts) + ")." + _memory_note(last, est.memory))
 
 
 def _memory_note(last: dict, memory=None) -> str:
