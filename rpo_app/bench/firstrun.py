@@ -11,7 +11,9 @@ From an empty data dir (the seed prompts, no answers), with the app's own parts:
    a simulated annotator (the `concise` judge) exactly as a person would see them;
 4. a default training run over those 32 pairs (`python -m rpo_app train` with the
    Train tab's defaults, in a child process as the app starts it), each phase timed from
-   its run folder (`RunStatus.phases`), beside the Train tab's up-front estimate.
+   its run folder (`RunStatus.phases`), beside the Train tab's up-front estimate of each
+   (`runestimate.estimate_run`, on this data dir before any run: typical figures for
+   loading and saving).
 
 `--quick` trains 4 steps instead of the default run's (40 for a label set this small).
 """
@@ -117,6 +119,9 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
         queue.submit(item.token, "left" if left >= right else "right", "bench-annotator")
         judged += 1
     out["pairs_judged"] = judged
+    estimate = _train_tab_estimate(host, store, max_steps=4 if quick else None)
+    out["estimate_run_s"] = round(estimate.total, 1)
+    out["estimate_phases_s"] = {k: round(v, 1) for k, v in estimate.phases.items()}
     jobs = host = None  # the run's child loads its own model, as the app's would
 
     run_dir = work / "runs" / "bench-default"
@@ -146,6 +151,21 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
     return out
 
 
+def _train_tab_estimate(host, store, max_steps: int | None):
+    """What the Train tab quotes up front for the run below over the store's judgments
+    (runestimate.estimate_run), on a data dir with no finished run yet."""
+    from rpo_app import lineage
+    from rpo_app.batches import count_examples
+    from rpo_app.frozen_prefix import decoder_layers
+    from rpo_app.runestimate import estimate_run
+    from rpo_app.trainconfig import TrainConfig, check_data, resolve_for_model
+
+    cfg = resolve_for_model(TrainConfig(max_steps=max_steps), decoder_layers(host.model.config))
+    judgments, _ = lineage.from_store(cfg, store)
+    train_j, eval_j = check_data(cfg, judgments, world_size=1)
+    return estimate_run(host, cfg, train_j, eval_j, max(count_examples(train_j, cfg.loss)))
+
+
 def format_table(result: dict) -> str:
     rows = [("click at 'model ready' → first pair labelable", result["click_to_first_pair_s"],
              f"estimated {result['estimate_first_pair_s']}; the start-up decode timing "
@@ -155,9 +175,13 @@ def format_table(result: dict) -> str:
             (f"default run over {result['pairs_judged']} pairs, wall", result["run_wall_s"],
              f"{result['run_steps']} steps, {result['seconds_per_step']} s/step, peak memory "
              f"{result.get('run_peak_memory_gb', 0):.1f} GB"
-             + (", gradient checkpointing switched on" if result.get("run_gradient_checkpointing") else ""))]
-    rows += [(f"  {name}", sec, "") for name, sec in result["run_phases_s"].items()]
-    rows.append(("  starting the process (imports)", result["run_outside_phases_s"], ""))
+             + (", gradient checkpointing switched on" if result.get("run_gradient_checkpointing") else "")
+             + f"; the Train tab estimated {result.get('estimate_run_s')}")]
+    quoted = result.get("estimate_phases_s", {})
+    rows += [(f"  {name}", sec, f"estimated {quoted[name]}" if name in quoted else "")
+             for name, sec in result["run_phases_s"].items()]
+    rows.append(("  starting the process (imports)", result["run_outside_phases_s"],
+                 "estimated with loading the model"))
     lines = ["| step | seconds | note |", "| --- | ---: | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.append(f"\npreviews are {100 * result['previews_share_of_run']:.1f}% of the run")
