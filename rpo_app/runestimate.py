@@ -111,8 +111,9 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
     without, on every layer)."""
     past = past or {}
     # The trainer's previews decode at the app's speed: its LoRA's add runs inside the
-    # matrix product (rpo_app.lora_fused), so the tuned previews cost what the base
-    # model's do (the first-run benchmark, 2 prompts: 109.9 ms a step against 111.7).
+    # matrix product (rpo_app.lora_fused), so the tuned previews cost about what the base
+    # model's do (the first-run benchmark, 2 prompts, two runs: 109.9 and 113.6 ms a step
+    # against 111.7 and 105.3).
     preview = (shape.preview_tokens * decode_timing.step_seconds(shape.preview_count)
                if shape.preview_count else 0.0)
     per_token = shape.step_share * (step_s_per_token / measured_step_share if step_s_per_token
