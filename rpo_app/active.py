@@ -44,6 +44,13 @@ LARGEST_CHUNK = 256
 # Cross-prompt pairs: each answer against the answers of its few most related prompts.
 CROSS_RELATED = 3
 MAX_LENGTH = 512  # the trainer's default max_length: the same truncation as training
+# An adapter on the top layers only (the default: the top half) leaves the layers below
+# it as the base model's, so a job keeps each pool answer's hidden state where the
+# adapter's lowest LoRA layer reads it, and the next adapter's pass starts there
+# (frozen_prefix.FrozenPrefixScorer). A token's state is the model's hidden size in its
+# dtype: 1.2 KB in bf16 on the bundled model, 0.4 GB for 1,500 answers of 230 tokens.
+# Kept only within this share of the memory free when a job starts.
+KEPT_STATES_SHARE = 0.25
 
 
 def base_scorer(host, precision: str) -> str:
@@ -191,13 +198,40 @@ def _batches(order: list[int], lengths: dict[int, int]) -> list[list[int]]:
     return out
 
 
+def kept_states_for(kept: dict | None, host, adapter_name: str, precision: str, seqs: list):
+    """The kept hidden states (frozen_prefix.FrozenPrefixScorer) this adapter's pass can
+    start from, out of `kept` (the app's, across jobs): the highest layer at or below
+    the adapter's lowest LoRA layer, on this model and precision; a new one at that layer
+    if none. Everything else in `kept`, and every state outside this pool, is dropped.
+    None: no `kept`, or an adapter on every layer."""
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+    from rpo_app.heap import free_memory_gb
+
+    if kept is None:
+        return None
+    first = host.adapter_first_layer(adapter_name)
+    if first is None:
+        return None
+    usable = [k for k in kept if k[0] == host.model_name and k[2] == precision and k[1] <= first]
+    key = max(usable, key=lambda k: k[1]) if usable else (host.model_name, first, precision)
+    states = kept.get(key) or FrozenPrefixScorer(key[1])
+    kept.clear()
+    kept[key] = states
+    states.keep_only(seqs)
+    states.budget_mb = states.kept_mb() + KEPT_STATES_SHARE * free_memory_gb(host.device) * 1000
+    return states
+
+
 def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_ANSWERS,
                 precision: str = "auto", seed: int = 0,
                 progress: Callable[[Progress], None] | None = None,
-                should_stop: Callable[[], bool] = lambda: False) -> dict:
+                should_stop: Callable[[], bool] = lambda: False, kept: dict | None = None) -> dict:
     """Score a pool of answers with the base model and `adapter` (loaded in `host` under
     its name), rank the items and make them the queue's informative order. Returns the
-    order's description (also stored: Store.informative_meta)."""
+    order's description (also stored: Store.informative_meta).
+
+    `kept`: hidden states kept from job to job (kept_states_for; the app's ScoringJobs
+    holds one); the adapter pass keeps them and starts from them."""
     from rpo_app import informative
     from rpo_app.models import pick_precision
 
@@ -233,10 +267,11 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
         store.replace_item_scores(ad_key, rows, info)
         return info
 
-    passes = ((base_key, None, "base model pass"), (ad_key, adapter["name"], "adapter pass"))
+    states = kept_states_for(kept, host, adapter["name"], precision, list(seqs.values()))
+    passes = ((base_key, None, "base model pass", None), (ad_key, adapter["name"], "adapter pass", states))
     seconds = {"base model pass": 0.0, "adapter pass": 0.0, "ranking": 0.0}
     # Both passes' tokens: they cost the same per token, so the ETA is honest across them.
-    total = sum(lengths[i] for key, _, _ in passes for i in seqs if i not in logps[key])
+    total = sum(lengths[i] for key, *_ in passes for i in seqs if i not in logps[key])
     done = 0
     phase = f"adapter {adapter['name']}" if all(i in logps[base_key] for i in seqs) else \
         f"base model and adapter {adapter['name']}"
@@ -244,7 +279,7 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
         progress(Progress(phase, 0, total, dict(seconds)))
     parts = chunks(pool)
     for n, chunk in enumerate(parts):
-        for key, name, what in passes:
+        for key, name, what, start in passes:
             # A prompt's answers side by side (the host runs each prompt once per batch),
             # prompts by their longest answer so a batch pads little.
             todo = sorted((i for i in chunk if i not in logps[key]),
@@ -253,7 +288,8 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
                 if should_stop():
                     return {**meta, "stopped": True}
                 t = time.perf_counter()
-                values = host.sequence_logps([seqs[i] for i in batch], adapter=name, precision=precision)
+                values = host.sequence_logps([seqs[i] for i in batch], adapter=name, precision=precision,
+                                             states=start)
                 rows = [(i, v, lengths[i] - seqs[i].prompt_len) for i, v in zip(batch, values)]
                 store.save_answer_logps(key, rows)
                 logps[key].update({i: v for i, v, _ in rows})
@@ -270,8 +306,9 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
     seconds["ranking"] += time.perf_counter() - t
     if progress:
         progress(Progress(phase, done, total, dict(seconds)))
-    log.info("informative order: %d answers scored with %s in %.1f s; %s", info["answers"],
-             adapter["name"], info["seconds"], info["items"])
+    log.info("informative order: %d answers scored with %s in %.1f s; %s%s", info["answers"],
+             adapter["name"], info["seconds"], info["items"],
+             f"; {states.kept_mb():.0f} MB of hidden states kept for the next" if states else "")
     return info
 
 
@@ -358,6 +395,7 @@ class ScoringJobs(BackgroundJob):
         self._index = index
         self._before = before or (lambda: None)  # e.g. load the new adapter into the host
         self._stop = threading.Event()
+        self._kept: dict = {}  # hidden states from job to job (kept_states_for)
 
     def start_if_needed(self) -> bool:
         """Start scoring for the newest adapter unless its order is complete or being made."""
@@ -387,7 +425,7 @@ class ScoringJobs(BackgroundJob):
             self._before()
             info = score_store(self.store, self._host(), adapter,
                                index=self._index() if self._index else None, progress=report,
-                               should_stop=stop.is_set)
+                               should_stop=stop.is_set, kept=self._kept)
             self._set(state="stopped" if info.get("stopped") else "finished",
                       answers=info.get("answers", 0), items=info.get("items", {}))
 

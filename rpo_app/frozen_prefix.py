@@ -86,7 +86,8 @@ def _key(seq) -> tuple:
 
 
 class FrozenPrefixScorer:
-    """The training step's scorer (`Trainer.step_scorer`) for LoRA on layers `first` up.
+    """The training step's scorer (`Trainer.step_scorer`) for LoRA on layers `first` up,
+    and the app's scoring job's for a later adapter (`ModelHost.sequence_logps`).
 
     `capture` is the reference pass's scorer: it scores as `sequence_logps` does and
     keeps each sequence's input to layer `first`, in memory (4 bytes x the hidden size a
@@ -96,9 +97,12 @@ class FrozenPrefixScorer:
     without gradients first.
     """
 
-    def __init__(self, first: int):
+    def __init__(self, first: int, budget_mb: float | None = None):
         self.first = first
         self.hidden: dict[tuple, object] = {}
+        self.budget_mb = budget_mb  # what `room` lets it keep; None: no limit
+        # Whether scoring from kept states reproduces a whole pass (None: not checked yet).
+        self.usable: bool | None = None
 
     @staticmethod
     def supports(model, n_layers: int) -> bool:
@@ -126,7 +130,9 @@ class FrozenPrefixScorer:
             values = sequence_logps(model, seqs, pad_id, device, keep_by_mask, fp32)
         finally:
             handle.remove()
-        h = kept["h"].float()  # the residual stream's dtype, fp32 under autocast too
+        # The residual stream's own dtype: fp32 in training (under autocast too), the
+        # weights' dtype on a bf16 host, half the bytes.
+        h = kept["h"]
         for row, (s, n) in enumerate(zip(seqs, lengths)):
             self.hidden[_key(s)] = h[row, :n].clone()
         return values
@@ -138,11 +144,38 @@ class FrozenPrefixScorer:
         import torch
 
         with torch.no_grad(), model.disable_adapter():
-            got = self(model, seqs, pad_id, device, keep_by_mask)
+            return self.matches(model, seqs, pad_id, device, keep_by_mask, want)
+
+    def matches(self, model, seqs, pad_id: int, device, keep_by_mask: bool, want,
+                fp32: bool = True) -> bool:
+        """Whether scoring `seqs` from their kept hidden states, the model as it is set up,
+        gives `want`, what a whole pass in that setup gave (far off, not rounding)."""
+        import torch
+
+        got = self(model, seqs, pad_id, device, keep_by_mask, fp32)
         return bool(torch.all((got - want).abs() <= 0.5 + 0.02 * want.abs()))
 
+    def room(self, seqs) -> bool:
+        """Whether keeping `seqs` too stays within the budget (priced at the bytes a token
+        of the states already kept takes; the first batch is always let in)."""
+        if self.budget_mb is None or not self.hidden:
+            return True
+        h = next(iter(self.hidden.values()))
+        per_token = h[0].numel() * h.element_size() / 1e6
+        new = sum(len(s) for s in {_key(s): s for s in seqs if _key(s) not in self.hidden}.values())
+        return self.kept_mb() + new * per_token <= self.budget_mb
+
+    def has(self, seqs) -> bool:
+        return all(_key(s) in self.hidden for s in seqs)
+
+    def keep_only(self, seqs) -> None:
+        """Forget every kept state but those of `seqs` (a scoring job's pool)."""
+        wanted = {_key(s) for s in seqs}
+        self.hidden = {k: h for k, h in self.hidden.items() if k in wanted}
+
     def kept_mb(self) -> float:
-        """The kept hidden states' size: a token's is the model's hidden size in fp32."""
+        """The kept hidden states' size: a token's is the model's hidden size, in fp32 in
+        training."""
         return sum(h.numel() * h.element_size() for h in self.hidden.values()) / 1e6
 
     def _fill(self, model, seqs, pad_id: int, device, keep_by_mask: bool) -> None:

@@ -422,6 +422,12 @@ class DecodeSpeed:
         return s1 + max(0.0, (s1 - s0) / (r1 - r0)) * (rows - r1)
 
 
+def _placed(out: list, rows: list[int], values: list) -> list:
+    for i, v in zip(rows, values):
+        out[i] = v
+    return out
+
+
 @contextmanager
 def _eval_mode(model):
     """Dropout off while generating; a model that was training (a trainer's previews)
@@ -790,11 +796,33 @@ class ModelHost:
                 yield {"adapter_names": [BASE if a is None else a for a in adapters]}
 
     # -- scoring ------------------------------------------------------------------------
-    def sequence_logps(self, seqs, adapter: str | None = None, precision: str = "auto") -> list[float]:
+    def adapter_first_layer(self, name: str) -> int | None:
+        """The lowest decoder layer the loaded adapter `name` adapts, where the layers
+        below it are the base model's; None when it adapts every layer or the model's
+        decoder cannot be run from a layer up (frozen_prefix.FrozenPrefixScorer.supports)."""
+        from rpo_app.frozen_prefix import FrozenPrefixScorer, decoder_layers
+
+        if name not in self._adapter_paths:
+            raise GenerationError(f"adapter {name!r} is not loaded")
+        layers = getattr(self.model.peft_config[name], "layers_to_transform", None)
+        if isinstance(layers, int):
+            layers = [layers]
+        n = decoder_layers(self.base.config)
+        if not layers or min(layers) <= 0 or not FrozenPrefixScorer.supports(self.model, n):
+            return None
+        return min(layers)
+
+    def sequence_logps(self, seqs, adapter: str | None = None, precision: str = "auto",
+                       states=None) -> list[float]:
         """Summed log-probs of the answer tokens of tokenized (prompt, answer) sequences
         (rpo_app.batches.Seq), under one loaded adapter or the base model (None): the
         trainer's scorer (rpo_app.scoring), each distinct prompt run once where the
-        model allows it (as the shared prefill does for generation)."""
+        model allows it (as the shared prefill does for generation).
+
+        `states` (a frozen_prefix.FrozenPrefixScorer whose layer is at or below the
+        adapter's lowest, in this precision): sequences it kept run from that layer up;
+        others run whole and are kept, unless `states.room` says the memory is spent. Its
+        first top-only use is checked against the whole pass it kept from."""
         import contextlib
 
         import torch
@@ -808,12 +836,38 @@ class ModelHost:
 
         def score() -> list[float]:
             with _eval_mode(self.model), self._adapter_mode([adapter]), torch.inference_mode(), autocast:
-                # The log-softmax in bf16 too when the model runs in bf16: ranking answers
-                # needs no more (scoring.py, _log_softmax).
-                scorer = PromptScorer(share=self.share_prefill, fp32=not bf16)
-                out = scorer(self.model, seqs, self.pad_id, self.device, keeps_logits_by_mask(self.model))
-                self.share_prefill = scorer.share  # a model that failed it shares no prefill either
-                return out.tolist()
+                by_mask = keeps_logits_by_mask(self.model)
+                if states is None or states.usable is False:
+                    return whole(seqs, by_mask)
+                out: list[float | None] = [None] * len(seqs)
+                kept = [i for i, s in enumerate(seqs) if states.has([s])]
+                rest = sorted(set(range(len(seqs))) - set(kept))
+                if kept:
+                    values = states(self.model, [seqs[i] for i in kept], self.pad_id, self.device,
+                                    by_mask, fp32=not bf16).tolist()
+                    out = _placed(out, kept, values)
+                if rest and states.room([seqs[i] for i in rest]):
+                    part = [seqs[i] for i in rest]
+                    values = states.capture(self.model, part, self.pad_id, self.device, by_mask,
+                                            fp32=not bf16)
+                    if states.usable is None:
+                        states.usable = states.matches(self.model, part[:2], self.pad_id, self.device,
+                                                       by_mask, values[:2], fp32=not bf16)
+                        if not states.usable:
+                            log.warning("scoring from kept hidden states does not reproduce "
+                                        "this model's log-probs; scoring whole passes")
+                    out = _placed(out, rest, values.tolist())
+                elif rest:
+                    out = _placed(out, rest, whole([seqs[i] for i in rest], by_mask))
+                return out
+
+        def whole(part, by_mask) -> list[float]:
+            # The log-softmax in bf16 too when the model runs in bf16: ranking answers
+            # needs no more (scoring.py, _log_softmax).
+            scorer = PromptScorer(share=self.share_prefill, fp32=not bf16)
+            out = scorer(self.model, part, self.pad_id, self.device, by_mask)
+            self.share_prefill = scorer.share  # a model that failed it shares no prefill either
+            return out.tolist()
 
         return self._computing(score)
 

@@ -297,8 +297,9 @@ def screenshot(page, name: str, **kwargs) -> Path:
     return path
 
 
-def make_lora_adapter(base_dir: Path, out: Path, seed: int = 1) -> Path:
-    """A LoRA adapter on the tiny model with random (non-zero) B weights."""
+def make_lora_adapter(base_dir: Path, out: Path, seed: int = 1, layers: list[int] | None = None) -> Path:
+    """A LoRA adapter on the tiny model with random (non-zero) B weights, on `layers`
+    only (None: every layer)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -306,7 +307,7 @@ def make_lora_adapter(base_dir: Path, out: Path, seed: int = 1) -> Path:
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")
+                     layers_to_transform=layers, init_lora_weights=False, task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():

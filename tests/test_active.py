@@ -202,6 +202,93 @@ def test_scoring_job_scores_the_pool_and_orders_the_queue(store, data_dir, tiny_
 
 
 @pytest.mark.slow
+def test_a_later_adapter_scores_from_the_hidden_states_the_first_job_kept(store, data_dir, tiny_model_dir,
+                                                                          tmp_path):
+    """Adapters on the top layer only: the first job keeps each answer's input to that
+    layer, and the next adapter's pass starts there (the bottom layer never runs) with
+    the log-probs a whole pass gives."""
+    from apptools import make_lora_adapter
+
+    from rpo_app import active
+    from rpo_app.frozen_prefix import _decoder
+    from rpo_app.generate import ModelHost
+
+    _seed(store, n_prompts=5, answers=3)
+    host = ModelHost(str(tiny_model_dir), data_dir, device="cpu")
+    for n in (1, 2):
+        path = make_lora_adapter(tiny_model_dir, tmp_path / f"top-{n}", seed=n, layers=[1])
+        store.register_adapter(f"top-{n}", str(path), None, str(tiny_model_dir))
+        host.load_adapter(f"top-{n}", path)
+    assert host.adapter_first_layer("top-1") == 1
+    kept: dict = {}
+    active.score_store(store, host, store.adapter("top-1"), precision="fp32", kept=kept)
+    (states,) = kept.values()
+    assert states.first == 1 and len(states.hidden) == 15 and states.usable is True
+    bottom = _decoder(host.model).layers[0]
+    calls = []
+    hook = bottom.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        active.score_store(store, host, store.adapter("top-2"), precision="fp32", kept=kept)
+    finally:
+        hook.remove()
+    assert calls == []  # every answer ran from the kept states
+    from_kept = store.answer_logps(active.adapter_scorer(store.adapter("top-2"), "fp32"))
+    store.forget_answer_logps(active.adapter_scorer(store.adapter("top-2"), "fp32"))
+    active.score_store(store, host, store.adapter("top-2"), precision="fp32")  # nothing kept: whole passes
+    whole = store.answer_logps(active.adapter_scorer(store.adapter("top-2"), "fp32"))
+    assert from_kept.keys() == whole.keys() and len(whole) == 15
+    assert all(from_kept[i] == pytest.approx(whole[i], rel=1e-4, abs=1e-3) for i in whole)
+
+
+@pytest.mark.slow
+def test_kept_states_stay_within_their_budget_and_skip_adapters_on_every_layer(
+        store, data_dir, tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
+    from apptools import make_lora_adapter
+
+    from rpo_app import active
+    from rpo_app.generate import ModelHost
+
+    _seed(store, n_prompts=5, answers=3)
+    host = ModelHost(str(tiny_model_dir), data_dir, device="cpu")
+    host.load_adapter("every", tiny_adapter)
+    store.register_adapter("every", str(tiny_adapter), None, str(tiny_model_dir))
+    assert host.adapter_first_layer("every") is None
+    kept: dict = {}
+    active.score_store(store, host, store.adapter("every"), precision="fp32", kept=kept)
+    assert kept == {}  # LoRA on the bottom layer too: nothing below it to keep
+    path = make_lora_adapter(tiny_model_dir, tmp_path / "top", layers=[1])
+    store.register_adapter("top", str(path), None, str(tiny_model_dir))
+    host.load_adapter("top", path)
+    monkeypatch.setattr(active, "KEPT_STATES_SHARE", 0.0)  # no memory to spare: the first batch only
+    monkeypatch.setattr(active, "BATCH_TOKENS", 200)
+    active.score_store(store, host, store.adapter("top"), precision="fp32", kept=kept)
+    (states,) = kept.values()
+    assert 0 < len(states.hidden) < 15
+    got = store.answer_logps(active.adapter_scorer(store.adapter("top"), "fp32"))
+    assert len(got) == 15  # the rest scored by whole passes
+
+
+def test_kept_states_room_and_pruning():
+    import torch
+
+    from rpo_app.batches import Seq
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+
+    def seq(*ids):
+        return Seq(tuple(ids), 1, 0)
+
+    states = FrozenPrefixScorer(1, budget_mb=None)
+    a, b, c = seq(1, 2, 3), seq(1, 4), seq(5, 6, 7, 8)
+    assert states.room([a, b, c])  # no budget, and nothing kept yet
+    states.hidden = {tuple(a.input_ids): torch.zeros(3, 1000), tuple(b.input_ids): torch.zeros(2, 1000)}
+    states.budget_mb = 5 * 4000 / 1e6 + 4 * 4000 / 1e6  # what is kept and c's 4 tokens, exactly
+    assert states.room([c, a]) and not states.room([c, seq(9, 9)])
+    assert states.has([a, b]) and not states.has([a, c])
+    states.keep_only([b, c])
+    assert list(states.hidden) == [tuple(b.input_ids)]
+
+
+@pytest.mark.slow
 def test_first_ranks_come_after_the_first_chunk(store, data_dir, tiny_model_dir, tiny_adapter, monkeypatch):
     """The queue gets an order after the first small chunk (both passes), not after a
     base pass over the whole pool; later chunks re-rank, and the last completes it."""

@@ -337,9 +337,9 @@ def test_the_first_scoring_job_skips_the_base_pass_over_the_answers_kept(store, 
     scored = []
     real = host.sequence_logps
 
-    def counting(seqs, adapter=None, precision="auto"):
+    def counting(seqs, adapter=None, precision="auto", **kw):
         scored.extend((adapter, len(s)) for s in seqs)
-        return real(seqs, adapter=adapter, precision=precision)
+        return real(seqs, adapter=adapter, precision=precision, **kw)
 
     monkeypatch.setattr(host, "sequence_logps", counting)
     info = active.score_store(store, host, store.adapter("tuned"), precision="fp32")

@@ -183,6 +183,7 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                                          "skips", "informative")}
                 cell = {**prep, "data_dir": data_dir}
                 order_budgets = sorted(args.active_budgets or budgets) if order_name == "active" else budgets
+                kept: dict = {}  # hidden states from one scoring round to the next, as in the app
                 for budget in order_budgets:
                     more = label_until(queue, annotator, REGIMES[regime], ORDERS[order_name], budget,
                                        counts, judge, judge_name, medians, cut)
@@ -210,7 +211,8 @@ def run_seed(args, seed: int, judges: dict, prompt_rows: list[dict], out: Path, 
                         prep["host"].load_adapter(name, selector)
                         try:
                             info = active.score_store(store, prep["host"], store.adapter(name),
-                                                      index=index if regime == "cross" else None)
+                                                      index=index if regime == "cross" else None,
+                                                      kept=kept)
                             log.info("%s: informative order from %d answers in %.1f s", name,
                                      info["answers"], info["seconds"])
                         finally:
