@@ -10,17 +10,28 @@ on what it learned), and the scoring job the app runs after each training run
 - the adapter's pass: once per answer and adapter;
 - ranking the items and storing them (after each chunk of the pool).
 
-Then the same job for a second adapter, with the base model's log-probs already cached:
-what every later run costs. Reported per 1,000 candidate pairs (same-prompt and cross)
-and per 1,000 same-prompt pairs, with the time until the queue first had an order.
-A third adapter repeats the later job with every sequence run whole (prompt repeated
-per answer, as before the shared-prompt scorer): the two side by side give its speedup.
+The adapters sit where the trainer's default puts LoRA (the top half of the layers), so
+the first job keeps each answer's hidden state below them, as the app's does
+(active.KEPT_STATES_SHARE). Then:
+
+- the same first job keeping nothing (the base log-probs forgotten first): what keeping
+  costs;
+- the job for a second adapter, with the base model's log-probs already cached, starting
+  from the kept hidden states: what every later run costs;
+- the same later job with nothing kept (each distinct prompt run once per batch,
+  through every layer): what the kept states save;
+- the later job with nothing kept and every sequence run whole (prompt repeated per
+  answer, as before the shared-prompt scorer): what sharing the prompt saves.
+
+Reported per 1,000 candidate pairs (same-prompt and cross) and per 1,000 same-prompt
+pairs, with the time until the queue first had an order.
 
 Last, the first job again on a store whose answers the app wrote (`generate_candidates`
 on the same prompts, the Data tab's sampling settings): the base model's log-prob of each
 answer it wrote is kept as written (`active.keep_written_logp`), so the base pass runs
 only over the answers whose scored tokens differ from the written ones. Reported beside
-it: how many were kept, and how far the kept values are from the scorer's.
+it: how many were kept, and how far the kept values are from the scorer's. That job keeps
+hidden states too, and a later adapter's job starts from them, as in the app.
 
     python -m rpo_app bench --only score [--quick]
 """
@@ -38,13 +49,15 @@ def _adapter(model_dir: str, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from rpo_app.frozen_prefix import lora_placement
     from rpo_app.trainconfig import TrainConfig
 
     torch.manual_seed(seed)
     d = TrainConfig()
-    net = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                         LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha, target_modules=d.lora_targets(),
-                                    init_lora_weights=False, task_type="CAUSAL_LM"))
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    net = get_peft_model(base, LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha,
+                                          **lora_placement(base, d.lora_targets(), d.lora_layers),
+                                          init_lora_weights=False, task_type="CAUSAL_LM"))
     net.save_pretrained(out)
     return out
 
@@ -82,13 +95,18 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
         index = PromptIndex(store, Embedder())
         index.refresh()
         result["precision"] = pick_precision(str(host.device))
-        for n, label in ((0, "first"), (1, "next"), (2, "whole")):
+        kept: dict = {}
+        base_key = active.base_scorer(host, result["precision"])
+        for n, label in enumerate(JOBS):
             host.share_prefill = label != "whole"
+            if label == "first, keeping nothing":
+                store.forget_answer_logps(base_key)
             path = _adapter(model_dir, tmp / f"adapter-{n}", seed=n)
             name = f"bench-{n}"
             store.register_adapter(name, str(path), None, model_dir)
             host.load_adapter(name, path)
-            job = _job(store, host, store.adapter(name), index)
+            job = _job(store, host, store.adapter(name), index,
+                       kept if label in ("first", "next") else None)
             pairs = job["items"]["paired"] + job["items"]["cross"]
             result[label] = {**job, "seconds_per_1000_pairs": job["seconds"] * 1000 / max(pairs, 1),
                              "seconds_per_1000_same_prompt_pairs": job["seconds"] * 1000 / result["pairs"]}
@@ -96,8 +114,19 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
         store.close()
         result["written"] = _written_job(tmp, host, model_dir, prompts, answers)
     result["shared_prompt_speedup"] = (result["whole"]["phases"]["adapter pass"]
-                                       / result["next"]["phases"]["adapter pass"])
+                                       / result["next, nothing kept"]["phases"]["adapter pass"])
+    result["kept_states_speedup"] = (result["next, nothing kept"]["phases"]["adapter pass"]
+                                     / result["next"]["phases"]["adapter pass"])
+    result["keeping_cost"] = (result["first"]["phases"]["adapter pass"]
+                              / result["first, keeping nothing"]["phases"]["adapter pass"])
     return result
+
+
+# The jobs, in the order they run: "first" keeps hidden states and "next" starts from them.
+JOBS = ("first", "first, keeping nothing", "next", "next, nothing kept", "whole")
+JOB_NAMES = {"first": "first adapter (base not cached)", "first, keeping nothing": "the same, keeping nothing",
+             "next": "a later adapter, from kept states", "next, nothing kept": "a later adapter, nothing kept",
+             "whole": "later, nothing kept, each whole"}
 
 
 def _prompt_texts(n: int) -> list[str]:
@@ -108,8 +137,8 @@ def _prompt_texts(n: int) -> list[str]:
             for p in range(n)]
 
 
-def _job(store, host, adapter: dict, index) -> dict:
-    """One scoring job, timed by phase."""
+def _job(store, host, adapter: dict, index, kept: dict | None = None) -> dict:
+    """One scoring job, timed by phase; `kept` as for active.score_store."""
     from rpo_app import active
 
     last: dict = {}
@@ -120,7 +149,7 @@ def _job(store, host, adapter: dict, index) -> dict:
         bar(p)
 
     t0 = time.perf_counter()
-    info = active.score_store(store, host, adapter, index=index, progress=progress)
+    info = active.score_store(store, host, adapter, index=index, progress=progress, kept=kept)
     total = time.perf_counter() - t0
     report = last["p"]
     named = {k: v for k, v in report.seconds.items() if v > 0 or k == "ranking"}
@@ -155,20 +184,23 @@ def _written_job(tmp: Path, host, model_dir: str, prompts: int, answers: int) ->
     kept = store.answer_logps(base_key)
     out: dict = {"generation_s": generation_s, "answers": stats["new"], "kept_answers": stats["base_logps"]}
     # The same first job twice, side by side: with the base log-probs kept as written, then
-    # with none kept (every base log-prob computed by the scorer).
-    for n, label in ((3, "kept"), (4, "none kept")):
+    # with none kept (every base log-prob computed by the scorer). The first keeps hidden
+    # states, and a later adapter's job starts from them.
+    states: dict = {}
+    for n, label in ((5, "kept"), (6, "none kept"), (7, "later")):
         if label == "none kept":
             store.forget_answer_logps(base_key)
         name = f"bench-{n}"
         path = _adapter(model_dir, tmp / f"adapter-{n}", seed=n)
         store.register_adapter(name, str(path), None, model_dir)
         host.load_adapter(name, path)
-        out[label] = _job(store, host, store.adapter(name), index)
+        out[label] = _job(store, host, store.adapter(name), index,
+                          states if label in ("kept", "later") else None)
         host.unload_adapter(name)
     scored = store.answer_logps(base_key)
     diffs = [v - scored[i] for i, v in kept.items()]
     out["same_prompt_pairs"] = sum(n * (n - 1) // 2 for n in store.response_counts(ids).values())
-    for label in ("kept", "none kept"):
+    for label in ("kept", "none kept", "later"):
         out[label]["seconds_per_1000_same_prompt_pairs"] = \
             out[label]["seconds"] * 1000 / max(out["same_prompt_pairs"], 1)
     out["kept_minus_scored"] = {"mean": statistics.fmean(diffs) if diffs else None,
@@ -182,8 +214,7 @@ def format_table(r: dict) -> str:
     lines = [f"informative-order scoring: {r['prompts']} prompts x {r['answers_per_prompt']} answers, "
              f"{r['threads']} threads, {r['precision']}",
              f"{'job':<34}{'phase':<24}{'seconds':>10}"]
-    for label, what in (("first", "first adapter (base not cached)"), ("next", "a later adapter"),
-                        ("whole", "later, each sequence whole")):
+    for label, what in JOB_NAMES.items():
         job = r[label]
         for phase, sec in job["phases"].items():
             lines.append(f"{what:<34}{phase:<24}{sec:>10.1f}")
@@ -196,10 +227,14 @@ def format_table(r: dict) -> str:
                      f"{job['seconds_per_1000_same_prompt_pairs']:.0f} s per 1,000 same-prompt pairs")
     lines.append(f"each prompt run once per batch: adapter pass {r['shared_prompt_speedup']:.2f}x "
                  "faster than running each sequence whole")
+    lines.append(f"from the kept hidden states: a later adapter pass {r['kept_states_speedup']:.2f}x "
+                 f"faster than with nothing kept; keeping them made the first one {r['keeping_cost']:.2f}x "
+                 "as long")
     w = r["written"]
     lines.append(f"the app's own answers: {w['answers']} written in {w['generation_s']:.0f} s, the base "
                  f"log-prob kept as written for {w['kept_answers']}; {w['same_prompt_pairs']:,} same-prompt pairs")
-    for label, what in (("kept", "first adapter, kept as written"), ("none kept", "first adapter, none kept")):
+    for label, what in (("kept", "first adapter, kept as written"), ("none kept", "first adapter, none kept"),
+                        ("later", "a later adapter, from kept states")):
         job = w[label]
         for phase, sec in job["phases"].items():
             lines.append(f"{what:<34}{phase:<24}{sec:>10.1f}")
