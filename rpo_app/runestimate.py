@@ -102,14 +102,27 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
                     decode_timing, past: dict[str, float] | None = None,
                     precision: str = "fp32", step_s_per_token: float | None = None,
                     measured_with_checkpointing: bool = False,
-                    measured_step_share: float = 1.0) -> dict[str, float]:
+                    measured_step_share: float = 1.0,
+                    rates: dict[str, float] | None = None) -> dict[str, float]:
     """Seconds per phase (runfolder.PHASES names), in run order. `decode_timing`: the
     app's generate.DecodeSpeed (its step_seconds(rows)). `step_s_per_token`: a
     training step's seconds per token measured by an earlier run here, with gradient
     checkpointing or not as `measured_with_checkpointing` says, and LoRA on the layers
     that make `measured_step_share` (else the forward timing times STEP_FORWARDS,
-    without, on every layer)."""
-    past = past or {}
+    without, on every layer). `rates`: seconds per token of the phases that count tokens
+    in that run (RunStatus.phase_rates), which replace the forward timing: it times the
+    app's model, whose weights a bf16 host holds in bf16, where the trainer runs fp32
+    weights under autocast (0.37 against 0.46 ms a token, 2 threads, a 2-core Xeon with
+    AMX)."""
+    past, rates = past or {}, rates or {}
+    scored = shape.train_seqs + shape.eval_seqs
+    reference = rates.get("scoring the answers with the base model", forward_s_per_token)
+    # Evaluating and the label check run the adapted layers only, as the steps do.
+    top = shape.step_share / measured_step_share
+
+    def adapted(phase: str) -> float:
+        return rates[phase] * top if phase in rates else shape.step_share * forward_s_per_token
+
     # The trainer's previews decode at the app's speed: its LoRA's add runs inside the
     # matrix product (rpo_app.lora_fused), so the tuned previews cost about what the base
     # model's do (the first-run benchmark, 2 prompts, two runs: 109.9 and 113.6 ms a step
@@ -126,17 +139,14 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
     if shape.embeds:
         out["embedding the prompts"] = past.get("embedding the prompts",
                                                 TYPICAL["embedding the prompts"])
-    out["scoring the answers with the base model"] = (
-        forward_s_per_token * (shape.train_seqs + shape.eval_seqs) * shape.mean_tokens)
+    out["scoring the answers with the base model"] = reference * scored * shape.mean_tokens
     out["the base model's previews"] = preview
     out["training"] = step * shape.steps
-    # Evaluating and the label check run the adapted layers only, as the steps do.
-    out["evaluating"] = (shape.step_share * forward_s_per_token * shape.eval_seqs * shape.mean_tokens
-                         * shape.evals)
+    out["evaluating"] = adapted("evaluating") * shape.eval_seqs * shape.mean_tokens * shape.evals
     out["previews"] = preview * shape.mid_previews
     # The final adapter scores every sequence once more (rpo_app.suspects).
     if shape.check_labels:
-        out["checking the labels"] = shape.step_share * out["scoring the answers with the base model"]
+        out["checking the labels"] = adapted("checking the labels") * scored * shape.mean_tokens
     out["the final previews"] = preview
     out["saving the adapter"] = past.get("saving the adapter", TYPICAL["saving the adapter"])
     return out
@@ -211,6 +221,7 @@ def estimate_run(host, cfg, train_j: list[dict], eval_j: list[dict], n_examples:
     on the loaded app model `host` (generate.ModelHost: its timings, times once if not
     yet). `last`: the newest finished run's timings here (ui.train._last_run_timings),
     which replace the typical figures; {} or None before any run."""
+    from rpo_app.batches import Encoder, build_data
     from rpo_app.frozen_prefix import decoder_layers
     from rpo_app.loss_registry import get_loss
     from rpo_app.models import pick_precision
@@ -218,12 +229,11 @@ def estimate_run(host, cfg, train_j: list[dict], eval_j: list[dict], n_examples:
     last = last or {}
     timing = host.decode_timing()  # timed once (a few seconds), then kept
     spec = get_loss(cfg.loss)
-    sample = train_j[:64]
-    texts = [j["prompt_a_text"] + (j.get(k) or "") for j in sample
-             for k in ("response_a_text", "response_b_text") if j.get(k)]
-    lengths = [len(ids) + 20 for ids in host.tokenizer(texts)["input_ids"]] if texts else [20]
-    # + 20: the chat template's tokens
-    mean_tokens = min(sum(lengths) / len(lengths), cfg.max_length)
+    # The sequences as the trainer tokenizes them (chat template, truncation), on a sample.
+    seqs = build_data(train_j[:64], Encoder(host.tokenizer, cfg.max_length, cfg.max_prompt_length),
+                      spec).seqs
+    lengths = [len(q) for q in seqs] or [1]
+    mean_tokens = sum(lengths) / len(lengths)
     per_item = 2 if not spec.pools else 1
     preview = min(cfg.preview_count, len({j["prompt_a_text"] for j in (eval_j or train_j)}))
     n_layers = decoder_layers(host.model.config)
@@ -237,7 +247,8 @@ def estimate_run(host, cfg, train_j: list[dict], eval_j: list[dict], n_examples:
     phases = estimate_phases(shape, host.seconds_per_token(precision), timing, last.get("past"),
                              precision, last.get("step_s_per_token"),
                              measured_with_checkpointing=last.get("checkpointing", False),
-                             measured_step_share=step_share(n_layers, last.get("lora_layers", 0)))
+                             measured_step_share=step_share(n_layers, last.get("lora_layers", 0)),
+                             rates=last.get("rates"))
     return Estimate(shape, memory, phases)
 
 

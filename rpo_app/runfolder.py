@@ -133,7 +133,9 @@ class RunStatus:
     phase_total: float | None = None
     phase_unit: str | None = None
     phase_started_at: float | None = None
-    phases: list = field(default_factory=list)  # finished phases: {"phase", "seconds"}, in order
+    # Finished phases, in order: {"phase", "seconds"}, with "work" and "unit" ("tokens")
+    # where the phase counted tokens, so a later estimate reads its speed (phase_rates).
+    phases: list = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -155,6 +157,17 @@ class RunStatus:
         for entry in self.phases:
             out[entry["phase"]] = out.get(entry["phase"], 0.0) + float(entry["seconds"])
         return out
+
+    def phase_rates(self) -> dict[str, float]:
+        """Seconds per token per phase name, over the finished phases that counted tokens
+        (none in a run from before they were recorded)."""
+        seconds: dict[str, float] = {}
+        work: dict[str, float] = {}
+        for entry in self.phases:
+            if entry.get("unit") == "tokens" and entry.get("work"):
+                seconds[entry["phase"]] = seconds.get(entry["phase"], 0.0) + float(entry["seconds"])
+                work[entry["phase"]] = work.get(entry["phase"], 0.0) + float(entry["work"])
+        return {name: seconds[name] / work[name] for name in seconds}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,7 +312,12 @@ class RunFolder:
     def _closed(status: RunStatus, now: float) -> list:
         phases = list(status.phases)
         if status.phase and status.phase_started_at:
-            phases.append({"phase": status.phase, "seconds": round(now - status.phase_started_at, 3)})
+            entry = {"phase": status.phase, "seconds": round(now - status.phase_started_at, 3)}
+            # A phase that counts tokens counts its own from zero up to phase_total as it
+            # ends; training counts steps across its pieces, so only tokens are recorded.
+            if status.phase_unit == "tokens" and status.phase_total:
+                entry.update(work=status.phase_total, unit="tokens")
+            phases.append(entry)
         return phases
 
     # -- rows --

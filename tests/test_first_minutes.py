@@ -3,6 +3,7 @@ the background generation job, the first-run path of the Label tab, run phases w
 their own progress, the up-front estimate, and how the app and a run share the cores."""
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 
@@ -333,6 +334,12 @@ def test_phases_record_their_own_time_and_order(tmp_path):
     assert [p["phase"] for p in st.phases] == ["loading the model",
                                                "scoring the answers with the base model", "training"]
     assert st.phase is None and all(p["seconds"] >= 0 for p in st.phases)
+    # the phase that counted tokens keeps them, so a later estimate reads its speed; the
+    # steps count across the training phase's pieces, so they are not kept
+    assert [(p.get("work"), p.get("unit")) for p in st.phases] == [(None, None), (1000, "tokens"),
+                                                                    (None, None)]
+    ref = st.phases[1]
+    assert st.phase_rates() == {ref["phase"]: pytest.approx(ref["seconds"] / 1000)}
 
 
 @pytest.mark.slow
@@ -433,6 +440,7 @@ def test_the_train_tabs_estimate_reads_the_data_and_the_loaded_models_timings(ti
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rpo_app.batches import Encoder, build_data
     from rpo_app.runestimate import estimate_run
     from rpo_app.trainconfig import TrainConfig, check_data, resolve_for_model
 
@@ -453,6 +461,17 @@ def test_the_train_tabs_estimate_reads_the_data_and_the_loaded_models_timings(ti
     scored = est.phases["scoring the answers with the base model"]
     assert scored == pytest.approx(0.002 * 2 * (len(train_j) + len(eval_j)) * est.shape.mean_tokens)
     assert not est.memory.checkpointing and est.memory.need_gb < est.memory.free_gb
+    # the sequences as the trainer tokenizes them: the chat template's system turn included
+    data = build_data(train_j, Encoder(host.tokenizer, cfg.max_length, cfg.max_prompt_length), cfg.loss)
+    assert est.shape.mean_tokens == pytest.approx(statistics.fmean(len(q) for q in data.seqs))
+    # after a run here: the phases that counted tokens at that run's own speed
+    rates = {"scoring the answers with the base model": 0.005, "checking the labels": 0.001}
+    again = estimate_run(host, cfg, train_j, eval_j, len(train_j),
+                         {"past": {}, "rates": rates, "lora_layers": cfg.lora_layers})
+    tokens = 2 * (len(train_j) + len(eval_j)) * est.shape.mean_tokens
+    assert again.phases["scoring the answers with the base model"] == pytest.approx(0.005 * tokens)
+    assert again.phases["checking the labels"] == pytest.approx(0.001 * tokens)
+    assert again.phases["evaluating"] == pytest.approx(est.phases["evaluating"])  # not measured then
 
 # -- sharing the cores ---------------------------------------------------------------------------
 @pytest.mark.parametrize("cores, app_idle_run, app_busy_run, app_with_run, app_alone", [

@@ -487,11 +487,15 @@ def test_save_memory_box_and_the_last_runs_memory(ctx):
     folder = RunFolder(ctx.layout.run_dir(rid))
     folder.append_metric(MetricRow(step=1, loss=0.5, tokens_per_s=100.0))
     free = psutil.virtual_memory().available / 1e9
+    ref = "scoring the answers with the base model"
     folder.write_status(RunStatus(state="finished", step=1, max_steps=1, peak_memory_gb=2 * free,
-                                  phases=[{"phase": "loading the model", "seconds": 3.0}]))
+                                  phases=[{"phase": "loading the model", "seconds": 3.0},
+                                          {"phase": ref, "seconds": 6.0, "work": 2000, "unit": "tokens"},
+                                          {"phase": "training", "seconds": 9.0}]))
     _finished_run(ctx, rid)
     last = train._last_run_timings(ctx, "fp32")
     assert last["peak_memory_gb"] == 2 * free and last["step_s_per_token"] == pytest.approx(0.01)
+    assert last["rates"] == {ref: pytest.approx(0.003)}  # the phases that counted tokens
     note = train._memory_note(last)
     assert f"({rid}, without gradient checkpointing) peaked at {2 * free:.1f} GB" in note
     assert "Tick *Save memory*" in note  # it needed more than is free now

@@ -190,7 +190,8 @@ def _memory_note(last: dict, memory=None) -> str:
 
 def _last_run_timings(ctx: AppContext, precision: str) -> dict:
     """The newest finished run's phase times (what loading and saving take here), its
-    steps' seconds per token if it trained in the same arithmetic, whether those steps
+    steps' seconds per token and its other phases' (those that count tokens) if it
+    trained in the same arithmetic, whether those steps
     ran with gradient checkpointing, on how many top layers its LoRA was (0: all), and its
     peak memory. Empty: no finished run."""
     for row in ctx.store.runs():
@@ -206,6 +207,7 @@ def _last_run_timings(ctx: AppContext, precision: str) -> dict:
             # its precision "auto" resolved on this machine as ours does
             return {"past": past,
                     "step_s_per_token": 1.0 / statistics.median(speeds) if speeds and same else None,
+                    "rates": st.phase_rates() if same else {},
                     "checkpointing": bool(st.gradient_checkpointing if st.gradient_checkpointing is not None
                                           else row["config"].get("gradient_checkpointing")),
                     "lora_layers": recorded(row["config"])["lora_layers"],
