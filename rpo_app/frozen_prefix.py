@@ -137,6 +137,46 @@ class FrozenPrefixScorer:
             self.hidden[_key(s)] = h[row, :n].clone()
         return values
 
+    def capture_shared(self, model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
+        """`capture` through the shared-prompt scorer (scoring.shared_prompt_logps: the
+        batch's common prefix once, each distinct prompt once, the answers on its cache),
+        each sequence's states pieced together from those passes. The last token of an
+        answer is never fed there (it predicts nothing), so its state is kept as zeros: no
+        earlier position attends to it, and its own output is not scored. Raises what the
+        shared-prompt scorer raises on a model it does not fit."""
+        import torch
+
+        from rpo_app.scoring import shared_prefix_layout, shared_prompt_logps
+
+        layer = _decoder(model).layers[self.first]
+        calls: list = []
+
+        def keep(_module, args, kwargs):
+            calls.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            values = shared_prompt_logps(model, seqs, pad_id, device, keep_by_mask, fp32)
+        finally:
+            handle.remove()
+        prompts = [tuple(q.input_ids[:q.prompt_len]) for q in seqs]
+        distinct: dict[tuple, int] = {}
+        slot = [distinct.setdefault(q, len(distinct)) for q in prompts]
+        p, ids, _ = shared_prefix_layout(list(distinct), pad_id)
+        prefix = calls.pop(0)[0, :p] if p else None
+        rest, answers = calls[0], calls[1] if len(calls) > 1 else None
+        width = ids.shape[1] - p
+        for b, q in enumerate(seqs):
+            own = len(prompts[b]) - p
+            parts = ([prefix] if p else []) + [rest[slot[b], width - own:]]
+            n = len(q) - q.prompt_len
+            if n > 1:
+                parts.append(answers[b, :n - 1])
+            if n:
+                parts.append(rest.new_zeros(1, rest.shape[-1]))
+            self.hidden[_key(q)] = torch.cat(parts).clone()
+        return values
+
     def reproduces(self, model, seqs, pad_id: int, device, keep_by_mask: bool, want) -> bool:
         """Whether scoring `seqs` from their kept hidden states, with the adapter off, gives
         the base model's log-probs `want` (the reference pass's): a decoder that does more

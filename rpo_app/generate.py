@@ -821,8 +821,9 @@ class ModelHost:
 
         `states` (a frozen_prefix.FrozenPrefixScorer whose layer is at or below the
         adapter's lowest, in this precision): sequences it kept run from that layer up;
-        others run whole and are kept, unless `states.room` says the memory is spent. Its
-        first top-only use is checked against the whole pass it kept from."""
+        the others run through every layer as above and are kept, unless `states.room`
+        says the memory is spent. Its first top-only use is checked against the pass it
+        kept from."""
         import contextlib
 
         import torch
@@ -848,8 +849,7 @@ class ModelHost:
                     out = _placed(out, kept, values)
                 if rest and states.room([seqs[i] for i in rest]):
                     part = [seqs[i] for i in rest]
-                    values = states.capture(self.model, part, self.pad_id, self.device, by_mask,
-                                            fp32=not bf16)
+                    values = keep(part, by_mask)
                     if states.usable is None:
                         states.usable = states.matches(self.model, part[:2], self.pad_id, self.device,
                                                        by_mask, values[:2], fp32=not bf16)
@@ -860,6 +860,19 @@ class ModelHost:
                 elif rest:
                     out = _placed(out, rest, whole([seqs[i] for i in rest], by_mask))
                 return out
+
+        def keep(part, by_mask):
+            # Each prompt once per batch, as `whole` scores, where the model allows it.
+            if self.share_prefill and all(q.prompt_len for q in part):
+                try:
+                    return states.capture_shared(self.model, part, self.pad_id, self.device, by_mask,
+                                                 fp32=not bf16)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - as PromptScorer: the plain path
+                    log.warning("shared-prompt scoring failed (%s); scoring each sequence whole", err)
+                    self.share_prefill = False
+            return states.capture(self.model, part, self.pad_id, self.device, by_mask, fp32=not bf16)
 
         def whole(part, by_mask) -> list[float]:
             # The log-softmax in bf16 too when the model runs in bf16: ranking answers

@@ -209,12 +209,15 @@ def test_a_later_adapter_scores_from_the_hidden_states_the_first_job_kept(store,
     the log-probs a whole pass gives."""
     from apptools import make_lora_adapter
 
+    import torch
+
     from rpo_app import active
-    from rpo_app.frozen_prefix import _decoder
+    from rpo_app.frozen_prefix import FrozenPrefixScorer, _decoder
     from rpo_app.generate import ModelHost
+    from rpo_app.scoring import keeps_logits_by_mask
 
     _seed(store, n_prompts=5, answers=3)
-    host = ModelHost(str(tiny_model_dir), data_dir, device="cpu")
+    host = ModelHost(str(tiny_model_dir), data_dir, device="cpu", precision="fp32")
     for n in (1, 2):
         path = make_lora_adapter(tiny_model_dir, tmp_path / f"top-{n}", seed=n, layers=[1])
         store.register_adapter(f"top-{n}", str(path), None, str(tiny_model_dir))
@@ -238,6 +241,18 @@ def test_a_later_adapter_scores_from_the_hidden_states_the_first_job_kept(store,
     whole = store.answer_logps(active.adapter_scorer(store.adapter("top-2"), "fp32"))
     assert from_kept.keys() == whole.keys() and len(whole) == 15
     assert all(from_kept[i] == pytest.approx(whole[i], rel=1e-4, abs=1e-3) for i in whole)
+    # kept through the shared-prompt scorer (the app's default), pieced together from its
+    # passes: the states a whole pass keeps, up to rounding, bar the never-fed last token
+    encoder = active.scoring_encoder(host.tokenizer)
+    seqs = [active.answer_sequence(encoder, a["prompt"], None, a["text"], False)
+            for a in store.answers_to_score()]
+    whole_kept = FrozenPrefixScorer(1)
+    with torch.inference_mode():
+        whole_kept.capture(host.model, seqs, host.pad_id, host.device, keeps_logits_by_mask(host.model))
+    assert whole_kept.hidden.keys() == states.hidden.keys()
+    for key, h in whole_kept.hidden.items():
+        assert states.hidden[key].shape == h.shape
+        assert torch.allclose(states.hidden[key][:-1], h[:-1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
