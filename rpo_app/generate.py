@@ -839,7 +839,7 @@ class ModelHost:
             with _eval_mode(self.model), self._adapter_mode([adapter]), torch.inference_mode(), autocast:
                 by_mask = keeps_logits_by_mask(self.model)
                 if states is None or states.usable is False:
-                    return whole(seqs, by_mask)
+                    return full_pass(seqs, by_mask).tolist()
                 out: list[float | None] = [None] * len(seqs)
                 kept = [i for i, s in enumerate(seqs) if states.has([s])]
                 rest = sorted(set(range(len(seqs))) - set(kept))
@@ -849,7 +849,7 @@ class ModelHost:
                     out = _placed(out, kept, values)
                 if rest and states.room([seqs[i] for i in rest]):
                     part = [seqs[i] for i in rest]
-                    values = keep(part, by_mask)
+                    values = full_pass(part, by_mask, keep=states)
                     if states.usable is None:
                         states.usable = states.matches(self.model, part[:2], self.pad_id, self.device,
                                                        by_mask, values[:2], fp32=not bf16)
@@ -858,29 +858,16 @@ class ModelHost:
                                         "this model's log-probs; scoring whole passes")
                     out = _placed(out, rest, values.tolist())
                 elif rest:
-                    out = _placed(out, rest, whole([seqs[i] for i in rest], by_mask))
+                    out = _placed(out, rest, full_pass([seqs[i] for i in rest], by_mask).tolist())
                 return out
 
-        def keep(part, by_mask):
-            # Each prompt once per batch, as `whole` scores, where the model allows it.
-            if self.share_prefill and all(q.prompt_len for q in part):
-                try:
-                    return states.capture_shared(self.model, part, self.pad_id, self.device, by_mask,
-                                                 fp32=not bf16)
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - as PromptScorer: the plain path
-                    log.warning("shared-prompt scoring failed (%s); scoring each sequence whole", err)
-                    self.share_prefill = False
-            return states.capture(self.model, part, self.pad_id, self.device, by_mask, fp32=not bf16)
-
-        def whole(part, by_mask) -> list[float]:
-            # The log-softmax in bf16 too when the model runs in bf16: ranking answers
+        def full_pass(part, by_mask, keep=None):
+            # Every layer; `keep` keeps the states on the way. The log-softmax in bf16 too when the model runs in bf16: ranking answers
             # needs no more (scoring.py, _log_softmax).
-            scorer = PromptScorer(share=self.share_prefill, fp32=not bf16)
+            scorer = PromptScorer(share=self.share_prefill, fp32=not bf16, keep=keep)
             out = scorer(self.model, part, self.pad_id, self.device, by_mask)
             self.share_prefill = scorer.share  # a model that failed it shares no prefill either
-            return out.tolist()
+            return out
 
         return self._computing(score)
 

@@ -265,22 +265,27 @@ class PromptScorer:
     takes no cache or position ids, fails on the first batch and is scored whole from
     then on (with a warning in the log). `fp32`: as for `sequence_logps`."""
 
-    def __init__(self, share: bool = True, fp32: bool = True):
+    def __init__(self, share: bool = True, fp32: bool = True, keep=None):
         self.share = share
         self.fp32 = fp32
+        # A frozen_prefix.FrozenPrefixScorer that keeps each sequence's hidden states as
+        # it scores (its capture_shared and capture), or None.
+        self.keep = keep
 
     def __call__(self, model, seqs, pad_id: int, device, keep_by_mask: bool):
         import torch
 
         if self.share and all(s.prompt_len for s in seqs):
+            shared = self.keep.capture_shared if self.keep is not None else shared_prompt_logps
             try:
-                return shared_prompt_logps(model, seqs, pad_id, device, keep_by_mask, self.fp32)
+                return shared(model, seqs, pad_id, device, keep_by_mask, self.fp32)
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # noqa: BLE001 - an odd architecture: the plain path
                 log.warning("shared-prompt scoring failed (%s); scoring each sequence whole", err)
                 self.share = False
-        return sequence_logps(model, seqs, pad_id, device, keep_by_mask, self.fp32)
+        whole = self.keep.capture if self.keep is not None else sequence_logps
+        return whole(model, seqs, pad_id, device, keep_by_mask, self.fp32)
 
 
 def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],
