@@ -341,6 +341,8 @@ def score_all(accelerator, model, data, pad_id: int, chunk: int, keep_by_mask: b
     import torch
     from accelerate.utils import gather_object
 
+    from rpo_app.heap import kept_heap
+
     score = scorer or sequence_logps
     net = accelerator.unwrap_model(model)
     mine = list(range(accelerator.process_index, len(data.seqs), accelerator.num_processes))
@@ -350,7 +352,8 @@ def score_all(accelerator, model, data, pad_id: int, chunk: int, keep_by_mask: b
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad(), accelerator.autocast():
+        # The same sizes chunk after chunk: reused from the heap, not faulted in again.
+        with torch.no_grad(), accelerator.autocast(), kept_heap():
             for part in _chunks_by_length(mine, lengths, chunk):
                 # With several processes a lone early exit would leave the others
                 # waiting in the gather below; they stop together at the first step.

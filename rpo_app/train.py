@@ -13,6 +13,7 @@ functions so that building the CLI parser stays instant.
 """
 from __future__ import annotations
 
+import contextlib
 import argparse
 import hashlib
 import json
@@ -30,7 +31,7 @@ from rpo_app import checkpoints
 from rpo_app.batches import JUDGMENT_FIELDS, count_examples
 from rpo_app.cpushare import RunShare
 from rpo_app.earlystop import EarlyStopping, off_reason
-from rpo_app.heap import map_large_blocks, peak_resident_gb
+from rpo_app.heap import kept_heap, map_large_blocks, peak_resident_gb
 from rpo_app.loss_registry import get_loss
 from rpo_app.runfolder import MetricRow, RunFolder, SampleRow
 from rpo_app.trainconfig import ConfigError, TrainConfig, add_train_args, batch_note, check_data, config_from_args, resolve_for_model  # noqa: F401
@@ -170,6 +171,7 @@ class Trainer:
         self.resume = resume
         self.stop_flag = False
         self.step = 0
+        self.steps_keep_heap = False  # _save_memory decides
         self.elapsed_before = 0.0
         self.early = EarlyStopping(patience=cfg.early_stop_patience, active=False)
         self.early_stop_note: str | None = None
@@ -338,8 +340,11 @@ class Trainer:
                        f"{plan.free_gb:.1f} GB is free; steps take about "
                        f"{CHECKPOINTING_STEP_FACTOR:.1f}x as long")
         else:
-            log.info("largest step: %d sequences of up to %d tokens, about %.1f GB; %.1f GB free",
-                     seqs, longest, plan.need_gb, plan.free_gb)
+            log.info("largest step: %d sequences of up to %d tokens, about %.1f GB; %.1f GB free%s",
+                     seqs, longest, plan.need_gb, plan.free_gb,
+                     "; the steps keep freed memory in the heap" if plan.kept_heap else "")
+        # The heap is the CPU's: a GPU's steps allocate through torch's own cache.
+        self.steps_keep_heap = plan.kept_heap and self.acc.device.type == "cpu"
         return plan.checkpointing
 
     def _embed_prompts(self):
@@ -693,38 +698,40 @@ class Trainer:
                    disable=None if self.main else True, dynamic_ncols=True)
         state, early = "finished", False
         eval_accuracy = self.run.status().eval_accuracy
-        while self.step < self.max_steps:
-            if self._stop_agreed():  # checked before each step: a signal during previews counts too
-                state = "stopped"
-                break
-            self.cpu.adjust()
-            row = self.train_step()
-            due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.max_steps
-            if due and self.has_eval:
-                for key, value in self.evaluate().items():
-                    setattr(row, key, value)
-                eval_accuracy = row.eval_accuracy
-                early = self.early.update(self.step, row.eval_accuracy, row.eval_loss, self._adapter_snapshot)
-                if self.step < self.max_steps and not early:
+        # Steps allocate the same sizes over and over: kept in the heap where memory allows.
+        with kept_heap() if self.steps_keep_heap else contextlib.nullcontext():
+            while self.step < self.max_steps:
+                if self._stop_agreed():  # checked before each step: a signal during previews counts too
+                    state = "stopped"
+                    break
+                self.cpu.adjust()
+                row = self.train_step()
+                due = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.max_steps
+                if due and self.has_eval:
+                    for key, value in self.evaluate().items():
+                        setattr(row, key, value)
+                    eval_accuracy = row.eval_accuracy
+                    early = self.early.update(self.step, row.eval_accuracy, row.eval_loss, self._adapter_snapshot)
+                    if self.step < self.max_steps and not early:
+                        self._resume_training_phase()
+                self.run.append_metric(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row.loss:.4f}", acc=f"{row.accuracy:.2f}")
+                self.run.update_status(state="running", step=self.step, max_steps=self.max_steps, loss=row.loss,
+                                       eval_accuracy=eval_accuracy, elapsed_s=row.elapsed_s, eta_s=row.eta_s,
+                                       phase_done=self.step, peak_memory_gb=peak_resident_gb())
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < self.max_steps:
+                    self.write_samples()
                     self._resume_training_phase()
-            self.run.append_metric(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row.loss:.4f}", acc=f"{row.accuracy:.2f}")
-            self.run.update_status(state="running", step=self.step, max_steps=self.max_steps, loss=row.loss,
-                                   eval_accuracy=eval_accuracy, elapsed_s=row.elapsed_s, eta_s=row.eta_s,
-                                   phase_done=self.step, peak_memory_gb=peak_resident_gb())
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < self.max_steps:
-                self.write_samples()
-                self._resume_training_phase()
-            if early:
-                e = self.early
-                log.info("early stop at step %d: held-out accuracy has not beaten %.3f nor the loss %.4f "
-                         "for %d evals (last progress at step %s)", self.step, e.best_accuracy,
-                         e.best_loss if e.best_loss is not None else float("nan"), cfg.early_stop_patience,
-                         e.best_step)
-                break
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
-                self._save_checkpoint()
+                if early:
+                    e = self.early
+                    log.info("early stop at step %d: held-out accuracy has not beaten %.3f nor the loss %.4f "
+                             "for %d evals (last progress at step %s)", self.step, e.best_accuracy,
+                             e.best_loss if e.best_loss is not None else float("nan"), cfg.early_stop_patience,
+                             e.best_step)
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
+                    self._save_checkpoint()
         bar.close()
         if state == "stopped":
             self._save_checkpoint()

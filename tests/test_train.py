@@ -298,6 +298,13 @@ def test_largest_step_memory_rule():
     fits = plan_memory(smollm2, 8, 512, need / MEMORY_HEADROOM * 1.01, asked=False, auto=True)
     short = plan_memory(smollm2, 8, 512, need / MEMORY_HEADROOM * 0.99, asked=False, auto=True)
     assert (fits.switched, fits.plain_gb) == (False, need) and (short.switched, short.plain_gb) == (True, need)
+    # the steps keep freed memory in the heap only where KEPT_HEAP_FACTOR times the need fits
+    from rpo_app.runestimate import KEPT_HEAP_FACTOR
+
+    assert not fits.kept_heap and not short.kept_heap
+    roomy = plan_memory(smollm2, 8, 512, KEPT_HEAP_FACTOR * need / MEMORY_HEADROOM * 1.01, asked=False, auto=True)
+    assert roomy.kept_heap and not plan_memory(smollm2, 8, 512, KEPT_HEAP_FACTOR * need / MEMORY_HEADROOM * 1.01,
+                                               asked=True, auto=True).kept_heap  # not while recomputing
     # bf16 activations take half the bytes; the head's fp32 log-softmax does not shrink
     assert step_memory_gb(smollm2, 8, 512, False, element_size=2) < need
     # plain attention keeps every layer's scores (8 x 512 with fp32 eager attention: 8.48 GB)

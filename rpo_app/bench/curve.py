@@ -357,9 +357,13 @@ def plot(summary: list[dict], path: Path) -> None:
 
     judges = sorted({e["judge"] for e in summary})
     regimes = [r for r in REGIMES if any(e["regime"] == r for e in summary)]
-    fig, axes = plt.subplots(len(regimes), len(judges), figsize=(4.2 * len(judges), 3.4 * len(regimes)),
+    # Wide enough for the title with a single panel.
+    fig, axes = plt.subplots(len(regimes), len(judges),
+                             figsize=(max(6.4, 4.2 * len(judges)), 3.4 * len(regimes)),
                              squeeze=False, sharey=True)
     styles = {"random": ":", "queue": "--", "active": "-"}
+    # Orders measured at the same budget sit a little apart, so no point hides another.
+    dodge = {"random": 1.05, "queue": 0.95, "active": 1.0}
     # One colour per loss across panels, so rpo-paired in one panel is rpo-paired in the next.
     losses = sorted({e["loss"] for e in summary})
     colours = {loss: f"C{k}" for k, loss in enumerate(losses)}
@@ -376,6 +380,7 @@ def plot(summary: list[dict], path: Path) -> None:
                              and "win_rate" in e)
                 if pts:
                     xs, ys, sd = zip(*pts)
+                    xs = [x * dodge.get(order, 1.0) for x in xs]
                     ax.errorbar(xs, ys, yerr=sd, ls=styles.get(order, "-"), marker="o", capsize=3,
                                 color=colours[loss], label=f"{loss}, {order}")
                     drawn += 1
