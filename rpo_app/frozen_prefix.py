@@ -90,11 +90,12 @@ class FrozenPrefixScorer:
     and the app's scoring job's for a later adapter (`ModelHost.sequence_logps`).
 
     `capture` is the reference pass's scorer: it scores as `sequence_logps` does and
-    keeps each sequence's input to layer `first`, in memory (4 bytes x the hidden size a
-    token: 2.3 KB on the bundled model, so 1,000 pairs of 300 tokens keep 1.4 GB). A
-    step scores from those; a sequence the reference pass did not see (a resumed run
-    reuses its saved reference log-probs) gets its hidden states from one forward pass
-    without gradients first.
+    keeps each sequence's input to layer `first`, in memory (the residual stream's dtype x
+    the hidden size a token: in training fp32, 2.3 KB on the bundled model, so 1,000
+    pairs of 300 tokens keep 1.4 GB). A step scores from those; a sequence the reference
+    pass did not see (a resumed run reuses its saved reference log-probs) gets its hidden
+    states from one forward pass without gradients first. `capture_shared` keeps the same
+    through the shared-prompt scorer (the app's scoring job).
     """
 
     def __init__(self, first: int, budget_mb: float | None = None):
