@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import resource
 import sys
@@ -46,8 +47,9 @@ DEFAULT_TRIM_THRESHOLD = 128 << 10
 DEFAULT_MMAP_MAX = 65536
 
 
+@functools.cache
 def _glibc():
-    """glibc's mallopt and malloc_trim, or None (musl, macOS, Windows)."""
+    """glibc's mallopt and malloc_trim, or None (musl, macOS, Windows); looked up once."""
     if not sys.platform.startswith("linux"):
         return None
     try:

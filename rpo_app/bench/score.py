@@ -97,7 +97,7 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
         result["precision"] = pick_precision(str(host.device))
         kept: dict = {}
         base_key = active.base_scorer(host, result["precision"])
-        for n, label in enumerate(JOBS):
+        for n, label in enumerate(JOB_NAMES):
             host.share_prefill = label != "whole"
             if label == "first, keeping nothing":
                 store.forget_answer_logps(base_key)
@@ -123,7 +123,6 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
 
 
 # The jobs, in the order they run: "first" keeps hidden states and "next" starts from them.
-JOBS = ("first", "first, keeping nothing", "next", "next, nothing kept", "whole")
 JOB_NAMES = {"first": "first adapter (base not cached)", "first, keeping nothing": "the same, keeping nothing",
              "next": "a later adapter, from kept states", "next, nothing kept": "a later adapter, nothing kept",
              "whole": "later, nothing kept, each whole"}
