@@ -370,6 +370,9 @@ def batch_sizes(n_jobs: int, batch_size: int, first: int | None = None) -> list[
 # The batch sizes a decoding step is timed at: those of a first run (batch_sizes with a
 # first batch of 2: 2, then 4x that, then full batches of 32); 2 is also the previews'.
 TIMED_ROWS = (2, 8, 32)
+# A forward pass for the Train tab's estimate is timed this many times and the fastest
+# kept: one pass of a fresh copy wandered 0.71-0.88 ms a token on a quiet 2-core Xeon.
+TIMED_PASSES = 3
 
 
 class Generated(NamedTuple):
@@ -622,9 +625,10 @@ class ModelHost:
         return self._adapter_paths.get(name)
 
     def seconds_per_token(self, precision: str = "fp32") -> float:
-        """Seconds of one forward pass per token on this machine in the given arithmetic
-        (models.pick_precision: a run's bf16 autocast is 2-3x faster on a CPU with bf16
-        instructions): timed once, then kept (the Train tab's time estimate)."""
+        """Seconds of one forward pass per token on this machine as a training run will
+        compute it in the given arithmetic (models.pick_precision: a run's bf16 autocast is
+        2-3x faster on a CPU with bf16 instructions): timed once, then kept (the Train
+        tab's time estimate). See trainer_forward_model for what is timed."""
         import contextlib
 
         import torch
@@ -636,14 +640,44 @@ class ModelHost:
                         else contextlib.nullcontext())
 
             def timed_pass() -> float:
+                model = self.trainer_forward_model(precision)
+                times = []
                 with torch.inference_mode(), autocast:
-                    self.base(input_ids=ids)  # warm-up: the first pass allocates
-                    t0 = time.perf_counter()
-                    self.base(input_ids=ids)
-                    return (time.perf_counter() - t0) / ids.numel()
+                    model(input_ids=ids)  # warm-up: the first pass allocates
+                    for _ in range(TIMED_PASSES):
+                        t0 = time.perf_counter()
+                        model(input_ids=ids)
+                        times.append(time.perf_counter() - t0)
+                return min(times) / ids.numel()
 
             timed[precision] = self._computing(timed_pass, share_cores=False)
         return timed[precision]
+
+    def trainer_forward_model(self, precision: str):
+        """The base model as a run's child computes it: its weights in models.pick_dtype's
+        dtype, its attention models.training_attention's. A host that holds bf16 weights,
+        or another attention, gives a copy in the run's form, where the memory the run's own
+        copy will need is free anyway (a bf16 host's own pass ran 0.43-0.52 ms a token, the
+        run's form 0.71-0.88: 2 threads, a 2-core Xeon with AMX); else the host's model (the
+        first run's phase rates then correct the estimate, runestimate.estimate_phases)."""
+        import copy
+
+        from rpo_app.heap import free_memory_gb
+        from rpo_app.models import pick_dtype, training_attention
+
+        model = self.base
+        dtype = pick_dtype(str(self.device))
+        attention = training_attention(str(self.device), precision)
+        now = getattr(model.config, "_attn_implementation", None)
+        if next(model.parameters()).dtype == dtype and attention in (None, now):
+            return model
+        size_gb = sum(p.numel() for p in model.parameters()) * dtype.itemsize / 1e9
+        if size_gb > 0.5 * free_memory_gb(self.device):
+            return model
+        twin = copy.deepcopy(model).to(dtype)
+        if attention and attention != now:
+            twin.set_attn_implementation(attention)
+        return twin.eval()
 
     def decode_timing(self, measure: bool = True) -> "DecodeSpeed | None":
         """This machine's seconds per decoding step at each of TIMED_ROWS batch sizes:

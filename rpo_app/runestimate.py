@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # A LoRA training step (forward, backward through the frozen base, optimizer) costs
-# about this many forward passes of the same tokens, by the run's arithmetic: measured on
-# 2 CPU cores with the bundled model (LoRA r=16, all linear layers, batch 8 pairs), fp32
-# 2.2-2.4 and bf16 autocast 3.4 (its backward gains less than its forward), rounded up.
-# Used until a finished run on this machine has measured its own step speed.
-STEP_FORWARDS = {"fp32": 2.5, "bf16": 3.5}
+# about this many forward passes of the same tokens, as the run computes them
+# (generate.ModelHost.trainer_forward_model): measured on 2 CPU cores with the bundled
+# model, fp32 2.2-2.4 (LoRA r=16, all linear layers, batch 8 pairs), rounded up; bf16
+# autocast 3.1 (its backward gains less than its forward: a default run over 32 pairs on
+# a 2-core Xeon with AMX, 40 steps in 81.9 s against 91.7 estimated at 3.5). Used until
+# a finished run on this machine has measured its own step speed.
+STEP_FORWARDS = {"fp32": 2.5, "bf16": 3.1}
 # LoRA on the top k of n decoder layers (rpo_app.frozen_prefix): a step runs those layers
 # from the kept hidden states, the LM head and the optimizer. Measured on the bundled model
 # (a step's forward and backward over 8 sequences of 120-250 tokens, fp32, 1 thread, a
@@ -116,10 +118,9 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
     checkpointing or not as `measured_with_checkpointing` says, and LoRA on the layers
     that make `measured_step_share` (else the forward timing times STEP_FORWARDS,
     without, on every layer). `rates`: seconds per token of the phases that count tokens
-    in that run (RunStatus.phase_rates), which replace the forward timing: it times the
-    app's model, whose weights a bf16 host holds in bf16, where the trainer runs fp32
-    weights under autocast (0.37 against 0.46 ms a token, 2 threads, a 2-core Xeon with
-    AMX)."""
+    in that run (RunStatus.phase_rates), which replace the forward timing: measured on the
+    run's own passes, they include what one timed pass leaves out (page faults, the
+    lengths' spread)."""
     past, rates = past or {}, rates or {}
     scored = shape.train_seqs + shape.eval_seqs
     reference = rates.get("scoring the answers with the base model", forward_s_per_token)

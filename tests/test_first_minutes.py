@@ -374,7 +374,7 @@ def test_a_run_reports_every_phase_in_order(tmp_path, tiny_model_dir, data_dir):
 
 
 def test_estimate_covers_every_phase():
-    from rpo_app.runestimate import estimate_phases, run_shape
+    from rpo_app.runestimate import STEP_FORWARDS, estimate_phases, run_shape
     from rpo_app.trainconfig import TrainConfig
 
     cfg = TrainConfig()  # the defaults: 60 steps, eval every 20, previews every 50
@@ -385,11 +385,12 @@ def test_estimate_covers_every_phase():
                              past={"loading the model": 9.0})
     assert list(phases) == list(PHASES)  # every phase, in run order
     assert phases["loading the model"] == 9.0
-    assert phases["training"] == pytest.approx(60 * 2.5 * 0.002 * 16 * 170)
+    assert phases["training"] == pytest.approx(60 * STEP_FORWARDS["fp32"] * 0.002 * 16 * 170)
     assert phases["previews"] == pytest.approx(phases["the final previews"])
     # bf16 autocast: its backward gains less than its forward, so more forwards per step
     bf16 = estimate_phases(shape, 0.002, _SPEED, precision="bf16")
-    assert bf16["training"] == pytest.approx(60 * 3.5 * 0.002 * 16 * 170)
+    assert STEP_FORWARDS["bf16"] > STEP_FORWARDS["fp32"]
+    assert bf16["training"] == pytest.approx(60 * STEP_FORWARDS["bf16"] * 0.002 * 16 * 170)
     # a step speed measured by an earlier run here wins over the forward-pass rule
     measured = estimate_phases(shape, 0.002, _SPEED, step_s_per_token=0.004)
     assert measured["training"] == pytest.approx(60 * 0.004 * 16 * 170)

@@ -435,6 +435,28 @@ def test_adapter_takes_the_weights_dtype_and_scores_like_the_fp32_one(model_dir,
     assert ours != pytest.approx(base, rel=1e-3, abs=tokens * 2 ** -4)  # the adapter is in use
 
 
+def test_the_estimate_times_the_model_as_a_run_computes_it(model_dir):
+    """A run's child loads fp32 weights on a CPU, with eager attention under bf16 autocast
+    (models.training_attention): a bf16 host times a copy in that form and stays as it was;
+    an fp32 host with fp32 arithmetic times itself."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    host = ModelHost.from_loaded(bf16, tok, "tiny-bf16")
+    twin = host.trainer_forward_model("bf16")
+    assert twin is not bf16
+    assert {p.dtype for p in twin.parameters()} == {torch.float32}
+    assert twin.config._attn_implementation == "eager" and not twin.training
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.config._attn_implementation != "eager"
+    assert host.seconds_per_token("bf16") > 0
+
+    fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert ModelHost.from_loaded(fp32, tok, "tiny-fp32").trainer_forward_model("fp32") is fp32
+
+
 def test_own_thread_runs_every_computation_there_with_the_same_results(model_dir, tiny_adapter):
     """The app's host computes on one thread of its own whichever thread asks (a second
     computing thread makes OpenMP stop spin-waiting: cpushare), with the answers and
