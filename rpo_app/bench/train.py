@@ -359,6 +359,8 @@ def e2e_summary(ours: dict, trl: dict) -> dict:
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from rpo_app.trainconfig import TrainConfig
+
     parser.add_argument("--out", help="write the results as JSON to this file (or bench_train.json in this folder)")
     parser.add_argument("--model", default=None, help="HF id or folder (default: bundled SmolLM2)")
     parser.add_argument("--data-dir", default=None, help="data dir holding the converted default model")
@@ -392,7 +394,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="steps of each whole run at --batch-size (default: the product's "
                              "default run on these pairs, its own steps and batch size)")
     parser.add_argument("--previews", type=int, default=2, help="preview prompts in each whole run")
-    parser.add_argument("--preview-tokens", type=int, default=96,
+    parser.add_argument("--preview-tokens", type=int, default=TrainConfig.sample_max_new_tokens,
                         help="new tokens per preview (the trainer's default)")
     parser.add_argument("--e2e-side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     return parser
