@@ -603,10 +603,10 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, judgment
     assert resumed.returncode == 0, err[-2000:]
     assert status(out)["state"] == "finished" and status(out)["step"] == 60
     # Same data order, optimizer, scheduler and dropout RNG: the same losses, step by step.
-    # Not to the last bit: a GEMM's rounding can follow its buffers' alignment, and the
-    # heap's layout follows which thread allocated first. On a loaded 2-core Xeon 2 runs of
-    # 8 ended 1.0e-5 apart at step 56 (0.0130833 against 0.0130834). A resume that skips
-    # the dropout RNG's state is 2.5e-3 off at its first step, one that skips the
+    # Not to the last bit: on a loaded 2-core Xeon 2 runs of 8 ended 1.0e-5 apart at step
+    # 56, both with the same two figures (0.0130833 against 0.0130834), so something the
+    # process picks at run time differs, not the data (not traced further). A resume that
+    # skips the dropout RNG's state is 2.5e-3 off at its first step, one that skips the
     # optimizer's 5%.
     got = read_jsonl(out / "metrics.jsonl")
     want = read_jsonl(whole / "metrics.jsonl")
