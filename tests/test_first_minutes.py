@@ -3,6 +3,7 @@ the background generation job, the first-run path of the Label tab, run phases w
 their own progress, the up-front estimate, and how the app and a run share the cores."""
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -515,6 +516,31 @@ def test_app_marker_and_run_threads(tmp_path):
         assert cpushare.RunShare(tmp_path, fixed=2, cores=4).adjust() == 2  # --cpu-threads wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_marker_left_by_an_app_that_is_gone_counts_for_nothing(tmp_path):
+    """An app stopped in the middle of a job leaves its marker: a later run in the data
+    dir keeps every core, and the next app clears it. A marker without a process id (an
+    older app's) still counts."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    marker = cpushare.marker_path(tmp_path)
+    marker.write_text(str(gone.pid))
+    assert not cpushare.app_busy(marker)
+    assert cpushare.RunShare(tmp_path, cores=4).adjust() == 4
+    marker.write_text(str(os.getpid()))
+    assert cpushare.app_busy(marker)
+    assert cpushare.RunShare(tmp_path, cores=4).adjust() == 3
+    marker.write_text("")
+    assert cpushare.app_busy(marker)
+    marker.write_text(str(gone.pid))
+    app = cpushare.AppShare(tmp_path, run_active=lambda: False, cores=4)
+    assert not marker.exists()
+    with app.busy():
+        assert marker.read_text() == str(os.getpid())
 
 
 def test_the_app_host_computes_inside_the_share(tmp_path, tiny_host):
