@@ -540,3 +540,17 @@ def test_gradio_queue_polls_gently_when_idle():
     assert app_ui.quiet_queue(demo)
     assert demo._queue.sleep_when_free == app_ui.QUEUE_IDLE_POLL_S
     assert demo._queue.progress_update_sleep_when_free == app_ui.QUEUE_PROGRESS_POLL_S
+
+
+def test_the_device_line_names_the_arithmetic_a_default_run_uses(monkeypatch):
+    """On a CPU with bf16 instructions a default run trains under bf16 autocast; the line
+    said fp32 whatever the CPU."""
+    import torch
+
+    import rpo_app.models as models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert "bf16 autocast" in train._device_line() and "fp32" not in train._device_line()
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert train._device_line().split("),")[1].startswith(" fp32.")

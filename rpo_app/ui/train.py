@@ -552,7 +552,12 @@ def _device_line() -> str:
         props = torch.cuda.get_device_properties(0)
         return (f"**GPU:** {props.name}, {props.total_memory / 2**30:.0f} GiB "
                 f"({torch.cuda.device_count()} visible) · training uses bf16")
-    return (f"**No GPU found:** training runs on the CPU ({os.cpu_count()} cores), fp32. "
+    from rpo_app.models import pick_precision
+
+    # What a run with the default precision computes in (its config's "auto").
+    arithmetic = ("bf16 autocast (this CPU has bf16 instructions)" if pick_precision("cpu") == "bf16"
+                  else "fp32")
+    return (f"**No GPU found:** training runs on the CPU ({os.cpu_count()} cores), {arithmetic}. "
             "Fine for the bundled 135M model and a few hundred steps.")
 
 
