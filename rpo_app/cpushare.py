@@ -86,19 +86,9 @@ def app_busy(marker: Path) -> bool:
         return False
     except (OSError, ValueError):
         return marker.exists()
-    return process_alive(pid)
+    import psutil
 
-
-def process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: a check, nothing is sent
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # another user's process, or no way to tell
-        return True
-    return True
+    return psutil.pid_exists(pid)
 
 
 def _set_torch_threads(n: int) -> None:

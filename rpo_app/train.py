@@ -13,8 +13,8 @@ functions so that building the CLI parser stays instant.
 """
 from __future__ import annotations
 
-import contextlib
 import argparse
+import contextlib
 import hashlib
 import json
 import logging

@@ -548,13 +548,13 @@ def _small_sets() -> str:
 def _device_line() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return (f"**GPU:** {props.name}, {props.total_memory / 2**30:.0f} GiB "
-                f"({torch.cuda.device_count()} visible) · training uses bf16")
     from rpo_app.models import pick_precision
 
     # What a run with the default precision computes in (its config's "auto").
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return (f"**GPU:** {props.name}, {props.total_memory / 2**30:.0f} GiB "
+                f"({torch.cuda.device_count()} visible) · training uses {pick_precision('cuda')}")
     arithmetic = ("bf16 autocast (this CPU has bf16 instructions)" if pick_precision("cpu") == "bf16"
                   else "fp32")
     return (f"**No GPU found:** training runs on the CPU ({os.cpu_count()} cores), {arithmetic}. "
