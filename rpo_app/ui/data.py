@@ -293,9 +293,10 @@ def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
                   api_name=False)
     gr.api(on_generate_api, api_name="generate_candidates", concurrency_limit=1,
            concurrency_id="model")
-    gr.Timer(2.0).tick(functools.partial(poll, ctx), shown,
-                       [gen_status, stats_table, prompts_table, shown], api_name=False,
-                       show_progress="hidden")
+    poll_outputs = [gen_status, stats_table, prompts_table, shown]
+    timer = gr.Timer(2.0, active=False)  # ticking while this tab is shown (ui.app)
+    timer.tick(functools.partial(poll, ctx), shown, poll_outputs, api_name=False,
+               show_progress="hidden")
     gen_adapter.focus(functools.partial(adapter_choices, ctx), None, gen_adapter, api_name=False)
     suspect_views = [suspects_info, suspects_table]
     suspects_box.expand(functools.partial(suspects_view, ctx), None, suspect_views, api_name=False)
@@ -312,7 +313,9 @@ def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
                           [suspects_status, *suspect_views], api_name="suspect_rejudge")
         retract_btn.click(on_retract, [suspect_id, annotator_box],
                           [suspects_status, *suspect_views], api_name="suspect_retract")
-    return {"refresh": functools.partial(refresh, ctx), "outputs": [stats_table, prompts_table]}
+    return {"refresh": functools.partial(refresh, ctx), "outputs": [stats_table, prompts_table],
+            "timer": timer, "poll": functools.partial(poll, ctx), "poll_inputs": [shown],
+            "poll_outputs": poll_outputs}
 
 
 def _refresh_index(ctx: AppContext) -> None:

@@ -690,8 +690,9 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
                     concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
     mismatch = gr.State(None)  # what `sync` saw on the tick before
     behind = gr.Number(visible="hidden")  # set when the page was left behind: draw it again
-    gr.Timer(2.0).tick(on_tick, [token, shown, mismatch, order], [order_info, mismatch, behind],
-                       api_name=False, show_progress="hidden")
+    tick_timer = gr.Timer(2.0)  # the app ticks it only while this tab is shown (ui.app)
+    tick_timer.tick(on_tick, [token, shown, mismatch, order], [order_info, mismatch, behind],
+                    api_name=False, show_progress="hidden")
     behind.change(on_redraw, [token, *base_inputs], view, api_name=False, show_progress="hidden")
     for button, verdict, api in [(b_left, "left", "label_left"), (b_right, "right", "label_right"),
                                  (b_tie, "tie", "label_tie"), (b_bad, "both_bad", "label_both_bad"),
@@ -714,7 +715,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox) -> dict:
     annotator_box.submit(on_show, base_inputs, view, api_name=False,
                          concurrency_id=FIRST_ITEM_GROUP, concurrency_limit=1)
     _register_api(ctx)
-    return {"view": view, "poll": on_poll, "poll_inputs": [token, *base_inputs]}
+    return {"view": view, "poll": on_poll, "poll_inputs": [token, *base_inputs], "timer": tick_timer}
 
 
 # -- writing a better answer -------------------------------------------------------------

@@ -518,7 +518,7 @@ def build(ctx: AppContext) -> dict:
     start.click(by_name(start_run), form_inputs, [run_id, *live], api_name="train_start").then(
         functools.partial(runs_view, ctx), None, runs_outputs, api_name=False)
     stop.click(functools.partial(stop_run, ctx), run_id, live, api_name="train_stop")
-    timer = gr.Timer(2.0)
+    timer = gr.Timer(2.0, active=False)  # ticking while this tab is shown (ui.app)
     timer.tick(functools.partial(watch, ctx), [run_id, drawn], live, api_name=False,
                show_progress="hidden", concurrency_limit=None)
     cmp_btn.click(functools.partial(compare, ctx), [cmp_a, cmp_b], cmp_plot,
@@ -532,7 +532,9 @@ def build(ctx: AppContext) -> dict:
 
     gr.api(train_status, api_name="train_status")
     return {"load": by_name(load_view), "load_inputs": form_inputs,
-            "load_outputs": [device_md, usable, *runs_outputs]}
+            "load_outputs": [device_md, usable, *runs_outputs], "timer": timer,
+            "watch": functools.partial(watch, ctx), "watch_inputs": [run_id, drawn],
+            "watch_outputs": live}
 
 
 # -- formatting ---------------------------------------------------------------------------
