@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from rpo_app.config import ServeConfig, resolve_data_dir
 from rpo_app.store import StoreError
@@ -16,6 +17,7 @@ from rpo_app.ui import label as label_tab
 from rpo_app.ui import team as team_tab
 from rpo_app.ui import train as train_tab
 from rpo_app.ui.context import AppContext
+from rpo_app.ui.earlyjs import EarlyScript
 
 log = logging.getLogger(__name__)
 
@@ -165,5 +167,6 @@ def main_from_args(args) -> int:
     demo.launch(server_name=cfg.host, server_port=cfg.port, auth=cfg.auth or None,
                 theme=gr.themes.Soft(), css=CSS + label_tab.RANK_CSS,
                 head=label_tab.KEYBOARD_JS + label_tab.RANK_JS,
+                app_kwargs={"middleware": [Middleware(EarlyScript)]},
                 show_error=True, footer_links=[])
     return 0
