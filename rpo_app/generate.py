@@ -31,9 +31,13 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 from rpo_app import chat_template
+from rpo_app.cpushare import Unshared
+
+if TYPE_CHECKING:
+    from rpo_app.cpushare import AppShare
 
 log = logging.getLogger(__name__)
 
@@ -547,9 +551,9 @@ class ModelHost:
         self.stop_ids = chat_template.stop_token_ids(tokenizer, model)
         self._adapter_paths: dict[str, str] = {}
         self.share_prefill = True  # see _shared_prefill; off = plain left padding
-        # Wraps every computation (the app passes cpushare.AppShare.busy, so a training
-        # run gives back cores while this model generates).
-        self.compute: Callable[[], ContextManager] = nullcontext
+        # How this model shares the cores with training runs (the app's is a
+        # cpushare.AppShare: a run gives back cores while this model computes).
+        self.share: AppShare | Unshared = Unshared()
         self._own_thread: _ModelThread | None = None
         # One decode timing at a time: the app times the model in the background at
         # start-up, and a first-run click during it timed it a second time before its
@@ -571,19 +575,20 @@ class ModelHost:
     def _computing(self, fn: Callable[[], Any], share_cores: bool = True,
                    urgent: bool = False) -> Any:
         """fn() holding the model (self.lock) and, with share_cores, the app's cores
-        (self.compute), on the host's own thread when it has one; `urgent` goes ahead of
+        (self.share), on the host's own thread when it has one; `urgent` goes ahead of
         the calls waiting there and into a candidate batch between its steps."""
         def locked():
-            with self.lock, self.compute() if share_cores else nullcontext():
+            with self.lock, self.share.busy() if share_cores else nullcontext():
                 return fn()
 
         return locked() if self._own_thread is None else self._own_thread.call(locked, urgent)
 
     def _let_urgent_in(self) -> None:
-        """Between two decoding steps of a candidate batch: run the chat turns waiting, so
-        a chat answers at once rather than after the batch (12 s for 32 answers of 192
+        """Between two decoding steps of a candidate batch: the cores' share as it is now,
+        and the chat turns waiting, so a chat answers at once rather than after the batch (12 s for 32 answers of 192
         tokens on a 2-core Xeon with AMX; longer on slower CPUs). They set the adapters up
         for themselves; the batch's setup is put back after them."""
+        self.share.rebalance()  # a run started since the batch began takes its share now
         if self._own_thread is None or not self._own_thread.urgent_waiting():
             return
         state = self._adapter_state()
@@ -628,7 +633,8 @@ class ModelHost:
         """Seconds of one forward pass per token on this machine as a training run will
         compute it in the given arithmetic (models.pick_precision: a run's bf16 autocast is
         2-3x faster on a CPU with bf16 instructions): timed once, then kept (the Train
-        tab's time estimate). See trainer_forward_model for what is timed."""
+        tab's time estimate), unless a run shared the cores (_timed). See
+        trainer_forward_model for what is timed."""
         import contextlib
 
         import torch
@@ -650,8 +656,19 @@ class ModelHost:
                         times.append(time.perf_counter() - t0)
                 return min(times) / ids.numel()
 
-            timed[precision] = self._computing(timed_pass, share_cores=False)
+            value, alone = self._timed(lambda: self._computing(timed_pass))
+            if not alone:
+                return value
+            timed[precision] = value
         return timed[precision]
+
+    def _timed(self, measure: Callable[[], Any]) -> tuple[Any, bool]:
+        """measure() (which computes as everything does, holding the cores' share), and
+        whether it had the machine to itself: a timing taken beside a training run measures
+        the share, not this machine, and is not kept (it is taken again later)."""
+        alone = not self.share.run_active()
+        value = measure()
+        return value, alone and not self.share.run_active()
 
     def trainer_forward_model(self, precision: str):
         """The base model as a run's child computes it: its weights in models.pick_dtype's
@@ -681,14 +698,18 @@ class ModelHost:
 
     def decode_timing(self, measure: bool = True) -> "DecodeSpeed | None":
         """This machine's seconds per decoding step at each of TIMED_ROWS batch sizes:
-        short generations with the default sampling, timed once, then kept (see
-        DecodeSpeed). With measure=False: None until it has been timed. A caller that
-        comes while another thread is timing waits for that timing."""
+        short generations with the default sampling, timed once, then kept unless a run
+        shared the cores (see DecodeSpeed, _timed). With measure=False: None until it has
+        been timed. A caller that comes while another thread is timing waits for that
+        timing."""
         if self._decode_timing is not None or not measure:
             return self._decode_timing
         with self._timing_lock:
             if self._decode_timing is None:
-                self._decode_timing = self._time_decoding()
+                speed, alone = self._timed(self._time_decoding)
+                if not alone:
+                    return speed
+                self._decode_timing = speed
             return self._decode_timing
 
     def _time_decoding(self) -> "DecodeSpeed":

@@ -395,7 +395,7 @@ class Trainer:
             ref.append(score_all(self.acc, self.model, data, self.pad_id, chunk, self.keep_by_mask,
                                  adapter=False, should_stop=lambda: self.stop_flag,
                                  scorer=self.prefix.capture if self.prefix else None,
-                                 progress=lambda done, _t, o=offset: self.run.phase_progress(o + done)))
+                                 progress=lambda done, _t, o=offset: self._scored(o + done)))
             if ref[-1] is None:
                 return None, None
         self.ref_seconds = time.time() - t0
@@ -407,6 +407,12 @@ class Trainer:
             torch.save({"fingerprint": fingerprint, "train": ref[0].cpu(), "eval": ref[1].cpu()}, tmp)
             os.replace(tmp, cache)
         return ref[0], ref[1]
+
+    def _scored(self, done: int) -> None:
+        """Between two batches of the reference pass: its progress, and the cores' share as
+        it is now (the app may have started computing since the pass began)."""
+        self.run.phase_progress(done)
+        self.cpu.adjust()
 
     def _check_prefix(self) -> None:
         """The steps run the whole model where starting from the kept hidden states does

@@ -543,17 +543,93 @@ def test_a_marker_left_by_an_app_that_is_gone_counts_for_nothing(tmp_path):
         assert marker.read_text() == str(os.getpid())
 
 
+def test_long_work_takes_the_share_as_it_is_now(tmp_path, monkeypatch):
+    """A run that starts while the app is in the middle of long work (a batch of answers)
+    gets its share at once from the marker, and the app drops to its own share at its
+    next step (rebalance), not when the work ends; when the run ends it takes the cores
+    back. rebalance does nothing outside busy() and looks at most every REBALANCE_EVERY_S."""
+    import torch
+
+    monkeypatch.setattr(cpushare, "REBALANCE_EVERY_S", 0.0)
+    active = {"run": False}
+    app = cpushare.AppShare(tmp_path, run_active=lambda: active["run"], cores=4)
+    run = cpushare.RunShare(tmp_path, cores=4)
+    seen = {}
+
+    def work():
+        with app.busy():
+            seen["start"] = torch.get_num_threads()
+            active["run"] = True
+            seen["run"] = run.adjust()
+            app.rebalance()
+            seen["run started"] = torch.get_num_threads()
+            active["run"] = False
+            app.rebalance()
+            seen["run ended"] = torch.get_num_threads()
+            monkeypatch.setattr(cpushare, "REBALANCE_EVERY_S", 3600.0)
+            active["run"] = True
+            app.rebalance()
+            seen["looked just now"] = torch.get_num_threads()
+        app.rebalance()
+        seen["outside"] = torch.get_num_threads()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == {"start": 4, "run": 3, "run started": 1, "run ended": 4, "looked just now": 4,
+                    "outside": 4}
+
+
+def test_timings_hold_the_share_and_are_not_kept_beside_a_run(tmp_path, tiny_model_dir):
+    """The Train tab's forward timing once computed without the marker: a run started
+    during it kept every core beside the app's threads. A timing taken while a run trains
+    measures the share, so it is given to its caller but not kept; the next one, alone, is."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    host = ModelHost.from_loaded(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                 AutoTokenizer.from_pretrained(tiny_model_dir), "tiny")
+    active = {"run": True}
+    app = cpushare.AppShare(tmp_path, run_active=lambda: active["run"])
+    marked = []
+    real_busy = app.busy
+
+    @contextlib.contextmanager
+    def busy():
+        with real_busy() as n:
+            marked.append(app.marker.exists())
+            yield n
+
+    app.busy = busy
+    host.share = app
+    assert host.seconds_per_token("fp32") > 0
+    assert host.decode_timing() is not None
+    assert marked and all(marked)
+    assert "fp32" not in host.__dict__.get("_seconds_per_token", {})
+    assert host.decode_timing(measure=False) is None
+    active["run"] = False
+    kept = host.seconds_per_token("fp32")
+    assert host._seconds_per_token["fp32"] == kept
+    speed = host.decode_timing()
+    assert host.decode_timing(measure=False) is speed
+    assert not app.marker.exists()
+
+
 def test_the_app_host_computes_inside_the_share(tmp_path, tiny_host):
     calls = []
     app = cpushare.AppShare(tmp_path, run_active=lambda: False, cores=cpushare.available_cores())
 
+    real_busy = app.busy
+
     def busy():
         calls.append(app.marker)
-        return app.busy()
+        return real_busy()
 
-    saved, tiny_host.compute = tiny_host.compute, busy
+    app.busy = busy
+    saved, tiny_host.share = tiny_host.share, app
     try:
         tiny_host.generate(["Hi."], 1, GenSettings(temperature=0, max_new_tokens=2))
     finally:
-        tiny_host.compute = saved
+        tiny_host.share = saved
     assert calls and not app.marker.exists()

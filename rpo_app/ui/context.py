@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime
 
 import gradio as gr
@@ -22,6 +23,7 @@ from rpo_app.ui.chat_streams import ChatStreams
 
 log = logging.getLogger(__name__)
 
+RUN_POLL_S = 5.0  # the start-up timing waits this long between looks at a training run
 
 
 class _Loader:
@@ -123,7 +125,7 @@ class AppContext:
         with self._load_lock:
             host = ModelHost(self.cfg.model, data_dir=self.layout.root, device=self.cfg.device,
                              trust_remote_code=self.cfg.trust_remote_code)
-        host.compute = self.cpu.busy
+        host.share = self.cpu
         host.use_own_thread()  # chat, jobs and timings arrive on many threads
         for adapter in self.store.adapters():
             self._load_adapter(host, adapter)
@@ -131,11 +133,14 @@ class AppContext:
         # forward speed of a run's arithmetic: time both now, in the background, so the
         # tabs quote them without a wait (a newcomer's Train tab waited a minute for the
         # model behind the first answers); after the embedder has indexed the prompts,
-        # which would otherwise share the cores and make the quoted time 4x too long.
+        # which would otherwise share the cores and make the quoted time 4x too long,
+        # and when no run trains (a timing beside one is not kept: ModelHost._timed).
         def time_model():
             from rpo_app.models import pick_precision
 
             self._index.wait(600)
+            while self.cpu.run_active():
+                time.sleep(RUN_POLL_S)
             host.decode_timing()
             host.seconds_per_token(pick_precision(str(host.device), "auto"))
 
