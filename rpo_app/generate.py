@@ -585,9 +585,10 @@ class ModelHost:
 
     def _let_urgent_in(self) -> None:
         """Between two decoding steps of a candidate batch: the cores' share as it is now,
-        and the chat turns waiting, so a chat answers at once rather than after the batch (12 s for 32 answers of 192
-        tokens on a 2-core Xeon with AMX; longer on slower CPUs). They set the adapters up
-        for themselves; the batch's setup is put back after them."""
+        and the chat turns waiting, so a chat answers at once rather than after the batch
+        (12 s for 32 answers of 192 tokens on a 2-core Xeon with AMX; longer on slower
+        CPUs). They set the adapters up for themselves; the batch's setup is put back
+        after them."""
         self.share.rebalance()  # a run started since the batch began takes its share now
         if self._own_thread is None or not self._own_thread.urgent_waiting():
             return
