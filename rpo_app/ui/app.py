@@ -67,6 +67,23 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             chat["load"], chat["load_inputs"], chat["load_outputs"], api_name=False,
             concurrency_id=chat_tab.VOTES_GROUP, concurrency_limit=1)
         annotator.change(lambda name: name, annotator, remembered, api_name=False)
+        # A tab's timer ticks only while the tab is shown (a timer ticks from the moment
+        # its tab is first drawn). Every tick is a request and an update in the browser,
+        # answered or skipped: once the Label, Train and Data tabs had been opened, an idle
+        # page took 0.16-0.21 cores of chromium's time on 2 cores, and a training run beside
+        # it went 2.01-2.11 s a step against 1.73 with the page closed. On arrival the Train
+        # and Data tabs draw at once rather than a tick later. These listeners come first:
+        # the browser runs one trigger's listeners one after another, each to its end, and
+        # the Train tab's estimate below can take seconds (its timer and run view waited).
+        timers = {"label": label["timer"], "train": train["timer"], "data": data["timer"]}
+        for page, shown_tab in ((label_page, "label"), (train_page, "train"), (chat_page, "chat"),
+                                (data_page, "data"), (team_page, "team")):
+            page.select(functools.partial(_tab_timers, list(timers), shown_tab), None,
+                        list(timers.values()), api_name=False, show_progress="hidden")
+        train_page.select(train["watch"], train["watch_inputs"], train["watch_outputs"],
+                          api_name=False, show_progress="hidden")
+        data_page.select(data["poll"], data["poll_inputs"], data["poll_outputs"], api_name=False,
+                         show_progress="hidden")
         # Judgments made since the page loaded: the count, the check and the estimate
         # are the store's now, not those of an empty store at page load.
         train_page.select(train["load"], train["load_inputs"], train["load_outputs"], api_name=False)
@@ -79,21 +96,6 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                           concurrency_id=label_tab.FIRST_ITEM_GROUP, concurrency_limit=1)
         # Figures are computed when someone looks, not on every page load.
         team_page.select(team["load"], None, team["load_outputs"], api_name=False)
-        # A tab's timer ticks only while the tab is shown (a timer ticks from the moment
-        # its tab is first drawn). Every tick is a request and an update in the browser,
-        # answered or skipped: once the Label, Train and Data tabs had been opened, an idle
-        # page took 0.16-0.21 cores of chromium's time on 2 cores, and a training run beside
-        # it went 2.01-2.11 s a step against 1.73 with the page closed. On arrival the Train
-        # and Data tabs draw at once rather than a tick later.
-        timers = {"label": label["timer"], "train": train["timer"], "data": data["timer"]}
-        for page, shown_tab in ((label_page, "label"), (train_page, "train"), (chat_page, "chat"),
-                                (data_page, "data"), (team_page, "team")):
-            page.select(functools.partial(_tab_timers, list(timers), shown_tab), None,
-                        list(timers.values()), api_name=False, show_progress="hidden")
-        train_page.select(train["watch"], train["watch_inputs"], train["watch_outputs"],
-                          api_name=False, show_progress="hidden")
-        data_page.select(data["poll"], data["poll_inputs"], data["poll_outputs"], api_name=False,
-                         show_progress="hidden")
         # Until the model has loaded or failed: after that the line never changes, and
         # every tick is work for the app and the browser beside the model.
         timer = gr.Timer(3.0)
