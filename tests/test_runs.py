@@ -67,7 +67,10 @@ def test_stop_keeps_a_loadable_checkpoint(manager, tiny_model_dir):
 
 def test_killed_run_is_failed_then_resumes(manager, tiny_model_dir, data_dir):
     runs, store = manager
-    run_id = runs.start(_config(tiny_model_dir, steps=6))
+    # Long enough that it cannot end between the poll that sees step 2 and the kill: with
+    # 6 steps, a loaded CI machine once saw the run finished before it could kill it.
+    steps = 40
+    run_id = runs.start(_config(tiny_model_dir, steps=steps))
     st = _wait_step(runs, run_id, 2)
     os.kill(st.pid or store.run(run_id)["pid"], signal.SIGKILL)
     # wait() returns once the watcher has recorded the end in the store too; status.json
@@ -78,7 +81,7 @@ def test_killed_run_is_failed_then_resumes(manager, tiny_model_dir, data_dir):
     run_dir = runs.layout.run_dir(run_id)
     runs.resume(run_id)
     st = runs.wait(run_id, timeout=600)
-    assert st.state == "finished" and st.step == 6, runs.log_tail(run_id)
+    assert st.state == "finished" and st.step == steps, runs.log_tail(run_id)
     assert (run_dir / "adapter" / "adapter_config.json").exists()
     # A finished run's adapter is registered for chat and generation.
     assert store.adapter_for_run(run_id) is not None
