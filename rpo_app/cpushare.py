@@ -13,8 +13,8 @@ any core count:
 - a run while the app computes: the app keeps `app_share(cores)` threads, the run the rest.
 
 The app says it is computing by holding a marker file in the data dir (`AppShare.busy`);
-a run looks at the marker before each step and each preview (`RunShare.adjust`), so it
-hands cores back within one step. The marker names the app's process: one left behind by
+a run looks at the marker before each step (`RunShare.adjust`) and every half second
+inside long work (`RunShare.follow`), so it hands cores back within a step. The marker names the app's process: one left behind by
 an app stopped or killed in the middle of a job (a scoring job after a run, a chat turn)
 counts for nothing once that process is gone (`app_busy`). Before, such a marker held
 every later run in that data dir to the run's share of the cores: a default run over 32
@@ -22,7 +22,7 @@ pairs on 2 cores took 3.2 s a step against 2.0 with both.
 
 torch's thread count is per OS thread under OpenMP (set in one thread, it does not
 change another's), so each side sets it in the thread that is about to compute, and
-again between the steps of long work (`AppShare.rebalance`, `RunShare.adjust`): a run
+again between the steps of long work (`AppShare.rebalance`, `RunShare.follow`): a run
 that starts while the app decodes a batch, or the app that starts computing while a run
 scores its answers, is followed within a step rather than at the end of the work. A run
 started 3 s into a batch of 32 answers of 192 tokens (2 cores, twice each): the batch
@@ -176,7 +176,8 @@ class Unshared:
 
 
 class RunShare:
-    """A training run's side: call `adjust()` before each step and each preview."""
+    """A training run's side: call `adjust()` before each step, `follow()` inside long
+    work (the reference pass, previews, evaluation)."""
 
     def __init__(self, data_dir: str | os.PathLike, fixed: int | None = None,
                  cores: int | None = None):
@@ -184,6 +185,7 @@ class RunShare:
         self.fixed = fixed  # --cpu-threads: the user decided, nothing adapts
         self.cores = cores or available_cores()
         self.current: int | None = None
+        self._looked = 0.0  # when follow last looked
 
     def adjust(self) -> int:
         n = self.fixed or run_threads(self.cores, app_busy(self.marker))
@@ -194,3 +196,11 @@ class RunShare:
             self.current = n
             _set_torch_threads(n)
         return n
+
+    def follow(self) -> None:
+        """Between two steps of long work, in its thread: `adjust()`, at most every
+        REBALANCE_EVERY_S (a preview decodes a token every few tens of milliseconds)."""
+        now = time.monotonic()
+        if now - self._looked >= REBALANCE_EVERY_S:
+            self._looked = now
+            self.adjust()

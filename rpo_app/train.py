@@ -395,7 +395,7 @@ class Trainer:
             ref.append(score_all(self.acc, self.model, data, self.pad_id, chunk, self.keep_by_mask,
                                  adapter=False, should_stop=lambda: self.stop_flag,
                                  scorer=self.prefix.capture if self.prefix else None,
-                                 progress=lambda done, _t, o=offset: self._scored(o + done)))
+                                 progress=lambda done, _t, o=offset: self._progress(o + done)))
             if ref[-1] is None:
                 return None, None
         self.ref_seconds = time.time() - t0
@@ -408,11 +408,12 @@ class Trainer:
             os.replace(tmp, cache)
         return ref[0], ref[1]
 
-    def _scored(self, done: int) -> None:
-        """Between two batches of the reference pass: its progress, and the cores' share as
-        it is now (the app may have started computing since the pass began)."""
-        self.run.phase_progress(done)
-        self.cpu.adjust()
+    def _progress(self, done: float, total: float | None = None) -> None:
+        """Work counted in a long phase (the reference pass, evaluation, previews, the label
+        check), and the cores' share as it is now: the app may have started or stopped
+        computing since the phase began."""
+        self.run.phase_progress(done, total)
+        self.cpu.follow()
 
     def _check_prefix(self) -> None:
         """The steps run the whole model where starting from the kept hidden states does
@@ -480,7 +481,7 @@ class Trainer:
             if clock["first"] is None:
                 clock["first"] = time.time()
             clock["calls"] += 1  # once a step, and once more when the batch ends
-            self.run.phase_progress(done, total)
+            self._progress(done, total)
 
         try:
             ctx = contextlib.nullcontext() if adapter else net.disable_adapter()
@@ -599,7 +600,7 @@ class Trainer:
         self.run.begin_phase("evaluating", total=sum(data.lengths()) // self.world, unit="tokens")
         table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
                           self.keep_by_mask, adapter=True, scorer=self.prefix,
-                          progress=lambda done, _t: self.run.phase_progress(done))
+                          progress=lambda done, _t: self._progress(done))
         losses = []
         with torch.no_grad():
             for c, r in eval_batches(data, self.cfg.batch_size * self.world, self.pool):
@@ -777,7 +778,7 @@ class Trainer:
         for data, ref, pairs in work:
             table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
                               self.keep_by_mask, adapter=True, scorer=self.prefix,
-                              progress=lambda done, _t, b=before: self.run.phase_progress(b + done))
+                              progress=lambda done, _t, b=before: self._progress(b + done))
             before += sum(data.lengths()) // self.world
             rows += check_rows(pairs, table.tolist(), ref.tolist(), self.cfg.beta)
         if self.main:

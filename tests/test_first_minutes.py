@@ -580,6 +580,43 @@ def test_long_work_takes_the_share_as_it_is_now(tmp_path, monkeypatch):
                     "outside": 4}
 
 
+def test_a_run_follows_the_app_inside_its_previews(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """A preview decodes for seconds: an app that starts computing in the middle of one
+    gets its share within half a second, and the run takes the cores back when the app is
+    done, both before the preview ends (it once looked only before each step)."""
+    import torch
+
+    monkeypatch.setattr(cpushare, "REBALANCE_EVERY_S", 0.0)
+    monkeypatch.setattr(cpushare, "available_cores", lambda: 4)
+    judgments = write_jsonl(tmp_path / "j.jsonl", make_judgments())
+    argv = tiny_args(tmp_path / "run", judgments, tiny_model_dir, data_dir, **{
+        "max-steps": 2, "preview-count": 1, "sample-max-new-tokens": 12})
+    at = argv.index("--cpu-threads")
+    del argv[at:at + 2]  # the run's threads follow the share
+    marker = cpushare.marker_path(data_dir)
+    threads: list[int] = []  # at each decoding step of the base model's previews
+    real = RunFolder.phase_progress
+
+    def spy(self, done, total=None, force=False):
+        if self.status().phase == "the base model's previews":
+            threads.append(torch.get_num_threads())
+            if len(threads) == 3:
+                marker.write_text(str(os.getpid()))  # the app starts computing
+            elif len(threads) == 6:
+                marker.unlink()  # and stops
+        return real(self, done, total, force)
+
+    monkeypatch.setattr(RunFolder, "phase_progress", spy)
+    before = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+        marker.unlink(missing_ok=True)
+    assert len(threads) >= 8, threads
+    assert threads[:3] == [4, 4, 4] and threads[3:6] == [3, 3, 3] and threads[6] == 4, threads
+
+
 def test_timings_hold_the_share_and_are_not_kept_beside_a_run(tmp_path, tiny_model_dir):
     """The Train tab's forward timing once computed without the marker: a run started
     during it kept every core beside the app's threads. A timing taken while a run trains
