@@ -107,8 +107,9 @@ _SPECS = (
              overtraining_caution=(
                  f"on fewer than {_RPO_UNPAIRED_SMALL_SET} liked or disliked items, rpo-unpaired "
                  "collapsed or garbled on 10 of 12 thumbs-only runs that trained 60 steps of 8 (all "
-                 "9 at 128 and 176 thumbs) and on none of 13 at 40 steps of 4, the default for a set "
-                 "this size: leave Steps blank, or set Steps to 40 and Batch size to 4, or use KTO")),
+                 "9 at 128 and 176 thumbs) and on 3 of 37 at 40 steps of 4, the default for a set "
+                 "this size (runs of emoji at 64 thumbs): leave Steps blank, or set Steps to 40 and "
+                 "Batch size to 4, or use KTO")),
     LossSpec("dpo", "DPO (same-prompt pairs)", "Direct Preference Optimization (baseline)",
              trains_on="pairs", kinds=("paired",), default_beta=0.1, function="dpo_loss",
              takes_offset=True),
