@@ -14,11 +14,12 @@ any core count:
 
 The app says it is computing by holding a marker file in the data dir (`AppShare.busy`);
 a run looks at the marker before each step (`RunShare.adjust`) and every half second
-inside long work (`RunShare.follow`), so it hands cores back within a step. The marker names the app's process: one left behind by
-an app stopped or killed in the middle of a job (a scoring job after a run, a chat turn)
-counts for nothing once that process is gone (`app_busy`). Before, such a marker held
-every later run in that data dir to the run's share of the cores: a default run over 32
-pairs on 2 cores took 3.2 s a step against 2.0 with both.
+inside long work (`RunShare.follow`), so it hands cores back within a step. The marker
+names the app's process: one left behind by an app stopped or killed in the middle of a
+job (a scoring job after a run, a chat turn) counts for nothing once that process is
+gone (`app_busy`). Before, such a marker held every later run in that data dir to the
+run's share of the cores: a default run over 32 pairs on 2 cores took 3.2 s a step
+against 2.0 with both.
 
 torch's thread count is per OS thread under OpenMP (set in one thread, it does not
 change another's), so each side sets it in the thread that is about to compute, and
