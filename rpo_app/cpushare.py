@@ -66,6 +66,20 @@ MARKER_NAME = ".app-busy"
 REBALANCE_EVERY_S = 0.5
 
 
+class _Looks:
+    """When long work last looked at the share again: at most every REBALANCE_EVERY_S."""
+
+    def __init__(self):
+        self._last = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < REBALANCE_EVERY_S:
+            return False
+        self._last = now
+        return True
+
+
 def available_cores() -> int:
     """Cores this process may run on (a container or taskset may allow fewer than exist)."""
     try:
@@ -123,7 +137,7 @@ class AppShare:
         self.cores = cores or available_cores()
         self._lock = threading.Lock()
         self._users = 0
-        self._looked = 0.0  # when rebalance last looked
+        self._looks = _Looks()
         if self.marker.exists() and not app_busy(self.marker):
             self.marker.unlink(missing_ok=True)  # an earlier app's, gone
 
@@ -155,11 +169,8 @@ class AppShare:
         """Between two steps of work inside `busy()`, in its thread: the threads the share
         allows now (a run may have started or ended since the work began). Looks at most
         every REBALANCE_EVERY_S."""
-        now = time.monotonic()
-        if self._users == 0 or now - self._looked < REBALANCE_EVERY_S:
-            return
-        self._looked = now
-        _set_torch_threads(self.threads())
+        if self._users and self._looks.due():
+            _set_torch_threads(self.threads())
 
 
 class Unshared:
@@ -186,7 +197,7 @@ class RunShare:
         self.fixed = fixed  # --cpu-threads: the user decided, nothing adapts
         self.cores = cores or available_cores()
         self.current: int | None = None
-        self._looked = 0.0  # when follow last looked
+        self._looks = _Looks()
 
     def adjust(self) -> int:
         n = self.fixed or run_threads(self.cores, app_busy(self.marker))
@@ -201,7 +212,5 @@ class RunShare:
     def follow(self) -> None:
         """Between two steps of long work, in its thread: `adjust()`, at most every
         REBALANCE_EVERY_S (a preview decodes a token every few tens of milliseconds)."""
-        now = time.monotonic()
-        if now - self._looked >= REBALANCE_EVERY_S:
-            self._looked = now
+        if self._looks.due():
             self.adjust()

@@ -293,9 +293,9 @@ def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
                   api_name=False)
     gr.api(on_generate_api, api_name="generate_candidates", concurrency_limit=1,
            concurrency_id="model")
-    poll_outputs = [gen_status, stats_table, prompts_table, shown]
+    polling, poll_outputs = functools.partial(poll, ctx), [gen_status, stats_table, prompts_table, shown]
     timer = gr.Timer(2.0, active=False)  # ticking while this tab is shown (ui.app)
-    timer.tick(functools.partial(poll, ctx), shown, poll_outputs, api_name=False,
+    timer.tick(polling, shown, poll_outputs, api_name=False,
                show_progress="hidden")
     gen_adapter.focus(functools.partial(adapter_choices, ctx), None, gen_adapter, api_name=False)
     suspect_views = [suspects_info, suspects_table]
@@ -314,7 +314,7 @@ def build(ctx: AppContext, annotator_box: gr.Textbox | None = None) -> dict:
         retract_btn.click(on_retract, [suspect_id, annotator_box],
                           [suspects_status, *suspect_views], api_name="suspect_retract")
     return {"refresh": functools.partial(refresh, ctx), "outputs": [stats_table, prompts_table],
-            "timer": timer, "poll": functools.partial(poll, ctx), "poll_inputs": [shown],
+            "timer": timer, "poll": polling, "poll_inputs": [shown],
             "poll_outputs": poll_outputs}
 
 

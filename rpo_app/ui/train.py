@@ -518,8 +518,9 @@ def build(ctx: AppContext) -> dict:
     start.click(by_name(start_run), form_inputs, [run_id, *live], api_name="train_start").then(
         functools.partial(runs_view, ctx), None, runs_outputs, api_name=False)
     stop.click(functools.partial(stop_run, ctx), run_id, live, api_name="train_stop")
+    watching = functools.partial(watch, ctx)
     timer = gr.Timer(2.0, active=False)  # ticking while this tab is shown (ui.app)
-    timer.tick(functools.partial(watch, ctx), [run_id, drawn], live, api_name=False,
+    timer.tick(watching, [run_id, drawn], live, api_name=False,
                show_progress="hidden", concurrency_limit=None)
     cmp_btn.click(functools.partial(compare, ctx), [cmp_a, cmp_b], cmp_plot,
                   api_name="train_compare")
@@ -533,7 +534,7 @@ def build(ctx: AppContext) -> dict:
     gr.api(train_status, api_name="train_status")
     return {"load": by_name(load_view), "load_inputs": form_inputs,
             "load_outputs": [device_md, usable, *runs_outputs], "timer": timer,
-            "watch": functools.partial(watch, ctx), "watch_inputs": [run_id, drawn],
+            "watch": watching, "watch_inputs": [run_id, drawn],
             "watch_outputs": live}
 
 
