@@ -90,20 +90,24 @@ def written_precision(host) -> str | None:
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(next(host.base.parameters()).dtype)
 
 
-def keep_written_logp(store, host, encoder, response_id: int, prompt: dict, answer) -> bool:
-    """Store the log-prob a base-model answer was written with (generate.Generated.logp)
-    as its base-model score, so the first scoring job after a run skips the base pass
-    over the answers the app wrote. Only where the scorer would score exactly the tokens
-    written (the same chat template, no system prompt, no truncation, text that decodes
-    and encodes back to the same tokens, the end-of-turn token that ended it) and in the
-    precision they were written in; True when stored.
+def keep_as_written(store, host, encoder, response_id: int, prompt: dict, answer) -> bool:
+    """Keep what writing a base-model answer computed anyway (generate.Generated): its
+    log-prob, stored as its base-model score, so the first scoring job after a run skips
+    the base pass over the answers the app wrote; and its hidden states below the
+    adapters (Generated.states, written_states_layer), in the host's kept states, so that
+    job's adapter pass starts from them. Only where the scorer would score exactly the
+    tokens written (the same chat template, no system prompt, no truncation, text that
+    decodes and encodes back to the same tokens, the end-of-turn token that ended it) and
+    in the precision they were written in; True when the log-prob was stored.
 
     Not bit-identical to the scorer's pass: the decoding steps round differently. In bf16
-    the kept values sit 0.3 ± 0.6 nats above the scorer's per answer of up to 192 tokens
-    (higher: each token was drawn from the very logits that rounded it up), about as far
-    as the scorer's own batch layouts differ from each other (± 0.6-0.8);
-    `python -m rpo_app bench --only score` measures it. `encoder`: scoring_encoder's,
+    the kept log-probs sit 0.3 ± 0.6 nats above the scorer's per answer of up to 192
+    tokens (higher: each token was drawn from the very logits that rounded it up), about
+    as far as the scorer's own batch layouts differ from each other (± 0.6-0.8);
+    `python -m rpo_app bench --only score` measures both. `encoder`: scoring_encoder's,
     made once per generation job."""
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+
     written = written_precision(host)
     if answer.logp is None or written is None:
         return False
@@ -111,7 +115,39 @@ def keep_written_logp(store, host, encoder, response_id: int, prompt: dict, answ
     if tuple(seq.input_ids) != tuple(answer.sequence):
         return False
     store.save_answer_logps(base_scorer(host, written), [(response_id, answer.logp, len(seq) - seq.prompt_len)])
+    layer = written_states_layer(host)
+    if answer.states is not None and layer is not None:
+        key = (host.model_name, layer, written)
+        states = host.kept_states.get(key)
+        if states is None:
+            states = host.kept_states.setdefault(key, FrozenPrefixScorer(layer, _states_budget_mb(host, 0.0)))
+        states.keep(seq, answer.states)
     return True
+
+
+def written_states_layer(host) -> int | None:
+    """The decoder layer whose input the app keeps as it writes answers: the lowest the
+    trainer's default adapts (the top half), which every adapter on that many layers or
+    fewer can start from (kept_states_for). None: the host keeps no states, or the
+    model's decoder cannot be run from a layer up."""
+    from rpo_app.frozen_prefix import FrozenPrefixScorer, adapted_layers, decoder_layers
+    from rpo_app.trainconfig import TrainConfig
+
+    if host.kept_states is None:
+        return None
+    n = decoder_layers(host.base.config)
+    layers = adapted_layers(n, TrainConfig().lora_layers)
+    if not layers or not FrozenPrefixScorer.supports(host.base, n):
+        return None
+    return layers[0]
+
+
+def _states_budget_mb(host, kept_mb: float) -> float:
+    """What kept states may take: the `kept_mb` they hold and KEPT_STATES_SHARE of the
+    memory free now."""
+    from rpo_app.heap import free_memory_gb
+
+    return kept_mb + KEPT_STATES_SHARE * free_memory_gb(host.device) * 1000
 
 
 def newest_adapter(store) -> dict | None:
@@ -205,20 +241,19 @@ def kept_states_for(kept: dict | None, host, adapter_name: str, precision: str, 
     if none. Everything else in `kept`, and every state outside this pool, is dropped.
     None: no `kept`, or an adapter on every layer."""
     from rpo_app.frozen_prefix import FrozenPrefixScorer
-    from rpo_app.heap import free_memory_gb
 
     if kept is None:
         return None
     first = host.adapter_first_layer(adapter_name)
     if first is None:
         return None
-    usable = [k for k in kept if k[0] == host.model_name and k[2] == precision and k[1] <= first]
+    usable = [k for k in list(kept) if k[0] == host.model_name and k[2] == precision and k[1] <= first]
     key = max(usable, key=lambda k: k[1]) if usable else (host.model_name, first, precision)
     states = kept.get(key) or FrozenPrefixScorer(key[1])
     kept.clear()
     kept[key] = states
     states.keep_only(seqs)
-    states.budget_mb = states.kept_mb() + KEPT_STATES_SHARE * free_memory_gb(host.device) * 1000
+    states.budget_mb = _states_budget_mb(host, states.kept_mb())
     return states
 
 
@@ -230,8 +265,9 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
     its name), rank the items and make them the queue's informative order. Returns the
     order's description (also stored: Store.informative_meta).
 
-    `kept`: hidden states kept from job to job (kept_states_for; the app's ScoringJobs
-    holds one); the adapter pass keeps them and starts from them."""
+    `kept`: hidden states kept from job to job and as answers were written
+    (kept_states_for; the app's host holds one, ModelHost.kept_states); the adapter pass
+    keeps them and starts from them."""
     from rpo_app import informative
     from rpo_app.models import pick_precision
 
@@ -395,7 +431,6 @@ class ScoringJobs(BackgroundJob):
         self._index = index
         self._before = before or (lambda: None)  # e.g. load the new adapter into the host
         self._stop = threading.Event()
-        self._kept: dict = {}  # hidden states from job to job (kept_states_for)
 
     def start_if_needed(self) -> bool:
         """Start scoring for the newest adapter unless its order is complete or being made."""
@@ -423,9 +458,11 @@ class ScoringJobs(BackgroundJob):
 
         def work() -> None:
             self._before()
-            info = score_store(self.store, self._host(), adapter,
+            host = self._host()
+            # the host's kept states: from job to job, and from its answers as written
+            info = score_store(self.store, host, adapter,
                                index=self._index() if self._index else None, progress=report,
-                               should_stop=stop.is_set, kept=self._kept)
+                               should_stop=stop.is_set, kept=host.kept_states)
             self._set(state="stopped" if info.get("stopped") else "finished",
                       answers=info.get("answers", 0), items=info.get("items", {}))
 

@@ -99,8 +99,13 @@ class FrozenPrefixScorer:
     """
 
     def __init__(self, first: int, budget_mb: float | None = None):
+        import threading
+
         self.first = first
         self.hidden: dict[tuple, object] = {}
+        # The app's generation keeps states (`keep`) on the model's thread while a scoring
+        # job prunes them (`keep_only`) on its own.
+        self._lock = threading.Lock()
         self.budget_mb = budget_mb  # what `room` lets it keep; None: no limit
         # Whether scoring from kept states reproduces a whole pass (None: not checked yet).
         self.usable: bool | None = None
@@ -209,15 +214,25 @@ class FrozenPrefixScorer:
     def has(self, seqs) -> bool:
         return all(_key(s) in self.hidden for s in seqs)
 
+    def keep(self, seq, states) -> bool:
+        """Keep `states` (one row a token of `seq`, as `capture` keeps them) as `seq`'s,
+        where `room` allows; whether kept."""
+        with self._lock:
+            if len(states) != len(seq) or not self.room([seq]):
+                return False
+            self.hidden[_key(seq)] = states
+            return True
+
     def keep_only(self, seqs) -> None:
         """Forget every kept state but those of `seqs` (a scoring job's pool)."""
         wanted = {_key(s) for s in seqs}
-        self.hidden = {k: h for k, h in self.hidden.items() if k in wanted}
+        with self._lock:
+            self.hidden = {k: h for k, h in self.hidden.items() if k in wanted}
 
     def kept_mb(self) -> float:
         """The kept hidden states' size: a token's is the model's hidden size, in fp32 in
         training."""
-        return sum(h.numel() * h.element_size() for h in self.hidden.values()) / 1e6
+        return sum(h.numel() * h.element_size() for h in list(self.hidden.values())) / 1e6
 
     def _fill(self, model, seqs, pad_id: int, device, keep_by_mask: bool) -> None:
         import torch

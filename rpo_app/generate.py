@@ -391,6 +391,9 @@ class Generated(NamedTuple):
     # model, taken as it was written (None: written by an adapter).
     sequence: tuple[int, ...]
     logp: float | None
+    # Its input to decoder layer `keep_states_at` as written (generate_batches), one row a
+    # token of `sequence`, the last zeros (written_states); None when not asked for.
+    states: Any = None
 
 
 class Answer(NamedTuple):
@@ -555,6 +558,11 @@ class ModelHost:
         # cpushare.AppShare: a run gives back cores while this model computes).
         self.share: AppShare | Unshared = Unshared()
         self._own_thread: _ModelThread | None = None
+        # Hidden states below the adapters, kept for the scoring job (active.kept_states_for,
+        # by (model, layer, precision)): None keeps none; the app's host keeps them, from
+        # its answers as written and from job to job.
+        self.kept_states: dict | None = None
+        self._recording = None  # the batch's written_states.WrittenStates while it is written
         # One decode timing at a time: the app times the model in the background at
         # start-up, and a first-run click during it timed it a second time before its
         # first batch (the first pair 45-54 s after the click against 31-32 s with one
@@ -593,7 +601,8 @@ class ModelHost:
         if self._own_thread is None or not self._own_thread.urgent_waiting():
             return
         state = self._adapter_state()
-        self._own_thread.run_urgent()
+        with self._recording.paused() if self._recording is not None else nullcontext():
+            self._own_thread.run_urgent()
         self._set_adapter_state(state)
 
     def _adapter_state(self):
@@ -878,8 +887,8 @@ class ModelHost:
         `states` (a frozen_prefix.FrozenPrefixScorer whose layer is at or below the
         adapter's lowest, in this precision): sequences it kept run from that layer up;
         the others run through every layer as above and are kept, unless `states.room`
-        says the memory is spent. Its first top-only use is checked against the pass it
-        kept from."""
+        says the memory is spent. Its first top-only use is checked against a whole
+        pass."""
         import contextlib
 
         import torch
@@ -899,6 +908,10 @@ class ModelHost:
                 out: list[float | None] = [None] * len(seqs)
                 kept = [i for i, s in enumerate(seqs) if states.has([s])]
                 rest = sorted(set(range(len(seqs))) - set(kept))
+                if kept and states.usable is None:  # kept as written, never checked
+                    probe = [seqs[i] for i in kept[:2]]
+                    if not check(probe, full_pass(probe, by_mask), by_mask):
+                        return full_pass(seqs, by_mask).tolist()
                 if kept:
                     values = states(self.model, [seqs[i] for i in kept], self.pad_id, self.device,
                                     by_mask, fp32=not bf16).tolist()
@@ -907,15 +920,19 @@ class ModelHost:
                     part = [seqs[i] for i in rest]
                     values = full_pass(part, by_mask, keep=states)
                     if states.usable is None:
-                        states.usable = states.matches(self.model, part[:2], self.pad_id, self.device,
-                                                       by_mask, values[:2], fp32=not bf16)
-                        if not states.usable:
-                            log.warning("scoring from kept hidden states does not reproduce "
-                                        "this model's log-probs; scoring whole passes")
+                        check(part[:2], values[:2], by_mask)
                     out = _placed(out, rest, values.tolist())
                 elif rest:
                     out = _placed(out, rest, full_pass([seqs[i] for i in rest], by_mask).tolist())
                 return out
+
+        def check(part, want, by_mask) -> bool:
+            states.usable = states.matches(self.model, part, self.pad_id, self.device, by_mask, want,
+                                           fp32=not bf16)
+            if not states.usable:
+                log.warning("scoring from kept hidden states does not reproduce "
+                            "this model's log-probs; scoring whole passes")
+            return states.usable
 
         def full_pass(part, by_mask, keep=None):
             # Every layer; `keep` keeps the states on the way. The log-softmax in bf16 too when the model runs in bf16: ranking answers
@@ -954,7 +971,7 @@ class ModelHost:
         params = inspect.signature(net.forward).parameters
         return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    def _shared_prefill(self, rows: list[list[int]]):
+    def _shared_prefill(self, rows: list[list[int]], recorder=None):
         """Prefill the KV cache without repeating work, for rows on one adapter.
 
         The rows of a batch share a prefix (the chat template's system turn and user
@@ -991,6 +1008,8 @@ class ModelHost:
             cache.batch_select_indices(torch.tensor(slot, device=self.device))
         elif cache is not None:
             cache.batch_repeat_interleave(batch)
+        if recorder is not None and cache is not None:
+            recorder.decoding(mask, slot, p)
         return ids, mask, cache
 
     def _generation_config(self, settings: GenSettings, stop_ids: set[int]):
@@ -1014,13 +1033,28 @@ class ModelHost:
         gc.pad_token_id = self.pad_id
         return gc
 
+    @contextmanager
+    def _recorded(self, recorder):
+        """`recorder` records while the block runs, paused for a chat turn let in between
+        two decoding steps (_let_urgent_in)."""
+        if recorder is None:
+            yield
+            return
+        outer, self._recording = self._recording, recorder
+        try:
+            with recorder.recording():
+                yield
+        finally:
+            self._recording = outer
+
     def _run(self, rows: list[list[int]], seeds: list[int], settings: GenSettings,
              adapters: Sequence[str | None], streamer=None, stopping=None,
-             stop_ids: set[int] | None = None, logps=None):
+             stop_ids: set[int] | None = None, logps=None, recorder=None):
         """One generate call over left-padded rows; returns the new token ids per row,
         cut at each row's own end-of-turn (the stop token is kept out). `stop_ids`
         replaces the end-of-turn rule for this call only (decode_timing: none); `logps`
-        (_chosen_logps) goes ahead of the other logits processors."""
+        (_chosen_logps) goes ahead of the other logits processors; `recorder`
+        (written_states.WrittenStates) records a layer's input all along."""
         stops = self.stop_ids if stop_ids is None else stop_ids
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -1028,17 +1062,20 @@ class ModelHost:
         kwargs = {}
         if stopping is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
-        with _eval_mode(self.model), self._adapter_mode(adapters) as extra, torch.inference_mode():
+        with _eval_mode(self.model), self._adapter_mode(adapters) as extra, torch.inference_mode(), \
+                self._recorded(recorder):
             ids = mask = cache = None
             if not extra and len(rows) > 1 and self.share_prefill:
                 try:
-                    ids, mask, cache = self._shared_prefill(rows)
+                    ids, mask, cache = self._shared_prefill(rows, recorder)
                 except Exception as err:  # noqa: BLE001 - an odd architecture: plain path
                     log.warning("shared prefill failed (%s); using plain padding", err)
                     self.share_prefill = False
-                    ids = mask = cache = None
+                    ids = mask = cache = None  # the recorder starts over at generate's calls
             if ids is None:
                 ids, mask = self._pad_left(rows)
+            if recorder is not None and cache is None:
+                recorder.decoding(mask)
             if cache is not None:
                 kwargs["past_key_values"] = cache
             processors = _logits_processors(settings, seeds, prompt_width=ids.shape[1])
@@ -1067,6 +1104,7 @@ class ModelHost:
                          first_batch: int | None = None,
                          on_answer: Callable[[Generated], None] | None = None,
                          on_step: Callable[[int, int], None] | None = None,
+                         keep_states_at: int | None = None,
                          ) -> Iterator[list[Generated]]:
         """Yield the answers (Generated) of each forward batch.
 
@@ -1076,8 +1114,11 @@ class ModelHost:
         ends, before its batch does; `on_step(steps done, steps at most)` counts decoding
         steps over all batches (a batch whose rows all end early skips the rest of its
         steps, so the count is an upper bound that only moves forward). Answers of the
-        base model carry their log-prob as written (Generated.logp).
+        base model carry their log-prob as written (Generated.logp) and, given
+        `keep_states_at`, their input to that decoder layer as written (Generated.states).
         """
+        from rpo_app.written_states import WrittenStates
+
         settings = settings or GenSettings()
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -1096,15 +1137,21 @@ class ModelHost:
             rows = [encoded[pi] for pi, _ in chunk]
             seeds = [row_seed(settings.seed, _seed_text(prompts[pi]), k) for pi, k in chunk]
             finished: dict[int, Generated] = {}
+            recorder = WrittenStates(self.model, keep_states_at) \
+                if keep_states_at is not None and adapter is None else None
 
             def row_done(i: int, toks: list[int], stop: int | None = None, logp: float | None = None,
-                         chunk=chunk, finished=finished) -> None:
+                         chunk=chunk, finished=finished, recorder=recorder) -> None:
                 pi, k = chunk[i]
                 cut_off = len(toks) >= settings.max_new_tokens
                 ended = [] if stop is None else [stop]
+                sequence = tuple(encoded[pi] + toks + ended)
+                states = None
+                if recorder is not None and (stop is not None or cut_off):  # not stopped from outside
+                    # the stop token, or the last token at the limit, was never fed back
+                    states = recorder.row(i, len(toks) - (stop is None), len(sequence))
                 finished[i] = Generated(pi, k, self.tokenizer.decode(toks, skip_special_tokens=True).strip(),
-                                        len(toks) + (0 if cut_off else 1), cut_off,
-                                        tuple(encoded[pi] + toks + ended), logp)
+                                        len(toks) + (0 if cut_off else 1), cut_off, sequence, logp, states)
                 if on_answer is not None:
                     on_answer(finished[i])
 
@@ -1117,7 +1164,7 @@ class ModelHost:
             streamer = _row_streamer_class()(len(chunk), self.stop_ids, settings.max_new_tokens,
                                              row_done, step_done, logps)
             new = self._computing(lambda: self._run(rows, seeds, settings, [adapter] * len(chunk),
-                                                    streamer=streamer, logps=logps))
+                                                    streamer=streamer, logps=logps, recorder=recorder))
             for i, toks in enumerate(new):
                 if i not in finished:  # the streamer saw every row; this is a safety net
                     row_done(i, toks)
@@ -1220,7 +1267,7 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
     `first_batch` sends a small batch ahead (one prompt's answers: a pair to judge
     within seconds). `between_batches` runs on the caller's thread after each batch,
     before the next one starts."""
-    from rpo_app.active import keep_written_logp, scoring_encoder
+    from rpo_app.active import keep_as_written, scoring_encoder, written_states_layer
 
     settings = settings or GenSettings()
     rows = store.prompts(prompt_ids)
@@ -1231,7 +1278,7 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
     # A conversation is answered as one: its whole history, then the next assistant turn.
     texts = [r["messages"] or r["text"] for r in rows]
     ids = [r["id"] for r in rows]
-    # base_logps: answers whose base-model log-prob was kept as written (active.keep_written_logp)
+    # base_logps: answers whose base-model log-prob was kept as written (active.keep_as_written)
     stats = {"prompts": len(ids), "generated": 0, "new": 0, "duplicates": 0, "tokens": 0,
              "base_logps": 0}
     total = len(ids) * n
@@ -1245,15 +1292,17 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
                                           model=host.model_name, adapter=adapter,
                                           gen_settings=settings.to_dict(), cut_off=answer.cut_off)
         if created and answer.logp is not None:
-            stats["base_logps"] += keep_written_logp(store, host, encoder, rid, rows[answer.prompt], answer)
+            stats["base_logps"] += keep_as_written(store, host, encoder, rid, rows[answer.prompt], answer)
         stats["generated"] += 1
         stats["new" if created else "duplicates"] += 1
         stats["tokens"] += answer.tokens
         if progress:
             progress(stats["generated"], total)
 
+    keep_at = written_states_layer(host) if adapter is None else None
     for _batch in host.generate_batches(texts, n, settings, adapter, batch_size, start_index,
-                                        first_batch=first_batch, on_answer=store_answer):
+                                        first_batch=first_batch, on_answer=store_answer,
+                                        keep_states_at=keep_at):
         # each answer was stored as it ended
         if between_batches is not None:
             between_batches()

@@ -350,6 +350,82 @@ def test_the_first_scoring_job_skips_the_base_pass_over_the_answers_kept(store, 
     assert {i: v for i, v in store.answer_logps(key).items() if i in kept} == kept
 
 
+def test_generate_candidates_keeps_the_states_below_the_adapters_as_written(store, model_dir, monkeypatch,
+                                                                           tmp_path):
+    """A host that keeps states keeps each kept answer's input to the lowest layer the
+    default adapter adapts, as written: the states a whole pass over the sequence gives,
+    whichever way its batch was laid out (a first batch of one row, prefilled whole;
+    then rows sharing the prefill), and however the answer ended. The first scoring
+    job's adapter pass starts from them."""
+    import torch
+
+    from rpo_app import active, generate
+    from rpo_app.batches import Seq
+    from rpo_app.chat_template import end_of_turn_id
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+    from rpo_app.scoring import keeps_logits_by_mask
+
+    host = _tiny_host(model_dir)
+    assert active.written_states_layer(host) is None  # a host keeps none unless asked
+    host.kept_states = {}
+    # The random model all but never ends a turn: end some rows after a few tokens, so
+    # some answers end and others hit the limit.
+    real, eot = generate._logits_processors, end_of_turn_id(host.tokenizer)
+
+    def ending_some(settings, seeds, prompt_width):
+        def end(input_ids, scores):
+            step = input_ids.shape[1] - prompt_width
+            rows = [i for i in range(len(scores)) if i % 2 == 0 and step == 2 + i % 5]
+            scores[rows, eot] = scores.max() + 100.0
+            return scores
+
+        return real(settings, seeds, prompt_width) + [end]
+
+    monkeypatch.setattr(generate, "_logits_processors", ending_some)
+    layer = active.written_states_layer(host)
+    assert layer == 1  # the top half of the tiny model's 2 layers
+    ids, _ = store.add_prompts(PROMPTS + ["Say yes.", "Count to three."], source="test")
+    written = _written(host, monkeypatch)
+    stats = generate_candidates(store, host, ids, n=3, first_batch=1, batch_size=8,
+                                settings=GenSettings(max_new_tokens=10, seed=7))
+    (key, states), = host.kept_states.items()
+    assert key == (host.model_name, layer, "fp32") and states.first == layer
+    kept = {a.sequence: a for a in written if a.sequence in states.hidden}
+    assert len(kept) == stats["base_logps"] > 0  # every answer whose log-prob was kept
+    assert {a.cut_off for a in kept.values()} == {True, False}  # both ways of ending
+    whole = FrozenPrefixScorer(layer)
+    seqs = [Seq(s, len(s) - a.tokens, 0) for s, a in kept.items()]
+    with torch.inference_mode():
+        whole.capture(host.model, seqs, host.pad_id, host.device, keeps_logits_by_mask(host.model))
+    for s in kept:
+        got, want = states.hidden[s], whole.hidden[s]
+        assert got.shape == want.shape
+        # to rounding (9.5e-6 at most on states up to 16.6); an off-by-one is off by units
+        assert torch.allclose(got[:-1], want[:-1], rtol=1e-4, atol=1e-4)
+        assert not got[-1].any()  # the last token is never fed
+    # The first scoring job for an adapter above that layer starts from them (its check
+    # against a whole pass passes), and gives the log-probs whole passes give.
+    path = make_lora_adapter(model_dir, tmp_path / "top", layers=[layer])
+    store.register_adapter("top", str(path), None, str(model_dir))
+    host.load_adapter("top", path)
+    from_states, real_call = [], FrozenPrefixScorer.__call__
+
+    def counting(self, model, seqs, *args, **kwargs):
+        from_states.extend(tuple(q.input_ids) for q in seqs)
+        return real_call(self, model, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(FrozenPrefixScorer, "__call__", counting)
+    info = active.score_store(store, host, store.adapter("top"), precision="fp32", kept=host.kept_states)
+    assert info["complete"] and states.usable is True
+    assert set(kept) <= set(from_states)
+    got = store.answer_logps(active.adapter_scorer(store.adapter("top"), "fp32"))
+    encoder = active.scoring_encoder(host.tokenizer)
+    for a in store.answers_to_score():
+        seq = active.answer_sequence(encoder, a["prompt"], None, a["text"], bool(a["cut_off"]))
+        assert got[a["id"]] == pytest.approx(host.sequence_logps([seq], adapter="top", precision="fp32")[0],
+                                             rel=1e-4, abs=1e-3)
+
+
 def test_generate_candidates_with_adapter_and_unknown_ids(store, host_with_adapter):
     ids, _ = store.add_prompts(PROMPTS[:2], source="test")
     stats = generate_candidates(store, host_with_adapter, ids, n=1, adapter="tuned",
@@ -588,14 +664,24 @@ def test_a_chat_turn_runs_between_the_steps_of_a_candidate_batch(host_with_adapt
                                                                  chat_adapters):
     """On the app's host (its own thread), a chat turn asked for while candidates decode
     answers at once, between two of their steps, not after the batch. Neither answer
-    changes: the batch gets its adapter setup back after a chat that used another."""
+    changes: the batch gets its adapter setup back after a chat that used another, and
+    the states it keeps as written are its own, not the chat's."""
     import time
+
+    import torch
 
     host = host_with_adapter
     host.use_own_thread()
     settings = GenSettings(temperature=0, max_new_tokens=24, repetition_penalty=1.0)
     convs = [[{"role": "user", "content": PROMPTS[0]}]] * 2
-    batch_alone = host.generate(PROMPTS, 1, settings, batch_adapter, batch_size=len(PROMPTS))
+
+    def written(on_step=None):
+        rows = [a for b in host.generate_batches(PROMPTS, 1, settings, batch_adapter, len(PROMPTS),
+                                                 on_step=on_step, keep_states_at=1) for a in b]
+        return [a.text for a in rows], [a.states for a in rows]
+
+    batch_alone, states_alone = written()
+    assert all((s is None) == (batch_adapter is not None) for s in states_alone)
     chat_alone = list(host.chat_stream(convs, chat_adapters, settings))[-1]
     assert chat_alone[0] != chat_alone[1] or chat_adapters == [None, None]
     steps: list[int] = []
@@ -613,10 +699,11 @@ def test_a_chat_turn_runs_between_the_steps_of_a_candidate_batch(host_with_adapt
             while not host._own_thread.urgent_waiting() and time.monotonic() < deadline:
                 time.sleep(0.001)
 
-    batch = host.generate(PROMPTS, 1, settings, batch_adapter, batch_size=len(PROMPTS),
-                          on_step=on_step)
+    batch, states = written(on_step)
     assert chat["batch_step"] < settings.max_new_tokens  # answered before the batch ended
     assert chat["texts"] == chat_alone and batch == batch_alone
+    for got, want in zip(states, states_alone):
+        assert got is want is None or torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_chat_stream_no_adapters_and_errors(tiny_host):

@@ -127,6 +127,9 @@ class AppContext:
                              trust_remote_code=self.cfg.trust_remote_code)
         host.share = self.cpu
         host.use_own_thread()  # chat, jobs and timings arrive on many threads
+        # Hidden states below the adapters, for the informative order's scoring jobs: kept
+        # from one job to the next and from the answers as the app writes them.
+        host.kept_states = {}
         for adapter in self.store.adapters():
             self._load_adapter(host, adapter)
         # The first-run time estimate needs the decoding speed, the Train tab's the
