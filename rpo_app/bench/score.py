@@ -28,10 +28,13 @@ pairs, with the time until the queue first had an order.
 
 Last, the first job again on a store whose answers the app wrote (`generate_candidates`
 on the same prompts, the Data tab's sampling settings): the base model's log-prob of each
-answer it wrote is kept as written (`active.keep_written_logp`), so the base pass runs
-only over the answers whose scored tokens differ from the written ones. Reported beside
-it: how many were kept, and how far the kept values are from the scorer's. That job keeps
-hidden states too, and a later adapter's job starts from them, as in the app.
+answer it wrote, and its hidden states below the adapters, are kept as written
+(`active.keep_as_written`), so the base pass runs only over the answers whose scored
+tokens differ from the written ones, and the adapter pass starts from the states. Beside
+it, the same adapter's pass with the states left out, and a first job with nothing kept
+as written; how many were kept, and how far the values kept or scored from them are from
+the scorer's whole passes. A later adapter's job starts from the states the first kept,
+as in the app.
 
     python -m rpo_app bench --only score [--quick]
 """
@@ -158,8 +161,6 @@ def _job(store, host, adapter: dict, index, kept: dict | None = None) -> dict:
 
 
 def _written_job(tmp: Path, host, model_dir: str, prompts: int, answers: int) -> dict:
-    import statistics
-
     from tqdm import tqdm
 
     from rpo_app import active
@@ -172,6 +173,7 @@ def _written_job(tmp: Path, host, model_dir: str, prompts: int, answers: int) ->
     link_model_cache(tmp, data)
     store = Store(data)
     ids = [store.add_prompt(text, "bench-score")[0] for text in _prompt_texts(prompts)]
+    host.kept_states = {}  # as the app's host: the states below the adapters kept as written
     t0 = time.perf_counter()
     with tqdm(total=prompts * answers, desc="writing the answers", unit="answer", file=sys.stderr) as bar:
         stats = generate_candidates(store, host, ids, answers, GenSettings(), batch_size=32,
@@ -181,32 +183,55 @@ def _written_job(tmp: Path, host, model_dir: str, prompts: int, answers: int) ->
     index.refresh()
     base_key = active.base_scorer(host, active.written_precision(host))
     kept = store.answer_logps(base_key)
-    out: dict = {"generation_s": generation_s, "answers": stats["new"], "kept_answers": stats["base_logps"]}
-    # The same first job twice, side by side: with the base log-probs kept as written, then
-    # with none kept (every base log-prob computed by the scorer). The first keeps hidden
-    # states, and a later adapter's job starts from them.
-    states: dict = {}
-    for n, label in ((5, "kept"), (6, "none kept"), (7, "later")):
+    written_states = sum(len(s.hidden) for s in host.kept_states.values())
+    out: dict = {"generation_s": generation_s, "answers": stats["new"], "kept_answers": stats["base_logps"],
+                 "kept_states": written_states,
+                 "kept_states_mb": sum(s.kept_mb() for s in host.kept_states.values())}
+    # The first job with everything kept as written (log-probs and hidden states); the
+    # same adapter again under another name with the states left out (its pass runs every
+    # layer: the same work as before the states were kept); a first job with nothing kept
+    # as written; then a later adapter's job, from the states the first kept.
+    path = _adapter(model_dir, tmp / "adapter-5", seed=5)
+    for name, label, adapter_path, states in (
+            ("bench-5", "kept", path, host.kept_states),
+            ("bench-5-again", "logps only", path, None),
+            ("bench-6", "none kept", _adapter(model_dir, tmp / "adapter-6", seed=6), None),
+            ("bench-7", "later", _adapter(model_dir, tmp / "adapter-7", seed=7), host.kept_states)):
         if label == "none kept":
             store.forget_answer_logps(base_key)
-        name = f"bench-{n}"
-        path = _adapter(model_dir, tmp / f"adapter-{n}", seed=n)
-        store.register_adapter(name, str(path), None, model_dir)
-        host.load_adapter(name, path)
-        out[label] = _job(store, host, store.adapter(name), index,
-                          states if label in ("kept", "later") else None)
+        store.register_adapter(name, str(adapter_path), None, model_dir)
+        host.load_adapter(name, adapter_path)
+        out[label] = _job(store, host, store.adapter(name), index, states)
         host.unload_adapter(name)
     scored = store.answer_logps(base_key)
     diffs = [v - scored[i] for i, v in kept.items()]
+    # The same adapter's log-probs from the states kept as written against every layer run
+    precision = active.written_precision(host)
+    from_states = store.answer_logps(active.adapter_scorer(store.adapter("bench-5"), precision))
+    whole = store.answer_logps(active.adapter_scorer(store.adapter("bench-5-again"), precision))
+    state_diffs = [from_states[i] - whole[i] for i in from_states if i in whole]
     out["same_prompt_pairs"] = sum(n * (n - 1) // 2 for n in store.response_counts(ids).values())
-    for label in ("kept", "none kept", "later"):
+    for label in WRITTEN_JOBS:
         out[label]["seconds_per_1000_same_prompt_pairs"] = \
             out[label]["seconds"] * 1000 / max(out["same_prompt_pairs"], 1)
-    out["kept_minus_scored"] = {"mean": statistics.fmean(diffs) if diffs else None,
-                                "sd": statistics.pstdev(diffs) if diffs else None,
-                                "max_abs": max(map(abs, diffs)) if diffs else None}
+    out["kept_minus_scored"] = _spread(diffs)
+    out["from_states_minus_whole"] = _spread(state_diffs)
     store.close()
     return out
+
+
+def _spread(diffs: list[float]) -> dict:
+    import statistics
+
+    return {"mean": statistics.fmean(diffs) if diffs else None,
+            "sd": statistics.pstdev(diffs) if diffs else None,
+            "max_abs": max(map(abs, diffs)) if diffs else None}
+
+
+WRITTEN_JOBS = {"kept": "first adapter, kept as written",
+                "logps only": "the same, states left out",
+                "none kept": "first adapter, none kept",
+                "later": "a later adapter, from kept states"}
 
 
 def format_table(r: dict) -> str:
@@ -231,9 +256,9 @@ def format_table(r: dict) -> str:
                  "as long")
     w = r["written"]
     lines.append(f"the app's own answers: {w['answers']} written in {w['generation_s']:.0f} s, the base "
-                 f"log-prob kept as written for {w['kept_answers']}; {w['same_prompt_pairs']:,} same-prompt pairs")
-    for label, what in (("kept", "first adapter, kept as written"), ("none kept", "first adapter, none kept"),
-                        ("later", "a later adapter, from kept states")):
+                 f"log-prob kept as written for {w['kept_answers']}, the hidden states for "
+                 f"{w['kept_states']} ({w['kept_states_mb']:.0f} MB); {w['same_prompt_pairs']:,} same-prompt pairs")
+    for label, what in WRITTEN_JOBS.items():
         job = w[label]
         for phase, sec in job["phases"].items():
             lines.append(f"{what:<34}{phase:<24}{sec:>10.1f}")
@@ -241,8 +266,9 @@ def format_table(r: dict) -> str:
         lines.append(f"{'':<34}{'total':<24}{job['seconds']:>10.1f}   ({job['tokens']:,} tokens; "
                      f"first ranks after {job['first_ranks_s']:.0f} s; "
                      f"{job['seconds_per_1000_same_prompt_pairs']:.0f} s per 1,000 same-prompt pairs)")
-    d = w["kept_minus_scored"]
-    if d["mean"] is not None:
-        lines.append(f"kept as written - the scorer's: {d['mean']:+.2f} ± {d['sd']:.2f} nats per answer, "
-                     f"at most {d['max_abs']:.2f}")
+    for key, what in (("kept_minus_scored", "base log-prob kept as written - the scorer's"),
+                      ("from_states_minus_whole", "adapter log-prob from the written states - every layer run")):
+        d = w[key]
+        if d["mean"] is not None:
+            lines.append(f"{what}: {d['mean']:+.2f} ± {d['sd']:.2f} nats per answer, at most {d['max_abs']:.2f}")
     return "\n".join(lines)
