@@ -304,9 +304,12 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
         return info
 
     states = kept_states_for(kept, host, adapter["name"], precision, list(seqs.values()))
-    passes = ((base_key, None, "base model pass", None), (ad_key, adapter["name"], "adapter pass", states))
+    # The base pass keeps the states too: below the adapter's lowest layer both passes run
+    # the base model, so the adapter pass then runs the adapted layers alone.
+    passes = ((base_key, None, "base model pass", states), (ad_key, adapter["name"], "adapter pass", states))
     seconds = {"base model pass": 0.0, "adapter pass": 0.0, "ranking": 0.0}
-    # Both passes' tokens: they cost the same per token, so the ETA is honest across them.
+    # Both passes' tokens, chunk after chunk in the same proportion, so the speed measured
+    # so far holds for the rest and the ETA is honest across them.
     total = sum(lengths[i] for key, *_ in passes for i in seqs if i not in logps[key])
     done = 0
     phase = f"adapter {adapter['name']}" if all(i in logps[base_key] for i in seqs) else \

@@ -203,10 +203,10 @@ def test_scoring_job_scores_the_pool_and_orders_the_queue(store, data_dir, tiny_
 
 @pytest.mark.slow
 def test_a_later_adapter_scores_from_the_hidden_states_the_first_job_kept(store, data_dir, tiny_model_dir,
-                                                                          tmp_path):
-    """Adapters on the top layer only: the first job keeps each answer's input to that
-    layer, and the next adapter's pass starts there (the bottom layer never runs) with
-    the log-probs a whole pass gives."""
+                                                                          tmp_path, monkeypatch):
+    """Adapters on the top layer only: the first job's base pass keeps each answer's
+    input to that layer and its adapter pass starts there; so does the next adapter's
+    (the bottom layer never runs), with the log-probs a whole pass gives."""
     from apptools import make_lora_adapter
 
     import torch
@@ -224,9 +224,23 @@ def test_a_later_adapter_scores_from_the_hidden_states_the_first_job_kept(store,
         host.load_adapter(f"top-{n}", path)
     assert host.adapter_first_layer("top-1") == 1
     kept: dict = {}
+    from_states, real_call = [], FrozenPrefixScorer.__call__
+
+    def counting(self, model, seqs, *args, **kwargs):
+        from_states.extend(tuple(q.input_ids) for q in seqs)
+        return real_call(self, model, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(FrozenPrefixScorer, "__call__", counting)
     active.score_store(store, host, store.adapter("top-1"), precision="fp32", kept=kept)
     (states,) = kept.values()
     assert states.first == 1 and len(states.hidden) == 15 and states.usable is True
+    assert set(states.hidden) <= set(from_states)  # the first adapter pass ran from them too
+    first = store.answer_logps(active.adapter_scorer(store.adapter("top-1"), "fp32"))
+    encoder = active.scoring_encoder(host.tokenizer)
+    for a in store.answers_to_score():
+        seq = active.answer_sequence(encoder, a["prompt"], None, a["text"], False)
+        assert first[a["id"]] == pytest.approx(host.sequence_logps([seq], adapter="top-1", precision="fp32")[0],
+                                               rel=1e-4, abs=1e-3)
     bottom = _decoder(host.model).layers[0]
     calls = []
     hook = bottom.register_forward_hook(lambda *_: calls.append(1))
