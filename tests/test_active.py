@@ -297,6 +297,35 @@ def test_kept_states_stay_within_their_budget_and_skip_adapters_on_every_layer(
     assert len(got) == 15  # the rest scored by whole passes
 
 
+@pytest.mark.slow
+def test_the_apps_scoring_jobs_keep_states_in_the_host(store, data_dir, tiny_model_dir, tmp_path):
+    """The app's background jobs keep their states where its generation keeps the states
+    of the answers it writes (ModelHost.kept_states), and keep none on a host that keeps
+    none."""
+    from apptools import make_lora_adapter
+
+    from rpo_app import active
+    from rpo_app.generate import ModelHost
+    from rpo_app.models import pick_precision
+
+    _seed(store, n_prompts=5, answers=3)
+    host = ModelHost(str(tiny_model_dir), data_dir, device="cpu", precision="fp32")
+    for n in (1, 2):
+        path = make_lora_adapter(tiny_model_dir, tmp_path / f"top-{n}", seed=n, layers=[1])
+        store.register_adapter(f"top-{n}", str(path), None, str(tiny_model_dir))
+        host.load_adapter(f"top-{n}", path)
+    jobs = active.ScoringJobs(store, lambda: host)
+    jobs.start(store.adapter("top-1"))
+    assert jobs.wait(120).state == "finished"
+    assert host.kept_states is None
+    host.kept_states = {}
+    jobs.start(store.adapter("top-2"))
+    assert jobs.wait(120).state == "finished"
+    (key, states), = host.kept_states.items()
+    # the job's precision: the machine's (bf16 autocast on a CPU with bf16 instructions)
+    assert key == (host.model_name, 1, pick_precision(str(host.device))) and len(states.hidden) == 15
+
+
 def test_kept_states_room_and_pruning():
     import torch
 
