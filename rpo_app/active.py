@@ -311,7 +311,7 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
     # Both passes' tokens, chunk after chunk in the same proportion, so the speed measured
     # so far holds for the rest and the ETA is honest across them.
     total = sum(lengths[i] for key, *_ in passes for i in seqs if i not in logps[key])
-    done = 0
+    done = from_kept = 0
     phase = f"adapter {adapter['name']}" if all(i in logps[base_key] for i in seqs) else \
         f"base model and adapter {adapter['name']}"
     if progress:
@@ -327,6 +327,8 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
                 if should_stop():
                     return {**meta, "stopped": True}
                 t = time.perf_counter()
+                if start is not None and name is not None:  # the adapter pass: how much skips layers
+                    from_kept += sum(start.has([seqs[i]]) for i in batch)
                 values = host.sequence_logps([seqs[i] for i in batch], adapter=name, precision=precision,
                                              states=start)
                 rows = [(i, v, lengths[i] - seqs[i].prompt_len) for i, v in zip(batch, values)]
@@ -347,7 +349,8 @@ def score_store(store, host, adapter: dict, index=None, pool_size: int = POOL_AN
         progress(Progress(phase, done, total, dict(seconds)))
     log.info("informative order: %d answers scored with %s in %.1f s; %s%s", info["answers"],
              adapter["name"], info["seconds"], info["items"],
-             f"; {states.kept_mb():.0f} MB of hidden states kept for the next" if states else "")
+             f"; the adapter pass started from kept hidden states for {from_kept}, "
+             f"{states.kept_mb():.0f} MB of them kept for the next" if states else "")
     return info
 
 
