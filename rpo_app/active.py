@@ -235,11 +235,12 @@ def _batches(order: list[int], lengths: dict[int, int]) -> list[list[int]]:
 
 
 def kept_states_for(kept: dict | None, host, adapter_name: str, precision: str, seqs: list):
-    """The kept hidden states (frozen_prefix.FrozenPrefixScorer) this adapter's pass can
-    start from, out of `kept` (the app's, across jobs): the highest layer at or below
-    the adapter's lowest LoRA layer, on this model and precision; a new one at that layer
-    if none. Everything else in `kept`, and every state outside this pool, is dropped.
-    None: no `kept`, or an adapter on every layer."""
+    """The kept hidden states (frozen_prefix.FrozenPrefixScorer) this adapter's job can
+    start from, out of `kept` (ModelHost.kept_states: across jobs, and from the answers
+    as written): the highest layer at or below the adapter's lowest LoRA layer, on this
+    model and precision; a new one at that layer if none. Everything else in `kept`, and
+    every state outside this pool, is dropped. None: no `kept`, or an adapter on every
+    layer."""
     from rpo_app.frozen_prefix import FrozenPrefixScorer
 
     if kept is None:

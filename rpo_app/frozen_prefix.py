@@ -95,7 +95,8 @@ class FrozenPrefixScorer:
     pairs of 300 tokens keep 1.4 GB). A step scores from those; a sequence the reference
     pass did not see (a resumed run reuses its saved reference log-probs) gets its hidden
     states from one forward pass without gradients first. `capture_shared` keeps the same
-    through the shared-prompt scorer (the app's scoring job).
+    through the shared-prompt scorer (the app's scoring job); `keep` takes states
+    computed elsewhere (the app's answers as they were written: rpo_app.written_states).
     """
 
     def __init__(self, first: int, budget_mb: float | None = None):
