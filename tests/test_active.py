@@ -201,20 +201,12 @@ def test_scoring_job_scores_the_pool_and_orders_the_queue(store, data_dir, tiny_
     assert all(total == 0 for _, _, total in seen)
 
 
-@pytest.mark.slow
-def test_a_later_adapter_scores_from_the_hidden_states_the_first_job_kept(store, data_dir, tiny_model_dir,
-                                                                          tmp_path, monkeypatch):
-    """Adapters on the top layer only: the first job's base pass keeps each answer's
-    input to that layer and its adapter pass starts there; so does the next adapter's
-    (the bottom layer never runs), with the log-probs a whole pass gives."""
+def _top_layer_adapters(store, data_dir, tiny_model_dir, tmp_path):
+    """A seeded store and a host with two adapters on the tiny model's top layer only,
+    "top-1" and "top-2", registered and loaded."""
     from apptools import make_lora_adapter
 
-    import torch
-
-    from rpo_app import active
-    from rpo_app.frozen_prefix import FrozenPrefixScorer, _decoder
     from rpo_app.generate import ModelHost
-    from rpo_app.scoring import keeps_logits_by_mask
 
     _seed(store, n_prompts=5, answers=3)
     host = ModelHost(str(tiny_model_dir), data_dir, device="cpu", precision="fp32")
@@ -222,6 +214,22 @@ def test_a_later_adapter_scores_from_the_hidden_states_the_first_job_kept(store,
         path = make_lora_adapter(tiny_model_dir, tmp_path / f"top-{n}", seed=n, layers=[1])
         store.register_adapter(f"top-{n}", str(path), None, str(tiny_model_dir))
         host.load_adapter(f"top-{n}", path)
+    return host
+
+
+@pytest.mark.slow
+def test_a_later_adapter_scores_from_the_hidden_states_the_first_job_kept(store, data_dir, tiny_model_dir,
+                                                                          tmp_path, monkeypatch):
+    """Adapters on the top layer only: the first job's base pass keeps each answer's
+    input to that layer and its adapter pass starts there; so does the next adapter's
+    (the bottom layer never runs), with the log-probs a whole pass gives."""
+    import torch
+
+    from rpo_app import active
+    from rpo_app.frozen_prefix import FrozenPrefixScorer, _decoder
+    from rpo_app.scoring import keeps_logits_by_mask
+
+    host = _top_layer_adapters(store, data_dir, tiny_model_dir, tmp_path)
     assert host.adapter_first_layer("top-1") == 1
     kept: dict = {}
     from_states, real_call = [], FrozenPrefixScorer.__call__
@@ -302,18 +310,10 @@ def test_the_apps_scoring_jobs_keep_states_in_the_host(store, data_dir, tiny_mod
     """The app's background jobs keep their states where its generation keeps the states
     of the answers it writes (ModelHost.kept_states), and keep none on a host that keeps
     none."""
-    from apptools import make_lora_adapter
-
     from rpo_app import active
-    from rpo_app.generate import ModelHost
     from rpo_app.models import pick_precision
 
-    _seed(store, n_prompts=5, answers=3)
-    host = ModelHost(str(tiny_model_dir), data_dir, device="cpu", precision="fp32")
-    for n in (1, 2):
-        path = make_lora_adapter(tiny_model_dir, tmp_path / f"top-{n}", seed=n, layers=[1])
-        store.register_adapter(f"top-{n}", str(path), None, str(tiny_model_dir))
-        host.load_adapter(f"top-{n}", path)
+    host = _top_layer_adapters(store, data_dir, tiny_model_dir, tmp_path)
     jobs = active.ScoringJobs(store, lambda: host)
     jobs.start(store.adapter("top-1"))
     assert jobs.wait(120).state == "finished"
