@@ -90,15 +90,17 @@ def written_precision(host) -> str | None:
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(next(host.base.parameters()).dtype)
 
 
-def keep_as_written(store, host, encoder, response_id: int, prompt: dict, answer) -> bool:
+def keep_as_written(store, host, encoder, response_id: int, prompt: dict, answer,
+                    states_layer: int | None = None) -> bool:
     """Keep what writing a base-model answer computed anyway (generate.Generated): its
     log-prob, stored as its base-model score, so the first scoring job after a run skips
     the base pass over the answers the app wrote; and its hidden states below the
-    adapters (Generated.states, written_states_layer), in the host's kept states, so that
-    job's adapter pass starts from them. Only where the scorer would score exactly the
-    tokens written (the same chat template, no system prompt, no truncation, text that
-    decodes and encodes back to the same tokens, the end-of-turn token that ended it) and
-    in the precision they were written in; True when the log-prob was stored.
+    adapters (Generated.states, recorded at `states_layer`: written_states_layer, taken
+    once per generation job), in the host's kept states, so that job's adapter pass
+    starts from them. Only where the scorer would score exactly the tokens written (the
+    same chat template, no system prompt, no truncation, text that decodes and encodes
+    back to the same tokens, the end-of-turn token that ended it) and in the precision
+    they were written in; True when the log-prob was stored.
 
     Not bit-identical to the scorer's pass: the decoding steps round differently. In bf16
     the kept log-probs sit 0.3 ± 0.6 nats above the scorer's per answer of up to 192
@@ -115,12 +117,12 @@ def keep_as_written(store, host, encoder, response_id: int, prompt: dict, answer
     if tuple(seq.input_ids) != tuple(answer.sequence):
         return False
     store.save_answer_logps(base_scorer(host, written), [(response_id, answer.logp, len(seq) - seq.prompt_len)])
-    layer = written_states_layer(host)
-    if answer.states is not None and layer is not None:
-        key = (host.model_name, layer, written)
+    if answer.states is not None and states_layer is not None:
+        key = (host.model_name, states_layer, written)
         states = host.kept_states.get(key)
         if states is None:
-            states = host.kept_states.setdefault(key, FrozenPrefixScorer(layer, _states_budget_mb(host, 0.0)))
+            states = host.kept_states.setdefault(
+                key, FrozenPrefixScorer(states_layer, _states_budget_mb(host, 0.0)))
         states.keep(seq, answer.states)
     return True
 

@@ -1283,6 +1283,7 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
              "base_logps": 0}
     total = len(ids) * n
     encoder = scoring_encoder(host.tokenizer) if adapter is None else None
+    keep_at = written_states_layer(host) if adapter is None else None
     t0 = time.perf_counter()
     if progress:
         progress(0, total)
@@ -1292,14 +1293,14 @@ def generate_candidates(store, host: ModelHost, prompt_ids: list[int], n: int,
                                           model=host.model_name, adapter=adapter,
                                           gen_settings=settings.to_dict(), cut_off=answer.cut_off)
         if created and answer.logp is not None:
-            stats["base_logps"] += keep_as_written(store, host, encoder, rid, rows[answer.prompt], answer)
+            stats["base_logps"] += keep_as_written(store, host, encoder, rid, rows[answer.prompt], answer,
+                                                   keep_at)
         stats["generated"] += 1
         stats["new" if created else "duplicates"] += 1
         stats["tokens"] += answer.tokens
         if progress:
             progress(stats["generated"], total)
 
-    keep_at = written_states_layer(host) if adapter is None else None
     for _batch in host.generate_batches(texts, n, settings, adapter, batch_size, start_index,
                                         first_batch=first_batch, on_answer=store_answer,
                                         keep_states_at=keep_at):

@@ -33,9 +33,8 @@ class WrittenStates:
         self._paused = False
         self._first = None  # index in _calls of generate's first call
         self._mask = None
-        self._slot: list[int] = []
+        self._slot: list[int] | None = None  # each row's distinct prompt; None: not prefilled
         self._prefix = 0
-        self._prefilled = False
 
     @contextlib.contextmanager
     def recording(self):
@@ -66,8 +65,7 @@ class WrittenStates:
         was prefilled."""
         self._first = len(self._calls)
         self._mask = mask.bool()
-        self._prefilled = slot is not None
-        self._slot = list(slot or [])
+        self._slot = None if slot is None else list(slot)
         self._prefix = prefix
 
     def row(self, i: int, fed: int, length: int):
@@ -76,7 +74,7 @@ class WrittenStates:
         import torch
 
         calls, first, mask = self._calls, self._first, self._mask[i]
-        if self._prefilled:
+        if self._slot is not None:
             parts, k = [], 0
             if self._prefix:
                 parts.append(calls[0][0, :self._prefix])

@@ -121,7 +121,7 @@ def run_benchmark(data_dir, quick: bool = False, prompts: int | None = None, ans
     result["kept_states_speedup"] = (result["next, nothing kept"]["phases"]["adapter pass"]
                                      / result["next"]["phases"]["adapter pass"])
     result["first_keeping_ratio"] = (result["first"]["phases"]["adapter pass"]
-                              / result["first, keeping nothing"]["phases"]["adapter pass"])
+                                     / result["first, keeping nothing"]["phases"]["adapter pass"])
     return result
 
 
