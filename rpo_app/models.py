@@ -175,15 +175,35 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it
-    oneDNN emulates bf16 and a bf16 matmul is slower than fp32."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), and oneDNN may
+    use it. Without it oneDNN emulates bf16 and a bf16 matmul is slower than fp32."""
     import torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     try:
-        return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
+        native = any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
     except RuntimeError:
         return False
+    return native and onednn_isa_allows_bf16()
+
+
+# oneDNN's instruction-set masks (dnnl_cpu_isa_t), by the names its ISA cap takes.
+_ONEDNN_ISA = {"sse41": 0x1, "avx": 0x3, "avx2": 0x7, "avx2_vnni": 0xF, "avx2_vnni_2": 0x1F,
+               "avx512_core": 0x27, "avx512_core_vnni": 0x67, "avx512_core_bf16": 0xE7,
+               "avx10_1_512": 0x1EF, "avx512_core_fp16": 0x1EF, "avx10_1_512_amx": 0xFEF,
+               "avx512_core_amx": 0xFEF, "avx10_1_512_amx_fp16": 0x1FEF, "avx512_core_amx_fp16": 0x1FEF}
+_ONEDNN_BF16 = _ONEDNN_ISA["avx512_core_bf16"]
+
+
+def onednn_isa_allows_bf16(environ=None) -> bool:
+    """False where ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) caps oneDNN below
+    AVX512-BF16: the CPU's bf16 units then sit unused, and a bf16 matmul is emulated. On a
+    Xeon with AMX, capped at AVX2, one measured 2 GFLOP/s against 109 in fp32. The cap is
+    how one runs this machine as an AVX2-only CPU (the Makefile's AVX2 test pass)."""
+    env = os.environ if environ is None else environ
+    cap = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "").strip().lower()
+    mask = _ONEDNN_ISA.get(cap)  # unset, ALL, DEFAULT: no cap
+    return mask is None or mask & _ONEDNN_BF16 == _ONEDNN_BF16
 
 
 def training_attention(device: str, precision: str) -> str | None:
