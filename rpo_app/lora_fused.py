@@ -12,13 +12,13 @@ where peft's forward rounds three times:
   pass with peft's forward and 1.08x with this one (2 threads, side by side). Against an
   fp32 reference, on a trained adapter and the app's answers, its log-probs spread as
   peft's do (sd 0.61 against 0.63 nats an answer, 0.3 nats higher on average) and rank
-  the answers' rewards the same (Spearman 0.987 against 0.989; README, "What the
+  the answers' rewards the same (Spearman 0.987 against 0.989; docs/benchmarks.md, "What the
   informative order costs").
 - training: out of place, `torch.addmm(...)`, whose backward gives the same gradients
   as peft's graph without the scaled copies (autocast runs it in bf16, as it runs
   peft's matmuls). A training step's forward and backward on the bundled model ran
   1.07x faster than with peft's forward (fp32, 1 thread, 26 batches of 4 pairs
-  alternating, a 2-core AVX2-only EPYC; README, "LoRA's add in training").
+  alternating, a 2-core AVX2-only EPYC; docs/benchmarks.md, "LoRA's add in training").
 
 Only the plain case takes this path: vanilla LoRA, no LoRA dropout in training, one or
 more active adapters, no per-row adapter names, not merged, not disabled. Everything

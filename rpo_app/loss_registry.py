@@ -77,16 +77,16 @@ class LossSpec:
 # RPO's default beta: each contrast is scaled by beta * w_ij and a row of w sums to 1
 # over the batch (on the seed prompts at tau 0.5 and batch 8: 0.48 on the diagonal,
 # 0.07 elsewhere), so at DPO's 0.1 its terms barely saturate and the model drifts until
-# its answers garble. The effect benchmark (README) measured 1.0 near the base model's
+# its answers garble. The effect benchmark (docs/benchmarks.md) measured 1.0 near the base model's
 # fluency and winning as often as DPO at 0.1. Unpaired RPO on thumbs has no same-prompt
 # cell to carry the weight (at batch 4 about 0.25 on each), yet at 1.0 its loss saturates
 # halfway through a small-set run and it stops learning; bench-curve measured 0.25 ahead
-# of 1.0 (README, "Thumbs only, again").
+# of 1.0 (docs/benchmarks.md, "Thumbs only, again").
 _RPO = dict(function="rpo_loss", contrasts_batch=True, default_beta=1.0,
             options=("temperature", "weighting"))
 
 # The pooled losses' small-set bounds, in items of the larger pool (bench-curve, concise,
-# thumbs only, the schedule forced each way; README "The small-set bound, measured").
+# thumbs only, the schedule forced each way; docs/benchmarks.md "The small-set bound, measured").
 # KTO: 40 steps of 4 won more than 60 steps of 8 at pools of 58-67 and 81-83, less at
 # 105-109, so 96. rpo-unpaired: 60 steps of 8 collapsed it at 58-67 (6 of 6), garbled it at
 # 81-83 (3 of 3, read) and drifted it at 105-109 (-1.18 log-prob per token against -0.69,

@@ -245,7 +245,7 @@ class Trainer:
         model.train()
         self.keep_by_mask = keeps_logits_by_mask(model)
         # Every sequence is scored whole: running each distinct prompt once (PromptScorer)
-        # gained about 5% a step and slowed the fp32 reference pass (README, "Each prompt
+        # gained about 5% a step and slowed the fp32 reference pass (docs/benchmarks.md, "Each prompt
         # once per batch, in training too?"). `python -m rpo_app.bench.train` swaps this
         # to time both.
         self.step_scorer = sequence_logps

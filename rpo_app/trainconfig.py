@@ -51,7 +51,7 @@ def derive_settings(cfg: "TrainConfig") -> None:
 # The learning rate measured with LoRA on every layer (the effect benchmark: 3e-4 wins
 # ~70% at 30 steps and stays close to the base model; 5e-4 at batch 8 loops and drifts).
 # LoRA on fewer layers moves the model less per step, so the rate scales with all layers
-# over adapted ones: measured on the bundled model's 30 (README, "LoRA on the top layers
+# over adapted ones: measured on the bundled model's 30 (docs/benchmarks.md, "LoRA on the top layers
 # only"), the top 15 won 0.70 at 3e-4 and 0.73 at 6e-4 on `concise`, the top 8 0.59 at
 # 3e-4 and 0.71 at 1e-3. The cap: at 2e-3 the top 8's answers repeated 3x the 3-grams.
 LEARNING_RATE_EVERY_LAYER = 3e-4
@@ -64,7 +64,7 @@ def lora_layers_for(setting: int | None, n_layers: int) -> int:
 
     The top half by default: the layers below run once per answer, in the reference
     pass, instead of at every step (rpo_app.frozen_prefix), so a default run on a 2-core
-    CPU took 287 s against 451 s on every layer and won as often (README, "LoRA on the
+    CPU took 287 s against 451 s on every layer and won as often (docs/benchmarks.md, "LoRA on the
     top layers only").
     """
     if setting is None:
@@ -98,13 +98,13 @@ class TrainConfig:
     sft_weight: float = field(default=0.0, metadata={
         "help": "weight of an NLL term on the chosen answers (TRL's loss_type ['sigmoid', 'sft']); "
                 "0 = off, the default: on thumbs-only data 0.2 kept every rpo-unpaired run from "
-                "collapsing but won less on small sets (README, 'An NLL term on thumbs')"})
+                "collapsing but won less on small sets (docs/benchmarks.md, 'An NLL term on thumbs')"})
     strength_margin: float = field(default=0.0, metadata={
         "help": "ODPO-style offset (Amini et al. 2024): a pair judged 'clearly' must win by this "
                 "margin of beta-scaled log-ratios, 'slightly' by half of it, one without a "
                 "strength by none (dpo, rpo-paired); 0 = strength ignored, the default: its "
                 "effect is not measured yet"})
-    # Measured with `python -m rpo_app bench-effect` on the bundled 135M model (README,
+    # Measured with `python -m rpo_app bench-effect` on the bundled 135M model (docs/benchmarks.md,
     # "Effect benchmark"): 5e-5 does nothing measurable in 30 steps; 5e-4 at batch 8
     # wins 92% but answers start to loop and drift; 3e-4 wins ~70% at 30 steps and
     # stays close to the base model. At 60 steps RPO's garbling came from its beta

@@ -171,7 +171,7 @@ def test_the_targets_say_how_many_decided_pairs_each_order_found():
 
 
 def test_a_collapsed_seed_is_counted_and_its_win_rate_set_apart():
-    """A word-counting judge gave a garbled model its best win rate (README, "Thumbs only
+    """A word-counting judge gave a garbled model its best win rate (docs/benchmarks.md, "Thumbs only
     at 128 labels"): the summary says how many seeds the collapse rule flagged, and the
     target line gives the win rate without them."""
     garbled = {**_row("concise", "thumbs", "random", "rpo-unpaired", 64, 1, 0.94),

@@ -492,7 +492,7 @@ def test_beta_defaults_per_loss_unless_given():
     assert TrainConfig(loss="dpo").beta == 0.1
     assert TrainConfig(loss="dpo", beta=0.3).beta == 0.3
     assert TrainConfig.from_dict({"loss": "kto"}).beta == LOSSES["kto"].default_beta
-    # Unpaired RPO has its own (README, "Thumbs only, again"), and the help says so.
+    # Unpaired RPO has its own (docs/benchmarks.md, "Thumbs only, again"), and the help says so.
     assert TrainConfig(loss="rpo-unpaired").beta == 0.25
     from dataclasses import fields
 
@@ -516,7 +516,7 @@ def test_planned_steps_epochs_with_a_floor():
 
 
 def test_a_loss_measured_to_collapse_when_overtrained_says_so_there():
-    """rpo-unpaired's caution (bench-curve, README "Thumbs only at 128 labels") holds for
+    """rpo-unpaired's caution (bench-curve, docs/benchmarks.md "Thumbs only at 128 labels") holds for
     a set below its small-set bound that trains longer than the small-set schedule; the
     default schedule, and sets beyond the bound (measured fluent), get none; nor do other
     losses."""
@@ -535,7 +535,7 @@ def test_a_loss_measured_to_collapse_when_overtrained_says_so_there():
 
 
 def test_the_small_set_bound_is_the_losss_own():
-    """Pooled losses keep the small-set schedule to a larger set (bench-curve, README
+    """Pooled losses keep the small-set schedule to a larger set (bench-curve, docs/benchmarks.md
     "The small-set bound, measured"); a bound that is given wins."""
     from rpo_app.loss_registry import LOSSES
 

@@ -323,11 +323,11 @@ def prepare_seed(args, seed: int, prompt_rows: list[dict], out: Path, source: st
              len({r.get('family') for r in test_rows}))
     store = Store(data_dir)
     # fp32 whatever the CPU: the cached candidates and base answers, and the results
-    # recorded in the README, were made in fp32.
+    # recorded in docs/benchmarks.md, were made in fp32.
     host = ModelHost(model, data_dir, device=args.device, precision="fp32")
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else out / "cache"
     # Its own flags only (no min-p, no repetition penalty): the candidates and the greedy
-    # test answers stay comparable with the results recorded in the README.
+    # test answers stay comparable with the results recorded in docs/benchmarks.md.
     sample = GenSettings(temperature=args.gen_temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens, seed=seed, min_p=0.0,
                          repetition_penalty=1.0)
