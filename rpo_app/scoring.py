@@ -72,7 +72,7 @@ def _log_softmax(logits, fp32: bool):
     # bf16 (the kernel still sums in fp32; only each log-prob is rounded). The fp32 copy of
     # the tokens x vocabulary logits and its log-softmax cost 0.075 of a bf16 scoring
     # pass's 0.55 ms a token on the bundled model; the rounding moves an answer's sum by
-    # 0.03 +- 0.09 nats, where scoring in bf16 at all moves it by 0.6 (README, "What the
+    # 0.03 +- 0.09 nats, where scoring in bf16 at all moves it by 0.6 (docs/benchmarks.md, "What the
     # informative order costs").
     return (logits.float() if fp32 else logits).log_softmax(-1)
 
@@ -83,7 +83,37 @@ def _picked_logps(logits, labels, fp32: bool):
 
 
 def _token_logps(head, hidden, labels, fp32: bool = True):
-    return _picked_logps(head(hidden), labels, fp32)
+    return _picked_logps(_head_logits(head, hidden), labels, fp32)
+
+
+def _head_logits(head, hidden):
+    """`head(hidden)`, with a frozen plain head's weight cast for autocast once (_cast_once)."""
+    import torch
+
+    if isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad:
+        return torch.nn.functional.linear(hidden, _cast_once(head))
+    return head(hidden)
+
+
+def _cast_once(head):
+    """A frozen head's weight as autocast would cast it for a matrix product, cast once
+    and kept on the head while the weight stays the same tensor, unchanged. Autocast
+    keeps its casts only for weights that train, so the trainer's fp32 head (49,152 x 576
+    on the bundled model) was cast to bf16 for every slice of every pass, twice in a
+    training slice (its logits, then its backward product): 3.5 times a step, 22-40 ms
+    each. Outside autocast, or where the weight has autocast's dtype, the weight itself."""
+    import torch
+
+    weight = head.weight
+    kind = weight.device.type
+    if not torch.is_autocast_enabled(kind) or weight.dtype == torch.get_autocast_dtype(kind):
+        return weight
+    dtype = torch.get_autocast_dtype(kind)
+    kept = getattr(head, "_rpo_autocast_weight", None)
+    if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[2].dtype != dtype:
+        kept = (weight, weight._version, weight.detach().to(dtype))
+        head._rpo_autocast_weight = kept
+    return kept[2]
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +124,7 @@ def _frozen_head_logps():
     d log p(y | h) / d h = (onehot(y) - softmax(W h)) W needs the vocabulary-wide softmax
     once, while it is at hand; kept, it is one hidden-size vector a token, where
     checkpointing kept nothing but ran the head a third time (a forward again, then the
-    backward's product): 6-12% of a step on the bundled model (README, "Memory of a
+    backward's product): 6-12% of a step on the bundled model (docs/benchmarks.md, "Memory of a
     training step"). The backward only
     scales the kept rows by the upstream gradient.
     """
@@ -103,12 +133,13 @@ def _frozen_head_logps():
     class FrozenHeadLogps(torch.autograd.Function):
         @staticmethod
         def forward(ctx, hidden, head, labels, fp32):
-            lsm = _log_softmax(head(hidden), fp32)
+            weight = _cast_once(head)
+            lsm = _log_softmax(torch.nn.functional.linear(hidden, weight), fp32)
             logps = lsm.gather(-1, labels[:, None]).squeeze(-1).float()
             rows = torch.arange(len(labels), device=labels.device)
             probs = lsm.exp_()  # the log-softmax is not needed any more
             probs[rows, labels] -= 1
-            ctx.save_for_backward(-(probs.to(head.weight.dtype) @ head.weight).to(hidden.dtype))
+            ctx.save_for_backward(-(probs.to(weight.dtype) @ weight).to(hidden.dtype))
             return logps
 
         @staticmethod

@@ -240,3 +240,46 @@ def test_the_frozen_heads_backward_under_bf16_autocast_matches_the_checkpointed_
     assert all(g.dtype == torch.float32 for g in g_ours)
     assert all((a - b).norm() <= 2e-2 * b.norm() for a, b in zip(g_ours, g_theirs))
     assert any(g.abs().sum() > 0 for g in g_ours)
+
+
+def test_a_frozen_heads_weight_is_cast_for_autocast_once_and_gives_autocasts_numbers():
+    """Autocast casts a frozen head's fp32 weight anew at every product (it keeps only the
+    casts of weights that train); the scorer casts it once. The log-probs and the hidden
+    states' gradients are autocast's own, bit for bit, and a weight changed in place is
+    cast again."""
+    import torch
+
+    from rpo_app import scoring
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(6, 16)
+    labels = torch.randint(0, 50, (6,))
+
+    def autocasts_own(h):  # the head as autocast runs it, with a checkpointed backward
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(lambda x: scoring._picked_logps(head(x), labels, True), h, use_reentrant=False)
+
+    def run(fn):
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(h)
+        out.sum().backward()
+        return out.detach(), h.grad
+
+    ours, g_ours = run(lambda h: scoring._frozen_head_logps().apply(h, head, labels, True))
+    theirs, g_theirs = run(autocasts_own)
+    assert torch.equal(ours, theirs)
+    assert torch.allclose(g_ours, g_theirs, rtol=0, atol=1e-6)
+    cast = head._rpo_autocast_weight[2]
+    assert cast.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = scoring._token_logps(head, hidden, labels)
+        assert head._rpo_autocast_weight[2] is cast  # no second cast
+        assert torch.equal(plain, scoring._picked_logps(head(hidden), labels, True))
+        head.weight.mul_(2)
+        again = scoring._token_logps(head, hidden, labels)
+    assert head._rpo_autocast_weight[2] is not cast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(again, scoring._picked_logps(head(hidden), labels, True))
+    assert torch.equal(scoring._token_logps(head, hidden, labels), scoring._picked_logps(head(hidden), labels, True))
