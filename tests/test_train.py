@@ -665,6 +665,10 @@ def test_bench_settings_and_table():
     # the `bench` command passes its own namespace: the rest comes from our defaults
     args = _complete(argparse.Namespace(out="bench-results", data_dir=None, quick=True, only=None))
     assert (args.pairs, args.steps, args.out, args.threads) == (QUICK["pairs"], QUICK["steps"], "bench-results", 1)
+    # Our timed steps run at TRL's thread count, not at every core the run may take.
+    from rpo_app.bench.train import _step_config
+    args.precision = "fp32"
+    assert _step_config(args).cpu_threads == 1
     result = {"model": "/m/SmolLM2", "device": "cpu", "threads": 1, "batch_size": 8, "max_length": 256,
               "timed_steps": 4, "loss": "rpo-paired",
               "ours": {"mean_step_s": 2.0, "pairs_per_s": 4.0, "pairs_per_s_epoch_incl_ref": 3.0,

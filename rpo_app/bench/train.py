@@ -65,7 +65,8 @@ def _step_config(args):
                        max_prompt_length=args.max_prompt_length, max_steps=args.warmup_steps + args.steps,
                        eval_fraction=0.0, eval_every=0, sample_every=0, save_every=0, preview_count=0,
                        early_stop_patience=0, seed=args.seed, device=args.device,
-                       precision=args.precision, lora_layers=args.lora_layers).validate()
+                       cpu_threads=args.threads or None, precision=args.precision,
+                       lora_layers=args.lora_layers).validate()
 
 
 def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
