@@ -97,11 +97,12 @@ def _head_logits(head, hidden):
 
 def _cast_once(head):
     """A frozen head's weight as autocast would cast it for a matrix product, cast once
-    and kept on the head while the weight stays the same tensor, unchanged. Autocast
-    keeps its casts only for weights that train, so the trainer's fp32 head (49,152 x 576
-    on the bundled model) was cast to bf16 for every slice of every pass, twice in a
-    training slice (its logits, then its backward product): 3.5 times a step, 22-40 ms
-    each. Outside autocast, or where the weight has autocast's dtype, the weight itself."""
+    and kept on the head while the weight stays the same tensor, unchanged and on its
+    device. Autocast keeps its casts only for weights that train, so the trainer's fp32
+    head (49,152 x 576 on the bundled model) was cast to bf16 for every slice of every
+    pass, twice in a training slice (its logits, then its backward product): 3.5 times a
+    step, 22-40 ms each. Outside autocast, or where the weight has autocast's dtype, the
+    weight itself."""
     import torch
 
     weight = head.weight
@@ -110,7 +111,8 @@ def _cast_once(head):
         return weight
     dtype = torch.get_autocast_dtype(kind)
     kept = getattr(head, "_rpo_autocast_weight", None)
-    if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[2].dtype != dtype:
+    if (kept is None or kept[0] is not weight or kept[1] != weight._version or kept[2].dtype != dtype
+            or kept[2].device != weight.device):
         kept = (weight, weight._version, weight.detach().to(dtype))
         head._rpo_autocast_weight = kept
     return kept[2]

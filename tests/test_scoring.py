@@ -244,9 +244,9 @@ def test_the_frozen_heads_backward_under_bf16_autocast_matches_the_checkpointed_
 
 def test_a_frozen_heads_weight_is_cast_for_autocast_once_and_gives_autocasts_numbers():
     """Autocast casts a frozen head's fp32 weight anew at every product (it keeps only the
-    casts of weights that train); the scorer casts it once. The log-probs and the hidden
-    states' gradients are autocast's own, bit for bit, and a weight changed in place is
-    cast again."""
+    casts of weights that train); the scorer casts it once. The log-probs are autocast's
+    own bit for bit, the hidden states' gradients to rounding, and a weight changed in
+    place is cast again."""
     import torch
 
     from rpo_app import scoring
