@@ -199,3 +199,25 @@ def test_cli_merge_by_name(store, layout, run_dir, tiny_model_dir, tmp_path, cap
     rc = main(["merge", "--adapter", "../evil", "--out", str(tmp_path / "m2"),
                "--data-dir", str(layout.root)])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_the_chat_tabs_exports_leave_only_the_zip_and_clear_earlier_ones(data_dir, tiny_model_dir,
+                                                                         adapter_src, monkeypatch):
+    """Gradio copies a download into its own cache as it serves it: a merged export keeps
+    its zip only, and a later export removes the earlier ones' temp folders."""
+    from rpo_app.config import ServeConfig
+    from rpo_app.ui import chat
+    from rpo_app.ui.context import AppContext
+
+    ctx = AppContext(ServeConfig(data_dir=data_dir, model=str(tiny_model_dir)), load_model=False)
+    ctx.store.register_adapter("tuned", str(adapter_src), None, str(tiny_model_dir))
+    first = Path(chat.export_merged(ctx, "tuned", progress=lambda *a, **k: None))
+    with zipfile.ZipFile(first) as z:
+        assert "config.json" in z.namelist() and any(n.endswith(".safetensors") for n in z.namelist())
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # the merged folder is gone
+    second = Path(chat.export_merged(ctx, "tuned", progress=lambda *a, **k: None))
+    assert first.is_file() and second.is_file()  # a minute old at most: maybe not served yet
+    monkeypatch.setattr(chat, "EXPORT_KEEP_S", 0.0)
+    third = Path(chat.export_merged(ctx, "tuned", progress=lambda *a, **k: None))
+    assert third.is_file() and not first.parent.exists() and not second.parent.exists()
+    assert [path for path, _ in ctx.exports] == [third.parent]

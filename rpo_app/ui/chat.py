@@ -418,12 +418,32 @@ def delete_adapter(ctx: AppContext, name) -> tuple:
     return adapters_view(ctx)
 
 
+# Gradio copies a returned file into its own cache as it answers the request, so an
+# export's temp folder is dead weight once served: each merged export left the merged
+# model and its zip in /tmp (twice the model's size) for as long as the machine ran.
+# An export removes the app's earlier ones older than this.
+EXPORT_KEEP_S = 60.0
+
+
+def _export_dir(ctx: AppContext, prefix: str) -> Path:
+    """A fresh temp folder for one download; the app's exports older than EXPORT_KEEP_S go."""
+    now = time.time()
+    with ctx.exports_lock:
+        for path, made in list(ctx.exports):
+            if now - made >= EXPORT_KEEP_S:
+                shutil.rmtree(path, ignore_errors=True)
+                ctx.exports.remove((path, made))
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+        ctx.exports.append((path, now))
+    return path
+
+
 def export_zip(ctx: AppContext, name) -> str:
     from rpo_app import adapters
 
     if not name:
         raise gr.Error("pick an adapter")
-    out = Path(tempfile.mkdtemp(prefix="rpo-adapter-")) / f"{name}-peft.zip"
+    out = _export_dir(ctx, "rpo-adapter-") / f"{name}-peft.zip"
     try:
         adapters.export_zip(ctx.layout, name, out)
     except (ValueError, OSError) as err:
@@ -437,14 +457,17 @@ def export_merged(ctx: AppContext, name, progress=gr.Progress()) -> str:
     if not name:
         raise gr.Error("pick an adapter")
     progress(0.1, desc="merging the adapter into the base model")
-    work = Path(tempfile.mkdtemp(prefix="rpo-merged-"))
+    work = _export_dir(ctx, "rpo-merged-")
     try:
-        adapters.merge(ctx.store.adapter(name)["path"], work / name, base_model=ctx.cfg.model,
-                       data_dir=ctx.layout.root)
+        with ctx.loading():
+            adapters.merge(ctx.store.adapter(name)["path"], work / name, base_model=ctx.cfg.model,
+                           data_dir=ctx.layout.root)
     except (ValueError, RuntimeError, OSError) as err:
         raise gr.Error(str(err))
     progress(0.8, desc="zipping")
-    return shutil.make_archive(str(work / f"{name}-merged"), "zip", work / name)
+    archive = shutil.make_archive(str(work / f"{name}-merged"), "zip", work / name)
+    shutil.rmtree(work / name)  # the zip is what the page downloads
+    return archive
 
 
 # -- layout and wiring --------------------------------------------------------------------

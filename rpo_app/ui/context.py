@@ -96,11 +96,19 @@ class AppContext:
         # of meta tensor"), so the loaders take turns.
         self._load_lock = threading.Lock()
         self._adapter_errors: dict[str, str] = {}  # adapter name -> why it did not load
+        self.exports: list = []  # (temp folder, when) of the Chat tab's downloads (ui.chat)
+        self.exports_lock = threading.Lock()
         self._index = _Loader("prompt embedder", self._load_index)
         self._host = _Loader("model", self._load_host) if load_model else None
         if self.scoring is not None:
             self.runs.on_finished = lambda _run_id: self.scoring.start_if_needed()
             self.scoring.start_if_needed()  # an adapter whose scores were never completed
+
+    def loading(self):
+        """Held while this app loads a model with transformers (the embedder, the app's
+        model, a merge for download): two loads at once fail ("Cannot copy out of meta
+        tensor")."""
+        return self._load_lock
 
     def _ready_to_score(self) -> None:
         """Before a scoring job: the model and the new adapter loaded, and the start-up
