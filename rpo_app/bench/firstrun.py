@@ -20,6 +20,7 @@ From an empty data dir (the seed prompts, no answers), with the app's own parts:
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,16 @@ def _wait(jobs):
 
 
 def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
+    """The first minutes in a fresh data dir of its own, removed at the end (its store,
+    answers and run folder came to about 50 MB a run, left in the temp dir)."""
+    work = Path(tempfile.mkdtemp(prefix="bench-first-run-"))
+    try:
+        return _run_in(work, data_dir, quick)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the model is a symlink: its target stays
+
+
+def _run_in(work: Path, data_dir: Path, quick: bool) -> dict:
     from rpo_app import io, judges
     from rpo_app.generate import GenSettings, ModelHost, backlog
     from rpo_app.genjob import FIRST_RUN_ANSWERS, FIRST_RUN_PROMPTS, GenerationJobs
@@ -56,7 +67,6 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
     from rpo_app.runfolder import RunFolder
     from rpo_app.store import Store
 
-    work = Path(tempfile.mkdtemp(prefix="bench-first-run-"))
     # The converted default model of the data dir (or of the tests' cache) is reused.
     link_model_cache(data_dir if (Path(data_dir) / "models").exists() else REPO / "tests" / ".cache",
                      work)
@@ -147,7 +157,6 @@ def run_benchmark(data_dir: Path, quick: bool = False) -> dict:
     out["seconds_per_step"] = round(train / max(status.step, 1), 2)
     out["run_peak_memory_gb"] = round(status.peak_memory_gb or 0.0, 2)
     out["run_gradient_checkpointing"] = bool(status.gradient_checkpointing)
-    out["data_dir"] = str(work)
     return out
 
 
