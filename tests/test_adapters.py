@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -217,7 +218,8 @@ def test_the_chat_tabs_exports_leave_only_the_zip_and_clear_earlier_ones(data_di
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # the merged folder is gone
     second = Path(chat.export_merged(ctx, "tuned", progress=lambda *a, **k: None))
     assert first.is_file() and second.is_file()  # a minute old at most: maybe not served yet
-    monkeypatch.setattr(chat, "EXPORT_KEEP_S", 0.0)
+    monkeypatch.setattr(ctx.downloads, "KEEP_S", 0.0)
     third = Path(chat.export_merged(ctx, "tuned", progress=lambda *a, **k: None))
     assert third.is_file() and not first.parent.exists() and not second.parent.exists()
-    assert [path for path, _ in ctx.exports] == [third.parent]
+    assert list(third.parent.parent.iterdir()) == [third.parent]  # the app's one downloads folder
+    shutil.rmtree(third.parent.parent)  # what the app does at exit

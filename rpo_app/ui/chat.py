@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -418,32 +417,12 @@ def delete_adapter(ctx: AppContext, name) -> tuple:
     return adapters_view(ctx)
 
 
-# Gradio copies a returned file into its own cache as it answers the request, so an
-# export's temp folder is dead weight once served: each merged export left the merged
-# model and its zip in /tmp (twice the model's size) for as long as the machine ran.
-# An export removes the app's earlier ones older than this.
-EXPORT_KEEP_S = 60.0
-
-
-def _export_dir(ctx: AppContext, prefix: str) -> Path:
-    """A fresh temp folder for one download; the app's exports older than EXPORT_KEEP_S go."""
-    now = time.time()
-    with ctx.exports_lock:
-        for path, made in list(ctx.exports):
-            if now - made >= EXPORT_KEEP_S:
-                shutil.rmtree(path, ignore_errors=True)
-                ctx.exports.remove((path, made))
-        path = Path(tempfile.mkdtemp(prefix=prefix))
-        ctx.exports.append((path, now))
-    return path
-
-
 def export_zip(ctx: AppContext, name) -> str:
     from rpo_app import adapters
 
     if not name:
         raise gr.Error("pick an adapter")
-    out = _export_dir(ctx, "rpo-adapter-") / f"{name}-peft.zip"
+    out = ctx.downloads.folder("adapter-") / f"{name}-peft.zip"
     try:
         adapters.export_zip(ctx.layout, name, out)
     except (ValueError, OSError) as err:
@@ -457,7 +436,7 @@ def export_merged(ctx: AppContext, name, progress=gr.Progress()) -> str:
     if not name:
         raise gr.Error("pick an adapter")
     progress(0.1, desc="merging the adapter into the base model")
-    work = _export_dir(ctx, "rpo-merged-")
+    work = ctx.downloads.folder("merged-")
     try:
         with ctx.loading():
             adapters.merge(ctx.store.adapter(name)["path"], work / name, base_model=ctx.cfg.model,

@@ -5,10 +5,14 @@ seconds; a tab that needs them waits on `host()` / `index()`.
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import gradio as gr
 
@@ -67,6 +71,34 @@ class _Loader:
         return self._value
 
 
+class Downloads:
+    """The app's download files in one temp folder of their own, removed when the app exits.
+    Gradio copies a returned file into its own cache as it serves it, so a download's
+    folder is dead weight once served (a merged model's zip is the model's size): each new
+    one removes those older than KEEP_S."""
+
+    KEEP_S = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._root: Path | None = None
+        self._made: list[tuple[Path, float]] = []
+
+    def folder(self, prefix: str) -> Path:
+        now = time.time()
+        with self._lock:
+            if self._root is None:
+                self._root = Path(tempfile.mkdtemp(prefix="rpo-downloads-"))
+                atexit.register(shutil.rmtree, self._root, True)
+            for path, made in list(self._made):
+                if now - made >= self.KEEP_S:
+                    shutil.rmtree(path, ignore_errors=True)
+                    self._made.remove((path, made))
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=self._root))
+            self._made.append((path, now))
+        return path
+
+
 class AppContext:
     def __init__(self, cfg: ServeConfig, load_model: bool = True):
         from rpo_app import io
@@ -96,8 +128,7 @@ class AppContext:
         # of meta tensor"), so the loaders take turns.
         self._load_lock = threading.Lock()
         self._adapter_errors: dict[str, str] = {}  # adapter name -> why it did not load
-        self.exports: list = []  # (temp folder, when) of the Chat tab's downloads (ui.chat)
-        self.exports_lock = threading.Lock()
+        self.downloads = Downloads()  # the Chat tab's exports
         self._index = _Loader("prompt embedder", self._load_index)
         self._host = _Loader("model", self._load_host) if load_model else None
         if self.scoring is not None:
