@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 
-from rpo_app.scoring import sequence_logps
+from rpo_app.padfree import real_tokens_only
+from rpo_app.scoring import PromptScorer, sequence_logps
 
 
 def decoder_layers(model_config) -> int:
@@ -74,11 +75,21 @@ def _top_layers_only(decoder, first: int):
     import torch
 
     full = decoder.layers
-    decoder.layers = torch.nn.ModuleList(list(full)[first:])
+    top = list(full)[first:]
+    # A layer reads and writes the KV cache at its `layer_idx`, and the cache's length is
+    # its first layer's: numbered as the list they run in, the shared-prompt scorer's
+    # cache holds the top layers from its first slot.
+    numbered = [(m, m.layer_idx) for layer in top for m in layer.modules()
+                if isinstance(getattr(m, "layer_idx", None), int)]
+    decoder.layers = torch.nn.ModuleList(top)
     try:
+        for m, k in numbered:
+            m.layer_idx = k - first
         yield
     finally:
         decoder.layers = full
+        for m, k in numbered:
+            m.layer_idx = k
 
 
 def _key(seq) -> tuple:
@@ -97,12 +108,24 @@ class FrozenPrefixScorer:
     states from one forward pass without gradients first. `capture_shared` keeps the same
     through the shared-prompt scorer (the app's scoring job); `keep` takes states
     computed elsewhere (the app's answers as they were written: rpo_app.written_states).
+
+    Scoring from the kept states runs each distinct prompt once (`share`, the
+    shared-prompt scorer: scoring.PromptScorer) where the model allows it: a step's pairs
+    share their prompt, and every prompt the chat template's system turn.
     """
 
-    def __init__(self, first: int, budget_mb: float | None = None):
+    def __init__(self, first: int, budget_mb: float | None = None, share: bool = True,
+                 real_tokens: bool = True):
         import threading
 
         self.first = first
+        # The layers' token-by-token parts on the real tokens alone (rpo_app.padfree);
+        # False: on the padding too, as before December 7 (`python -m rpo_app.bench.train`
+        # times both). Not with gradient checkpointing (padfree.real_tokens_only).
+        self.real_tokens = real_tokens
+        # Whole sequences once the shared-prompt scorer has failed on this model; a trainer
+        # with gradient checkpointing has no cache to share (share=False).
+        self.scorer = PromptScorer(share=share)
         self.hidden: dict[tuple, object] = {}
         # The app's generation keeps states (`keep`) on the model's thread while a scoring
         # job prunes them (`keep_only`) on its own.
@@ -134,7 +157,8 @@ class FrozenPrefixScorer:
 
         handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            values = sequence_logps(model, seqs, pad_id, device, keep_by_mask, fp32)
+            with self._real_tokens(model):
+                values = sequence_logps(model, seqs, pad_id, device, keep_by_mask, fp32)
         finally:
             handle.remove()
         # The residual stream's own dtype: fp32 in training (under autocast too), the
@@ -163,7 +187,8 @@ class FrozenPrefixScorer:
 
         handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            values = shared_prompt_logps(model, seqs, pad_id, device, keep_by_mask, fp32)
+            with self._real_tokens(model):
+                values = shared_prompt_logps(model, seqs, pad_id, device, keep_by_mask, fp32)
         finally:
             handle.remove()
         prompts = [tuple(q.input_ids[:q.prompt_len]) for q in seqs]
@@ -184,6 +209,9 @@ class FrozenPrefixScorer:
             self.hidden[_key(q)] = torch.cat(parts).clone()
         return values
 
+    def _real_tokens(self, model):
+        return real_tokens_only(_decoder(model)) if self.real_tokens else contextlib.nullcontext()
+
     def reproduces(self, model, seqs, pad_id: int, device, keep_by_mask: bool, want) -> bool:
         """Whether scoring `seqs` from their kept hidden states, with the adapter off, gives
         the base model's log-probs `want` (the reference pass's): a decoder that does more
@@ -199,8 +227,18 @@ class FrozenPrefixScorer:
         gives `want`, what a whole pass in that setup gave (far off, not rounding)."""
         import torch
 
-        got = self(model, seqs, pad_id, device, keep_by_mask, fp32)
-        return bool(torch.all((got - want).abs() <= 0.5 + 0.02 * want.abs()))
+        def close() -> bool:
+            got = self(model, seqs, pad_id, device, keep_by_mask, fp32)
+            return bool(torch.all((got - want).abs() <= 0.5 + 0.02 * want.abs()))
+
+        if close():
+            return True
+        if not self.scorer.share:
+            return False
+        # The top layers' cache laid out other than the model expects (layers of several
+        # kinds, say): whole sequences may still reproduce it.
+        self.scorer.share = False
+        return close()
 
     def room(self, seqs) -> bool:
         """Whether keeping `seqs` too stays within the budget (priced at the bytes a token
@@ -247,18 +285,11 @@ class FrozenPrefixScorer:
                 self.capture(model, missing, pad_id, device, keep_by_mask)
 
     def __call__(self, model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
-        import torch
-
         self._fill(model, seqs, pad_id, device, keep_by_mask)
         dtype = next(p for p in _decoder(model).parameters()).dtype
 
-        def kept(ids):
-            width = self.hidden[_key(seqs[0])].shape[-1]
-            embeds = torch.zeros(*ids.shape, width, device=ids.device, dtype=dtype)  # right padding
-            for b, s in enumerate(seqs):
-                h = self.hidden[_key(s)]
-                embeds[b, :len(h)] = h.to(device=ids.device, dtype=dtype)
-            return embeds
+        def kept(seq, start: int, stop: int):
+            return self.hidden[_key(seq)][start:stop].to(device=device, dtype=dtype)
 
-        with _top_layers_only(_decoder(model), self.first):
-            return sequence_logps(model, seqs, pad_id, device, keep_by_mask, fp32, embed=kept)
+        with _top_layers_only(_decoder(model), self.first), self._real_tokens(model):
+            return self.scorer(model, seqs, pad_id, device, keep_by_mask, fp32=fp32, embed=kept)

@@ -187,12 +187,23 @@ def _scored_logps(model, inputs: dict, score, labels, keep_by_mask: bool, fp32: 
     return _picked_logps(logits, labels, fp32)
 
 
+def _placed(embed, spans, width: int, device):
+    """`inputs_embeds` for rows laid out as `spans`: row r holds `embed(seq, start, stop)`,
+    the model's input at those positions of `seq`, from column `at` on (spans of (seq,
+    start, stop, at)), and zeros where the mask hides padding."""
+    parts = [(embed(seq, start, stop), at) for seq, start, stop, at in spans]
+    out = parts[0][0].new_zeros(len(parts), width, parts[0][0].shape[-1], device=device)
+    for row, (h, at) in enumerate(parts):
+        out[row, at:at + len(h)] = h
+    return out
+
+
 def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True,
                    embed=None):
     """Summed log-probs of each sequence's response tokens, one forward pass for all.
-    `fp32=False`: the log-softmax in the logits' own dtype (_log_softmax). `embed(ids)`:
-    the model's input as `inputs_embeds` for the padded ids, instead of the ids
-    (rpo_app.frozen_prefix gives a layer's kept input)."""
+    `fp32=False`: the log-softmax in the logits' own dtype (_log_softmax). `embed(seq,
+    start, stop)`: the model's input at those positions of `seq`, given as `inputs_embeds`
+    instead of the ids (rpo_app.frozen_prefix gives a layer's kept input)."""
     import torch
 
     from rpo_app.batches import collate
@@ -204,7 +215,8 @@ def sequence_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: b
     # Position t predicts token t + 1: roll the ids left to line labels up with logits.
     labels = ids.roll(-1, dims=1)[score]
     rows = score.nonzero(as_tuple=True)[0]
-    given = dict(input_ids=ids) if embed is None else dict(inputs_embeds=embed(ids))
+    given = (dict(input_ids=ids) if embed is None else
+             dict(inputs_embeds=_placed(embed, [(s, 0, len(s), 0) for s in seqs], ids.shape[1], device)))
     token_logps = _scored_logps(model, dict(**given, attention_mask=attention, use_cache=False),
                                 score, labels, keep_by_mask, fp32)
     return torch.zeros(len(seqs), device=device).index_add(0, rows, token_logps)
@@ -233,7 +245,8 @@ def shared_prefix_layout(rows, pad_id: int):
     return p, ids, mask
 
 
-def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
+def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True,
+                        embed=None):
     """What `sequence_logps` returns, with each distinct prompt run once.
 
     Scoring K answers to one prompt repeats the prompt K times, and every prompt starts
@@ -245,6 +258,7 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp
     float rounding (other shapes, other sums), gradients included: the answers' gradient
     flows back through the cache into the one prompt pass. The prompt pass needs the
     model to return its cache, which gradient checkpointing turns off while training.
+    `embed`: as for `sequence_logps`.
     """
     import torch
 
@@ -256,14 +270,24 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp
     slot = [distinct.setdefault(q, len(distinct)) for q in prompts]
     p, ids, mask = shared_prefix_layout(list(distinct), pad_id)
     ids, mask = ids.to(device), mask.to(device)
+    holder = {}  # a sequence with each distinct prompt: where `embed` reads its positions
+    for b, k in enumerate(slot):
+        holder.setdefault(k, seqs[b])
+
+    def given(part, spans):
+        return (dict(input_ids=part) if embed is None else
+                dict(inputs_embeds=_placed(embed, spans, part.shape[1], device)))
+
     last_only = {"logits_to_keep": 1} if keep_by_mask else {}
     cache = None
     if p:
-        cache = model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True,
-                      **last_only).past_key_values
+        cache = model(**given(ids[:1, :p], [(holder[0], 0, p, 0)]), attention_mask=mask[:1, :p],
+                      use_cache=True, **last_only).past_key_values
         cache.batch_repeat_interleave(len(distinct))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]  # real tokens only, as in generation
-    out = model(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions,
+    width = ids.shape[1] - p
+    rests = [(holder[k], p, len(q), width - (len(q) - p)) for q, k in distinct.items()]
+    out = model(**given(ids[:, p:], rests), attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, **last_only)
     last = _log_softmax(out.logits[:, -1], fp32).float()
     rows = torch.tensor(slot, device=device)
@@ -285,7 +309,8 @@ def shared_prompt_logps(model, seqs, pad_id: int, device, keep_by_mask: bool, fp
     a_ids, a_mask, labels = a_ids.to(device), a_mask.to(device), labels.to(device)
     score = a_mask.bool()
     a_positions = mask.sum(-1)[rows][:, None] + torch.arange(steps, device=device)[None, :]
-    inputs = dict(input_ids=a_ids, attention_mask=torch.cat([mask[rows], a_mask], dim=1),
+    spans = [(q, q.prompt_len, max(q.prompt_len, len(q) - 1), 0) for q in seqs]
+    inputs = dict(**given(a_ids, spans), attention_mask=torch.cat([mask[rows], a_mask], dim=1),
                   position_ids=a_positions, past_key_values=cache, use_cache=False)
     token_logps = _scored_logps(model, inputs, score, labels[score], keep_by_mask, fp32)
     return total.index_add(0, score.nonzero(as_tuple=True)[0], token_logps)
@@ -305,20 +330,29 @@ class PromptScorer:
         # it scores (its capture_shared and capture), or None.
         self.keep = keep
 
-    def __call__(self, model, seqs, pad_id: int, device, keep_by_mask: bool):
+    def __call__(self, model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool | None = None,
+                 embed=None):
+        """`fp32`: this call's, where not the scorer's; `embed`: as for `sequence_logps` (not
+        with `keep`)."""
+        import functools
+
         import torch
 
+        fp32 = self.fp32 if fp32 is None else fp32
+        if self.keep is None:
+            shared = functools.partial(shared_prompt_logps, embed=embed)
+            whole = functools.partial(sequence_logps, embed=embed)
+        else:
+            shared, whole = self.keep.capture_shared, self.keep.capture
         if self.share and all(s.prompt_len for s in seqs):
-            shared = self.keep.capture_shared if self.keep is not None else shared_prompt_logps
             try:
-                return shared(model, seqs, pad_id, device, keep_by_mask, self.fp32)
+                return shared(model, seqs, pad_id, device, keep_by_mask, fp32)
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # noqa: BLE001 - an odd architecture: the plain path
                 log.warning("shared-prompt scoring failed (%s); scoring each sequence whole", err)
                 self.share = False
-        whole = self.keep.capture if self.keep is not None else sequence_logps
-        return whole(model, seqs, pad_id, device, keep_by_mask, self.fp32)
+        return whole(model, seqs, pad_id, device, keep_by_mask, fp32)
 
 
 def base_token_logps(net, tokenizer, pad_id: int, device, prompts: list[str], answers: list[str],

@@ -244,16 +244,21 @@ class Trainer:
         fuse_lora_layers(model)  # LoRA's scaled add inside the GEMM, in the step and the previews
         model.train()
         self.keep_by_mask = keeps_logits_by_mask(model)
-        # Every sequence is scored whole: running each distinct prompt once (PromptScorer)
-        # gained about 5% a step and slowed the fp32 reference pass (docs/benchmarks.md, "Each prompt
-        # once per batch, in training too?"). `python -m rpo_app.bench.train` swaps this
-        # to time both.
+        # Without the kept states every sequence is scored whole: running each distinct
+        # prompt once (PromptScorer) through every layer gained about 5% a step
+        # (docs/benchmarks.md, "Each prompt once per batch, in training too?");
+        # `python -m rpo_app.bench.train` swaps this to time both. From the kept states it
+        # gains more (FrozenPrefixScorer).
         self.step_scorer = sequence_logps
         # Below the first adapted layer the model is frozen: its hidden states come from
         # the reference pass, once, and a step runs only the adapted layers. One process
         # only: the scorer calls the decoder itself, and with several processes the
         # gradients are averaged by the wrapper's forward, which that would bypass.
-        self.prefix = (FrozenPrefixScorer(layers[0]) if layers and self.world == 1
+        # Gradient checkpointing recomputes a layer in the backward pass, outside the
+        # scorer's call: no cache to share, and no record of the pass's real tokens.
+        plain = not self.checkpointing
+        self.prefix = (FrozenPrefixScorer(layers[0], share=plain, real_tokens=plain)
+                       if layers and self.world == 1
                        and FrozenPrefixScorer.supports(model, decoder_layers(base.config))
                        and self._room_for_kept_states(base.config) else None)
         if self.prefix:
@@ -371,7 +376,7 @@ class Trainer:
         """The base model's log-probs (adapter off), once per sequence, cached in the run folder."""
         import torch
 
-        from rpo_app.scoring import score_all
+        from rpo_app.scoring import PromptScorer, score_all
 
         cache = self.run.ref_logps
         fingerprint = self._fingerprint()
@@ -391,10 +396,12 @@ class Trainer:
         total = n_train + sum(self.eval_data.lengths()) // self.world
         self.run.begin_phase("scoring the answers with the base model", total=total, unit="tokens")
         ref = []
+        # Keeping the frozen layers' states, each chunk's system turn and prompts once, as
+        # the steps run them (FrozenPrefixScorer).
+        scorer = PromptScorer(share=self.prefix.scorer.share, keep=self.prefix) if self.prefix else None
         for offset, data in ((0, self.train_data), (n_train, self.eval_data)):
             ref.append(score_all(self.acc, self.model, data, self.pad_id, chunk, self.keep_by_mask,
-                                 adapter=False, should_stop=lambda: self.stop_flag,
-                                 scorer=self.prefix.capture if self.prefix else None,
+                                 adapter=False, should_stop=lambda: self.stop_flag, scorer=scorer,
                                  progress=lambda done, _t, o=offset: self._progress(o + done)))
             if ref[-1] is None:
                 return None, None

@@ -101,6 +101,54 @@ def test_a_step_from_the_kept_hidden_states_matches_the_whole_model(captured):
         # float rounding differs with the batch layout: close to the gradient's own scale
         torch.testing.assert_close(got_grads[name], g, rtol=1e-3, atol=1e-4 * g.abs().max().item())
     assert len(net.get_base_model().get_decoder().layers) == 4  # the layer list is put back
+    assert prefix.scorer.share  # each prompt ran once: the shared-prompt scorer did not fail
+
+
+def test_a_step_runs_each_prompt_once_from_the_kept_states():
+    """Two prompts, answers of several lengths: scoring from the kept states with each
+    prompt run once gives what whole sequences give, gradients included, and the top
+    layers' cache numbering is put back."""
+    import torch
+
+    from rpo_app.batches import Seq
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+
+    net = _net()
+    seqs = [Seq((1, 5, 9, 13, 17, 21, 25), 3, 0), Seq((1, 6, 10, 14, 18), 4, 1),
+            Seq((1, 5, 9, 11, 15, 19, 23, 27, 31), 3, 0)]
+    shared, whole = FrozenPrefixScorer(2), FrozenPrefixScorer(2, share=False)
+    with torch.no_grad():
+        for prefix in (shared, whole):
+            prefix.capture(net, seqs, 0, "cpu", True)
+    numbers = {n: m.layer_idx for n, m in net.named_modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    want, want_grads = _grads(net, whole, seqs)
+    got, got_grads = _grads(net, shared, seqs)
+    assert shared.scorer.share and not whole.scorer.share
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in want_grads.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-3, atol=1e-4 * g.abs().max().item())
+    assert numbers == {n: m.layer_idx for n, m in net.named_modules()
+                       if isinstance(getattr(m, "layer_idx", None), int)}
+    assert sorted(set(numbers.values())) == [0, 1, 2, 3]
+
+
+def test_sharing_that_does_not_reproduce_the_model_falls_back_to_whole_sequences(monkeypatch):
+    """Where the top layers' cache is not what the model expects, the check before the
+    first step (matches) finds the shared scorer far off and scores whole sequences."""
+    import torch
+
+    from rpo_app import scoring
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+
+    net, seqs = _net(), _seqs()
+    prefix = FrozenPrefixScorer(2)
+    with torch.no_grad(), net.disable_adapter():
+        want = prefix.capture(net, seqs, 0, "cpu", True)
+    shared = scoring.shared_prompt_logps
+    monkeypatch.setattr(scoring, "shared_prompt_logps", lambda *a, **k: shared(*a, **k) + 5.0)
+    assert prefix.reproduces(net, seqs, 0, "cpu", True, want)
+    assert not prefix.scorer.share
 
 
 def test_the_layer_list_is_put_back_when_a_step_fails():

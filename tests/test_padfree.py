@@ -1,0 +1,108 @@
+"""A decoder's token-by-token parts on its real tokens only (rpo_app.padfree): the
+log-probs and LoRA gradients of a padded batch are what they were, and the padding never
+reaches an MLP or a projection."""
+from __future__ import annotations
+
+import pytest
+
+
+def _net():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(LlamaForCausalLM(cfg), lora).train()
+
+
+def _seqs():
+    from rpo_app.batches import Seq
+
+    # Lengths 4, 9 and 6: the batch pads two of three rows; two rows share a prompt.
+    rows = [((1, 5, 9), (13,)), ((1, 5, 9), (14, 18, 22, 26, 30, 34)), ((1, 7, 11), (15, 19, 23))]
+    return [Seq(input_ids=p + a, prompt_len=len(p), prompt_idx=k) for k, (p, a) in enumerate(rows)]
+
+
+def _run(net, scorer, seqs):
+    import torch
+
+    net.zero_grad(set_to_none=True)
+    values = scorer(net, seqs, 0, "cpu", True)
+    (values * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    return values.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("scorer", ["sequence_logps", "shared_prompt_logps"])
+def test_real_tokens_only_score_and_train_as_the_padded_batch(scorer):
+    import torch
+
+    from rpo_app import scoring
+    from rpo_app.padfree import real_tokens_only
+
+    net, seqs = _net(), _seqs()
+    score = getattr(scoring, scorer)
+    decoder = net.get_base_model().get_decoder()
+    # What the matrix products inside are given: an MLP's, a query's and an output
+    # projection's (the LoRA layers' own base layers).
+    parts = [decoder.layers[1].mlp.gate_proj, decoder.layers[0].self_attn.q_proj.base_layer,
+             decoder.layers[1].self_attn.o_proj.base_layer]
+    with watch_rows(parts) as padded:
+        want, want_grads = _run(net, score, seqs)
+    with watch_rows(parts) as real, real_tokens_only(decoder):
+        got, got_grads = _run(net, score, seqs)
+    for k in range(len(parts)):
+        assert sum(real[k]) < sum(padded[k])  # the padding was left out
+        if scorer == "sequence_logps":
+            assert padded[k] == [3 * 9] and real[k] == [sum(len(s) for s in seqs)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name, g in want_grads.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
+    with watch_rows(parts) as after:  # the hooks are gone once the context ends
+        score(net, seqs, 0, "cpu", True)
+    assert after == padded
+
+
+def test_a_batch_without_padding_runs_as_it_was():
+    """No gather or scatter where every token is real: the MLP gets the batch as it is."""
+    import torch
+
+    from rpo_app.batches import Seq
+    from rpo_app.padfree import real_tokens_only
+    from rpo_app.scoring import sequence_logps
+
+    net = _net()
+    decoder = net.get_base_model().get_decoder()
+    seqs = [Seq((1, 5, 9, 13), 2, 0), Seq((1, 6, 10, 14), 2, 0)]
+    parts = [decoder.layers[0].mlp.gate_proj, decoder.layers[0].self_attn.k_proj.base_layer]
+    with torch.no_grad(), watch_rows(parts, shape=True) as seen, real_tokens_only(decoder):
+        sequence_logps(net, seqs, 0, "cpu", True)
+    assert seen == [[(2, 4, 32)], [(2, 4, 32)]]
+
+
+class watch_rows:
+    """Records what each of `modules`' forward is given, one list a module: the rows
+    (tokens) of its input, or the input's shape (shape=True)."""
+
+    def __init__(self, modules, shape: bool = False):
+        self.modules, self.shape = modules, shape
+        self.seen: list[list] = [[] for _ in modules]
+
+    def __enter__(self):
+        def hook(k):
+            def record(_m, args):
+                x = args[0]
+                self.seen[k].append(tuple(x.shape) if self.shape else x.shape[:-1].numel())
+            return record
+
+        self.handles = [m.register_forward_pre_hook(hook(k)) for k, m in enumerate(self.modules)]
+        return self.seen
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
