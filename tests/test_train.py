@@ -720,9 +720,11 @@ def test_bench_runs_each_whole_run_in_a_process_of_its_own(tiny_model_dir, data_
 
 
 @pytest.mark.slow
-def test_bench_times_the_shared_prompt_scorer_against_whole_sequences(tiny_model_dir, data_dir):
-    """The training benchmark's A/B runs both scorers over the same batches and reference
-    pass: the same losses and log-probs up to rounding, a time for each, in its table."""
+def test_bench_times_the_trainers_scorer_against_whole_sequences(tiny_model_dir, data_dir):
+    """The training benchmark's A/B runs the trainer's scorer (from the kept states, each
+    prompt once, the per-token parts on the real tokens) and the ways it scored before over the same
+    batches and reference pass: the same losses and log-probs up to rounding, a time for
+    each, in its table."""
     import argparse
 
     from rpo_app.bench.train import _complete, bench_scorers, format_table, synthetic_judgments
@@ -731,10 +733,16 @@ def test_bench_times_the_shared_prompt_scorer_against_whole_sequences(tiny_model
     args.steps = 2
     r = bench_scorers(args, synthetic_judgments(args.pairs, seed=0), str(tiny_model_dir), data_dir)
     assert r["steps"] == 2 and r["sequences"] == 2 * args.pairs and r["tokens"] > 0
-    assert all(r["step_s"][n] > 0 and r["ref_s"][n] > 0 for n in ("shared", "whole"))
+    assert r["from_kept_states"] and r["trainer"] == "shared"
+    names = ("shared", "whole", "padded")
+    assert all(r["step_s"][n] > 0 and r["ref_s"][n] > 0 for n in names)
+    assert r["step_speedup"]["padded"] == 1.0 and r["ref_speedup"]["padded"] == 1.0
     assert r["max_loss_diff"] < 1e-4 and r["max_ref_logp_diff"] < 1e-3
     table = format_table({"model": str(tiny_model_dir), "device": "cpu", "threads": 1, "batch_size": 4,
                           "max_length": 128, "timed_steps": 2, "loss": "rpo-paired", "scorers": r,
                           "ours": {"mean_step_s": 2.0, "pairs_per_s": 4.0, "pairs_per_s_epoch_incl_ref": 3.0,
                                    "ref_precompute_s": 5.0}})
-    assert f"({r['step_speedup']:.2f}x)" in table and "each prompt once per batch" in table
+    assert f"({r['step_speedup']['shared']:.2f}x)" in table
+    assert "each prompt once per batch, per-token parts on the real tokens" in table and "on the padding too" in table
+
+

@@ -96,57 +96,79 @@ def bench_ours(args, judgments: list[dict], model_path: str, data_dir: Path) -> 
 
 
 def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) -> dict:
-    """Each distinct prompt once per batch (PromptScorer, as the informative order's
-    scoring runs) against every sequence whole (`sequence_logps`, what the trainer
-    runs), side by side in one trainer: the same batches forward and backward (no
-    optimizer step, so both see the same weights) and the reference pass over the same
-    sequences twice each, the two scorers taking turns to go first. Also the largest
-    difference in the batch losses and reference log-probs."""
+    """The trainer's scorer against the ways it scored before, side by side in one
+    trainer: the same batches forward and backward (no optimizer step, so all see the
+    same weights) and the reference pass over the same sequences twice each, the
+    scorers taking turns to go first. Also the largest difference in the batch losses and
+    reference log-probs from the trainer's own.
+
+    With LoRA on the top layers (the default) the steps run from the frozen layers' kept
+    states (frozen_prefix.FrozenPrefixScorer): "shared" is the trainer's (each distinct
+    prompt once per batch, the per-token parts on the real tokens: rpo_app.padfree),
+    "whole" each sequence whole, "padded" each sequence whole with every part on the
+    padding too (the trainer until December 7). With LoRA on every layer, each prompt once per batch through the whole
+    model (PromptScorer) against every sequence whole (`sequence_logps`, the trainer's)."""
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
     from rpo_app.runfolder import RunFolder
     from rpo_app.scoring import PromptScorer, score_all, sequence_logps
     from rpo_app.train import Trainer, _make_accelerator
 
     cfg = _step_config(args)
     acc = _make_accelerator(cfg.device, cfg.precision)
-    times = {"shared": {"step": 0.0, "ref": 0.0}, "whole": {"step": 0.0, "ref": 0.0}}
-    loss_diff = 0.0
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, RunFolder(out), data_dir, judgments, [], model_path, acc, resume=False)
         trainer.setup()
         for _ in range(args.warmup_steps):  # the adapter moves off zero, as in a real step
             trainer.train_step()
-        shared = PromptScorer()
-        scorers = {"shared": shared, "whole": sequence_logps}
+        prefix = trainer.prefix
+        if prefix is not None:
+            own = "shared"
+            variants = {"shared": prefix, "whole": FrozenPrefixScorer(prefix.first, share=False),
+                        "padded": FrozenPrefixScorer(prefix.first, share=False, real_tokens=False)}
+            for v in variants.values():
+                v.hidden = prefix.hidden  # the reference pass's states, kept once
+            refs_by = {"shared": PromptScorer(keep=prefix),
+                       "whole": PromptScorer(share=False, keep=variants["whole"]),
+                       "padded": PromptScorer(share=False, keep=variants["padded"])}
+        else:
+            own = "whole"
+            variants = {"shared": PromptScorer(), "whole": sequence_logps}
+            refs_by = variants
+        names = list(variants)
+        times = {n: {"step": 0.0, "ref": 0.0} for n in names}
+        loss_diff = 0.0
         for k in range(args.steps):
             chosen, rejected = trainer.plan.batch(trainer.step + k)
             losses = {}
-            for name in (("shared", "whole") if k % 2 == 0 else ("whole", "shared")):
-                trainer.step_scorer = scorers[name]
+            for name in (names if k % 2 == 0 else names[::-1]):
+                trainer.step_scorer = variants[name]
                 t0 = time.perf_counter()
                 loss, _ = trainer.batch_loss(chosen, rejected, ref=trainer.ref_train, emb=trainer.train_emb)
                 acc.backward(loss)
                 times[name]["step"] += time.perf_counter() - t0
                 trainer.optimizer.zero_grad(set_to_none=True)
                 losses[name] = loss.item()
-            loss_diff = max(loss_diff, abs(losses["shared"] - losses["whole"]))
+            loss_diff = max(loss_diff, *(abs(v - losses[own]) for v in losses.values()))
         refs = {}
-        for name in ("shared", "whole", "whole", "shared"):  # each first once: load drifts
+        for name in names + names[::-1]:  # each first once: load drifts
             t0 = time.perf_counter()
             refs[name] = score_all(acc, trainer.model, trainer.train_data, trainer.pad_id,
                                    2 * cfg.batch_size, trainer.keep_by_mask, adapter=False,
-                                   scorer=scorers[name])
+                                   scorer=refs_by[name])
             times[name]["ref"] += time.perf_counter() - t0
-        ref_diff = float((refs["shared"] - refs["whole"]).abs().max())
+        ref_diff = max(float((refs[n] - refs[own]).abs().max()) for n in names)
         tokens = sum(trainer.train_data.lengths())
-        shared_ok = shared.share
+        shared = variants["shared"]
+        shared_ok = (shared.scorer if prefix is not None else shared).share
     if not shared_ok:
         raise RuntimeError("the shared-prompt scorer failed on this model; see the log")
+    slowest = names[-1]
     return {"steps": args.steps, "batch_size": args.batch_size, "sequences": len(trainer.train_data.seqs),
-            "tokens": tokens,
+            "tokens": tokens, "from_kept_states": prefix is not None, "trainer": own,
             "step_s": {n: t["step"] / args.steps for n, t in times.items()},
             "ref_s": {n: t["ref"] / 2 for n, t in times.items()},
-            "step_speedup": times["whole"]["step"] / times["shared"]["step"],
-            "ref_speedup": times["whole"]["ref"] / times["shared"]["ref"],
+            "step_speedup": {n: times[slowest]["step"] / t["step"] for n, t in times.items()},
+            "ref_speedup": {n: times[slowest]["ref"] / t["ref"] for n, t in times.items()},
             "max_loss_diff": loss_diff, "max_ref_logp_diff": ref_diff}
 
 
@@ -388,7 +410,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-trl", action="store_true", help="time only our trainer")
     parser.add_argument("--skip-scorers", action="store_true",
-                        help="skip timing each prompt once per batch against every sequence whole")
+                        help="skip timing the trainer's scorer against whole sequences and padded layers")
     parser.add_argument("--skip-end-to-end", action="store_true",
                         help="skip the whole-run comparison (reference pass, steps, previews, saving)")
     parser.add_argument("--e2e-steps", type=int, default=None,
@@ -484,13 +506,19 @@ def format_table(r: dict) -> str:
                  f"   (ref pass {ours['ref_precompute_s']:.1f}s once)")
     sc = r.get("scorers")
     if sc:
-        lines += [f"each prompt once per batch against every sequence whole, the same {sc['steps']} "
-                  f"batches and {sc['sequences']} sequences ({sc['tokens']} tokens):",
-                  f"  step (forward + backward) {sc['step_s']['shared']:.2f} s against "
-                  f"{sc['step_s']['whole']:.2f} s ({sc['step_speedup']:.2f}x), reference pass "
-                  f"{sc['ref_s']['shared']:.1f} s against {sc['ref_s']['whole']:.1f} s "
-                  f"({sc['ref_speedup']:.2f}x); largest difference: loss {sc['max_loss_diff']:.1e}, "
-                  f"log-prob {sc['max_ref_logp_diff']:.1e}"]
+        what = {"shared": "each prompt once per batch, per-token parts on the real tokens" if sc.get("from_kept_states")
+                else "each prompt once per batch",
+                "whole": "every sequence whole" + (", per-token parts on the real tokens" if sc.get("from_kept_states") else ""),
+                "padded": "every sequence whole, every part on the padding too"}
+        where = "from the frozen layers' kept states" if sc.get("from_kept_states") else "through every layer"
+        lines.append(f"the trainer's scorer ({what[sc.get('trainer', 'whole')]}) and the others, {where}, "
+                     f"the same {sc['steps']} batches and {sc['sequences']} sequences ({sc['tokens']} tokens):")
+        for n in sc["step_s"]:
+            lines.append(f"  {what[n]:<55} step (forward + backward) {sc['step_s'][n]:.2f} s "
+                         f"({sc['step_speedup'][n]:.2f}x), reference pass {sc['ref_s'][n]:.1f} s "
+                         f"({sc['ref_speedup'][n]:.2f}x)")
+        lines.append(f"  largest difference from the trainer's: loss {sc['max_loss_diff']:.1e}, "
+                     f"log-prob {sc['max_ref_logp_diff']:.1e}")
     if "trl" in r:
         lines.append(f"{'TRL DPOTrainer':<34}{r['trl']['mean_step_s']:>10.2f}{r['trl']['pairs_per_s']:>10.3f}")
         lines.append(f"speedup: {r['speedup']:.2f}x per step, {r['speedup_epoch_incl_ref']:.2f}x over an epoch "
