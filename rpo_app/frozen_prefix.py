@@ -100,13 +100,13 @@ class FrozenPrefixScorer:
     """The training step's scorer (`Trainer.step_scorer`) for LoRA on layers `first` up,
     and the app's scoring job's for a later adapter (`ModelHost.sequence_logps`).
 
-    `capture` is the reference pass's scorer: it scores as `sequence_logps` does and
-    keeps each sequence's input to layer `first`, in memory (the residual stream's dtype x
-    the hidden size a token: in training fp32, 2.3 KB on the bundled model, so 1,000
-    pairs of 300 tokens keep 1.4 GB). A step scores from those; a sequence the reference
-    pass did not see (a resumed run reuses its saved reference log-probs) gets its hidden
-    states from one forward pass without gradients first. `capture_shared` keeps the same
-    through the shared-prompt scorer (the app's scoring job); `keep` takes states
+    `capture` scores as `sequence_logps` does and keeps each sequence's input to layer
+    `first`, in memory (the residual stream's dtype x the hidden size a token: in training
+    fp32, 2.3 KB on the bundled model, so 1,000 pairs of 300 tokens keep 1.4 GB).
+    `capture_shared` keeps the same through the shared-prompt scorer (the trainer's
+    reference pass, the app's scoring job). A step scores from those; a sequence the
+    reference pass did not see (a resumed run reuses its saved reference log-probs) gets
+    its hidden states from one forward pass without gradients first. `keep` takes states
     computed elsewhere (the app's answers as they were written: rpo_app.written_states).
 
     Scoring from the kept states runs each distinct prompt once (`share`, the
