@@ -90,3 +90,23 @@ def model_ctx(data_dir, tiny_model_dir):
     yield context
     context.index(timeout=120)  # the embedder's loader writes to the store: let it finish
     context.store.close()
+
+
+def tiny_lora_llama(layers: int = 2, top: int | None = 0):
+    """A random Llama (hidden size 32) with a rank-4 LoRA, B not zero, on every linear
+    layer of its top `top` decoder layers (0: every layer; frozen_prefix.adapted_layers),
+    in train mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rpo_app.frozen_prefix import adapted_layers, all_linear_names
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=all_linear_names(base), init_lora_weights=False,
+                      layers_to_transform=adapted_layers(layers, top))
+    return get_peft_model(base, lora).train()

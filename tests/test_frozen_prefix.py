@@ -3,23 +3,11 @@ hidden states of the frozen layers gives the whole model's log-probs and gradien
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_lora_llama
 
 
 def _net(layers: int = 4, top: int = 2):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rpo_app.frozen_prefix import adapted_layers, all_linear_names
-
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=all_linear_names(base), init_lora_weights=False,
-                      layers_to_transform=adapted_layers(layers, top))
-    return get_peft_model(base, lora).train()
+    return tiny_lora_llama(layers, top)
 
 
 def _seqs():

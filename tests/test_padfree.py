@@ -4,19 +4,7 @@ reaches an MLP or a projection."""
 from __future__ import annotations
 
 import pytest
-
-
-def _net():
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    return get_peft_model(LlamaForCausalLM(cfg), lora).train()
+from conftest import tiny_lora_llama as _net
 
 
 def _seqs():
