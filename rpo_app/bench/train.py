@@ -106,8 +106,9 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
     states (frozen_prefix.FrozenPrefixScorer): "shared" is the trainer's (each distinct
     prompt once per batch, the per-token parts on the real tokens: rpo_app.padfree),
     "whole" each sequence whole, "padded" each sequence whole with every part on the
-    padding too (the trainer until December 7). With LoRA on every layer, each prompt once per batch through the whole
-    model (PromptScorer) against every sequence whole (`sequence_logps`, the trainer's)."""
+    padding too (the trainer until December 7). With LoRA on every layer, each prompt
+    once per batch through the whole model (PromptScorer) against every sequence whole
+    (`sequence_logps`, the trainer's)."""
     from rpo_app.frozen_prefix import FrozenPrefixScorer
     from rpo_app.runfolder import RunFolder
     from rpo_app.scoring import PromptScorer, score_all, sequence_logps
@@ -506,11 +507,11 @@ def format_table(r: dict) -> str:
                  f"   (ref pass {ours['ref_precompute_s']:.1f}s once)")
     sc = r.get("scorers")
     if sc:
-        what = {"shared": "each prompt once per batch, per-token parts on the real tokens" if sc.get("from_kept_states")
-                else "each prompt once per batch",
-                "whole": "every sequence whole" + (", per-token parts on the real tokens" if sc.get("from_kept_states") else ""),
+        kept = sc.get("from_kept_states")
+        packed = ", per-token parts on the real tokens" if kept else ""
+        what = {"shared": "each prompt once per batch" + packed, "whole": "every sequence whole" + packed,
                 "padded": "every sequence whole, every part on the padding too"}
-        where = "from the frozen layers' kept states" if sc.get("from_kept_states") else "through every layer"
+        where = "from the frozen layers' kept states" if kept else "through every layer"
         lines.append(f"the trainer's scorer ({what[sc.get('trainer', 'whole')]}) and the others, {where}, "
                      f"the same {sc['steps']} batches and {sc['sequences']} sequences ({sc['tokens']} tokens):")
         for n in sc["step_s"]:
