@@ -104,7 +104,7 @@ class FrozenPrefixScorer:
     `first`, in memory (the residual stream's dtype x the hidden size a token: in training
     fp32, 2.3 KB on the bundled model, so 1,000 pairs of 300 tokens keep 1.4 GB).
     `capture_shared` keeps the same through the shared-prompt scorer (the trainer's
-    reference pass, the app's scoring job). A step scores from those; a sequence the
+    reference pass through `capture_all`, the app's scoring job). A step scores from those; a sequence the
     reference pass did not see (a resumed run reuses its saved reference log-probs) gets
     its hidden states from one forward pass without gradients first. `keep` takes states
     computed elsewhere (the app's answers as they were written: rpo_app.written_states).
@@ -208,6 +208,17 @@ class FrozenPrefixScorer:
                 parts.append(rest.new_zeros(1, rest.shape[-1]))
             self.hidden[_key(q)] = torch.cat(parts).clone()
         return values
+
+    def capture_all(self, model, seqs, pad_id: int, device, keep_by_mask: bool, fp32: bool = True):
+        """Score `seqs` through every layer, keeping their states, as the steps will score
+        them: `capture_shared` while this scorer shares prompts, else `capture`. Where the
+        shared-prompt scorer fails on the model, the steps stop sharing too (one flag,
+        `self.scorer.share`)."""
+        scorer = PromptScorer(share=self.scorer.share, keep=self)
+        try:
+            return scorer(model, seqs, pad_id, device, keep_by_mask, fp32=fp32)
+        finally:
+            self.scorer.share = scorer.share
 
     def _real_tokens(self, model):
         return real_tokens_only(_decoder(model)) if self.real_tokens else contextlib.nullcontext()

@@ -376,7 +376,7 @@ class Trainer:
         """The base model's log-probs (adapter off), once per sequence, cached in the run folder."""
         import torch
 
-        from rpo_app.scoring import PromptScorer, score_all
+        from rpo_app.scoring import score_all
 
         cache = self.run.ref_logps
         fingerprint = self._fingerprint()
@@ -398,7 +398,7 @@ class Trainer:
         ref = []
         # Keeping the frozen layers' states, each chunk's system turn and prompts once, as
         # the steps run them (FrozenPrefixScorer).
-        scorer = PromptScorer(share=self.prefix.scorer.share, keep=self.prefix) if self.prefix else None
+        scorer = self.prefix.capture_all if self.prefix else None
         for offset, data in ((0, self.train_data), (n_train, self.eval_data)):
             ref.append(score_all(self.acc, self.model, data, self.pad_id, chunk, self.keep_by_mask,
                                  adapter=False, should_stop=lambda: self.stop_flag, scorer=scorer,

@@ -139,6 +139,32 @@ def test_sharing_that_does_not_reproduce_the_model_falls_back_to_whole_sequences
     assert not prefix.scorer.share
 
 
+def test_a_reference_pass_that_cannot_share_turns_sharing_off_for_the_steps(monkeypatch):
+    """The trainer's reference pass (capture_all): where the shared-prompt scorer raises on
+    the model, it scores and keeps whole sequences, and the steps' scorer stops sharing
+    too, rather than failing once more at the first step."""
+    import torch
+
+    from rpo_app import scoring
+    from rpo_app.frozen_prefix import FrozenPrefixScorer
+
+    net, seqs = _net(), _seqs()
+    with torch.no_grad(), net.disable_adapter():
+        want = scoring.sequence_logps(net, seqs, 0, "cpu", True)
+        prefix = FrozenPrefixScorer(2)
+        torch.testing.assert_close(prefix.capture_all(net, seqs, 0, "cpu", True), want)
+        assert prefix.scorer.share and len(prefix.hidden) == 3
+
+        def no_cache(*_a, **_k):
+            raise TypeError("this model takes no cache")
+
+        monkeypatch.setattr(scoring, "shared_prompt_logps", no_cache)
+        prefix = FrozenPrefixScorer(2)
+        torch.testing.assert_close(prefix.capture_all(net, seqs, 0, "cpu", True), want)
+        assert not prefix.scorer.share and len(prefix.hidden) == 3
+        torch.testing.assert_close(prefix(net, seqs, 0, "cpu", True), want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_layer_list_is_put_back_when_a_step_fails():
     import torch
 

@@ -128,9 +128,7 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
                         "padded": FrozenPrefixScorer(prefix.first, share=False, real_tokens=False)}
             for v in variants.values():
                 v.hidden = prefix.hidden  # the reference pass's states, kept once
-            refs_by = {"shared": PromptScorer(keep=prefix),
-                       "whole": PromptScorer(share=False, keep=variants["whole"]),
-                       "padded": PromptScorer(share=False, keep=variants["padded"])}
+            refs_by = {n: v.capture_all for n, v in variants.items()}
         else:
             own = "whole"
             variants = {"shared": PromptScorer(), "whole": sequence_logps}
