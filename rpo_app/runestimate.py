@@ -151,9 +151,11 @@ def estimate_phases(shape: RunShape, forward_s_per_token: float,
     out["training"] = step * shape.steps
     out["evaluating"] = adapted("evaluating") * shape.eval_seqs * shape.mean_tokens * shape.evals
     out["previews"] = preview * shape.mid_previews
-    # The final adapter scores every sequence once more (rpo_app.suspects).
+    # The final adapter scores every sequence once more (rpo_app.suspects), but for the
+    # held-out ones where the last evaluation, at the last step, scored them already.
     if shape.check_labels:
-        out["checking the labels"] = adapted("checking the labels") * scored * shape.mean_tokens
+        checked = shape.train_seqs + (0 if shape.evals else shape.eval_seqs)
+        out["checking the labels"] = adapted("checking the labels") * checked * shape.mean_tokens
     out["the final previews"] = preview
     out["saving the adapter"] = past.get("saving the adapter", TYPICAL["saving the adapter"])
     return out

@@ -176,6 +176,9 @@ class Trainer:
         self.early = EarlyStopping(patience=cfg.early_stop_patience, active=False)
         self.early_stop_note: str | None = None
         self.ref_seconds = 0.0
+        # The held-out log-probs of the last evaluation and the step they were scored at:
+        # the label check reuses them while the adapter is still that step's.
+        self.evaluated: tuple[int, object] | None = None
         self.t_start = time.time()
         self.step_times: list[float] = []
         self.cpu = RunShare(data_dir, fixed=cfg.cpu_threads)
@@ -608,6 +611,7 @@ class Trainer:
         table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
                           self.keep_by_mask, adapter=True, scorer=self.prefix,
                           progress=lambda done, _t: self._progress(done))
+        self.evaluated = (self.step, table)
         losses = []
         with torch.no_grad():
             for c, r in eval_batches(data, self.cfg.batch_size * self.world, self.pool):
@@ -764,29 +768,33 @@ class Trainer:
 
     def check_labels(self) -> None:
         """Score every decided pair, training and held out, with the final adapter: the
-        suspect-label list (rpo_app.suspects) reads the result."""
+        suspect-label list (rpo_app.suspects) reads the result. The held-out answers'
+        scores come from the final evaluation where it ran with this adapter."""
         from rpo_app.batches import judgment_pairs
         from rpo_app.scoring import score_all
         from rpo_app.suspects import check_rows
 
         rows, work = [], []
-        for data, judgments, ref, split in ((self.train_data, self.train_j, self.ref_train, "train"),
-                                            (self.eval_data, self.eval_j, self.ref_eval, "held_out")):
+        final = self.evaluated[1] if self.evaluated and self.evaluated[0] == self.step else None
+        for data, judgments, ref, split, table in (
+                (self.train_data, self.train_j, self.ref_train, "train", None),
+                (self.eval_data, self.eval_j, self.ref_eval, "held_out", final)):
             index = {item: k for k, item in enumerate(data.items)}
             pairs = [(p.judgment_id, index[p.chosen], index[p.rejected], split)
                      for p in judgment_pairs(judgments)
                      if p.chosen in index and p.rejected in index]
             if pairs:
-                work.append((data, ref, pairs))
-        total = sum(sum(data.lengths()) for data, _, _ in work) // self.world
+                work.append((data, ref, pairs, table))
+        total = sum(sum(data.lengths()) for data, _, _, table in work if table is None) // self.world
         if work:
             self.run.begin_phase("checking the labels", total=total, unit="tokens")
         before = 0
-        for data, ref, pairs in work:
-            table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
-                              self.keep_by_mask, adapter=True, scorer=self.prefix,
-                              progress=lambda done, _t, b=before: self._progress(b + done))
-            before += sum(data.lengths()) // self.world
+        for data, ref, pairs, table in work:
+            if table is None:
+                table = score_all(self.acc, self.model, data, self.pad_id, 2 * self.cfg.batch_size,
+                                  self.keep_by_mask, adapter=True, scorer=self.prefix,
+                                  progress=lambda done, _t, b=before: self._progress(b + done))
+                before += sum(data.lengths()) // self.world
             rows += check_rows(pairs, table.tolist(), ref.tolist(), self.cfg.beta)
         if self.main:
             self.run.write_label_checks(rows)
@@ -801,6 +809,7 @@ class Trainer:
 
         net = self.acc.unwrap_model(self.model)
         set_peft_model_state_dict(net, {k: v.to(self.acc.device) for k, v in self.early.adapter_state.items()})
+        self.evaluated = None  # scored with the adapter just replaced
         log.info("restored the adapter from step %s (held-out accuracy %.3f)", self.early.best_step,
                  self.early.best_step_accuracy)
 

@@ -388,6 +388,10 @@ def test_estimate_covers_every_phase():
     assert phases["loading the model"] == 9.0
     assert phases["training"] == pytest.approx(60 * STEP_FORWARDS["fp32"] * 0.002 * 16 * 170)
     assert phases["previews"] == pytest.approx(phases["the final previews"])
+    # the label check scores the training answers; the last evaluation scored the held-out ones
+    assert phases["checking the labels"] == pytest.approx(0.002 * 160 * 170)
+    unevaluated = run_shape(cfg, 80, 164, 0, 170, 2, embeds=True)
+    assert estimate_phases(unevaluated, 0.002, _SPEED)["checking the labels"] == pytest.approx(0.002 * 164 * 170)
     # bf16 autocast: its backward gains less than its forward, so more forwards per step
     bf16 = estimate_phases(shape, 0.002, _SPEED, precision="bf16")
     assert STEP_FORWARDS["bf16"] > STEP_FORWARDS["fp32"]
@@ -472,7 +476,9 @@ def test_the_train_tabs_estimate_reads_the_data_and_the_loaded_models_timings(ti
                          {"past": {}, "rates": rates, "lora_layers": cfg.lora_layers})
     tokens = 2 * (len(train_j) + len(eval_j)) * est.shape.mean_tokens
     assert again.phases["scoring the answers with the base model"] == pytest.approx(0.005 * tokens)
-    assert again.phases["checking the labels"] == pytest.approx(0.001 * tokens)
+    # the label check scores the training answers; the final evaluation, the held-out ones
+    checked = 2 * (len(train_j) + (0 if est.shape.evals else len(eval_j))) * est.shape.mean_tokens
+    assert again.phases["checking the labels"] == pytest.approx(0.001 * checked)
     assert again.phases["evaluating"] == pytest.approx(est.phases["evaluating"])  # not measured then
 
 # -- sharing the cores ---------------------------------------------------------------------------

@@ -450,6 +450,58 @@ def test_a_onednn_cap_below_bf16_means_no_native_bf16():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("early", [False, True], ids=["last step", "early stop"])
+def test_the_label_check_reuses_the_final_evaluation(tmp_path, judgments_file, tiny_model_dir, data_dir,
+                                                     monkeypatch, early):
+    """The last evaluation scored the held-out answers with the final adapter: the label
+    check takes those scores and scores only the training answers, unless early stopping
+    put an earlier adapter back, which it then scores afresh."""
+    from rpo_app import scoring
+    from rpo_app.batches import judgment_pairs
+    from rpo_app.suspects import check_rows
+    from rpo_app.train import Trainer
+
+    real, calls, trainers = scoring.score_all, [], []
+
+    def spy(acc, model, data, *args, adapter, **kwargs):
+        table = real(acc, model, data, *args, adapter=adapter, **kwargs)
+        calls.append((data, adapter, table))
+        return table
+
+    real_check = Trainer.check_labels
+
+    def check_labels(self):
+        trainers.append(self)
+        return real_check(self)
+
+    monkeypatch.setattr(scoring, "score_all", spy)
+    monkeypatch.setattr(Trainer, "check_labels", check_labels)
+    out = tmp_path / "run"
+    settings = {"max-steps": 4, "eval-every": 2, "eval-fraction": 0.3, "early-stop-patience": 0}
+    if early:  # as test_early_stopping: lr 1e-2 overfits, and the best step's adapter comes back
+        settings = {"max-steps": 40, "eval-every": 1, "early-stop-patience": 2, "eval-fraction": 0.3,
+                    "early-stop-min-pairs": 1, "learning-rate": 1e-2}
+    assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **settings)) == 0
+    st = status(out)
+    assert st["early_stopped"] is early
+    (trainer,) = trainers
+    evaluated = [c for c in calls if c[0] is trainer.eval_data and c[1]]
+    checked = [c for c in calls if c[0] is trainer.train_data and c[1]]
+    assert len(checked) == 1  # the label check's one pass over the training answers
+    evaluations = st["step"] // settings["eval-every"]
+    assert len(evaluated) == evaluations + (1 if early else 0)
+    rows = RunFolder(out, writable=False).label_checks()
+    held_out = [r for r in rows if r["split"] == "held_out"]
+    assert held_out and any(r["split"] == "train" for r in rows)
+    # the held-out margins are those of the last table that scored them: the final adapter's
+    index = {item: k for k, item in enumerate(trainer.eval_data.items)}
+    pairs = [(p.judgment_id, index[p.chosen], index[p.rejected], "held_out") for p in judgment_pairs(trainer.eval_j)
+             if p.chosen in index and p.rejected in index]
+    want = check_rows(pairs, evaluated[-1][2].tolist(), trainer.ref_eval.tolist(), trainer.cfg.beta)
+    assert [(r["judgment_id"], r["margin"]) for r in held_out] == [(r["judgment_id"], r["margin"]) for r in want]
+
+
+@pytest.mark.slow
 def test_early_stopping(tmp_path, judgments_file, tiny_model_dir, data_dir):
     out = tmp_path / "run"
     assert main(tiny_args(out, judgments_file, tiny_model_dir, data_dir, **{
