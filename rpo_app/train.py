@@ -260,7 +260,12 @@ class Trainer:
         # Gradient checkpointing recomputes a layer in the backward pass, outside the
         # scorer's call: no cache to share, and no record of the pass's real tokens.
         plain = not self.checkpointing
-        self.prefix = (FrozenPrefixScorer(layers[0], share=plain, real_tokens=plain)
+        # Each prompt once per step only where the step's products are fp32: a step from
+        # the kept states ran 1.11-1.22x faster for it on an AVX2-only CPU, while under
+        # bf16 autocast its extra passes cost more than they save (a default run on an AMX
+        # Xeon: 97.1 s whole, 118.9 s shared; docs/benchmarks.md, "December 7, night").
+        shared = plain and self.acc.mixed_precision != "bf16"
+        self.prefix = (FrozenPrefixScorer(layers[0], share=shared, real_tokens=plain)
                        if layers and self.world == 1
                        and FrozenPrefixScorer.supports(model, decoder_layers(base.config))
                        and self._room_for_kept_states(base.config) else None)
@@ -411,7 +416,8 @@ class Trainer:
         self.ref_seconds = time.time() - t0
         log.info("reference log-probs done in %.1fs", self.ref_seconds)
         if self.prefix:
-            log.info("kept the frozen layers' hidden states: %.0f MB", self.prefix.kept_mb())
+            log.info("kept the frozen layers' hidden states: %.0f MB; the steps run %s from them",
+                     self.prefix.kept_mb(), "each prompt once" if self.prefix.scorer.share else "each sequence whole")
         if self.main:
             tmp = cache.with_suffix(".tmp")
             torch.save({"fingerprint": fingerprint, "train": ref[0].cpu(), "eval": ref[1].cpu()}, tmp)

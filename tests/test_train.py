@@ -421,6 +421,10 @@ def test_bf16_run_on_cpu(tmp_path, judgments_file, tiny_model_dir, data_dir):
 
     keys = [torch.load(run / "ref_logps.pt")["fingerprint"] for run in (out, fp32)]
     assert keys[0] != keys[1]
+    # From the kept states each prompt runs once per step in fp32; under bf16 autocast the
+    # extra passes cost more than they save, so each sequence runs whole.
+    assert "the steps run each sequence whole from them" in (out / "train.log").read_text()
+    assert "the steps run each prompt once from them" in (fp32 / "train.log").read_text()
 
 
 def test_precision_rule():
@@ -773,10 +777,10 @@ def test_bench_runs_each_whole_run_in_a_process_of_its_own(tiny_model_dir, data_
 
 @pytest.mark.slow
 def test_bench_times_the_trainers_scorer_against_whole_sequences(tiny_model_dir, data_dir):
-    """The training benchmark's A/B runs the trainer's scorer (from the kept states, each
-    prompt once, the per-token parts on the real tokens) and the ways it scored before over the same
-    batches and reference pass: the same losses and log-probs up to rounding, a time for
-    each, in its table."""
+    """The training benchmark's A/B runs the trainer's scorer from the kept states (each
+    prompt once in fp32, each sequence whole under bf16; the per-token parts on the real
+    tokens) and the other ways over the same batches and reference pass: the same losses
+    and log-probs up to rounding, a time for each, in its table."""
     import argparse
 
     from rpo_app.bench.train import _complete, bench_scorers, format_table, synthetic_judgments
@@ -785,7 +789,11 @@ def test_bench_times_the_trainers_scorer_against_whole_sequences(tiny_model_dir,
     args.steps = 2
     r = bench_scorers(args, synthetic_judgments(args.pairs, seed=0), str(tiny_model_dir), data_dir)
     assert r["steps"] == 2 and r["sequences"] == 2 * args.pairs and r["tokens"] > 0
-    assert r["from_kept_states"] and r["trainer"] == "shared"
+    from rpo_app.models import pick_precision
+
+    # each prompt once per batch where the trainer's products are fp32, whole under bf16
+    bf16 = pick_precision("cpu", args.precision) == "bf16"
+    assert r["from_kept_states"] and r["trainer"] == ("whole" if bf16 else "shared")
     names = ("shared", "whole", "padded")
     assert all(r["step_s"][n] > 0 and r["ref_s"][n] > 0 for n in names)
     assert r["step_speedup"]["padded"] == 1.0 and r["ref_speedup"]["padded"] == 1.0

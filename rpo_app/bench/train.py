@@ -103,12 +103,12 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
     reference log-probs from the trainer's own.
 
     With LoRA on the top layers (the default) the steps run from the frozen layers' kept
-    states (frozen_prefix.FrozenPrefixScorer): "shared" is the trainer's (each distinct
-    prompt once per batch, the per-token parts on the real tokens: rpo_app.padfree),
-    "whole" each sequence whole, "padded" each sequence whole with every part on the
-    padding too (the trainer until December 7). With LoRA on every layer, each prompt
-    once per batch through the whole model (PromptScorer) against every sequence whole
-    (`sequence_logps`, the trainer's)."""
+    states (frozen_prefix.FrozenPrefixScorer): "shared" runs each distinct prompt once per
+    batch with the per-token parts on the real tokens (rpo_app.padfree), the trainer's in
+    fp32; "whole" each sequence whole, the trainer's under bf16 autocast; "padded" each
+    sequence whole with every part on the padding too (the trainer until December 7).
+    With LoRA on every layer, each prompt once per batch through the whole model
+    (PromptScorer) against every sequence whole (`sequence_logps`, the trainer's)."""
     from rpo_app.frozen_prefix import FrozenPrefixScorer
     from rpo_app.runfolder import RunFolder
     from rpo_app.scoring import PromptScorer, score_all, sequence_logps
@@ -123,8 +123,9 @@ def bench_scorers(args, judgments: list[dict], model_path: str, data_dir: Path) 
             trainer.train_step()
         prefix = trainer.prefix
         if prefix is not None:
-            own = "shared"
-            variants = {"shared": prefix, "whole": FrozenPrefixScorer(prefix.first, share=False),
+            own = "shared" if prefix.scorer.share else "whole"  # it shares in fp32 only
+            variants = {"shared": FrozenPrefixScorer(prefix.first),
+                        "whole": FrozenPrefixScorer(prefix.first, share=False),
                         "padded": FrozenPrefixScorer(prefix.first, share=False, real_tokens=False)}
             for v in variants.values():
                 v.hidden = prefix.hidden  # the reference pass's states, kept once
