@@ -73,6 +73,34 @@ def test_a_batch_without_padding_runs_as_it_was():
     assert seen == [[(2, 4, 32)], [(2, 4, 32)]]
 
 
+def test_rows_come_in_a_few_sizes_where_products_are_planned_per_shape(monkeypatch):
+    """In bf16 on a CPU (oneDNN plans a kernel for each new shape) a pass gathers its real
+    tokens plus copies of the first, up to one of a few row counts; what the copies
+    compute is never read, so the log-probs and gradients are the padded batch's."""
+    import torch
+
+    from rpo_app import padfree
+    from rpo_app.scoring import sequence_logps
+
+    assert [padfree.rows_for(n) for n in (1, 16, 17, 33, 400, 416, 417, 1000)] == [
+        16, 16, 32, 48, 416, 416, 448, 1024]
+    assert all(0 <= padfree.rows_for(n) - n < max(16, n / 8) for n in range(1, 5000))
+    net, seqs = _net(), _seqs()
+    decoder = net.get_base_model().get_decoder()
+    assert not padfree.plans_per_shape(decoder)  # fp32: MKL plans nothing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert padfree.plans_per_shape(decoder)
+    parts = [decoder.layers[1].mlp.gate_proj, decoder.layers[0].self_attn.v_proj.base_layer]
+    want, want_grads = _run(net, sequence_logps, seqs)
+    monkeypatch.setattr(padfree, "plans_per_shape", lambda _decoder: True)
+    with watch_rows(parts) as seen, padfree.real_tokens_only(decoder):
+        got, got_grads = _run(net, sequence_logps, seqs)
+    assert seen == [[padfree.rows_for(19)]] * 2 == [[32]] * 2  # 4 + 9 + 6 real tokens
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
+
+
 class watch_rows:
     """Records what each of `modules`' forward is given, one list a module: the rows
     (tokens) of its input, or the input's shape (shape=True)."""
