@@ -104,14 +104,16 @@ class FrozenPrefixScorer:
     `first`, in memory (the residual stream's dtype x the hidden size a token: in training
     fp32, 2.3 KB on the bundled model, so 1,000 pairs of 300 tokens keep 1.4 GB).
     `capture_shared` keeps the same through the shared-prompt scorer (the trainer's
-    reference pass through `capture_all`, the app's scoring job). A step scores from those; a sequence the
-    reference pass did not see (a resumed run reuses its saved reference log-probs) gets
-    its hidden states from one forward pass without gradients first. `keep` takes states
-    computed elsewhere (the app's answers as they were written: rpo_app.written_states).
+    reference pass through `capture_all`, the app's scoring job). A step scores from
+    those; a sequence the reference pass did not see (a resumed run reuses its saved
+    reference log-probs) gets its hidden states from one forward pass without gradients
+    first. `keep` takes states computed elsewhere (the app's answers as they were written:
+    rpo_app.written_states).
 
     Scoring from the kept states runs each distinct prompt once (`share`, the
-    shared-prompt scorer: scoring.PromptScorer) where the model allows it: a step's pairs
-    share their prompt, and every prompt the chat template's system turn.
+    shared-prompt scorer: scoring.PromptScorer) where the model allows it and the caller
+    asks (the trainer: in fp32 only): a step's pairs share their prompt, and every prompt
+    the chat template's system turn.
     """
 
     def __init__(self, first: int, budget_mb: float | None = None, share: bool = True,

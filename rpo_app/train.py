@@ -263,7 +263,7 @@ class Trainer:
         # Each prompt once per step only where the step's products are fp32: a step from
         # the kept states ran 1.11-1.22x faster for it on an AVX2-only CPU, while under
         # bf16 autocast its extra passes cost more than they save (a default run on an AMX
-        # Xeon: 97.1 s whole, 118.9 s shared; docs/benchmarks.md, "December 7, night").
+        # Xeon: 123 s shared, 103 s whole; docs/benchmarks.md, "December 7, night").
         shared = plain and self.acc.mixed_precision != "bf16"
         self.prefix = (FrozenPrefixScorer(layers[0], share=shared, real_tokens=plain)
                        if layers and self.world == 1
