@@ -223,3 +223,31 @@ def test_the_chat_tabs_exports_leave_only_the_zip_and_clear_earlier_ones(data_di
     assert third.is_file() and not first.parent.exists() and not second.parent.exists()
     assert list(third.parent.parent.iterdir()) == [third.parent]  # the app's one downloads folder
     shutil.rmtree(third.parent.parent)  # what the app does at exit
+
+
+def test_sigterm_ends_the_app_and_takes_its_downloads_with_it():
+    """`kill` ends the app at once and ran no exit handler, so a merged model's zip stayed
+    in the temp folder; the app now removes its downloads first and ends as SIGTERM does."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from apptools import REPO
+
+    code = textwrap.dedent("""
+        import os, signal, time
+        from rpo_app.ui.app import remove_downloads_on_sigterm
+        from rpo_app.ui.context import Downloads
+        downloads = Downloads()
+        folder = downloads.folder("merged-")
+        (folder / "tuned-merged.zip").write_bytes(b"a model's size")
+        print(folder, flush=True)
+        remove_downloads_on_sigterm(downloads)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    folder = Path(out.stdout.strip())
+    assert out.returncode == -signal.SIGTERM, out.stderr
+    assert folder.parent.name.startswith("rpo-downloads-") and not folder.parent.exists()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -150,6 +152,18 @@ def quiet_queue(demo: gr.Blocks) -> bool:
     return True
 
 
+def remove_downloads_on_sigterm(downloads) -> None:
+    """On SIGTERM (`kill`, a service manager stopping the app) the app still ends at once,
+    as the signal's default does, but removes its download folder first: Python runs no
+    exit handler on a signal, and a merged model's zip is the model's size."""
+    def on_term(signum, _frame):
+        downloads.remove()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def main_from_args(args) -> int:
     cfg = ServeConfig(data_dir=resolve_data_dir(args.data_dir), model=args.model,
                       device=args.device, host=args.host, port=args.port,
@@ -163,6 +177,7 @@ def main_from_args(args) -> int:
     except StoreError as err:  # e.g. a read-only or full data folder: say so, start nothing
         print(f"error: {err}", file=sys.stderr)
         return 2
+    remove_downloads_on_sigterm(ctx.downloads)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     quiet_queue(demo)

@@ -89,7 +89,7 @@ class Downloads:
         with self._lock:
             if self._root is None:
                 self._root = Path(tempfile.mkdtemp(prefix="rpo-downloads-"))
-                atexit.register(shutil.rmtree, self._root, True)
+                atexit.register(self.remove)
             for path, made in list(self._made):
                 if now - made >= self.KEEP_S:
                     shutil.rmtree(path, ignore_errors=True)
@@ -97,6 +97,13 @@ class Downloads:
             path = Path(tempfile.mkdtemp(prefix=prefix, dir=self._root))
             self._made.append((path, now))
         return path
+
+    def remove(self) -> None:
+        """The folder and every download in it, gone (at exit, and on SIGTERM: ui.app)."""
+        with self._lock:
+            if self._root is not None:
+                shutil.rmtree(self._root, ignore_errors=True)
+            self._root, self._made = None, []
 
 
 class AppContext:
